@@ -1,0 +1,3 @@
+"""persona: event-driven continual personalization with one LoRA adapter per user over one frozen base model."""
+
+__version__ = "0.1.0"

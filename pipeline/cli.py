@@ -1,0 +1,212 @@
+"""The ``persona`` command. Tables by default, ``--json`` where scripts need it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.domain.errors import PersonaError
+from pipeline.observability import logs
+
+app = typer.Typer(help="persona: one personal LoRA adapter per user over one shared base model.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+apps_app = typer.Typer(help="Applications that send events, and their API keys.", no_args_is_help=True)
+ingest_app = typer.Typer(help="HTTP ingest API.", no_args_is_help=True)
+users_app = typer.Typer(help="Users and their event buffers.", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(apps_app, name="apps")
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(users_app, name="users")
+app.add_typer(config_app, name="config")
+
+console = Console()
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _root(log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO") -> None:
+    logs.setup(log_level.upper())
+
+
+def _mount_stack() -> None:
+    try:
+        from pipeline.stack.cli import app as stack_app
+    except ModuleNotFoundError:  # TEMP until the stack module lands
+        return
+
+    app.add_typer(stack_app, name="stack", help="Embedded local stack: Kafka protocol, S3, PostgreSQL, Redis.")
+
+
+_mount_stack()
+
+
+# --- db ---------------------------------------------------------------------------------------------------------------
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply the SQL migrations in schemas/sql that are not applied yet (idempotent)."""
+    from pipeline.config import DatabaseSettings
+    from pipeline.storage import db
+
+    done = db.migrate(DatabaseSettings())
+    if done:
+        for m in done:
+            console.print(f"applied {m.path.name}")
+    else:
+        console.print("database is up to date")
+
+
+@db_app.command("status")
+def db_status(as_json: JsonOpt = False) -> None:
+    """List the applied migrations."""
+    from pipeline.config import DatabaseSettings
+    from pipeline.storage import db
+
+    rows = db.applied(DatabaseSettings())
+    if as_json:
+        print(json.dumps([{"version": v, "name": n, "applied_at": t} for v, n, t in rows]))
+        return
+    table = Table("version", "name", "applied at")
+    for v, n, t in rows:
+        table.add_row(f"{v:04d}", n, t)
+    console.print(table)
+
+
+# --- apps -------------------------------------------------------------------------------------------------------------
+@apps_app.command("create")
+def apps_create(
+    app_id: str, description: Annotated[str, typer.Option(help="Free text shown by `apps list`.")] = ""
+) -> None:
+    """Register an application (if new) and issue it an API key. The key is printed once; only its hash is kept."""
+    from pipeline.config import DatabaseSettings
+    from pipeline.storage import apps, db
+
+    with db.connect(DatabaseSettings()) as conn:
+        key_id, key = apps.create_key(conn, app_id, description)
+    Console(stderr=True).print(f"application {app_id}: new key {key_id} (store it now, it is not shown again)")
+    print(key)
+
+
+@apps_app.command("list")
+def apps_list(as_json: JsonOpt = False) -> None:
+    """List applications and their keys (ids only)."""
+    from pipeline.config import DatabaseSettings
+    from pipeline.storage import apps, db
+
+    with db.connect(DatabaseSettings()) as conn:
+        found = apps.list_apps(conn)
+    if as_json:
+        print(json.dumps([{"app_id": a.app_id, "description": a.description, "created_at": a.created_at.isoformat(),
+                           "keys": [{"key_id": k.key_id, "created_at": k.created_at.isoformat(),
+                                     "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
+                                    for k in a.keys]} for a in found]))
+        return
+    table = Table("app", "description", "active keys", "revoked keys", "created")
+    for a in found:
+        table.add_row(a.app_id, a.description, str(a.active_keys), str(len(a.keys) - a.active_keys),
+                      a.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@apps_app.command("revoke")
+def apps_revoke(
+    app_id: str, key: Annotated[str | None, typer.Option("--key", help="Revoke only this key id.")] = None
+) -> None:
+    """Revoke an application's keys (all of them, or one with --key). Requests with them then get 401."""
+    from pipeline.config import DatabaseSettings
+    from pipeline.storage import apps, db
+
+    with db.connect(DatabaseSettings()) as conn:
+        revoked = apps.revoke(conn, app_id, key)
+    console.print(f"revoked {len(revoked)} key(s) of {app_id}: {', '.join(revoked) or 'none were active'}")
+
+
+# --- processes ----------------------------------------------------------------------------------------------------------
+@ingest_app.command("serve")
+def ingest_serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (default PERSONA_INGEST_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default PERSONA_INGEST_PORT).")] = None,
+) -> None:
+    """Run the HTTP ingest API (POST /v1/events)."""
+    from pipeline.config import IngestSettings
+    from pipeline.ingest.api import serve
+
+    cfg = IngestSettings()
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    serve(cfg.model_copy(update=overrides) if overrides else cfg)
+
+
+@app.command("consume")
+def consume() -> None:
+    """Run one buffer consumer (Kafka -> PostgreSQL) until SIGTERM; run more for more partitions in parallel."""
+    from pipeline.ingest.consumer import main
+
+    main()
+
+
+# --- users --------------------------------------------------------------------------------------------------------------
+@users_app.command("list")
+def users_list(
+    prefix: Annotated[str, typer.Option(help="Only users whose id starts with this.")] = "",
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Users and their buffers: pending events, oldest pending, total."""
+    from pipeline.config import DatabaseSettings
+    from pipeline.reports import buffer_table
+    from pipeline.storage import buffers, db
+
+    with db.connect(DatabaseSettings()) as conn:
+        rows = buffers.list_buffers(conn, user_prefix=prefix)[:limit]
+        kinds = buffers.kind_counts(conn, user_prefix=prefix)
+    if as_json:
+        print(json.dumps([{"user_id": r.user_id, "pending": r.pending_count, "total": r.total_events,
+                           "oldest_pending_at": r.oldest_pending_at.isoformat() if r.oldest_pending_at else None,
+                           "last_event_at": r.last_event_at.isoformat() if r.last_event_at else None}
+                          for r in rows]))
+        return
+    console.print(buffer_table(rows, kinds))
+
+
+# --- config, demo -------------------------------------------------------------------------------------------------------
+@config_app.command("table")
+def config_table() -> None:
+    """Print the configuration table (Markdown) generated from the settings classes."""
+    from pipeline.reports import config_markdown
+
+    print(config_markdown())
+
+
+@app.command("demo")
+def demo(
+    users: Annotated[int, typer.Option(help="Synthetic users.")] = 6,
+    events: Annotated[int, typer.Option(help="Events per user.")] = 60,
+    seed: Annotated[int, typer.Option(help="Seed of the simulator.")] = 0,
+) -> None:
+    """Bring up the embedded stack, send simulated events through the ingest API and show the buffers."""
+    from pipeline.demo import run
+
+    run(users=users, events=events, seed=seed, console=console)
+
+
+def main() -> None:
+    """Entry point of the `persona` console script: domain errors become one clear line and exit code 1."""
+    try:
+        app()
+    except PersonaError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Typed, frozen settings: one class per component, read from ``PERSONA_*`` environment variables.
+
+This module is the only reader of ``os.environ`` in the project. Every field has a description; the README's
+configuration table is generated from these classes (``persona config table``). Settings are validated when they
+are built, so a bad value fails at start with the variable's name and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Repository root: schemas/ and infra/ are read from here (persona runs from a checkout installed with -e).
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS_DIR = ROOT / "schemas"
+
+
+def _config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, frozen=True, extra="ignore", validate_default=True)
+
+
+class DatabaseSettings(BaseSettings):
+    """PostgreSQL: the per-user event buffers and (later) the adapter registry."""
+
+    model_config = _config("PERSONA_DB_")
+
+    url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/persona",
+        description="libpq URL of the persona database; `persona stack up` creates the database if it is missing.",
+    )
+    pool_max: int = Field(8, ge=1, le=256, description="Maximum connections in a process's pool.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection.")
+
+
+class KafkaSettings(BaseSettings):
+    """Kafka protocol broker (tansu in the embedded stack, Apache Kafka in docker-compose)."""
+
+    model_config = _config("PERSONA_KAFKA_")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list of brokers.")
+    topic_events: str = Field("persona.interactions.v1", description="Topic of valid-looking interaction events.")
+    topic_dlq: str = Field("persona.interactions.dlq.v1", description="Dead-letter topic: rejected bytes + reason.")
+    topic_promotions: str = Field("persona.promotions.v1", description="Topic of adapter promotions.")
+    partitions: int = Field(
+        8, ge=1, le=1024, description="Partition count used when a topic is created (fixed afterwards)."
+    )
+    request_timeout_ms: int = Field(30000, ge=1000, description="Client request timeout in milliseconds.")
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+
+class S3Settings(BaseSettings):
+    """S3-compatible object store (SeaweedFS in the embedded stack, MinIO in docker-compose)."""
+
+    model_config = _config("PERSONA_S3_")
+
+    endpoint: str = Field("127.0.0.1:8333", description="host:port of the S3 API.")
+    access_key: str = Field("persona", description="S3 access key.")
+    secret_key: SecretStr = Field(SecretStr("persona-secret-key"), description="S3 secret key.")
+    secure: bool = Field(False, description="Use TLS to reach the S3 API.")
+    region: str = Field("us-east-1", description="S3 region name sent with requests.")
+    bucket: str = Field("adapters", description="Bucket that holds adapter revisions and production pointers.")
+
+
+class RedisSettings(BaseSettings):
+    """Redis: the Celery broker and result backend."""
+
+    model_config = _config("PERSONA_REDIS_")
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL used as Celery broker.")
+
+
+class EventSettings(BaseSettings):
+    """Bounds and split of interaction events (contract: schemas/events/interaction.v1.json)."""
+
+    model_config = _config("PERSONA_EVENTS_")
+
+    max_text_bytes: int = Field(
+        16384, ge=1, le=1 << 20, description="Maximum UTF-8 bytes of each text field of an event."
+    )
+    max_meta_bytes: int = Field(4096, ge=2, le=1 << 20, description="Maximum bytes of an event's `meta` as JSON.")
+    holdout_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of each user's events put in the holdout split (fixed per event)."
+    )
+
+
+class IngestSettings(BaseSettings):
+    """HTTP ingest API (`persona ingest serve`)."""
+
+    model_config = _config("PERSONA_INGEST_")
+
+    host: str = Field("127.0.0.1", description="Address the ingest API listens on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port of the ingest API.")
+    max_events: int = Field(1000, ge=1, le=100000, description="Maximum events in one POST /v1/events.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Maximum bytes of one POST /v1/events body.")
+    produce_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the broker to acknowledge.")
+
+
+class ConsumerSettings(BaseSettings):
+    """Buffer consumer (`persona consume`): Kafka -> PostgreSQL buffers."""
+
+    model_config = _config("PERSONA_CONSUMER_")
+
+    group_id: str = Field("persona-buffer", description="Kafka consumer group of the buffer consumers.")
+    max_poll_records: int = Field(2000, ge=1, le=100000, description="Records per poll = per DB transaction.")
+    poll_timeout_ms: int = Field(500, ge=1, description="Milliseconds one poll waits for records.")
+    session_timeout_ms: int = Field(6000, ge=1000, description="Group session timeout (tansu joins fast at 6000).")
+    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
+    metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus metrics port (0 = no metrics server).")
+    failpoint: Literal["", "after_db_commit"] = Field(
+        "",
+        description="Testing only: `after_db_commit` makes the consumer SIGKILL itself after its first DB commit, "
+        "before the offset commit.",
+    )
+
+
+class StackSettings(BaseSettings):
+    """Embedded local stack (`persona stack up|down|status`)."""
+
+    model_config = _config("PERSONA_STACK_")
+
+    data_dir: Path = Field(Path(".persona"), description="Directory of the stack's state, data and logs.")
+    kafka_storage: Literal["memory", "s3"] = Field(
+        "memory", description="tansu storage: `memory` (lost on stop) or `s3` (kept in the S3 server)."
+    )
+    postgres: Literal["auto", "external", "embedded"] = Field(
+        "auto",
+        description="`auto`: use PERSONA_DB_URL if it answers, else start an embedded server; `external`: never "
+        "start one; `embedded`: always start one.",
+    )
+    redis: Literal["auto", "external", "embedded"] = Field(
+        "auto", description="Same choice as `postgres`, for PERSONA_REDIS_URL."
+    )
+    embedded_postgres_port: int = Field(55432, ge=1, le=65535, description="Port of an embedded PostgreSQL.")
+    embedded_redis_port: int = Field(56379, ge=1, le=65535, description="Port of an embedded Redis.")
+    start_timeout_s: float = Field(60.0, gt=0, description="Seconds a service may take to become healthy.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+
+class Settings:
+    """All component settings, each built (and validated) on first use."""
+
+    def __init__(self) -> None:
+        self._cache: dict[type, BaseSettings] = {}
+
+    def _get(self, cls: type[BaseSettings]) -> BaseSettings:
+        if cls not in self._cache:
+            self._cache[cls] = cls()
+        return self._cache[cls]
+
+    @property
+    def db(self) -> DatabaseSettings:
+        return self._get(DatabaseSettings)  # type: ignore[return-value]
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        return self._get(KafkaSettings)  # type: ignore[return-value]
+
+    @property
+    def s3(self) -> S3Settings:
+        return self._get(S3Settings)  # type: ignore[return-value]
+
+    @property
+    def redis(self) -> RedisSettings:
+        return self._get(RedisSettings)  # type: ignore[return-value]
+
+    @property
+    def events(self) -> EventSettings:
+        return self._get(EventSettings)  # type: ignore[return-value]
+
+    @property
+    def ingest(self) -> IngestSettings:
+        return self._get(IngestSettings)  # type: ignore[return-value]
+
+    @property
+    def consumer(self) -> ConsumerSettings:
+        return self._get(ConsumerSettings)  # type: ignore[return-value]
+
+    @property
+    def stack(self) -> StackSettings:
+        return self._get(StackSettings)  # type: ignore[return-value]
+
+
+ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    DatabaseSettings,
+    KafkaSettings,
+    S3Settings,
+    RedisSettings,
+    EventSettings,
+    IngestSettings,
+    ConsumerSettings,
+    StackSettings,
+)
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process this one spawns, with ``overrides`` applied.
+
+    Kept here so that os.environ is read in one module only.
+    """
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

@@ -1,0 +1,161 @@
+"""HTTP ingest API: ``POST /v1/events`` (a JSON array of interaction.v1 events), ``/healthz``, ``/metrics``.
+
+Authentication: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` with a key from ``persona apps create``;
+every event's ``app`` must be the authenticated application. The answer is 202 with a result per event (by index):
+``accepted``, or ``rejected`` with machine-readable reasons. Only accepted events are produced to Kafka, and 202
+is sent only after the broker acknowledged all of them; on a broker failure the answer is 503 and the whole
+request may be retried as is (event_id makes it idempotent). Errors have the OpenAI-style shape
+``{"error": {"type", "code", "message", "param"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import ConnectionPool
+from starlette.concurrency import run_in_threadpool
+
+from pipeline.config import DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
+from pipeline.domain.events import Event, Reason, Rejected, validate
+from pipeline.ingest.producer import EventProducer, ProducerError
+from pipeline.observability import metrics
+from pipeline.storage import apps as app_store
+from pipeline.storage import db
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, code: str, message: str, param: str | None = None, **headers: str) -> JSONResponse:
+    metrics.INGEST_REQUESTS.labels(str(status)).inc()
+    body = {"error": {"type": "invalid_request_error" if status < 500 else "server_error", "code": code,
+                      "message": message, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _api_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def create_app(
+    ingest: IngestSettings | None = None,
+    kafka: KafkaSettings | None = None,
+    database: DatabaseSettings | None = None,
+    events: EventSettings | None = None,
+) -> FastAPI:
+    """The ingest ASGI application; its producer and DB pool open at startup and close at shutdown."""
+    cfg = ingest or IngestSettings()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        state["pool"] = db.pool(database or DatabaseSettings())
+        state["producer"] = EventProducer(kafka, events)
+        try:
+            yield
+        finally:
+            state["producer"].close()
+            state["pool"].close()
+
+    app = FastAPI(title="persona ingest", version="1", lifespan=lifespan)
+
+    def authenticate(key: str) -> str | None:
+        pool: ConnectionPool = state["pool"]
+        with pool.connection() as conn:
+            return app_store.authenticate(conn, key)
+
+    @app.post("/v1/events", status_code=202)
+    async def post_events(request: Request) -> Response:
+        started = time.perf_counter()
+        key = _api_key(request)
+        if not key:
+            return _error(401, "missing_api_key", "send the application's key as 'Authorization: Bearer <key>'")
+        app_id = await run_in_threadpool(authenticate, key)
+        if app_id is None:
+            return _error(401, "invalid_api_key", "the API key is unknown or revoked")
+
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
+            return _error(413, "body_too_large", f"the body is {length} bytes, at most {cfg.max_body_bytes} allowed")
+        body = bytearray()
+        async for chunk in request.stream():  # bounded even without (or with a lying) Content-Length
+            body += chunk
+            if len(body) > cfg.max_body_bytes:
+                return _error(413, "body_too_large", f"the body exceeds {cfg.max_body_bytes} bytes")
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            return _error(400, "invalid_json", f"the body is not valid JSON: {e}")
+        if not isinstance(items, list):
+            return _error(400, "not_an_array", f"the body must be a JSON array of events, got {type(items).__name__}")
+        if not items:
+            return _error(400, "empty_batch", "the body is an empty array; send 1 or more events")
+        if len(items) > cfg.max_events:
+            return _error(413, "too_many_events", f"{len(items)} events in one request, at most {cfg.max_events}",
+                          param="body")
+
+        producer: EventProducer = state["producer"]
+        results: list[dict[str, Any]] = []
+        accepted: list[tuple[int, Event]] = []
+        for i, obj in enumerate(items):
+            ev = validate(obj, producer.limits)
+            if isinstance(ev, Event) and ev.app != app_id:
+                ev = Rejected(
+                    (Reason("app", "app_mismatch", f"app {ev.app!r} is not the authenticated application {app_id!r}"),),
+                    event_id=ev.event_id, user_id=ev.user_id,
+                )
+            if isinstance(ev, Rejected):
+                results.append({"index": i, "event_id": ev.event_id, "status": "rejected",
+                                "reasons": [r.as_dict() for r in ev.reasons]})
+                for r in ev.reasons:
+                    metrics.INGEST_REJECTIONS.labels(r.code).inc()
+            else:
+                accepted.append((i, ev))
+                results.append({"index": i, "event_id": ev.event_id, "status": "accepted"})
+        try:
+            await run_in_threadpool(producer.produce_valid, accepted, timeout_s=cfg.produce_timeout_s)
+        except ProducerError as e:
+            log.error("broker failure, answering 503: %s", e)
+            return _error(503, "broker_unavailable", "the event broker did not acknowledge the events; retry the "
+                          "same request (event_id makes it idempotent)", **{"Retry-After": "1"})
+        n_rej = len(items) - len(accepted)
+        metrics.INGEST_EVENTS.labels("accepted").inc(len(accepted))
+        metrics.INGEST_EVENTS.labels("rejected").inc(n_rej)
+        metrics.INGEST_REQUESTS.labels("202").inc()
+        metrics.INGEST_REQUEST_SECONDS.observe(time.perf_counter() - started)
+        return Response(
+            orjson.dumps({"accepted": len(accepted), "rejected": n_rej, "results": results}),
+            status_code=202, media_type="application/json",
+        )
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        try:
+            with state["pool"].connection(timeout=2) as conn:
+                conn.execute("SELECT 1")
+        except Exception as e:  # noqa: BLE001 - any failure means unhealthy
+            return JSONResponse({"status": "unhealthy", "database": str(e)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    def prom() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(ingest: IngestSettings | None = None) -> None:
+    """Run the ingest API with uvicorn until interrupted."""
+    import uvicorn
+
+    cfg = ingest or IngestSettings()
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", access_log=False)

@@ -1,0 +1,53 @@
+"""Every Prometheus metric of persona, in one place (prefix ``persona_``, units in names)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# --- ingest API -------------------------------------------------------------------------------------------------
+INGEST_REQUESTS = Counter(
+    "persona_ingest_requests_total", "POST /v1/events requests by HTTP status.", ["status"]
+)
+INGEST_EVENTS = Counter(
+    "persona_ingest_events_total", "Events received by the ingest API, by result (accepted/rejected).", ["result"]
+)
+INGEST_REJECTIONS = Counter(
+    "persona_ingest_rejections_total", "Reasons of events rejected by the ingest API, by reason code.", ["code"]
+)
+INGEST_REQUEST_SECONDS = Histogram(
+    "persona_ingest_request_seconds",
+    "Seconds to answer POST /v1/events (validation and broker acknowledgement included).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# --- producer SDK -----------------------------------------------------------------------------------------------
+PRODUCER_EVENTS = Counter(
+    "persona_producer_events_total", "Events sent to Kafka by the producer SDK, by result.", ["result"]
+)
+
+# --- buffer consumer ----------------------------------------------------------------------------------------------
+BUFFER_EVENTS = Counter(
+    "persona_buffer_events_total", "Events newly written to the per-user buffers, by kind.", ["kind"]
+)
+BUFFER_DUPLICATES = Counter(
+    "persona_buffer_duplicates_total", "Valid records skipped because their event_id was already buffered."
+)
+BUFFER_REJECTED = Counter(
+    "persona_buffer_rejected_total", "Records sent to the dead-letter topic, by first reason code.", ["reason"]
+)
+BUFFER_BATCH_SECONDS = Histogram(
+    "persona_buffer_batch_seconds",
+    "Seconds to process one poll batch: validation, DLQ, DB transaction and offset commit.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BUFFER_BATCH_RECORDS = Histogram(
+    "persona_buffer_batch_records",
+    "Records in one poll batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+)
+BUFFER_DB_RETRIES = Counter(
+    "persona_buffer_db_retries_total", "DB transactions of the buffer consumer retried after a transient error."
+)
+BUFFER_LAST_COMMIT = Gauge(
+    "persona_buffer_last_commit_timestamp_seconds", "Unix time of the buffer consumer's last offset commit."
+)

@@ -1,0 +1,138 @@
+"""Per-user event buffers: the events table and the user_state summary, always written together."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+import psycopg
+
+from pipeline.domain.events import Event, Split
+
+
+@dataclass(frozen=True, slots=True)
+class BufferedEvent:
+    """A valid event with its split and where it was read from (Kafka partition and offset)."""
+
+    event: Event
+    split: Split
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    inserted: int
+    duplicates: int
+    inserted_by_kind: dict[str, int]
+
+
+@dataclass(frozen=True)
+class UserBuffer:
+    """The buffer summary of one user."""
+
+    user_id: str
+    pending_count: int
+    oldest_pending_at: datetime | None
+    total_events: int
+    last_event_at: datetime | None
+    rows: int | None = None  # events rows actually stored (only when asked for: it costs a count)
+
+
+_STAGE = """
+CREATE TEMP TABLE IF NOT EXISTS stage_events (
+    event_id text, user_id text, app text, kind text, split text, occurred_at timestamptz,
+    payload jsonb, meta jsonb, source_partition integer, source_offset bigint
+) ON COMMIT DELETE ROWS
+"""
+
+# One statement: insert the new events (duplicates skipped), then add exactly the inserted rows to the users'
+# counters. Users are updated in user_id order so concurrent writers cannot deadlock on user_state rows.
+_MERGE = """
+WITH ins AS (
+    INSERT INTO events (event_id, user_id, app, kind, split, occurred_at, payload, meta,
+                        source_partition, source_offset)
+    SELECT event_id, user_id, app, kind, split, occurred_at, payload, meta, source_partition, source_offset
+    FROM stage_events
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING user_id, kind, ingested_at
+), per_user AS (
+    SELECT user_id, count(*) AS n, min(ingested_at) AS first_at, max(ingested_at) AS last_at
+    FROM ins GROUP BY user_id
+), upd AS (
+    INSERT INTO user_state AS s (user_id, pending_count, oldest_pending_at, total_events, last_event_at)
+    SELECT user_id, n, first_at, n, last_at FROM per_user ORDER BY user_id
+    ON CONFLICT (user_id) DO UPDATE SET
+        pending_count = s.pending_count + EXCLUDED.pending_count,
+        oldest_pending_at = COALESCE(s.oldest_pending_at, EXCLUDED.oldest_pending_at),
+        total_events = s.total_events + EXCLUDED.total_events,
+        last_event_at = GREATEST(s.last_event_at, EXCLUDED.last_event_at),
+        updated_at = now()
+)
+SELECT kind, count(*) FROM ins GROUP BY kind
+"""
+
+
+def write_events(conn: psycopg.Connection, batch: list[BufferedEvent]) -> WriteResult:
+    """Insert a batch of events and update their users' counters, in the caller's transaction.
+
+    Idempotent: an event already stored (same event_id) is skipped and not counted again, so a batch that is
+    redelivered after a crash changes nothing. The caller commits; Kafka offsets are committed after that.
+    """
+    if not batch:
+        return WriteResult(0, 0, {})
+    conn.execute(_STAGE)
+    with conn.cursor().copy(
+        "COPY stage_events (event_id, user_id, app, kind, split, occurred_at, payload, meta,"
+        " source_partition, source_offset) FROM STDIN"
+    ) as copy:
+        for b in batch:
+            e = b.event
+            copy.write_row(
+                (
+                    e.event_id,
+                    e.user_id,
+                    e.app,
+                    e.kind,
+                    b.split,
+                    e.occurred_at,
+                    orjson.dumps(e.payload).decode(),
+                    None if e.meta is None else orjson.dumps(e.meta).decode(),
+                    b.partition,
+                    b.offset,
+                )
+            )
+    by_kind = {str(k): int(n) for k, n in conn.execute(_MERGE).fetchall()}
+    inserted = sum(by_kind.values())
+    return WriteResult(inserted, len(batch) - inserted, by_kind)
+
+
+def list_buffers(conn: psycopg.Connection, *, user_prefix: str = "", with_rows: bool = False) -> list[UserBuffer]:
+    """Buffer summaries of users whose id starts with ``user_prefix``, by user id."""
+    rows_sql = "(SELECT count(*) FROM events e WHERE e.user_id = s.user_id)" if with_rows else "NULL"
+    rows = conn.execute(
+        f"SELECT user_id, pending_count, oldest_pending_at, total_events, last_event_at, {rows_sql}"  # noqa: S608
+        " FROM user_state s WHERE user_id LIKE %s ORDER BY user_id",
+        (_like_prefix(user_prefix),),
+    ).fetchall()
+    return [UserBuffer(r[0], int(r[1]), r[2], int(r[3]), r[4], None if r[5] is None else int(r[5])) for r in rows]
+
+
+def kind_counts(conn: psycopg.Connection, *, user_prefix: str = "") -> dict[tuple[str, str, str], int]:
+    """Stored events counted by (user_id, kind, split)."""
+    rows = conn.execute(
+        "SELECT user_id, kind, split, count(*) FROM events WHERE user_id LIKE %s GROUP BY 1, 2, 3",
+        (_like_prefix(user_prefix),),
+    ).fetchall()
+    return {(r[0], r[1], r[2]): int(r[3]) for r in rows}
+
+
+def event_ids(conn: psycopg.Connection, user_id: str) -> list[str]:
+    """The stored event ids of one user, in ingestion order."""
+    return [r[0] for r in conn.execute("SELECT event_id FROM events WHERE user_id = %s ORDER BY seq", (user_id,))]
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -1,0 +1,123 @@
+"""PostgreSQL connections and schema migrations (schemas/sql/NNNN_*.sql, recorded in ``schema_migrations``)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from pipeline.config import SCHEMAS_DIR, DatabaseSettings
+from pipeline.domain.errors import PersonaError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = SCHEMAS_DIR / "sql"
+_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+# Any constant works; it only has to be the same in every process that migrates this database.
+_MIGRATION_LOCK = 0x7065_7273_6F6E_61
+
+
+class StorageError(PersonaError):
+    """The database or object store refused or failed an operation."""
+
+
+def connect(settings: DatabaseSettings, *, autocommit: bool = False) -> psycopg.Connection:
+    """One connection to the persona database."""
+    try:
+        return psycopg.connect(settings.url, autocommit=autocommit, connect_timeout=int(settings.connect_timeout_s))
+    except psycopg.OperationalError as e:
+        raise StorageError(f"cannot connect to PostgreSQL at {redact(settings.url)}: {e}") from e
+
+
+def pool(settings: DatabaseSettings, *, min_size: int = 1) -> ConnectionPool:
+    """A connection pool (for servers that handle requests on several threads)."""
+    p = ConnectionPool(
+        settings.url,
+        min_size=min_size,
+        max_size=settings.pool_max,
+        kwargs={"connect_timeout": int(settings.connect_timeout_s)},
+        open=False,
+    )
+    try:
+        p.open(wait=True, timeout=settings.connect_timeout_s)
+    except Exception as e:
+        p.close()
+        raise StorageError(f"cannot connect to PostgreSQL at {redact(settings.url)}: {e}") from e
+    return p
+
+
+def redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Every migration file, in version order; a misnamed file or a repeated version is an error."""
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        m = _NAME.fullmatch(path.name)
+        if not m:
+            raise StorageError(f"migration file {path.name!r} must be named NNNN_lower_snake.sql")
+        version = int(m.group(1))
+        if version in found:
+            raise StorageError(f"migration version {version} is used by {found[version].path.name} and {path.name}")
+        found[version] = Migration(version, m.group(2), path)
+    return [found[v] for v in sorted(found)]
+
+
+def migrate(settings: DatabaseSettings, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Apply the migrations not yet applied, each in its own transaction; return those applied now.
+
+    Idempotent and safe to run from several processes at once (an advisory lock serialises them). A migration
+    whose file changed after it was applied is an error: migrations are append-only.
+    """
+    applied_now: list[Migration] = []
+    with connect(settings) as conn:
+        with conn.transaction():
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                " sha256 text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+        for mig in migrations(directory):
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                row = conn.execute("SELECT sha256 FROM schema_migrations WHERE version = %s", (mig.version,)).fetchone()
+                if row is not None:
+                    if row[0] != mig.sha256:
+                        raise StorageError(
+                            f"migration {mig.path.name} changed after it was applied (sha256 {row[0][:12]} in the "
+                            f"database, {mig.sha256[:12]} on disk); add a new migration instead"
+                        )
+                    continue
+                log.info("applying migration %s", mig.path.name)
+                conn.execute(mig.path.read_text())  # type: ignore[arg-type] - trusted file from schemas/sql
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, sha256) VALUES (%s, %s, %s)",
+                    (mig.version, mig.name, mig.sha256),
+                )
+                applied_now.append(mig)
+    return applied_now
+
+
+def applied(settings: DatabaseSettings) -> list[tuple[int, str, str]]:
+    """(version, name, applied_at) of every applied migration."""
+    with connect(settings) as conn:
+        rows = conn.execute(
+            "SELECT version, name, applied_at::text FROM schema_migrations ORDER BY version"
+        ).fetchall()
+    return [(int(v), str(n), str(t)) for v, n, t in rows]

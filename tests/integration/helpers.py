@@ -1,0 +1,129 @@
+"""Helpers shared by the integration tests: topics, an API server on a real socket, consumers, DLQ reads."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import uvicorn
+from kafka import KafkaConsumer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from pipeline.config import ConsumerSettings, DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
+from pipeline.ingest.api import create_app
+from pipeline.ingest.consumer import BufferConsumer
+
+
+@dataclass(frozen=True)
+class Services:
+    """Settings of the real services the integration tests talk to."""
+
+    kafka: KafkaSettings
+    db: DatabaseSettings
+    events: EventSettings
+
+
+def fresh_topics(kafka: KafkaSettings, partitions: int = 4) -> KafkaSettings:
+    """Kafka settings with new, empty topics (so tests never see each other's records)."""
+    tag = uuid.uuid4().hex[:10]
+    k = kafka.model_copy(
+        update={
+            "topic_events": f"test.{tag}.interactions",
+            "topic_dlq": f"test.{tag}.dlq",
+            "topic_promotions": f"test.{tag}.promotions",
+            "partitions": partitions,
+        }
+    )
+    admin = KafkaAdminClient(bootstrap_servers=k.servers)
+    try:
+        admin.create_topics([NewTopic(t, partitions, 1) for t in (k.topic_events, k.topic_dlq, k.topic_promotions)])
+    finally:
+        admin.close()
+    return k
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def api_server(services: Services, kafka: KafkaSettings, **ingest_overrides) -> Iterator[str]:
+    """The ingest API served by uvicorn on a real loopback socket; yields its base URL."""
+    cfg = IngestSettings(host="127.0.0.1", port=free_port(), **ingest_overrides)
+    app = create_app(cfg, kafka, services.db, services.events)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the ingest API did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{cfg.host}:{cfg.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def consumer_settings(group: str | None = None, **kw) -> ConsumerSettings:
+    return ConsumerSettings(group_id=group or f"test-{uuid.uuid4().hex[:8]}", metrics_port=0, **kw)
+
+
+def drain(services: Services, kafka: KafkaSettings, *, group: str | None = None, expect: int,
+          timeout_s: float = 60.0) -> BufferConsumer:
+    """Run a buffer consumer until it has seen ``expect`` records (then until idle), in this process."""
+    bc = BufferConsumer(kafka, consumer_settings(group), services.db, services.events)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while bc.totals.records < expect:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"consumer saw {bc.totals.records} of {expect} records in {timeout_s}s")
+            records = bc._consumer.poll(timeout_ms=500)
+            if records:
+                bc.process(records)
+        # Keep polling a little: a test must also see records beyond the expected count.
+        for _ in range(3):
+            records = bc._consumer.poll(timeout_ms=500)
+            if records:
+                bc.process(records)
+    finally:
+        bc.close()
+    return bc
+
+
+def read_topic(kafka: KafkaSettings, topic: str, expect: int, timeout_s: float = 30.0) -> list:
+    """Every record of ``topic`` (waits until ``expect`` arrived)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=kafka.servers, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=f"reader-{uuid.uuid4().hex[:8]}",
+                             session_timeout_ms=6000, heartbeat_interval_ms=2000)
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expect and time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=500).values():
+                out.extend(recs)
+        # Catch anything beyond the expected count (a test must see extra records too).
+        for recs in consumer.poll(timeout_ms=1000).values():
+            out.extend(recs)
+    finally:
+        consumer.close()
+    return out
+
+
+def rows_and_pending(db: DatabaseSettings, user_prefix: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(event rows per user, pending_count per user) for users whose id starts with ``user_prefix``."""
+    with psycopg.connect(db.url) as conn:
+        rows = dict(conn.execute("SELECT user_id, count(*) FROM events WHERE user_id LIKE %s GROUP BY 1",
+                                 (user_prefix + "%",)).fetchall())
+        pending = dict(conn.execute("SELECT user_id, pending_count FROM user_state WHERE user_id LIKE %s",
+                                    (user_prefix + "%",)).fetchall())
+    return rows, pending

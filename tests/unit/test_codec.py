@@ -1,0 +1,32 @@
+"""Kafka record codec and dead-letter headers."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.domain.events import EventLimits, Reason, Rejected
+from pipeline.ingest.codec import decode_record, dlq_headers, reasons_from_headers
+
+
+def test_dlq_reason_header_is_machine_readable_json():
+    from pipeline.domain.events import Reason
+    from pipeline.ingest.codec import dlq_headers
+
+    headers = dlq_headers((Reason("text", "too_long", "text is 20000 bytes"),), "t/0/5")
+    assert json.loads(dict(headers)["persona.dlq.reasons"]) == [
+        {"field": "text", "code": "too_long", "message": "text is 20000 bytes"}
+    ]
+
+
+def test_decode_record_reasons():
+    limits = EventLimits()
+    assert decode_record(None, b"u", limits).codes == ["invalid_json"]
+    assert decode_record(b"{", b"u", limits).codes == ["invalid_json"]
+    assert decode_record(b"[]", b"u", limits).codes == ["not_object"]
+    ok = (b'{"event_id":"0b8e8a2e-5a55-4f0e-9d43-1f9a1b8f5a11","user_id":"u","occurred_at":"2026-01-01T00:00:00Z",'
+          b'"kind":"message","app":"a","text":"hi"}')
+    assert not isinstance(decode_record(ok, b"u", limits), Rejected)
+    assert decode_record(ok, b"v", limits).codes == ["key_mismatch"]
+    assert decode_record(ok, None, limits).codes == ["missing_key"]
+    rej = decode_record(ok, None, limits)
+    assert reasons_from_headers(dlq_headers(rej.reasons, "t/1/2"))[0]["code"] == "missing_key"
