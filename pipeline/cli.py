@@ -51,7 +51,7 @@ def _mount_stack() -> None:
 _mount_stack()
 
 
-# --- db ---------------------------------------------------------------------------------------------------------------
+# --- db ---
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply the SQL migrations in schemas/sql that are not applied yet (idempotent)."""
@@ -82,7 +82,7 @@ def db_status(as_json: JsonOpt = False) -> None:
     console.print(table)
 
 
-# --- apps -------------------------------------------------------------------------------------------------------------
+# --- apps ---
 @apps_app.command("create")
 def apps_create(
     app_id: str, description: Annotated[str, typer.Option(help="Free text shown by `apps list`.")] = ""
@@ -106,15 +106,36 @@ def apps_list(as_json: JsonOpt = False) -> None:
     with db.connect(DatabaseSettings()) as conn:
         found = apps.list_apps(conn)
     if as_json:
-        print(json.dumps([{"app_id": a.app_id, "description": a.description, "created_at": a.created_at.isoformat(),
-                           "keys": [{"key_id": k.key_id, "created_at": k.created_at.isoformat(),
-                                     "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
-                                    for k in a.keys]} for a in found]))
+        print(
+            json.dumps(
+                [
+                    {
+                        "app_id": a.app_id,
+                        "description": a.description,
+                        "created_at": a.created_at.isoformat(),
+                        "keys": [
+                            {
+                                "key_id": k.key_id,
+                                "created_at": k.created_at.isoformat(),
+                                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                            }
+                            for k in a.keys
+                        ],
+                    }
+                    for a in found
+                ]
+            )
+        )
         return
     table = Table("app", "description", "active keys", "revoked keys", "created")
     for a in found:
-        table.add_row(a.app_id, a.description, str(a.active_keys), str(len(a.keys) - a.active_keys),
-                      a.created_at.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(
+            a.app_id,
+            a.description,
+            str(a.active_keys),
+            str(len(a.keys) - a.active_keys),
+            a.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
     console.print(table)
 
 
@@ -131,7 +152,7 @@ def apps_revoke(
     console.print(f"revoked {len(revoked)} key(s) of {app_id}: {', '.join(revoked) or 'none were active'}")
 
 
-# --- processes ----------------------------------------------------------------------------------------------------------
+# --- processes ---
 @ingest_app.command("serve")
 def ingest_serve(
     host: Annotated[str | None, typer.Option(help="Listen address (default PERSONA_INGEST_HOST).")] = None,
@@ -154,7 +175,7 @@ def consume() -> None:
     main()
 
 
-# --- users --------------------------------------------------------------------------------------------------------------
+# --- users ---
 @users_app.command("list")
 def users_list(
     prefix: Annotated[str, typer.Option(help="Only users whose id starts with this.")] = "",
@@ -170,15 +191,25 @@ def users_list(
         rows = buffers.list_buffers(conn, user_prefix=prefix)[:limit]
         kinds = buffers.kind_counts(conn, user_prefix=prefix)
     if as_json:
-        print(json.dumps([{"user_id": r.user_id, "pending": r.pending_count, "total": r.total_events,
-                           "oldest_pending_at": r.oldest_pending_at.isoformat() if r.oldest_pending_at else None,
-                           "last_event_at": r.last_event_at.isoformat() if r.last_event_at else None}
-                          for r in rows]))
+        print(
+            json.dumps(
+                [
+                    {
+                        "user_id": r.user_id,
+                        "pending": r.pending_count,
+                        "total": r.total_events,
+                        "oldest_pending_at": r.oldest_pending_at.isoformat() if r.oldest_pending_at else None,
+                        "last_event_at": r.last_event_at.isoformat() if r.last_event_at else None,
+                    }
+                    for r in rows
+                ]
+            )
+        )
         return
     console.print(buffer_table(rows, kinds))
 
 
-# --- config, demo -------------------------------------------------------------------------------------------------------
+# --- config, demo ---
 @config_app.command("table")
 def config_table() -> None:
     """Print the configuration table (Markdown) generated from the settings classes."""

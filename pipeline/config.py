@@ -148,10 +148,15 @@ class StackSettings(BaseSettings):
 
 
 class Settings:
-    """All component settings, each built (and validated) on first use."""
+    """All component settings, each built (and validated) on first use.
 
-    def __init__(self) -> None:
-        self._cache: dict[type, BaseSettings] = {}
+    Components passed in ``parts`` are used as given (tests and tools with explicit values, e.g.
+    ``Settings(StackSettings(data_dir=tmp), KafkaSettings(bootstrap_servers="127.0.0.1:19092"))``); the others
+    are read from the environment.
+    """
+
+    def __init__(self, *parts: BaseSettings) -> None:
+        self._cache: dict[type, BaseSettings] = {type(p): p for p in parts}
 
     def _get(self, cls: type[BaseSettings]) -> BaseSettings:
         if cls not in self._cache:

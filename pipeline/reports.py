@@ -16,17 +16,38 @@ def _ts(t: datetime | None) -> str:
 def buffer_table(rows: list[UserBuffer], kinds: dict[tuple[str, str, str], int]) -> Table:
     """One row per user: buffered events by kind, train/holdout split, pending count and times."""
     table = Table(title="per-user event buffers")
-    for col in ("user", "message", "feedback", "preference", "edit", "train", "holdout", "pending", "total",
-                "oldest pending", "last event"):
+    for col in (
+        "user",
+        "message",
+        "feedback",
+        "preference",
+        "edit",
+        "train",
+        "holdout",
+        "pending",
+        "total",
+        "oldest pending",
+        "last event",
+    ):
         table.add_column(col, justify="left" if col == "user" else "right")
     for r in rows:
-        by_kind = {k: sum(n for (u, kk, _), n in kinds.items() if u == r.user_id and kk == k)
-                   for k in ("message", "feedback", "preference", "edit")}
-        by_split = {s: sum(n for (u, _, ss), n in kinds.items() if u == r.user_id and ss == s)
-                    for s in ("train", "holdout")}
-        table.add_row(r.user_id, *(str(by_kind[k]) for k in by_kind), str(by_split["train"]),
-                      str(by_split["holdout"]), str(r.pending_count), str(r.total_events), _ts(r.oldest_pending_at),
-                      _ts(r.last_event_at))
+        by_kind = {
+            k: sum(n for (u, kk, _), n in kinds.items() if u == r.user_id and kk == k)
+            for k in ("message", "feedback", "preference", "edit")
+        }
+        by_split = {
+            s: sum(n for (u, _, ss), n in kinds.items() if u == r.user_id and ss == s) for s in ("train", "holdout")
+        }
+        table.add_row(
+            r.user_id,
+            *(str(by_kind[k]) for k in by_kind),
+            str(by_split["train"]),
+            str(by_split["holdout"]),
+            str(r.pending_count),
+            str(r.total_events),
+            _ts(r.oldest_pending_at),
+            _ts(r.last_event_at),
+        )
     return table
 
 

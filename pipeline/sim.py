@@ -126,12 +126,32 @@ def invalid_events(app: str, seed: int = 0) -> list[dict[str, Any]]:
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
     return [
-        {"event_id": "not-an-id", "user_id": "user-000", "occurred_at": now, "kind": "message", "app": app,
-         "text": "hi"},
+        {
+            "event_id": "not-an-id",
+            "user_id": "user-000",
+            "occurred_at": now,
+            "kind": "message",
+            "app": app,
+            "text": "hi",
+        },
         {"event_id": eid(), "user_id": "user 000", "occurred_at": now, "kind": "message", "app": app, "text": "hi"},
-        {"event_id": eid(), "user_id": "user-000", "occurred_at": "yesterday", "kind": "message", "app": app,
-         "text": "hi"},
+        {
+            "event_id": eid(),
+            "user_id": "user-000",
+            "occurred_at": "yesterday",
+            "kind": "message",
+            "app": app,
+            "text": "hi",
+        },
         {"event_id": eid(), "user_id": "user-000", "occurred_at": now, "kind": "shout", "app": app, "text": "hi"},
-        {"event_id": eid(), "user_id": "user-000", "occurred_at": now, "kind": "feedback", "app": app,
-         "prompt": "p", "completion": "c", "rating": 5},
+        {
+            "event_id": eid(),
+            "user_id": "user-000",
+            "occurred_at": now,
+            "kind": "feedback",
+            "app": app,
+            "prompt": "p",
+            "completion": "c",
+            "rating": 5,
+        },
     ]

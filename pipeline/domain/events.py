@@ -30,6 +30,8 @@ KIND_FIELDS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
 }
 TEXT_FIELDS: Final = frozenset({"text", "prompt", "completion", "chosen", "rejected", "original", "edited"})
 ALL_FIELDS: Final = frozenset(COMMON_FIELDS) | TEXT_FIELDS | {"rating"}
+_ALLOWED: Final = {k: frozenset(COMMON_FIELDS) | frozenset(r) | frozenset(o) for k, (r, o) in KIND_FIELDS.items()}
+_PAYLOAD_FIELDS: Final = {k: (*r, *o) for k, (r, o) in KIND_FIELDS.items()}
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # A ULID is 26 Crockford base32 characters; the first is at most 7 so the value fits in 128 bits.
@@ -137,23 +139,31 @@ def _check_string(chk: _Check, obj: dict[str, Any], name: str) -> str | None:
 
 def parse_timestamp(value: str) -> datetime | None:
     """An RFC 3339 timestamp with an offset as an aware datetime, or None if it is not one."""
-    if not _RFC3339.fullmatch(value):
+    m = _RFC3339.fullmatch(value)
+    if m is None:
         return None
+    if m.group(1) is None or len(m.group(1)) <= 7:  # no fraction, or at most 6 digits: the common case
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
     text = value.replace("t", "T").replace(" ", "T").replace("z", "+00:00").replace("Z", "+00:00")
     main, _, rest = text.partition(".")
     if rest:  # Python parses at most 6 fractional digits; RFC 3339 allows more.
         digits = re.match(r"[0-9]+", rest)
         frac = digits.group(0) if digits else ""
-        text = f"{main}.{frac[:6].ljust(6, '0')}{rest[len(frac):]}"
+        text = f"{main}.{frac[:6].ljust(6, '0')}{rest[len(frac) :]}"
     try:
         return datetime.fromisoformat(text)
     except ValueError:
         return None
 
 
-def validate(obj: Any, limits: EventLimits = EventLimits()) -> Event | Rejected:  # noqa: B008 - frozen default
+def validate(obj: Any, limits: EventLimits = EventLimits(), raw: bytes | None = None) -> Event | Rejected:
     """Validate one decoded event object against interaction.v1 and the configured ``limits``.
 
+    ``raw`` is the JSON the object was decoded from, if known: when the whole event is within the meta bound and
+    holds no NUL escape, ``meta`` is known to pass without being encoded again (the ingest hot path).
     Returns the Event, or Rejected with every reason found (not just the first).
     """
     if not isinstance(obj, dict):
@@ -174,7 +184,9 @@ def validate(obj: Any, limits: EventLimits = EventLimits()) -> Event | Rejected:
         chk.add("user_id", "missing", "user_id is required")
     elif (uid := _check_string(chk, obj, "user_id")) is not None:
         if not _USER_ID.fullmatch(uid):
-            chk.add("user_id", "invalid_format", f"user_id must be 1..128 chars of [A-Za-z0-9._:@-], got {_shorten(uid)}")
+            chk.add(
+                "user_id", "invalid_format", f"user_id must be 1..128 chars of [A-Za-z0-9._:@-], got {_shorten(uid)}"
+            )
         else:
             user_id = uid
 
@@ -184,7 +196,9 @@ def validate(obj: Any, limits: EventLimits = EventLimits()) -> Event | Rejected:
     elif (ts := _check_string(chk, obj, "occurred_at")) is not None:
         occurred_at = parse_timestamp(ts)
         if occurred_at is None:
-            chk.add("occurred_at", "invalid_format", f"occurred_at must be RFC 3339 with an offset, got {_shorten(ts)}")
+            chk.add(
+                "occurred_at", "invalid_format", f"occurred_at must be RFC 3339 with an offset, got {_shorten(ts)}"
+            )
 
     app: str | None = None
     if "app" not in obj:
@@ -199,6 +213,8 @@ def validate(obj: Any, limits: EventLimits = EventLimits()) -> Event | Rejected:
     if "meta" in obj:
         if not isinstance(meta, dict):
             chk.add("meta", "type", f"meta must be an object, got {type(meta).__name__}")
+        elif raw is not None and len(raw) <= limits.max_meta_bytes and b"\\u0000" not in raw:
+            pass
         else:
             encoded = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
             size = len(encoded.encode(errors="surrogatepass"))
@@ -214,8 +230,8 @@ def validate(obj: Any, limits: EventLimits = EventLimits()) -> Event | Rejected:
     elif not isinstance(kind, str) or kind not in KIND_FIELDS:
         chk.add("kind", "unknown_kind", f"kind must be one of {', '.join(KINDS)}, got {_shorten(kind)}")
     else:
-        required, optional = KIND_FIELDS[kind]
-        allowed = set(COMMON_FIELDS) | set(required) | set(optional)
+        required = KIND_FIELDS[kind][0]
+        allowed = _ALLOWED[kind]
         for name in obj:
             if name not in allowed:
                 where = "for kind " + kind if name in ALL_FIELDS else "in interaction.v1"
@@ -223,7 +239,7 @@ def validate(obj: Any, limits: EventLimits = EventLimits()) -> Event | Rejected:
         for name in required:
             if name not in obj:
                 chk.add(name, "missing", f"{name} is required for kind {kind}")
-        for name in (*required, *optional):
+        for name in _PAYLOAD_FIELDS[kind]:
             if name not in obj:
                 continue
             value = obj[name]

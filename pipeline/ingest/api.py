@@ -34,8 +34,14 @@ log = logging.getLogger(__name__)
 
 def _error(status: int, code: str, message: str, param: str | None = None, **headers: str) -> JSONResponse:
     metrics.INGEST_REQUESTS.labels(str(status)).inc()
-    body = {"error": {"type": "invalid_request_error" if status < 500 else "server_error", "code": code,
-                      "message": message, "param": param}}
+    body = {
+        "error": {
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "code": code,
+            "message": message,
+            "param": param,
+        }
+    }
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
@@ -100,8 +106,9 @@ def create_app(
         if not items:
             return _error(400, "empty_batch", "the body is an empty array; send 1 or more events")
         if len(items) > cfg.max_events:
-            return _error(413, "too_many_events", f"{len(items)} events in one request, at most {cfg.max_events}",
-                          param="body")
+            return _error(
+                413, "too_many_events", f"{len(items)} events in one request, at most {cfg.max_events}", param="body"
+            )
 
         producer: EventProducer = state["producer"]
         results: list[dict[str, Any]] = []
@@ -110,12 +117,23 @@ def create_app(
             ev = validate(obj, producer.limits)
             if isinstance(ev, Event) and ev.app != app_id:
                 ev = Rejected(
-                    (Reason("app", "app_mismatch", f"app {ev.app!r} is not the authenticated application {app_id!r}"),),
-                    event_id=ev.event_id, user_id=ev.user_id,
+                    (
+                        Reason(
+                            "app", "app_mismatch", f"app {ev.app!r} is not the authenticated application {app_id!r}"
+                        ),
+                    ),
+                    event_id=ev.event_id,
+                    user_id=ev.user_id,
                 )
             if isinstance(ev, Rejected):
-                results.append({"index": i, "event_id": ev.event_id, "status": "rejected",
-                                "reasons": [r.as_dict() for r in ev.reasons]})
+                results.append(
+                    {
+                        "index": i,
+                        "event_id": ev.event_id,
+                        "status": "rejected",
+                        "reasons": [r.as_dict() for r in ev.reasons],
+                    }
+                )
                 for r in ev.reasons:
                     metrics.INGEST_REJECTIONS.labels(r.code).inc()
             else:
@@ -125,8 +143,13 @@ def create_app(
             await run_in_threadpool(producer.produce_valid, accepted, timeout_s=cfg.produce_timeout_s)
         except ProducerError as e:
             log.error("broker failure, answering 503: %s", e)
-            return _error(503, "broker_unavailable", "the event broker did not acknowledge the events; retry the "
-                          "same request (event_id makes it idempotent)", **{"Retry-After": "1"})
+            return _error(
+                503,
+                "broker_unavailable",
+                "the event broker did not acknowledge the events; retry the "
+                "same request (event_id makes it idempotent)",
+                **{"Retry-After": "1"},
+            )
         n_rej = len(items) - len(accepted)
         metrics.INGEST_EVENTS.labels("accepted").inc(len(accepted))
         metrics.INGEST_EVENTS.labels("rejected").inc(n_rej)
@@ -134,7 +157,8 @@ def create_app(
         metrics.INGEST_REQUEST_SECONDS.observe(time.perf_counter() - started)
         return Response(
             orjson.dumps({"accepted": len(accepted), "rejected": n_rej, "results": results}),
-            status_code=202, media_type="application/json",
+            status_code=202,
+            media_type="application/json",
         )
 
     @app.get("/healthz")
@@ -142,7 +166,7 @@ def create_app(
         try:
             with state["pool"].connection(timeout=2) as conn:
                 conn.execute("SELECT 1")
-        except Exception as e:  # noqa: BLE001 - any failure means unhealthy
+        except Exception as e:
             return JSONResponse({"status": "unhealthy", "database": str(e)}, status_code=503)
         return JSONResponse({"status": "ok"})
 

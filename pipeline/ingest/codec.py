@@ -33,7 +33,7 @@ def decode_record(value: bytes | None, key: bytes | None, limits: EventLimits) -
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as e:
         return Rejected((Reason("", "invalid_json", f"the record value is not valid JSON: {e}"),))
-    result = validate(obj, limits)
+    result = validate(obj, limits, raw=value)
     if isinstance(result, Rejected):
         return result
     bad_key = check_key(result, key)

@@ -3,13 +3,14 @@
 The order of one poll batch (the checkpoint, as in quix-streams) is fixed:
 
 1. decode and validate every record;
-2. produce the invalid ones to the dead-letter topic and wait for the broker's acknowledgement;
-3. write the valid ones in ONE database transaction (duplicates skipped by event_id) and commit it;
+2. write the valid ones in ONE database transaction (duplicates skipped by event_id) and commit it;
+3. produce the invalid ones to the dead-letter topic and wait for the broker's acknowledgement;
 4. commit the Kafka offsets (last offset + 1 per partition).
 
-A crash anywhere before step 4 redelivers the batch: step 3 is idempotent, so the buffers still hold each event
-once; step 2 may then repeat a dead-letter record (its ``persona.dlq.source`` header identifies the duplicate).
-A crash after step 4 loses nothing because step 3 committed first.
+A crash anywhere before step 4 redelivers the batch: step 2 is idempotent, so the buffers still hold each event
+once; step 3 may then repeat a dead-letter record (its ``persona.dlq.source`` header identifies the duplicate).
+A crash after step 4 loses nothing because steps 2 and 3 completed first. Step 2 of batch N runs on a writer
+thread while batch N+1 is polled and decoded (see ``run``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.config import ConsumerSettings, DatabaseSettings, EventSettings, KafkaSettings
@@ -32,7 +33,7 @@ from pipeline.domain.events import EventLimits, Reason, Rejected, split_of
 from pipeline.ingest.codec import decode_record, dlq_headers, encode_event
 from pipeline.observability import metrics
 from pipeline.storage import db
-from pipeline.storage.buffers import BufferedEvent, WriteResult, write_events
+from pipeline.storage.buffers import BufferedEvent, PendingWrite, WriteResult, begin_write, write_events
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,18 @@ class BatchStats:
     inserted: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+
+
+@dataclass
+class _Batch:
+    """One poll result, decoded: what to write, what to dead-letter, which offsets to commit after."""
+
+    started: float
+    records: int = 0
+    valid: list[BufferedEvent] = field(default_factory=list)
+    invalid: list[tuple[object, tuple[Reason, ...]]] = field(default_factory=list)
+    offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
+    pending: PendingWrite | None = None
 
 
 class BufferConsumer:
@@ -65,6 +78,7 @@ class BufferConsumer:
         self.limits = EventLimits(ev.max_text_bytes, ev.max_meta_bytes)
         self.holdout_fraction = ev.holdout_fraction
         self.totals = BatchStats()
+        self.first_record_at: float | None = None  # monotonic time of the first record ``run`` received
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None
         self._consumer = KafkaConsumer(
@@ -89,19 +103,35 @@ class BufferConsumer:
         self._stop.set()
 
     def run(self, *, idle_exit_s: float | None = None, on_batch: Callable[[BatchStats], None] | None = None) -> None:
-        """Poll and process batches until stopped (or, with ``idle_exit_s``, until no record came for that long)."""
+        """Poll and process batches until stopped (or, with ``idle_exit_s``, until no record came for that long).
+
+        Pipelined: batch N's transaction is sent to PostgreSQL without waiting (``begin_write``), and batch N+1 is
+        polled and decoded while the server applies it. Batch N's offsets are still committed only after its
+        transaction committed.
+        """
         last_record = time.monotonic()
+        self.first_record_at = None
+        in_flight: _Batch | None = None
         try:
             while not self._stop.is_set():
                 records = self._consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
-                if not records:
+                batch = self._prepare(records) if records else None
+                if in_flight is not None:
+                    stats = self._finish(in_flight, *self._end_write(in_flight))
+                    in_flight = None
+                    if on_batch is not None:
+                        on_batch(stats)
+                if batch is None:
                     if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
                         break
                     continue
                 last_record = time.monotonic()
-                stats = self.process(records)
-                if on_batch is not None:
-                    on_batch(stats)
+                if self.first_record_at is None:
+                    self.first_record_at = last_record
+                self._begin_write(batch)
+                in_flight = batch
+            if in_flight is not None:  # stopping: finish the batch in hand (its records were read)
+                self._finish(in_flight, *self._end_write(in_flight))
         finally:
             self.close()
 
@@ -116,48 +146,73 @@ class BufferConsumer:
 
     # --- one batch --------------------------------------------------------------------------------------------------
     def process(self, records: dict[TopicPartition, list]) -> BatchStats:
-        """Handle one poll result in the documented order; returns what it did."""
-        started = time.perf_counter()
-        stats = BatchStats()
-        valid: list[BufferedEvent] = []
-        invalid: list[tuple[object, tuple[Reason, ...]]] = []
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        """Handle one poll result in the documented order, without pipelining; returns what it did."""
+        batch = self._prepare(records)
+        return self._finish(batch, *self._write(batch.valid))
+
+    def _prepare(self, records: dict[TopicPartition, list]) -> _Batch:
+        """Step 1: decode and validate; note the offsets to commit."""
+        batch = _Batch(started=time.perf_counter())
         for tp, recs in records.items():
             for rec in recs:
-                stats.records += 1
                 result = decode_record(rec.value, rec.key, self.limits)
                 if isinstance(result, Rejected):
-                    invalid.append((rec, result.reasons))
+                    batch.invalid.append((rec, result.reasons))
                 else:
                     split = split_of(result.user_id, result.event_id, self.holdout_fraction)
-                    valid.append(BufferedEvent(result, split, tp.partition, rec.offset))
+                    batch.valid.append(BufferedEvent(result, split, tp.partition, rec.offset))
             if recs:
-                offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "", -1)
+                batch.records += len(recs)
+                batch.offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "", -1)
+        return batch
 
-        written, db_rejected = self._write(valid)
-        invalid.extend(db_rejected)
+    def _finish(
+        self, batch: _Batch, written: WriteResult, db_refused: list[tuple[object, tuple[Reason, ...]]]
+    ) -> BatchStats:
+        """Steps 2 and 4 (step 3, the DB write, is done): dead-letter, then commit offsets; count."""
+        invalid = batch.invalid + db_refused
         self._dead_letter(invalid)  # before the offsets move past them
-        stats.inserted, stats.duplicates, stats.dead_lettered = written.inserted, written.duplicates, len(invalid)
         if self.cfg.failpoint == "after_db_commit":
             log.warning("failpoint after_db_commit: killing this process before the offset commit")
             os.kill(os.getpid(), signal.SIGKILL)
         try:
-            self._consumer.commit(offsets)
+            self._consumer.commit(batch.offsets)
             metrics.BUFFER_LAST_COMMIT.set_to_current_time()
         except CommitFailedError as e:
             # The group rebalanced: the new owner re-reads these records and the DB skips them as duplicates.
             log.warning("offset commit failed after a rebalance; records will be redelivered: %s", e)
 
+        stats = BatchStats(batch.records, written.inserted, written.duplicates, len(invalid))
         for kind, n in written.inserted_by_kind.items():
             metrics.BUFFER_EVENTS.labels(kind).inc(n)
         metrics.BUFFER_DUPLICATES.inc(written.duplicates)
         metrics.BUFFER_BATCH_RECORDS.observe(stats.records)
-        metrics.BUFFER_BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.BUFFER_BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         self.totals.records += stats.records
         self.totals.inserted += stats.inserted
         self.totals.duplicates += stats.duplicates
         self.totals.dead_lettered += stats.dead_lettered
         return stats
+
+    def _begin_write(self, batch: _Batch) -> None:
+        """Send the batch's transaction without waiting; on any trouble leave it to the synchronous path."""
+        if not batch.valid:
+            return
+        try:
+            batch.pending = begin_write(self._connection(), batch.valid)
+        except psycopg.Error as e:
+            log.warning("could not start the batch's transaction (%s); it will be written synchronously", e)
+            self._drop_connection()
+
+    def _end_write(self, batch: _Batch) -> tuple[WriteResult, list[tuple[object, tuple[Reason, ...]]]]:
+        if batch.pending is not None:
+            try:
+                return batch.pending.result(), []
+            except psycopg.Error as e:
+                # Rolled back (or the connection died): write it again, with retries; it is idempotent.
+                log.warning("the batch's transaction failed (%s); writing it again", e)
+                self._drop_connection()
+        return self._write(batch.valid)
 
     def _dead_letter(self, invalid: list[tuple[object, tuple[Reason, ...]]]) -> None:
         if not invalid:
@@ -212,7 +267,12 @@ class BufferConsumer:
                     with conn.transaction():  # a savepoint per event
                         r = write_events(conn, [b])
                 except psycopg.Error as e:
-                    refused.append((_RecordRef(b, self.kafka.topic_events), (Reason("", "db_rejected", f"the database refused it: {e}"),)))
+                    refused.append(
+                        (
+                            _RecordRef(b, self.kafka.topic_events),
+                            (Reason("", "db_rejected", f"the database refused it: {e}"),),
+                        )
+                    )
                     continue
                 inserted += r.inserted
                 duplicates += r.duplicates
@@ -222,7 +282,7 @@ class BufferConsumer:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = db.connect(self.database)
+            self._conn = db.connect(self.database, autocommit=True)
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -264,10 +324,13 @@ def main(
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    log.info(
-        "consuming %s as group %s into %s", bc.kafka.topic_events, cfg.group_id, db.redact(bc.database.url)
-    )
+    log.info("consuming %s as group %s into %s", bc.kafka.topic_events, cfg.group_id, db.redact(bc.database.url))
     bc.run()
     t = bc.totals
-    log.info("stopped: %d records, %d inserted, %d duplicates, %d dead-lettered", t.records, t.inserted,
-             t.duplicates, t.dead_lettered)
+    log.info(
+        "stopped: %d records, %d inserted, %d duplicates, %d dead-lettered",
+        t.records,
+        t.inserted,
+        t.duplicates,
+        t.dead_lettered,
+    )

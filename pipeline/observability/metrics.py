@@ -5,9 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 # --- ingest API -------------------------------------------------------------------------------------------------
-INGEST_REQUESTS = Counter(
-    "persona_ingest_requests_total", "POST /v1/events requests by HTTP status.", ["status"]
-)
+INGEST_REQUESTS = Counter("persona_ingest_requests_total", "POST /v1/events requests by HTTP status.", ["status"])
 INGEST_EVENTS = Counter(
     "persona_ingest_events_total", "Events received by the ingest API, by result (accepted/rejected).", ["result"]
 )

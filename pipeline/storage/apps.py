@@ -86,9 +86,13 @@ def revoke(conn: psycopg.Connection, app_id: str, key_id: str | None = None) -> 
                 " RETURNING key_id",
                 (app_id, key_id),
             ).fetchall()
-            if not rows and conn.execute(
-                "SELECT 1 FROM api_keys WHERE app_id = %s AND key_id = %s", (app_id, key_id)
-            ).fetchone() is None:
+            if (
+                not rows
+                and conn.execute(
+                    "SELECT 1 FROM api_keys WHERE app_id = %s AND key_id = %s", (app_id, key_id)
+                ).fetchone()
+                is None
+            ):
                 raise NotFound(f"application {app_id!r} has no key {key_id!r}")
         else:
             rows = conn.execute(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -75,14 +75,7 @@ SELECT kind, count(*) FROM ins GROUP BY kind
 """
 
 
-def write_events(conn: psycopg.Connection, batch: list[BufferedEvent]) -> WriteResult:
-    """Insert a batch of events and update their users' counters, in the caller's transaction.
-
-    Idempotent: an event already stored (same event_id) is skipped and not counted again, so a batch that is
-    redelivered after a crash changes nothing. The caller commits; Kafka offsets are committed after that.
-    """
-    if not batch:
-        return WriteResult(0, 0, {})
+def _stage(conn: psycopg.Connection, batch: list[BufferedEvent]) -> None:
     conn.execute(_STAGE)
     with conn.cursor().copy(
         "COPY stage_events (event_id, user_id, app, kind, split, occurred_at, payload, meta,"
@@ -104,9 +97,68 @@ def write_events(conn: psycopg.Connection, batch: list[BufferedEvent]) -> WriteR
                     b.offset,
                 )
             )
-    by_kind = {str(k): int(n) for k, n in conn.execute(_MERGE).fetchall()}
+
+
+def _result(rows: list[tuple], n: int) -> WriteResult:
+    by_kind = {str(k): int(c) for k, c in rows}
     inserted = sum(by_kind.values())
-    return WriteResult(inserted, len(batch) - inserted, by_kind)
+    return WriteResult(inserted, n - inserted, by_kind)
+
+
+def write_events(conn: psycopg.Connection, batch: list[BufferedEvent]) -> WriteResult:
+    """Insert a batch of events and update their users' counters, in the caller's transaction.
+
+    Idempotent: an event already stored (same event_id) is skipped and not counted again, so a batch that is
+    redelivered after a crash changes nothing. The caller commits; Kafka offsets are committed after that.
+    """
+    if not batch:
+        return WriteResult(0, 0, {})
+    _stage(conn, batch)
+    return _result(conn.execute(_MERGE).fetchall(), len(batch))
+
+
+class PendingWrite:
+    """A batch whose transaction was sent to the server but whose outcome is not read yet (see ``begin_write``)."""
+
+    def __init__(self, conn: psycopg.Connection, n: int) -> None:
+        self._stack = ExitStack()
+        self._n = n
+        self._conn = conn
+        self._stack.enter_context(conn.pipeline())
+        self._cursor = conn.execute(_MERGE)
+        conn.execute("COMMIT")
+
+    def result(self) -> WriteResult:
+        """Wait for the server; the counts of the committed transaction. On error the transaction is rolled back
+        and the error raised (the batch may then be written again: it is idempotent)."""
+        try:
+            rows = self._cursor.fetchall()
+            self._stack.close()  # leaves pipeline mode: waits for the COMMIT
+        except BaseException as e:
+            self._stack.__exit__(type(e), e, e.__traceback__)
+            if not self._conn.closed:
+                with suppress(psycopg.Error):
+                    self._conn.execute("ROLLBACK")
+            raise
+        return _result(rows, self._n)
+
+
+def begin_write(conn: psycopg.Connection, batch: list[BufferedEvent]) -> PendingWrite:
+    """Start writing a batch in its own transaction and return without waiting for the server to apply it.
+
+    The rows are staged with COPY, then the merge and the COMMIT are sent in pipeline mode; the caller does other
+    work (the consumer polls and decodes the next batch) and then calls ``result()``. ``conn`` must be in
+    autocommit mode and idle. Same semantics as ``write_events`` inside a transaction of its own.
+    """
+    conn.execute("BEGIN")
+    try:
+        _stage(conn, batch)
+        return PendingWrite(conn, len(batch))
+    except BaseException:
+        if not conn.closed:
+            with suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise
 
 
 def list_buffers(conn: psycopg.Connection, *, user_prefix: str = "", with_rows: bool = False) -> list[UserBuffer]:

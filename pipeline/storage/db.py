@@ -96,7 +96,9 @@ def migrate(settings: DatabaseSettings, directory: Path = MIGRATIONS_DIR) -> lis
         for mig in migrations(directory):
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                row = conn.execute("SELECT sha256 FROM schema_migrations WHERE version = %s", (mig.version,)).fetchone()
+                row = conn.execute(
+                    "SELECT sha256 FROM schema_migrations WHERE version = %s", (mig.version,)
+                ).fetchone()
                 if row is not None:
                     if row[0] != mig.sha256:
                         raise StorageError(

@@ -16,7 +16,8 @@ CREATE TABLE api_keys (
 );
 CREATE INDEX api_keys_app ON api_keys (app_id);
 
--- One row per valid event, exactly once (event_id is the idempotency key). seq is the ingestion position.
+-- One row per valid event, exactly once (event_id is the idempotency key). seq is the ingestion position
+-- (unique by construction; no index of its own: every read of it is per user, through events_user_seq).
 CREATE TABLE events (
     seq              bigint GENERATED ALWAYS AS IDENTITY,
     event_id         text NOT NULL PRIMARY KEY,
@@ -31,7 +32,6 @@ CREATE TABLE events (
     source_partition integer,
     source_offset    bigint
 );
-CREATE UNIQUE INDEX events_seq ON events (seq);
 CREATE INDEX events_user_seq ON events (user_id, seq);
 
 -- The per-user buffer summary, updated in the same transaction as the events it counts.

@@ -9,9 +9,17 @@ import uuid
 import psycopg
 import pytest
 
-from pipeline.config import DatabaseSettings, EventSettings, KafkaSettings
+from pipeline import stack
+from pipeline.config import ROOT, DatabaseSettings, EventSettings, KafkaSettings, S3Settings, Settings, StackSettings
 from pipeline.storage import db
 from tests.integration.helpers import Services
+
+# Ports of their own, so the tests run beside a developer's `persona stack up` on the default ports.
+TEST_STACK = Settings(
+    StackSettings(data_dir=ROOT / ".persona-test"),
+    KafkaSettings(bootstrap_servers="127.0.0.1:19092"),
+    S3Settings(endpoint="127.0.0.1:18333"),
+)
 
 
 def _with_database(url: str, name: str) -> str:
@@ -21,9 +29,22 @@ def _with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def services():
-    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:29092")  # TEMP: dev broker until the stack lands
-    server_url = DatabaseSettings().url
+def test_stack():
+    """The test stack, started once per session; stopped at the end only if this session started it."""
+    was_up = all(s.healthy for s in stack.status(TEST_STACK))
+    stack.up(TEST_STACK)
+    try:
+        yield TEST_STACK
+    finally:
+        if not was_up:
+            stack.down(TEST_STACK)
+
+
+@pytest.fixture(scope="session")
+def services(test_stack):
+    urls = stack.effective_urls(test_stack)
+    kafka = test_stack.kafka
+    server_url = urls["db_url"]
     name = f"persona_test_{uuid.uuid4().hex[:8]}"
     admin_url = _with_database(server_url, "postgres")
     with psycopg.connect(admin_url, autocommit=True) as conn:

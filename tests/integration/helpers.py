@@ -78,33 +78,41 @@ def consumer_settings(group: str | None = None, **kw) -> ConsumerSettings:
     return ConsumerSettings(group_id=group or f"test-{uuid.uuid4().hex[:8]}", metrics_port=0, **kw)
 
 
-def drain(services: Services, kafka: KafkaSettings, *, group: str | None = None, expect: int,
-          timeout_s: float = 60.0) -> BufferConsumer:
-    """Run a buffer consumer until it has seen ``expect`` records (then until idle), in this process."""
+def drain(
+    services: Services, kafka: KafkaSettings, *, group: str | None = None, expect: int, timeout_s: float = 60.0
+) -> BufferConsumer:
+    """Run a buffer consumer (its real, pipelined loop) until it has seen ``expect`` records and then 1.5 s more
+    (so that records beyond the expected count are seen too), in this process."""
     bc = BufferConsumer(kafka, consumer_settings(group), services.db, services.events)
-    deadline = time.monotonic() + timeout_s
+    deadline = threading.Timer(timeout_s, bc.stop)
+    deadline.start()
+    extra: list[threading.Timer] = []
+
+    def on_batch(_stats) -> None:
+        if bc.totals.records >= expect and not extra:
+            extra.append(threading.Timer(1.5, bc.stop))
+            extra[0].start()
+
     try:
-        while bc.totals.records < expect:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"consumer saw {bc.totals.records} of {expect} records in {timeout_s}s")
-            records = bc._consumer.poll(timeout_ms=500)
-            if records:
-                bc.process(records)
-        # Keep polling a little: a test must also see records beyond the expected count.
-        for _ in range(3):
-            records = bc._consumer.poll(timeout_ms=500)
-            if records:
-                bc.process(records)
+        bc.run(on_batch=on_batch)
     finally:
-        bc.close()
+        deadline.cancel()
+    if bc.totals.records < expect:
+        raise AssertionError(f"consumer saw {bc.totals.records} of {expect} records in {timeout_s}s")
     return bc
 
 
 def read_topic(kafka: KafkaSettings, topic: str, expect: int, timeout_s: float = 30.0) -> list:
     """Every record of ``topic`` (waits until ``expect`` arrived)."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=kafka.servers, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=f"reader-{uuid.uuid4().hex[:8]}",
-                             session_timeout_ms=6000, heartbeat_interval_ms=2000)
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=kafka.servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=f"reader-{uuid.uuid4().hex[:8]}",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=2000,
+    )
     out: list = []
     deadline = time.monotonic() + timeout_s
     try:
@@ -122,8 +130,14 @@ def read_topic(kafka: KafkaSettings, topic: str, expect: int, timeout_s: float =
 def rows_and_pending(db: DatabaseSettings, user_prefix: str) -> tuple[dict[str, int], dict[str, int]]:
     """(event rows per user, pending_count per user) for users whose id starts with ``user_prefix``."""
     with psycopg.connect(db.url) as conn:
-        rows = dict(conn.execute("SELECT user_id, count(*) FROM events WHERE user_id LIKE %s GROUP BY 1",
-                                 (user_prefix + "%",)).fetchall())
-        pending = dict(conn.execute("SELECT user_id, pending_count FROM user_state WHERE user_id LIKE %s",
-                                    (user_prefix + "%",)).fetchall())
+        rows = dict(
+            conn.execute(
+                "SELECT user_id, count(*) FROM events WHERE user_id LIKE %s GROUP BY 1", (user_prefix + "%",)
+            ).fetchall()
+        )
+        pending = dict(
+            conn.execute(
+                "SELECT user_id, pending_count FROM user_state WHERE user_id LIKE %s", (user_prefix + "%",)
+            ).fetchall()
+        )
     return rows, pending

@@ -58,7 +58,7 @@ def test_invalid_records_go_to_the_dlq_with_their_reason(services):
         if i < len(bad):
             key, value, _ = bad[i]
             producer.send(kafka.topic_events, key=key, value=value)
-    for key, value, _ in bad[len(valid):]:
+    for key, value, _ in bad[len(valid) :]:
         producer.send(kafka.topic_events, key=key, value=value)
     producer.flush()
     producer.close()
@@ -97,8 +97,11 @@ def test_duplicates_straight_to_kafka_give_one_row(services):
             producer.send(kafka.topic_events, key=ev["user_id"].encode(), value=orjson.dumps(ev))
     # Same ids in another letter case are the same events.
     for ev in valid[:5]:
-        producer.send(kafka.topic_events, key=ev["user_id"].encode(),
-                      value=orjson.dumps(dict(ev, event_id=ev["event_id"].upper())))
+        producer.send(
+            kafka.topic_events,
+            key=ev["user_id"].encode(),
+            value=orjson.dumps(dict(ev, event_id=ev["event_id"].upper())),
+        )
     producer.flush()
     producer.close()
     bc = drain(services, kafka, expect=3 * len(valid) + 5)
@@ -109,15 +112,17 @@ def test_duplicates_straight_to_kafka_give_one_row(services):
 
 def _consumer_env(services, kafka, group: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
-    env.update({
-        "PERSONA_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "PERSONA_KAFKA_TOPIC_EVENTS": kafka.topic_events,
-        "PERSONA_KAFKA_TOPIC_DLQ": kafka.topic_dlq,
-        "PERSONA_DB_URL": services.db.url,
-        "PERSONA_CONSUMER_GROUP_ID": group,
-        "PERSONA_CONSUMER_METRICS_PORT": "0",
-        **extra,
-    })
+    env.update(
+        {
+            "PERSONA_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "PERSONA_KAFKA_TOPIC_EVENTS": kafka.topic_events,
+            "PERSONA_KAFKA_TOPIC_DLQ": kafka.topic_dlq,
+            "PERSONA_DB_URL": services.db.url,
+            "PERSONA_CONSUMER_GROUP_ID": group,
+            "PERSONA_CONSUMER_METRICS_PORT": "0",
+            **extra,
+        }
+    )
     return env
 
 
@@ -133,8 +138,14 @@ def test_sigkill_between_db_commit_and_offset_commit_keeps_one_row(services):
     group = f"kill-{uuid.uuid4().hex[:6]}"
 
     env = _consumer_env(services, kafka, group, PERSONA_CONSUMER_FAILPOINT="after_db_commit")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "consume"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "consume"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "failpoint after_db_commit" in proc.stderr
     rows_after_crash, _ = rows_and_pending(services.db, prefix)
@@ -157,8 +168,14 @@ def test_sigterm_finishes_the_batch_and_exits_cleanly(services):
     producer.flush()
     producer.close()
     env = _consumer_env(services, kafka, f"term-{uuid.uuid4().hex[:6]}")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "consume"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "consume"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         rows, _ = rows_and_pending(services.db, prefix)

@@ -58,7 +58,7 @@ def test_posted_events_land_exactly_once(services, app_key):
 @pytest.mark.parametrize(("bad", "field", "code"), INVALID, ids=[f"{f}-{c}" for _, f, c in INVALID])
 def test_each_invalid_event_gets_its_reason_and_never_reaches_the_buffers(services, app_key, api, bad, field, code):
     app_id, key = app_key
-    url, kafka = api
+    url, _ = api
     user = f"inv-{uuid.uuid4().hex[:6]}"
     good = {**_events(user, app_id, users=1, per_user=1)[0]}
     bad = {**bad, "app": app_id} if bad.get("app") == "mail" else dict(bad)
@@ -80,10 +80,9 @@ def api(services):
         yield url, kafka
 
 
-def test_invalid_events_never_reach_the_buffers(services, app_key, api):
+def test_invalid_events_never_reach_the_buffers(services, app_key):
     """Everything the API rejects stays out of Kafka: the topic only ever holds accepted events."""
     app_id, key = app_key
-    url, _ = api
     kafka = fresh_topics(services.kafka)
     prefix = f"mix-{uuid.uuid4().hex[:6]}"
     good = _events(prefix, app_id, users=1, per_user=5)
@@ -99,7 +98,7 @@ def test_invalid_events_never_reach_the_buffers(services, app_key, api):
 
 
 def test_app_must_be_the_authenticated_application(services, app_key, api):
-    app_id, key = app_key
+    _, key = app_key
     url, _ = api
     ev = _events(f"own-{uuid.uuid4().hex[:6]}", "someone-else", users=1, per_user=1)[0]
     r = httpx.post(f"{url}/v1/events", json=[ev], headers={"Authorization": f"Bearer {key}"})
@@ -122,8 +121,11 @@ def test_app_must_be_the_authenticated_application(services, app_key, api):
 def test_bad_requests(services, app_key, api, body, status, code):
     _, key = app_key
     url, _ = api
-    r = httpx.post(f"{url}/v1/events", content=body, headers={"Authorization": f"Bearer {key}",
-                                                               "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/events",
+        content=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
 

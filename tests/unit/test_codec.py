@@ -9,7 +9,6 @@ from pipeline.ingest.codec import decode_record, dlq_headers, reasons_from_heade
 
 
 def test_dlq_reason_header_is_machine_readable_json():
-    from pipeline.domain.events import Reason
     from pipeline.ingest.codec import dlq_headers
 
     headers = dlq_headers((Reason("text", "too_long", "text is 20000 bytes"),), "t/0/5")
@@ -23,10 +22,32 @@ def test_decode_record_reasons():
     assert decode_record(None, b"u", limits).codes == ["invalid_json"]
     assert decode_record(b"{", b"u", limits).codes == ["invalid_json"]
     assert decode_record(b"[]", b"u", limits).codes == ["not_object"]
-    ok = (b'{"event_id":"0b8e8a2e-5a55-4f0e-9d43-1f9a1b8f5a11","user_id":"u","occurred_at":"2026-01-01T00:00:00Z",'
-          b'"kind":"message","app":"a","text":"hi"}')
+    ok = (
+        b'{"event_id":"0b8e8a2e-5a55-4f0e-9d43-1f9a1b8f5a11","user_id":"u","occurred_at":"2026-01-01T00:00:00Z",'
+        b'"kind":"message","app":"a","text":"hi"}'
+    )
     assert not isinstance(decode_record(ok, b"u", limits), Rejected)
     assert decode_record(ok, b"v", limits).codes == ["key_mismatch"]
     assert decode_record(ok, None, limits).codes == ["missing_key"]
     rej = decode_record(ok, None, limits)
     assert reasons_from_headers(dlq_headers(rej.reasons, "t/1/2"))[0]["code"] == "missing_key"
+
+
+def test_meta_bounds_hold_on_the_raw_fast_path():
+    import orjson
+
+    base = {
+        "event_id": "0b8e8a2e-5a55-4f0e-9d43-1f9a1b8f5a11",
+        "user_id": "u",
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "kind": "message",
+        "app": "a",
+        "text": "hi",
+    }
+    limits = EventLimits(max_meta_bytes=200)
+    small = orjson.dumps({**base, "meta": {"a": 1}})
+    assert not isinstance(decode_record(small, b"u", limits), Rejected)
+    big = orjson.dumps({**base, "meta": {"a": "x" * 300}})
+    assert decode_record(big, b"u", limits).codes == ["too_large"]
+    nul = orjson.dumps({**base, "meta": {"a": "x\x00"}})
+    assert decode_record(nul, b"u", limits).codes == ["invalid_character"]

@@ -160,8 +160,13 @@ def test_every_reason_is_reported_not_just_the_first():
     rejected = validate({"kind": "feedback", "text": "x", "rating": 9})
     assert isinstance(rejected, Rejected)
     got = {(r.field, r.code) for r in rejected.reasons}
-    assert {("event_id", "missing"), ("user_id", "missing"), ("text", "unknown_field"),
-            ("rating", "invalid_value"), ("prompt", "missing")} <= got
+    assert {
+        ("event_id", "missing"),
+        ("user_id", "missing"),
+        ("text", "unknown_field"),
+        ("rating", "invalid_value"),
+        ("prompt", "missing"),
+    } <= got
 
 
 @pytest.mark.parametrize("obj", [[], "x", 3, None])
