@@ -13,10 +13,17 @@ Rates are counted from the first record received to the last one handled, so the
 
 from __future__ import annotations
 
+import sys
+
+if "--pure-python-crc" in sys.argv:
+    # Before kafka is imported: without the optional C crc32c module kafka-python checks CRCs in pure Python.
+    sys.modules["crc32c"] = None  # type: ignore[assignment]
+
 import argparse
 import json
+import os
 import platform
-import sys
+import subprocess
 import time
 import uuid
 from datetime import UTC, datetime
@@ -118,7 +125,13 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=250_000)
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--pure-python-crc", action="store_true", help="(internal) raw consume without the C crc32c")
+    ap.add_argument("--raw-topic", help="(internal) only measure the raw consume of this topic, print JSON")
     args = ap.parse_args()
+    if args.raw_topic:
+        kafka = KafkaSettings().model_copy(update={"topic_events": args.raw_topic})
+        print(json.dumps(raw_rate(kafka, ConsumerSettings(metrics_port=0), args.events)))
+        return
 
     base_kafka = KafkaSettings()
     tag = uuid.uuid4().hex[:8]
@@ -144,6 +157,22 @@ def main() -> None:
     produce_s = prefill(kafka, args.events, args.users)
     print("raw kafka-python consume...", file=sys.stderr)
     raw = raw_rate(kafka, cfg, args.events)
+    print("raw kafka-python consume, pure-Python CRC (a process without the crc32c module)...", file=sys.stderr)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--raw-topic",
+            kafka.topic_events,
+            "--events",
+            str(args.events),
+            "--pure-python-crc",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    raw_py = json.loads(out.strip().splitlines()[-1])
     print("buffer consumer (validate + DB transaction + offset commit)...", file=sys.stderr)
     buf = buffer_rate(kafka, cfg, database, args.events)
 
@@ -153,15 +182,17 @@ def main() -> None:
     ratio = buf["rate"] / raw["rate"]
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "events": args.events,
         "users": args.users,
         "partitions": args.partitions,
         "max_poll_records": cfg.max_poll_records,
         "produce_rate": args.events / produce_s,
         "raw": raw,
+        "raw_pure_python_crc": raw_py,
         "buffer": buf,
         "ratio": ratio,
+        "ratio_vs_pure_python_crc": buf["rate"] / raw_py["rate"],
         "rows": rows,
         "pending_sum": int(pending or 0),
     }
@@ -176,11 +207,14 @@ def main() -> None:
             f"{result['produce_rate']:,.0f} | - |",
             f"| raw kafka-python consume | {raw['events']} | {raw['seconds']:.1f} | {raw['rate']:,.0f} | "
             f"{raw['join_s']:.1f} |",
+            f"| raw kafka-python consume, pure-Python CRC | {raw_py['events']} | {raw_py['seconds']:.1f} | "
+            f"{raw_py['rate']:,.0f} | {raw_py['join_s']:.1f} |",
             f"| buffer consumer -> PostgreSQL | {buf['events']} | {buf['seconds']:.1f} | {buf['rate']:,.0f} | "
             f"{buf['join_s']:.1f} |",
             "",
-            f"buffer / raw = {ratio:.0%} (goal >= 50%); rows in events = {rows}, sum of pending counters = "
-            f"{result['pending_sum']}",
+            f"buffer / raw = {ratio:.0%} (goal >= 50%); buffer / raw with pure-Python CRC = "
+            f"{result['ratio_vs_pure_python_crc']:.0%}",
+            f"rows in events = {rows}, sum of pending counters = {result['pending_sum']} (must both be {args.events})",
         ]
     )
     print(table)

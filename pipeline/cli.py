@@ -25,13 +25,18 @@ app.add_typer(ingest_app, name="ingest")
 app.add_typer(users_app, name="users")
 app.add_typer(config_app, name="config")
 
-console = Console()
+# Piped output (CI logs, `make demo | tee`) gets wide tables instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 150)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _fail(message: str, code: int = 1) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
+def _db():
+    """Database settings, pointed at the embedded PostgreSQL when `persona stack up` started one."""
+    from pipeline import stack
+    from pipeline.config import Settings
+
+    settings = Settings()
+    return settings.db.model_copy(update={"url": stack.effective_urls(settings)["db_url"]})
 
 
 @app.callback()
@@ -40,10 +45,7 @@ def _root(log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO
 
 
 def _mount_stack() -> None:
-    try:
-        from pipeline.stack.cli import app as stack_app
-    except ModuleNotFoundError:  # TEMP until the stack module lands
-        return
+    from pipeline.stack.cli import app as stack_app
 
     app.add_typer(stack_app, name="stack", help="Embedded local stack: Kafka protocol, S3, PostgreSQL, Redis.")
 
@@ -55,10 +57,9 @@ _mount_stack()
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply the SQL migrations in schemas/sql that are not applied yet (idempotent)."""
-    from pipeline.config import DatabaseSettings
     from pipeline.storage import db
 
-    done = db.migrate(DatabaseSettings())
+    done = db.migrate(_db())
     if done:
         for m in done:
             console.print(f"applied {m.path.name}")
@@ -69,10 +70,9 @@ def db_migrate() -> None:
 @db_app.command("status")
 def db_status(as_json: JsonOpt = False) -> None:
     """List the applied migrations."""
-    from pipeline.config import DatabaseSettings
     from pipeline.storage import db
 
-    rows = db.applied(DatabaseSettings())
+    rows = db.applied(_db())
     if as_json:
         print(json.dumps([{"version": v, "name": n, "applied_at": t} for v, n, t in rows]))
         return
@@ -88,10 +88,9 @@ def apps_create(
     app_id: str, description: Annotated[str, typer.Option(help="Free text shown by `apps list`.")] = ""
 ) -> None:
     """Register an application (if new) and issue it an API key. The key is printed once; only its hash is kept."""
-    from pipeline.config import DatabaseSettings
     from pipeline.storage import apps, db
 
-    with db.connect(DatabaseSettings()) as conn:
+    with db.connect(_db()) as conn:
         key_id, key = apps.create_key(conn, app_id, description)
     Console(stderr=True).print(f"application {app_id}: new key {key_id} (store it now, it is not shown again)")
     print(key)
@@ -100,10 +99,9 @@ def apps_create(
 @apps_app.command("list")
 def apps_list(as_json: JsonOpt = False) -> None:
     """List applications and their keys (ids only)."""
-    from pipeline.config import DatabaseSettings
     from pipeline.storage import apps, db
 
-    with db.connect(DatabaseSettings()) as conn:
+    with db.connect(_db()) as conn:
         found = apps.list_apps(conn)
     if as_json:
         print(
@@ -144,10 +142,9 @@ def apps_revoke(
     app_id: str, key: Annotated[str | None, typer.Option("--key", help="Revoke only this key id.")] = None
 ) -> None:
     """Revoke an application's keys (all of them, or one with --key). Requests with them then get 401."""
-    from pipeline.config import DatabaseSettings
     from pipeline.storage import apps, db
 
-    with db.connect(DatabaseSettings()) as conn:
+    with db.connect(_db()) as conn:
         revoked = apps.revoke(conn, app_id, key)
     console.print(f"revoked {len(revoked)} key(s) of {app_id}: {', '.join(revoked) or 'none were active'}")
 
@@ -164,7 +161,7 @@ def ingest_serve(
 
     cfg = IngestSettings()
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    serve(cfg.model_copy(update=overrides) if overrides else cfg)
+    serve(cfg.model_copy(update=overrides) if overrides else cfg, _db())
 
 
 @app.command("consume")
@@ -172,7 +169,7 @@ def consume() -> None:
     """Run one buffer consumer (Kafka -> PostgreSQL) until SIGTERM; run more for more partitions in parallel."""
     from pipeline.ingest.consumer import main
 
-    main()
+    main(database=_db())
 
 
 # --- users ---
@@ -183,11 +180,10 @@ def users_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Users and their buffers: pending events, oldest pending, total."""
-    from pipeline.config import DatabaseSettings
     from pipeline.reports import buffer_table
     from pipeline.storage import buffers, db
 
-    with db.connect(DatabaseSettings()) as conn:
+    with db.connect(_db()) as conn:
         rows = buffers.list_buffers(conn, user_prefix=prefix)[:limit]
         kinds = buffers.kind_counts(conn, user_prefix=prefix)
     if as_json:
@@ -222,7 +218,7 @@ def config_table() -> None:
 def demo(
     users: Annotated[int, typer.Option(help="Synthetic users.")] = 6,
     events: Annotated[int, typer.Option(help="Events per user.")] = 60,
-    seed: Annotated[int, typer.Option(help="Seed of the simulator.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the simulator (default: a new one each run).")] = None,
 ) -> None:
     """Bring up the embedded stack, send simulated events through the ingest API and show the buffers."""
     from pipeline.demo import run

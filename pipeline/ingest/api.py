@@ -177,9 +177,9 @@ def create_app(
     return app
 
 
-def serve(ingest: IngestSettings | None = None) -> None:
+def serve(ingest: IngestSettings | None = None, database: DatabaseSettings | None = None) -> None:
     """Run the ingest API with uvicorn until interrupted."""
     import uvicorn
 
     cfg = ingest or IngestSettings()
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", access_log=False)
+    uvicorn.run(create_app(cfg, database=database), host=cfg.host, port=cfg.port, log_level="info", access_log=False)
