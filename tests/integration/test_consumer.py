@@ -13,6 +13,7 @@ import orjson
 import psycopg
 import pytest
 from kafka import KafkaProducer
+from prometheus_client import REGISTRY
 
 from pipeline import sim
 from pipeline.config import ROOT
@@ -21,6 +22,10 @@ from tests.integration.helpers import drain, fresh_topics, read_topic, rows_and_
 from tests.unit.test_events import INVALID
 
 pytestmark = pytest.mark.integration
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def _producer(kafka):
@@ -63,8 +68,14 @@ def test_invalid_records_go_to_the_dlq_with_their_reason(services):
     producer.flush()
     producer.close()
 
+    before = {c: _sample("persona_buffer_rejected_total", reason=c) for c in ("invalid_json", "key_mismatch")}
+    batches_before = _sample("persona_buffer_batch_seconds_count")
     bc = drain(services, kafka, expect=len(valid) + len(bad))
     assert bc.totals.dead_lettered == len(bad) and bc.totals.inserted == len(valid)
+    # The consumer's metrics count what it did.
+    assert _sample("persona_buffer_rejected_total", reason="invalid_json") - before["invalid_json"] == 3
+    assert _sample("persona_buffer_rejected_total", reason="key_mismatch") - before["key_mismatch"] == 1
+    assert _sample("persona_buffer_batch_seconds_count") > batches_before
 
     dlq = read_topic(kafka, kafka.topic_dlq, expect=len(bad))
     assert len(dlq) == len(bad)
