@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import json
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -19,7 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-_out = Console()
+_out = Console(width=None if sys.stdout.isatty() else 150)  # wide tables when piped
 _err = Console(stderr=True)
 
 
