@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 import json
+import sys
 from typing import Annotated
 from urllib.parse import urlsplit
 
