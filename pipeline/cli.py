@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import registry_cli
+from pipeline.cli_common import make_console, resolved_db
 from pipeline.domain.errors import PersonaError
 from pipeline.observability import logs
 
@@ -17,26 +19,14 @@ app = typer.Typer(help="persona: one personal LoRA adapter per user over one sha
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 apps_app = typer.Typer(help="Applications that send events, and their API keys.", no_args_is_help=True)
 ingest_app = typer.Typer(help="HTTP ingest API.", no_args_is_help=True)
-users_app = typer.Typer(help="Users and their event buffers.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(apps_app, name="apps")
 app.add_typer(ingest_app, name="ingest")
-app.add_typer(users_app, name="users")
 app.add_typer(config_app, name="config")
 
-# Piped output (CI logs, `make demo | tee`) gets wide tables instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 150)
+console = make_console()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def _db():
-    """Database settings, pointed at the embedded PostgreSQL when `persona stack up` started one."""
-    from pipeline import stack
-    from pipeline.config import Settings
-
-    settings = Settings()
-    return settings.db.model_copy(update={"url": stack.effective_urls(settings)["db_url"]})
 
 
 @app.callback()
@@ -51,6 +41,7 @@ def _mount_stack() -> None:
 
 
 _mount_stack()
+registry_cli.mount(app)
 
 
 # --- db ---
@@ -59,7 +50,7 @@ def db_migrate() -> None:
     """Apply the SQL migrations in schemas/sql that are not applied yet (idempotent)."""
     from pipeline.storage import db
 
-    done = db.migrate(_db())
+    done = db.migrate(resolved_db())
     if done:
         for m in done:
             console.print(f"applied {m.path.name}")
@@ -72,7 +63,7 @@ def db_status(as_json: JsonOpt = False) -> None:
     """List the applied migrations."""
     from pipeline.storage import db
 
-    rows = db.applied(_db())
+    rows = db.applied(resolved_db())
     if as_json:
         print(json.dumps([{"version": v, "name": n, "applied_at": t} for v, n, t in rows]))
         return
@@ -90,7 +81,7 @@ def apps_create(
     """Register an application (if new) and issue it an API key. The key is printed once; only its hash is kept."""
     from pipeline.storage import apps, db
 
-    with db.connect(_db()) as conn:
+    with db.connect(resolved_db()) as conn:
         key_id, key = apps.create_key(conn, app_id, description)
     Console(stderr=True).print(f"application {app_id}: new key {key_id} (store it now, it is not shown again)")
     print(key)
@@ -101,7 +92,7 @@ def apps_list(as_json: JsonOpt = False) -> None:
     """List applications and their keys (ids only)."""
     from pipeline.storage import apps, db
 
-    with db.connect(_db()) as conn:
+    with db.connect(resolved_db()) as conn:
         found = apps.list_apps(conn)
     if as_json:
         print(
@@ -144,7 +135,7 @@ def apps_revoke(
     """Revoke an application's keys (all of them, or one with --key). Requests with them then get 401."""
     from pipeline.storage import apps, db
 
-    with db.connect(_db()) as conn:
+    with db.connect(resolved_db()) as conn:
         revoked = apps.revoke(conn, app_id, key)
     console.print(f"revoked {len(revoked)} key(s) of {app_id}: {', '.join(revoked) or 'none were active'}")
 
@@ -161,7 +152,7 @@ def ingest_serve(
 
     cfg = IngestSettings()
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    serve(cfg.model_copy(update=overrides) if overrides else cfg, _db())
+    serve(cfg.model_copy(update=overrides) if overrides else cfg, resolved_db())
 
 
 @app.command("consume")
@@ -169,40 +160,7 @@ def consume() -> None:
     """Run one buffer consumer (Kafka -> PostgreSQL) until SIGTERM; run more for more partitions in parallel."""
     from pipeline.ingest.consumer import main
 
-    main(database=_db())
-
-
-# --- users ---
-@users_app.command("list")
-def users_list(
-    prefix: Annotated[str, typer.Option(help="Only users whose id starts with this.")] = "",
-    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 100,
-    as_json: JsonOpt = False,
-) -> None:
-    """Users and their buffers: pending events, oldest pending, total."""
-    from pipeline.reports import buffer_table
-    from pipeline.storage import buffers, db
-
-    with db.connect(_db()) as conn:
-        rows = buffers.list_buffers(conn, user_prefix=prefix)[:limit]
-        kinds = buffers.kind_counts(conn, user_prefix=prefix)
-    if as_json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "user_id": r.user_id,
-                        "pending": r.pending_count,
-                        "total": r.total_events,
-                        "oldest_pending_at": r.oldest_pending_at.isoformat() if r.oldest_pending_at else None,
-                        "last_event_at": r.last_event_at.isoformat() if r.last_event_at else None,
-                    }
-                    for r in rows
-                ]
-            )
-        )
-        return
-    console.print(buffer_table(rows, kinds))
+    main(database=resolved_db())
 
 
 # --- config, demo ---

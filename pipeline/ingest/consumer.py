@@ -97,7 +97,7 @@ class BufferConsumer:
             bootstrap_servers=self.kafka.servers, acks="all", retries=5, client_id="persona-buffer-dlq"
         )
 
-    # --- lifecycle ------------------------------------------------------------------------------------------------
+    # --- lifecycle ---
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
         self._stop.set()
@@ -144,7 +144,7 @@ class BufferConsumer:
                 self._conn.close()
                 self._conn = None
 
-    # --- one batch --------------------------------------------------------------------------------------------------
+    # --- one batch ---
     def process(self, records: dict[TopicPartition, list]) -> BatchStats:
         """Handle one poll result in the documented order, without pipelining; returns what it did."""
         batch = self._prepare(records)

@@ -48,8 +48,9 @@ CREATE TEMP TABLE IF NOT EXISTS stage_events (
 ) ON COMMIT DELETE ROWS
 """
 
-# One statement: insert the new events (duplicates skipped), then add exactly the inserted rows to the users'
-# counters. Users are updated in user_id order so concurrent writers cannot deadlock on user_state rows.
+# One statement: insert the new events (duplicates skipped), register users seen for the first time (identity:
+# the app of their first event), then add exactly the inserted rows to the users' counters. Users are written in
+# user_id order so concurrent writers cannot deadlock on their rows.
 _MERGE = """
 WITH ins AS (
     INSERT INTO events (event_id, user_id, app, kind, split, occurred_at, payload, meta,
@@ -57,7 +58,11 @@ WITH ins AS (
     SELECT event_id, user_id, app, kind, split, occurred_at, payload, meta, source_partition, source_offset
     FROM stage_events
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING user_id, kind, ingested_at
+    RETURNING user_id, kind, ingested_at, app
+), new_users AS (
+    INSERT INTO users (user_id, app, created_at)
+    SELECT user_id, min(app), min(ingested_at) FROM ins GROUP BY user_id ORDER BY user_id
+    ON CONFLICT (user_id) DO NOTHING
 ), per_user AS (
     SELECT user_id, count(*) AS n, min(ingested_at) AS first_at, max(ingested_at) AS last_at
     FROM ins GROUP BY user_id
@@ -188,3 +193,13 @@ def event_ids(conn: psycopg.Connection, user_id: str) -> list[str]:
 
 def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def most_overdue(conn: psycopg.Connection, limit: int = 1000) -> list[UserBuffer]:
+    """Users with pending events, oldest pending event first (the scheduler's candidates; index user_state_due)."""
+    rows = conn.execute(
+        "SELECT user_id, pending_count, oldest_pending_at, total_events, last_event_at FROM user_state"
+        " WHERE pending_count > 0 ORDER BY oldest_pending_at LIMIT %s",
+        (limit,),
+    ).fetchall()
+    return [UserBuffer(r[0], int(r[1]), r[2], int(r[3]), r[4]) for r in rows]

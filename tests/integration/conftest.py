@@ -52,7 +52,7 @@ def services(test_stack):
     database = DatabaseSettings(url=_with_database(server_url, name))
     db.migrate(database)
     try:
-        yield Services(kafka=kafka, db=database, events=EventSettings())
+        yield Services(kafka=kafka, db=database, events=EventSettings(), s3=test_stack.s3)
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

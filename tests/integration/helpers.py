@@ -15,7 +15,14 @@ import uvicorn
 from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from pipeline.config import ConsumerSettings, DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
+from pipeline.config import (
+    ConsumerSettings,
+    DatabaseSettings,
+    EventSettings,
+    IngestSettings,
+    KafkaSettings,
+    S3Settings,
+)
 from pipeline.ingest.api import create_app
 from pipeline.ingest.consumer import BufferConsumer
 
@@ -27,6 +34,7 @@ class Services:
     kafka: KafkaSettings
     db: DatabaseSettings
     events: EventSettings
+    s3: S3Settings
 
 
 def fresh_topics(kafka: KafkaSettings, partitions: int = 4) -> KafkaSettings:
