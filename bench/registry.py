@@ -42,6 +42,7 @@ DAY_MS = 86_400_000
 WINDOW_MS = 30 * DAY_MS  # each round of revisions is spread over 30 days
 _CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 ULID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")  # the CHECK of revisions.revision_id
+WARMUP, DUE_LIMIT, DUE_REPEATS = 500, 1000, 200
 _STATEMENT_ROWS = 200_000  # rows per COPY statement (foreign-key checks run at the end of each statement)
 
 
@@ -112,22 +113,15 @@ COLUMNS = {
 }
 
 
-class Loader:
-    """COPY text lines into the tables on one autocommit connection, counting rows and seconds per table."""
-
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self.conn = conn
-        self.stats: dict[str, list[float]] = {}
-
-    def copy(self, table: str, lines: list[str], total: int) -> None:
-        t0 = time.perf_counter()
-        with self.conn.cursor().copy(f"COPY {table} ({COLUMNS[table]}) FROM STDIN") as cp:
-            for i in range(0, len(lines), 20_000):
-                cp.write("".join(lines[i : i + 20_000]))
-        st = self.stats.setdefault(table, [0, 0.0])
-        st[0] += len(lines)
-        st[1] += time.perf_counter() - t0
-        print(f"  {table}: {st[0]:>10,} / {total:,} rows, {st[0] / st[1]:>9,.0f} rows/s", file=sys.stderr)
+def copy(conn: psycopg.Connection, stats: dict, table: str, lines: list[str], total: int) -> None:
+    """One COPY statement of text lines; progress (rows/s of the table so far) to stderr."""
+    t0 = time.perf_counter()
+    with conn.cursor().copy(f"COPY {table} ({COLUMNS[table]}) FROM STDIN") as cp:
+        for i in range(0, len(lines), 20_000):
+            cp.write("".join(lines[i : i + 20_000]))
+    st = stats.setdefault(table, [0, 0.0])
+    st[0], st[1] = st[0] + len(lines), st[1] + time.perf_counter() - t0
+    print(f"  {table}: {st[0]:>10,} / {total:,} rows, {st[0] / st[1]:>9,.0f} rows/s", file=sys.stderr)
 
 
 def seed(conn: psycopg.Connection, n_users: int, per_user: int, rng: random.Random) -> dict:
@@ -135,20 +129,19 @@ def seed(conn: psycopg.Connection, n_users: int, per_user: int, rng: random.Rand
     uids = [f"u{i:07d}" for i in range(1, n_users + 1)]
     apps = ("notes", "mail", "chat")
     chunks = [range(lo, min(lo + _STATEMENT_ROWS, n_users)) for lo in range(0, n_users, _STATEMENT_ROWS)]
-    load = Loader(conn)
+    stats: dict[str, list] = {}
     t0 = time.perf_counter()
     for chunk in chunks:
         born = now - (per_user + 1) * WINDOW_MS
-        load.copy(
-            "users", [f"{uids[u]}\t{apps[u % 3]}\t{iso(born + rng.randrange(WINDOW_MS))}\n" for u in chunk], n_users
-        )
+        rows = [f"{uids[u]}\t{apps[u % 3]}\t{iso(born + rng.randrange(WINDOW_MS))}\n" for u in chunk]
+        copy(conn, stats, "users", rows, n_users)
         rows = []
         for u in chunk:
             pending = rng.randint(1, 200) if rng.random() < 0.6 else 0  # ~60% of the users have pending events
             oldest = iso(now - rng.randrange(WINDOW_MS)) if pending else "\\N"
             last = iso(now - rng.randrange(DAY_MS))
             rows.append(f"{uids[u]}\t{pending}\t{oldest}\t{pending + rng.randint(50, 2000)}\t{last}\n")
-        load.copy("user_state", rows, n_users)
+        copy(conn, stats, "user_state", rows, n_users)
 
     tmpl = revision_line_template()
     order = list(range(n_users))  # position in time within every round -> user
@@ -184,19 +177,16 @@ def seed(conn: psycopg.Connection, n_users: int, per_user: int, rng: random.Rand
                 validate_manifest(orjson.loads(revs[0].split("\t")[7]))
                 if ULID.from_str(rids[0]).milliseconds != ms[0] or not ULID_RE.fullmatch(rids[0]):
                     raise SystemExit(f"bulk ULID {rids[0]} is not a ULID of {ms[0]}")
-            load.copy("revisions", revs, n_users * per_user)
-            load.copy("alias_history", hist, n_users * per_user)
+            copy(conn, stats, "revisions", revs, n_users * per_user)
+            copy(conn, stats, "alias_history", hist, n_users * per_user)
     for pos in chunks:
         at = now - WINDOW_MS  # moved when the last round was promoted
-        load.copy(
-            "aliases",
-            [f"{uids[order[j]]}\tproduction\t{live[order[j]]}\t{iso(at + j * step)}\n" for j in pos],
-            n_users,
-        )
+        rows = [f"{uids[order[j]]}\tproduction\t{live[order[j]]}\t{iso(at + j * step)}\n" for j in pos]
+        copy(conn, stats, "aliases", rows, n_users)
     copy_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     conn.execute("VACUUM (ANALYZE)")
-    tables = {t: {"rows": r, "seconds": s, "rows_per_s": r / s} for t, (r, s) in load.stats.items()}
+    tables = {t: {"rows": r, "seconds": s, "rows_per_s": r / s} for t, (r, s) in stats.items()}
     return {"copy_s": copy_s, "vacuum_analyze_s": time.perf_counter() - t1, "tables": tables}
 
 
@@ -234,22 +224,14 @@ def server_side(conn: psycopg.Connection, fn, args: list) -> tuple[dict, str]:
     return pct([float(re.search(r"duration: ([\d.]+) ms", m).group(1)) for m in plans]), plans[-1]
 
 
+_SIZES = """SELECT (SELECT count(*) FROM {t}), pg_total_relation_size(c.oid), pg_relation_size(c.oid),
+    pg_indexes_size(c.oid), coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0)
+    FROM pg_class c WHERE c.oid = '{t}'::regclass"""
+
+
 def sizes(conn: psycopg.Connection) -> dict:
-    out = {}
-    for t in TABLES:
-        out[t] = dict(
-            zip(
-                ("rows", "total", "heap", "indexes", "toast"),
-                conn.execute(
-                    f"SELECT (SELECT count(*) FROM {t}), pg_total_relation_size(c.oid), pg_relation_size(c.oid),"  # noqa: S608
-                    " pg_indexes_size(c.oid), coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0)"
-                    " FROM pg_class c WHERE c.oid = %s::regclass",
-                    (t,),
-                ).fetchone(),
-                strict=True,
-            )
-        )
-    return out
+    keys = ("rows", "total", "heap", "indexes", "toast")
+    return {t: dict(zip(keys, conn.execute(_SIZES.format(t=t)).fetchone(), strict=True)) for t in TABLES}
 
 
 def report(r: dict) -> str:
@@ -282,8 +264,8 @@ def report(r: dict) -> str:
         "",
         "events is empty here: pending events are only counted in user_state, so its bytes are not in the figures.",
         f"Seed: COPY {sd['copy_s']:.0f} s (rows/s: {rates}), then VACUUM ANALYZE {sd['vacuum_analyze_s']:.0f} s.",
-        f"Client: the real function on one warm autocommit connection ({r['warmup']} warm-up calls), rows decoded into "
-        "domain objects included; server: executor time of the first 1000 of those calls (auto_explain).",
+        f"Client: the real function on one warm autocommit connection ({r['warmup']} warm-up calls), decoding rows "
+        "into domain objects included; server: executor time of the first 1000 of those calls (auto_explain).",
     ]
     return "\n".join(lines)
 
@@ -293,13 +275,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--revisions-per-user", type=int, default=3)
     ap.add_argument("--samples", type=int, default=5000, help="users sampled for the alias and lineage lookups")
-    ap.add_argument("--warmup", type=int, default=500)
-    ap.add_argument("--due-repeats", type=int, default=200)
-    ap.add_argument("--due-limit", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help=f"keep the database {NAME} at the end (default: drop it)")
     args = ap.parse_args()
-    rng = random.Random(args.seed)
+    rng = random.Random(1)
     n, k = args.users, args.revisions_per_user
 
     admin_url = _with_database(DatabaseSettings().url, "postgres")
@@ -312,13 +290,13 @@ def main() -> None:
     with db.connect(database, autocommit=True) as conn:
         seeded = seed(conn, n, k, rng)
 
-    users = [f"u{i:07d}" for i in rng.sample(range(1, n + 1), min(n, args.samples + args.warmup))]
-    warm, sample = users[: args.warmup], users[args.warmup :]
-    due = [args.due_limit] * args.due_repeats
+    users = [f"u{i:07d}" for i in rng.sample(range(1, n + 1), min(n, args.samples + WARMUP))]
+    warm, sample = users[:WARMUP], users[WARMUP:]
+    due = [DUE_LIMIT] * DUE_REPEATS
     cases = [  # name, function, arguments, warm-up arguments, goal (p99 ms)
         ("alias resolve", registry.production, sample, warm, 2.0),
         ("lineage listing", registry.list_revisions, sample, warm, 5.0),
-        (f"due selection ({args.due_limit} users)", buffers.most_overdue, due, due[:20], 50.0),
+        (f"due selection ({DUE_LIMIT} users)", buffers.most_overdue, due, due[:20], 50.0),
     ]
     queries = []
     with db.connect(database, autocommit=True) as conn:
@@ -333,21 +311,19 @@ def main() -> None:
                 {"name": name, "function": func, "client_ms": client, "server_ms": server, "plan": plan}
                 | {"goal": f"p99 <= {goal:g} ms", "ok": ok}
             )
+        pg = conn.execute("SELECT current_setting('server_version'), current_setting('shared_buffers')").fetchone()
+        indexes = conn.execute("SELECT indexrelname, pg_relation_size(indexrelid) FROM pg_stat_user_indexes")
         result = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "postgres": "PostgreSQL {}, shared_buffers {}".format(
-                *conn.execute("SELECT current_setting('server_version'), current_setting('shared_buffers')").fetchone()
-            ),
+            "postgres": f"PostgreSQL {pg[0]}, shared_buffers {pg[1]}",
             "users": n,
             "revisions_per_user": k,
-            "warmup": args.warmup,
+            "warmup": WARMUP,
             "seed": seeded,
             "queries": queries,
             "sizes": sizes(conn),
-            "index_bytes": dict(
-                conn.execute("SELECT indexrelname, pg_relation_size(indexrelid) FROM pg_stat_user_indexes").fetchall()
-            ),
+            "index_bytes": dict(indexes.fetchall()),
             "database_bytes": conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
         }
     if not args.keep:

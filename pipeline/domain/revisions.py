@@ -18,7 +18,7 @@ Status = Literal["candidate", "promoted", "rejected", "retired"]
 STATUSES: Final = ("candidate", "promoted", "rejected", "retired")
 PRODUCTION: Final = "production"
 ADAPTER_FILES: Final = ("adapter_config.json", "adapter_model.safetensors")
-_REVISION_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+_REVISION_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 
 
 def new_revision_id(at: datetime | None = None) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.cli_common import make_console
 from pipeline.config import Settings
 from pipeline.stack import ServiceStatus, StackError, down, effective_urls, status, up
 
@@ -20,7 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-_out = Console(width=None if sys.stdout.isatty() else 150)  # wide tables when piped
+_out = make_console()
 _err = Console(stderr=True)
 
 

@@ -14,7 +14,7 @@ SELECT DISTINCT ON (user_id) user_id, app, ingested_at FROM events ORDER BY user
 ON CONFLICT DO NOTHING;
 
 CREATE TABLE revisions (
-    revision_id text PRIMARY KEY CHECK (revision_id ~ '^[0-9A-HJKMNP-TV-Z]{26}$'),   -- a ULID
+    revision_id text PRIMARY KEY CHECK (revision_id ~ '^[0-7][0-9A-HJKMNP-TV-Z]{25}$'),   -- a ULID
     user_id     text NOT NULL REFERENCES users (user_id),
     parent_id   text REFERENCES revisions (revision_id),
     status      text NOT NULL DEFAULT 'candidate'
