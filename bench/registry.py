@@ -1,12 +1,11 @@
 """Benchmark: registry lookups (production alias, lineage) and the scheduler's due selection at 1M users.
 
-Seeds a fresh database ``persona_bench_registry`` (the real migrations, so every index, foreign key and trigger of
-the schema is in place) with COPY: users, user_state (~60% of users with pending events), a chain of revisions per
-user with a ~1 KB manifest built by ``build_manifest``, the production alias and its history. Revisions are
-written in rounds (every user's first revision, then every user's second, ...) in one shuffled user order, so a
-user's revisions lie on different heap pages, as they do when they are written weeks apart. Then VACUUM ANALYZE
-(autovacuum may be off on the bench server; this is the steady state) and the real query functions are timed on
-one warm autocommit connection. "server" columns are the executor time of the same calls, read from auto_explain.
+Seeds a fresh database ``persona_bench_registry`` (the real migrations: every index, foreign key and trigger is in
+place) with COPY: users, user_state (~60% of users with pending events), a chain of revisions per user with a
+~1.3 KB manifest from ``build_manifest``, the production alias and its history. Revisions are written in rounds
+(every user's first, then every user's second, ...) in one shuffled user order, so a user's revisions lie on
+different heap pages, as when they are written weeks apart. Then VACUUM ANALYZE (the steady state; autovacuum may
+be off on the bench server) and the real query functions are timed on one warm autocommit connection.
 
     .venv/bin/python bench/registry.py --users 1000000 --revisions-per-user 3
 """
@@ -30,7 +29,7 @@ import psycopg
 from ulid import ULID
 
 from pipeline.config import DatabaseSettings
-from pipeline.domain.revisions import BaseModelRef, EventsUsed, build_manifest
+from pipeline.domain.revisions import BaseModelRef, EventsUsed, build_manifest, check_revision_id
 from pipeline.storage import buffers, db, registry
 from pipeline.storage.manifest import validate_manifest
 from pipeline.version import code_version
@@ -41,7 +40,6 @@ TABLES = ("users", "user_state", "revisions", "aliases", "alias_history", "event
 DAY_MS = 86_400_000
 WINDOW_MS = 30 * DAY_MS  # each round of revisions is spread over 30 days
 _CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
-ULID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")  # the CHECK of revisions.revision_id
 WARMUP, DUE_LIMIT, DUE_REPEATS = 500, 1000, 200
 _STATEMENT_ROWS = 200_000  # rows per COPY statement (foreign-key checks run at the end of each statement)
 
@@ -64,20 +62,17 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
-# The manifest's varying values, as str.format fields of the revision line (v: numbers, h: sha256s, s: strings).
+# The manifest's varying values, as str.format fields of the revision line (v: numbers, h: sha256s).
 _FIELDS = {"seed": "v[0]", "count": "v[1]", "first": "v[2]", "last": "v[3]", "size": "v[4]", "loss": "v[5]"}
-_FIELDS |= {"sha": "h[0]", "cfg": "h[1]", "ids": "h[2]", "app": "s[0]", "decision": "s[1]", "parent": "pj"}
+_FIELDS |= {"sha": "h[0]", "cfg": "h[1]", "ids": "h[2]", "parent": "pj"}
 
 
 def revision_line_template() -> str:
     """One COPY text line of ``revisions`` as a str.format template. The manifest is ``build_manifest``'s, with
     placeholders where it varies (the first generated row is checked against manifest.v1)."""
-    training = {"seed": "@seed", "steps": 120, "epochs": 1, "learning_rate": 0.0002, "batch_size": 8}
-    training |= {"max_seq_len": 512, "optimizer": "adamw", "warmup_steps": 10, "dtype": "float32", "app": "@app"}
-    training["examples"] = {"train": "@count", "holdout": 97}
-    metrics = {"holdout_loss": "@loss", "base_holdout_loss": 3.1416, "production_holdout_loss": 2.2, "train_loss": 1.9}
-    metrics |= {"drift_kl_vs_base": 0.0123, "holdout_examples": 97}
-    metrics["gate"] = {"decision": "@decision", "rules_passed": 3, "rules_failed": 0}
+    training = {"seed": "@seed", "steps": 120, "learning_rate": 0.0002, "batch_size": 8, "max_seq_len": 512}
+    training |= {"dtype": "float32", "app": "@app", "examples": {"train": "@count", "holdout": 97}}
+    metrics = {"holdout_loss": "@loss", "base_holdout_loss": 3.14, "drift_kl_vs_base": 0.012, "holdout_examples": 97}
     m = build_manifest(
         user_id="@uid",
         revision_id="@rid",
@@ -165,8 +160,8 @@ def seed(conn: psycopg.Connection, n_users: int, per_user: int, rng: random.Rand
                 v = (u * 7 + k, 100 + u % 400, k * 1000 + 1, k * 1000 + 100 + u % 400, 600_000 + u % 4096)
                 v += (round(2.0 - 0.1 * k - (u % 100) / 1000, 4),)
                 pj, ps = (f'"{parent}"', parent) if parent else ("null", "\\N")
-                sv = (apps[u % 3], "fail" if rejected else "pass")
-                revs.append(tmpl.format(rid=rid, uid=uid, parent=ps, pj=pj, status=status, h=h, v=v, s=sv, ts=ts))
+                app = apps[u % 3]
+                revs.append(tmpl.format(rid=rid, uid=uid, parent=ps, pj=pj, status=status, h=h, v=v, app=app, ts=ts))
                 prev[u] = rid
                 if not rejected:
                     why = "first revision" if live[u] is None else "gate passed"
@@ -175,7 +170,7 @@ def seed(conn: psycopg.Connection, n_users: int, per_user: int, rng: random.Rand
                     live[u] = rid
             if k == 0 and pos.start == 0:  # the generated rows are what the real code writes
                 validate_manifest(orjson.loads(revs[0].split("\t")[7]))
-                if ULID.from_str(rids[0]).milliseconds != ms[0] or not ULID_RE.fullmatch(rids[0]):
+                if ULID.from_str(rids[0]).milliseconds != ms[0] or check_revision_id(rids[0]) != rids[0]:
                     raise SystemExit(f"bulk ULID {rids[0]} is not a ULID of {ms[0]}")
             copy(conn, stats, "revisions", revs, n_users * per_user)
             copy(conn, stats, "alias_history", hist, n_users * per_user)
@@ -196,32 +191,30 @@ def pct(ms: list[float]) -> dict:
     return {"n": len(s), "p50": at(0.5), "p99": at(0.99), "mean": sum(s) / len(s), "max": s[-1]}
 
 
-def timed(conn: psycopg.Connection, fn, args: list, warm: list) -> dict:
+def measure(conn: psycopg.Connection, fn, args: list, warm: list) -> tuple[dict, dict, str]:
+    """Client ms of each call after the warm-up calls; then the executor ms of the first 1000 calls again, from
+    auto_explain (no parse, plan, network or Python), and the last plan."""
     for a in warm:
         fn(conn, a)
-    out = []
+    client = []
     for a in args:
         t = time.perf_counter()
         fn(conn, a)
-        out.append((time.perf_counter() - t) * 1000)
-    return pct(out)
-
-
-def server_side(conn: psycopg.Connection, fn, args: list) -> tuple[dict, str]:
-    """Executor time of each call (auto_explain's duration, no parse/plan/network/Python) and the last plan."""
+        client.append((time.perf_counter() - t) * 1000)
     notes: list[str] = []
     handler = lambda d: notes.append(d.message_primary or "")  # noqa: E731
     conn.add_notice_handler(handler)
     for setting in ("log_analyze = on", "log_buffers = on", "log_level = notice", "log_min_duration = 0"):
         conn.execute(f"SET auto_explain.{setting}")
     try:
-        for a in args:
+        for a in args[:1000]:
             fn(conn, a)
     finally:
         conn.execute("SET auto_explain.log_min_duration = -1")
         conn.remove_notice_handler(handler)
     plans = [m for m in notes if "plan:" in m]
-    return pct([float(re.search(r"duration: ([\d.]+) ms", m).group(1)) for m in plans]), plans[-1]
+    server = [float(re.search(r"duration: ([\d.]+) ms", m).group(1)) for m in plans]
+    return pct(client), pct(server), plans[-1]
 
 
 _SIZES = """SELECT (SELECT count(*) FROM {t}), pg_total_relation_size(c.oid), pg_relation_size(c.oid),
@@ -237,7 +230,8 @@ def sizes(conn: psycopg.Connection) -> dict:
 def report(r: dict) -> str:
     n, mb = r["users"], lambda b: f"{b / 2**20:,.0f}"
     lines = [
-        f"registry benchmark: {n:,} users x {r['revisions_per_user']} revisions ({r['machine']}, {r['postgres']})",
+        f"registry benchmark: {n:,} users x {r['revisions_per_user']} revisions ({r['machine']}, {r['postgres']}; "
+        f"migrations {', '.join(r['migrations'])})",
         "",
         "| query | function | calls | p50 ms | p99 ms | mean ms | server p50 / p99 ms | goal | met |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
@@ -251,18 +245,16 @@ def report(r: dict) -> str:
     lines += ["", "| table | rows | total MB | heap MB | indexes MB | toast MB | bytes / user |"]
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for t, z in r["sizes"].items():
-        cells = [
-            f"{z['rows']:,}",
-            *(mb(z[c]) for c in ("total", "heap", "indexes", "toast")),
-            f"{z['total'] / n:,.0f}",
-        ]
-        lines.append(f"| {t} | {' | '.join(cells)} |")
+        sz = " | ".join(mb(z[c]) for c in ("total", "heap", "indexes", "toast"))
+        lines.append(f"| {t} | {z['rows']:,} | {sz} | {z['total'] / n:,.0f} |")
     sd = r["seed"]
     rates = ", ".join(f"{t} {v['rows_per_s']:,.0f}" for t, v in sd["tables"].items())
     lines += [
         f"| **database** (pg_database_size) | | {mb(r['database_bytes'])} | | | | {r['database_bytes'] / n:,.0f} |",
         "",
         "events is empty here: pending events are only counted in user_state, so its bytes are not in the figures.",
+        "Manifest {json_text} bytes as JSON text, {jsonb} as jsonb; a revisions row {revisions_row} bytes "
+        "(PostgreSQL compresses or TOASTs rows over ~2 KB).".format(**r["manifest_bytes"]),
         f"Seed: COPY {sd['copy_s']:.0f} s (rows/s: {rates}), then VACUUM ANALYZE {sd['vacuum_analyze_s']:.0f} s.",
         f"Client: the real function on one warm autocommit connection ({r['warmup']} warm-up calls), decoding rows "
         "into domain objects included; server: executor time of the first 1000 of those calls (auto_explain).",
@@ -303,8 +295,7 @@ def main() -> None:
         conn.execute("LOAD 'auto_explain'")
         for name, fn, a, w, goal in cases:
             print(f"measuring {name} ({len(a)} calls)...", file=sys.stderr)
-            client = timed(conn, fn, a, w)
-            server, plan = server_side(conn, fn, a[:1000])
+            client, server, plan = measure(conn, fn, a, w)
             func = f"{fn.__module__.rpartition('.')[2]}.{fn.__name__}"
             ok = client["p99"] <= goal
             queries.append(
@@ -313,10 +304,13 @@ def main() -> None:
             )
         pg = conn.execute("SELECT current_setting('server_version'), current_setting('shared_buffers')").fetchone()
         indexes = conn.execute("SELECT indexrelname, pg_relation_size(indexrelid) FROM pg_stat_user_indexes")
+        avg = "avg(octet_length(manifest::text))::int, avg(pg_column_size(manifest))::int, avg(pg_column_size(r))::int"
+        manifest = conn.execute(f"SELECT {avg} FROM (SELECT * FROM revisions LIMIT 10000) r").fetchone()
         result = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "postgres": f"PostgreSQL {pg[0]}, shared_buffers {pg[1]}",
+            "migrations": [f"{v:04d}_{name}" for v, name, _ in db.applied(database)],
             "users": n,
             "revisions_per_user": k,
             "warmup": WARMUP,
@@ -324,6 +318,7 @@ def main() -> None:
             "queries": queries,
             "sizes": sizes(conn),
             "index_bytes": dict(indexes.fetchall()),
+            "manifest_bytes": dict(zip(("json_text", "jsonb", "revisions_row"), manifest, strict=True)),
             "database_bytes": conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
         }
     if not args.keep:

@@ -41,6 +41,15 @@ def _mount_stack() -> None:
 
 
 _mount_stack()
+
+
+def _mount_model() -> None:
+    from pipeline.models.cli import app as model_app
+
+    app.add_typer(model_app, name="model", help="The shared, frozen base model.")
+
+
+_mount_model()
 registry_cli.mount(app)
 
 
@@ -161,6 +170,71 @@ def consume() -> None:
     from pipeline.ingest.consumer import main
 
     main(database=resolved_db())
+
+
+@app.command("worker")
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated Celery queues to serve.")] = "train",
+    name: Annotated[str | None, typer.Option(help="Worker name (default persona-QUEUES@host).")] = None,
+) -> None:
+    """Run a Celery worker (solo pool: one task at a time, the process owns its model)."""
+    from pipeline.config import WorkerSettings
+
+    cfg = WorkerSettings()
+    if cfg.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.metrics_port, addr="127.0.0.1")
+    from workers.celery_app import app as celery
+
+    celery.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues,
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "-n",
+            name or f"persona-{queues.replace(',', '-')}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+
+
+@app.command("beat")
+def beat(once: Annotated[bool, typer.Option("--once", help="Run one tick and exit.")] = False) -> None:
+    """Run the scheduler: every tick, enqueue a retrain for each due user (safe to run more than one)."""
+    import signal
+    import threading
+
+    import redis
+
+    from pipeline import scheduler
+    from pipeline.config import Settings
+    from workers.celery_app import QUEUES
+    from workers.celery_app import app as celery
+
+    base = Settings()
+    settings = Settings(resolved_db(), base.policy)
+    broker = redis.Redis.from_url(celery.conf.broker_url)
+
+    def enqueue(user_id: str) -> None:
+        celery.send_task("persona.train.retrain_user", args=[user_id], queue="train")
+
+    if once:
+        users = scheduler.tick(settings, enqueue)
+        console.print(f"enqueued {len(users)} user(s){': ' + ', '.join(users) if users else ''}")
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    scheduler.run(settings, enqueue, stop, lambda: {q: int(broker.llen(q)) for q in QUEUES})
 
 
 # --- config, demo ---

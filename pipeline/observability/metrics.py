@@ -49,3 +49,21 @@ BUFFER_DB_RETRIES = Counter(
 BUFFER_LAST_COMMIT = Gauge(
     "persona_buffer_last_commit_timestamp_seconds", "Unix time of the buffer consumer's last offset commit."
 )
+
+# --- training -----------------------------------------------------------------------------------------------------
+TRAINING_SECONDS = Histogram(
+    "persona_training_seconds",
+    "Seconds of one user's retrain (examples, training and writing the revision).",
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+TRAINING_TOKENS_PER_SECOND = Gauge(
+    "persona_training_tokens_per_second", "Target tokens per second of the last retrain of this worker."
+)
+TRAINING_FINAL_LOSS = Gauge("persona_training_final_loss", "Final training loss of the last retrain of this worker.")
+TRAINING_OUTCOMES = Counter(
+    "persona_training_outcomes_total",
+    "Retrain tasks by outcome (trained, resumed, nothing_to_do, no_examples, busy, failed).",
+    ["outcome"],
+)
+SCHEDULER_ENQUEUED = Counter("persona_scheduler_enqueued_total", "Users the scheduler enqueued for a retrain.")
+QUEUE_DEPTH = Gauge("persona_queue_depth", "Tasks waiting in a Celery queue (Redis list length).", ["queue"])

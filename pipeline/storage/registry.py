@@ -35,6 +35,8 @@ from pipeline.domain.revisions import (
 from pipeline.storage import db
 from pipeline.storage.manifest import validate_manifest
 from pipeline.storage.objects import ObjectStore, revision_prefix, sha256_hex
+from pipeline.storage.training import Lease
+from pipeline.storage.training import finish as finish_training
 from pipeline.version import code_version
 
 log = logging.getLogger(__name__)
@@ -195,12 +197,14 @@ class Registry:
         metrics: dict[str, Any] | None = None,
         revision_id: str | None = None,
         app: str | None = None,
+        lease: Lease | None = None,
     ) -> Revision:
         """Store a PEFT adapter directory as a new candidate revision of ``user_id``, with its manifest.
 
         Objects first (each read back and verified), then the row: a row never points at a missing or partial
         object. Idempotent for a given ``revision_id``: writing the same revision again returns the stored one;
-        other bytes under the same id are a Conflict (revisions are immutable).
+        other bytes under the same id are a Conflict (revisions are immutable). With the training ``lease``, the
+        events it read are marked consumed and the lease released in the same transaction as the row.
         """
         files = {name: (adapter_dir / name).read_bytes() for name in ADAPTER_FILES if (adapter_dir / name).exists()}
         missing = [n for n in ADAPTER_FILES if n not in files]
@@ -217,6 +221,9 @@ class Registry:
                 existing = None
             if existing is not None:
                 if existing.user_id == user_id and existing.sha256 == sha:
+                    if lease is not None:
+                        with conn.transaction():
+                            finish_training(conn, lease)
                     return existing
                 raise Conflict(f"revision {rid} already exists with other content; revisions are immutable")
             if parent_id is not None:
@@ -261,6 +268,8 @@ class Registry:
                     Jsonb(manifest),
                 ),
             )
+            if lease is not None:
+                finish_training(conn, lease)
             return get_revision(conn, rid)
 
     # --- the production alias ---

@@ -1,1 +1,1 @@
-
+"""Celery tasks: thin, explicitly named, ids in, retries only for listed exceptions."""

@@ -1,0 +1,186 @@
+"""Training state in PostgreSQL: the scheduler's claim of due users, per-user leases, events to train on, and
+marking what a revision consumed. Rows are converted to domain objects here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+from pipeline.domain.policy import DueState, Policy
+from pipeline.domain.revisions import PRODUCTION, new_revision_id
+from pipeline.training.examples import TrainingEvent
+
+# The policy of domain/policy.py as one statement. FOR UPDATE SKIP LOCKED plus the queued_at mark: two ticks
+# running at once never enqueue the same user.
+_CLAIM = """
+WITH busy AS (
+    SELECT count(*) AS n FROM user_state
+    WHERE (queued_at IS NOT NULL AND queued_at > now() - make_interval(secs => %(queue_timeout)s))
+       OR lease_expires_at > now()
+), due AS (
+    SELECT user_id FROM user_state
+    WHERE pending_count > 0
+      AND (queued_at IS NULL OR queued_at <= now() - make_interval(secs => %(queue_timeout)s))
+      AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+      AND (last_trained_at IS NULL OR last_trained_at <= now() - make_interval(secs => %(cooldown)s))
+      AND (pending_count >= %(min_new)s OR oldest_pending_at <= now() - make_interval(secs => %(max_age)s))
+    ORDER BY oldest_pending_at, user_id
+    LIMIT greatest(0, %(max_in_flight)s - (SELECT n FROM busy))
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE user_state s SET queued_at = now() FROM due WHERE s.user_id = due.user_id
+RETURNING s.user_id, s.oldest_pending_at
+"""
+
+
+def claim_due(conn: psycopg.Connection, policy: Policy) -> list[str]:
+    """Mark the due users as queued and return them, oldest pending event first (commit to make it stick)."""
+    rows = conn.execute(
+        _CLAIM,
+        {
+            "queue_timeout": policy.queue_timeout_s,
+            "cooldown": policy.cooldown_s,
+            "min_new": policy.min_new_events,
+            "max_age": policy.max_age_s,
+            "max_in_flight": policy.max_in_flight,
+        },
+    ).fetchall()
+    return [r[0] for r in sorted(rows, key=lambda r: (r[1], r[0]))]
+
+
+def due_states(conn: psycopg.Connection, user_prefix: str = "") -> list[DueState]:
+    rows = conn.execute(
+        "SELECT user_id, pending_count, oldest_pending_at, last_trained_at, queued_at, lease_expires_at"
+        " FROM user_state WHERE user_id LIKE %s ORDER BY user_id",
+        (user_prefix + "%",),
+    ).fetchall()
+    return [DueState(*r) for r in rows]
+
+
+def unqueue(conn: psycopg.Connection, user_id: str) -> None:
+    conn.execute("UPDATE user_state SET queued_at = NULL WHERE user_id = %s", (user_id,))
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One planned training: which revision it writes, from which parent, on events up to which position."""
+
+    user_id: str
+    owner: str
+    revision_id: str
+    parent_id: str | None
+    snapshot_seq: int
+    expires_at: datetime
+    takeover: bool  # the plan was made by an earlier attempt (a redelivered or retried task)
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Another live training holds the user's lease."""
+
+    owner: str
+    seconds_left: float
+
+
+def acquire_lease(conn: psycopg.Connection, user_id: str, owner: str, lease_s: float) -> Lease | Busy | None:
+    """Take the user's training lease, in one transaction; None when there is nothing to train.
+
+    A lease whose holder died (expired) is taken over with its plan (revision id, parent, snapshot), so a
+    redelivered task finishes the same revision instead of starting another one.
+    """
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT pending_count, lease_owner, lease_expires_at, lease_revision_id, lease_parent_id,"
+            " lease_snapshot_seq, lease_expires_at > now(), extract(epoch FROM lease_expires_at - now())"
+            " FROM user_state WHERE user_id = %s FOR UPDATE",
+            (user_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        pending, holder, _, rev, parent, snap, live, left = row
+        if live and holder != owner:
+            return Busy(holder, float(left))
+        if rev is not None:
+            row = conn.execute(
+                "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s)"
+                " WHERE user_id = %s RETURNING lease_expires_at",
+                (owner, lease_s, user_id),
+            ).fetchone()
+            return Lease(user_id, owner, rev, parent, int(snap), row[0], takeover=True)
+        if pending <= 0:
+            conn.execute("UPDATE user_state SET queued_at = NULL WHERE user_id = %s", (user_id,))
+            return None
+        snap = conn.execute(
+            "SELECT max(seq) FROM events WHERE user_id = %s AND consumed_by IS NULL", (user_id,)
+        ).fetchone()[0]
+        if snap is None:  # counters say pending but no unconsumed row: repair the counter
+            conn.execute(
+                "UPDATE user_state SET pending_count = 0, oldest_pending_at = NULL, queued_at = NULL"
+                " WHERE user_id = %s",
+                (user_id,),
+            )
+            return None
+        prod = conn.execute(
+            "SELECT revision_id FROM aliases WHERE user_id = %s AND alias = %s", (user_id, PRODUCTION)
+        ).fetchone()
+        rev = new_revision_id()
+        row = conn.execute(
+            "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s),"
+            " lease_revision_id = %s, lease_parent_id = %s, lease_snapshot_seq = %s"
+            " WHERE user_id = %s RETURNING lease_expires_at",
+            (owner, lease_s, rev, prod[0] if prod else None, snap, user_id),
+        ).fetchone()
+        return Lease(user_id, owner, rev, prod[0] if prod else None, int(snap), row[0], takeover=False)
+
+
+def renew_lease(conn: psycopg.Connection, lease: Lease, lease_s: float) -> bool:
+    """Extend the lease while training runs; False if it was lost (expired and taken over)."""
+    cur = conn.execute(
+        "UPDATE user_state SET lease_expires_at = now() + make_interval(secs => %s)"
+        " WHERE user_id = %s AND lease_owner = %s AND lease_revision_id = %s",
+        (lease_s, lease.user_id, lease.owner, lease.revision_id),
+    )
+    return cur.rowcount == 1
+
+
+def release_lease(conn: psycopg.Connection, lease: Lease) -> None:
+    """Give the lease up after a failed attempt, keeping its plan (the next attempt writes the same revision).
+
+    The queue mark stays: the user is picked again once it goes stale (PolicySettings queue timeout), which is
+    the backoff for a user whose training keeps failing.
+    """
+    conn.execute(
+        "UPDATE user_state SET lease_owner = NULL, lease_expires_at = NULL"
+        " WHERE user_id = %s AND lease_owner = %s AND lease_revision_id = %s",
+        (lease.user_id, lease.owner, lease.revision_id),
+    )
+
+
+def training_events(conn: psycopg.Connection, user_id: str, through_seq: int) -> list[TrainingEvent]:
+    """All of the user's events up to ``through_seq`` (both splits), in ingestion order."""
+    rows = conn.execute(
+        "SELECT event_id, seq, kind, split, payload FROM events WHERE user_id = %s AND seq <= %s ORDER BY seq",
+        (user_id, through_seq),
+    ).fetchall()
+    return [TrainingEvent(r[0], int(r[1]), r[2], r[3], r[4]) for r in rows]
+
+
+def finish(conn: psycopg.Connection, lease: Lease) -> int:
+    """In the caller's transaction: mark the events the training read as consumed by its revision, recount the
+    user's pending events, and clear the lease and the queue mark. Idempotent; returns the events marked now."""
+    marked = conn.execute(
+        "UPDATE events SET consumed_by = %s WHERE user_id = %s AND seq <= %s AND consumed_by IS NULL",
+        (lease.revision_id, lease.user_id, lease.snapshot_seq),
+    ).rowcount
+    conn.execute(
+        "UPDATE user_state SET pending_count = greatest(0, pending_count - %s),"
+        " oldest_pending_at = (SELECT min(ingested_at) FROM events"
+        "                      WHERE user_id = %s AND consumed_by IS NULL),"
+        " last_trained_at = now(), queued_at = NULL, lease_owner = NULL, lease_expires_at = NULL,"
+        " lease_revision_id = NULL, lease_parent_id = NULL, lease_snapshot_seq = NULL"
+        " WHERE user_id = %s AND lease_revision_id = %s",
+        (marked, lease.user_id, lease.user_id, lease.revision_id),
+    )
+    return marked

@@ -1,0 +1,402 @@
+"""LoRA training of one user's adapter on the shared base model. Reads top to bottom; no DB, no Kafka.
+
+``train_adapter`` wraps the base in peft (a fresh LoRA, or the parent revision's adapter to continue from), trains
+with AdamW on the LoRA tensors only, stops early on a validation slice, writes a standard PEFT directory and
+returns what happened (``TrainResult``; its ``config`` is the manifest's ``training`` field).
+
+The base model is shared by everything in the process and must come back exactly as it was: peft injects its
+layers into the base in place, so they are removed again (``unload()`` without merging) in a ``finally``, and one
+lock serialises trainings in a process. While a training runs, ``base.model`` holds LoRA layers: nothing else in
+the process may use it for inference meanwhile.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.config import TrainingSettings
+from pipeline.domain.errors import PersonaError
+from pipeline.models.base import LoadedBase
+from pipeline.training.examples import Example
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+IGNORE = -100
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# peft modifies the shared base in place: two trainings at once in one process would see each other's layers.
+_base_lock = threading.Lock()
+
+
+class TrainingError(PersonaError):
+    """A training could not produce an adapter (no examples, a non-finite loss, a bad parent)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training did. ``config`` is the manifest's ``training`` field (seed, LoRA shape, optimiser, ...)."""
+
+    steps: int
+    best_step: int
+    train_loss: float
+    val_loss: float | None
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    examples: int
+    stopped_early: bool
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of one example and its labels (the ids, or IGNORE where no loss is taken)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> EncodedExample:
+    """Token ids and labels of one example: loss on the target tokens (and the end of turn) only.
+
+    With a prompt, the chat template renders a user turn and an assistant turn; the prompt part (the template with
+    ``add_generation_prompt``) is masked. Both parts are tokenized separately so the mask is exact and the target
+    tokens are those the model produces after the prompt at serving time. Without a prompt, the target is plain
+    text. EOS is appended unless the rendering already ends the turn with it. When too long, the prompt loses its
+    beginning first, and the target keeps at least half of ``max_length``.
+    """
+    eos = tokenizer.eos_token_id
+    if example.prompt is None:
+        prompt_ids: list[int] = []
+        target_ids = list(tokenizer(example.target, add_special_tokens=True)["input_ids"])
+    else:
+        prompt_text, target_text = _render_chat(tokenizer, example.prompt, example.target)
+        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        target_ids = list(tokenizer(target_text, add_special_tokens=False)["input_ids"])
+    if eos is not None and eos not in target_ids[-2:]:
+        target_ids.append(eos)
+    if len(prompt_ids) + len(target_ids) > max_length:
+        keep_prompt = min(len(prompt_ids), max(max_length - len(target_ids), max_length // 2))
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
+        target_ids = target_ids[: max_length - keep_prompt]
+    return EncodedExample(prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids)
+
+
+def _render_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> tuple[str, str]:
+    if not getattr(tokenizer, "chat_template", None):
+        # A base without a chat template (a plain local model): the prompt is context on its own line.
+        return prompt + "\n", target
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": target}], tokenize=False)
+    if full.startswith(head):
+        return head, full[len(head) :]
+    # A template that renders the last assistant turn differently from a generation prompt: mask what they share.
+    shared = 0
+    while shared < min(len(head), len(full)) and head[shared] == full[shared]:
+        shared += 1
+    return full[:shared], full[shared:]
+
+
+def _collate(batch: Sequence[EncodedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((labels != IGNORE).sum())
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # padding is masked out of attention and loss, so any id will do
+
+
+@torch.no_grad()
+def mean_nll(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+) -> float:
+    """Mean negative log-likelihood per target token of ``examples`` under ``model`` (eval mode, no gradients)."""
+    encoded = [encode_example(tokenizer, e, max_length) for e in examples]
+    return _mean_nll(model, encoded, _pad_id(tokenizer), batch_size)
+
+
+@torch.no_grad()
+def _mean_nll(model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int) -> float:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        loss, n = _nll_sum(model, _collate(encoded[i : i + batch_size], pad_id, device))
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train_adapter(
+    base: LoadedBase,
+    examples: list[Example],
+    out_dir: Path,
+    settings: TrainingSettings,
+    *,
+    parent_dir: Path | None,
+    seed: int,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on ``examples`` and save it to ``out_dir`` as a standard PEFT directory.
+
+    With ``parent_dir`` (the user's serving revision), training continues from that adapter and its LoRA config
+    (rank, alpha, targets) wins over ``settings``; without, a fresh LoRA is initialised from ``seed``. The same
+    inputs give the same adapter bytes on CPU. ``base.model`` is unchanged afterwards. ``progress(step, loss)`` is
+    called after each optimiser step. Raises TrainingError when there is nothing to train on or the loss stops
+    being finite.
+    """
+    if not examples:
+        raise TrainingError("no training examples: at least one train-split message, edit or liked feedback needed")
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    out_dir = Path(out_dir)
+    model = base.model
+    device = next(model.parameters()).device
+    tokenizer = base.tokenizer
+    pad_id = _pad_id(tokenizer)
+
+    # Validation slice: a seeded share of the examples, only when there are enough to spare some.
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    n_val = 0
+    if len(examples) >= 10 and settings.val_fraction > 0:
+        n_val = max(1, round(settings.val_fraction * len(examples)))
+    val = [encode_example(tokenizer, examples[i], settings.max_length) for i in order[:n_val]]
+    train = [encode_example(tokenizer, examples[i], settings.max_length) for i in order[n_val:]]
+    train = [e for e in train if any(label != IGNORE for label in e.labels[1:])]
+    if not train:
+        raise TrainingError(f"none of the {len(examples)} examples has a target token to train on")
+    batch_size = min(settings.batch_size, len(train))
+
+    with _base_lock, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        modes = {m: m.training for m in model.modules()}
+        originals = dict(model.named_modules())
+        had_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
+        peft_model: PeftModel | None = None
+        try:
+            if parent_dir is not None:
+                try:
+                    peft_model = PeftModel.from_pretrained(model, str(parent_dir), is_trainable=True)
+                except (OSError, ValueError, KeyError, RuntimeError) as e:
+                    raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
+            else:
+                lora = LoraConfig(
+                    r=settings.rank,
+                    lora_alpha=settings.alpha,
+                    target_modules=settings.targets,
+                    lora_dropout=settings.dropout,
+                    task_type="CAUSAL_LM",
+                )
+                try:
+                    peft_model = get_peft_model(model, lora)
+                except ValueError as e:
+                    raise TrainingError(f"cannot apply LoRA to targets {settings.targets}: {e}") from e
+            lora_config = peft_model.peft_config[ADAPTER_NAME]
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+            named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+
+            def snapshot() -> dict[str, torch.Tensor]:
+                return {n: p.detach().clone() for n, p in named}
+
+            # Step 0 is a check too: if training never beats the starting point, the starting point is kept.
+            best_state, best_step, best_val, checks_without_gain = snapshot(), 0, math.inf, 0
+            if val:
+                best_val = _mean_nll(peft_model, val, pad_id, batch_size)
+                log.info("step 0: validation loss %.4f (%d examples)", best_val, len(val))
+
+            # Batches walk through shuffled epochs; a new epoch reshuffles.
+            queue: list[int] = []
+            losses: list[float] = []
+            tokens = 0
+            stopped_early = False
+            step = 0
+            peft_model.train()
+            started = time.perf_counter()
+            for step in range(1, settings.max_steps + 1):
+                batch_idx = []
+                while len(batch_idx) < batch_size:
+                    if not queue:
+                        queue = list(range(len(train)))
+                        rng.shuffle(queue)
+                    batch_idx.append(queue.pop())
+                batch = _collate([train[i] for i in batch_idx], pad_id, device)
+                loss_sum, n_tokens = _nll_sum(peft_model, batch)
+                loss = loss_sum / max(n_tokens, 1)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"training loss is {value} at step {step} (learning rate {settings.learning_rate}): not finite"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                tokens += n_tokens
+                losses.append(value)
+                elapsed = time.perf_counter() - started
+                log.info(
+                    "step %d/%d: loss %.4f, %.0f tokens/s", step, settings.max_steps, losses[-1], tokens / elapsed
+                )
+                if progress is not None:
+                    progress(step, losses[-1])
+
+                if val and (step % settings.eval_every == 0 or step == settings.max_steps):
+                    val_loss = _mean_nll(peft_model, val, pad_id, batch_size)
+                    if not math.isfinite(val_loss):
+                        raise TrainingError(f"validation loss is {val_loss} at step {step}: not finite")
+                    if val_loss < best_val:
+                        best_state, best_step, best_val, checks_without_gain = snapshot(), step, val_loss, 0
+                    else:
+                        checks_without_gain += 1
+                    log.info(
+                        "step %d: validation loss %.4f (best %.4f at step %d)", step, val_loss, best_val, best_step
+                    )
+                    if checks_without_gain >= settings.patience and step < settings.max_steps:
+                        stopped_early = True
+                        break
+            seconds = time.perf_counter() - started
+            if val:
+                with torch.no_grad():
+                    for n, p in named:
+                        p.copy_(best_state[n])
+            else:
+                best_step = step
+
+            # Save copies of the LoRA tensors in the storage dtype; the model itself stays in its own dtype.
+            dtype = _DTYPES[settings.save_dtype]
+            state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
+            tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+            saved_config = copy.deepcopy(lora_config)
+            saved_config.inference_mode = True
+            saved_config.save_pretrained(str(out_dir))
+        finally:
+            _restore_base(model, peft_model, originals, modes, had_grad_hooks)
+
+    tail = losses[-min(len(losses), settings.eval_every) :]
+    targets = lora_config.target_modules
+    result = TrainResult(
+        steps=step,
+        best_step=best_step,
+        train_loss=sum(tail) / len(tail),
+        val_loss=best_val if val else None,
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+        examples=len(train) + len(val),
+        stopped_early=stopped_early,
+        config={
+            "seed": seed,
+            "rank": int(lora_config.r),
+            "alpha": float(lora_config.lora_alpha),
+            "targets": sorted(targets) if not isinstance(targets, str) else [targets],
+            "dropout": float(lora_config.lora_dropout),
+            "lr": settings.learning_rate,
+            "optimizer": "adamw",
+            "weight_decay": optimizer.defaults["weight_decay"],
+            "batch_size": batch_size,
+            "max_length": settings.max_length,
+            "max_steps": settings.max_steps,
+            "eval_every": settings.eval_every,
+            "patience": settings.patience,
+            "val_fraction": settings.val_fraction,
+            "train_examples": len(train),
+            "val_examples": len(val),
+            "continued_from_parent": parent_dir is not None,
+            "save_dtype": settings.save_dtype,
+            "dtype": settings.save_dtype,
+            "peft_version": peft.__version__,
+            "torch_version": torch.__version__,
+        },
+    )
+    log.info(
+        "trained %d steps (best %d) on %d examples: train loss %.4f, validation loss %s, %.1f s, %.0f tokens/s",
+        result.steps,
+        result.best_step,
+        result.examples,
+        result.train_loss,
+        f"{best_val:.4f}" if val else "-",
+        seconds,
+        result.tokens_per_s,
+    )
+    return result
+
+
+def _restore_base(
+    model: torch.nn.Module,
+    peft_model: PeftModel | None,
+    originals: dict[str, torch.nn.Module],
+    modes: dict[torch.nn.Module, bool],
+    had_grad_hooks: bool,
+) -> None:
+    """Put the shared base back exactly as it was before peft touched it."""
+    if peft_model is not None:
+        # unload() without merging puts each target's original module object back and drops `model.peft_config`.
+        peft_model.unload()
+    # A wrap that failed half-way leaves no PeftModel to unload: put back any module still replaced.
+    for name, module in originals.items():
+        if not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = originals[parent_name]
+        current = getattr(parent, child, None)
+        if current is not module and isinstance(current, BaseTunerLayer):
+            setattr(parent, child, module)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    # peft adds an input-embedding hook for gradient checkpointing; only ours is removed.
+    if (
+        not had_grad_hooks
+        and getattr(model, "_require_grads_hooks", None)
+        and hasattr(model, "disable_input_require_grads")
+    ):
+        model.disable_input_require_grads()
+    for module, training in modes.items():
+        module.training = training

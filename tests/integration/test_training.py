@@ -1,0 +1,290 @@
+"""Continual training with a real Celery worker (subprocess), Redis, PostgreSQL, S3 and the tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+import redis
+
+from pipeline import scheduler, sim
+from pipeline.config import ROOT, PolicySettings, RedisSettings, Settings, WorkerSettings
+from pipeline.domain.events import split_of, validate
+from pipeline.domain.policy import due_reason
+from pipeline.storage import registry as reg
+from pipeline.storage import training
+from pipeline.storage.buffers import BufferedEvent, write_events
+from pipeline.storage.objects import ObjectStore
+from pipeline.storage.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+REDIS_TEST_DB = 14
+POLICY = {
+    "PERSONA_POLICY_MIN_NEW_EVENTS": "10",
+    "PERSONA_POLICY_COOLDOWN_S": "0",
+    "PERSONA_POLICY_LEASE_S": "6",
+    "PERSONA_POLICY_MAX_IN_FLIGHT": "8",
+    "PERSONA_POLICY_MAX_AGE_S": "3600",
+}
+
+
+@pytest.fixture(scope="module")
+def env(services, test_stack):
+    redis_url = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+    urls = __import__("pipeline.stack", fromlist=["effective_urls"]).effective_urls(test_stack)
+    if not urls["redis_url"].startswith("redis://127.0.0.1:6379"):
+        redis_url = urls["redis_url"].rsplit("/", 1)[0] + f"/{REDIS_TEST_DB}"
+    redis.Redis.from_url(redis_url).flushdb()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+    return {
+        **base,
+        **POLICY,
+        "PERSONA_DB_URL": services.db.url,
+        "PERSONA_S3_ENDPOINT": services.s3.endpoint,
+        "PERSONA_REDIS_URL": redis_url,
+        "PERSONA_STACK_DATA_DIR": str(test_stack.stack.data_dir),
+        "PERSONA_MODEL_BASE": "tiny-random",
+        "PERSONA_TRAIN_MAX_STEPS": "6",
+        "PERSONA_TRAIN_EVAL_EVERY": "3",
+        "PERSONA_TRAIN_BATCH_SIZE": "4",
+        "PERSONA_TRAIN_THREADS": "1",
+        "PERSONA_WORKER_VISIBILITY_TIMEOUT_S": "8",
+        "PERSONA_WORKER_RESTORE_INTERVAL_S": "1",
+        "PERSONA_WORKER_METRICS_PORT": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def settings(services, env):
+    return Settings(
+        services.db,
+        services.s3,
+        RedisSettings(url=env["PERSONA_REDIS_URL"]),
+        PolicySettings(min_new_events=10, cooldown_s=0, lease_s=6, max_in_flight=8),
+        WorkerSettings(visibility_timeout_s=8, restore_interval_s=1, metrics_port=0),
+    )
+
+
+@pytest.fixture(scope="module")
+def celery(settings, test_stack):
+    from workers.celery_app import make_app
+
+    return make_app(Settings(settings.redis, settings.worker, test_stack.stack))
+
+
+WORKER_LOGS = ROOT / ".persona-test" / "logs"
+
+
+def start_worker(env, **extra) -> subprocess.Popen:
+    """A `persona worker` process; its output goes to .persona-test/logs/worker-NAME.log."""
+    name = f"w{uuid.uuid4().hex[:6]}"
+    WORKER_LOGS.mkdir(parents=True, exist_ok=True)
+    log = WORKER_LOGS / f"worker-{name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker", "--queues", "train", "--name", f"{name}@test"],
+        env={**env, **extra},
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    proc.log = log  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "ready." in log.read_text():
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"worker did not start:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def worker(env):
+    proc = start_worker(env)
+    yield proc
+    stop(proc)
+
+
+def add_events(db, user_id: str, n: int, seed: int) -> None:
+    style = sim.users(3)[hash(user_id) % 3].style
+    evs = [validate(e) for e in sim.events_for(sim.SimUser(user_id, style), n, app="test", seed=seed)]
+    with psycopg.connect(db.url) as conn, conn.transaction():
+        write_events(conn, [BufferedEvent(e, split_of(e.user_id, e.event_id, 0.2)) for e in evs])
+
+
+def wait_for(predicate, timeout_s=120.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def revisions_of(db, user_id):
+    with psycopg.connect(db.url) as conn:
+        return reg.list_revisions(conn, user_id)
+
+
+def enqueue_with(celery):
+    return lambda u: celery.send_task("persona.train.retrain_user", args=[u], queue="train")
+
+
+def test_continual_chain_of_three_revisions(services, settings, celery, worker):
+    u = f"train-{uuid.uuid4().hex[:6]}"
+    registry = Registry(services.db, ObjectStore(services.s3))
+    parents = []
+    for round_ in range(3):
+        add_events(services.db, u, 30, seed=round_)
+        assert scheduler.tick(settings, enqueue_with(celery)) == [u]
+        revs = wait_for(
+            lambda n=round_: len(revisions_of(services.db, u)) == n + 1 and revisions_of(services.db, u),
+            what=f"revision {round_ + 1}",
+        )
+        cand = revs[-1]
+        parents.append(cand.parent_id)
+        assert cand.status == "candidate"
+        assert cand.manifest["training"]["new_events"] > 0
+        registry.promote(u, cand.revision_id, actor="test")
+    chain = revisions_of(services.db, u)
+    assert parents == [None, chain[0].revision_id, chain[1].revision_id]  # each from the one serving
+    with psycopg.connect(services.db.url) as conn:
+        state = conn.execute(
+            "SELECT pending_count, lease_owner, queued_at FROM user_state WHERE user_id = %s", (u,)
+        ).fetchone()
+        unconsumed = conn.execute(
+            "SELECT count(*) FROM events WHERE user_id = %s AND consumed_by IS NULL", (u,)
+        ).fetchone()[0]
+    assert state == (0, None, None) and unconsumed == 0
+    # Each candidate chained its evaluation.
+    queued = redis.Redis.from_url(celery.conf.broker_url).lrange("evaluate", 0, -1)
+    assert sum(any(r.revision_id.encode() in m for m in queued) for r in chain) == 3
+
+
+def test_a_user_below_the_thresholds_is_left_alone(services, settings, celery):
+    u = f"few-{uuid.uuid4().hex[:6]}"
+    add_events(services.db, u, 5, seed=9)  # min is 10, the oldest is seconds old (max age 1 h)
+    assert u not in scheduler.tick(settings, enqueue_with(celery))
+    with psycopg.connect(services.db.url) as conn:
+        assert conn.execute("SELECT pending_count, queued_at FROM user_state WHERE user_id = %s", (u,)).fetchone() == (
+            5,
+            None,
+        )
+
+
+def test_two_ticks_at_once_never_enqueue_a_user_twice(services, settings):
+    users = [f"tick-{uuid.uuid4().hex[:6]}" for _ in range(5)]
+    for i, u in enumerate(users):
+        add_events(services.db, u, 12, seed=20 + i)
+    seen: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def one_tick():
+        barrier.wait()
+        scheduler.tick(settings, seen.append)
+
+    threads = [threading.Thread(target=one_tick) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    mine = [u for u in seen if u in users]
+    assert sorted(mine) == sorted(set(mine)) and set(mine) == set(users)
+    with psycopg.connect(services.db.url) as conn, conn.transaction():
+        for u in users:
+            training.unqueue(conn, u)
+
+
+def test_duplicate_tasks_for_one_user_train_once(services, settings, celery, worker):
+    u = f"dup-{uuid.uuid4().hex[:6]}"
+    add_events(services.db, u, 20, seed=30)
+    for _ in range(3):  # e.g. an operator's manual enqueue on top of the scheduler's
+        celery.send_task("persona.train.retrain_user", args=[u], queue="train")
+    wait_for(lambda: len(revisions_of(services.db, u)) >= 1, what="a revision")
+    time.sleep(4)  # let the other two run: they must find nothing to do
+    assert len(revisions_of(services.db, u)) == 1
+
+
+def test_sigkill_mid_training_is_redelivered_and_gives_one_candidate(services, celery, env):
+    u = f"kill-{uuid.uuid4().hex[:6]}"
+    add_events(services.db, u, 40, seed=40)
+    slow = {"PERSONA_TRAIN_MAX_STEPS": "400", "PERSONA_TRAIN_EVAL_EVERY": "400"}
+    victim = start_worker(env, **slow)
+    try:
+        celery.send_task("persona.train.retrain_user", args=[u], queue="train")
+
+        def planned():
+            with psycopg.connect(services.db.url) as conn:
+                row = conn.execute(
+                    "SELECT lease_owner, lease_revision_id FROM user_state WHERE user_id = %s", (u,)
+                ).fetchone()
+            return row[1] if row and row[0] else None
+
+        planned_rev = wait_for(planned, what="the training lease")
+        time.sleep(1.0)  # in the middle of training
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+    finally:
+        stop(victim)
+    assert revisions_of(services.db, u) == []
+    rescuer = start_worker(env, **slow)
+    try:
+        revs = wait_for(lambda: revisions_of(services.db, u), timeout_s=180, what="the redelivered training")
+        time.sleep(3)
+    finally:
+        stop(rescuer)
+    revs = revisions_of(services.db, u)
+    assert [r.revision_id for r in revs] == [planned_rev]  # exactly one, the planned one
+
+
+def test_policy_sql_agrees_with_the_domain_rule(services):
+    """The scheduler's SQL and domain/policy.py pick the same users from the same states."""
+    now = datetime.now(UTC)
+    prefix = f"pol-{uuid.uuid4().hex[:5]}-"
+    cases = {  # name: (pending, oldest age s, last trained s ago, queued s ago, lease left s)
+        "count": (12, 10, None, None, None),
+        "age": (3, 7200, None, None, None),
+        "few": (3, 10, None, None, None),
+        "cool": (50, 10, 5, None, None),
+        "queued": (50, 10, None, 5, None),
+        "stale_q": (50, 10, None, 5000, None),
+        "leased": (50, 10, None, None, 30),
+        "expired": (50, 10, None, None, -30),
+        "none": (0, None, None, None, None),
+    }
+    policy = scheduler.policy_of(PolicySettings(min_new_events=10, max_age_s=3600, cooldown_s=60, max_in_flight=100))
+    with psycopg.connect(services.db.url) as conn:
+        for name, (pending, age, trained, queued, lease) in cases.items():
+
+            def ago(s):
+                return None if s is None else now - timedelta(seconds=s)
+
+            conn.execute(
+                "INSERT INTO user_state (user_id, pending_count, oldest_pending_at, last_trained_at, queued_at,"
+                " lease_expires_at) VALUES (%s, %s, %s, %s, %s, %s)",
+                (prefix + name, pending, ago(age), ago(trained), ago(queued), ago(-lease if lease else None)),
+            )
+        states = training.due_states(conn, prefix)
+        expected = {s.user_id for s in states if due_reason(s, policy, now)}
+        claimed = set(training.claim_due(conn, policy)) & {prefix + n for n in cases}
+        conn.rollback()  # leave no queue marks behind for the other tests
+    assert {n.removeprefix(prefix) for n in expected} == {"count", "age", "stale_q", "expired"}
+    assert claimed == expected
