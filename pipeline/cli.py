@@ -208,7 +208,10 @@ def worker(
 
 
 @app.command("beat")
-def beat(once: Annotated[bool, typer.Option("--once", help="Run one tick and exit.")] = False) -> None:
+def beat(
+    once: Annotated[bool, typer.Option("--once", help="Run one tick and exit.")] = False,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 = none).")] = 9103,
+) -> None:
     """Run the scheduler: every tick, enqueue a retrain for each due user (safe to run more than one)."""
     import signal
     import threading
@@ -231,6 +234,10 @@ def beat(once: Annotated[bool, typer.Option("--once", help="Run one tick and exi
         users = scheduler.tick(settings, enqueue)
         console.print(f"enqueued {len(users)} user(s){': ' + ', '.join(users) if users else ''}")
         return
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
