@@ -104,7 +104,8 @@ def retrain(
         events, parent_last_seq=parent_last, replay_max=settings.training.replay_max, seed=seed
     )
     examples = examples_from_events([*new, *replay])
-    if not any(e.event_id in {n.event_id for n in new} for e in examples):
+    new_ids = {n.event_id for n in new}
+    if not any(e.event_id in new_ids for e in examples):
         # Nothing new to learn (only holdout events, negative feedback or preference pairs): count the events
         # as seen so the scheduler does not pick the user again for them.
         with db.connect(settings.db) as conn, conn.transaction():
