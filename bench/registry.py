@@ -29,8 +29,9 @@ import psycopg
 from ulid import ULID
 
 from pipeline.config import DatabaseSettings
+from pipeline.domain.policy import Policy
 from pipeline.domain.revisions import BaseModelRef, EventsUsed, build_manifest, check_revision_id
-from pipeline.storage import buffers, db, registry
+from pipeline.storage import buffers, db, registry, training
 from pipeline.storage.manifest import validate_manifest
 from pipeline.version import code_version
 
@@ -185,6 +186,15 @@ def seed(conn: psycopg.Connection, n_users: int, per_user: int, rng: random.Rand
     return {"copy_s": copy_s, "vacuum_analyze_s": time.perf_counter() - t1, "tables": tables}
 
 
+def claim_rolled_back(conn: psycopg.Connection, policy: Policy) -> list[str]:
+    """The scheduler's real claim (training.claim_due), rolled back so every call sees the same state."""
+    conn.execute("BEGIN")
+    try:
+        return training.claim_due(conn, policy)
+    finally:
+        conn.execute("ROLLBACK")
+
+
 def pct(ms: list[float]) -> dict:
     s = sorted(ms)
     at = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731
@@ -285,10 +295,12 @@ def main() -> None:
     users = [f"u{i:07d}" for i in rng.sample(range(1, n + 1), min(n, args.samples + WARMUP))]
     warm, sample = users[:WARMUP], users[WARMUP:]
     due = [DUE_LIMIT] * DUE_REPEATS
+    claims = [Policy(min_new_events=20, max_age_s=3600, cooldown_s=60, max_in_flight=DUE_LIMIT)] * DUE_REPEATS
     cases = [  # name, function, arguments, warm-up arguments, goal (p99 ms)
         ("alias resolve", registry.production, sample, warm, 2.0),
         ("lineage listing", registry.list_revisions, sample, warm, 5.0),
         (f"due selection ({DUE_LIMIT} users)", buffers.most_overdue, due, due[:20], 50.0),
+        (f"scheduler claim ({DUE_LIMIT} users)", claim_rolled_back, claims, claims[:20], 50.0),
     ]
     queries = []
     with db.connect(database, autocommit=True) as conn:

@@ -199,7 +199,7 @@ def most_overdue(conn: psycopg.Connection, limit: int = 1000) -> list[UserBuffer
     """Users with pending events, oldest pending event first (the scheduler's candidates; index user_state_due)."""
     rows = conn.execute(
         "SELECT user_id, pending_count, oldest_pending_at, total_events, last_event_at FROM user_state"
-        " WHERE pending_count > 0 ORDER BY oldest_pending_at LIMIT %s",
+        " WHERE oldest_pending_at IS NOT NULL AND pending_count > 0 ORDER BY oldest_pending_at LIMIT %s",
         (limit,),
     ).fetchall()
     return [UserBuffer(r[0], int(r[1]), r[2], int(r[3]), r[4]) for r in rows]

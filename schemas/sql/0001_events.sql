@@ -42,5 +42,7 @@ CREATE TABLE user_state (
     total_events      bigint NOT NULL DEFAULT 0,
     last_event_at     timestamptz,
     updated_at        timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX user_state_due ON user_state (oldest_pending_at) WHERE pending_count > 0;
+) WITH (fillfactor = 85);
+-- oldest_pending_at is NULL exactly when nothing is pending. Filtering the index on it (not on pending_count)
+-- and leaving room in the pages lets the counter updates of every ingest batch be HOT updates.
+CREATE INDEX user_state_due ON user_state (oldest_pending_at) WHERE oldest_pending_at IS NOT NULL;

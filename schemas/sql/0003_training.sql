@@ -13,4 +13,4 @@ ALTER TABLE user_state
     ADD COLUMN lease_parent_id    text,            -- its parent: the production revision when planned
     ADD COLUMN lease_snapshot_seq bigint;          -- it trains on events up to this ingestion position
 
-CREATE INDEX user_state_busy ON user_state (queued_at) WHERE queued_at IS NOT NULL OR lease_owner IS NOT NULL;
+CREATE INDEX user_state_busy ON user_state (queued_at) WHERE queued_at IS NOT NULL OR lease_expires_at IS NOT NULL;
