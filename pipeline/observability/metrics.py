@@ -67,3 +67,19 @@ TRAINING_OUTCOMES = Counter(
 )
 SCHEDULER_ENQUEUED = Counter("persona_scheduler_enqueued_total", "Users the scheduler enqueued for a retrain.")
 QUEUE_DEPTH = Gauge("persona_queue_depth", "Tasks waiting in a Celery queue (Redis list length).", ["queue"])
+
+# --- evaluation gate ----------------------------------------------------------------------------------------------
+GATE_DECISIONS = Counter(
+    "persona_gate_decisions_total", "Gate decisions by outcome (promoted, rejected, stale).", ["outcome"]
+)
+GATE_RULE_OUTCOMES = Counter(
+    "persona_gate_rule_outcomes_total",
+    "Outcomes of each gating rule (pass, fail, skip, missing_reject).",
+    ["rule", "outcome"],
+)
+GATE_SECONDS = Histogram(
+    "persona_gate_seconds",
+    "Seconds to judge one candidate (metrics of candidate, current and base).",
+    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+PROMOTIONS = Counter("persona_promotions_total", "Production alias moves announced, by reason.", ["reason"])

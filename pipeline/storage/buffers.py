@@ -170,7 +170,7 @@ def list_buffers(conn: psycopg.Connection, *, user_prefix: str = "", with_rows: 
     """Buffer summaries of users whose id starts with ``user_prefix``, by user id."""
     rows_sql = "(SELECT count(*) FROM events e WHERE e.user_id = s.user_id)" if with_rows else "NULL"
     rows = conn.execute(
-        f"SELECT user_id, pending_count, oldest_pending_at, total_events, last_event_at, {rows_sql}"  # noqa: S608
+        f"SELECT user_id, pending_count, oldest_pending_at, total_events, last_event_at, {rows_sql}"
         " FROM user_state s WHERE user_id LIKE %s ORDER BY user_id",
         (_like_prefix(user_prefix),),
     ).fetchall()

@@ -54,7 +54,7 @@ def _revision(row: dict[str, Any]) -> Revision:
 def get_revision(conn: psycopg.Connection, revision_id: str) -> Revision:
     rid = check_revision_id(revision_id)
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(f"SELECT {_REV_COLS} FROM revisions WHERE revision_id = %s", (rid,)).fetchone()  # noqa: S608
+        row = cur.execute(f"SELECT {_REV_COLS} FROM revisions WHERE revision_id = %s", (rid,)).fetchone()
     if row is None:
         raise NotFound(f"no revision {rid}; `persona revisions list USER` shows a user's revisions")
     return _revision(row)
@@ -64,7 +64,7 @@ def list_revisions(conn: psycopg.Connection, user_id: str) -> list[Revision]:
     """A user's revisions, oldest first."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
-            f"SELECT {_REV_COLS} FROM revisions WHERE user_id = %s ORDER BY created_at, revision_id",  # noqa: S608
+            f"SELECT {_REV_COLS} FROM revisions WHERE user_id = %s ORDER BY created_at, revision_id",
             (user_id,),
         ).fetchall()
     return [_revision(r) for r in rows]
@@ -74,7 +74,7 @@ def production(conn: psycopg.Connection, user_id: str) -> Revision | None:
     """The revision the user's production alias points at, or None."""
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
-            f"SELECT {', '.join('r.' + c.strip() for c in _REV_COLS.split(','))} FROM aliases a"  # noqa: S608
+            f"SELECT {', '.join('r.' + c.strip() for c in _REV_COLS.split(','))} FROM aliases a"
             " JOIN revisions r ON r.revision_id = a.revision_id WHERE a.user_id = %s AND a.alias = %s",
             (user_id, PRODUCTION),
         ).fetchone()
@@ -369,8 +369,8 @@ class Registry:
         and every object under users/{user_id}/ (revisions and the pointer). Running it again removes nothing."""
         rows: dict[str, int] = {}
         with self.connect() as conn, conn.transaction():
-            for table in ("aliases", "alias_history", "revisions", "events", "user_state", "users"):
-                rows[table] = conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,)).rowcount  # noqa: S608
+            for table in ("aliases", "alias_history", "decisions", "revisions", "events", "user_state", "users"):
+                rows[table] = conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,)).rowcount
         objects = self.store.delete_user(user_id)
         return ForgetReport(user_id, rows, objects)
 
