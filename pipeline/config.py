@@ -195,6 +195,21 @@ class WorkerSettings(BaseSettings):
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus port of a worker (0 = none).")
 
 
+class GateSettings(BaseSettings):
+    """The evaluation gate."""
+
+    model_config = _config("PERSONA_GATE_")
+
+    rules: Path = Field(
+        ROOT / "infra" / "gating" / "default_rules.yaml",
+        description="Gating rules (YAML, schemas/gating/rules.v1.json); `persona gate check` validates a file.",
+    )
+    probes: Path = Field(
+        ROOT / "infra" / "gating" / "probes.yaml",
+        description="Probe prompts for the drift of an adapter from the base.",
+    )
+
+
 class StackSettings(BaseSettings):
     """Embedded local stack (`persona stack up|down|status`)."""
 
@@ -283,6 +298,10 @@ class Settings:
         return self._get(WorkerSettings)  # type: ignore[return-value]
 
     @property
+    def gate(self) -> GateSettings:
+        return self._get(GateSettings)  # type: ignore[return-value]
+
+    @property
     def stack(self) -> StackSettings:
         return self._get(StackSettings)  # type: ignore[return-value]
 
@@ -299,6 +318,7 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     TrainingSettings,
     PolicySettings,
     WorkerSettings,
+    GateSettings,
     StackSettings,
 )
 

@@ -31,6 +31,24 @@ def _registry():
     return Registry(resolved_db(), ObjectStore())
 
 
+def _announce(user_id: str, reason: str) -> None:
+    """Tell the serving workers (persona.promotions.v1); the alias and pointer have moved whatever happens here."""
+    from pipeline.config import KafkaSettings
+    from pipeline.evaluation.promotion import AnnounceError, announce
+    from pipeline.observability import metrics
+    from pipeline.storage import db, registry
+
+    with db.connect(resolved_db()) as conn:
+        rev = registry.production(conn, user_id)
+    if rev is None:
+        return
+    try:
+        announce(KafkaSettings(), rev, reason=reason)
+        metrics.PROMOTIONS.labels(reason).inc()
+    except AnnounceError as e:
+        console.print(f"[yellow]warning:[/yellow] {e}; run the command again to re-announce")
+
+
 def _ts(t: Any) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
@@ -240,6 +258,7 @@ def promote(
         console.print(f"{revision_id.upper()} already serves {user_id}; pointer republished")
     else:
         console.print(f"{user_id}: production {move.from_revision or 'none'} -> {move.to_revision}; pointer published")
+    _announce(user_id, "promote")
 
 
 def rollback(
@@ -250,6 +269,7 @@ def rollback(
     """Move the user's production alias back (compare-and-swap), record it and republish the pointer."""
     move = _registry().rollback(user_id, to=to, actor=actor)
     console.print(f"{user_id}: production {move.from_revision} -> {move.to_revision} (rollback); pointer published")
+    _announce(user_id, "rollback")
 
 
 def export(

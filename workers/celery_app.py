@@ -23,7 +23,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     broker = stack.effective_urls(settings)["redis_url"]
     w = settings.worker
-    app = Celery("persona", broker=broker, include=["workers.tasks.train"])
+    app = Celery("persona", broker=broker, include=["workers.tasks.train", "workers.tasks.evaluate"])
     app.conf.update(
         task_queues=[Queue(q) for q in QUEUES],
         task_default_queue="train",

@@ -41,9 +41,12 @@ def promotion_event(rev: Revision, *, reason: str, promoted_at: datetime | None 
 def _producer(kafka: KafkaSettings) -> KafkaProducer:
     with _lock:
         if kafka.bootstrap_servers not in _producers:
-            _producers[kafka.bootstrap_servers] = KafkaProducer(
-                bootstrap_servers=kafka.servers, acks="all", retries=5, client_id="persona-promotions"
-            )
+            try:
+                _producers[kafka.bootstrap_servers] = KafkaProducer(
+                    bootstrap_servers=kafka.servers, acks="all", retries=5, client_id="persona-promotions"
+                )
+            except KafkaError as e:
+                raise AnnounceError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {e!r}") from e
         return _producers[kafka.bootstrap_servers]
 
 

@@ -17,12 +17,22 @@ from workers.celery_app import app
 log = logging.getLogger(__name__)
 
 
-def _settings() -> Settings:
+def worker_settings() -> Settings:
+    """Settings of a worker process, with the database the stack resolved (embedded or configured)."""
     from pipeline import stack
 
     settings = Settings()
     db = settings.db.model_copy(update={"url": stack.effective_urls(settings)["db_url"]})
-    return Settings(db, settings.s3, settings.model, settings.training, settings.policy, settings.worker)
+    return Settings(
+        db,
+        settings.s3,
+        settings.kafka,
+        settings.model,
+        settings.training,
+        settings.policy,
+        settings.worker,
+        settings.gate,
+    )
 
 
 @app.task(
@@ -41,7 +51,7 @@ def retrain_user(self, user_id: str) -> dict:
     try:
         outcome = retrain(
             user_id,
-            settings=_settings(),
+            settings=worker_settings(),
             owner=owner,
             on_candidate=lambda rev: app.send_task("persona.evaluate.gate", args=[rev], queue="evaluate"),
         )
