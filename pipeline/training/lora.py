@@ -5,18 +5,18 @@ with AdamW on the LoRA tensors only, stops early on a validation slice, writes a
 returns what happened (``TrainResult``; its ``config`` is the manifest's ``training`` field).
 
 The base model is shared by everything in the process and must come back exactly as it was: peft injects its
-layers into the base in place, so they are removed again (``unload()`` without merging) in a ``finally``, and one
-lock serialises trainings in a process. While a training runs, ``base.model`` holds LoRA layers: nothing else in
-the process may use it for inference meanwhile.
+layers into the base in place, so a training borrows the base through `pipeline.models.attach` (the base's
+process-wide lock, held for the whole training, and an exact restore afterwards, whatever happened). While a
+training runs, ``base.model`` holds LoRA layers: everything else in the process that attaches an adapter waits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +27,12 @@ import peft
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import TrainingSettings
 from pipeline.domain.errors import PersonaError
+from pipeline.models.attach import AttachError, attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase
 from pipeline.training.examples import Example
 
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
 IGNORE = -100
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# peft modifies the shared base in place: two trainings at once in one process would see each other's layers.
-_base_lock = threading.Lock()
 
 
 class TrainingError(PersonaError):
@@ -213,19 +211,18 @@ def train_adapter(
         raise TrainingError(f"none of the {len(examples)} examples has a target token to train on")
     batch_size = min(settings.batch_size, len(train))
 
-    with _base_lock, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # The lock is taken before seeding: another borrower's peft initialisation would draw from the same RNG.
+    with base_lock(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        modes = {m: m.training for m in model.modules()}
-        originals = dict(model.named_modules())
-        had_grad_hooks = bool(getattr(model, "_require_grads_hooks", None))
-        peft_model: PeftModel | None = None
-        try:
+        peft_model: PeftModel
+        with contextlib.ExitStack() as borrow:
             if parent_dir is not None:
                 try:
-                    peft_model = PeftModel.from_pretrained(model, str(parent_dir), is_trainable=True)
-                except (OSError, ValueError, KeyError, RuntimeError) as e:
+                    peft_model = borrow.enter_context(attached(base, parent_dir, trainable=True))
+                except AttachError as e:
                     raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
             else:
+                borrow.enter_context(borrowed(model))
                 lora = LoraConfig(
                     r=settings.rank,
                     lora_alpha=settings.alpha,
@@ -317,8 +314,6 @@ def train_adapter(
             saved_config = copy.deepcopy(lora_config)
             saved_config.inference_mode = True
             saved_config.save_pretrained(str(out_dir))
-        finally:
-            _restore_base(model, peft_model, originals, modes, had_grad_hooks)
 
     tail = losses[-min(len(losses), settings.eval_every) :]
     targets = lora_config.target_modules
@@ -367,36 +362,3 @@ def train_adapter(
         result.tokens_per_s,
     )
     return result
-
-
-def _restore_base(
-    model: torch.nn.Module,
-    peft_model: PeftModel | None,
-    originals: dict[str, torch.nn.Module],
-    modes: dict[torch.nn.Module, bool],
-    had_grad_hooks: bool,
-) -> None:
-    """Put the shared base back exactly as it was before peft touched it."""
-    if peft_model is not None:
-        # unload() without merging puts each target's original module object back and drops `model.peft_config`.
-        peft_model.unload()
-    # A wrap that failed half-way leaves no PeftModel to unload: put back any module still replaced.
-    for name, module in originals.items():
-        if not name:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = originals[parent_name]
-        current = getattr(parent, child, None)
-        if current is not module and isinstance(current, BaseTunerLayer):
-            setattr(parent, child, module)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    # peft adds an input-embedding hook for gradient checkpointing; only ours is removed.
-    if (
-        not had_grad_hooks
-        and getattr(model, "_require_grads_hooks", None)
-        and hasattr(model, "disable_input_require_grads")
-    ):
-        model.disable_input_require_grads()
-    for module, training in modes.items():
-        module.training = training

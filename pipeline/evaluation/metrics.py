@@ -1,0 +1,335 @@
+"""Metrics of a revision on its user's holdout split, and of its drift from the base: the inputs of the gate.
+
+Three numbers per model (the candidate revision, the revision serving now, the base), all on the same evidence:
+
+- ``holdout_nll``: mean negative log-likelihood per target token of the holdout events that give a target
+  (`pipeline.training.examples.example_of`), with the prompt masked exactly as in training
+  (`pipeline.training.lora.encode_example`): lower means the model writes more like the user;
+- ``preference_accuracy``: share of the holdout preference pairs (preferences, and edits: edited over original)
+  where the model gives the chosen answer a higher mean log-probability per token than the rejected one;
+- ``drift_kl``: mean KL(p_base || p_model) of the next-token distributions over every position of fixed probe
+  prompts unrelated to any user (`load_probes`): how far an adapter moves the base's general behaviour.
+
+Everything runs in eval mode under ``torch.no_grad()``, in a fixed order and batching, so the same inputs give the
+same numbers. Adapters are attached to the shared base one at a time (`pipeline.models.attach.attached`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+from pipeline import config
+from pipeline.domain.errors import PersonaError
+from pipeline.models.attach import attached
+from pipeline.models.base import LoadedBase
+from pipeline.training.examples import Example, TrainingEvent, example_of, preference_pairs
+from pipeline.training.lora import IGNORE, EncodedExample, encode_example
+
+log = logging.getLogger(__name__)
+
+#: The metric keys of one model in `evaluate`'s result (and in the gating rules).
+METRIC_KEYS: tuple[str, ...] = ("holdout_nll", "preference_accuracy", "drift_kl")
+
+
+class MetricsError(PersonaError):
+    """Metrics cannot be computed: unreadable probe file, events that are not holdout evidence."""
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """What `score_model` measured for one model; None where there was nothing to measure."""
+
+    holdout_nll: float | None
+    holdout_examples: int
+    holdout_tokens: int
+    preference_accuracy: float | None
+    preference_pairs: int
+    drift_kl: float | None
+    probe_tokens: int
+
+    def metrics(self) -> dict[str, float | None]:
+        """The gate's view: ``{"holdout_nll", "preference_accuracy", "drift_kl"}`` as plain floats or None."""
+        return {k: getattr(self, k) for k in METRIC_KEYS}
+
+
+def default_probes_path() -> Path:
+    """``infra/gating/probes.yaml`` of this checkout."""
+    return config.ROOT / "infra" / "gating" / "probes.yaml"
+
+
+def load_probes(path: Path | None = None) -> list[str]:
+    """The probe prompts of ``path`` (default `default_probes_path`): a YAML mapping with a list ``probes:``.
+
+    Raises MetricsError naming the file when it is missing, not YAML, or not a non-empty list of non-empty strings.
+    """
+    path = Path(path) if path is not None else default_probes_path()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise MetricsError(f"cannot read the probe prompts in {str(path)!r}: {e}") from e
+    probes = data.get("probes") if isinstance(data, dict) else None
+    if not isinstance(probes, list) or not probes or not all(isinstance(p, str) and p.strip() for p in probes):
+        raise MetricsError(f"{str(path)!r} must hold a mapping with `probes:`, a non-empty list of non-empty strings")
+    return list(probes)
+
+
+# ---- scoring ----------------------------------------------------------------------------------------------------
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # padded positions are masked out of attention and of every sum
+
+
+def _batches(
+    seqs: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start index, input ids, attention mask) of right-padded batches, in order."""
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        yield start, ids.to(device), mask.to(device)
+
+
+def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+
+
+def _target_logprobs(
+    model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int
+) -> list[tuple[float, int]]:
+    """(sum of log-probs, number) of each example's target tokens: the labels that are not IGNORE, as in training."""
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = []
+    for start, ids, mask in _batches([e.input_ids for e in encoded], pad_id, batch_size, device):
+        logprobs = F.log_softmax(_forward(model, ids, mask)[:, :-1], dim=-1)
+        for row, example in enumerate(encoded[start : start + len(ids)]):
+            labels = torch.tensor(example.labels[1:], dtype=torch.long, device=device)
+            keep = labels != IGNORE
+            picked = logprobs[row, : len(labels)].gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out.append((float(picked[keep].double().sum()), int(keep.sum())))
+    return out
+
+
+def probe_ids(tokenizer: PreTrainedTokenizerBase, probes: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each probe as a model sees it before answering: a user turn and the generation prompt.
+
+    Without a chat template, the probe is plain text. A probe longer than ``max_length`` keeps its end (the
+    generation prompt).
+    """
+    out = []
+    for probe in probes:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": probe}], tokenize=False, add_generation_prompt=True
+            )
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+        out.append(ids[-max_length:])
+    return out
+
+
+@torch.no_grad()
+def probe_logits(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    probes: Sequence[str],
+    *,
+    max_length: int = 128,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """Per probe, the log-probabilities ``[positions, vocab]`` (float32, CPU) of the next token at every position.
+
+    Computed once for the base and passed to `score_model` as ``base_logits``. The model is put in eval mode for
+    the call and its modes are restored.
+    """
+    with _eval_mode(model):
+        device = next(model.parameters()).device
+        seqs = probe_ids(tokenizer, probes, max_length)
+        out: list[torch.Tensor] = []
+        for _, ids, mask in _batches(seqs, _pad_id(tokenizer), batch_size, device):
+            logprobs = F.log_softmax(_forward(model, ids, mask), dim=-1).cpu()
+            out.extend(logprobs[row, : int(mask[row].sum())].clone() for row in range(len(ids)))
+        return out
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for a while; every module's train/eval flag comes back as it was."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@torch.no_grad()
+def score_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    holdout_events: Sequence[TrainingEvent],
+    probes: Sequence[str],
+    base_logits: Sequence[torch.Tensor] | None = None,
+    max_length: int = 128,
+    batch_size: int = 8,
+) -> ModelScores:
+    """Score ``model`` (the base, or the base with an adapter attached) on a user's holdout events and the probes.
+
+    - ``holdout_nll``: total NLL of the target tokens of the events with a target (`example_of`), divided by their
+      number (``holdout_tokens``); the prompt is masked exactly as in training; None when no event has a target.
+      Equal, up to float rounding, to `pipeline.training.lora.mean_nll` on the same examples.
+    - ``preference_accuracy``: over ``preference_pairs(holdout_events)``, the share of pairs where the chosen
+      answer's mean log-probability per token (its tokens and end of turn, given the prompt, as in training) is
+      strictly above the rejected one's; the per-token mean keeps a longer answer from losing by its length alone.
+      None when there is no pair.
+    - ``drift_kl``: mean over every position of every probe of KL(p_base || p_model) in nats, ``base_logits`` being
+      `probe_logits` of the base (raw logits are accepted too); None when ``base_logits`` is None or there are no
+      probes. 0.0 for the base itself.
+
+    The model is scored in eval mode (its modes are restored afterwards), without gradients, in a fixed order.
+    """
+    pad_id = _pad_id(tokenizer)
+    with _eval_mode(model):
+        examples = [x for x in (example_of(e) for e in holdout_events) if x is not None]
+        encoded = [encode_example(tokenizer, x, max_length) for x in examples]
+        scored = _target_logprobs(model, encoded, pad_id, batch_size) if encoded else []
+        tokens = sum(n for _, n in scored)
+        holdout_nll = -sum(s for s, _ in scored) / tokens if tokens else None
+
+        pairs = preference_pairs(holdout_events)
+        preference_accuracy = None
+        if pairs:
+            answers = [
+                encode_example(tokenizer, Example(p.prompt, answer, p.event_id), max_length)
+                for p in pairs
+                for answer in (p.chosen, p.rejected)
+            ]
+            per_token = [s / n if n else -math.inf for s, n in _target_logprobs(model, answers, pad_id, batch_size)]
+            wins = sum(per_token[2 * i] > per_token[2 * i + 1] for i in range(len(pairs)))
+            preference_accuracy = wins / len(pairs)
+
+        drift_kl, probe_tokens = None, 0
+        if base_logits is not None and probes:
+            if len(base_logits) != len(probes):
+                raise MetricsError(f"base_logits has {len(base_logits)} entries for {len(probes)} probes")
+            mine = probe_logits(model, tokenizer, probes, max_length=max_length, batch_size=batch_size)
+            total = 0.0
+            for ref, got in zip(base_logits, mine, strict=True):
+                ref_lp = F.log_softmax(ref.float(), dim=-1)
+                total += float(F.kl_div(got, ref_lp, log_target=True, reduction="sum").double())
+                probe_tokens += got.shape[0]
+            drift_kl = max(total / probe_tokens, 0.0) if probe_tokens else None
+
+    return ModelScores(
+        holdout_nll=holdout_nll,
+        holdout_examples=len(encoded),
+        holdout_tokens=tokens,
+        preference_accuracy=preference_accuracy,
+        preference_pairs=len(pairs),
+        drift_kl=drift_kl,
+        probe_tokens=probe_tokens,
+    )
+
+
+# ---- the gate's input -------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    base: LoadedBase,
+    *,
+    candidate_dir: Path,
+    current_dir: Path | None,
+    holdout_events: Sequence[TrainingEvent],
+    train_events_count: int,
+    new_events_count: int,
+    probes: list[str],
+    max_length: int = 128,
+) -> dict[str, Any]:
+    """Metrics of the candidate adapter, the current production adapter (if any) and the base: the gate's input.
+
+    ``candidate_dir`` and ``current_dir`` are PEFT directories; each is attached to the shared ``base`` in turn
+    (the base comes back unchanged). ``holdout_events`` must all be of the user's ``holdout`` split: the gate never
+    judges on training data. Raises MetricsError on other events or on a metric that is not finite. Returns plain
+    JSON-serialisable values::
+
+        {"candidate": {"holdout_nll", "preference_accuracy", "drift_kl"},
+         "current":   the same, or None without current_dir,
+         "base":      the same, with drift_kl 0.0,
+         "evidence":  {"holdout_events", "holdout_tokens", "preference_pairs", "train_events", "new_events"}}
+    """
+    wrong = sorted({e.split for e in holdout_events if e.split != "holdout"})
+    if wrong:
+        raise MetricsError(f"evaluation takes holdout-split events only, got events of split {wrong}")
+    events = list(holdout_events)
+
+    with attached(base, None) as model:
+        base_logits = probe_logits(model, base.tokenizer, probes, max_length=max_length)
+        base_scores = score_model(
+            model, base.tokenizer, holdout_events=events, probes=probes, base_logits=None, max_length=max_length
+        )
+
+    def adapter_scores(adapter_dir: Path) -> ModelScores:
+        with attached(base, adapter_dir) as model:
+            return score_model(
+                model,
+                base.tokenizer,
+                holdout_events=events,
+                probes=probes,
+                base_logits=base_logits,
+                max_length=max_length,
+            )
+
+    candidate = adapter_scores(Path(candidate_dir))
+    current = adapter_scores(Path(current_dir)) if current_dir is not None else None
+    log.info(
+        "holdout NLL: candidate %s, current %s, base %s (%d tokens); drift: candidate %s",
+        _fmt(candidate.holdout_nll),
+        _fmt(current.holdout_nll) if current else "-",
+        _fmt(base_scores.holdout_nll),
+        base_scores.holdout_tokens,
+        _fmt(candidate.drift_kl),
+    )
+    for name, scores in (("candidate", candidate), ("current", current), ("base", base_scores)):
+        bad = {k: v for k, v in (scores.metrics() if scores else {}).items() if v is not None and not math.isfinite(v)}
+        if bad:
+            # JSON (and PostgreSQL's jsonb) has no NaN or infinity: refuse rather than store a decision on them.
+            raise MetricsError(f"the {name} model's metrics are not finite: {bad}")
+    return {
+        "candidate": candidate.metrics(),
+        "current": current.metrics() if current is not None else None,
+        # The base's drift from itself is zero by definition, probes or not.
+        "base": {**base_scores.metrics(), "drift_kl": 0.0},
+        "evidence": {
+            "holdout_events": len(events),
+            "holdout_tokens": base_scores.holdout_tokens,
+            "preference_pairs": base_scores.preference_pairs,
+            "train_events": int(train_events_count),
+            "new_events": int(new_events_count),
+        },
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,327 @@
+"""Evaluation metrics and adapter attachment on the tiny random base (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline import sim
+from pipeline.config import TrainingSettings
+from pipeline.domain.errors import PersonaError
+from pipeline.evaluation.metrics import (
+    METRIC_KEYS,
+    MetricsError,
+    evaluate,
+    load_probes,
+    probe_logits,
+    score_model,
+)
+from pipeline.models.attach import AttachError, attached, borrowed
+from pipeline.models.base import LoadedBase, load_base, weights_sha256
+from pipeline.training.examples import TrainingEvent, example_of, examples_from_events
+from pipeline.training.lora import mean_nll, train_adapter
+
+# interaction.v1 fields that are not the kind's payload.
+ENVELOPE = {"event_id", "user_id", "occurred_at", "app", "meta", "kind"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny tensors: thread hand-offs cost more than they save, and a busy CI machine makes them much worse.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def user_events(user: sim.SimUser, n: int = 40) -> list[TrainingEvent]:
+    """A simulated user's events, every fifth one in the holdout split."""
+    return [
+        TrainingEvent(
+            d["event_id"],
+            i,
+            d["kind"],
+            "holdout" if i % 5 == 4 else "train",
+            {k: v for k, v in d.items() if k not in ENVELOPE},
+        )
+        for i, d in enumerate(sim.events_for(user, n, app="test", seed=0))
+    ]
+
+
+def holdout(events: list[TrainingEvent]) -> list[TrainingEvent]:
+    return [e for e in events if e.split == "holdout"]
+
+
+def structure(model: torch.nn.Module) -> list[tuple[str, type, int, bool, int, int, tuple[str, ...]]]:
+    return [
+        (n, type(m), id(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks), tuple(sorted(vars(m))))
+        for n, m in model.named_modules()
+    ]
+
+
+def fingerprint(base: LoadedBase) -> tuple[Any, ...]:
+    model = base.model
+    return (
+        weights_sha256(model),
+        structure(model),
+        hasattr(model, "peft_config"),
+        [p.requires_grad for p in model.parameters()],
+        model.config.to_dict(),
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Two users of different styles (formal A, casual B), each with an adapter trained on their train split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = load_base("tiny-random")
+    user_a, user_b = sim.users(2)
+    events_a, events_b = user_events(user_a), user_events(user_b)
+    # A high learning rate and no validation slice: the tiny model learns a style in a second.
+    settings = TrainingSettings(
+        rank=4,
+        alpha=8.0,
+        target_modules="q_proj,v_proj",
+        learning_rate=0.1,
+        batch_size=8,
+        max_length=128,
+        max_steps=30,
+        val_fraction=0.0,
+        threads=1,
+    )
+    root = tmp_path_factory.mktemp("adapters")
+    for name, events in (("a", events_a), ("b", events_b)):
+        train_adapter(base, examples_from_events(events), root / name, settings, parent_dir=None, seed=1)
+    torch.set_num_threads(before)
+    return SimpleNamespace(base=base, events_a=events_a, dir_a=root / "a", dir_b=root / "b", probes=load_probes())
+
+
+def run_evaluate(world: SimpleNamespace, candidate: Path, current: Path | None, **overrides: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "candidate_dir": candidate,
+        "current_dir": current,
+        "holdout_events": holdout(world.events_a),
+        "train_events_count": 32,
+        "new_events_count": 32,
+        "probes": world.probes,
+    }
+    kwargs.update(overrides)
+    return evaluate(world.base, **kwargs)
+
+
+# ---- evaluate: the gate's input ----------------------------------------------------------------------------------
+
+
+def test_own_adapter_beats_the_base_and_another_users_adapter(world: SimpleNamespace) -> None:
+    m = run_evaluate(world, world.dir_a, world.dir_b)
+    cand, cur, base = m["candidate"], m["current"], m["base"]
+    assert cand["holdout_nll"] < base["holdout_nll"] - 0.2, m
+    assert cand["holdout_nll"] < cur["holdout_nll"] - 0.05, m  # B's adapter on A's holdout
+    assert base["drift_kl"] == 0.0 and cand["drift_kl"] > 0 and cur["drift_kl"] > 0
+    holdout_a = holdout(world.events_a)
+    assert m["evidence"] == {
+        "holdout_events": len(holdout_a),
+        "holdout_tokens": m["evidence"]["holdout_tokens"],
+        "preference_pairs": sum(e.kind in ("preference", "edit") for e in holdout_a),
+        "train_events": 32,
+        "new_events": 32,
+    }
+    assert m["evidence"]["holdout_tokens"] > 100 and m["evidence"]["preference_pairs"] > 0
+
+
+def test_result_shape_is_plain_json_and_deterministic(world: SimpleNamespace) -> None:
+    first = run_evaluate(world, world.dir_a, None)
+    assert set(first) == {"candidate", "current", "base", "evidence"} and first["current"] is None
+    for who in ("candidate", "base"):
+        assert tuple(first[who]) == METRIC_KEYS
+        assert all(v is None or type(v) is float for v in first[who].values()), first[who]
+    assert all(type(v) is int for v in first["evidence"].values())
+    again = run_evaluate(world, world.dir_a, None)
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
+    json.loads(json.dumps(first, allow_nan=False))
+
+
+def test_base_is_unchanged_after_evaluate_and_after_a_bad_adapter(world: SimpleNamespace, tmp_path: Path) -> None:
+    before = fingerprint(world.base)
+    run_evaluate(world, world.dir_a, world.dir_b)
+    assert fingerprint(world.base) == before
+    broken = tmp_path / "broken"
+    shutil.copytree(world.dir_a, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(AttachError, match="broken"):
+        run_evaluate(world, broken, None)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AttachError) as err:
+        run_evaluate(world, tmp_path, None)
+    assert isinstance(err.value, PersonaError)
+    with pytest.raises(AttachError):
+        run_evaluate(world, tmp_path / "missing", None)
+    assert fingerprint(world.base) == before
+
+
+def test_no_holdout_target_and_no_pairs_give_none(world: SimpleNamespace) -> None:
+    prefs = [e for e in holdout(world.events_a) if e.kind == "preference"]
+    messages = [e for e in holdout(world.events_a) if e.kind == "message"]
+    assert prefs and messages
+    m = run_evaluate(world, world.dir_a, None, holdout_events=prefs)
+    assert m["candidate"]["holdout_nll"] is None and m["base"]["holdout_nll"] is None
+    assert m["evidence"]["holdout_tokens"] == 0 and m["candidate"]["preference_accuracy"] is not None
+    m = run_evaluate(world, world.dir_a, None, holdout_events=messages)
+    assert m["candidate"]["preference_accuracy"] is None and m["evidence"]["preference_pairs"] == 0
+    m = run_evaluate(world, world.dir_a, None, holdout_events=[], probes=[])
+    assert m["candidate"] == {"holdout_nll": None, "preference_accuracy": None, "drift_kl": None}
+    assert m["base"] == {"holdout_nll": None, "preference_accuracy": None, "drift_kl": 0.0}
+
+
+def test_evaluate_refuses_training_events(world: SimpleNamespace) -> None:
+    with pytest.raises(MetricsError, match="holdout-split events only"):
+        run_evaluate(world, world.dir_a, None, holdout_events=world.events_a)
+
+
+# ---- score_model --------------------------------------------------------------------------------------------------
+
+
+def test_base_has_zero_drift_and_nll_matches_training(world: SimpleNamespace) -> None:
+    base = world.base
+    ref = probe_logits(base.model, base.tokenizer, world.probes)
+    events = holdout(world.events_a)
+    scores = score_model(base.model, base.tokenizer, holdout_events=events, probes=world.probes, base_logits=ref)
+    assert scores.drift_kl == 0.0 and scores.probe_tokens == sum(t.shape[0] for t in ref)
+    examples = [x for x in map(example_of, events) if x is not None]
+    expected = mean_nll(base.model, base.tokenizer, examples, max_length=128)
+    assert scores.holdout_nll == pytest.approx(expected, rel=1e-5)
+    assert scores.holdout_examples == len(examples)
+    no_ref = score_model(base.model, base.tokenizer, holdout_events=events, probes=world.probes)
+    assert no_ref.drift_kl is None
+
+
+class FondOfA(torch.nn.Module):
+    """A fake causal LM that always predicts the byte ``a`` (probability ~0.9) and spreads the rest evenly."""
+
+    def __init__(self, a_id: int, vocab: int = 384) -> None:
+        super().__init__()
+        self.a_id, self.vocab = a_id, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # only so that the scorer finds a device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> SimpleNamespace:
+        logits = torch.zeros((*input_ids.shape, self.vocab))
+        logits[..., self.a_id] = math.log(0.9 * (self.vocab - 1) / 0.1)
+        return SimpleNamespace(logits=logits + self.anchor)
+
+
+def pref(i: int, chosen: str, rejected: str, kind: str = "preference") -> TrainingEvent:
+    if kind == "edit":
+        return TrainingEvent(f"p{i}", i, "edit", "holdout", {"prompt": "q", "original": rejected, "edited": chosen})
+    return TrainingEvent(f"p{i}", i, "preference", "holdout", {"prompt": "q", "chosen": chosen, "rejected": rejected})
+
+
+def test_preference_accuracy_on_crafted_pairs() -> None:
+    tok = load_base("tiny-random").tokenizer
+    model = FondOfA(tok.convert_tokens_to_ids("a"))
+    events = [
+        pref(1, "aaaa", "zzzz"),
+        pref(2, "aaaa", "abcd", kind="edit"),
+        # Per-token normalisation: the longer answer wins on its mean, though its summed log-prob is lower.
+        pref(3, "a" * 16, "a"),
+        pref(4, "zzzz", "aaaa"),  # the model disagrees with the user here
+        pref(5, "same", "same", kind="edit"),  # an edit that changed nothing is no pair
+    ]
+    scores = score_model(model, tok, holdout_events=events, probes=[])
+    assert scores.preference_pairs == 4 and scores.preference_accuracy == 0.75
+    assert scores.holdout_nll is not None and scores.holdout_examples == 2  # the edits' edited texts are targets
+    assert scores.drift_kl is None
+    only_messages = [TrainingEvent("m", 1, "message", "holdout", {"text": "aaaa"})]
+    scores = score_model(model, tok, holdout_events=only_messages, probes=[])
+    assert scores.preference_accuracy is None and scores.preference_pairs == 0
+    # Plain text: the first token is not predicted; then "aaa" at p=0.9 and EOS at 0.1/383.
+    assert scores.holdout_tokens == 4
+    assert scores.holdout_nll == pytest.approx((-3 * math.log(0.9) - math.log(0.1 / 383)) / 4, rel=1e-5)
+
+
+def test_score_model_restores_modes_and_uses_no_gradients(world: SimpleNamespace) -> None:
+    base = world.base
+    with attached(base, world.dir_a, trainable=True) as model:
+        model.train()
+        scores = score_model(model, base.tokenizer, holdout_events=holdout(world.events_a), probes=[])
+        assert model.training and all(m.training for m in model.modules())
+        assert scores.holdout_nll is not None
+        assert all(p.grad is None for p in model.parameters())
+
+
+# ---- attached ------------------------------------------------------------------------------------------------------
+
+
+def test_attached_is_stock_peft_on_the_shared_base_and_restores_it(world: SimpleNamespace) -> None:
+    base = world.base
+    before = fingerprint(base)
+    rng = torch.random.get_rng_state()
+    with attached(base, world.dir_a) as model:
+        assert type(model).__name__ == "PeftModelForCausalLM" and hasattr(base.model, "peft_config")
+        assert model.get_base_model() is base.model and not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+        with pytest.raises(AttachError, match="already borrowed"):
+            with attached(base, world.dir_b):
+                pass
+    assert torch.equal(torch.random.get_rng_state(), rng)  # loading drew nothing from the caller's RNG
+    assert fingerprint(base) == before
+    with attached(base, world.dir_a, trainable=True) as model:
+        assert any(p.requires_grad for p in model.parameters())
+    with attached(base, None) as model:
+        assert model is base.model
+    assert fingerprint(base) == before
+
+
+def test_other_threads_wait_for_the_base(world: SimpleNamespace) -> None:
+    base = world.base
+    entered = threading.Event()
+
+    def other() -> None:
+        with attached(base, world.dir_b):
+            entered.set()
+
+    with attached(base, world.dir_a):
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert not entered.wait(0.3)  # blocked while this thread holds the base
+    thread.join(10)
+    assert entered.is_set() and not thread.is_alive()
+
+
+def test_borrowed_restores_after_an_exception_inside() -> None:
+    base = load_base("tiny-random")
+    before = fingerprint(base)
+    with pytest.raises(RuntimeError, match="boom"):
+        with borrowed(base.model) as model:
+            model.train()
+            model.model.layers[0].self_attn.q_proj = torch.nn.Identity()
+            model.register_forward_hook(lambda *_: None)
+            model.peft_config = {}
+            next(model.parameters()).requires_grad_(True)
+            raise RuntimeError("boom")
+    assert fingerprint(base) == before
+
+
+# ---- probes --------------------------------------------------------------------------------------------------------
+
+
+def test_probe_file_loads_and_bad_files_are_refused(tmp_path: Path) -> None:
+    probes = load_probes()
+    assert 10 <= len(probes) <= 32 and len(set(probes)) == len(probes)
+    for text in ("probes: []\n", "- a list\n", "probes: [1, 2]\n", "probes: ['', 'x']\n", "probes: [unclosed\n"):
+        (tmp_path / "p.yaml").write_text(text)
+        with pytest.raises(MetricsError, match=r"p\.yaml"):
+            load_probes(tmp_path / "p.yaml")
+    with pytest.raises(MetricsError, match=r"missing\.yaml"):
+        load_probes(tmp_path / "missing.yaml")
+    (tmp_path / "p.yaml").write_text("probes:\n  - one\n  - two\n")
+    assert load_probes(tmp_path / "p.yaml") == ["one", "two"]
