@@ -50,6 +50,15 @@ def _mount_model() -> None:
 
 
 _mount_model()
+
+
+def _mount_gate() -> None:
+    from pipeline.evaluation.gate_cli import app as gate_app
+
+    app.add_typer(gate_app, name="gate", help="The gate: operator rules, check and replay.")
+
+
+_mount_gate()
 registry_cli.mount(app)
 
 

@@ -1,0 +1,172 @@
+"""The evaluation gate on real PostgreSQL, S3 and Kafka with the tiny model: promote, reject, stale, replay."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import sim
+from pipeline.cli import app
+from pipeline.config import GateSettings, ModelSettings, PolicySettings, Settings, TrainingSettings
+from pipeline.domain.events import split_of, validate
+from pipeline.domain.revisions import EventsUsed
+from pipeline.evaluation.gate import judge
+from pipeline.evaluation.rules import load_rules
+from pipeline.models.base import load_base
+from pipeline.storage import db, decisions, registry, training
+from pipeline.storage.buffers import BufferedEvent, write_events
+from pipeline.storage.objects import ObjectStore
+from pipeline.storage.registry import Registry
+from pipeline.training.examples import Example, examples_from_events
+from pipeline.training.job import retrain
+from pipeline.training.lora import train_adapter
+from tests.integration.helpers import fresh_topics, read_topic
+
+pytestmark = pytest.mark.integration
+
+TRAIN = TrainingSettings(learning_rate=0.05, max_steps=30, val_fraction=0, rank=4, batch_size=8, threads=1)
+
+
+@pytest.fixture(scope="module")
+def settings(services):
+    return Settings(services.db, services.s3, fresh_topics(services.kafka), ModelSettings(base="tiny-random"),
+                    TRAIN, PolicySettings(lease_s=60), GateSettings())
+
+
+@pytest.fixture(scope="module")
+def rules(settings):
+    return load_rules(settings.gate.rules)
+
+
+def add_events(settings, user_id: str, style: int, n: int = 60, seed: int = 0) -> None:
+    evs = [validate(e) for e in sim.events_for(sim.SimUser(user_id, sim.users(6)[style].style), n, app="gate",
+                                               seed=seed)]
+    with psycopg.connect(settings.db.url) as conn, conn.transaction():
+        write_events(conn, [BufferedEvent(e, split_of(e.user_id, e.event_id, 0.2)) for e in evs])
+
+
+def promoted_user(settings, rules, style: int = 0) -> tuple[str, str]:
+    """A user whose first revision (trained on their own events) passed the gate."""
+    u = f"gate-{uuid.uuid4().hex[:6]}"
+    add_events(settings, u, style)
+    rev = retrain(u, settings=settings, owner="test").revision_id
+    result = judge(rev, settings=settings, rules=rules, rules_source="default")
+    assert result.outcome == "promoted", result.reason
+    return u, rev
+
+
+def candidate_from(settings, user_id: str, examples: list[Example], tmp: Path, seed: int) -> str:
+    """A candidate of ``user_id`` trained from their production revision on the given examples."""
+    reg = Registry(settings.db, ObjectStore(settings.s3))
+    with psycopg.connect(settings.db.url) as conn:
+        prod = registry.production(conn, user_id)
+    parent = tmp / f"parent-{seed}"
+    parent.mkdir()
+    for name, data in reg.adapter_files(prod).items():
+        (parent / name).write_bytes(data)
+    out = tmp / f"cand-{seed}"
+    base = load_base("tiny-random")
+    train_adapter(base, examples, out, TRAIN, parent_dir=parent, seed=seed)
+    rev = reg.write_revision(user_id, out, parent_id=prod.revision_id, base=base.ref,
+                             training={"seed": seed, "new_events": len(examples)},
+                             events=EventsUsed.of([]), app="gate")
+    return rev.revision_id
+
+
+def other_users_examples(settings, style: int) -> list[Example]:
+    u = f"other-{uuid.uuid4().hex[:6]}"
+    add_events(settings, u, style)
+    with psycopg.connect(settings.db.url) as conn:
+        return examples_from_events(training.training_events(conn, u, 2**62))
+
+
+def failed_rules(settings, revision_id: str) -> list[str]:
+    with psycopg.connect(settings.db.url) as conn:
+        d = decisions.get(conn, revision_id)
+    return [r["name"] for r in d.results["results"] if r["outcome"] in ("fail", "missing_reject")]
+
+
+def test_own_style_is_promoted_published_and_announced(settings, rules):
+    u, rev = promoted_user(settings, rules)
+    with psycopg.connect(settings.db.url) as conn:
+        assert registry.production(conn, u).revision_id == rev
+        d = decisions.get(conn, rev)
+    assert d.outcome == "promoted" and d.passed and d.current_revision_id is None
+    m = d.metrics
+    assert m["candidate"]["holdout_nll"] < m["base"]["holdout_nll"] * 0.99
+    assert {r["name"] for r in d.results["results"]} >= {"enough_holdout", "holdout_improves", "drift_bounded"}
+    pointer = ObjectStore(settings.s3).read_pointer(u)
+    assert pointer["revision"] == rev
+    events = [orjson.loads(r.value) for r in read_topic(settings.kafka, settings.kafka.topic_promotions, 1)
+              if r.key == u.encode()]
+    assert [(e["revision_id"], e["reason"], e["parent_id"]) for e in events] == [(rev, "gate", None)]
+    # Judging again changes nothing (a redelivered task).
+    again = judge(rev, settings=settings, rules=rules, rules_source="default")
+    assert again.outcome == "promoted" and again.decision.id == d.id
+
+
+def test_another_users_style_is_rejected_naming_the_rule(settings, rules, tmp_path):
+    u, prod = promoted_user(settings, rules, style=0)
+    rev = candidate_from(settings, u, other_users_examples(settings, style=1), tmp_path, seed=1)
+    result = judge(rev, settings=settings, rules=rules, rules_source="default")
+    assert result.outcome == "rejected"
+    assert "holdout_improves" in failed_rules(settings, rev)
+    assert "holdout_improves" in result.reason
+    with psycopg.connect(settings.db.url) as conn:
+        assert registry.production(conn, u).revision_id == prod
+        assert registry.get_revision(conn, rev).status == "rejected"
+
+
+def test_random_text_is_rejected(settings, rules, tmp_path):
+    u, prod = promoted_user(settings, rules, style=2)
+    rng = random.Random(7)
+    noise = [Example(None, "".join(chr(rng.randrange(33, 127)) for _ in range(80)), f"n{i}") for i in range(40)]
+    rev = candidate_from(settings, u, noise, tmp_path, seed=2)
+    result = judge(rev, settings=settings, rules=rules, rules_source="default")
+    assert result.outcome == "rejected" and "holdout_improves" in failed_rules(settings, rev)
+
+
+def test_a_candidate_whose_parent_is_no_longer_production_is_stale(settings, rules, tmp_path):
+    u, prod = promoted_user(settings, rules, style=3)
+    with psycopg.connect(settings.db.url) as conn:
+        own = examples_from_events(training.training_events(conn, u, 2**62))
+    first = candidate_from(settings, u, own, tmp_path, seed=3)
+    second = candidate_from(settings, u, own, tmp_path, seed=4)
+    Registry(settings.db, ObjectStore(settings.s3)).promote(u, second, actor="operator")
+    result = judge(first, settings=settings, rules=rules, rules_source="default")
+    assert result.outcome == "stale" and "stale" in result.reason
+    with psycopg.connect(settings.db.url) as conn:
+        assert registry.production(conn, u).revision_id == second
+        assert registry.get_revision(conn, first).status == "rejected"
+
+
+def test_replay_under_stricter_rules_lists_the_flips_and_writes_nothing(settings, rules, tmp_path, test_stack):
+    u, rev = promoted_user(settings, rules, style=4)
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(settings.gate.rules.read_text().replace("min_relative: 0.01", "min_relative: 0.9", 1))
+    with psycopg.connect(settings.db.url) as conn:
+        before = conn.execute("SELECT count(*), max(decided_at) FROM decisions").fetchone()
+    env = {"PERSONA_DB_URL": settings.db.url, "PERSONA_STACK_DATA_DIR": str(test_stack.stack.data_dir)}
+    result = CliRunner().invoke(app, ["gate", "replay", "--rules", str(strict), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    flips = orjson.loads(result.output)
+    mine = [f for f in flips if f["revision_id"] == rev]
+    assert mine and mine[0]["was"] == "promoted" and mine[0]["would_pass"] is False
+    assert "holdout_improves" in mine[0]["reason"]
+    with psycopg.connect(settings.db.url) as conn:
+        assert conn.execute("SELECT count(*), max(decided_at) FROM decisions").fetchone() == before
+    table = CliRunner().invoke(app, ["gate", "replay", "--rules", str(strict)], env=env)
+    assert table.exit_code == 0 and rev in table.output
+
+
+def test_rules_are_read_from_the_database_decisions_for_a_user(settings, rules):
+    u, rev = promoted_user(settings, rules, style=5)
+    with db.connect(settings.db) as conn:
+        rows = decisions.for_user(conn, u)
+    assert [d.revision_id for d in rows] == [rev]
