@@ -35,8 +35,15 @@ TRAIN = TrainingSettings(learning_rate=0.05, max_steps=30, val_fraction=0, rank=
 
 @pytest.fixture(scope="module")
 def settings(services):
-    return Settings(services.db, services.s3, fresh_topics(services.kafka), ModelSettings(base="tiny-random"),
-                    TRAIN, PolicySettings(lease_s=60), GateSettings())
+    return Settings(
+        services.db,
+        services.s3,
+        fresh_topics(services.kafka),
+        ModelSettings(base="tiny-random"),
+        TRAIN,
+        PolicySettings(lease_s=60),
+        GateSettings(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,9 @@ def rules(settings):
 
 
 def add_events(settings, user_id: str, style: int, n: int = 60, seed: int = 0) -> None:
-    evs = [validate(e) for e in sim.events_for(sim.SimUser(user_id, sim.users(6)[style].style), n, app="gate",
-                                               seed=seed)]
+    evs = [
+        validate(e) for e in sim.events_for(sim.SimUser(user_id, sim.users(6)[style].style), n, app="gate", seed=seed)
+    ]
     with psycopg.connect(settings.db.url) as conn, conn.transaction():
         write_events(conn, [BufferedEvent(e, split_of(e.user_id, e.event_id, 0.2)) for e in evs])
 
@@ -73,9 +81,15 @@ def candidate_from(settings, user_id: str, examples: list[Example], tmp: Path, s
     out = tmp / f"cand-{seed}"
     base = load_base("tiny-random")
     train_adapter(base, examples, out, TRAIN, parent_dir=parent, seed=seed)
-    rev = reg.write_revision(user_id, out, parent_id=prod.revision_id, base=base.ref,
-                             training={"seed": seed, "new_events": len(examples)},
-                             events=EventsUsed.of([]), app="gate")
+    rev = reg.write_revision(
+        user_id,
+        out,
+        parent_id=prod.revision_id,
+        base=base.ref,
+        training={"seed": seed, "new_events": len(examples)},
+        events=EventsUsed.of([]),
+        app="gate",
+    )
     return rev.revision_id
 
 
@@ -103,8 +117,11 @@ def test_own_style_is_promoted_published_and_announced(settings, rules):
     assert {r["name"] for r in d.results["results"]} >= {"enough_holdout", "holdout_improves", "drift_bounded"}
     pointer = ObjectStore(settings.s3).read_pointer(u)
     assert pointer["revision"] == rev
-    events = [orjson.loads(r.value) for r in read_topic(settings.kafka, settings.kafka.topic_promotions, 1)
-              if r.key == u.encode()]
+    events = [
+        orjson.loads(r.value)
+        for r in read_topic(settings.kafka, settings.kafka.topic_promotions, 1)
+        if r.key == u.encode()
+    ]
     assert [(e["revision_id"], e["reason"], e["parent_id"]) for e in events] == [(rev, "gate", None)]
     # Judging again changes nothing (a redelivered task).
     again = judge(rev, settings=settings, rules=rules, rules_source="default")
@@ -124,7 +141,7 @@ def test_another_users_style_is_rejected_naming_the_rule(settings, rules, tmp_pa
 
 
 def test_random_text_is_rejected(settings, rules, tmp_path):
-    u, prod = promoted_user(settings, rules, style=2)
+    u, _prod = promoted_user(settings, rules, style=2)
     rng = random.Random(7)
     noise = [Example(None, "".join(chr(rng.randrange(33, 127)) for _ in range(80)), f"n{i}") for i in range(40)]
     rev = candidate_from(settings, u, noise, tmp_path, seed=2)
@@ -133,7 +150,7 @@ def test_random_text_is_rejected(settings, rules, tmp_path):
 
 
 def test_a_candidate_whose_parent_is_no_longer_production_is_stale(settings, rules, tmp_path):
-    u, prod = promoted_user(settings, rules, style=3)
+    u, _prod = promoted_user(settings, rules, style=3)
     with psycopg.connect(settings.db.url) as conn:
         own = examples_from_events(training.training_events(conn, u, 2**62))
     first = candidate_from(settings, u, own, tmp_path, seed=3)
@@ -147,7 +164,7 @@ def test_a_candidate_whose_parent_is_no_longer_production_is_stale(settings, rul
 
 
 def test_replay_under_stricter_rules_lists_the_flips_and_writes_nothing(settings, rules, tmp_path, test_stack):
-    u, rev = promoted_user(settings, rules, style=4)
+    _u, rev = promoted_user(settings, rules, style=4)
     strict = tmp_path / "strict.yaml"
     strict.write_text(settings.gate.rules.read_text().replace("min_relative: 0.01", "min_relative: 0.9", 1))
     with psycopg.connect(settings.db.url) as conn:

@@ -84,13 +84,13 @@ def celery(settings, test_stack):
 WORKER_LOGS = ROOT / ".persona-test" / "logs"
 
 
-def start_worker(env, **extra) -> subprocess.Popen:
+def start_worker(env, queues: str = "train", **extra) -> subprocess.Popen:
     """A `persona worker` process; its output goes to .persona-test/logs/worker-NAME.log."""
     name = f"w{uuid.uuid4().hex[:6]}"
     WORKER_LOGS.mkdir(parents=True, exist_ok=True)
     log = WORKER_LOGS / f"worker-{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "worker", "--queues", "train", "--name", f"{name}@test"],
+        [sys.executable, "-m", "pipeline.cli", "worker", "--queues", queues, "--name", f"{name}@test"],
         env={**env, **extra},
         cwd=ROOT,
         stdout=log.open("w"),
@@ -288,3 +288,32 @@ def test_policy_sql_agrees_with_the_domain_rule(services):
         conn.rollback()  # leave no queue marks behind for the other tests
     assert {n.removeprefix(prefix) for n in expected} == {"count", "age", "stale_q", "expired"}
     assert claimed == expected
+
+
+def test_the_whole_loop_train_then_gate_then_promote(services, settings, celery, env):
+    """Scheduler -> train task -> chained evaluate task -> promotion, through real workers and queues."""
+    fast = {
+        "PERSONA_TRAIN_LEARNING_RATE": "0.05",
+        "PERSONA_TRAIN_MAX_STEPS": "30",
+        "PERSONA_TRAIN_VAL_FRACTION": "0",
+        "PERSONA_TRAIN_RANK": "4",
+        "PERSONA_KAFKA_BOOTSTRAP_SERVERS": services.kafka.bootstrap_servers,
+    }
+    proc = start_worker(env, queues="train,evaluate", **fast)
+    try:
+        u = f"loop-{uuid.uuid4().hex[:6]}"
+        add_events(services.db, u, 60, seed=50)
+        assert scheduler.tick(settings, enqueue_with(celery)) == [u]
+
+        def promoted():
+            with psycopg.connect(services.db.url) as conn:
+                prod = reg.production(conn, u)
+            return prod.revision_id if prod else None
+
+        rev = wait_for(promoted, timeout_s=180, what="the promotion by the gate")
+        with psycopg.connect(services.db.url) as conn:
+            d = conn.execute("SELECT outcome, reason FROM decisions WHERE revision_id = %s", (rev,)).fetchone()
+        assert d[0] == "promoted" and d[1].startswith("passed")
+        assert ObjectStore(services.s3).read_pointer(u)["revision"] == rev
+    finally:
+        stop(proc)
