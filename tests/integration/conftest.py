@@ -4,7 +4,9 @@ fresh database, dropped at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -40,19 +42,31 @@ def test_stack():
             stack.down(TEST_STACK)
 
 
-@pytest.fixture(scope="session")
-def services(test_stack):
-    urls = stack.effective_urls(test_stack)
-    kafka = test_stack.kafka
-    server_url = urls["db_url"]
+@contextlib.contextmanager
+def fresh_database(test_stack) -> Iterator[DatabaseSettings]:
+    """A new, migrated database on the test server; dropped afterwards."""
+    server_url = stack.effective_urls(test_stack)["db_url"]
     name = f"persona_test_{uuid.uuid4().hex[:8]}"
     admin_url = _with_database(server_url, "postgres")
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     database = DatabaseSettings(url=_with_database(server_url, name))
-    db.migrate(database)
     try:
-        yield Services(kafka=kafka, db=database, events=EventSettings(), s3=test_stack.s3)
+        db.migrate(database)
+        yield database
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def services(test_stack):
+    with fresh_database(test_stack) as database:
+        yield Services(kafka=test_stack.kafka, db=database, events=EventSettings(), s3=test_stack.s3)
+
+
+@pytest.fixture(scope="module")
+def own_services(test_stack):
+    """Services with a database of the test module's own: for tests that look at every user (the scheduler)."""
+    with fresh_database(test_stack) as database:
+        yield Services(kafka=test_stack.kafka, db=database, events=EventSettings(), s3=test_stack.s3)

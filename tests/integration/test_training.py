@@ -38,7 +38,7 @@ POLICY = {
 
 
 @pytest.fixture(scope="module")
-def env(services, test_stack):
+def env(own_services, test_stack):
     redis_url = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
     urls = __import__("pipeline.stack", fromlist=["effective_urls"]).effective_urls(test_stack)
     if not urls["redis_url"].startswith("redis://127.0.0.1:6379"):
@@ -48,8 +48,8 @@ def env(services, test_stack):
     return {
         **base,
         **POLICY,
-        "PERSONA_DB_URL": services.db.url,
-        "PERSONA_S3_ENDPOINT": services.s3.endpoint,
+        "PERSONA_DB_URL": own_services.db.url,
+        "PERSONA_S3_ENDPOINT": own_services.s3.endpoint,
         "PERSONA_REDIS_URL": redis_url,
         "PERSONA_STACK_DATA_DIR": str(test_stack.stack.data_dir),
         "PERSONA_MODEL_BASE": "tiny-random",
@@ -64,10 +64,10 @@ def env(services, test_stack):
 
 
 @pytest.fixture(scope="module")
-def settings(services, env):
+def settings(own_services, env):
     return Settings(
-        services.db,
-        services.s3,
+        own_services.db,
+        own_services.s3,
         RedisSettings(url=env["PERSONA_REDIS_URL"]),
         PolicySettings(min_new_events=10, cooldown_s=0, lease_s=6, max_in_flight=8),
         WorkerSettings(visibility_timeout_s=8, restore_interval_s=1, metrics_port=0),
@@ -115,7 +115,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def worker(env):
     proc = start_worker(env)
     yield proc
@@ -148,15 +148,15 @@ def enqueue_with(celery):
     return lambda u: celery.send_task("persona.train.retrain_user", args=[u], queue="train")
 
 
-def test_continual_chain_of_three_revisions(services, settings, celery, worker):
+def test_continual_chain_of_three_revisions(own_services, settings, celery, worker):
     u = f"train-{uuid.uuid4().hex[:6]}"
-    registry = Registry(services.db, ObjectStore(services.s3))
+    registry = Registry(own_services.db, ObjectStore(own_services.s3))
     parents = []
     for round_ in range(3):
-        add_events(services.db, u, 30, seed=round_)
+        add_events(own_services.db, u, 30, seed=round_)
         assert scheduler.tick(settings, enqueue_with(celery)) == [u]
         revs = wait_for(
-            lambda n=round_: len(revisions_of(services.db, u)) == n + 1 and revisions_of(services.db, u),
+            lambda n=round_: len(revisions_of(own_services.db, u)) == n + 1 and revisions_of(own_services.db, u),
             what=f"revision {round_ + 1}",
         )
         cand = revs[-1]
@@ -164,9 +164,9 @@ def test_continual_chain_of_three_revisions(services, settings, celery, worker):
         assert cand.status == "candidate"
         assert cand.manifest["training"]["new_events"] > 0
         registry.promote(u, cand.revision_id, actor="test")
-    chain = revisions_of(services.db, u)
+    chain = revisions_of(own_services.db, u)
     assert parents == [None, chain[0].revision_id, chain[1].revision_id]  # each from the one serving
-    with psycopg.connect(services.db.url) as conn:
+    with psycopg.connect(own_services.db.url) as conn:
         state = conn.execute(
             "SELECT pending_count, lease_owner, queued_at FROM user_state WHERE user_id = %s", (u,)
         ).fetchone()
@@ -179,21 +179,21 @@ def test_continual_chain_of_three_revisions(services, settings, celery, worker):
     assert sum(any(r.revision_id.encode() in m for m in queued) for r in chain) == 3
 
 
-def test_a_user_below_the_thresholds_is_left_alone(services, settings, celery):
+def test_a_user_below_the_thresholds_is_left_alone(own_services, settings, celery):
     u = f"few-{uuid.uuid4().hex[:6]}"
-    add_events(services.db, u, 5, seed=9)  # min is 10, the oldest is seconds old (max age 1 h)
+    add_events(own_services.db, u, 5, seed=9)  # min is 10, the oldest is seconds old (max age 1 h)
     assert u not in scheduler.tick(settings, enqueue_with(celery))
-    with psycopg.connect(services.db.url) as conn:
+    with psycopg.connect(own_services.db.url) as conn:
         assert conn.execute("SELECT pending_count, queued_at FROM user_state WHERE user_id = %s", (u,)).fetchone() == (
             5,
             None,
         )
 
 
-def test_two_ticks_at_once_never_enqueue_a_user_twice(services, settings):
+def test_two_ticks_at_once_never_enqueue_a_user_twice(own_services, settings):
     users = [f"tick-{uuid.uuid4().hex[:6]}" for _ in range(5)]
     for i, u in enumerate(users):
-        add_events(services.db, u, 12, seed=20 + i)
+        add_events(own_services.db, u, 12, seed=20 + i)
     seen: list[str] = []
     barrier = threading.Barrier(4)
 
@@ -208,31 +208,31 @@ def test_two_ticks_at_once_never_enqueue_a_user_twice(services, settings):
         t.join()
     mine = [u for u in seen if u in users]
     assert sorted(mine) == sorted(set(mine)) and set(mine) == set(users)
-    with psycopg.connect(services.db.url) as conn, conn.transaction():
-        for u in users:
-            training.unqueue(conn, u)
+    with psycopg.connect(own_services.db.url) as conn, conn.transaction():  # leave no due users behind
+        conn.execute("DELETE FROM events WHERE user_id = ANY(%s)", (users,))
+        conn.execute("DELETE FROM user_state WHERE user_id = ANY(%s)", (users,))
 
 
-def test_duplicate_tasks_for_one_user_train_once(services, settings, celery, worker):
+def test_duplicate_tasks_for_one_user_train_once(own_services, settings, celery, worker):
     u = f"dup-{uuid.uuid4().hex[:6]}"
-    add_events(services.db, u, 20, seed=30)
+    add_events(own_services.db, u, 20, seed=30)
     for _ in range(3):  # e.g. an operator's manual enqueue on top of the scheduler's
         celery.send_task("persona.train.retrain_user", args=[u], queue="train")
-    wait_for(lambda: len(revisions_of(services.db, u)) >= 1, what="a revision")
+    wait_for(lambda: len(revisions_of(own_services.db, u)) >= 1, what="a revision")
     time.sleep(4)  # let the other two run: they must find nothing to do
-    assert len(revisions_of(services.db, u)) == 1
+    assert len(revisions_of(own_services.db, u)) == 1
 
 
-def test_sigkill_mid_training_is_redelivered_and_gives_one_candidate(services, celery, env):
+def test_sigkill_mid_training_is_redelivered_and_gives_one_candidate(own_services, celery, env):
     u = f"kill-{uuid.uuid4().hex[:6]}"
-    add_events(services.db, u, 40, seed=40)
+    add_events(own_services.db, u, 40, seed=40)
     slow = {"PERSONA_TRAIN_MAX_STEPS": "400", "PERSONA_TRAIN_EVAL_EVERY": "400"}
     victim = start_worker(env, **slow)
     try:
         celery.send_task("persona.train.retrain_user", args=[u], queue="train")
 
         def planned():
-            with psycopg.connect(services.db.url) as conn:
+            with psycopg.connect(own_services.db.url) as conn:
                 row = conn.execute(
                     "SELECT lease_owner, lease_revision_id FROM user_state WHERE user_id = %s", (u,)
                 ).fetchone()
@@ -244,18 +244,18 @@ def test_sigkill_mid_training_is_redelivered_and_gives_one_candidate(services, c
         victim.wait(timeout=10)
     finally:
         stop(victim)
-    assert revisions_of(services.db, u) == []
+    assert revisions_of(own_services.db, u) == []
     rescuer = start_worker(env, **slow)
     try:
-        revs = wait_for(lambda: revisions_of(services.db, u), timeout_s=180, what="the redelivered training")
+        revs = wait_for(lambda: revisions_of(own_services.db, u), timeout_s=180, what="the redelivered training")
         time.sleep(3)
     finally:
         stop(rescuer)
-    revs = revisions_of(services.db, u)
+    revs = revisions_of(own_services.db, u)
     assert [r.revision_id for r in revs] == [planned_rev]  # exactly one, the planned one
 
 
-def test_policy_sql_agrees_with_the_domain_rule(services):
+def test_policy_sql_agrees_with_the_domain_rule(own_services):
     """The scheduler's SQL and domain/policy.py pick the same users from the same states."""
     now = datetime.now(UTC)
     prefix = f"pol-{uuid.uuid4().hex[:5]}-"
@@ -271,7 +271,7 @@ def test_policy_sql_agrees_with_the_domain_rule(services):
         "none": (0, None, None, None, None),
     }
     policy = scheduler.policy_of(PolicySettings(min_new_events=10, max_age_s=3600, cooldown_s=60, max_in_flight=100))
-    with psycopg.connect(services.db.url) as conn:
+    with psycopg.connect(own_services.db.url) as conn:
         for name, (pending, age, trained, queued, lease) in cases.items():
 
             def ago(s):
@@ -290,30 +290,30 @@ def test_policy_sql_agrees_with_the_domain_rule(services):
     assert claimed == expected
 
 
-def test_the_whole_loop_train_then_gate_then_promote(services, settings, celery, env):
+def test_the_whole_loop_train_then_gate_then_promote(own_services, settings, celery, env):
     """Scheduler -> train task -> chained evaluate task -> promotion, through real workers and queues."""
     fast = {
         "PERSONA_TRAIN_LEARNING_RATE": "0.05",
         "PERSONA_TRAIN_MAX_STEPS": "30",
         "PERSONA_TRAIN_VAL_FRACTION": "0",
         "PERSONA_TRAIN_RANK": "4",
-        "PERSONA_KAFKA_BOOTSTRAP_SERVERS": services.kafka.bootstrap_servers,
+        "PERSONA_KAFKA_BOOTSTRAP_SERVERS": own_services.kafka.bootstrap_servers,
     }
     proc = start_worker(env, queues="train,evaluate", **fast)
     try:
         u = f"loop-{uuid.uuid4().hex[:6]}"
-        add_events(services.db, u, 60, seed=50)
+        add_events(own_services.db, u, 60, seed=50)
         assert scheduler.tick(settings, enqueue_with(celery)) == [u]
 
         def promoted():
-            with psycopg.connect(services.db.url) as conn:
+            with psycopg.connect(own_services.db.url) as conn:
                 prod = reg.production(conn, u)
             return prod.revision_id if prod else None
 
         rev = wait_for(promoted, timeout_s=180, what="the promotion by the gate")
-        with psycopg.connect(services.db.url) as conn:
+        with psycopg.connect(own_services.db.url) as conn:
             d = conn.execute("SELECT outcome, reason FROM decisions WHERE revision_id = %s", (rev,)).fetchone()
         assert d[0] == "promoted" and d[1].startswith("passed")
-        assert ObjectStore(services.s3).read_pointer(u)["revision"] == rev
+        assert ObjectStore(own_services.s3).read_pointer(u)["revision"] == rev
     finally:
         stop(proc)
