@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 from rich.table import Table
 
@@ -53,7 +54,7 @@ def buffer_table(rows: list[UserBuffer], kinds: dict[tuple[str, str, str], int])
 
 def config_markdown() -> str:
     """The configuration table of the README, from the settings classes (names, defaults, descriptions)."""
-    from pipeline.config import ALL_SETTINGS
+    from pipeline.config import ALL_SETTINGS, ROOT
 
     lines = ["| variable | default | description |", "| --- | --- | --- |"]
     for cls in ALL_SETTINGS:
@@ -62,6 +63,8 @@ def config_markdown() -> str:
             default = field.default
             if hasattr(default, "get_secret_value"):
                 default = "(secret)"
+            if isinstance(default, Path) and default.is_relative_to(ROOT):
+                default = default.relative_to(ROOT)  # the same table in every checkout
             shown = str(default).replace("|", "\\|")
             desc = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{prefix}{name.upper()}` | `{shown}` | {desc} |")
