@@ -90,8 +90,8 @@ def judge(revision_id: str, *, settings: Settings, rules: RuleSet, rules_source:
 
     base = load_configured(settings.model)
     with tempfile.TemporaryDirectory(prefix="persona-gate-") as tmp:
-        cand_dir = _download(reg, cand, Path(tmp) / "candidate")
-        cur_dir = _download(reg, current, Path(tmp) / "current") if current is not None else None
+        cand_dir = reg.download(cand, Path(tmp) / "candidate")
+        cur_dir = reg.download(current, Path(tmp) / "current") if current is not None else None
         m = evaluate(
             base,
             candidate_dir=cand_dir,
@@ -120,13 +120,6 @@ def judge(revision_id: str, *, settings: Settings, rules: RuleSet, rules_source:
         rules_source,
         started,
     )
-
-
-def _download(reg: Registry, rev: Revision, target: Path) -> Path:
-    target.mkdir(parents=True)
-    for name, data in reg.adapter_files(rev).items():  # sha256 verified
-        (target / name).write_bytes(data)
-    return target
 
 
 def _record(

@@ -356,12 +356,17 @@ class Registry:
                 rev = get_revision(conn, revision_id)
                 if rev.user_id != user_id:
                     raise InvalidInput(f"revision {rev.revision_id} belongs to {rev.user_id!r}, not {user_id!r}")
-        files = self.adapter_files(rev)  # verified before anything is written
+        self.download(rev, target)
+        (target / "manifest.json").write_bytes(orjson.dumps(rev.manifest, option=orjson.OPT_INDENT_2))
+        return rev
+
+    def download(self, rev: Revision, target: Path) -> Path:
+        """Write the revision's PEFT directory to ``target`` (every file verified before anything is written)."""
+        files = self.adapter_files(rev)
         target.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             (target / name).write_bytes(data)
-        (target / "manifest.json").write_bytes(orjson.dumps(rev.manifest, option=orjson.OPT_INDENT_2))
-        return rev
+        return target
 
     # --- forgetting ---
     def forget(self, user_id: str) -> ForgetReport:

@@ -144,10 +144,7 @@ def _train_and_write(
     with tempfile.TemporaryDirectory(prefix="persona-train-") as tmp:
         parent_dir = None
         if parent is not None:
-            parent_dir = Path(tmp) / "parent"
-            parent_dir.mkdir()
-            for name, data in reg.adapter_files(parent).items():  # sha256 verified
-                (parent_dir / name).write_bytes(data)
+            parent_dir = reg.download(parent, Path(tmp) / "parent")  # sha256 verified
         out = Path(tmp) / "candidate"
         log.info(
             "%s: training %s from %s on %d new + %d replayed events (%d examples), seed %d",

@@ -209,3 +209,29 @@ def test_pending_counters_equal_rows_for_every_user(services):
             " LEFT JOIN events e USING (user_id) GROUP BY 1, 2 HAVING s.pending_count <> count(e.event_id)"
         ).fetchall()
     assert bad == []
+
+
+def test_rows_the_database_refuses_go_to_the_dlq_and_the_rest_land(own_services):
+    """A valid-looking event that the database refuses (here: a constraint added for the test) is dead-lettered
+    with reason db_rejected; the other events of its batch are still written, once."""
+    services = own_services
+    with psycopg.connect(services.db.url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE events ADD CONSTRAINT test_no_poison CHECK (payload->>'text' <> 'poison')")
+    kafka = fresh_topics(services.kafka)
+    prefix = f"poison-{uuid.uuid4().hex[:6]}"
+    valid = _valid(prefix, users=2, per_user=10)
+    poison = dict(valid[0], event_id=str(uuid.uuid4()), kind="message", text="poison")
+    poison.pop("prompt", None)
+    for k in ("original", "edited", "chosen", "rejected", "completion", "rating"):
+        poison.pop(k, None)
+    producer = _producer(kafka)
+    for ev in [*valid[:5], poison, *valid[5:]]:
+        producer.send(kafka.topic_events, key=ev["user_id"].encode(), value=orjson.dumps(ev))
+    producer.flush()
+    producer.close()
+    bc = drain(services, kafka, expect=len(valid) + 1)
+    assert bc.totals.inserted == len(valid) and bc.totals.dead_lettered == 1
+    dlq = read_topic(kafka, kafka.topic_dlq, expect=1)
+    assert [reasons_from_headers(r.headers)[0]["code"] for r in dlq] == ["db_rejected"]
+    rows, pending = rows_and_pending(services.db, prefix)
+    assert sum(rows.values()) == len(valid) and pending == rows

@@ -74,10 +74,7 @@ def candidate_from(settings, user_id: str, examples: list[Example], tmp: Path, s
     reg = Registry(settings.db, ObjectStore(settings.s3))
     with psycopg.connect(settings.db.url) as conn:
         prod = registry.production(conn, user_id)
-    parent = tmp / f"parent-{seed}"
-    parent.mkdir()
-    for name, data in reg.adapter_files(prod).items():
-        (parent / name).write_bytes(data)
+    parent = reg.download(prod, tmp / f"parent-{seed}")
     out = tmp / f"cand-{seed}"
     base = load_base("tiny-random")
     train_adapter(base, examples, out, TRAIN, parent_dir=parent, seed=seed)
