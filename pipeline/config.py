@@ -204,6 +204,9 @@ class GateSettings(BaseSettings):
         ROOT / "infra" / "gating" / "default_rules.yaml",
         description="Gating rules (YAML, schemas/gating/rules.v1.json); `persona gate check` validates a file.",
     )
+    min_preference_pairs: int = Field(
+        10, ge=1, description="Fewer holdout preference pairs than this: preference accuracy counts as missing."
+    )
     probes: Path = Field(
         ROOT / "infra" / "gating" / "probes.yaml",
         description="Probe prompts for the drift of an adapter from the base.",

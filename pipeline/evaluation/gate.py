@@ -100,6 +100,7 @@ def judge(revision_id: str, *, settings: Settings, rules: RuleSet, rules_source:
             train_events_count=train_count,
             new_events_count=int(cand.manifest["training"].get("new_events", 0)),
             probes=load_probes(settings.gate.probes),
+            min_preference_pairs=settings.gate.min_preference_pairs,
             max_length=settings.training.max_length,
         )
     decision = decide(rules, m, user_id=cand.user_id, app=user.app)

@@ -266,8 +266,12 @@ def evaluate(
     new_events_count: int,
     probes: list[str],
     max_length: int = 128,
+    min_preference_pairs: int = 1,
 ) -> dict[str, Any]:
     """Metrics of the candidate adapter, the current production adapter (if any) and the base: the gate's input.
+
+    With fewer than ``min_preference_pairs`` holdout pairs, preference_accuracy is reported as missing (None) for
+    all three: an accuracy over a handful of pairs moves in steps of 1/n and would decide on noise.
 
     ``candidate_dir`` and ``current_dir`` are PEFT directories; each is attached to the shared ``base`` in turn
     (the base comes back unchanged). ``holdout_events`` must all be of the user's ``holdout`` split: the gate never
@@ -316,11 +320,17 @@ def evaluate(
         if bad:
             # JSON (and PostgreSQL's jsonb) has no NaN or infinity: refuse rather than store a decision on them.
             raise MetricsError(f"the {name} model's metrics are not finite: {bad}")
+    few_pairs = base_scores.preference_pairs < min_preference_pairs
+
+    def shown(scores: ModelScores) -> dict[str, float | None]:
+        m = scores.metrics()
+        return {**m, "preference_accuracy": None} if few_pairs else m
+
     return {
-        "candidate": candidate.metrics(),
-        "current": current.metrics() if current is not None else None,
+        "candidate": shown(candidate),
+        "current": shown(current) if current is not None else None,
         # The base's drift from itself is zero by definition, probes or not.
-        "base": {**base_scores.metrics(), "drift_kl": 0.0},
+        "base": {**shown(base_scores), "drift_kl": 0.0},
         "evidence": {
             "holdout_events": len(events),
             "holdout_tokens": base_scores.holdout_tokens,
