@@ -83,3 +83,28 @@ GATE_SECONDS = Histogram(
     buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 PROMOTIONS = Counter("persona_promotions_total", "Production alias moves announced, by reason.", ["reason"])
+
+# --- serving: adapter cache ---------------------------------------------------------------------------------------
+# tier: slot (device slots), host (CPU tensors), disk (local copies), store (object store fetches).
+ADAPTER_CACHE_HITS = Counter(
+    "persona_adapter_cache_hits_total", "Adapter lookups answered by a cache tier, by tier.", ["tier"]
+)
+ADAPTER_CACHE_MISSES = Counter(
+    "persona_adapter_cache_misses_total",
+    "Adapter lookups a cache tier could not answer (store: the object does not exist), by tier.",
+    ["tier"],
+)
+ADAPTER_LOAD_SECONDS = Histogram(
+    "persona_adapter_load_seconds",
+    "Seconds to bring one adapter into a tier from the one below (store: fetch + verify; disk: read + verify; "
+    "host: parse + limit checks; slot: device load).",
+    ["tier"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ADAPTER_CACHE_RESIDENT = Gauge("persona_adapter_cache_resident", "Adapters resident in a cache tier.", ["tier"])
+ADAPTER_CACHE_RESIDENT_BYTES = Gauge(
+    "persona_adapter_cache_resident_bytes", "Bytes of the adapters resident in a cache tier.", ["tier"]
+)
+ADAPTER_CACHE_EVICTIONS = Counter(
+    "persona_adapter_cache_evictions_total", "Adapters evicted from a cache tier to make room, by tier.", ["tier"]
+)

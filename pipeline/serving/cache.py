@@ -1,0 +1,497 @@
+"""The tiered adapter cache of a serving worker: device slots <- host memory <- local disk <- object store.
+
+Lifecycle (DESIGN.md section 6 rule 6): download (``fetch`` from the object store, verified by sha256), keep a copy
+on local disk (``{disk_dir}/{sha256}/``, verified again whenever it is read back; a corrupt copy is deleted and
+fetched again), parse into CPU tensors in host memory (the adapter limits, rank and target modules, are checked here,
+before anything takes a device slot), load into a device slot through a ``SlotLoader``, evict. Every tier is a
+bounded LRU: disk and host by bytes, slots by count. An acquired adapter is pinned until released; operators can pin
+adapters too. Pinned adapters are never evicted from any tier.
+
+Thread-safety: one lock guards the bookkeeping; fetching, reading, parsing and loading happen outside it (a slow
+fetch of one adapter does not block hits of others), and a per-adapter lock makes concurrent requests of one adapter
+load it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from safetensors.torch import load as load_safetensors
+from torch import Tensor
+
+from pipeline.domain.errors import NotFound
+from pipeline.domain.revisions import ADAPTER_FILES
+from pipeline.observability import metrics as m
+from pipeline.serving.adapters import (
+    AdapterCacheError,
+    AdapterKey,
+    AdapterLimitError,
+    AdapterLimits,
+    SlotLoader,
+    SlotsExhausted,
+    check_limits,
+)
+from pipeline.storage.objects import CorruptObject
+
+log = logging.getLogger(__name__)
+
+SLOT, HOST, DISK, STORE = "slot", "host", "disk", "store"
+TIERS = (SLOT, HOST, DISK, STORE)
+_CONFIG, _WEIGHTS = ADAPTER_FILES
+_DIGESTS = "sha256.json"  # written last in a disk entry: its presence marks a complete copy
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of the cache: resident adapters and bytes per tier, and this instance's counters per tier."""
+
+    resident: dict[str, int]
+    resident_bytes: dict[str, int]
+    hits: dict[str, int]
+    misses: dict[str, int]
+    evictions: dict[str, int]
+    slots: list[AdapterKey | None]
+
+
+@dataclass
+class _Host:
+    tensors: dict[str, Tensor]
+    config: dict[str, Any]
+    nbytes: int
+
+
+@dataclass
+class _Counters:
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    misses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+
+
+class _CorruptCopy(Exception):
+    """A disk copy is incomplete or does not match its digests."""
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class AdapterCache:
+    """Adapters of many users on a few device slots, through host memory and local disk (see the module doc)."""
+
+    def __init__(
+        self,
+        fetch: Callable[[AdapterKey], dict[str, bytes]],
+        *,
+        disk_dir: Path,
+        disk_bytes: int,
+        host_bytes: int,
+        slots: int,
+        limits: AdapterLimits,
+        loader: SlotLoader,
+        prefetch_workers: int = 2,
+    ) -> None:
+        if slots < 1 or disk_bytes < 0 or host_bytes < 0:
+            raise ValueError(f"slots must be >= 1 and capacities >= 0 (got {slots}, {disk_bytes}, {host_bytes})")
+        self.fetch = fetch
+        self.disk_dir = Path(disk_dir)
+        self.disk_bytes = disk_bytes
+        self.host_bytes = host_bytes
+        self.limits = limits
+        self.loader = loader
+        self._lock = threading.Lock()
+        self._key_locks: dict[AdapterKey, list[Any]] = {}  # key -> [lock, users]
+        self._slots: list[AdapterKey | None] = [None] * slots
+        self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
+        self._slot_bytes: dict[AdapterKey, int] = {}
+        self._host: OrderedDict[AdapterKey, _Host] = OrderedDict()
+        self._disk: OrderedDict[str, int] = OrderedDict()  # sha256 -> bytes on disk
+        self._refs: dict[AdapterKey, int] = {}  # acquired and not yet released
+        self._pinned: set[AdapterKey] = set()  # operator pins
+        self._stale: set[AdapterKey] = set()  # invalidated while in use: dropped on release
+        self._counters = _Counters()
+        self._executor = ThreadPoolExecutor(max_workers=prefetch_workers, thread_name_prefix="adapter-prefetch")
+        self._scan_disk()
+        self._gauges()
+
+    # --- public API ---
+    def acquire(self, key: AdapterKey) -> int:
+        """The device slot holding ``key``, loading it through the tiers as needed; pinned until ``release``.
+
+        Raises AdapterLimitError (nothing loaded, no slot touched), CorruptObject (the object store's bytes do not
+        match the sha256), NotFound, or SlotsExhausted (every slot pinned or in use).
+        """
+        with self._key_lock(key):
+            with self._lock:
+                slot = self._slot_of.get(key)
+                if slot is not None:
+                    self._count(SLOT, hit=True)
+                    self._slot_of.move_to_end(key)
+                    self._refs[key] = self._refs.get(key, 0) + 1
+                    return slot
+                self._count(SLOT, hit=False)
+            host = self._host_get(key)
+            with self._lock:
+                slot = self._reserve_slot(key)
+            start = time.perf_counter()
+            try:
+                self.loader.load(slot, host.tensors, host.config)
+            except BaseException:
+                with self._lock:
+                    self._free_slot(slot)
+                raise
+            m.ADAPTER_LOAD_SECONDS.labels(SLOT).observe(time.perf_counter() - start)
+            with self._lock:
+                self._slot_bytes[key] = host.nbytes
+                self._gauges()
+            return slot
+
+    def release(self, key: AdapterKey) -> None:
+        """End one ``acquire`` of ``key``: once no request uses it, it may be evicted again."""
+        with self._lock:
+            n = self._refs.get(key, 0)
+            if n <= 0:
+                raise AdapterCacheError(f"release of {key} without a matching acquire")
+            if n == 1:
+                del self._refs[key]
+                if key in self._stale:
+                    self._stale.discard(key)
+                    self._drop(key)
+            else:
+                self._refs[key] = n - 1
+
+    @contextlib.contextmanager
+    def use(self, key: AdapterKey) -> Iterator[int]:
+        """``with cache.use(key) as slot:`` acquire and release around a request."""
+        slot = self.acquire(key)
+        try:
+            yield slot
+        finally:
+            self.release(key)
+
+    def pin(self, key: AdapterKey) -> None:
+        """Operator pin: ``key`` is never evicted from any tier it reaches until ``unpin``."""
+        with self._lock:
+            self._pinned.add(key)
+
+    def unpin(self, key: AdapterKey) -> None:
+        """Remove an operator pin (no error if there was none)."""
+        with self._lock:
+            self._pinned.discard(key)
+
+    def invalidate(self, user_id: str, *, keep_revision: str | None = None) -> int:
+        """Drop ``user_id``'s adapters from host memory and device slots (except revision ``keep_revision``).
+
+        Adapters in use are dropped when released; operator-pinned ones stay. The disk copies stay (they are
+        content-addressed and bounded by their LRU). Returns how many adapters were dropped now.
+        """
+        dropped = 0
+        with self._lock:
+            keys = {
+                k for k in (*self._host, *self._slot_of) if k.user_id == user_id and k.revision_id != keep_revision
+            }
+            for key in keys:
+                if key in self._pinned:
+                    continue
+                if self._refs.get(key):
+                    self._stale.add(key)
+                    continue
+                self._drop(key)
+                dropped += 1
+        if keys:
+            log.info("invalidated %d adapter(s) of %s", dropped, user_id)
+        return dropped
+
+    def prefetch(self, key: AdapterKey) -> Future[bool]:
+        """Load ``key`` into host memory (or at least onto local disk) in the background; best effort.
+
+        The future is True when the adapter reached host memory or disk, False when loading failed (logged).
+        """
+        return self._executor.submit(self._prefetch, key)
+
+    def stats(self) -> CacheStats:
+        """Resident adapters and bytes per tier, and this instance's hits, misses and evictions per tier."""
+        with self._lock:
+            return CacheStats(
+                resident={SLOT: len(self._slot_of), HOST: len(self._host), DISK: len(self._disk)},
+                resident_bytes={
+                    SLOT: sum(self._slot_bytes.values()),
+                    HOST: sum(h.nbytes for h in self._host.values()),
+                    DISK: sum(self._disk.values()),
+                },
+                hits=dict(self._counters.hits),
+                misses=dict(self._counters.misses),
+                evictions=dict(self._counters.evictions),
+                slots=list(self._slots),
+            )
+
+    def close(self) -> None:
+        """Stop the prefetch threads (waits for those running)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # --- tiers ---
+    def _prefetch(self, key: AdapterKey) -> bool:
+        try:
+            with self._key_lock(key):
+                with self._lock:
+                    if key in self._host or key in self._slot_of:
+                        return True
+                self._host_get(key)
+            return True
+        except Exception:
+            log.warning("prefetch of %s failed", key, exc_info=True)
+            return False
+
+    def _host_get(self, key: AdapterKey) -> _Host:
+        """Host tier (caller holds the key's lock): parsed tensors, limits checked."""
+        with self._lock:
+            host = self._host.get(key)
+            if host is not None:
+                self._count(HOST, hit=True)
+                self._host.move_to_end(key)
+                return host
+            self._count(HOST, hit=False)
+        files = self._disk_get(key)
+        start = time.perf_counter()
+        try:
+            config = orjson.loads(files[_CONFIG])
+        except (orjson.JSONDecodeError, KeyError) as e:
+            raise AdapterLimitError(f"{key}: adapter_config.json is missing or not JSON: {e}") from e
+        check_limits(config, None, self.limits)  # before parsing the weights: cheap refusals first
+        tensors = load_safetensors(files[_WEIGHTS])
+        check_limits(config, tensors, self.limits)
+        host = _Host(tensors, config, sum(t.numel() * t.element_size() for t in tensors.values()))
+        m.ADAPTER_LOAD_SECONDS.labels(HOST).observe(time.perf_counter() - start)
+        with self._lock:
+            if self._make_room_host(host.nbytes):
+                self._host[key] = host
+            else:  # too big for what is evictable: serve it from this copy without keeping it
+                log.info("%s (%d bytes) does not fit host memory now; not kept there", key, host.nbytes)
+            self._gauges()
+        return host
+
+    def _disk_get(self, key: AdapterKey) -> dict[str, bytes]:
+        """Disk tier, else the object store (copied to disk when it fits)."""
+        entry = self.disk_dir / key.sha256
+        with self._lock:
+            present = key.sha256 in self._disk
+        if present:
+            start = time.perf_counter()
+            try:
+                files = self._read_disk(entry, key.sha256)
+            except _CorruptCopy as e:
+                log.warning("disk copy of %s is corrupt (%s); deleting it and fetching again", key, e)
+                with self._lock:
+                    self._disk.pop(key.sha256, None)
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                m.ADAPTER_LOAD_SECONDS.labels(DISK).observe(time.perf_counter() - start)
+                with self._lock:
+                    self._count(DISK, hit=True)
+                    if key.sha256 in self._disk:
+                        self._disk.move_to_end(key.sha256)
+                return files
+        with self._lock:
+            self._count(DISK, hit=False)
+        start = time.perf_counter()
+        try:
+            files = self.fetch(key)
+        except NotFound:
+            with self._lock:
+                self._count(STORE, hit=False)
+            raise
+        if _sha(files.get(_WEIGHTS, b"")) != key.sha256:  # the fetch verifies; this guards a fetch that does not
+            raise CorruptObject(f"{key}: the fetched adapter_model.safetensors does not have sha256 {key.sha256}")
+        m.ADAPTER_LOAD_SECONDS.labels(STORE).observe(time.perf_counter() - start)
+        with self._lock:
+            self._count(STORE, hit=True)
+        self._write_disk(key.sha256, files)
+        return files
+
+    def _read_disk(self, entry: Path, sha256: str) -> dict[str, bytes]:
+        try:
+            digests = orjson.loads((entry / _DIGESTS).read_bytes())
+            files = {name: (entry / name).read_bytes() for name in ADAPTER_FILES}
+        except (OSError, orjson.JSONDecodeError) as e:
+            raise _CorruptCopy(str(e)) from e
+        for name, data in files.items():
+            if _sha(data) != digests.get(name):
+                raise _CorruptCopy(f"{name} does not match its recorded sha256")
+        if digests.get(_WEIGHTS) != sha256:
+            raise _CorruptCopy(f"{_WEIGHTS} is not the one of sha256 {sha256}")
+        return files
+
+    def _write_disk(self, sha256: str, files: dict[str, bytes]) -> None:
+        size = sum(len(files[n]) for n in ADAPTER_FILES)
+        with self._lock:
+            if sha256 in self._disk:
+                return
+            fits = self._make_room_disk(size)
+            if fits:
+                self._disk[sha256] = size  # reserved now; written below (a reader of a half-written copy refetches)
+        if not fits:
+            log.info("adapter %s (%d bytes) does not fit the disk cache now; not kept there", sha256[:12], size)
+            return
+        tmp = self.disk_dir / f".tmp-{uuid.uuid4().hex}"
+        try:
+            tmp.mkdir(parents=True)
+            for name in ADAPTER_FILES:
+                (tmp / name).write_bytes(files[name])
+            (tmp / _DIGESTS).write_bytes(orjson.dumps({n: _sha(files[n]) for n in ADAPTER_FILES}))
+            shutil.rmtree(self.disk_dir / sha256, ignore_errors=True)
+            tmp.rename(self.disk_dir / sha256)
+        except OSError:
+            log.warning("could not write the disk copy of %s", sha256[:12], exc_info=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                self._disk.pop(sha256, None)
+        with self._lock:
+            self._gauges()
+
+    def _scan_disk(self) -> None:
+        """Adopt complete copies left by an earlier process (oldest first); remove partial ones."""
+        self.disk_dir.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for d in self.disk_dir.iterdir():
+            if d.name.startswith(".tmp-") or not (d / _DIGESTS).exists():
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            size = sum((d / n).stat().st_size for n in ADAPTER_FILES if (d / n).exists())
+            entries.append(((d / _DIGESTS).stat().st_mtime, d.name, size))
+        for _, name, size in sorted(entries):
+            self._disk[name] = size
+        while sum(self._disk.values()) > self.disk_bytes and self._disk:
+            name, _ = self._disk.popitem(last=False)
+            shutil.rmtree(self.disk_dir / name, ignore_errors=True)
+
+    # --- bookkeeping (caller holds self._lock) ---
+    def _held(self, key: AdapterKey) -> bool:
+        return key in self._pinned or self._refs.get(key, 0) > 0
+
+    def _reserve_slot(self, key: AdapterKey) -> int:
+        if None in self._slots:
+            slot = self._slots.index(None)
+        else:
+            victim = next((k for k in self._slot_of if not self._held(k)), None)
+            if victim is None:
+                raise SlotsExhausted(
+                    f"all {len(self._slots)} device slots hold pinned or in-use adapters; {key.user_id}@"
+                    f"{key.revision_id} cannot be loaded until one is released (or add slots)"
+                )
+            slot = self._slot_of.pop(victim)
+            self._slot_bytes.pop(victim, None)
+            self.loader.clear(slot)
+            self._evicted(SLOT)
+        self._slots[slot] = key
+        self._slot_of[key] = slot
+        self._refs[key] = self._refs.get(key, 0) + 1
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        key = self._slots[slot]
+        self._slots[slot] = None
+        if key is not None:
+            self._slot_of.pop(key, None)
+            self._slot_bytes.pop(key, None)
+            n = self._refs.get(key, 0) - 1
+            if n > 0:
+                self._refs[key] = n
+            else:
+                self._refs.pop(key, None)
+        with contextlib.suppress(Exception):
+            self.loader.clear(slot)
+        self._gauges()
+
+    def _make_room_host(self, nbytes: int) -> bool:
+        return self._make_room(self._host, lambda h: h.nbytes, nbytes, self.host_bytes, HOST, self._held)
+
+    def _make_room_disk(self, nbytes: int) -> bool:
+        held = {k.sha256 for k in (*self._pinned, *self._refs)}
+
+        def evict(sha: str) -> None:
+            shutil.rmtree(self.disk_dir / sha, ignore_errors=True)
+
+        return self._make_room(self._disk, lambda n: n, nbytes, self.disk_bytes, DISK, held.__contains__, evict)
+
+    def _make_room(
+        self,
+        tier: OrderedDict,
+        size: Callable[[Any], int],
+        nbytes: int,
+        capacity: int,
+        name: str,
+        held: Callable[[Any], bool],
+        on_evict: Callable[[Any], None] | None = None,
+    ) -> bool:
+        """Evict unheld entries, oldest first, until ``nbytes`` more fit; False (nothing evicted) if they cannot."""
+        used = sum(size(v) for v in tier.values())
+        evictable = [k for k in tier if not held(k)]
+        free_able = sum(size(tier[k]) for k in evictable)
+        if nbytes > capacity - used + free_able:
+            return False
+        for k in evictable:
+            if used + nbytes <= capacity:
+                break
+            used -= size(tier.pop(k))
+            if on_evict:
+                on_evict(k)
+            self._evicted(name)
+        return True
+
+    def _drop(self, key: AdapterKey) -> None:
+        self._host.pop(key, None)
+        slot = self._slot_of.pop(key, None)
+        if slot is not None:
+            self._slots[slot] = None
+            self._slot_bytes.pop(key, None)
+            self.loader.clear(slot)
+        self._gauges()
+
+    def _evicted(self, tier: str) -> None:
+        self._counters.evictions[tier] += 1
+        m.ADAPTER_CACHE_EVICTIONS.labels(tier).inc()
+
+    def _count(self, tier: str, *, hit: bool) -> None:
+        if hit:
+            self._counters.hits[tier] += 1
+            m.ADAPTER_CACHE_HITS.labels(tier).inc()
+        else:
+            self._counters.misses[tier] += 1
+            m.ADAPTER_CACHE_MISSES.labels(tier).inc()
+
+    def _gauges(self) -> None:
+        # Gauges are process-wide: one cache per serving process.
+        for tier, n, b in (
+            (SLOT, len(self._slot_of), sum(self._slot_bytes.values())),
+            (HOST, len(self._host), sum(h.nbytes for h in self._host.values())),
+            (DISK, len(self._disk), sum(self._disk.values())),
+        ):
+            m.ADAPTER_CACHE_RESIDENT.labels(tier).set(n)
+            m.ADAPTER_CACHE_RESIDENT_BYTES.labels(tier).set(b)
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: AdapterKey) -> Iterator[None]:
+        """One loader per adapter at a time; the lock object lives while someone holds or waits for it."""
+        with self._lock:
+            entry = self._key_locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._key_locks[key]

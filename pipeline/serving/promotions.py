@@ -1,0 +1,135 @@
+"""Listening to persona.promotions.v1 in a serving worker, so the next request of a promoted user serves the new
+revision.
+
+Every serving worker must hear every promotion, so each listener is a consumer group of its own (``group_id``
+unique per worker) that starts at the end of the topic and never commits: a worker that starts later resolves the
+alias from the registry anyway. Invalid records are logged and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import orjson
+from jsonschema import Draft202012Validator
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError
+
+from pipeline.config import SCHEMAS_DIR, KafkaSettings
+from pipeline.domain.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    schema = orjson.loads((SCHEMAS_DIR / "events" / "promotion.v1.json").read_bytes())
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def parse_promotion(value: bytes) -> dict[str, Any]:
+    """The promotion.v1 payload in ``value``; InvalidInput naming the first problem if it is not one."""
+    try:
+        event = orjson.loads(value)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"promotion record is not JSON: {e}") from e
+    error = next(iter(_validator().iter_errors(event)), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(record)"
+        raise InvalidInput(f"promotion record is not promotion.v1: {where}: {error.message}")
+    return event
+
+
+class PromotionListener:
+    """Calls ``on_promotion(event)`` for each promotion.v1 event, from a thread of its own (``start``/``stop``).
+
+    ``ready`` is set once the consumer has its partitions: promotions announced after that are heard. A callback
+    that raises is logged; the listener goes on.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        group_id: str,
+        on_promotion: Callable[[dict[str, Any]], None],
+        *,
+        poll_timeout_ms: int = 500,
+    ) -> None:
+        self.kafka = kafka
+        self.group_id = group_id
+        self.on_promotion = on_promotion
+        self.poll_timeout_ms = poll_timeout_ms
+        self.ready = threading.Event()
+        self.heard = 0
+        self.skipped = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PromotionListener:
+        """Start listening in a daemon thread; returns self."""
+        if self._thread is not None:
+            raise RuntimeError("the promotion listener is already started")
+        consumer = KafkaConsumer(
+            self.kafka.topic_promotions,
+            bootstrap_servers=self.kafka.servers,
+            group_id=self.group_id,
+            auto_offset_reset="latest",
+            enable_auto_commit=False,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=2000,
+            request_timeout_ms=self.kafka.request_timeout_ms,
+            client_id=f"persona-promotions-{self.group_id}",
+        )
+        self._thread = threading.Thread(target=self._run, args=(consumer,), name="promotion-listener", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop listening and close the consumer (waits up to ``timeout_s``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the consumer has its partitions (True) or ``timeout_s`` passed (False)."""
+        return self.ready.wait(timeout_s)
+
+    def _run(self, consumer: KafkaConsumer) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    batches = consumer.poll(timeout_ms=self.poll_timeout_ms)
+                except KafkaError as e:  # the broker went away: keep trying, a worker must not go deaf
+                    log.warning("polling %s failed: %r; retrying", self.kafka.topic_promotions, e)
+                    self._stop.wait(1.0)
+                    continue
+                if not self.ready.is_set() and consumer.assignment():
+                    # Fix the start positions now: "latest" is resolved lazily, which could skip records
+                    # announced between the assignment and the first fetch.
+                    for tp in consumer.assignment():
+                        consumer.position(tp)
+                    self.ready.set()
+                for records in batches.values():
+                    for record in records:
+                        self._handle(record.value)
+        except Exception:
+            log.exception("the promotion listener stopped on an error")
+        finally:
+            consumer.close()
+
+    def _handle(self, value: bytes) -> None:
+        try:
+            event = parse_promotion(value)
+        except InvalidInput as e:
+            self.skipped += 1
+            log.warning("skipping a record of %s: %s", self.kafka.topic_promotions, e)
+            return
+        self.heard += 1
+        try:
+            self.on_promotion(event)
+        except Exception:
+            log.exception("promotion callback failed for %s -> %s", event["user_id"], event["revision_id"])
