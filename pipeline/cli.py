@@ -253,6 +253,23 @@ def beat(
     scheduler.run(settings, enqueue, stop, lambda: {q: int(broker.llen(q)) for q in QUEUES})
 
 
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (default PERSONA_SERVE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default PERSONA_SERVE_PORT).")] = None,
+) -> None:
+    """Run a serving worker: OpenAI-compatible API over the base and users' adapters (batched multi-LoRA)."""
+    from pipeline.config import Settings
+    from pipeline.models.base import load_configured
+    from pipeline.serving.api import serve as run_server
+
+    base = Settings()
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    serving = base.serving.model_copy(update=overrides) if overrides else base.serving
+    settings = Settings(resolved_db(), base.s3, base.kafka, base.model, serving)
+    run_server(settings, load_configured(settings.model))
+
+
 # --- config, demo ---
 @config_app.command("table")
 def config_table() -> None:

@@ -213,6 +213,35 @@ class GateSettings(BaseSettings):
     )
 
 
+class ServingSettings(BaseSettings):
+    """A serving worker (`persona serve`): the HTTP API, the engine and the adapter cache."""
+
+    model_config = _config("PERSONA_SERVE_")
+
+    host: str = Field("127.0.0.1", description="Address the serving API listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the serving API.")
+    device: str = Field("cpu", description="torch device of the engine (`cpu`, `cuda`, `cuda:1`, ...).")
+    slots: int = Field(8, ge=1, le=4096, description="Adapters resident on the device at once.")
+    max_rank: int = Field(16, ge=1, le=256, description="Largest LoRA rank a slot holds.")
+    target_modules: str = Field(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="Modules adapters may target."
+    )
+    max_batch: int = Field(32, ge=1, le=4096, description="Requests decoded together at most.")
+    max_tokens: int = Field(256, ge=1, description="Upper bound of max_tokens of one request.")
+    cache_dir: Path = Field(Path("~/.cache/persona/adapters"), description="Local disk tier of the adapter cache.")
+    disk_cache_bytes: int = Field(10 << 30, ge=0, description="Bytes of the disk tier.")
+    host_cache_bytes: int = Field(2 << 30, ge=0, description="Bytes of the host-memory tier.")
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+
 class StackSettings(BaseSettings):
     """Embedded local stack (`persona stack up|down|status`)."""
 
@@ -305,6 +334,10 @@ class Settings:
         return self._get(GateSettings)  # type: ignore[return-value]
 
     @property
+    def serving(self) -> ServingSettings:
+        return self._get(ServingSettings)  # type: ignore[return-value]
+
+    @property
     def stack(self) -> StackSettings:
         return self._get(StackSettings)  # type: ignore[return-value]
 
@@ -322,6 +355,7 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     PolicySettings,
     WorkerSettings,
     GateSettings,
+    ServingSettings,
     StackSettings,
 )
 

@@ -1,0 +1,112 @@
+"""Multi-LoRA layers: per-row adapters of different ranks equal a per-row reference; limits; inject/remove."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from pipeline.domain.errors import PersonaError
+from pipeline.models import multilora
+from pipeline.models.base import tiny_random, weights_sha256
+from pipeline.models.multilora import AdapterFormatError, AdapterLimitError, MultiLoraLinear
+
+
+def _rows(index: list[int]) -> multilora._Rows:
+    rows = multilora._Rows()
+    rows.index = torch.tensor(index)
+    return rows
+
+
+def test_layer_equals_per_row_reference_with_heterogeneous_ranks():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    rows = multilora._Rows()
+    layer = MultiLoraLinear(base, slots=4, max_rank=8, rows=rows)
+    adapters = {}
+    for slot, (rank, scale) in enumerate([(1, 2.0), (4, 0.5), (8, 1.0)]):
+        a, b = torch.randn(rank, 16), torch.randn(12, rank)
+        adapters[slot] = (a, b, scale)
+        with torch.no_grad():
+            layer.lora_A[slot, :rank] = a
+            layer.lora_B[slot, :, :rank] = b
+            layer.scaling[slot] = scale
+    index = [2, -1, 0, 1, 3, 0]  # slot 3 is empty: base only, like -1
+    x = torch.randn(len(index), 5, 16)
+    rows.index = torch.tensor(index)
+    got = layer(x)
+    for i, slot in enumerate(index):
+        want = base(x[i])
+        if slot in adapters:
+            a, b, scale = adapters[slot]
+            want = want + (x[i] @ a.T @ b.T) * scale
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    rows.index = None
+    torch.testing.assert_close(layer(x), base(x))
+
+
+def _peft_adapter(tmp_path, name, r, alpha, targets, seed=0):
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        tiny_random(), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    )
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return path
+
+
+def test_inject_load_remove_restores_the_base(tmp_path):
+    model = tiny_random()
+    before = weights_sha256(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    want = model(ids).logits
+    handle = multilora.inject(model, ("q_proj", "v_proj"), slots=2, max_rank=4)
+    assert len(handle.layers) == 4  # 2 layers x (q, v)
+    state, config = multilora.read_adapter_dir(_peft_adapter(tmp_path, "a", 4, 8, ["q_proj", "v_proj"]))
+    multilora.load_slot(handle, 0, state, config)
+    multilora.set_rows(handle, torch.tensor([0]))
+    assert not torch.allclose(model(ids).logits, want)
+    multilora.set_rows(handle, torch.tensor([-1]))
+    torch.testing.assert_close(model(ids).logits, want)
+    handle.remove()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    assert weights_sha256(model) == before
+    torch.testing.assert_close(model(ids).logits, want, atol=0, rtol=0)
+
+
+def test_limits_are_refused_and_leave_the_slot_unchanged(tmp_path):
+    model = tiny_random()
+    handle = multilora.inject(model, ("q_proj", "v_proj"), slots=2, max_rank=4)
+    ok_state, ok_config = multilora.read_adapter_dir(_peft_adapter(tmp_path, "ok", 2, 4, ["q_proj", "v_proj"]))
+    multilora.load_slot(handle, 1, ok_state, ok_config)
+    snapshot = {p: layer.lora_A[1].clone() for p, layer in handle.layers.items()}
+
+    big_state, big_config = multilora.read_adapter_dir(_peft_adapter(tmp_path, "big", 8, 8, ["q_proj"]))
+    with pytest.raises(AdapterLimitError, match=r"rank 8 .* maximum rank 4"):
+        multilora.load_slot(handle, 1, big_state, big_config)
+    mlp_state, mlp_config = multilora.read_adapter_dir(_peft_adapter(tmp_path, "mlp", 2, 4, ["q_proj", "up_proj"]))
+    with pytest.raises(AdapterLimitError, match="up_proj"):
+        multilora.load_slot(handle, 1, mlp_state, mlp_config)
+    with pytest.raises(AdapterLimitError, match="use_dora"):
+        multilora.load_slot(handle, 1, ok_state, {**ok_config, "use_dora": True})
+    with pytest.raises(AdapterLimitError, match="slot 2 is out of range"):
+        multilora.load_slot(handle, 2, ok_state, ok_config)
+    with pytest.raises(AdapterLimitError, match="slot indices"):
+        multilora.set_rows(handle, torch.tensor([0, 5]))
+    with pytest.raises(AdapterLimitError, match="unknown targets"):
+        multilora.inject(tiny_random(), ("q_proj", "lm_head"), slots=1, max_rank=1)
+    for p, layer in handle.layers.items():
+        torch.testing.assert_close(layer.lora_A[1], snapshot[p], atol=0, rtol=0)
+    assert issubclass(AdapterLimitError, PersonaError)
+
+    multilora.clear_slot(handle, 1)
+    assert all(float(layer.lora_A[1].abs().sum()) == 0 for layer in handle.layers.values())
+
+
+def test_read_adapter_dir_errors(tmp_path):
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json"):
+        multilora.read_adapter_dir(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.safetensors"):
+        multilora.read_adapter_dir(tmp_path)
