@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: demo test lint bench-ingest bench-registry bench-train model-prepare stack-up stack-down stack-status clean
+.PHONY: demo test nginx lint bench-ingest bench-registry bench-train model-prepare stack-up stack-down stack-status clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (Debian: apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -26,7 +26,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## bring up the embedded stack and run the main job end to end
 	$(BIN)/persona demo $(ARGS)
 
-test: $(STAMP)  ## unit + integration tests on real services (the test stack starts and stops itself)
+nginx:  ## the serving pool's router, for its test (Debian's nginx-light; the package's own server is stopped)
+	@command -v nginx >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq nginx-light >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nginx-light)) \
+	    && (nginx -s stop 2>/dev/null || pkill -x nginx || true) \
+	    || echo "warning: nginx could not be installed; the router test will be skipped"; \
+	  else echo "warning: nginx not installed; the router test will be skipped"; fi; }
+
+test: $(STAMP) nginx  ## unit + integration tests on real services (the test stack starts and stops itself)
 	@$(BIN)/pytest $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -268,6 +269,24 @@ def serve(
     serving = base.serving.model_copy(update=overrides) if overrides else base.serving
     settings = Settings(resolved_db(), base.s3, base.kafka, base.model, serving)
     run_server(settings, load_configured(settings.model))
+
+
+router_app = typer.Typer(help="The nginx router of a serving pool.", no_args_is_help=True)
+app.add_typer(router_app, name="router")
+
+
+@router_app.command("config")
+def router_config(
+    workers: Annotated[str, typer.Option(help="Comma-separated host:port of the `persona serve` workers.")],
+    listen: Annotated[str, typer.Option(help="Address nginx listens on.")] = "127.0.0.1:8080",
+    run_dir: Annotated[Path, typer.Option(help="Folder for nginx's pid, log and temp files.")] = Path(
+        ".persona/router"
+    ),
+) -> None:
+    """Print the nginx configuration of a serving pool (consistent hashing on the user; see infra/nginx/)."""
+    from pipeline.serving.router import nginx_config
+
+    print(nginx_config([w.strip() for w in workers.split(",") if w.strip()], listen=listen, run_dir=run_dir))
 
 
 # --- config, demo ---

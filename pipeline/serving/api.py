@@ -88,9 +88,13 @@ class Target:
 class Server:
     """The engine, its driving thread, the adapter cache and the model resolution of one serving worker."""
 
-    def __init__(self, settings: Settings, base: LoadedBase) -> None:
+    def __init__(self, settings: Settings, base: LoadedBase, name: str | None = None) -> None:
+        import os
+        import socket
+
         cfg = settings.serving
         self.settings = settings
+        self.name = name or f"{socket.gethostname()}:{cfg.port}:{os.getpid()}"  # header x-persona-worker
         self.base_id = base.ref.model_id
         self.tokenizer = base.tokenizer
         self.engine = Engine(base, cfg.slots, cfg.max_rank, cfg.targets, cfg.device, cfg.max_batch)
@@ -257,6 +261,12 @@ def create_app(server: Server) -> FastAPI:
     """The OpenAI-compatible app of one serving worker."""
     app = FastAPI(title="persona serving", version="1")
     tok = server.tokenizer
+
+    @app.middleware("http")
+    async def worker_header(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.headers["x-persona-worker"] = server.name  # which worker of the pool answered
+        return response
 
     def parse(model_cls: type[BaseModel], raw: bytes) -> BaseModel | JSONResponse:
         try:
