@@ -178,3 +178,29 @@ def test_models_health_and_metrics(world):
     ids = [m["id"] for m in httpx.get(f"{world['url']}/v1/models").json()["data"]]
     assert TINY_RANDOM_ID in ids
     assert "persona_adapter_cache_hits_total" in httpx.get(f"{world['url']}/metrics").text
+
+
+def test_the_official_openai_client_completes_chats_and_streams(world):
+    from openai import NotFoundError, OpenAI
+
+    u = f"oai-{uuid.uuid4().hex[:6]}"
+    rev = new_revision(world, u, 6)
+    world["registry"].promote(u, rev.revision_id)
+    client = OpenAI(base_url=f"{world['url']}/v1", api_key="unused", max_retries=0)
+    done = client.completions.create(model=f"user:{u}", prompt="Status:", max_tokens=5)
+    assert done.object == "text_completion" and done.usage.completion_tokens >= 1
+    chat = client.chat.completions.create(
+        model=f"user:{u}", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+    raw = client.chat.completions.with_raw_response.create(
+        model=f"user:{u}", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.headers["x-persona-revision"] == rev.revision_id
+    stream = client.chat.completions.create(
+        model=f"user:{u}", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces) == chat.choices[0].message.content
+    with pytest.raises(NotFoundError):
+        client.completions.create(model="user:nobody-at-all", prompt="x", max_tokens=1)
