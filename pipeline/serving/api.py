@@ -39,9 +39,10 @@ from pipeline.storage.registry import Registry
 log = logging.getLogger(__name__)
 
 
-class CompletionBody(BaseModel):
+class _Sampling(BaseModel):
+    """The sampling parameters both completion endpoints take (OpenAI's names and meanings)."""
+
     model: str
-    prompt: str
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -50,20 +51,18 @@ class CompletionBody(BaseModel):
     stream: bool = False
 
 
+class CompletionBody(_Sampling):
+    prompt: str
+
+
 class ChatMessage(BaseModel):
     role: str
     content: str
 
 
-class ChatBody(BaseModel):
-    model: str
+class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
 
 
 class ScoreBody(BaseModel):
