@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import Settings
 from pipeline.domain.errors import InvalidInput, NotFound
@@ -347,47 +348,45 @@ def create_app(server: Server) -> FastAPI:
             headers=headers,
         )
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        body = parse(CompletionBody, await request.body())
+    async def read(request: Request, model_cls: type[BaseModel]) -> tuple[Any, Target] | JSONResponse:
+        """The validated body and what its ``model`` resolves to (the database lookup runs off the event loop)."""
+        body = parse(model_cls, await request.body())
         if isinstance(body, JSONResponse):
             return body
-        target = resolve(body.model)
-        if isinstance(target, JSONResponse):
-            return target
+        target = await run_in_threadpool(resolve, body.model)
+        return target if isinstance(target, JSONResponse) else (body, target)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        got = await read(request, CompletionBody)
+        if isinstance(got, JSONResponse):
+            return got
+        body, target = got
         ids = tok(body.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             return _error(400, "prompt is empty", code="invalid_request", param="prompt")
-        from starlette.concurrency import run_in_threadpool
-
         return await run_in_threadpool(answer, body, target, ids, False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        body = parse(ChatBody, await request.body())
-        if isinstance(body, JSONResponse):
-            return body
-        target = resolve(body.model)
-        if isinstance(target, JSONResponse):
-            return target
+        got = await read(request, ChatBody)
+        if isinstance(got, JSONResponse):
+            return got
+        body, target = got
         rendered = tok.apply_chat_template(
             [m.model_dump() for m in body.messages], add_generation_prompt=True, tokenize=False
         )
         ids = tok(rendered, add_special_tokens=False)["input_ids"]
-        from starlette.concurrency import run_in_threadpool
-
         return await run_in_threadpool(answer, body, target, list(ids), True)
 
     @app.post("/v1/score")
     async def score(request: Request) -> Response:
-        body = parse(ScoreBody, await request.body())
-        if isinstance(body, JSONResponse):
-            return body
-        target = resolve(body.model)
-        if isinstance(target, JSONResponse):
-            return target
-        try:
-            result = server.score(target, body.prompt, body.text)
+        got = await read(request, ScoreBody)
+        if isinstance(got, JSONResponse):
+            return got
+        body, target = got
+        try:  # a forward pass: off the event loop
+            result = await run_in_threadpool(server.score, target, body.prompt, body.text)
         except InvalidInput as e:
             return _error(400, str(e), code="invalid_request", param="text")
         return JSONResponse({"model": body.model, **result}, headers={"x-persona-revision": target.revision})
