@@ -162,6 +162,22 @@ class TrainingSettings(BaseSettings):
     replay_max: int = Field(32, ge=0, description="At most this many older events replayed per retrain.")
     seed: int = Field(0, description="Base seed; each retrain derives its own from it, the user and the revision.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="Each user's gradient is clipped to this L2 norm per step (0 = no clipping)."
+    )
+    batch_users: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="Users trained together in one batched job (K): the scheduler's task size and the trainer's "
+        "batch; GPU workers take 64 to 256.",
+    )
+    micro_batch_tokens: int = Field(
+        32768,
+        ge=256,
+        description="Padded tokens per forward/backward chunk of a batched step (bounds activation memory; "
+        "the step's update does not depend on it).",
+    )
 
     @property
     def targets(self) -> list[str]:

@@ -169,6 +169,38 @@ def _mean_nll(model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id:
     return total / max(count, 1)
 
 
+def split_examples(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], settings: TrainingSettings, rng: random.Random
+) -> tuple[list[EncodedExample], list[EncodedExample]]:
+    """(train, validation) encoded examples: a share drawn with ``rng`` is held out for validation when there are
+    enough examples to spare some; train examples without a target token are dropped. ``rng`` then goes on to
+    draw the batches (the batched trainer uses the same stream, so both trainers see the same batches)."""
+    if not examples:
+        raise TrainingError("no training examples: at least one train-split message, edit or liked feedback needed")
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    n_val = 0
+    if len(examples) >= 10 and settings.val_fraction > 0:
+        n_val = max(1, round(settings.val_fraction * len(examples)))
+    val = [encode_example(tokenizer, examples[i], settings.max_length) for i in order[:n_val]]
+    train = [encode_example(tokenizer, examples[i], settings.max_length) for i in order[n_val:]]
+    train = [e for e in train if any(label != IGNORE for label in e.labels[1:])]
+    if not train:
+        raise TrainingError(f"none of the {len(examples)} examples has a target token to train on")
+    return train, val
+
+
+def next_batch(queue: list[int], n_train: int, batch_size: int, rng: random.Random) -> list[int]:
+    """The next ``batch_size`` indices of a walk through shuffled epochs (``queue`` is the epoch's remainder)."""
+    batch_idx = []
+    while len(batch_idx) < batch_size:
+        if not queue:
+            queue.extend(range(n_train))
+            rng.shuffle(queue)
+        batch_idx.append(queue.pop())
+    return batch_idx
+
+
 def train_adapter(
     base: LoadedBase,
     examples: list[Example],
@@ -197,18 +229,8 @@ def train_adapter(
     tokenizer = base.tokenizer
     pad_id = _pad_id(tokenizer)
 
-    # Validation slice: a seeded share of the examples, only when there are enough to spare some.
     rng = random.Random(seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    n_val = 0
-    if len(examples) >= 10 and settings.val_fraction > 0:
-        n_val = max(1, round(settings.val_fraction * len(examples)))
-    val = [encode_example(tokenizer, examples[i], settings.max_length) for i in order[:n_val]]
-    train = [encode_example(tokenizer, examples[i], settings.max_length) for i in order[n_val:]]
-    train = [e for e in train if any(label != IGNORE for label in e.labels[1:])]
-    if not train:
-        raise TrainingError(f"none of the {len(examples)} examples has a target token to train on")
+    train, val = split_examples(tokenizer, examples, settings, rng)
     batch_size = min(settings.batch_size, len(train))
 
     # The lock is taken before seeding: another borrower's peft initialisation would draw from the same RNG.
@@ -257,12 +279,7 @@ def train_adapter(
             peft_model.train()
             started = time.perf_counter()
             for step in range(1, settings.max_steps + 1):
-                batch_idx = []
-                while len(batch_idx) < batch_size:
-                    if not queue:
-                        queue = list(range(len(train)))
-                        rng.shuffle(queue)
-                    batch_idx.append(queue.pop())
+                batch_idx = next_batch(queue, len(train), batch_size, rng)
                 batch = _collate([train[i] for i in batch_idx], pad_id, device)
                 loss_sum, n_tokens = _nll_sum(peft_model, batch)
                 loss = loss_sum / max(n_tokens, 1)
@@ -273,6 +290,8 @@ def train_adapter(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if settings.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 tokens += n_tokens
                 losses.append(value)
@@ -316,7 +335,6 @@ def train_adapter(
             saved_config.save_pretrained(str(out_dir))
 
     tail = losses[-min(len(losses), settings.eval_every) :]
-    targets = lora_config.target_modules
     result = TrainResult(
         steps=step,
         best_step=best_step,
@@ -327,29 +345,16 @@ def train_adapter(
         tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
         examples=len(train) + len(val),
         stopped_early=stopped_early,
-        config={
-            "seed": seed,
-            "rank": int(lora_config.r),
-            "alpha": float(lora_config.lora_alpha),
-            "targets": sorted(targets) if not isinstance(targets, str) else [targets],
-            "dropout": float(lora_config.lora_dropout),
-            "lr": settings.learning_rate,
-            "optimizer": "adamw",
-            "weight_decay": optimizer.defaults["weight_decay"],
-            "batch_size": batch_size,
-            "max_length": settings.max_length,
-            "max_steps": settings.max_steps,
-            "eval_every": settings.eval_every,
-            "patience": settings.patience,
-            "val_fraction": settings.val_fraction,
-            "train_examples": len(train),
-            "val_examples": len(val),
-            "continued_from_parent": parent_dir is not None,
-            "save_dtype": settings.save_dtype,
-            "dtype": settings.save_dtype,
-            "peft_version": peft.__version__,
-            "torch_version": torch.__version__,
-        },
+        config=training_config(
+            settings,
+            lora_config,
+            seed=seed,
+            weight_decay=optimizer.defaults["weight_decay"],
+            batch_size=batch_size,
+            train_examples=len(train),
+            val_examples=len(val),
+            continued=parent_dir is not None,
+        ),
     )
     log.info(
         "trained %d steps (best %d) on %d examples: train loss %.4f, validation loss %s, %.1f s, %.0f tokens/s",
@@ -362,3 +367,42 @@ def train_adapter(
         result.tokens_per_s,
     )
     return result
+
+
+def training_config(
+    settings: TrainingSettings,
+    lora_config: LoraConfig,
+    *,
+    seed: int,
+    weight_decay: float,
+    batch_size: int,
+    train_examples: int,
+    val_examples: int,
+    continued: bool,
+) -> dict[str, Any]:
+    """The manifest's ``training`` field of one adapter (both trainers report the same keys)."""
+    targets = lora_config.target_modules
+    return {
+        "seed": seed,
+        "rank": int(lora_config.r),
+        "alpha": float(lora_config.lora_alpha),
+        "targets": sorted(targets) if not isinstance(targets, str) else [targets],
+        "dropout": float(lora_config.lora_dropout),
+        "lr": settings.learning_rate,
+        "optimizer": "adamw",
+        "weight_decay": weight_decay,
+        "max_grad_norm": settings.max_grad_norm,
+        "batch_size": batch_size,
+        "max_length": settings.max_length,
+        "max_steps": settings.max_steps,
+        "eval_every": settings.eval_every,
+        "patience": settings.patience,
+        "val_fraction": settings.val_fraction,
+        "train_examples": train_examples,
+        "val_examples": val_examples,
+        "continued_from_parent": continued,
+        "save_dtype": settings.save_dtype,
+        "dtype": settings.save_dtype,
+        "peft_version": peft.__version__,
+        "torch_version": torch.__version__,
+    }

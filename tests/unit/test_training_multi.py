@@ -1,0 +1,176 @@
+"""Batched multi-user training (pipeline/training/multi.py) against the single-user peft path, on the tiny base."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import TrainingSettings
+from pipeline.models.base import load_base, weights_sha256
+from pipeline.training.examples import Example
+from pipeline.training.lora import TrainingError, TrainResult, train_adapter
+from pipeline.training.multi import UserJob, train_adapters
+
+STYLES = [
+    "yo dude, totally rad wave number {i}!!",
+    "Dear colleague, I remain yours faithfully ({i}).",
+    "lol ok {i} :)",
+    "The quarterly figures, item {i}, are attached herewith for review.",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def settings(**overrides: object) -> TrainingSettings:
+    values: dict[str, object] = {
+        "rank": 4,
+        "alpha": 8.0,
+        "target_modules": "q_proj,v_proj",
+        "learning_rate": 1e-2,
+        "batch_size": 4,
+        "max_length": 64,
+        "max_steps": 8,
+        "eval_every": 2,
+        "patience": 2,
+        "val_fraction": 0.1,
+        "save_dtype": "float32",
+        "threads": 1,
+        "micro_batch_tokens": 256,  # several micro-batches per step: a user's rows are split across them
+    }
+    values.update(overrides)
+    return TrainingSettings(**values)
+
+
+def user_examples(u: int, n: int) -> list[Example]:
+    style = STYLES[u % len(STYLES)]
+    return [Example("say something" if i % 3 == 0 else None, style.format(i=i % 7), f"u{u}e{i}") for i in range(n)]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    """Equal within float32 rounding. The sums run in another order (micro-batches, rows of several users), and
+    AdamW divides by sqrt(v): on coordinates whose gradient is near zero, a rounding difference of the gradient
+    moves the weight by up to ~1e-3 of a step (lr 1e-2 here), hence an absolute tolerance of 5e-5."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=5e-5, msg=key)
+    assert (a / "adapter_config.json").read_text() == (b / "adapter_config.json").read_text()
+
+
+def test_four_users_batched_equal_four_peft_runs(tmp_path: Path) -> None:
+    """Different example counts (so batch sizes, validation slices and epochs differ), one with a parent, one that
+    stops early: each adapter equals the one its own peft run gives, step for step."""
+    base = load_base("tiny-random")
+    sha = weights_sha256(base.model)
+    cfg = settings()
+    train_adapter(base, user_examples(9, 20), tmp_path / "parent", cfg, parent_dir=None, seed=99)
+    sizes = [24, 3, 40, 15]
+    parents = [None, None, tmp_path / "parent", None]
+    jobs = [
+        UserJob(user_examples(u, n), tmp_path / f"batched{u}", parents[u], seed=100 + u) for u, n in enumerate(sizes)
+    ]
+    progress: list[tuple[int, int]] = []
+    results = train_adapters(base, jobs, cfg, progress=lambda i, s, _: progress.append((i, s)))
+    assert weights_sha256(base.model) == sha and not hasattr(base.model, "peft_config")
+    for u, job in enumerate(jobs):
+        alone = train_adapter(
+            base, job.examples, tmp_path / f"alone{u}", cfg, parent_dir=job.parent_dir, seed=job.seed
+        )
+        got = results[u]
+        assert isinstance(got, TrainResult), got
+        assert (got.steps, got.best_step, got.stopped_early, got.examples) == (
+            alone.steps,
+            alone.best_step,
+            alone.stopped_early,
+            alone.examples,
+        )
+        assert got.tokens == alone.tokens
+        assert got.train_loss == pytest.approx(alone.train_loss, rel=1e-4)
+        assert (got.val_loss is None) == (alone.val_loss is None)
+        if got.val_loss is not None:
+            assert got.val_loss == pytest.approx(alone.val_loss, rel=1e-4)
+        assert {k: v for k, v in got.config.items() if k != "batched_users"} == alone.config
+        assert_same_adapter(tmp_path / f"batched{u}", tmp_path / f"alone{u}")
+        assert [s for i, s in progress if i == u] == list(range(1, got.steps + 1))
+    assert weights_sha256(base.model) == sha
+
+
+def test_users_stop_early_on_their_own(tmp_path: Path) -> None:
+    """One user's validation stops improving at once (its one text is learnt); the other goes on to max_steps."""
+    base = load_base("tiny-random")
+    cfg = settings(learning_rate=0.1, max_steps=12, eval_every=2, patience=1, micro_batch_tokens=4096)
+    same = [Example(None, STYLES[0].format(i=0), f"s{i}") for i in range(12)]  # one text: validation overshoots
+    jobs = [UserJob(same, tmp_path / "b0", None, 1), UserJob(user_examples(1, 30), tmp_path / "b1", None, 2)]
+    results = train_adapters(base, jobs, cfg)
+    alone = [
+        train_adapter(base, j.examples, tmp_path / f"a{i}", cfg, parent_dir=None, seed=j.seed)
+        for i, j in enumerate(jobs)
+    ]
+    assert all(isinstance(r, TrainResult) for r in results)
+    assert [(r.steps, r.stopped_early) for r in results] == [(a.steps, a.stopped_early) for a in alone]  # type: ignore[union-attr]
+    assert [(a.steps, a.stopped_early) for a in alone] == [(2, True), (12, False)]
+    for i in range(2):
+        assert_same_adapter(tmp_path / f"b{i}", tmp_path / f"a{i}")
+
+
+def test_a_bad_user_fails_alone(tmp_path: Path) -> None:
+    """No usable example, a missing parent, a NaN loss and a callback that raises each fail their user only."""
+    base = load_base("tiny-random")
+    sha = weights_sha256(base.model)
+    cfg = settings(val_fraction=0.0, max_steps=4)
+    train_adapter(base, user_examples(5, 10), tmp_path / "nanparent", cfg, parent_dir=None, seed=5)
+    poisoned = weights(tmp_path / "nanparent")
+    key = next(k for k in poisoned if "lora_A" in k)
+    poisoned[key] = torch.full_like(poisoned[key], math.nan)
+    from safetensors.torch import save_file
+
+    save_file(poisoned, str(tmp_path / "nanparent" / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    class Stop(Exception):
+        pass
+
+    def progress(i: int, step: int, loss: float) -> None:
+        if i == 4 and step == 2:
+            raise Stop("lease lost")
+
+    jobs = [
+        UserJob(user_examples(0, 12), tmp_path / "good0", None, 1),
+        UserJob([], tmp_path / "empty", None, 2),
+        UserJob(user_examples(2, 12), tmp_path / "missing", tmp_path / "nowhere", 3),
+        UserJob(user_examples(3, 12), tmp_path / "nan", tmp_path / "nanparent", 4),
+        UserJob(user_examples(4, 12), tmp_path / "stopped", None, 5),
+        UserJob(user_examples(5, 12), tmp_path / "good5", None, 6),
+    ]
+    results = train_adapters(base, jobs, cfg, progress=progress)
+    assert isinstance(results[1], TrainingError) and "no training examples" in str(results[1])
+    assert isinstance(results[2], TrainingError) and "parent adapter" in str(results[2])
+    assert isinstance(results[3], TrainingError) and "not finite" in str(results[3])
+    assert isinstance(results[4], Stop)
+    assert not (tmp_path / "nan").exists() and not (tmp_path / "stopped").exists()
+    for i, name in ((0, "good0"), (5, "good5")):
+        assert isinstance(results[i], TrainResult) and results[i].steps == 4  # type: ignore[union-attr]
+        alone = tmp_path / f"alone-{name}"
+        train_adapter(base, jobs[i].examples, alone, cfg, parent_dir=None, seed=jobs[i].seed)
+        assert_same_adapter(tmp_path / name, alone)
+    assert weights_sha256(base.model) == sha
+
+
+def test_unsupported_lora_falls_back_to_the_single_path(tmp_path: Path) -> None:
+    base = load_base("tiny-random")
+    cfg = settings(dropout=0.1, val_fraction=0.0, max_steps=2)
+    results = train_adapters(base, [UserJob(user_examples(0, 8), tmp_path / "d", None, 1)], cfg)
+    assert isinstance(results[0], TrainResult) and "batched_users" not in results[0].config
+    assert (tmp_path / "d" / "adapter_model.safetensors").exists()
