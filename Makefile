@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: demo test nginx lint bench-ingest bench-registry bench-train model-prepare stack-up stack-down stack-status clean
+.PHONY: demo test tools nginx lint bench-ingest bench-registry bench-train model-prepare stack-up stack-down stack-status clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (Debian: apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -26,15 +26,31 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## bring up the embedded stack and run the main job end to end
 	$(BIN)/persona demo $(ARGS)
 
-nginx:  ## the serving pool's router, for its test (Debian's nginx-light; the package's own server is stopped)
-	@command -v nginx >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -qq nginx-light >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nginx-light)) \
-	    && (nginx -s stop 2>/dev/null || pkill -x nginx || true) \
-	    || echo "warning: nginx could not be installed; the router test will be skipped"; \
-	  else echo "warning: nginx not installed; the router test will be skipped"; fi; }
+# The programs the tests run, from Debian when missing (root + apt only; no apt call when all are present):
+# nginx-light (the serving pool's router test), docker-compose (parses docker-compose.yml; no engine is installed or
+# needed) and prometheus (promtool checks of infra/prometheus; a real Prometheus in the observability test). The
+# packages' own daemons are stopped right after they are installed.
+TOOLS_PKGS = nginx:nginx-light docker-compose:docker-compose prometheus:prometheus promtool:prometheus
 
-test: $(STAMP) nginx  ## unit + integration tests on real services (the test stack starts and stops itself)
+tools:  ## install the programs the tests need (nginx, docker-compose, prometheus/promtool) when missing
+	@pkgs=""; \
+	for pair in $(TOOLS_PKGS); do \
+	  command -v $${pair%%:*} >/dev/null || case " $$pkgs " in *" $${pair#*:} "*) ;; *) pkgs="$$pkgs $${pair#*:}";; esac; \
+	done; \
+	if [ -n "$$pkgs" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$pkgs (apt-get, --no-install-recommends)"; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null 2>&1 \
+	      || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null)) \
+	      || echo "warning: could not install$$pkgs; the tests that need them will fail (the router test is skipped)"; \
+	    case " $$pkgs " in *" nginx-light "*) nginx -s stop 2>/dev/null || pkill -x nginx || true;; esac; \
+	    case " $$pkgs " in *" prometheus "*) pkill -x prometheus || true;; esac; \
+	  else echo "warning: missing$$pkgs (Debian: apt-get install --no-install-recommends$$pkgs); the tests that need them will fail"; fi; \
+	fi
+
+nginx: tools  ## the former name of `tools`
+
+test: $(STAMP) tools  ## unit + integration tests on real services (the test stack starts and stops itself)
 	@$(BIN)/pytest $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
