@@ -1,197 +1,492 @@
-"""`persona demo`: the main job on the embedded stack, with progress, ending in the per-user buffer table.
+"""`persona demo`: the whole loop on the embedded stack, from simulated users' events to their personal answers.
 
-Today it covers the first stage of the loop: simulated applications post events to the ingest API (a real HTTP
-server in its own process), the buffer consumer (its own process) moves them from Kafka into PostgreSQL, and
-invalid input is answered with reasons (API) or dead-lettered (records written straight to Kafka).
+Stages (each prints what it does; long ones print progress):
+  1. the embedded stack (Kafka protocol, S3, PostgreSQL, Redis), migrations, an application key, the base model;
+  2. the processes of a deployment, each its own `persona` process with a log in ``<data_dir>/logs``: ingest API,
+     buffer consumer, training worker (queues train + evaluate), serving worker;
+  3. K simulated users (pipeline/sim.py), each with its own way of writing, send their events through the ingest
+     API (plus a few invalid ones, answered with reasons or dead-lettered); the consumer buffers them;
+  4. the scheduler (`persona beat`) claims the due users, the worker retrains each user's adapter from its previous
+     revision, the gate judges the candidate and promotions are published; the serving worker hears them;
+  5. a table per user (events, revision chain, gate decision and reason, holdout NLL base -> promoted, seconds from
+     the user's first event to the serving worker answering with the new revision), then one prompt answered by the
+     base and by two users' personal models side by side.
+
+Users are named ``{prefix}-000`` ...; the prefix defaults to a new one per run, so running the demo again trains new
+users. Passing an earlier run's ``--prefix`` (with another ``--seed``) sends those users new events instead: they are
+retrained from their production revision and the gate compares the candidate with it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import socket
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import psycopg
 from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from pipeline import sim, stack
 from pipeline.config import ROOT, Settings, child_env
+from pipeline.demo_report import answers_table, input_table, users_table
 from pipeline.domain.errors import PersonaError
 from pipeline.ingest.codec import reasons_from_headers
-from pipeline.reports import buffer_table
-from pipeline.storage import apps, buffers, db
+from pipeline.storage import apps, db, decisions, registry
 
 APP_ID = "demo-app"
+DEFAULT_PROMPT = "Write a short note about your weekend."
 
 
 class DemoError(PersonaError):
     """The demo could not run; the message says which part failed and where its log is."""
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    out = log.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-    )
+@dataclass(frozen=True)
+class DemoOptions:
+    users: int = 4
+    events: int = 80
+    steps: int = 30
+    seed: int | None = None
+    prefix: str | None = None
+    base: str | None = None  # PERSONA_MODEL_BASE of the processes; None: the configured one
+    prompt: str = DEFAULT_PROMPT
+    answer_tokens: int = 40
+    timeout_s: float = 3600.0
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the processes (tests tune training)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+@dataclass
+class UserRun:
+    """What happened to one simulated user in this run."""
+
+    user_id: str
+    register: str
+    sent: int = 0
+    first_event_at: float | None = None  # monotonic
+    known_revisions: frozenset[str] = frozenset()
+    state: str = "sending"
+    revision_id: str | None = None
+    chain: list[str] = field(default_factory=list)
+    outcome: str | None = None
+    reason: str = ""
+    nll_base: float | None = None
+    nll_candidate: float | None = None
+    train_events: int = 0
+    holdout_events: int = 0
+    served_revision: str | None = None
+    seconds_to_serving: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None and (self.outcome != "promoted" or self.served_revision == self.revision_id)
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+@dataclass
+class DemoResult:
+    users: list[UserRun]
+    answers: list[tuple[str, str, str]]  # (model, x-persona-revision, text)
+    seconds: float
+    logs_dir: Path
+
+
+class _Processes:
+    """The demo's `persona` processes: started with a log each, watched, and stopped (all of them) at the end."""
+
+    def __init__(self, env: dict[str, str], logs_dir: Path) -> None:
+        self.env, self.logs_dir = env, logs_dir
+        self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        log = self.logs_dir / f"demo-{name}.log"
+        out = log.open("ab")
+        out.write(f"\n--- {datetime.now(UTC).isoformat()} persona {' '.join(args)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args], env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+        self.procs[name] = (proc, log)
+        return proc
+
+    def log(self, name: str) -> Path:
+        return self.procs[name][1]
+
+    def check(self) -> None:
+        """DemoError naming the first process that exited, with the end of its log."""
+        for name, (proc, log) in self.procs.items():
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-1500:]
+                raise DemoError(f"the {name} process exited with {proc.returncode}; its log {log} ends:\n{tail}")
+
+    def stop(self) -> None:
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def free_port(preferred: int) -> int:
+    """``preferred`` if it can be bound on 127.0.0.1, else a free port the system picks."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise DemoError("no free TCP port on 127.0.0.1")
+
+
+def _wait(what: str, ready: Callable[[], bool], procs: _Processes, log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DemoError(f"the ingest API exited with {proc.returncode}; see {log}")
+        procs.check()
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if ready():
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError):
             pass
         time.sleep(0.3)
-    raise DemoError(f"the ingest API did not answer {url} within {timeout_s:.0f}s; see {log}")
+    raise DemoError(f"{what} was not ready within {timeout_s:.0f}s; see {log}")
 
 
-def run(*, users: int, events: int, seed: int | None, console: Console) -> None:
-    """Run the demo end to end and print what happened."""
+def run(options: DemoOptions, *, console: Console, settings: Settings | None = None) -> DemoResult:
+    """Run the demo end to end, print what happened and return it (the CI test reads the result)."""
     started = time.monotonic()
-    logging.getLogger("pipeline").setLevel(logging.WARNING)  # the demo prints its own progress
-    seed = seed if seed is not None else random.SystemRandom().randrange(1_000_000)
-    base = Settings()
-    console.rule(f"persona demo: {users} users x {events} events (seed {seed})")
+    quiet = logging.getLogger("pipeline")
+    level, _ = quiet.level, quiet.setLevel(logging.WARNING)  # the demo prints its own progress
+    try:
+        return _run(options, console, settings, started)
+    finally:
+        quiet.setLevel(level)
 
-    console.print("[bold][1/6][/bold] embedded stack")
+
+def _run(options: DemoOptions, console: Console, settings: Settings | None, started: float) -> DemoResult:
+    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(1_000_000)
+    prefix = options.prefix or f"d{datetime.now(UTC):%m%d%H%M%S}"
+    base = settings or Settings()
+    console.rule(f"persona demo: {options.users} users x {options.events} events, {options.steps} steps (seed {seed})")
+
+    console.print("[bold][1/7][/bold] embedded stack")
     stack.up(base, console_progress=lambda m: console.print(f"      {m}"))
     urls = stack.effective_urls(base)
-    settings = Settings(base.db.model_copy(update={"url": urls["db_url"]}), base.kafka, base.ingest, base.events)
-    env = child_env(PERSONA_DB_URL=urls["db_url"], PERSONA_REDIS_URL=urls["redis_url"])
-    logs_dir = base.stack.data_dir / "logs"
-
-    console.print("[bold][2/6][/bold] database migrations")
-    for m in db.migrate(settings.db):
-        console.print(f"      applied {m.path.name}")
-
-    console.print(f"[bold][3/6][/bold] application {APP_ID!r}: issuing an API key")
-    with db.connect(settings.db) as conn:
-        key_id, key = apps.create_key(conn, APP_ID, "persona demo")
-    console.print(f"      key {key_id} (only its sha256 is stored)")
-
-    console.print("[bold][4/6][/bold] starting the ingest API and the buffer consumer")
-    api_log, consumer_log = logs_dir / "demo-ingest.log", logs_dir / "demo-consumer.log"
-    api = _spawn(["ingest", "serve"], env, api_log)
-    consumer = _spawn(["consume"], env, consumer_log)
-    url = f"http://{settings.ingest.host}:{settings.ingest.port}"
-    try:
-        _wait_http(f"{url}/healthz", api, api_log)
-        console.print(f"      ingest API {url} (pid {api.pid}), consumer pid {consumer.pid}; logs in {logs_dir}")
-        _send_and_wait(settings, url, key, users, events, seed, consumer, consumer_log, console)
-    finally:
-        _stop(api)
-        _stop(consumer)
-    console.print(
-        f"done in {time.monotonic() - started:.1f}s. The stack keeps running: `persona users list`, "
-        "`persona stack status`; stop it with `persona stack down`."
+    cfg = Settings(
+        base.db.model_copy(update={"url": urls["db_url"]}),
+        base.kafka.model_copy(update={"bootstrap_servers": urls["kafka_bootstrap_servers"]}),
+        base.ingest,
+        base.serving,
     )
+    for m in db.migrate(cfg.db):
+        console.print(f"      applied migration {m.path.name}")
+    with db.connect(cfg.db) as conn:
+        key_id, key = apps.create_key(conn, APP_ID, "persona demo")
+    console.print(f"      application {APP_ID!r}: API key {key_id} (only its sha256 is stored)")
+
+    model = options.base or base.model.base
+    console.print(f"[bold][2/7][/bold] base model {model!r}")
+    from pipeline.models.prepare import needs_prepare, prepare
+
+    if needs_prepare(model):
+        prepared = prepare(base.model.model_copy(update={"base": model}))
+        how = "converted now" if prepared.built else "already prepared"
+        console.print(
+            f"      {prepared.path}: {prepared.parameters:,} parameters, sha256 {prepared.sha256[:16]}… "
+            f"({how}, {prepared.seconds:.1f}s)"
+        )
+
+    ingest_port, serve_port = free_port(cfg.ingest.port), free_port(cfg.serving.port)
+    overrides = {
+        "PERSONA_DB_URL": urls["db_url"],
+        "PERSONA_REDIS_URL": urls["redis_url"],
+        "PERSONA_KAFKA_BOOTSTRAP_SERVERS": urls["kafka_bootstrap_servers"],
+        "PERSONA_KAFKA_TOPIC_EVENTS": base.kafka.topic_events,
+        "PERSONA_KAFKA_TOPIC_DLQ": base.kafka.topic_dlq,
+        "PERSONA_KAFKA_TOPIC_PROMOTIONS": base.kafka.topic_promotions,
+        "PERSONA_S3_ENDPOINT": urls["s3_endpoint"],
+        "PERSONA_S3_BUCKET": base.s3.bucket,
+        "PERSONA_STACK_DATA_DIR": str(base.stack.data_dir),
+        "PERSONA_MODEL_BASE": model,
+        "PERSONA_MODEL_CACHE_DIR": str(base.model.cache_dir),
+        "PERSONA_INGEST_PORT": str(ingest_port),
+        "PERSONA_SERVE_PORT": str(serve_port),
+        "PERSONA_CONSUMER_METRICS_PORT": str(free_port(9101)),
+        "PERSONA_WORKER_METRICS_PORT": str(free_port(9102)),
+        "PERSONA_TRAIN_MAX_STEPS": str(options.steps),
+        # Every user is due once its events are buffered; the beat starts only then (stage 5).
+        "PERSONA_POLICY_MIN_NEW_EVENTS": "1",
+        "PERSONA_POLICY_COOLDOWN_S": "0",
+        "PERSONA_POLICY_TICK_S": "2",
+        "PERSONA_POLICY_MAX_IN_FLIGHT": str(max(2, options.users)),
+    }
+    overrides.update(options.env)
+    env = child_env(**overrides)
+    logs_dir = base.stack.data_dir / "logs"
+    procs = _Processes(env, logs_dir)
+    ingest_url, serve_url = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{serve_port}"
+    console.print(f"[bold][3/7][/bold] processes (logs in {logs_dir})")
+    try:
+        procs.start("ingest", ["ingest", "serve"])
+        procs.start("consumer", ["consume"])
+        procs.start("worker", ["worker", "--queues", "train,evaluate", "--name", f"demo-{prefix}@%h"])
+        procs.start("serving", ["serve"])
+        _wait(
+            "the ingest API",
+            lambda: httpx.get(f"{ingest_url}/healthz", timeout=2).is_success,
+            procs,
+            procs.log("ingest"),
+            60,
+        )
+        console.print(f"      ingest API   {ingest_url}")
+        console.print(f"      consumer, training worker (train + evaluate queues), serving worker {serve_url}")
+
+        people = [UserRun(u.user_id, u.style["register"]) for u in sim.users(options.users, prefix=prefix)]
+        with db.connect(cfg.db) as conn:
+            for p in people:
+                p.known_revisions = frozenset(r.revision_id for r in registry.list_revisions(conn, p.user_id))
+        dead = _send(cfg, ingest_url, key, people, options, seed, prefix, console)
+        _wait_buffered(cfg, people, procs, console)
+
+        console.print("[bold][5/7][/bold] scheduler -> training -> gate -> promotion -> serving")
+        _wait(
+            "the serving worker",
+            lambda: httpx.get(f"{serve_url}/healthz", timeout=2).is_success,
+            procs,
+            procs.log("serving"),
+            300,
+        )
+        procs.start("beat", ["beat", "--metrics-port", str(free_port(9103))])
+        _follow(cfg, serve_url, people, procs, console, started, options.timeout_s)
+
+        console.print("[bold][6/7][/bold] per-user results")
+        console.print(input_table(dead))
+        console.print(users_table(people))
+        console.print(f"[bold][7/7][/bold] one prompt, three models: {options.prompt!r}")
+        answers = _side_by_side(serve_url, people, options, base.model)
+        console.print(answers_table(answers))
+    finally:
+        procs.stop()
+    took = time.monotonic() - started
+    console.print(
+        f"done in {took:.0f}s. The stack keeps running: `persona users list --prefix {prefix}`, "
+        f"`persona revisions list USER`, `persona stack status`; stop it with `persona stack down`."
+    )
+    return DemoResult(people, answers, took, logs_dir)
 
 
-def _send_and_wait(
-    settings: Settings,
+def _send(
+    cfg: Settings,
     url: str,
     key: str,
-    users: int,
-    events: int,
+    people: list[UserRun],
+    options: DemoOptions,
     seed: int,
-    consumer: subprocess.Popen,
-    consumer_log: Path,
+    prefix: str,
     console: Console,
-) -> None:
-    prefix = "user"
-    people = sim.users(users, prefix=prefix)
-    batch = [e for u in people for e in sim.events_for(u, events, app=APP_ID, seed=seed)]
-    random.Random(seed).shuffle(batch)  # applications interleave their users
+) -> list[list[str]]:
+    """Post every user's events (interleaved, in chunks) plus a few invalid ones; returns the DLQ reasons."""
+    by_id = {p.user_id: p for p in people}
+    events = [
+        e
+        for u in sim.users(options.users, prefix=prefix)
+        for e in sim.events_for(u, options.events, app=APP_ID, seed=seed)
+    ]
+    random.Random(seed).shuffle(events)  # applications interleave their users
     invalid = sim.invalid_events(APP_ID, seed)
-
-    console.print(f"[bold][5/6][/bold] sending {len(batch)} events (+{len(invalid)} invalid) to POST /v1/events")
+    console.print(
+        f"[bold][4/7][/bold] {len(people)} users ({', '.join(sorted({p.register for p in people}))}) send "
+        f"{len(events)} events (+{len(invalid)} invalid) to POST /v1/events"
+    )
     rejected: list[dict] = []
-    accepted = 0
-    chunks = [batch[i : i + 100] for i in range(0, len(batch), 100)]
+    chunks = [events[i : i + 100] for i in range(0, len(events), 100)] or [[]]
     chunks[0] = chunks[0] + invalid
-    with _progress(console) as progress, httpx.Client(headers={"Authorization": f"Bearer {key}"}) as client:
-        task = progress.add_task("      posting", total=len(batch) + len(invalid))
-        for chunk in chunks:
-            r = client.post(f"{url}/v1/events", json=chunk, timeout=30)
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for i, chunk in enumerate(chunks):
+            r = client.post(f"{url}/v1/events", json=chunk)
             if r.status_code != 202:
                 raise DemoError(f"POST /v1/events answered {r.status_code}: {r.text[:300]}")
-            body = r.json()
-            accepted += body["accepted"]
-            rejected += [x for x in body["results"] if x["status"] == "rejected"]
-            progress.advance(task, len(chunk))
+            now = time.monotonic()
+            for ev, res in zip(chunk, r.json()["results"], strict=True):
+                if res["status"] == "rejected":
+                    rejected.append(res)
+                elif (p := by_id.get(ev.get("user_id"))) is not None:
+                    p.sent += 1
+                    p.first_event_at = p.first_event_at or now
+            if i % 10 == 9 or i == len(chunks) - 1:
+                console.print(f"      posted {min((i + 1) * 100, len(events))}/{len(events)}")
+    console.print(f"      accepted {sum(p.sent for p in people)}, rejected {len(rejected)} with reasons:")
+    for res in rejected:
+        console.print("        " + "; ".join(f"{r['field']}: {r['code']}" for r in res["reasons"]))
 
-    dlq_key = f"demo-dlq-{seed}".encode()
-    # Written straight to Kafka, past the API: bad JSON, a bad event id, and a key that is not the user id.
-    straight = [b"{this is not json", orjson.dumps({**batch[0], "event_id": "nope"}), orjson.dumps(batch[0])]
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.servers, acks="all")
+    # Written straight to Kafka, past the API: bad JSON and a bad event id; the consumer dead-letters them.
+    dlq_key = f"demo-dlq-{prefix}-{seed}".encode()
+    straight = [b"{this is not json", orjson.dumps({**events[0], "event_id": "nope"})]
+    producer = KafkaProducer(bootstrap_servers=cfg.kafka.servers, acks="all")
     for value in straight:
-        producer.send(settings.kafka.topic_events, key=dlq_key, value=value)
+        producer.send(cfg.kafka.topic_events, key=dlq_key, value=value)
     producer.flush()
     producer.close()
+    return _read_dlq(cfg, dlq_key, len(straight))
 
-    ids = [e["event_id"] for e in batch]
-    console.print("[bold][6/6][/bold] waiting for the buffer consumer")
-    with _progress(console) as progress, psycopg.connect(settings.db.url) as conn:
-        task = progress.add_task("      buffered", total=len(ids))
-        deadline = time.monotonic() + 300
+
+def _wait_buffered(cfg: Settings, people: list[UserRun], procs: _Processes, console: Console) -> None:
+    ids = [p.user_id for p in people]
+    want = sum(p.sent for p in people)
+    deadline, last = time.monotonic() + 300, time.monotonic()
+    with psycopg.connect(cfg.db.url, autocommit=True) as conn:
         while True:
-            n = conn.execute("SELECT count(*) FROM events WHERE event_id = ANY(%s)", (ids,)).fetchone()[0]
-            progress.update(task, completed=n)
-            if n == len(ids):
+            n = conn.execute(
+                "SELECT count(*) FROM events WHERE user_id = ANY(%s) AND consumed_by IS NULL", (ids,)
+            ).fetchone()[0]
+            if n >= want:
                 break
-            if consumer.poll() is not None:
-                raise DemoError(f"the buffer consumer exited with {consumer.returncode}; see {consumer_log}")
+            procs.check()
+            if time.monotonic() - last > 5:
+                console.print(f"      buffered {n}/{want}")
+                last = time.monotonic()
             if time.monotonic() > deadline:
-                raise DemoError(f"only {n} of {len(ids)} events reached the buffers in 300s; see {consumer_log}")
+                raise DemoError(f"only {n} of {want} events reached the buffers in 300s; see {procs.log('consumer')}")
             time.sleep(0.5)
-            conn.commit()
-        rows = buffers.list_buffers(conn, user_prefix=prefix + "-")
-        kinds = buffers.kind_counts(conn, user_prefix=prefix + "-")
-
-    dead = _read_dlq(settings, dlq_key, len(straight))
-    console.print(buffer_table(rows, kinds))
-    summary = Table(title="what happened to the input", show_header=True)
-    summary.add_column("path")
-    summary.add_column("count", justify="right")
-    summary.add_column("reasons (field: code)")
-    summary.add_row("accepted by the API", str(accepted), "")
-    codes = Counter(f"{r['field']}: {r['code']}" for x in rejected for r in x["reasons"])
-    summary.add_row("rejected by the API (202 body)", str(len(rejected)), ", ".join(sorted(codes)))
-    dcodes = Counter(c for reasons in dead for c in reasons)
-    summary.add_row(
-        "written straight to Kafka, dead-lettered", f"{len(dead)} of {len(straight)}", ", ".join(sorted(dcodes))
-    )
-    console.print(summary)
+        rows = conn.execute(
+            "SELECT user_id, split, count(*) FROM events WHERE user_id = ANY(%s) GROUP BY 1, 2", (ids,)
+        ).fetchall()
+    split = {(u, s): n for u, s, n in rows}
+    for p in people:
+        p.train_events, p.holdout_events = split.get((p.user_id, "train"), 0), split.get((p.user_id, "holdout"), 0)
+        p.state = "buffered"
+    console.print(f"      buffered {want}/{want} events in PostgreSQL (train / holdout split per user)")
 
 
-def _read_dlq(settings: Settings, key: bytes, expect: int, timeout_s: float = 20.0) -> list[list[str]]:
+def _short(revision_id: str | None) -> str:
+    return "none" if revision_id is None else revision_id[-8:]
+
+
+def _follow(
+    cfg: Settings,
+    serve_url: str,
+    people: list[UserRun],
+    procs: _Processes,
+    console: Console,
+    started: float,
+    timeout_s: float,
+) -> None:
+    """Watch every user through queued -> training -> candidate -> decided -> serving, printing each change."""
+    deadline = time.monotonic() + timeout_s
+    last_print = time.monotonic()
+
+    def say(p: UserRun, state: str) -> None:
+        nonlocal last_print
+        if state != p.state:
+            p.state = state
+            last_print = time.monotonic()
+            console.print(f"      {time.monotonic() - started:6.0f}s  {p.user_id}  {state}")
+
+    with psycopg.connect(cfg.db.url, autocommit=True) as conn, httpx.Client(timeout=120) as http:
+        while not all(p.done for p in people):
+            procs.check()
+            if time.monotonic() > deadline:
+                waiting = ", ".join(f"{p.user_id} ({p.state})" for p in people if not p.done)
+                raise DemoError(f"not done within {timeout_s:.0f}s: {waiting}; logs in {procs.logs_dir}")
+            for p in people:
+                if p.done:
+                    continue
+                _observe(conn, http, serve_url, p, say)
+            if time.monotonic() - last_print > 30:
+                counts: dict[str, int] = {}
+                for p in people:
+                    state = p.outcome or p.state.split(" ")[0]
+                    counts[state] = counts.get(state, 0) + 1
+                console.print(
+                    f"      {time.monotonic() - started:6.0f}s  waiting: "
+                    + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                )
+                last_print = time.monotonic()
+            time.sleep(1.0)
+
+
+def _observe(conn: psycopg.Connection, http: httpx.Client, serve_url: str, p: UserRun, say: Any) -> None:
+    revs = registry.list_revisions(conn, p.user_id)
+    new = [r for r in revs if r.revision_id not in p.known_revisions]
+    if not new:
+        row = conn.execute(
+            "SELECT queued_at IS NOT NULL, coalesce(lease_expires_at > now(), false) FROM user_state"
+            " WHERE user_id = %s",
+            (p.user_id,),
+        ).fetchone()
+        if row and row[1]:
+            say(p, "training")
+        elif row and row[0]:
+            say(p, "queued for training")
+        return
+    rev = new[-1]
+    p.revision_id = rev.revision_id
+    p.chain = [r.revision_id for r in revs]
+    d = decisions.get(conn, rev.revision_id)
+    if d is None:
+        say(p, f"evaluating candidate {_short(rev.revision_id)} (parent {_short(rev.parent_id)})")
+        return
+    if p.outcome is None:
+        p.outcome, p.reason = d.outcome, d.reason
+        m = d.metrics or {}
+        p.nll_base = (m.get("base") or {}).get("holdout_nll")
+        p.nll_candidate = (m.get("candidate") or {}).get("holdout_nll")
+        say(p, d.reason if d.reason.startswith(d.outcome) else f"{d.outcome}: {d.reason}")
+    if d.outcome != "promoted":
+        return
+    r = http.post(f"{serve_url}/v1/completions", json={"model": f"user:{p.user_id}", "prompt": "Hi", "max_tokens": 1})
+    if r.is_success and r.headers.get("x-persona-revision") == p.revision_id:
+        p.served_revision = p.revision_id
+        if p.first_event_at is not None:
+            p.seconds_to_serving = time.monotonic() - p.first_event_at
+        say(p, f"serving {_short(p.revision_id)} ({p.seconds_to_serving or 0:.0f}s after its first event)")
+
+
+def _side_by_side(serve_url: str, people: list[UserRun], options: DemoOptions, model_settings: Any) -> list:
+    """The prompt answered by the base and by two promoted users of different styles (greedy, same tokens)."""
+    with httpx.Client(timeout=300) as http:
+        base_id = http.get(f"{serve_url}/healthz").json()["base"]
+        chosen: list[UserRun] = []
+        for p in people:
+            if p.served_revision and all(c.register != p.register for c in chosen):
+                chosen.append(p)
+        models = [base_id] + [f"user:{p.user_id}" for p in chosen[:2]]
+        out = []
+        for model in models:
+            r = http.post(
+                f"{serve_url}/v1/chat/completions",
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": options.prompt}],
+                    "max_tokens": options.answer_tokens,
+                    "temperature": 0,
+                },
+            )
+            if not r.is_success:
+                raise DemoError(f"the serving worker answered {r.status_code} for {model}: {r.text[:300]}")
+            text = r.json()["choices"][0]["message"]["content"]
+            out.append((model, r.headers.get("x-persona-revision", "?"), text))
+    return out
+
+
+def _read_dlq(cfg: Settings, key: bytes, expect: int, timeout_s: float = 30.0) -> list[list[str]]:
     """Reason codes of the dead-letter records written under ``key``."""
     consumer = KafkaConsumer(
-        settings.kafka.topic_dlq,
-        bootstrap_servers=settings.kafka.servers,
+        cfg.kafka.topic_dlq,
+        bootstrap_servers=cfg.kafka.servers,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=f"demo-reader-{key.decode()}-{time.time_ns()}",
@@ -211,14 +506,3 @@ def _read_dlq(settings: Settings, key: bytes, expect: int, timeout_s: float = 20
     finally:
         consumer.close()
     return found
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
