@@ -194,7 +194,7 @@ def worker(
     if cfg.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(cfg.metrics_port, addr="127.0.0.1")
+        start_http_server(cfg.metrics_port, addr=cfg.metrics_host)
     from workers.celery_app import app as celery
 
     celery.worker_main(
@@ -222,7 +222,7 @@ def beat(
     once: Annotated[bool, typer.Option("--once", help="Run one tick and exit.")] = False,
     metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 = none).")] = 9103,
 ) -> None:
-    """Run the scheduler: every tick, enqueue a retrain for each due user (safe to run more than one)."""
+    """Run the scheduler: every tick, enqueue the due users' retrains in batches (safe to run more than one)."""
     import signal
     import threading
 
@@ -237,8 +237,7 @@ def beat(
     settings = Settings(resolved_db(), base.policy)
     broker = redis.Redis.from_url(celery.conf.broker_url)
 
-    def enqueue(user_id: str) -> None:
-        celery.send_task("persona.train.retrain_user", args=[user_id], queue="train")
+    enqueue = scheduler.celery_enqueue(celery)  # batches of PERSONA_TRAIN_BATCH_USERS, one task each
 
     if once:
         users = scheduler.tick(settings, enqueue)
@@ -247,11 +246,25 @@ def beat(
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1")
+        from pipeline.config import WorkerSettings
+
+        start_http_server(metrics_port, addr=WorkerSettings().metrics_host)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    scheduler.run(settings, enqueue, stop, lambda: {q: int(broker.llen(q)) for q in QUEUES})
+
+    def depths() -> dict[str, int]:
+        """Queue depths for the scheduler's gauge; the buffer gauges are set here too, once per tick."""
+        from pipeline.observability import metrics
+        from pipeline.storage import buffers, db
+
+        with db.connect(settings.db) as conn:
+            pending, age = buffers.pending_totals(conn)
+        metrics.BUFFER_PENDING.set(pending)
+        metrics.BUFFER_OLDEST_PENDING_AGE.set(age)
+        return {q: int(broker.llen(q)) for q in QUEUES}
+
+    scheduler.run(settings, enqueue, stop, depths)
 
 
 @app.command("serve")

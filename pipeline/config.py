@@ -209,6 +209,10 @@ class WorkerSettings(BaseSettings):
         5, ge=1, description="How often a worker looks for unacknowledged tasks of dead workers (s)."
     )
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus port of a worker (0 = none).")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the metrics endpoints of workers and `persona beat` listen on (0.0.0.0 in containers).",
+    )
 
 
 class GateSettings(BaseSettings):

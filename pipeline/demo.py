@@ -231,7 +231,8 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
         "PERSONA_POLICY_MIN_NEW_EVENTS": "1",
         "PERSONA_POLICY_COOLDOWN_S": "0",
         "PERSONA_POLICY_TICK_S": "2",
-        "PERSONA_POLICY_MAX_IN_FLIGHT": str(max(2, options.users)),
+        # Tasks an interrupted earlier run left queued must not hold this run's users back.
+        "PERSONA_POLICY_MAX_IN_FLIGHT": "1000",
     }
     overrides.update(options.env)
     env = child_env(**overrides)
@@ -258,6 +259,12 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
         with db.connect(cfg.db) as conn:
             for p in people:
                 p.known_revisions = frozenset(r.revision_id for r in registry.list_revisions(conn, p.user_id))
+        waiting = _queued_tasks(urls["redis_url"])
+        if waiting:
+            console.print(
+                f"      [yellow]note:[/yellow] {waiting} task(s) of an earlier run wait in the queues; the worker "
+                "runs them first"
+            )
         dead = _send(cfg, ingest_url, key, people, options, seed, prefix, console)
         _wait_buffered(cfg, people, procs, console)
 
@@ -286,6 +293,18 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
         f"`persona revisions list USER`, `persona stack status`; stop it with `persona stack down`."
     )
     return DemoResult(people, answers, took, logs_dir)
+
+
+def _queued_tasks(redis_url: str) -> int:
+    import redis
+
+    from workers.celery_app import QUEUES
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return sum(int(client.llen(q)) for q in QUEUES)
+    finally:
+        client.close()
 
 
 def _send(

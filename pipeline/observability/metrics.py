@@ -65,6 +65,13 @@ TRAINING_OUTCOMES = Counter(
     "Retrain tasks by outcome (trained, resumed, nothing_to_do, no_examples, busy, failed).",
     ["outcome"],
 )
+BUFFER_PENDING = Gauge(
+    "persona_buffer_pending_events", "Events buffered and not yet trained on, all users (set by the scheduler)."
+)
+BUFFER_OLDEST_PENDING_AGE = Gauge(
+    "persona_buffer_oldest_pending_age_seconds",
+    "Age of the oldest event not yet trained on, all users (0 when none; set by the scheduler).",
+)
 SCHEDULER_ENQUEUED = Counter("persona_scheduler_enqueued_total", "Users the scheduler enqueued for a retrain.")
 QUEUE_DEPTH = Gauge("persona_queue_depth", "Tasks waiting in a Celery queue (Redis list length).", ["queue"])
 
@@ -83,6 +90,20 @@ GATE_SECONDS = Histogram(
     buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 PROMOTIONS = Counter("persona_promotions_total", "Production alias moves announced, by reason.", ["reason"])
+
+# --- serving: requests ----------------------------------------------------------------------------------------------
+SERVING_REQUESTS = Counter(
+    "persona_serving_requests_total", "Serving API requests, by endpoint and HTTP status.", ["endpoint", "status"]
+)
+SERVING_REQUEST_SECONDS = Histogram(
+    "persona_serving_request_seconds",
+    "Seconds from a serving request's arrival to its last byte (the whole stream, when streaming), by endpoint.",
+    ["endpoint"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120),
+)
+SERVING_TOKENS = Counter(
+    "persona_serving_tokens_total", "Tokens of finished generations, by kind (prompt | completion).", ["kind"]
+)
 
 # --- serving: adapter cache ---------------------------------------------------------------------------------------
 # tier: slot (device slots), host (CPU tensors), disk (local copies), store (object store fetches).

@@ -29,6 +29,7 @@ from pipeline.config import Settings
 from pipeline.domain.errors import InvalidInput, NotFound
 from pipeline.domain.revisions import check_revision_id
 from pipeline.models.base import LoadedBase
+from pipeline.observability import metrics as obs
 from pipeline.serving.adapters import AdapterKey, AdapterLimits, registry_fetch
 from pipeline.serving.cache import AdapterCache
 from pipeline.serving.engine import Engine, EngineError, Generation
@@ -193,6 +194,8 @@ class Server:
         return gen, q
 
     def _end(self, target: Target, gen: Generation) -> None:
+        obs.SERVING_TOKENS.labels("prompt").inc(len(gen.request.prompt_ids))
+        obs.SERVING_TOKENS.labels("completion").inc(len(gen.output_ids))
         self.streams.pop(gen.id, None)
         if target.key is not None:
             self.cache.release(target.key)
@@ -257,6 +260,9 @@ class _LockedSlots:
             self.server.engine.clear_adapter(slot)
 
 
+_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/score", "/v1/models", "/healthz", "/metrics"})
+
+
 def create_app(server: Server) -> FastAPI:
     """The OpenAI-compatible app of one serving worker."""
     app = FastAPI(title="persona serving", version="1")
@@ -264,8 +270,22 @@ def create_app(server: Server) -> FastAPI:
 
     @app.middleware("http")
     async def worker_header(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
         response = await call_next(request)
         response.headers["x-persona-worker"] = server.name  # which worker of the pool answered
+        path = request.url.path
+        endpoint = path if path in _ENDPOINTS else "other"  # a bounded label set
+        body = response.body_iterator  # type: ignore[attr-defined]
+
+        async def timed() -> Any:  # observed after the last byte, so a stream counts whole
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                obs.SERVING_REQUESTS.labels(endpoint, str(response.status_code)).inc()
+                obs.SERVING_REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+
+        response.body_iterator = timed()  # type: ignore[attr-defined]
         return response
 
     def parse(model_cls: type[BaseModel], raw: bytes) -> BaseModel | JSONResponse:

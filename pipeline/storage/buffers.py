@@ -203,3 +203,14 @@ def most_overdue(conn: psycopg.Connection, limit: int = 1000) -> list[UserBuffer
         (limit,),
     ).fetchall()
     return [UserBuffer(r[0], int(r[1]), r[2], int(r[3]), r[4]) for r in rows]
+
+
+def pending_totals(conn: psycopg.Connection) -> tuple[int, float]:
+    """(events not yet trained on, age in seconds of the oldest of them) over all users; (0, 0.0) when none.
+
+    Reads only the users with pending events (the partial index of the scheduler's claim)."""
+    n, age = conn.execute(
+        "SELECT coalesce(sum(pending_count), 0), coalesce(extract(epoch FROM now() - min(oldest_pending_at)), 0)"
+        " FROM user_state WHERE oldest_pending_at IS NOT NULL AND pending_count > 0"
+    ).fetchone()
+    return int(n), float(age)

@@ -180,6 +180,43 @@ def test_models_health_and_metrics(world):
     assert "persona_adapter_cache_hits_total" in httpx.get(f"{world['url']}/metrics").text
 
 
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text ``text`` (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def test_request_and_token_metrics_count_what_was_served(world):
+    url = world["url"]
+    before = httpx.get(f"{url}/metrics").text
+    body = {"model": TINY_RANDOM_ID, "prompt": "Hello there", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        list(r.iter_lines())
+    bad = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=60)
+    assert bad.status_code == 400
+    after = httpx.get(f"{url}/metrics").text
+    endpoint = "/v1/completions"
+    assert _sample(after, "persona_serving_requests_total", endpoint=endpoint, status="200") == (
+        _sample(before, "persona_serving_requests_total", endpoint=endpoint, status="200") + 1
+    )
+    assert _sample(after, "persona_serving_requests_total", endpoint=endpoint, status="400") == (
+        _sample(before, "persona_serving_requests_total", endpoint=endpoint, status="400") + 1
+    )
+    assert _sample(after, "persona_serving_request_seconds_count", endpoint=endpoint) == (
+        _sample(before, "persona_serving_request_seconds_count", endpoint=endpoint) + 2
+    )
+    completion = _sample(after, "persona_serving_tokens_total", kind="completion") - _sample(
+        before, "persona_serving_tokens_total", kind="completion"
+    )
+    assert 1 <= completion <= 3
+
+
 def test_the_official_openai_client_completes_chats_and_streams(world):
     from openai import NotFoundError, OpenAI
 

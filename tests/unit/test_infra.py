@@ -25,16 +25,6 @@ COMPOSE = ROOT / "docker-compose.yml"
 PROM_DIR = ROOT / "infra" / "prometheus"
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "persona.json"
 
-# Metrics the dashboard and the alerts use that pipeline/observability/metrics.py does not define yet (issue 7).
-# Remove a name here once it is defined: test_pending_metrics_are_still_missing fails as the reminder.
-PENDING = {
-    "persona_serving_requests_total",  # serving requests by endpoint and status
-    "persona_serving_request_seconds_bucket",  # serving request time (histogram; the p99 alert)
-    "persona_serving_tokens_total",  # prompt and completion tokens served, by kind
-    "persona_buffer_pending_events",  # events buffered and not yet trained on, all users (scheduler tick)
-    "persona_buffer_oldest_pending_age_seconds",  # age of the oldest pending event (scheduler tick)
-}
-
 # Long-running services and what they must wait for before they start.
 PERSONA_PROCESSES = ("ingest", "consumer", "beat", "worker", "serving")
 REQUIRED_SERVICES = {
@@ -267,7 +257,7 @@ def test_alert_rules_named_in_the_issue_exist_with_for_and_annotations():
 
 
 def test_alert_rules_use_only_defined_metrics():
-    defined = defined_metric_names() | PENDING
+    defined = defined_metric_names()
     rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
@@ -313,16 +303,10 @@ def test_dashboard_covers_every_stage():
 
 
 def test_dashboard_uses_only_defined_metrics_and_recording_rules():
-    defined = defined_metric_names() | PENDING
+    defined = defined_metric_names()
     records = _records()
     for title, expr in _dashboard_exprs():
         unknown = _metric_names(expr) - defined
         assert not unknown, (title, unknown)
         for record in re.findall(r"\bpersona:[a-z0-9_:]+", expr):
             assert record in records, (title, record)
-
-
-def test_pending_metrics_are_still_missing():
-    """When a pending metric gets defined, drop it from PENDING so the checks above cover it for real."""
-    now_defined = PENDING & defined_metric_names()
-    assert not now_defined, f"now defined, remove from PENDING: {sorted(now_defined)}"
