@@ -1,12 +1,14 @@
 """The scheduler (`persona beat`): every tick, claim the due users (policy in pipeline/domain/policy.py) and
-enqueue one `persona.train.retrain_user` task each. Two schedulers at once never enqueue a user twice (the claim
-is FOR UPDATE SKIP LOCKED with a queue mark), so running a spare one is safe."""
+enqueue them in batches of at most PERSONA_TRAIN_BATCH_USERS, one `persona.train.retrain_users` task per batch (a
+GPU worker trains a batch's adapters together). Two schedulers at once never enqueue a user twice (the claim is FOR
+UPDATE SKIP LOCKED with a queue mark), so running a spare one is safe."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pipeline.config import PolicySettings, Settings
 from pipeline.domain.policy import Policy
@@ -20,31 +22,53 @@ def policy_of(p: PolicySettings) -> Policy:
     return Policy(p.min_new_events, p.max_age_s, p.cooldown_s, p.max_in_flight)
 
 
-def tick(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
-    """One scheduler tick: claim due users (committed) and enqueue them; returns the users enqueued.
+def batches(users: list[str], k: int) -> list[list[str]]:
+    """``users`` (oldest pending first) cut into batches of at most ``k``."""
+    return [users[i : i + k] for i in range(0, len(users), k)]
 
-    A user whose enqueue fails is unqueued again so that the next tick retries it.
+
+def celery_enqueue(app: Any) -> Callable[[list[str]], None]:
+    """An ``enqueue`` for `tick` that sends one `persona.train.retrain_users` task per batch."""
+
+    def enqueue(user_ids: list[str]) -> None:
+        app.send_task("persona.train.retrain_users", args=[user_ids], queue="train")
+
+    return enqueue
+
+
+def tick(settings: Settings, enqueue: Callable[[list[str]], None]) -> list[str]:
+    """One scheduler tick: claim due users (committed) and enqueue them in batches; returns the users enqueued.
+
+    The users of a batch whose enqueue fails are unqueued again so that the next tick retries them.
     """
+    enqueued: list[str] = []
     with db.connect(settings.db) as conn:
         with conn.transaction():
             users = training.claim_due(conn, policy_of(settings.policy))
-        for user_id in users:
+        for batch in batches(users, settings.training.batch_users):
             try:
-                enqueue(user_id)
+                enqueue(batch)
             except Exception:
-                log.exception("could not enqueue %s; it will be picked again", user_id)
+                log.exception("could not enqueue %s; they will be picked again", ", ".join(batch))
                 with conn.transaction():
-                    training.unqueue(conn, user_id)
+                    for user_id in batch:
+                        training.unqueue(conn, user_id)
                 continue
-            metrics.SCHEDULER_ENQUEUED.inc()
-    if users:
-        log.info("enqueued %d user(s): %s", len(users), ", ".join(users[:10]) + (" ..." if len(users) > 10 else ""))
-    return users
+            metrics.SCHEDULER_ENQUEUED.inc(len(batch))
+            enqueued.extend(batch)
+    if enqueued:
+        log.info(
+            "enqueued %d user(s) in %d batch(es): %s",
+            len(enqueued),
+            -(-len(enqueued) // settings.training.batch_users),
+            ", ".join(enqueued[:10]) + (" ..." if len(enqueued) > 10 else ""),
+        )
+    return enqueued
 
 
 def run(
     settings: Settings,
-    enqueue: Callable[[str], None],
+    enqueue: Callable[[list[str]], None],
     stop: threading.Event,
     queue_depth: Callable[[], dict[str, int]] | None = None,
 ) -> None:

@@ -148,6 +148,25 @@ def renew_lease(conn: psycopg.Connection, lease: Lease, lease_s: float) -> bool:
     return cur.rowcount == 1
 
 
+def renew_leases(conn: psycopg.Connection, leases: list[Lease], lease_s: float) -> set[str]:
+    """`renew_lease` for a batch of users in one statement; returns the users whose lease was renewed."""
+    if not leases:
+        return set()
+    rows = conn.execute(
+        "UPDATE user_state s SET lease_expires_at = now() + make_interval(secs => %s)"
+        " FROM unnest(%s::text[], %s::text[], %s::text[]) AS l(user_id, owner, revision_id)"
+        " WHERE s.user_id = l.user_id AND s.lease_owner = l.owner AND s.lease_revision_id = l.revision_id"
+        " RETURNING s.user_id",
+        (
+            lease_s,
+            [x.user_id for x in leases],
+            [x.owner for x in leases],
+            [x.revision_id for x in leases],
+        ),
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
 def release_lease(conn: psycopg.Connection, lease: Lease) -> None:
     """Give the lease up after a failed attempt, keeping its plan (the next attempt writes the same revision).
 

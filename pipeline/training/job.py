@@ -1,7 +1,8 @@
-"""One user's retrain, end to end: lease, events, parent, training, candidate revision. Idempotent.
+"""Users' retrains, end to end: lease, events, parent, training, candidate revision. Idempotent per user.
 
-The training itself (pipeline/training/lora.py) never touches the database or the object store; this module does
-the I/O around it, in this order:
+`retrain_batch` retrains a batch of users together (one batched training on the shared base,
+pipeline/training/multi.py); `retrain` is a batch of one. The training itself never touches the database or the
+object store; this module does the I/O around it, per user, in this order:
 
 1. take the user's lease (a plan: revision id, parent = production revision, events up to a snapshot position);
    a redelivered task takes over an expired plan instead of making a new one;
@@ -10,6 +11,10 @@ the I/O around it, in this order:
 3. else build examples from the new train-split events since the parent plus a seeded replay of older ones, load
    the parent's adapter (sha256 verified), train from it, and write the candidate through the registry (objects,
    then the row, the consumed events and the released lease in one transaction); then chain the evaluation.
+
+Within a batch every user is on its own: a user whose lease is busy, whose events give no example, whose parent
+does not load, whose loss is not finite or whose lease is lost gets its own outcome or error, and the others are
+trained and written all the same. While the batch trains and writes, every live lease is renewed.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import logging
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Settings
 from pipeline.domain.errors import NotFound, PersonaError
@@ -30,8 +36,9 @@ from pipeline.observability import metrics
 from pipeline.storage import db, registry, training
 from pipeline.storage.objects import ObjectStore
 from pipeline.storage.registry import Registry
-from pipeline.training.examples import examples_from_events, select_training_events
-from pipeline.training.lora import train_adapter
+from pipeline.training.examples import Example, TrainingEvent, examples_from_events, select_training_events
+from pipeline.training.lora import TrainResult
+from pipeline.training.multi import UserJob, train_adapters
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +76,61 @@ def seed_for(base_seed: int, user_id: str, revision_id: str) -> int:
 def retrain(
     user_id: str, *, settings: Settings, owner: str, on_candidate: Callable[[str], None] | None = None
 ) -> Outcome:
-    """Retrain ``user_id`` from their production revision if they have pending events. Safe to repeat."""
+    """Retrain ``user_id`` from their production revision if they have pending events. Safe to repeat.
+
+    Raises LeaseBusy when another live training holds the user, LeaseLost when the lease was lost mid-training, and
+    whatever else failed the user (the lease is then released for the next attempt, its plan kept)."""
+    (result,) = retrain_batch([user_id], settings=settings, owner=owner, on_candidate=on_candidate)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+@dataclass
+class _Plan:
+    """A user with work to do: the lease's plan, the parent, the events and examples, the seed."""
+
+    user_id: str
+    lease: training.Lease
+    parent: Revision | None
+    new: list[TrainingEvent]
+    replay: list[TrainingEvent]
+    examples: list[Example]
+    seed: int
+
+
+def retrain_batch(
+    user_ids: Sequence[str], *, settings: Settings, owner: str, on_candidate: Callable[[str], None] | None = None
+) -> list[Outcome | BaseException]:
+    """Retrain each of ``user_ids`` (module docstring), training together those with work to do. Returns, per user
+    in order, its Outcome or the exception that failed it (LeaseBusy, LeaseLost, TrainingError, storage errors)."""
     started = time.monotonic()
     store = ObjectStore(settings.s3)
     reg = Registry(settings.db, store)
+    out: list[Outcome | BaseException | None] = [None] * len(user_ids)
+    plans: list[tuple[int, _Plan]] = []
+    for i, user_id in enumerate(user_ids):
+        try:
+            prepared = _prepare(user_id, settings, owner, on_candidate)
+        except Exception as e:
+            out[i] = e
+            continue
+        if isinstance(prepared, Outcome):
+            out[i] = prepared
+        else:
+            plans.append((i, prepared))
+    if plans:
+        for (i, _), result in zip(
+            plans, _train_and_write([p for _, p in plans], settings, reg, started, on_candidate), strict=True
+        ):
+            out[i] = result
+    return [r if r is not None else PersonaError("no outcome") for r in out]
+
+
+def _prepare(
+    user_id: str, settings: Settings, owner: str, on_candidate: Callable[[str], None] | None
+) -> Outcome | _Plan:
+    """Take the user's lease and gather what its training needs; an Outcome when there is nothing to train."""
     lease_s = settings.policy.lease_s
     with db.connect(settings.db) as conn:
         lease = training.acquire_lease(conn, user_id, owner, lease_s)
@@ -81,141 +139,198 @@ def retrain(
     if isinstance(lease, training.Busy):
         raise LeaseBusy(user_id, lease.owner, lease.seconds_left)
 
-    with db.connect(settings.db) as conn:
-        try:
-            existing = registry.get_revision(conn, lease.revision_id)
-        except NotFound:
-            existing = None
-        if existing is not None:
-            with conn.transaction():
-                training.finish(conn, lease)
-            log.info(
-                "%s: revision %s was already written by an earlier attempt; finished it", user_id, existing.revision_id
-            )
-            if on_candidate is not None:
-                on_candidate(existing.revision_id)
-            return Outcome(user_id, "resumed", existing.revision_id, existing.parent_id)
-        events = training.training_events(conn, user_id, lease.snapshot_seq)
-        parent = registry.get_revision(conn, lease.parent_id) if lease.parent_id else None
-
-    seed = seed_for(settings.training.seed, user_id, lease.revision_id)
-    parent_last = parent.manifest["events"]["last_seq"] if parent is not None else None
-    new, replay = select_training_events(
-        events, parent_last_seq=parent_last, replay_max=settings.training.replay_max, seed=seed
-    )
-    examples = examples_from_events([*new, *replay])
-    new_ids = {n.event_id for n in new}
-    if not any(e.event_id in new_ids for e in examples):
-        # Nothing new to learn (only holdout events, negative feedback or preference pairs): count the events
-        # as seen so the scheduler does not pick the user again for them.
-        with db.connect(settings.db) as conn, conn.transaction():
-            training.finish(conn, lease)
-        log.info("%s: no new training examples among %d pending events; nothing trained", user_id, len(events))
-        return Outcome(user_id, "no_examples", parent_id=lease.parent_id)
-
     try:
-        return _train_and_write(
-            user_id, lease, parent, settings, reg, new, replay, examples, seed, started, on_candidate
+        with db.connect(settings.db) as conn:
+            try:
+                existing = registry.get_revision(conn, lease.revision_id)
+            except NotFound:
+                existing = None
+            if existing is not None:
+                with conn.transaction():
+                    training.finish(conn, lease)
+                log.info(
+                    "%s: revision %s was already written by an earlier attempt; finished it",
+                    user_id,
+                    existing.revision_id,
+                )
+                if on_candidate is not None:
+                    on_candidate(existing.revision_id)
+                return Outcome(user_id, "resumed", existing.revision_id, existing.parent_id)
+            events = training.training_events(conn, user_id, lease.snapshot_seq)
+            parent = registry.get_revision(conn, lease.parent_id) if lease.parent_id else None
+
+        seed = seed_for(settings.training.seed, user_id, lease.revision_id)
+        parent_last = parent.manifest["events"]["last_seq"] if parent is not None else None
+        new, replay = select_training_events(
+            events, parent_last_seq=parent_last, replay_max=settings.training.replay_max, seed=seed
         )
-    except LeaseLost:
-        raise
+        examples = examples_from_events([*new, *replay])
+        new_ids = {n.event_id for n in new}
+        if not any(e.event_id in new_ids for e in examples):
+            # Nothing new to learn (only holdout events, negative feedback or preference pairs): count the events
+            # as seen so the scheduler does not pick the user again for them.
+            with db.connect(settings.db) as conn, conn.transaction():
+                training.finish(conn, lease)
+            log.info("%s: no new training examples among %d pending events; nothing trained", user_id, len(events))
+            return Outcome(user_id, "no_examples", parent_id=lease.parent_id)
     except BaseException:
-        # Free the user for the next attempt at once (the plan is kept: it writes the same revision).
+        _release(settings, lease)
+        raise
+    return _Plan(user_id, lease, parent, new, replay, examples, seed)
+
+
+def _release(settings: Settings, lease: training.Lease) -> None:
+    """Free the user for the next attempt at once (the plan is kept: it writes the same revision)."""
+    try:
         with db.connect(settings.db, autocommit=True) as conn:
             training.release_lease(conn, lease)
-        raise
+    except Exception:
+        log.exception("%s: could not release the lease of %s; it expires", lease.user_id, lease.revision_id)
 
 
 def _train_and_write(
-    user_id: str,
-    lease: training.Lease,
-    parent: Revision | None,
+    plans: list[_Plan],
     settings: Settings,
     reg: Registry,
-    new: list,
-    replay: list,
-    examples: list,
-    seed: int,
     started: float,
     on_candidate: Callable[[str], None] | None,
-) -> Outcome:
-    base = load_configured(settings.model)
-    renew = _renewer(settings, lease, settings.policy.lease_s)
+) -> list[Outcome | BaseException]:
+    results: list[Outcome | BaseException | None] = [None] * len(plans)
+    leases = _Leases(settings, [p.lease for p in plans])
+
+    def failed(i: int, error: BaseException) -> BaseException:
+        if not isinstance(error, LeaseLost):
+            _release(settings, plans[i].lease)
+        leases.drop(i)
+        return error
+
+    try:
+        base = load_configured(settings.model)
+    except BaseException as e:
+        return [failed(i, e) for i in range(len(plans))]
     with tempfile.TemporaryDirectory(prefix="persona-train-") as tmp:
-        parent_dir = None
-        if parent is not None:
-            parent_dir = reg.download(parent, Path(tmp) / "parent")  # sha256 verified
-        out = Path(tmp) / "candidate"
-        log.info(
-            "%s: training %s from %s on %d new + %d replayed events (%d examples), seed %d",
-            user_id,
-            lease.revision_id,
-            lease.parent_id or "scratch",
-            len(new),
-            len(replay),
-            len(examples),
-            seed,
+        jobs: list[tuple[int, UserJob]] = []
+        for i, plan in enumerate(plans):
+            try:
+                parent_dir = None
+                if plan.parent is not None:
+                    parent_dir = reg.download(plan.parent, Path(tmp) / f"{i}" / "parent")  # sha256 verified
+            except Exception as e:
+                results[i] = failed(i, e)
+                continue
+            jobs.append((i, UserJob(plan.examples, Path(tmp) / f"{i}" / "candidate", parent_dir, plan.seed)))
+            log.info(
+                "%s: training %s from %s on %d new + %d replayed events (%d examples), seed %d, %d users in the batch",
+                plan.user_id,
+                plan.lease.revision_id,
+                plan.lease.parent_id or "scratch",
+                len(plan.new),
+                len(plan.replay),
+                len(plan.examples),
+                plan.seed,
+                len(plans),
+            )
+
+        def heartbeat() -> dict[int, BaseException]:
+            leases.renew()
+            return {j: leases.lost[i] for j, (i, _) in enumerate(jobs) if i in leases.lost}
+
+        trained = train_adapters(
+            base,
+            [job for _, job in jobs],
+            settings.training,
+            progress=lambda j, step, loss: leases.check(jobs[j][0]),
+            heartbeat=heartbeat,
         )
-        result = train_adapter(
-            base, examples, out, settings.training, parent_dir=parent_dir, seed=seed, progress=renew
-        )
-        used = EventsUsed.of([(e.event_id, e.seq) for e in (*new, *replay)])
-        rev = reg.write_revision(
-            user_id,
-            out,
-            parent_id=lease.parent_id,
-            base=base.ref,
-            training={
-                **result.config,
-                "seed": seed,
-                "new_events": len(new),
-                "replayed_events": len(replay),
-                "examples": result.examples,
-                "steps": result.steps,
-                "best_step": result.best_step,
-                "stopped_early": result.stopped_early,
-            },
-            events=used,
-            metrics={
-                "train_loss": result.train_loss,
-                "val_loss": result.val_loss,
-                "tokens": result.tokens,
-                "tokens_per_s": result.tokens_per_s,
-                "train_seconds": result.seconds,
-            },
-            revision_id=lease.revision_id,
-            lease=lease,
-        )
+        for (i, job), result in zip(jobs, trained, strict=True):
+            if isinstance(result, BaseException):
+                results[i] = failed(i, leases.lost.get(i, result))
+                continue
+            try:
+                leases.check(i)
+                results[i] = _write(plans[i], job, result, base.ref, reg, started)
+                leases.drop(i)
+            except Exception as e:
+                results[i] = failed(i, e)
+                continue
+            if on_candidate is not None:
+                on_candidate(results[i].revision_id)  # type: ignore[union-attr]
+    return [r if r is not None else PersonaError("no outcome") for r in results]
+
+
+def _write(plan: _Plan, job: UserJob, result: TrainResult, base_ref: Any, reg: Registry, started: float) -> Outcome:
+    used = EventsUsed.of([(e.event_id, e.seq) for e in (*plan.new, *plan.replay)])
+    rev = reg.write_revision(
+        plan.user_id,
+        job.out_dir,
+        parent_id=plan.lease.parent_id,
+        base=base_ref,
+        training={
+            **result.config,
+            "seed": plan.seed,
+            "new_events": len(plan.new),
+            "replayed_events": len(plan.replay),
+            "examples": result.examples,
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+        },
+        events=used,
+        metrics={
+            "train_loss": result.train_loss,
+            "val_loss": result.val_loss,
+            "tokens": result.tokens,
+            "tokens_per_s": result.tokens_per_s,
+            "train_seconds": result.seconds,
+        },
+        revision_id=plan.lease.revision_id,
+        lease=plan.lease,
+    )
     seconds = time.monotonic() - started
     metrics.TRAINING_SECONDS.observe(seconds)
     metrics.TRAINING_TOKENS_PER_SECOND.set(result.tokens_per_s)
     metrics.TRAINING_FINAL_LOSS.set(result.train_loss)
     log.info(
         "%s: candidate %s (parent %s) in %.1fs: %d steps, loss %.3f",
-        user_id,
+        plan.user_id,
         rev.revision_id,
         rev.parent_id or "none",
         seconds,
         result.steps,
         result.train_loss,
     )
-    if on_candidate is not None:
-        on_candidate(rev.revision_id)
-    return Outcome(user_id, "trained", rev.revision_id, rev.parent_id, result.steps, seconds)
+    return Outcome(plan.user_id, "trained", rev.revision_id, rev.parent_id, result.steps, seconds)
 
 
-def _renewer(settings: Settings, lease: training.Lease, lease_s: float) -> Callable[[int, float], None]:
-    """A progress callback that renews the lease at most every lease_s / 3 seconds, and stops a training whose
-    lease was lost (another attempt owns the plan: two trainings must not write one revision)."""
-    last = time.monotonic()
+class _Leases:
+    """The live leases of a batch, renewed together at most every lease_s / 3 seconds. A lease that could not be
+    renewed is lost (another attempt owns the plan now: two trainings must not write one revision): its user
+    stops, the others go on."""
 
-    def renew(step: int, loss: float) -> None:
-        nonlocal last
-        if time.monotonic() - last < lease_s / 3:
-            return
-        with db.connect(settings.db, autocommit=True) as conn:
-            if not training.renew_lease(conn, lease, lease_s):
-                raise LeaseLost(f"{lease.user_id}: lease of {lease.revision_id} lost at step {step}")
-        last = time.monotonic()
+    def __init__(self, settings: Settings, leases: list[training.Lease]) -> None:
+        self.settings = settings
+        self.live = dict(enumerate(leases))
+        self.lost: dict[int, LeaseLost] = {}
+        self.last = time.monotonic()
 
-    return renew
+    def drop(self, i: int) -> None:
+        self.live.pop(i, None)
+
+    def renew(self) -> bool:
+        """Renew the live leases if it is time; True when some lease is lost (now or before)."""
+        lease_s = self.settings.policy.lease_s
+        if self.live and time.monotonic() - self.last >= lease_s / 3:
+            with db.connect(self.settings.db, autocommit=True) as conn:
+                kept = training.renew_leases(conn, list(self.live.values()), lease_s)
+            for i, lease in list(self.live.items()):
+                if lease.user_id not in kept:
+                    self.lost[i] = LeaseLost(f"{lease.user_id}: lease of {lease.revision_id} lost")
+                    self.live.pop(i)
+            self.last = time.monotonic()
+        return bool(self.lost)
+
+    def check(self, i: int) -> None:
+        """Renew if it is time; raise LeaseLost when user ``i``'s lease is lost."""
+        self.renew()
+        if i in self.lost:
+            raise self.lost[i]

@@ -470,22 +470,18 @@ def _nll_sums(
     """Per user: the sum of target-token NLL over its rows in ``items`` and its target-token count. With
     ``params``, also accumulates the gradient of sum over users of (NLL sum / token count) into them."""
     counts = torch.zeros(n_users, dtype=torch.long)
-    for slot, e in items:
-        counts[slot] += sum(1 for label in e.labels[1:] if label != IGNORE)
+    counts.index_add_(0, torch.tensor([slot for slot, _ in items]), torch.tensor([_targets(e) for _, e in items]))
     weights = (1.0 / counts.clamp(min=1).double()).float().to(device)
     sums = torch.zeros(n_users, dtype=torch.float64, device=device)
+    cuda = device.type == "cuda"
     for chunk in _micro_batches(items, settings.micro_batch_tokens):
         width = max(len(e.input_ids) for _, e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (_, e) in enumerate(chunk):
-            n = len(e.input_ids)
-            ids[r, :n] = torch.tensor(e.input_ids)
-            labels[r, :n] = torch.tensor(e.labels)
-            mask[r, :n] = 1
-        slots = torch.tensor([slot for slot, _ in chunk], device=device)
-        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        host = torch.tensor([_packed_row(slot, e, width, pad_id) for slot, e in chunk])
+        if cuda:  # pinned: the copy does not wait for the GPU work queued before it
+            host = host.pin_memory()
+        packed = host.to(device, non_blocking=cuda)
+        slots, ids, labels = packed[:, 0], packed[:, 2 : width + 2], packed[:, width + 2 :]
+        mask = (torch.arange(width, device=device)[None, :] < (width - packed[:, 1:2])).long()
         rows.index = slots
         try:
             with torch.enable_grad() if params is not None else contextlib.nullcontext():
@@ -501,6 +497,17 @@ def _nll_sums(
         sums.index_add_(0, token_slots, nll.detach().double())
         beat()
     return sums.cpu(), counts
+
+
+def _packed_row(slot: int, e: EncodedExample, width: int, pad_id: int) -> list[int]:
+    """One row of a micro-batch as one list (one host-to-device copy): slot, padding, ids, labels."""
+    n = width - len(e.input_ids)
+    return [slot, n, *e.input_ids, *[pad_id] * n, *e.labels, *[IGNORE] * n]
+
+
+def _targets(e: EncodedExample) -> int:
+    """Target tokens of an example (labels after the first position that carry a loss)."""
+    return sum(1 for label in e.labels[1:] if label != IGNORE)
 
 
 def _token_nll(

@@ -14,16 +14,22 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 import redis
+import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline import scheduler, sim
-from pipeline.config import ROOT, PolicySettings, RedisSettings, Settings, WorkerSettings
+from pipeline.config import ROOT, PolicySettings, RedisSettings, Settings, TrainingSettings, WorkerSettings
 from pipeline.domain.events import split_of, validate
 from pipeline.domain.policy import due_reason
+from pipeline.domain.revisions import EventsUsed
+from pipeline.models.base import load_base
 from pipeline.storage import registry as reg
 from pipeline.storage import training
 from pipeline.storage.buffers import BufferedEvent, write_events
 from pipeline.storage.objects import ObjectStore
 from pipeline.storage.registry import Registry
+from pipeline.training.examples import Example
+from pipeline.training.lora import train_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -145,7 +151,7 @@ def revisions_of(db, user_id):
 
 
 def enqueue_with(celery):
-    return lambda u: celery.send_task("persona.train.retrain_user", args=[u], queue="train")
+    return scheduler.celery_enqueue(celery)  # what `persona beat` uses: one retrain_users task per batch
 
 
 def test_continual_chain_of_three_revisions(own_services, settings, celery, worker):
@@ -199,7 +205,7 @@ def test_two_ticks_at_once_never_enqueue_a_user_twice(own_services, settings):
 
     def one_tick():
         barrier.wait()
-        scheduler.tick(settings, seen.append)
+        scheduler.tick(settings, seen.extend)
 
     threads = [threading.Thread(target=one_tick) for _ in range(4)]
     for t in threads:
@@ -317,3 +323,50 @@ def test_the_whole_loop_train_then_gate_then_promote(own_services, settings, cel
         assert ObjectStore(own_services.s3).read_pointer(u)["revision"] == rev
     finally:
         stop(proc)
+
+
+def test_a_batch_trains_its_users_together_and_a_bad_user_fails_alone(
+    own_services, settings, celery, worker, tmp_path
+):
+    """The scheduler sends the due users as one retrain_users task; the worker trains them in one batch. A user
+    whose serving adapter is NaN fails (its lease released, no candidate); the others get their candidates."""
+    tag = uuid.uuid4().hex[:6]
+    good, bad = [f"batch-{tag}-{i}" for i in range(2)], f"nan-{tag}"
+    registry = Registry(own_services.db, ObjectStore(own_services.s3))
+    base = load_base("tiny-random")
+    one_step = TrainingSettings(max_steps=1, val_fraction=0.0, threads=1)  # the worker's LoRA shape: r=8 on q, v
+    train_adapter(base, [Example(None, "hello there", "e")], tmp_path, one_step, parent_dir=None, seed=0)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, tmp_path / "adapter_model.safetensors"
+    )
+    poisoned = registry.write_revision(
+        bad, tmp_path, parent_id=None, base=base.ref, training={"seed": 0}, events=EventsUsed.of([])
+    )
+    registry.promote(bad, poisoned.revision_id, actor="test")
+    for i, u in enumerate([*good, bad]):
+        add_events(own_services.db, u, 20, seed=60 + i)
+    sent: list[list[str]] = []
+
+    def enqueue(batch: list[str]) -> None:
+        sent.append(batch)
+        enqueue_with(celery)(batch)
+
+    assert sorted(scheduler.tick(settings, enqueue)) == sorted([*good, bad])
+    assert len(sent) == 1  # one task for the three (PERSONA_TRAIN_BATCH_USERS is 8)
+    for u in good:
+        (rev,) = wait_for(lambda u=u: revisions_of(own_services.db, u), what=f"{u}'s candidate")
+        assert rev.manifest["training"]["batched_users"] == 3  # trained in one batch with the bad user
+        assert rev.manifest["training"]["steps"] > 0
+
+    def released():
+        with psycopg.connect(own_services.db.url) as conn:
+            row = conn.execute(
+                "SELECT lease_owner, lease_revision_id, pending_count FROM user_state WHERE user_id = %s", (bad,)
+            ).fetchone()
+        return row if row[0] is None and row[1] is not None else None
+
+    _, _, pending = wait_for(released, what="the bad user's failure")
+    assert pending == 20  # nothing consumed: the next attempt writes the planned revision
+    assert [r.revision_id for r in revisions_of(own_services.db, bad)] == [poisoned.revision_id]
+    assert "training loss is nan" in worker.log.read_text()
