@@ -194,7 +194,7 @@ def worker(
     if cfg.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(cfg.metrics_port, addr="127.0.0.1")
+        start_http_server(cfg.metrics_port, addr=cfg.metrics_host)
     from workers.celery_app import app as celery
 
     celery.worker_main(
@@ -246,11 +246,25 @@ def beat(
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1")
+        from pipeline.config import WorkerSettings
+
+        start_http_server(metrics_port, addr=WorkerSettings().metrics_host)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    scheduler.run(settings, enqueue, stop, lambda: {q: int(broker.llen(q)) for q in QUEUES})
+
+    def depths() -> dict[str, int]:
+        """Queue depths for the scheduler's gauge; the buffer gauges are set here too, once per tick."""
+        from pipeline.observability import metrics
+        from pipeline.storage import buffers, db
+
+        with db.connect(settings.db) as conn:
+            pending, age = buffers.pending_totals(conn)
+        metrics.BUFFER_PENDING.set(pending)
+        metrics.BUFFER_OLDEST_PENDING_AGE.set(age)
+        return {q: int(broker.llen(q)) for q in QUEUES}
+
+    scheduler.run(settings, enqueue, stop, depths)
 
 
 @app.command("serve")
