@@ -27,7 +27,7 @@ import inspect
 import itertools
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,7 +130,114 @@ def _make_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCach
     return cache
 
 
-class Engine:
+class GenerationLoop:
+    """What every engine shares: request checks and queueing, sampling, stop rules, text decoding.
+
+    A subclass sets ``tokenizer``, ``slots``, ``max_positions``, ``eos_token_id``, ``_ids`` and ``_waiting`` and
+    implements ``step``, ``has_work``, ``active`` and ``abort_all``.
+    """
+
+    tokenizer: Any
+    slots: int
+    max_positions: int
+    eos_token_id: int | None
+    _ids: Iterator[int]
+    _waiting: deque[Generation]
+
+    def submit(self, request: Request) -> Generation:
+        """Queue ``request``; it joins the running batch at the next `step` with room. Returns its live state."""
+        if not request.prompt_ids:
+            raise EngineError("prompt_ids is empty: a request needs at least one prompt token")
+        if request.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {request.temperature}")
+        if not 0 < request.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {request.top_p}")
+        if not BASE_SLOT <= request.slot < self.slots:
+            raise EngineError(f"slot {request.slot} is out of range: allowed -1..{self.slots - 1}")
+        if len(request.prompt_ids) >= self.max_positions:
+            raise EngineError(
+                f"prompt has {len(request.prompt_ids)} tokens; the model allows fewer than {self.max_positions}"
+            )
+        gen = Generation(next(self._ids), request)
+        if request.temperature > 0:
+            gen._generator = torch.Generator()
+            if request.seed is not None:
+                gen._generator.manual_seed(request.seed)
+            else:
+                gen._generator.seed()
+        self._waiting.append(gen)
+        return gen
+
+    @property
+    def pending(self) -> int:
+        """Number of queued requests not yet admitted."""
+        return len(self._waiting)
+
+    def step(self) -> list[StepOutput]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def has_work(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run_until_done(self, max_steps: int | None = None) -> None:
+        """Step until no request is queued or running (or ``max_steps`` steps were made)."""
+        steps = 0
+        while self.has_work() and (max_steps is None or steps < max_steps):
+            self.step()
+            steps += 1
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        """Submit ``requests`` together and run them to completion (convenience for tests and batch jobs)."""
+        gens = [self.submit(r) for r in requests]
+        self.run_until_done()
+        return gens
+
+    def _sample(self, gen: Generation, logits: torch.Tensor) -> int:
+        req = gen.request
+        if req.temperature == 0:
+            return int(logits.argmax())
+        logits = logits.float().cpu() / req.temperature
+        probs = torch.softmax(logits, dim=-1)
+        if req.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            cumulative = sorted_probs.cumsum(-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = cumulative - sorted_probs >= req.top_p
+            sorted_probs[drop] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=gen._generator))
+
+    def decode_text(self, ids: list[int]) -> str:
+        # A model's vocabulary may be larger than its tokenizer's (padded embeddings, the tiny test model): ids
+        # without a token have no text.
+        known = len(self.tokenizer)
+        return self.tokenizer.decode([i for i in ids if 0 <= i < known], skip_special_tokens=True)
+
+    def _emit(self, gen: Generation, token: int, length: int) -> StepOutput:
+        """Record ``token`` for ``gen`` and decide whether it finished (``length`` = tokens in its cache)."""
+        req = gen.request
+        gen.output_ids.append(token)
+        reason = None
+        stop_at: int | None = None
+        if (not req.ignore_eos and token == self.eos_token_id) or token in req.stop_token_ids:
+            reason = "stop"
+        elif req.stop:
+            text = self.decode_text(gen.output_ids)
+            hits = [i for i in (text.find(s) for s in req.stop if s) if i >= 0]
+            if hits:
+                reason, stop_at = "stop", min(hits)
+        if reason is None and (len(gen.output_ids) >= req.max_tokens or length + 1 >= self.max_positions):
+            reason = "length"
+        if reason is not None:
+            gen.finish_reason = reason
+            text = self.decode_text(gen.output_ids)
+            gen.text = text[:stop_at] if stop_at is not None else text
+        return StepOutput(gen, token, reason is not None)
+
+
+class Engine(GenerationLoop):
     """Batched multi-LoRA forward and continuous-batching generation on one base model.
 
     ``base`` is the serving process's own base (model + tokenizer); the engine injects multi-LoRA layers into it
@@ -153,6 +260,7 @@ class Engine:
         self.max_batch = max_batch
         self.model.to(self.device)
         self.handle: MultiLoraHandle = multilora.inject(self.model, tuple(targets), slots, max_rank)
+        self.slots = slots
         self.eos_token_id: int | None = getattr(self.model.config, "eos_token_id", None)
         if isinstance(self.eos_token_id, list):
             self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
@@ -217,41 +325,10 @@ class Engine:
 
     # -- generation -------------------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> Generation:
-        """Queue ``request``; it joins the running batch at the next `step` with room. Returns its live state."""
-        if not request.prompt_ids:
-            raise EngineError("prompt_ids is empty: a request needs at least one prompt token")
-        if request.max_tokens < 1:
-            raise EngineError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        if request.temperature < 0:
-            raise EngineError(f"temperature must be >= 0, got {request.temperature}")
-        if not 0 < request.top_p <= 1:
-            raise EngineError(f"top_p must be in (0, 1], got {request.top_p}")
-        if not BASE_SLOT <= request.slot < self.handle.slots:
-            raise EngineError(f"slot {request.slot} is out of range: allowed -1..{self.handle.slots - 1}")
-        if len(request.prompt_ids) >= self.max_positions:
-            raise EngineError(
-                f"prompt has {len(request.prompt_ids)} tokens; the model allows fewer than {self.max_positions}"
-            )
-        gen = Generation(next(self._ids), request)
-        if request.temperature > 0:
-            gen._generator = torch.Generator()
-            if request.seed is not None:
-                gen._generator.manual_seed(request.seed)
-            else:
-                gen._generator.seed()
-        self._waiting.append(gen)
-        return gen
-
     @property
     def active(self) -> int:
         """Number of running requests."""
         return len(self._batch)
-
-    @property
-    def pending(self) -> int:
-        """Number of queued requests not yet admitted."""
-        return len(self._waiting)
 
     def has_work(self) -> bool:
         """Whether a `step` would do anything."""
@@ -274,19 +351,6 @@ class Engine:
         self._waiting.clear()
         for g in gens:
             g.finish_reason = g.finish_reason or "error"
-        return gens
-
-    def run_until_done(self, max_steps: int | None = None) -> None:
-        """Step until no request is queued or running (or ``max_steps`` steps were made)."""
-        steps = 0
-        while self.has_work() and (max_steps is None or steps < max_steps):
-            self.step()
-            steps += 1
-
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        """Submit ``requests`` together and run them to completion (convenience for tests and batch jobs)."""
-        gens = [self.submit(r) for r in requests]
-        self.run_until_done()
         return gens
 
     # -- internals --------------------------------------------------------------------------------------------
@@ -383,45 +447,3 @@ class Engine:
         )
         b.gens = [b.gens[i] for i in keep]
         b.positions = [b.positions[i] for i in keep]
-
-    def _sample(self, gen: Generation, logits: torch.Tensor) -> int:
-        req = gen.request
-        if req.temperature == 0:
-            return int(logits.argmax())
-        logits = logits.float().cpu() / req.temperature
-        probs = torch.softmax(logits, dim=-1)
-        if req.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            cumulative = sorted_probs.cumsum(-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = cumulative - sorted_probs >= req.top_p
-            sorted_probs[drop] = 0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=gen._generator))
-
-    def decode_text(self, ids: list[int]) -> str:
-        # A model's vocabulary may be larger than its tokenizer's (padded embeddings, the tiny test model): ids
-        # without a token have no text.
-        known = len(self.tokenizer)
-        return self.tokenizer.decode([i for i in ids if 0 <= i < known], skip_special_tokens=True)
-
-    def _emit(self, gen: Generation, token: int, length: int) -> StepOutput:
-        """Record ``token`` for ``gen`` and decide whether it finished (``length`` = tokens in its cache)."""
-        req = gen.request
-        gen.output_ids.append(token)
-        reason = None
-        stop_at: int | None = None
-        if (not req.ignore_eos and token == self.eos_token_id) or token in req.stop_token_ids:
-            reason = "stop"
-        elif req.stop:
-            text = self.decode_text(gen.output_ids)
-            hits = [i for i in (text.find(s) for s in req.stop if s) if i >= 0]
-            if hits:
-                reason, stop_at = "stop", min(hits)
-        if reason is None and (len(gen.output_ids) >= req.max_tokens or length + 1 >= self.max_positions):
-            reason = "length"
-        if reason is not None:
-            gen.finish_reason = reason
-            text = self.decode_text(gen.output_ids)
-            gen.text = text[:stop_at] if stop_at is not None else text
-        return StepOutput(gen, token, reason is not None)

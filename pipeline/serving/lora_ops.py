@@ -1,0 +1,244 @@
+"""Batched multi-LoRA application over adapter slots: one Triton path (CUDA decode) and one torch path (reference).
+
+Layout (fixed by `pipeline.serving.fast_engine`): every adapter slot is one row of a flat buffer; the LoRA weights
+of one projection *group* (projections that share their input, e.g. q/k/v or gate/up) are views of that row:
+
+- ``a  [slots + 1, nseg * R, K]``: the A matrices of the group's ``nseg`` projections stacked, each padded to ``R``
+  rows (the slots' maximum rank);
+- ``bt [slots + 1, R, N]``: the B matrices transposed and concatenated along the output (``N`` = the group's total
+  output width), already multiplied by the adapter's scaling; segment ``j`` of the output (columns
+  ``seg[j]..seg[j+1]``) uses rows ``j*R .. j*R + rank`` of ``a``;
+- ``ranks [slots + 1]`` (int32): each slot's rank; the last slot is the base (rank 0).
+
+``y = base_out + per row b: sum_j (x_b @ a[s_b, jR:jR+r]^T) @ bt[s_b, :r, seg_j]`` with ``s_b = idx[b]``.
+
+The Triton kernels (decode: one token per row) read only the first ``rank`` rows of a slot (masked loads fetch
+nothing), so an r=1 adapter in an r=8 slot moves 1/8 of the bytes: mixed ranks cost what they hold, not the
+padding. The torch path gathers the rows' slots and runs two batched matmuls; padded rows are zero, so it is
+exact too. The torch path is the CPU path and the reference the Triton kernels are checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: absent on CPU-only machines (the torch path is used there).
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run (Triton importable and a CUDA device present)."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def decode_attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ctx: int
+) -> torch.Tensor:
+    """Reference decode attention (grouped-query): ``q [B, Hq, D]``, ``k, v [B, Hkv, >=ctx, D]``, ``pos [B]``."""
+    bsz, hq, d = q.shape
+    hkv = k.shape[1]
+    keys, values = k[:, :, :ctx], v[:, :, :ctx]
+    bias = torch.zeros(bsz, ctx, dtype=torch.float32, device=q.device)
+    bias = bias.masked_fill(torch.arange(ctx, device=q.device)[None] > pos[:, None], float("-inf"))
+    scores = torch.matmul(q.view(bsz, hkv, hq // hkv, d), keys.transpose(-1, -2)).float() / d**0.5
+    probs = torch.softmax(scores + bias[:, None, None], dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).reshape(bsz, hq, d)
+
+
+def lora_torch(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    idx: torch.Tensor,
+    seg: tuple[int, ...],
+    rank: int,
+) -> torch.Tensor:
+    """Reference: ``y [B, T, N] + LoRA(x [B, T, K])`` per row slot ``idx [B]`` (see module doc); returns a new tensor.
+
+    ``rank`` is the slots' padded rank R (padding rows are zero, so the result is exact for every slot's rank).
+    """
+    ag = a.index_select(0, idx)  # [B, nseg*R, K]
+    bg = bt.index_select(0, idx)  # [B, R, N]
+    t = torch.bmm(x, ag.transpose(1, 2).to(x.dtype))  # [B, T, nseg*R]
+    parts = []
+    for j in range(len(seg) - 1):
+        tj = t[:, :, j * rank : (j + 1) * rank]
+        parts.append(torch.bmm(tj, bg[:, :, seg[j] : seg[j + 1]].to(x.dtype)))
+    delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return y + delta.to(y.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink_kernel(
+        x_ptr,
+        a_ptr,
+        idx_ptr,
+        rank_ptr,
+        t_ptr,
+        K,
+        stride_x,
+        stride_as,
+        stride_ar,
+        R: tl.constexpr,
+        NR: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        s = tl.load(idx_ptr + b)
+        r = tl.load(rank_ptr + s)
+        offs_r = tl.arange(0, BLOCK_R)
+        rmask = (offs_r < NR) & ((offs_r % R) < r)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < K
+            xv = tl.load(x_ptr + b * stride_x + offs_k, mask=kmask & (r > 0), other=0.0).to(tl.float32)
+            av = tl.load(
+                a_ptr + s.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :],
+                mask=rmask[:, None] & kmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(av * xv[None, :], axis=1)
+        tl.store(t_ptr + b * NR + offs_r, acc, mask=offs_r < NR)
+
+    @triton.jit
+    def _expand_kernel(
+        y_ptr,
+        t_ptr,
+        bt_ptr,
+        idx_ptr,
+        rank_ptr,
+        out_ptr,
+        N,
+        seg1,
+        seg2,
+        stride_y,
+        stride_bs,
+        stride_br,
+        stride_out,
+        R: tl.constexpr,
+        NR: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        nb = tl.program_id(1)
+        s = tl.load(idx_ptr + b)
+        r = tl.load(rank_ptr + s)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        t_off = ((offs_n >= seg1).to(tl.int32) + (offs_n >= seg2).to(tl.int32)) * R
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        base = bt_ptr + s.to(tl.int64) * stride_bs
+        for rr in tl.static_range(R):
+            m = nmask & (rr < r)
+            tv = tl.load(t_ptr + b * NR + t_off + rr, mask=m, other=0.0)
+            bv = tl.load(base + rr * stride_br + offs_n, mask=m, other=0.0).to(tl.float32)
+            acc += tv * bv
+        yv = tl.load(y_ptr + b * stride_y + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * stride_out + offs_n, (yv + acc).to(out_ptr.dtype.element_ty), mask=nmask)
+
+    @triton.jit
+    def _decode_attn_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        o_ptr,
+        ctx,
+        sm_scale,
+        stride_qb,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        G: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        end = tl.minimum(tl.load(pos_ptr + b) + 1, ctx)
+        offs_g = tl.arange(0, BLOCK_G)
+        gmask = offs_g < G
+        offs_d = tl.arange(0, D)
+        q_rows = q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * D + offs_d[None, :]
+        q = tl.load(q_rows, mask=gmask[:, None], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+        kv = b.to(tl.int64) * stride_kb + h * stride_kh
+        for t0 in range(0, end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tmask = offs_t < end
+            at = kv + offs_t[:, None] * stride_kt + offs_d[None, :]
+            k = tl.load(k_ptr + at, mask=tmask[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(k)) * sm_scale
+            sc = tl.where(tmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + at, mask=tmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * stride_qb + (h * G + offs_g)[:, None] * D + offs_d[None, :], out, mask=gmask[:, None])
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ctx: int) -> torch.Tensor:
+    """Triton decode attention: ``q [B, Hq, D]`` over cache rows ``k, v [B, Hkv, T, D]`` up to each row's ``pos``.
+
+    Row b attends to cache columns ``0..pos[b]`` (online softmax in float32, one program per row and kv head);
+    equals `decode_attention_torch`.
+    """
+    bsz, hq, d = q.shape
+    hkv = k.shape[1]
+    o = torch.empty_like(q)
+    g = hq // hkv
+    assert q.is_contiguous() and k.stride(3) == 1 and k.stride() == v.stride()
+    _decode_attn_kernel[(bsz, hkv)](
+        q, k, v, pos, o, ctx, 1.0 / d**0.5, q.stride(0), k.stride(0), k.stride(1), k.stride(2),
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_T=64,
+    )  # fmt: skip
+    return o
+
+
+def lora_triton(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    idx: torch.Tensor,
+    ranks: torch.Tensor,
+    seg: tuple[int, ...],
+    rank: int,
+) -> torch.Tensor:
+    """Triton decode path: ``y [B, N] + LoRA(x [B, K])`` per row slot ``idx [B]`` (int32); one token per row."""
+    bsz, k = x.shape
+    n = y.shape[1]
+    nseg = len(seg) - 1
+    nr = nseg * rank
+    assert a.stride(2) == 1 and bt.stride(2) == 1 and x.stride(1) == 1 and y.stride(1) == 1
+    t = torch.empty(bsz, nr, device=x.device, dtype=torch.float32)
+    block_r = max(triton.next_power_of_2(nr), 2)
+    _shrink_kernel[(bsz,)](
+        x, a, idx, ranks, t, k, x.stride(0), a.stride(0), a.stride(1),
+        R=rank, NR=nr, BLOCK_R=block_r, BLOCK_K=128 if block_r >= 16 else 256,
+    )  # fmt: skip
+    out = torch.empty_like(y)
+    seg1 = seg[1] if nseg > 1 else n
+    seg2 = seg[2] if nseg > 2 else n
+    block_n = 512
+    _expand_kernel[(bsz, triton.cdiv(n, block_n))](
+        y, t, bt, idx, ranks, out, n, seg1, seg2, y.stride(0), bt.stride(0), bt.stride(1), out.stride(0),
+        R=rank, NR=nr, BLOCK_N=block_n,
+    )  # fmt: skip
+    return out
