@@ -17,7 +17,10 @@ ENV PERSONA_ROUTER_WORKERS=serving:8000 \
 
 COPY infra/nginx/persona-serving.conf.template /etc/persona/persona-serving.conf.template
 COPY infra/docker/router-entrypoint.sh /usr/local/bin/persona-router
-RUN chmod 0755 /usr/local/bin/persona-router \
+# curl for the compose health check (installed explicitly: not every nginx image tag carries it).
+RUN (command -v curl >/dev/null || (apt-get update && apt-get install -y --no-install-recommends curl \
+        && rm -rf /var/lib/apt/lists/*)) \
+    && chmod 0755 /usr/local/bin/persona-router \
     && mkdir -p /var/run/persona-router \
     && ln -sf /dev/stderr /var/run/persona-router/error.log
 
