@@ -185,3 +185,17 @@ def test_cuda_fast_engine_matches_the_cpu_one(adapter_dirs, fast):
     gpu = _fast(adapter_dirs, device="cuda", dtype=torch.float32)
     reqs = [Request(p, slot=i, max_tokens=8, ignore_eos=True) for i, p in enumerate(PROMPTS)]
     assert [g.output_ids for g in gpu.generate(reqs)] == [g.output_ids for g in fast.generate(reqs)]
+
+
+def test_decode_attention_reference_equals_a_per_row_softmax():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(5, 6, 8, generator=g)
+    k = torch.randn(5, 2, 10, 8, generator=g)
+    v = torch.randn(5, 2, 10, 8, generator=g)
+    pos = torch.tensor([0, 3, 9, 5, 7])
+    got = lora_ops.decode_attention_torch(q, k, v, pos, 10)
+    for b in range(5):
+        for h in range(6):
+            kv = h // 3
+            w = torch.softmax(q[b, h] @ k[b, kv, : pos[b] + 1].T / 8**0.5, dim=-1)
+            torch.testing.assert_close(got[b, h], w @ v[b, kv, : pos[b] + 1])
