@@ -152,7 +152,11 @@ class TrainingSettings(BaseSettings):
     save_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the saved adapter weights."
     )
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(
+        3e-4,
+        gt=0,
+        description="AdamW learning rate (on SmolLM2, 1e-3 moved adapters past the gate's drift bound; see README).",
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="Examples per optimizer step.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per example (longer ones are truncated).")
     max_steps: int = Field(40, ge=1, description="Upper bound of optimizer steps per retrain.")
