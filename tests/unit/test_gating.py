@@ -399,3 +399,38 @@ def test_an_app_and_a_user_override_that_clash_are_blamed_on_the_later_change():
             "rule 'drift' for user 'alice' in app 'notes': min 5.0 is above max 3.0; allowed: min <= max",
         )
     ]
+
+
+def test_stored_decisions_match_the_decision_schema():
+    """schemas/gating/decision.v1.json describes what the gate stores, for passing, failing, missing and
+    non-finite cases under the default rules; and it refuses what the gate never writes."""
+    import jsonschema
+
+    from pipeline.config import SCHEMAS_DIR
+
+    schema = json.loads((SCHEMAS_DIR / "gating" / "decision.v1.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    rules = load_rules(DEFAULT_RULES)
+    cases = [
+        metrics(),
+        metrics(current=None),
+        metrics({"holdout_nll": 3.5}),
+        metrics({"drift_kl": math.nan}),
+        metrics({"drift_kl": math.inf}, current=None),
+        metrics({"preference_accuracy": None}, base={"preference_accuracy": None}),
+        metrics(holdout_events=1),
+        metrics({"drift_kl": None}),
+    ]
+    outcomes = set()
+    for m in cases:
+        stored = json.loads(json.dumps(decide(rules, m, user_id="u", app="a").to_dict(), allow_nan=False))
+        errors = [e.message for e in validator.iter_errors(stored)]
+        assert not errors, (m, errors)
+        outcomes |= {r["outcome"] for r in stored["results"]}
+    assert outcomes == {"pass", "fail", "skip", "missing_reject"}
+    stale = {"version": 1, "passed": False, "reason": "stale: its parent none is not production", "rules_digest": ""}
+    assert not list(validator.iter_errors({**stale, "results": []}))
+    bad = {**stale, "results": [{"name": "x", "kind": "vibes", "outcome": "pass", "detail": "", "inputs": {}}]}
+    assert list(validator.iter_errors(bad))
+    assert list(validator.iter_errors({**stale, "results": [], "reason": "two\nlines"}))
