@@ -190,7 +190,12 @@ def train_adapters(
     for user in users:
         groups.setdefault(user.start.signature, []).append(user)
     for group in groups.values():
-        for user, result in zip(group, _train_group(base, group, settings, progress, heartbeat), strict=True):
+        try:
+            trained = _train_group(base, group, settings, progress, heartbeat)
+        except Exception as e:  # e.g. out of memory: the group's users fail, other groups still train
+            log.exception("batched training of %d users failed", len(group))
+            trained = [e] * len(group)
+        for user, result in zip(group, trained, strict=True):
             results[user.index] = result
 
     for i in alone:
