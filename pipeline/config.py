@@ -245,6 +245,14 @@ class ServingSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the serving API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the serving API.")
     device: str = Field("cpu", description="torch device of the engine (`cpu`, `cuda`, `cuda:1`, ...).")
+    engine: Literal["auto", "fast", "reference"] = Field(
+        "auto",
+        description="`fast`: static KV cache, CUDA graphs, Triton multi-LoRA (Llama bases; plain torch on the CPU); "
+        "`reference`: the HF-model engine; `auto`: fast on CUDA when the base allows, else reference.",
+    )
+    max_seq: int = Field(
+        2048, ge=16, le=131072, description="Prompt + generated tokens of one request, at most (fast engine)."
+    )
     slots: int = Field(8, ge=1, le=4096, description="Adapters resident on the device at once.")
     max_rank: int = Field(16, ge=1, le=256, description="Largest LoRA rank a slot holds.")
     target_modules: str = Field(

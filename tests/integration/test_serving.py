@@ -40,8 +40,9 @@ def make_adapter(out: Path, seed: int, targets=("q_proj", "v_proj"), r: int = 4)
     return out
 
 
-@pytest.fixture(scope="module")
-def world(services, tmp_path_factory):
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def world(services, tmp_path_factory, request):
+    """A serving worker on a real socket; every test runs against both engines (the fast one on the CPU here)."""
     tmp = tmp_path_factory.mktemp("serving")
     kafka = fresh_topics(services.kafka)
     settings = Settings(
@@ -49,11 +50,12 @@ def world(services, tmp_path_factory):
         services.s3,
         kafka,
         ModelSettings(base=TINY_RANDOM_ID),
-        ServingSettings(slots=2, max_rank=8, cache_dir=tmp / "cache", max_tokens=32),
+        ServingSettings(slots=2, max_rank=8, cache_dir=tmp / "cache", max_tokens=32, engine=request.param),
     )
     base_model = tiny_random()  # the server's own base: the engine injects its multi-LoRA layers into it
     base = LoadedBase(base_model, tiny_tokenizer(), ref(base_model, TINY_RANDOM_ID))
     server = Server(settings, base)
+    assert type(server.engine).__name__ == {"reference": "Engine", "fast": "FastEngine"}[request.param]
     listener = listen_for_promotions(server, kafka)
     assert listener.wait_ready(30)
     port = free_port()

@@ -199,3 +199,22 @@ def test_decode_attention_reference_equals_a_per_row_softmax():
             kv = h // 3
             w = torch.softmax(q[b, h] @ k[b, kv, : pos[b] + 1].T / 8**0.5, dim=-1)
             torch.testing.assert_close(got[b, h], w @ v[b, kv, : pos[b] + 1])
+
+
+def test_the_serving_setting_chooses_the_engine():
+    """PERSONA_SERVE_ENGINE: auto is the reference engine on the CPU; fast is asked for by name; a base the fast
+    engine cannot serve (biases) is an error when asked for by name."""
+    from pipeline.config import ServingSettings
+    from pipeline.models.base import TINY_RANDOM_ID, ref
+    from pipeline.serving.api import make_engine
+
+    def loaded(model):
+        return LoadedBase(model, tiny_tokenizer(), ref(model, TINY_RANDOM_ID))
+
+    assert type(make_engine(loaded(tiny_random()), ServingSettings(engine="auto"))) is Engine
+    fast = make_engine(loaded(tiny_random()), ServingSettings(engine="fast", max_seq=64))
+    assert type(fast) is FastEngine and fast.max_seq == 64
+    biased = tiny_random()
+    biased.config.attention_bias = True
+    with pytest.raises(EngineError, match="without biases"):
+        make_engine(loaded(biased), ServingSettings(engine="fast"))
