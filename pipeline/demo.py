@@ -81,6 +81,7 @@ class UserRun:
     outcome: str | None = None
     reason: str = ""
     nll_base: float | None = None
+    nll_current: float | None = None  # the revision serving when the candidate was judged (None: first one)
     nll_candidate: float | None = None
     train_events: int = 0
     holdout_events: int = 0
@@ -463,6 +464,7 @@ def _observe(conn: psycopg.Connection, http: httpx.Client, serve_url: str, p: Us
         m = d.metrics or {}
         p.nll_base = (m.get("base") or {}).get("holdout_nll")
         p.nll_candidate = (m.get("candidate") or {}).get("holdout_nll")
+        p.nll_current = (m.get("current") or {}).get("holdout_nll")
         say(p, d.reason if d.reason.startswith(d.outcome) else f"{d.outcome}: {d.reason}")
     if d.outcome != "promoted":
         return
@@ -478,9 +480,15 @@ def _side_by_side(serve_url: str, people: list[UserRun], options: DemoOptions, m
     """The prompt answered by the base and by two promoted users of different styles (greedy, same tokens)."""
     with httpx.Client(timeout=300) as http:
         base_id = http.get(f"{serve_url}/healthz").json()["base"]
-        chosen: list[UserRun] = []
-        for p in people:
-            if p.served_revision and all(c.register != p.register for c in chosen):
+        chosen: list[UserRun] = []  # users with a revision serving (this run's or an earlier one), styles apart
+        for p in sorted(people, key=lambda p: p.served_revision is None):
+            serving = p.served_revision or (
+                p.chain
+                and http.post(
+                    f"{serve_url}/v1/completions", json={"model": f"user:{p.user_id}", "prompt": "Hi", "max_tokens": 1}
+                ).is_success
+            )
+            if serving and all(c.register != p.register for c in chosen):
                 chosen.append(p)
         models = [base_id] + [f"user:{p.user_id}" for p in chosen[:2]]
         out = []

@@ -12,10 +12,13 @@ if TYPE_CHECKING:
 
 
 def _nll(p: UserRun) -> str:
+    """base -> candidate (change), with the revision serving at judgement in between when there was one."""
     if p.nll_base is None or p.nll_candidate is None:
         return "-"
-    change = (p.nll_candidate - p.nll_base) / p.nll_base * 100 if p.nll_base else 0.0
-    return f"{p.nll_base:.3f} -> {p.nll_candidate:.3f} ({change:+.0f}%)"
+    ref = p.nll_current if p.nll_current is not None else p.nll_base
+    change = (p.nll_candidate - ref) / ref * 100 if ref else 0.0
+    middle = f" -> {p.nll_current:.3f}" if p.nll_current is not None else ""
+    return f"{p.nll_base:.3f}{middle} -> {p.nll_candidate:.3f} ({change:+.0f}%)"
 
 
 def _chain(p: UserRun) -> str:
@@ -37,7 +40,7 @@ def users_table(people: list[UserRun]) -> Table:
     table.add_column("events\n(train/holdout)", justify="right")
     table.add_column("revision chain")
     table.add_column("gate decision")
-    table.add_column("holdout NLL/token\nbase -> candidate")
+    table.add_column("holdout NLL/token base\n(-> serving) -> candidate")
     table.add_column("first event ->\nserving (s)", justify="right")
     for p in people:
         table.add_row(
