@@ -133,6 +133,11 @@ class ModelSettings(BaseSettings):
     cache_dir: Path = Field(
         Path("~/.cache/persona/models"), description="Where prepared base models (safetensors) are kept."
     )
+    device: str = Field(
+        "cpu",
+        description="torch device a worker trains and evaluates on (`cpu`, `cuda`, `cuda:1`, ...); serving workers "
+        "use PERSONA_SERVE_DEVICE.",
+    )
 
     @field_validator("cache_dir")
     @classmethod

@@ -182,20 +182,25 @@ def _resolve(spec: str, cache_dir: Path | None) -> tuple[tuple[str, str | None],
     return (str(path), None), path
 
 
-_cache: dict[tuple[str, str | None], LoadedBase] = {}
-_verified: set[tuple[str, str | None]] = set()
+_cache: dict[tuple[str, str | None, str], LoadedBase] = {}  # (spec, folder, device)
+_verified: set[tuple[str, str | None, str]] = set()
 _lock = threading.Lock()
 
 
-def load_base(spec: str, cache_dir: Path | str | None = None, *, verify: bool = False) -> LoadedBase:
+def load_base(
+    spec: str, cache_dir: Path | str | None = None, *, verify: bool = False, device: str = "cpu"
+) -> LoadedBase:
     """The base named by ``spec`` (see ModelSettings.base), loaded once per process.
 
     ``cache_dir`` is where prepared bases live (default: ModelSettings().cache_dir); a missing SmolLM2 is
     prepared there first. The cache is keyed by spec and cache directory, so repeated calls return the same
     object. ``verify=True`` rehashes the weights once and raises ModelError when they differ from the recorded
-    sha256 (a prepared directory changed on disk); otherwise the recorded sha256 is trusted.
+    sha256 (a prepared directory changed on disk); otherwise the recorded sha256 is trusted. ``device``: where
+    the weights live (the same base on two devices is two cache entries).
     """
     key, folder = _resolve(spec, Path(cache_dir) if cache_dir is not None else None)
+    target = torch.device(device)
+    key = (*key, str(target))
     with _lock:
         if key not in _cache:
             if folder is None:
@@ -205,7 +210,9 @@ def load_base(spec: str, cache_dir: Path | str | None = None, *, verify: bool = 
                 _cache[key] = _load_prepared(spec, folder)
             else:
                 _cache[key] = _load_local(folder)
-            log.info("base %s loaded (sha256 %s)", _cache[key].ref.model_id, _cache[key].ref.sha256[:12])
+            if target.type != "cpu":
+                _cache[key].model.to(target)
+            log.info("base %s loaded on %s (sha256 %s)", _cache[key].ref.model_id, target, _cache[key].ref.sha256[:12])
         loaded = _cache[key]
         if verify and key not in _verified:
             actual = weights_sha256(loaded.model)
@@ -222,7 +229,7 @@ def load_base(spec: str, cache_dir: Path | str | None = None, *, verify: bool = 
 def load_configured(settings: ModelSettings | None = None, *, verify: bool = False) -> LoadedBase:
     """The base configured by ``settings`` (default: PERSONA_MODEL_* from the environment), loaded once per process."""
     settings = settings if settings is not None else ModelSettings()
-    return load_base(settings.base, settings.cache_dir, verify=verify)
+    return load_base(settings.base, settings.cache_dir, verify=verify, device=settings.device)
 
 
 def clear_cache() -> None:

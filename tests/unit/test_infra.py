@@ -144,6 +144,17 @@ def test_compose_persona_services_reach_the_compose_stores_and_listen_outside_lo
             assert env[var] == "0.0.0.0", (name, var)
 
 
+def test_every_persona_variable_in_compose_is_a_setting():
+    """A misspelt or invented PERSONA_* variable would be ignored silently (settings ignore unknown names)."""
+    from pipeline.config import ALL_SETTINGS
+
+    settings = {(cls.model_config["env_prefix"] + f).upper() for cls in ALL_SETTINGS for f in cls.model_fields}
+    compose_only = {"PERSONA_IMAGE_TAG", "PERSONA_ROUTER_LISTEN", "PERSONA_ROUTER_WORKERS"}  # compose/router image
+    used = set(re.findall(r"\bPERSONA_[A-Z0-9_]+", COMPOSE.read_text()))
+    assert used - settings - compose_only == set()
+    assert "PERSONA_MODEL_DEVICE" in used  # the gpu profile's worker trains on the GPU
+
+
 def test_compose_images_are_pinned_and_build_files_exist(compose):
     for name, svc in compose["services"].items():
         image = svc["image"]
