@@ -482,15 +482,27 @@ def _nll_sums(
     for chunk in _micro_batches(items, settings.micro_batch_tokens):
         width = max(len(e.input_ids) for _, e in chunk)
         host = torch.tensor([_packed_row(slot, e, width, pad_id) for slot, e in chunk])
+        # The labelled positions (flat in [rows, width - 1]), their targets and users, found here on the host: a
+        # boolean mask on the GPU would make the host wait for the forward before it could queue anything else.
+        flat = [
+            (r * (width - 1) + t, label, slot)
+            for r, (slot, e) in enumerate(chunk)
+            for t, label in enumerate(e.labels[1:])
+            if label != IGNORE
+        ]
+        picked = torch.tensor(flat, dtype=torch.long).reshape(-1, 3)
+        padded = any(len(e.input_ids) < width for _, e in chunk)
         if cuda:  # pinned: the copy does not wait for the GPU work queued before it
-            host = host.pin_memory()
+            host, picked = host.pin_memory(), picked.pin_memory()
         packed = host.to(device, non_blocking=cuda)
-        slots, ids, labels = packed[:, 0], packed[:, 2 : width + 2], packed[:, width + 2 :]
-        mask = (torch.arange(width, device=device)[None, :] < (width - packed[:, 1:2])).long()
+        picked = picked.to(device, non_blocking=cuda)
+        slots, ids = packed[:, 0], packed[:, 2 : width + 2]
+        mask = (torch.arange(width, device=device)[None, :] < (width - packed[:, 1:2])).long() if padded else None
+        positions, targets, token_slots = picked[:, 0], picked[:, 1], picked[:, 2]
         rows.index = slots
         try:
             with torch.enable_grad() if params is not None else contextlib.nullcontext():
-                nll, token_slots = _token_nll(model, ids, mask, labels, slots)
+                nll = _token_nll(model, ids, mask, positions, targets)
                 if params is not None:
                     # where, not a product: a user whose loss is NaN must not spread it into the sum's gradient.
                     w = weights[token_slots]
@@ -505,9 +517,9 @@ def _nll_sums(
 
 
 def _packed_row(slot: int, e: EncodedExample, width: int, pad_id: int) -> list[int]:
-    """One row of a micro-batch as one list (one host-to-device copy): slot, padding, ids, labels."""
+    """One row of a micro-batch as one list (one host-to-device copy): slot, padding, ids."""
     n = width - len(e.input_ids)
-    return [slot, n, *e.input_ids, *[pad_id] * n, *e.labels, *[IGNORE] * n]
+    return [slot, n, *e.input_ids, *[pad_id] * n]
 
 
 def _targets(e: EncodedExample) -> int:
@@ -516,24 +528,26 @@ def _targets(e: EncodedExample) -> int:
 
 
 def _token_nll(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL of each labelled next token, and the slot of its row. The vocabulary projection runs only on the
-    labelled positions (the logits of every position of a large batch would not fit in memory)."""
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    token_slots = slots[:, None].expand_as(target)[keep]
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """NLL of each labelled next token (``positions`` flat in ``[rows, width - 1]``, ``targets`` their ids). The
+    vocabulary projection runs only on those positions (the logits of every position of a large batch would not fit
+    in memory)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = model.config
     plain = getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
     if decoder is not None and head is not None and plain:
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
+        logits = head(hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions))
     else:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
-    nll = F.cross_entropy(logits.float(), target[keep], reduction="none")
-    return nll, token_slots
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, positions)
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 @torch.no_grad()
