@@ -12,8 +12,7 @@ from rich.console import Console
 from pipeline.config import IngestSettings, ModelSettings, RedisSettings, ServingSettings, Settings
 from pipeline.demo import DemoOptions, run
 from pipeline.storage import registry
-from tests.integration.conftest import TEST_STACK
-from tests.integration.helpers import fresh_topics, free_port
+from tests.integration.helpers import free_port, fresh_topics
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,10 @@ import logging
 
 import psycopg
 from kafka.errors import KafkaError
-from pipeline.evaluation.rules import load_rules
 
 from pipeline.evaluation.gate import judge
 from pipeline.evaluation.promotion import AnnounceError
+from pipeline.evaluation.rules import load_rules
 from pipeline.storage.db import StorageError
 from pipeline.storage.objects import ObjectStoreError
 from workers.celery_app import app
