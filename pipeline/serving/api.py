@@ -25,16 +25,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from pipeline.config import ServingSettings, Settings
+from pipeline.config import Settings
 from pipeline.domain.errors import InvalidInput, NotFound
 from pipeline.domain.revisions import check_revision_id
 from pipeline.models.base import LoadedBase
 from pipeline.observability import metrics as obs
 from pipeline.serving.adapters import AdapterKey, AdapterLimits, registry_fetch
 from pipeline.serving.cache import AdapterCache
-from pipeline.serving.engine import Engine, EngineError, Generation
+from pipeline.serving.engine import EngineError, Generation
 from pipeline.serving.engine import Request as EngineRequest
-from pipeline.serving.fast_engine import FastEngine
+from pipeline.serving.fast_engine import make_engine
 from pipeline.storage import db, registry
 from pipeline.storage.objects import ObjectStore
 from pipeline.storage.registry import Registry
@@ -77,23 +77,6 @@ class ScoreBody(BaseModel):
 def _error(status: int, message: str, *, code: str, param: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
-
-
-def make_engine(base: LoadedBase, cfg: ServingSettings) -> Engine | FastEngine:
-    """The engine PERSONA_SERVE_ENGINE asks for; ``auto`` takes the fast one on CUDA unless the base rules it out."""
-    choice = cfg.engine
-    if choice == "auto":
-        choice = "fast" if torch.device(cfg.device).type == "cuda" else "reference"
-    if choice == "fast":
-        try:
-            return FastEngine(
-                base, cfg.slots, cfg.max_rank, cfg.targets, cfg.device, cfg.max_batch, max_seq=cfg.max_seq
-            )
-        except EngineError as e:
-            if cfg.engine == "fast":
-                raise
-            log.warning("the fast engine cannot serve this base (%s); using the reference engine", e)
-    return Engine(base, cfg.slots, cfg.max_rank, cfg.targets, cfg.device, cfg.max_batch)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,10 @@ import torch.nn.functional as F
 from pipeline.models import multilora
 from pipeline.models.multilora import ALL_TARGETS, BASE_SLOT, AdapterLimitError
 from pipeline.serving import lora_ops
-from pipeline.serving.engine import BaseLike, EngineError, Generation, GenerationLoop, StepOutput
+from pipeline.serving.engine import BaseLike, Engine, EngineError, Generation, GenerationLoop, StepOutput
+
+if TYPE_CHECKING:
+    from pipeline.config import ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -654,3 +657,20 @@ class FastEngine(GenerationLoop):
         if done:
             self._remove(sorted(done, reverse=True))
         return outputs
+
+
+def make_engine(base: BaseLike, cfg: ServingSettings) -> Engine | FastEngine:
+    """The engine PERSONA_SERVE_ENGINE asks for; ``auto`` takes the fast one on CUDA unless the base rules it out."""
+    choice = cfg.engine
+    if choice == "auto":
+        choice = "fast" if torch.device(cfg.device).type == "cuda" else "reference"
+    if choice == "fast":
+        try:
+            return FastEngine(
+                base, cfg.slots, cfg.max_rank, cfg.targets, cfg.device, cfg.max_batch, max_seq=cfg.max_seq
+            )
+        except EngineError as e:
+            if cfg.engine == "fast":
+                raise
+            log.warning("the fast engine cannot serve this base (%s); using the reference engine", e)
+    return Engine(base, cfg.slots, cfg.max_rank, cfg.targets, cfg.device, cfg.max_batch)

@@ -235,12 +235,16 @@ def _train_and_write(
             leases.renew()
             return {j: leases.lost[i] for j, (i, _) in enumerate(jobs) if i in leases.lost}
 
+        every = max(1, settings.training.eval_every)
+
+        def progress(j: int, step: int, loss: float) -> None:
+            i = jobs[j][0]
+            leases.check(i)
+            if step == 1 or step % every == 0:  # long work shows progress, per user
+                log.info("%s: step %d/%d, loss %.4f", plans[i].user_id, step, settings.training.max_steps, loss)
+
         trained = train_adapters(
-            base,
-            [job for _, job in jobs],
-            settings.training,
-            progress=lambda j, step, loss: leases.check(jobs[j][0]),
-            heartbeat=heartbeat,
+            base, [job for _, job in jobs], settings.training, progress=progress, heartbeat=heartbeat
         )
         for (i, job), result in zip(jobs, trained, strict=True):
             if isinstance(result, BaseException):

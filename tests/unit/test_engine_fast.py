@@ -206,7 +206,7 @@ def test_the_serving_setting_chooses_the_engine():
     engine cannot serve (biases) is an error when asked for by name."""
     from pipeline.config import ServingSettings
     from pipeline.models.base import TINY_RANDOM_ID, ref
-    from pipeline.serving.api import make_engine
+    from pipeline.serving.fast_engine import make_engine
 
     def loaded(model):
         return LoadedBase(model, tiny_tokenizer(), ref(model, TINY_RANDOM_ID))
