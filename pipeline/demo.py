@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -430,12 +431,32 @@ def _follow(
                 for p in people:
                     state = p.outcome or p.state.split(" ")[0]
                     counts[state] = counts.get(state, 0) + 1
+                steps = _training_steps(procs.log("worker"), [p.user_id for p in people if p.state == "training"])
                 console.print(
                     f"      {time.monotonic() - started:6.0f}s  waiting: "
                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                    + (f" (steps: {', '.join(f'{u[-3:]} {s}' for u, s in steps.items())})" if steps else "")
                 )
                 last_print = time.monotonic()
             time.sleep(1.0)
+
+
+_STEP = re.compile(r" (\S+): step (\d+/\d+), loss ")
+
+
+def _training_steps(worker_log: Path, users: list[str]) -> dict[str, str]:
+    """The last ``step N/M`` the training worker logged for each of ``users`` (the end of its log only)."""
+    try:
+        with worker_log.open("rb") as f:
+            f.seek(max(0, worker_log.stat().st_size - 65536))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return {}
+    wanted, found = set(users), {}
+    for m in _STEP.finditer(tail):
+        if m.group(1) in wanted:
+            found[m.group(1)] = m.group(2)
+    return dict(sorted(found.items()))
 
 
 def _observe(conn: psycopg.Connection, http: httpx.Client, serve_url: str, p: UserRun, say: Any) -> None:
