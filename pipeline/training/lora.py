@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import random
@@ -201,6 +202,20 @@ def next_batch(queue: list[int], n_train: int, batch_size: int, rng: random.Rand
     return batch_idx
 
 
+def save_adapter_config(config: LoraConfig, out_dir: Path) -> None:
+    """``out_dir/adapter_config.json`` as peft writes it (inference mode), with ``target_modules`` sorted: peft keeps
+    them in a set, whose order follows the process's string-hash seed, so the same training would otherwise write
+    files of different bytes (and sha256) in different processes."""
+    saved = copy.deepcopy(config)
+    saved.inference_mode = True
+    saved.save_pretrained(str(out_dir))
+    path = Path(out_dir) / "adapter_config.json"
+    data = json.loads(path.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
 def train_adapter(
     base: LoadedBase,
     examples: list[Example],
@@ -330,9 +345,7 @@ def train_adapter(
             tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
             out_dir.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-            saved_config = copy.deepcopy(lora_config)
-            saved_config.inference_mode = True
-            saved_config.save_pretrained(str(out_dir))
+            save_adapter_config(lora_config, out_dir)
 
     tail = losses[-min(len(losses), settings.eval_every) :]
     result = TrainResult(

@@ -58,6 +58,7 @@ from pipeline.training.lora import (
     TrainResult,
     _pad_id,
     next_batch,
+    save_adapter_config,
     split_examples,
     train_adapter,
     training_config,
@@ -402,9 +403,7 @@ def _train_group(
                 out_dir = Path(u.job.out_dir)
                 out_dir.mkdir(parents=True, exist_ok=True)
                 save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-                saved_config = copy.deepcopy(u.start.config)
-                saved_config.inference_mode = True
-                saved_config.save_pretrained(str(out_dir))
+                save_adapter_config(u.start.config, out_dir)
                 tail = u.losses[-min(len(u.losses), settings.eval_every) :]
                 config = training_config(
                     settings,

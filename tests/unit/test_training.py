@@ -253,3 +253,30 @@ def test_early_stopping_keeps_the_best_state(tmp_path: Path) -> None:
     # The saved adapter is the best one (up to its bf16 rounding), not the last one.
     assert result.val_loss is not None
     assert mean_nll(trained, base.tokenizer, examples[:1], max_length=64) == pytest.approx(result.val_loss, abs=0.05)
+
+
+def test_adapter_config_bytes_do_not_depend_on_the_process_hash_seed(tmp_path):
+    """peft keeps target_modules in a set; the saved file must not follow the string-hash seed of the process."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.config import ROOT
+
+    script = (
+        "import sys; from pathlib import Path; from peft import LoraConfig; "
+        "from pipeline.training.lora import save_adapter_config; "
+        "save_adapter_config(LoraConfig(r=4, target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', "
+        "'up_proj', 'down_proj']), Path(sys.argv[1]))"
+    )
+    texts = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        subprocess.run(
+            [sys.executable, "-c", script, str(out)], check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": seed}
+        )
+        texts.append((out / "adapter_config.json").read_text())
+    assert texts[0] == texts[1]
+    import json
+
+    assert json.loads(texts[0])["target_modules"] == sorted(json.loads(texts[0])["target_modules"])
