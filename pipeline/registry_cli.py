@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
@@ -284,17 +285,34 @@ def export(
 
 def forget(user_id: str, as_json: JsonOpt = False) -> None:
     """Delete everything about USER_ID: events, buffer, revisions, alias, history, identity and objects."""
+    from pipeline.config import KafkaSettings
+    from pipeline.evaluation.promotion import AnnounceError, announce_forget
+
     report = _registry().forget(user_id)
+    warning = None
+    if not report.nothing:
+        try:  # the serving workers drop their cached copies (host, device slots and disk)
+            announce_forget(KafkaSettings(), user_id, report.sha256s)
+        except AnnounceError as e:
+            warning = (
+                f"{e}; serving workers may keep cached copies of {', '.join(s[:12] for s in report.sha256s)} "
+                "until they evict them or restart (their disk tier: PERSONA_SERVE_CACHE_DIR/<sha256>)"
+            )
     if as_json:
-        print(json.dumps({"user_id": user_id, "rows": report.rows, "objects": report.objects}))
-        return
-    if report.nothing:
+        out = {"user_id": user_id, "rows": report.rows, "objects": report.objects, "sha256s": report.sha256s}
+        print(json.dumps({**out, "announced": warning is None and not report.nothing}))
+    elif report.nothing:
         console.print(f"nothing to remove: persona holds no data of {user_id!r}")
-        return
-    rows = ", ".join(f"{n} {t}" for t, n in report.rows.items() if n)
-    console.print(f"forgot {user_id}: removed {rows or 'no rows'}; {len(report.objects)} object(s)")
-    for key in report.objects:
-        console.print(f"  deleted {key}")
+    else:
+        rows = ", ".join(f"{n} {t}" for t, n in report.rows.items() if n)
+        console.print(f"forgot {user_id}: removed {rows or 'no rows'}; {len(report.objects)} object(s)")
+        for key in report.objects:
+            console.print(f"  deleted {key}")
+        if warning is None:
+            console.print("  serving workers told to drop their cached copies (forget.v1 on the promotions topic)")
+    if warning is not None:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
+        raise typer.Exit(1)
 
 
 def mount(app: typer.Typer) -> None:

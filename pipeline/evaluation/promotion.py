@@ -61,3 +61,20 @@ def announce(kafka: KafkaSettings, rev: Revision, *, reason: str, promoted_at: d
         raise AnnounceError(f"promotion of {rev.revision_id} for {rev.user_id!r} not announced: {e!r}") from e
     log.info("announced %s -> %s (%s)", rev.user_id, rev.revision_id, reason)
     return event
+
+
+def announce_forget(kafka: KafkaSettings, user_id: str, sha256s: list[str]) -> dict:
+    """Produce the forget.v1 event of ``user_id`` on the promotions topic (serving workers drop every cached copy of
+    the listed artifacts) and wait for the acknowledgement; returns the payload."""
+    event = {
+        "schema": "forget.v1",
+        "user_id": user_id,
+        "sha256s": sorted(set(sha256s)),
+        "forgotten_at": datetime.now(UTC).isoformat(),
+    }
+    try:
+        _producer(kafka).send(kafka.topic_promotions, key=user_id.encode(), value=orjson.dumps(event)).get(timeout=30)
+    except KafkaError as e:
+        raise AnnounceError(f"the forgetting of {user_id!r} was not announced: {e!r}") from e
+    log.info("announced forget of %s (%d artifact(s))", user_id, len(event["sha256s"]))
+    return event

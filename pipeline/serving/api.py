@@ -452,8 +452,11 @@ def listen_for_promotions(server: Server, kafka: Any, group_prefix: str = "perso
         server.cache.invalidate(event["user_id"], keep_revision=event["revision_id"])
         server.cache.prefetch(AdapterKey(event["user_id"], event["revision_id"], event["sha256"]))
 
+    def on_forget(event: dict) -> None:
+        server.cache.forget(event["user_id"], event["sha256s"])
+
     group = f"{group_prefix}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    return PromotionListener(kafka, group, on_promotion).start()
+    return PromotionListener(kafka, group, on_promotion, on_forget=on_forget).start()
 
 
 def serve(settings: Settings, base: LoadedBase) -> None:

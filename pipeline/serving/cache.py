@@ -214,6 +214,26 @@ class AdapterCache:
             log.info("invalidated %d adapter(s) of %s", dropped, user_id)
         return dropped
 
+    def forget(self, user_id: str, sha256s: list[str]) -> int:
+        """``user_id`` was forgotten: drop their adapters from host memory and device slots (as ``invalidate``,
+        pinned ones too: nothing of the user may stay) and delete the disk copies of ``sha256s``. An adapter in use
+        by a request in flight goes when that request ends. Returns the number of disk copies deleted."""
+        with self._lock:
+            self._pinned = {k for k in self._pinned if k.user_id != user_id}
+        self.invalidate(user_id)
+        deleted = 0
+        for sha in sha256s:
+            with self._lock:
+                had = self._disk.pop(sha, None) is not None
+            entry = self.disk_dir / sha
+            if had or entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+                deleted += 1
+        with self._lock:
+            self._gauges()
+        log.info("forgot %s: %d disk cop%s deleted", user_id, deleted, "y" if deleted == 1 else "ies")
+        return deleted
+
     def prefetch(self, key: AdapterKey) -> Future[bool]:
         """Load ``key`` into host memory (or at least onto local disk) in the background; best effort.
 

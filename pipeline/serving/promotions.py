@@ -26,26 +26,30 @@ log = logging.getLogger(__name__)
 
 
 @cache
-def _validator() -> Draft202012Validator:
-    schema = orjson.loads((SCHEMAS_DIR / "events" / "promotion.v1.json").read_bytes())
+def _validator(name: str = "promotion.v1") -> Draft202012Validator:
+    schema = orjson.loads((SCHEMAS_DIR / "events" / f"{name}.json").read_bytes())
     return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def parse_promotion(value: bytes) -> dict[str, Any]:
-    """The promotion.v1 payload in ``value``; InvalidInput naming the first problem if it is not one."""
+    """The promotion.v1 or forget.v1 payload in ``value`` (by its ``schema``); InvalidInput naming the first
+    problem if it is neither."""
     try:
         event = orjson.loads(value)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"promotion record is not JSON: {e}") from e
-    error = next(iter(_validator().iter_errors(event)), None)
+    name = event.get("schema") if isinstance(event, dict) else None
+    name = name if name in ("promotion.v1", "forget.v1") else "promotion.v1"
+    error = next(iter(_validator(name).iter_errors(event)), None)
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(record)"
-        raise InvalidInput(f"promotion record is not promotion.v1: {where}: {error.message}")
+        raise InvalidInput(f"promotion record is not {name}: {where}: {error.message}")
     return event
 
 
 class PromotionListener:
-    """Calls ``on_promotion(event)`` for each promotion.v1 event, from a thread of its own (``start``/``stop``).
+    """Calls ``on_promotion(event)`` for each promotion.v1 event and ``on_forget(event)`` for each forget.v1 event,
+    from a thread of its own (``start``/``stop``).
 
     ``ready`` is set once the consumer has its partitions: promotions announced after that are heard. A callback
     that raises is logged; the listener goes on.
@@ -57,11 +61,13 @@ class PromotionListener:
         group_id: str,
         on_promotion: Callable[[dict[str, Any]], None],
         *,
+        on_forget: Callable[[dict[str, Any]], None] | None = None,
         poll_timeout_ms: int = 500,
     ) -> None:
         self.kafka = kafka
         self.group_id = group_id
         self.on_promotion = on_promotion
+        self.on_forget = on_forget
         self.poll_timeout_ms = poll_timeout_ms
         self.ready = threading.Event()
         self.heard = 0
@@ -130,6 +136,10 @@ class PromotionListener:
             return
         self.heard += 1
         try:
-            self.on_promotion(event)
+            if event["schema"] == "forget.v1":
+                if self.on_forget is not None:
+                    self.on_forget(event)
+            else:
+                self.on_promotion(event)
         except Exception:
-            log.exception("promotion callback failed for %s -> %s", event["user_id"], event["revision_id"])
+            log.exception("%s callback failed for %s", event["schema"], event["user_id"])

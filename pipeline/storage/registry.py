@@ -7,7 +7,7 @@ store: a revision's objects are written and verified before its row is inserted,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,7 @@ class ForgetReport:
     user_id: str
     rows: dict[str, int]
     objects: list[str]
+    sha256s: list[str] = field(default_factory=list)  # the artifacts of the deleted revisions (cache keys)
 
     @property
     def nothing(self) -> bool:
@@ -374,10 +375,16 @@ class Registry:
         and every object under users/{user_id}/ (revisions and the pointer). Running it again removes nothing."""
         rows: dict[str, int] = {}
         with self.connect() as conn, conn.transaction():
+            shas = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT sha256 FROM revisions WHERE user_id = %s ORDER BY 1", (user_id,)
+                ).fetchall()
+            ]
             for table in ("aliases", "alias_history", "decisions", "revisions", "events", "user_state", "users"):
                 rows[table] = conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,)).rowcount
         objects = self.store.delete_user(user_id)
-        return ForgetReport(user_id, rows, objects)
+        return ForgetReport(user_id, rows, objects, shas)
 
 
 def _key(uri: str) -> str:

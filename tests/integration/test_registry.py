@@ -241,6 +241,7 @@ def test_operator_cli(registry, base, tmp_path, services, test_stack):
         "PERSONA_DB_URL": services.db.url,
         "PERSONA_S3_ENDPOINT": services.s3.endpoint,
         "PERSONA_STACK_DATA_DIR": str(test_stack.stack.data_dir),
+        "PERSONA_KAFKA_BOOTSTRAP_SERVERS": services.kafka.bootstrap_servers,  # promote/rollback/forget announce
     }
     runner = CliRunner()
 
@@ -262,7 +263,8 @@ def test_operator_cli(registry, base, tmp_path, services, test_stack):
     out = tmp_path / "export"
     assert "verified" in run("export", u, str(out))
     assert (out / "adapter_model.safetensors").exists()
-    assert "forgot" in run("forget", u)
+    forgot = run("forget", u)
+    assert "forgot" in forgot and "serving workers told to drop their cached copies" in forgot
     assert "nothing to remove" in run("forget", u)
     with pytest.raises(NotFound):
         with psycopg.connect(services.db.url) as conn:

@@ -175,6 +175,34 @@ def test_the_next_request_after_a_promotion_serves_the_new_revision(world):
     assert first_gone()
 
 
+def test_a_forgotten_user_leaves_every_cache_tier(world):
+    """`persona forget` announces forget.v1; every serving worker drops the user's adapters from device slots and
+    host memory and deletes the disk copies; the next request is a 404."""
+    from pipeline.evaluation.promotion import announce_forget
+
+    u = f"forget-{uuid.uuid4().hex[:6]}"
+    rev = new_revision(world, u, 9)
+    world["registry"].promote(u, rev.revision_id)
+    body = {"model": f"user:{u}", "prompt": "Hello", "max_tokens": 2}
+    assert httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60).status_code == 200
+    disk_copy = world["settings"].serving.cache_dir / rev.sha256
+    assert disk_copy.exists()
+    report = world["registry"].forget(u)
+    assert report.sha256s == [rev.sha256]
+    announce_forget(world["settings"].kafka, u, report.sha256s)
+
+    def cached() -> bool:
+        stats = world["server"].cache.stats()
+        return disk_copy.exists() or any(k is not None and k.user_id == u for k in stats.slots)
+
+    deadline = time.monotonic() + 20
+    while cached() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not cached()
+    r = httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
 def test_models_health_and_metrics(world):
     assert httpx.get(f"{world['url']}/healthz").json()["status"] == "ok"
     ids = [m["id"] for m in httpx.get(f"{world['url']}/v1/models").json()["data"]]
