@@ -181,6 +181,14 @@ class GenerationLoop:
     def has_work(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def load_adapter_state(self, slot: int, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def load_adapter(self, slot: int, adapter_dir: Path | str) -> None:
+        """Load a PEFT adapter directory into ``slot``; refused while a queued or running request uses the slot."""
+        state, config = multilora.read_adapter_dir(adapter_dir)
+        self.load_adapter_state(slot, state, config)
+
     def run_until_done(self, max_steps: int | None = None) -> None:
         """Step until no request is queued or running (or ``max_steps`` steps were made)."""
         steps = 0
@@ -276,11 +284,6 @@ class Engine(GenerationLoop):
 
     def _slot_in_use(self, slot: int) -> bool:
         return any(g.request.slot == slot for g in itertools.chain(self._batch.gens, self._waiting))
-
-    def load_adapter(self, slot: int, adapter_dir: Path | str) -> None:
-        """Load a PEFT adapter directory into ``slot``; refused while a queued or running request uses the slot."""
-        state, config = multilora.read_adapter_dir(adapter_dir)
-        self.load_adapter_state(slot, state, config)
 
     def load_adapter_state(self, slot: int, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
         """Load adapter tensors + config (see `multilora.load_slot`) into ``slot``."""

@@ -33,7 +33,6 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -345,11 +344,6 @@ class FastEngine(GenerationLoop):
             done = torch.cuda.Event()
             done.record()
         done.synchronize()
-
-    def load_adapter(self, slot: int, adapter_dir: Path | str) -> None:
-        """Load a PEFT adapter directory into ``slot``; refused while a queued or running request uses the slot."""
-        state, config = multilora.read_adapter_dir(adapter_dir)
-        self.load_adapter_state(slot, state, config)
 
     def load_adapter_state(self, slot: int, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
         """Load adapter tensors + config into ``slot`` (pack on the host, then one copy)."""

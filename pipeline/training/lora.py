@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,32 @@ def next_batch(queue: list[int], n_train: int, batch_size: int, rng: random.Rand
     return batch_idx
 
 
+@contextlib.contextmanager
+def user_lora(base: LoadedBase, parent_dir: Path | None, settings: TrainingSettings) -> Iterator[PeftModel]:
+    """The shared base with one user's trainable LoRA on it: the parent's weights (sha256-verified directory) or a
+    fresh adapter from ``settings``. The base comes back unchanged on exit. Call under `base_lock`, seeded."""
+    with contextlib.ExitStack() as borrow:
+        if parent_dir is not None:
+            try:
+                peft_model = borrow.enter_context(attached(base, parent_dir, trainable=True))
+            except AttachError as e:
+                raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
+        else:
+            borrow.enter_context(borrowed(base.model))
+            lora = LoraConfig(
+                r=settings.rank,
+                lora_alpha=settings.alpha,
+                target_modules=settings.targets,
+                lora_dropout=settings.dropout,
+                task_type="CAUSAL_LM",
+            )
+            try:
+                peft_model = get_peft_model(base.model, lora)
+            except ValueError as e:
+                raise TrainingError(f"cannot apply LoRA to targets {settings.targets}: {e}") from e
+        yield peft_model
+
+
 def save_adapter_config(config: LoraConfig, out_dir: Path) -> None:
     """``out_dir/adapter_config.json`` as peft writes it (inference mode), with ``target_modules`` sorted: peft keeps
     them in a set, whose order follows the process's string-hash seed, so the same training would otherwise write
@@ -251,26 +277,7 @@ def train_adapter(
     # The lock is taken before seeding: another borrower's peft initialisation would draw from the same RNG.
     with base_lock(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        peft_model: PeftModel
-        with contextlib.ExitStack() as borrow:
-            if parent_dir is not None:
-                try:
-                    peft_model = borrow.enter_context(attached(base, parent_dir, trainable=True))
-                except AttachError as e:
-                    raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
-            else:
-                borrow.enter_context(borrowed(model))
-                lora = LoraConfig(
-                    r=settings.rank,
-                    lora_alpha=settings.alpha,
-                    target_modules=settings.targets,
-                    lora_dropout=settings.dropout,
-                    task_type="CAUSAL_LM",
-                )
-                try:
-                    peft_model = get_peft_model(model, lora)
-                except ValueError as e:
-                    raise TrainingError(f"cannot apply LoRA to targets {settings.targets}: {e}") from e
+        with user_lora(base, parent_dir, settings) as peft_model:
             lora_config = peft_model.peft_config[ADAPTER_NAME]
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)

@@ -40,13 +40,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.config import TrainingSettings
-from pipeline.models.attach import AttachError, attached, base_lock, borrowed
+from pipeline.models.attach import base_lock, borrowed
 from pipeline.models.base import LoadedBase
 from pipeline.training.examples import Example
 from pipeline.training.lora import (
@@ -62,6 +62,7 @@ from pipeline.training.lora import (
     split_examples,
     train_adapter,
     training_config,
+    user_lora,
 )
 
 log = logging.getLogger(__name__)
@@ -225,25 +226,7 @@ def _start(base: LoadedBase, settings: TrainingSettings, parent_dir: Path | None
     device = next(model.parameters()).device
     with base_lock(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with contextlib.ExitStack() as borrow:
-            if parent_dir is not None:
-                try:
-                    peft_model = borrow.enter_context(attached(base, parent_dir, trainable=True))
-                except AttachError as e:
-                    raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
-            else:
-                borrow.enter_context(borrowed(model))
-                lora = LoraConfig(
-                    r=settings.rank,
-                    lora_alpha=settings.alpha,
-                    target_modules=settings.targets,
-                    lora_dropout=settings.dropout,
-                    task_type="CAUSAL_LM",
-                )
-                try:
-                    peft_model = get_peft_model(model, lora)
-                except ValueError as e:
-                    raise TrainingError(f"cannot apply LoRA to targets {settings.targets}: {e}") from e
+        with user_lora(base, parent_dir, settings) as peft_model:
             config = copy.deepcopy(peft_model.peft_config[ADAPTER_NAME])
             if config.lora_dropout or config.use_dora or getattr(config, "lora_bias", False) or config.modules_to_save:
                 raise _Unsupported("LoRA with dropout, DoRA, bias or modules_to_save")
