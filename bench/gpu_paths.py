@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import sim
 from pipeline.config import ModelSettings, ServingSettings, Settings, TrainingSettings
+from pipeline.domain.examples import TrainingEvent, examples_from_events
 from pipeline.evaluation.metrics import evaluate, load_probes
 from pipeline.models.base import TINY_RANDOM_ID, LoadedBase, load_configured, ref, tiny_random, tiny_tokenizer
-from pipeline.training.examples import TrainingEvent, examples_from_events
 from pipeline.training.multi import UserJob, train_adapters
 
 ENVELOPE = {"event_id", "user_id", "occurred_at", "app", "meta", "kind"}

@@ -35,9 +35,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import TrainingSettings
+from pipeline.domain.examples import Example
 from pipeline.domain.revisions import BaseModelRef
 from pipeline.models.base import LoadedBase, tiny_tokenizer
-from pipeline.training.examples import Example
 from pipeline.training.lora import train_adapter
 from pipeline.training.multi import UserJob, train_adapters
 

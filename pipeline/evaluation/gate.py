@@ -24,6 +24,7 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.domain.errors import Conflict
+from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.gating import Decision, RuleSet, decide, ruleset_digest
 from pipeline.domain.revisions import Revision
 from pipeline.evaluation.metrics import evaluate, load_probes
@@ -33,7 +34,6 @@ from pipeline.observability import metrics as prom
 from pipeline.storage import db, decisions, registry, training
 from pipeline.storage.objects import ObjectStore
 from pipeline.storage.registry import Registry
-from pipeline.training.examples import TrainingEvent
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Three numbers per model (the candidate revision, the revision serving now, the base), all on the same evidence:
 
 - ``holdout_nll``: mean negative log-likelihood per target token of the holdout events that give a target
-  (`pipeline.training.examples.example_of`), with the prompt masked exactly as in training
+  (`pipeline.domain.examples.example_of`), with the prompt masked exactly as in training
   (`pipeline.training.lora.encode_example`): lower means the model writes more like the user;
 - ``preference_accuracy``: share of the holdout preference pairs (preferences, and edits: edited over original)
   where the model gives the chosen answer a higher mean log-probability per token than the rejected one;
@@ -31,9 +31,9 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline import config
 from pipeline.domain.errors import PersonaError
+from pipeline.domain.examples import Example, TrainingEvent, example_of, preference_pairs
 from pipeline.models.attach import attached
 from pipeline.models.base import LoadedBase
-from pipeline.training.examples import Example, TrainingEvent, example_of, preference_pairs
 from pipeline.training.lora import IGNORE, EncodedExample, encode_example
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from datetime import datetime
 
 import psycopg
 
+from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.policy import DueState, Policy
 from pipeline.domain.revisions import PRODUCTION, new_revision_id
-from pipeline.training.examples import TrainingEvent
 
 # The policy of domain/policy.py as one statement. FOR UPDATE SKIP LOCKED plus the queued_at mark: two ticks
 # running at once never enqueue the same user. Measured at 1M users by bench/registry.py.

@@ -30,13 +30,13 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.domain.errors import NotFound, PersonaError
+from pipeline.domain.examples import Example, TrainingEvent, examples_from_events, select_training_events
 from pipeline.domain.revisions import EventsUsed, Revision
 from pipeline.models.base import load_configured
 from pipeline.observability import metrics
 from pipeline.storage import db, registry, training
 from pipeline.storage.objects import ObjectStore
 from pipeline.storage.registry import Registry
-from pipeline.training.examples import Example, TrainingEvent, examples_from_events, select_training_events
 from pipeline.training.lora import TrainResult
 from pipeline.training.multi import UserJob, train_adapters
 

@@ -33,9 +33,9 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import TrainingSettings
 from pipeline.domain.errors import PersonaError
+from pipeline.domain.examples import Example
 from pipeline.models.attach import AttachError, attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase
-from pipeline.training.examples import Example
 
 log = logging.getLogger(__name__)
 

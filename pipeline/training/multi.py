@@ -46,9 +46,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.config import TrainingSettings
+from pipeline.domain.examples import Example
 from pipeline.models.attach import base_lock, borrowed
 from pipeline.models.base import LoadedBase
-from pipeline.training.examples import Example
 from pipeline.training.lora import (
     _DTYPES,
     ADAPTER_NAME,

@@ -15,6 +15,7 @@ from pipeline import sim
 from pipeline.cli import app
 from pipeline.config import GateSettings, ModelSettings, PolicySettings, Settings, TrainingSettings
 from pipeline.domain.events import split_of, validate
+from pipeline.domain.examples import Example, examples_from_events
 from pipeline.domain.revisions import EventsUsed
 from pipeline.evaluation.gate import judge
 from pipeline.evaluation.rules import load_rules
@@ -23,7 +24,6 @@ from pipeline.storage import db, decisions, registry, training
 from pipeline.storage.buffers import BufferedEvent, write_events
 from pipeline.storage.objects import ObjectStore
 from pipeline.storage.registry import Registry
-from pipeline.training.examples import Example, examples_from_events
 from pipeline.training.job import retrain
 from pipeline.training.lora import train_adapter
 from tests.integration.helpers import fresh_topics, read_topic

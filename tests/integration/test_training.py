@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import scheduler, sim
 from pipeline.config import ROOT, PolicySettings, RedisSettings, Settings, TrainingSettings, WorkerSettings
 from pipeline.domain.events import split_of, validate
+from pipeline.domain.examples import Example
 from pipeline.domain.policy import due_reason
 from pipeline.domain.revisions import EventsUsed
 from pipeline.models.base import load_base
@@ -28,7 +29,6 @@ from pipeline.storage import training
 from pipeline.storage.buffers import BufferedEvent, write_events
 from pipeline.storage.objects import ObjectStore
 from pipeline.storage.registry import Registry
-from pipeline.training.examples import Example
 from pipeline.training.lora import train_adapter
 
 pytestmark = pytest.mark.integration

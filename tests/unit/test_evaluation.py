@@ -17,6 +17,7 @@ import torch
 from pipeline import sim
 from pipeline.config import TrainingSettings
 from pipeline.domain.errors import PersonaError
+from pipeline.domain.examples import TrainingEvent, example_of, examples_from_events
 from pipeline.evaluation.metrics import (
     METRIC_KEYS,
     MetricsError,
@@ -27,7 +28,6 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.models.attach import AttachError, attached, borrowed
 from pipeline.models.base import LoadedBase, load_base, weights_sha256
-from pipeline.training.examples import TrainingEvent, example_of, examples_from_events
 from pipeline.training.lora import mean_nll, train_adapter
 
 # interaction.v1 fields that are not the kind's payload.

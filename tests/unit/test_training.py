@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import TrainingSettings
 from pipeline.domain.errors import PersonaError
-from pipeline.models.base import LoadedBase, load_base, tiny_random, weights_sha256
-from pipeline.training.examples import (
+from pipeline.domain.examples import (
     Example,
     PreferencePair,
     TrainingEvent,
@@ -23,6 +22,7 @@ from pipeline.training.examples import (
     replay_sample,
     select_training_events,
 )
+from pipeline.models.base import LoadedBase, load_base, tiny_random, weights_sha256
 from pipeline.training.lora import IGNORE, TrainingError, encode_example, mean_nll, train_adapter
 
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import TrainingSettings
+from pipeline.domain.examples import Example
 from pipeline.models.base import load_base, weights_sha256
-from pipeline.training.examples import Example
 from pipeline.training.lora import TrainingError, TrainResult, train_adapter
 from pipeline.training.multi import UserJob, train_adapters
 
