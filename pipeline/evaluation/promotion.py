@@ -11,7 +11,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from pipeline.config import KafkaSettings
-from pipeline.domain.errors import PersonaError
+from pipeline.domain.errors import Unavailable
 from pipeline.domain.revisions import Revision
 
 log = logging.getLogger(__name__)
@@ -20,8 +20,10 @@ _producers: dict[str, KafkaProducer] = {}
 _lock = threading.Lock()
 
 
-class AnnounceError(PersonaError):
+class AnnounceError(Unavailable):
     """The promotion event was not acknowledged by the broker."""
+
+    code = "broker_unavailable"
 
 
 def promotion_event(rev: Revision, *, reason: str, promoted_at: datetime | None = None) -> dict:

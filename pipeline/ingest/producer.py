@@ -22,7 +22,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from pipeline.config import EventSettings, KafkaSettings
-from pipeline.domain.errors import InvalidInput, PersonaError
+from pipeline.domain.errors import InvalidInput, Unavailable
 from pipeline.domain.events import Event, EventLimits, Rejected, validate
 from pipeline.ingest.codec import encode_event
 from pipeline.observability import metrics
@@ -30,8 +30,10 @@ from pipeline.observability import metrics
 log = logging.getLogger(__name__)
 
 
-class ProducerError(PersonaError):
+class ProducerError(Unavailable):
     """The broker did not acknowledge events; sending the same events again is safe (event_id dedups)."""
+
+    code = "broker_unavailable"
 
 
 @dataclass

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.domain.errors import PersonaError
+from pipeline.domain.errors import AdapterNotServable, PersonaError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class MultiLoraError(PersonaError):
     """Base error of the multi-LoRA layers."""
 
 
-class AdapterLimitError(MultiLoraError):
+class AdapterLimitError(MultiLoraError, AdapterNotServable):
     """An adapter does not fit the slots (rank, targets, shapes, unsupported feature) or a slot index is bad."""
 
 

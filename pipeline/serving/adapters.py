@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
-from pipeline.domain.errors import NotFound, PersonaError
+from pipeline.domain.errors import AdapterNotServable, CapacityExhausted, NotFound, PersonaError
 
 if TYPE_CHECKING:
     from pipeline.storage.registry import Registry
@@ -19,12 +19,14 @@ class AdapterCacheError(PersonaError):
     """The adapter cache cannot serve a request (see the subclasses)."""
 
 
-class AdapterLimitError(AdapterCacheError):
+class AdapterLimitError(AdapterCacheError, AdapterNotServable):
     """An adapter exceeds the limits of this serving worker (rank, target modules): it was not loaded."""
 
 
-class SlotsExhausted(AdapterCacheError):
+class SlotsExhausted(AdapterCacheError, CapacityExhausted):
     """Every device slot holds a pinned or in-use adapter: nothing can be evicted to make room."""
+
+    code = "slots_exhausted"
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,14 @@ from typing import Any, Protocol
 import torch
 from transformers import DynamicCache
 
-from pipeline.domain.errors import PersonaError
+from pipeline.domain.errors import InvalidInput
 from pipeline.models import multilora
 from pipeline.models.multilora import ALL_TARGETS, BASE_SLOT, MultiLoraHandle
 
 log = logging.getLogger(__name__)
 
 
-class EngineError(PersonaError):
+class EngineError(InvalidInput):
     """A request or engine operation is invalid; the message names the bad value and what is allowed."""
 
 

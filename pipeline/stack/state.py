@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.domain.errors import PersonaError
+
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
-class StackError(RuntimeError):
+class StackError(PersonaError):
     """A service of the local stack could not be started, reached or stopped."""
 
 

@@ -12,7 +12,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from pipeline.config import SCHEMAS_DIR, DatabaseSettings
-from pipeline.domain.errors import PersonaError
+from pipeline.domain.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,10 @@ _NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _MIGRATION_LOCK = 0x7065_7273_6F6E_61
 
 
-class StorageError(PersonaError):
-    """The database or object store refused or failed an operation."""
+class StorageError(Unavailable):
+    """The database refused or failed an operation (or could not be reached)."""
+
+    code = "database_unavailable"
 
 
 def connect(settings: DatabaseSettings, *, autocommit: bool = False) -> psycopg.Connection:

@@ -29,7 +29,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from pipeline.config import S3Settings
-from pipeline.domain.errors import NotFound, PersonaError
+from pipeline.domain.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,12 +37,17 @@ T = TypeVar("T")
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"}
 
 
-class ObjectStoreError(PersonaError):
+class ObjectStoreError(Unavailable):
     """The object store failed (after retries, for transient errors)."""
 
+    code = "object_store_unavailable"
 
-class CorruptObject(PersonaError):
+
+class CorruptObject(Unavailable):
     """An object's bytes do not have the sha256 the registry recorded: nothing was loaded."""
+
+    code = "adapter_corrupt"
+    retry_after_s = None  # retrying reads the same bytes: an operator has to act (e.g. roll back)
 
 
 def sha256_hex(data: bytes) -> str:
