@@ -54,9 +54,11 @@ test: $(STAMP) tools  ## unit + integration tests on real services (the test sta
 	@$(BIN)/pytest $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, the import contracts of the house plan (import-linter) and the type checker (mypy)
 	$(BIN)/ruff check pipeline workers tests bench
 	$(BIN)/ruff format --check pipeline workers tests bench
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 model-prepare: $(STAMP)  ## convert the packaged SmolLM2 once into the model cache
 	$(BIN)/persona model prepare

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import sim
 from pipeline.config import ModelSettings, ServingSettings, Settings, TrainingSettings
+from pipeline.demo import sim
 from pipeline.domain.examples import TrainingEvent, examples_from_events
 from pipeline.evaluation.metrics import evaluate, load_probes
 from pipeline.models.base import TINY_RANDOM_ID, LoadedBase, load_configured, ref, tiny_random, tiny_tokenizer

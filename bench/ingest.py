@@ -34,8 +34,8 @@ import psycopg
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from pipeline import sim
 from pipeline.config import ConsumerSettings, DatabaseSettings, EventSettings, KafkaSettings
+from pipeline.demo import sim
 from pipeline.ingest.consumer import BufferConsumer
 from pipeline.storage import db
 

@@ -30,8 +30,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.models import lora_ops
 from pipeline.models.multilora import ALL_TARGETS
-from pipeline.serving import lora_ops
 from pipeline.serving.engine import Request
 from pipeline.serving.fast_engine import FastEngine
 

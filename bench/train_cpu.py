@@ -24,15 +24,18 @@ from pathlib import Path
 import psycopg
 import torch
 
-from pipeline import sim, stack
+from pipeline import stack
 from pipeline.config import DatabaseSettings, ModelSettings, Settings, TrainingSettings
+from pipeline.demo import sim
 from pipeline.domain.events import split_of, validate
+from pipeline.flows import promotion
+from pipeline.flows.retrain import RetrainConfig, retrain
 from pipeline.models.base import load_configured
+from pipeline.serving.promotions import Announcer
 from pipeline.storage import db
 from pipeline.storage.buffers import BufferedEvent, write_events
-from pipeline.storage.objects import ObjectStore
-from pipeline.storage.registry import Registry
-from pipeline.training.job import retrain
+from pipeline.storage.registry import get_revision
+from pipeline.storage.stores import Stores
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,20 +55,20 @@ def run_model(model: str, users: int, base: Settings, database: DatabaseSettings
     t0 = time.perf_counter()
     loaded = load_configured(settings.model)
     load_s = time.perf_counter() - t0
-    registry = Registry(database, ObjectStore(settings.s3))
+    stores = Stores.open(database, settings.s3, name="persona-bench")
+    announcer = Announcer(base.kafka)
+    config = RetrainConfig(model=settings.model, training=settings.training, lease_s=settings.policy.lease_s)
     people = [sim.SimUser(f"bench-{model}-{i}-{int(time.time())}", sim.users(6)[i % 6].style) for i in range(users)]
     rounds: dict[str, list[dict]] = {"first": [], "continual": []}
     for round_name, seed in (("first", 1), ("continual", 2)):
         for person in people:
             add_events(database, person, 100, seed)
             started = time.perf_counter()
-            out = retrain(person.user_id, settings=settings, owner="bench")
+            out = retrain(person.user_id, stores=stores, config=config, owner="bench")
             seconds = time.perf_counter() - started
-            with db.connect(database) as conn:
-                from pipeline.storage.registry import get_revision
-
+            with stores.db.connection() as conn:
                 rev = get_revision(conn, out.revision_id)
-            registry.promote(person.user_id, rev.revision_id, actor="bench")
+            promotion.promote(stores, announcer, person.user_id, rev.revision_id, actor="bench")
             m = rev.manifest
             rounds[round_name].append(
                 {
@@ -87,6 +90,8 @@ def run_model(model: str, users: int, base: Settings, database: DatabaseSettings
                 file=sys.stderr,
             )
     params = sum(p.numel() for p in loaded.model.parameters())
+    stores.close()
+    announcer.close()
     return {"model": model, "parameters": params, "load_s": load_s, "rounds": rounds}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -306,6 +306,9 @@ class StackSettings(BaseSettings):
         return v.expanduser().resolve()
 
 
+S = TypeVar("S", bound=BaseSettings)
+
+
 class Settings:
     """All component settings, each built (and validated) on first use.
 
@@ -315,68 +318,78 @@ class Settings:
     """
 
     def __init__(self, *parts: BaseSettings) -> None:
-        self._cache: dict[type, BaseSettings] = {type(p): p for p in parts}
+        self._cache: dict[type[BaseSettings], BaseSettings] = {type(p): p for p in parts}
 
-    def _get(self, cls: type[BaseSettings]) -> BaseSettings:
-        if cls not in self._cache:
-            self._cache[cls] = cls()
-        return self._cache[cls]
+    def get(self, cls: type[S]) -> S:
+        """The ``cls`` component: as given, or read from the environment once."""
+        part = self._cache.get(cls)
+        if part is None:
+            part = self._cache[cls] = cls()
+        if not isinstance(part, cls):  # only reachable by writing to _cache by hand
+            raise TypeError(f"settings part {part!r} is not a {cls.__name__}")
+        return part
+
+    def replace(self, *parts: BaseSettings) -> Settings:
+        """A copy with ``parts`` replacing the components of their types (the others are shared)."""
+        merged = Settings()
+        merged._cache = {**self._cache, **{type(p): p for p in parts}}
+        return merged
 
     @property
     def db(self) -> DatabaseSettings:
-        return self._get(DatabaseSettings)  # type: ignore[return-value]
+        return self.get(DatabaseSettings)
 
     @property
     def kafka(self) -> KafkaSettings:
-        return self._get(KafkaSettings)  # type: ignore[return-value]
+        return self.get(KafkaSettings)
 
     @property
     def s3(self) -> S3Settings:
-        return self._get(S3Settings)  # type: ignore[return-value]
+        return self.get(S3Settings)
 
     @property
     def redis(self) -> RedisSettings:
-        return self._get(RedisSettings)  # type: ignore[return-value]
+        return self.get(RedisSettings)
 
     @property
     def events(self) -> EventSettings:
-        return self._get(EventSettings)  # type: ignore[return-value]
+        return self.get(EventSettings)
 
     @property
     def ingest(self) -> IngestSettings:
-        return self._get(IngestSettings)  # type: ignore[return-value]
+        return self.get(IngestSettings)
 
     @property
     def consumer(self) -> ConsumerSettings:
-        return self._get(ConsumerSettings)  # type: ignore[return-value]
+        return self.get(ConsumerSettings)
 
     @property
     def model(self) -> ModelSettings:
-        return self._get(ModelSettings)  # type: ignore[return-value]
+        return self.get(ModelSettings)
 
     @property
     def training(self) -> TrainingSettings:
-        return self._get(TrainingSettings)  # type: ignore[return-value]
+        return self.get(TrainingSettings)
 
     @property
     def policy(self) -> PolicySettings:
-        return self._get(PolicySettings)  # type: ignore[return-value]
+        return self.get(PolicySettings)
 
     @property
     def worker(self) -> WorkerSettings:
-        return self._get(WorkerSettings)  # type: ignore[return-value]
+        return self.get(WorkerSettings)
 
     @property
     def gate(self) -> GateSettings:
-        return self._get(GateSettings)  # type: ignore[return-value]
+        return self.get(GateSettings)
 
     @property
     def serving(self) -> ServingSettings:
-        return self._get(ServingSettings)  # type: ignore[return-value]
+        return self.get(ServingSettings)
 
     @property
     def stack(self) -> StackSettings:
-        return self._get(StackSettings)  # type: ignore[return-value]
+        return self.get(StackSettings)
 
 
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (

@@ -1,36 +1,33 @@
 """The Celery application of persona: Redis broker, queues `train`, `evaluate`, `publish`.
 
-Delivery is at least once and tasks are idempotent (DESIGN.md section 5): a task is acknowledged only after it
-ran (`acks_late`); a task whose worker died is given to another worker after the visibility timeout (the
-Redis transport restores unacknowledged messages; the restore check runs every few seconds rather than Celery's
-default of minutes).
+Delivery is at least once and tasks are idempotent: a task is acknowledged only after it ran (`acks_late`); a task
+whose worker died is given to another worker after the visibility timeout (the Redis transport restores
+unacknowledged messages; the restore check runs every few seconds rather than Celery's default of minutes).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from celery import Celery
 from kombu import Queue
 
 from pipeline.config import Settings
-
-QUEUES = ("train", "evaluate", "publish")
+from pipeline.domain.tasks import EVALUATE_QUEUE, PUBLISH_QUEUE, QUEUES, RETRAIN_USERS, TRAIN_QUEUE
 
 
 def make_app(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from the settings (the broker URL is the effective Redis URL)."""
-    from pipeline import stack
-
+    """A Celery app configured from the settings (broker: PERSONA_REDIS_URL)."""
     settings = settings or Settings()
-    broker = stack.effective_urls(settings)["redis_url"]
     w = settings.worker
-    app = Celery("persona", broker=broker, include=["workers.tasks.train", "workers.tasks.evaluate"])
+    app = Celery("persona", broker=settings.redis.url, include=["workers.tasks.train", "workers.tasks.evaluate"])
     app.conf.update(
         task_queues=[Queue(q) for q in QUEUES],
-        task_default_queue="train",
+        task_default_queue=TRAIN_QUEUE,
         task_routes={
-            "persona.train.*": {"queue": "train"},
-            "persona.evaluate.*": {"queue": "evaluate"},
-            "persona.publish.*": {"queue": "publish"},
+            "persona.train.*": {"queue": TRAIN_QUEUE},
+            "persona.evaluate.*": {"queue": EVALUATE_QUEUE},
+            "persona.publish.*": {"queue": PUBLISH_QUEUE},
         },
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -49,6 +46,15 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def retrain_enqueuer(celery: Celery) -> Callable[[list[str]], None]:
+    """The scheduler's ``enqueue``: one `persona.train.retrain_users` task per batch of users."""
+
+    def enqueue(user_ids: list[str]) -> None:
+        celery.send_task(RETRAIN_USERS, args=[user_ids], queue=TRAIN_QUEUE)
+
+    return enqueue
 
 
 app = make_app()

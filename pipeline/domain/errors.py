@@ -76,7 +76,7 @@ class CapacityExhausted(PersonaError):
 
     http_status = 429
     code = "capacity_exhausted"
-    retry_after_s = 1.0
+    retry_after_s: ClassVar[float | None] = 1.0
 
 
 class Unavailable(PersonaError):
@@ -84,7 +84,7 @@ class Unavailable(PersonaError):
 
     http_status = 503
     code = "dependency_unavailable"
-    retry_after_s = 1.0
+    retry_after_s: ClassVar[float | None] = 1.0
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",

@@ -21,7 +21,7 @@ Kind = Literal["message", "feedback", "preference", "edit"]
 Split = Literal["train", "holdout"]
 
 COMMON_FIELDS: Final = ("event_id", "user_id", "occurred_at", "kind", "app", "meta")
-#: Required and optional payload fields by kind (DESIGN.md section 3).
+#: Required and optional payload fields by kind (schemas/events/interaction.v1.json).
 KIND_FIELDS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "message": (("text",), ("prompt",)),
     "feedback": (("prompt", "completion", "rating"), ()),

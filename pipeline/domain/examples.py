@@ -1,6 +1,6 @@
 """From a user's interaction events to what an adapter trains on. Pure logic: no torch, no I/O.
 
-Rules (the kinds and fields are those of ``interaction.v1``, DESIGN.md section 3):
+Rules (the kinds and fields are those of ``interaction.v1``, schemas/events/interaction.v1.json):
 
 - Only ``train``-split events become training examples; ``holdout`` events are the gate's evidence and are never
   trained on.

@@ -15,7 +15,7 @@ not have (no current revision, a metric that was not measured) makes the rule's 
 per user: app overrides apply first, then user overrides (a user's wins), each group in file order (later wins).
 
 ``decide`` evaluates every effective rule (no short cut), so a decision records each rule's inputs and outcome and
-can be explained, stored (``Decision.to_dict``) and replayed under other rules (``flips``).
+can be explained, stored (``Decision.to_dict``) and replayed under other rules (`pipeline.domain.replay`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from pipeline.domain.errors import InvalidInput
 
@@ -452,57 +452,3 @@ def decide(ruleset: RuleSet, metrics: Mapping[str, Any], *, user_id: str | None,
     results = tuple(_evaluate(r, metrics, ruleset.default_on_missing) for r in rules)
     passed, reason = _reason(results)
     return Decision(passed, reason.replace("\n", " "), results, ruleset_digest(ruleset))
-
-
-class PastDecision(NamedTuple):
-    """A stored decision to replay: a plain 5-tuple (id, metrics, user_id, app, passed) works too."""
-
-    id: Any
-    metrics: Mapping[str, Any]
-    user_id: str | None
-    app: str | None
-    passed: bool
-    decision: Decision | None = None  # the stored decision, when known: flips then say which rules changed
-
-
-@dataclass(frozen=True)
-class Flip:
-    """A stored decision that ``ruleset`` would turn the other way."""
-
-    id: Any
-    was_passed: bool
-    now_passed: bool
-    decision: Decision  # under the new rules
-    changed: tuple[str, ...] = ()  # "rule: old -> new" outcomes, when the old decision was given
-
-    @property
-    def summary(self) -> str:
-        """One line: ``ID: rejected -> passed: <new reason> [changed: ...]``."""
-        word = {True: "passed", False: "rejected"}
-        line = f"{self.id}: {word[self.was_passed]} -> {word[self.now_passed]}: {self.decision.reason}"
-        if self.changed:
-            line += f" [changed: {'; '.join(self.changed)}]"
-        return line
-
-
-def _changes(old: Decision, new: Decision) -> tuple[str, ...]:
-    before = {r.name: r.outcome for r in old.results}
-    after = {r.name: r.outcome for r in new.results}
-    out = [
-        f"{n}: {before.get(n, 'absent')} -> {after.get(n, 'absent')}"
-        for n in [*before, *(n for n in after if n not in before)]
-        if before.get(n) != after.get(n)
-    ]
-    return tuple(out)
-
-
-def flips(decisions: Iterable[PastDecision | tuple[Any, ...]], ruleset: RuleSet) -> list[Flip]:
-    """Which stored decisions ``ruleset`` would flip (passed <-> rejected), in input order, and why."""
-    out = []
-    for item in decisions:
-        past = item if isinstance(item, PastDecision) else PastDecision(*item)
-        new = decide(ruleset, past.metrics, user_id=past.user_id, app=past.app)
-        if new.passed != bool(past.passed):
-            changed = _changes(past.decision, new) if past.decision is not None else ()
-            out.append(Flip(past.id, bool(past.passed), new.passed, new, changed))
-    return out

@@ -32,9 +32,10 @@ from transformers import PreTrainedTokenizerBase
 from pipeline import config
 from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import Example, TrainingEvent, example_of, preference_pairs
+from pipeline.models import encoding
 from pipeline.models.attach import attached
 from pipeline.models.base import LoadedBase
-from pipeline.training.lora import IGNORE, EncodedExample, encode_example
+from pipeline.models.encoding import IGNORE, EncodedExample, encode_example
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,6 @@ def load_probes(path: Path | None = None) -> list[str]:
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------------
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0  # padded positions are masked out of attention and of every sum
 
 
 def _batches(
@@ -166,7 +160,7 @@ def probe_logits(
         device = next(model.parameters()).device
         seqs = probe_ids(tokenizer, probes, max_length)
         out: list[torch.Tensor] = []
-        for _, ids, mask in _batches(seqs, _pad_id(tokenizer), batch_size, device):
+        for _, ids, mask in _batches(seqs, encoding.pad_id(tokenizer), batch_size, device):
             logprobs = F.log_softmax(_forward(model, ids, mask), dim=-1).cpu()
             out.extend(logprobs[row, : int(mask[row].sum())].clone() for row in range(len(ids)))
         return out
@@ -210,7 +204,7 @@ def score_model(
 
     The model is scored in eval mode (its modes are restored afterwards), without gradients, in a fixed order.
     """
-    pad_id = _pad_id(tokenizer)
+    pad_id = encoding.pad_id(tokenizer)
     with _eval_mode(model):
         examples = [x for x in (example_of(e) for e in holdout_events) if x is not None]
         encoded = [encode_example(tokenizer, x, max_length) for x in examples]

@@ -94,7 +94,7 @@ def parse_rules(text: str, *, source: str = "<text>") -> RuleSet:
     found: list[tuple[FieldPath, str]] = list(_duplicate_keys(root, ()))
     for err in _validator().iter_errors(data):
         found.extend(_schema_problems(err))
-    if not found:  # the semantic checks need the shape the schema guarantees
+    if not found and isinstance(data, dict):  # the semantic checks need the shape the schema guarantees
         ruleset = RuleSet.from_dict(data)
         found.extend(_semantic_problems(ruleset))
         if not found:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,30 +20,22 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
+from pipeline.domain.errors import PersonaError, body_of, error_body
 from pipeline.domain.events import Event, Reason, Rejected, validate
 from pipeline.ingest.producer import EventProducer, ProducerError
 from pipeline.observability import metrics
 from pipeline.storage import apps as app_store
-from pipeline.storage import db
+from pipeline.storage.db import Database
 
 log = logging.getLogger(__name__)
 
 
 def _error(status: int, code: str, message: str, param: str | None = None, **headers: str) -> JSONResponse:
     metrics.INGEST_REQUESTS.labels(str(status)).inc()
-    body = {
-        "error": {
-            "type": "invalid_request_error" if status < 500 else "server_error",
-            "code": code,
-            "message": message,
-            "param": param,
-        }
-    }
-    return JSONResponse(body, status_code=status, headers=headers or None)
+    return JSONResponse(error_body(status, code, message, param), status_code=status, headers=headers or None)
 
 
 def _api_key(request: Request) -> str | None:
@@ -63,20 +56,29 @@ def create_app(
     state: dict[str, Any] = {}
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
-        state["pool"] = db.pool(database or DatabaseSettings())
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state["db"] = Database(database or DatabaseSettings(), name="persona-ingest", wait=False)
         state["producer"] = EventProducer(kafka, events)
         try:
             yield
         finally:
             state["producer"].close()
-            state["pool"].close()
+            state["db"].close()
 
     app = FastAPI(title="persona ingest", version="1", lifespan=lifespan)
 
+    @app.exception_handler(PersonaError)
+    async def persona_error(_: Request, e: PersonaError) -> JSONResponse:
+        # e.g. StorageError (503) when PostgreSQL does not answer while authenticating
+        metrics.INGEST_REQUESTS.labels(str(e.http_status)).inc()
+        headers = {"Retry-After": str(round(e.retry_after_s))} if e.retry_after_s else None
+        if e.http_status >= 500:
+            log.warning("answering %d %s: %s", e.http_status, e.code, e)
+        return JSONResponse(body_of(e), status_code=e.http_status, headers=headers)
+
     def authenticate(key: str) -> str | None:
-        pool: ConnectionPool = state["pool"]
-        with pool.connection() as conn:
+        database: Database = state["db"]
+        with database.connection() as conn:
             return app_store.authenticate(conn, key)
 
     @app.post("/v1/events", status_code=202)
@@ -164,7 +166,7 @@ def create_app(
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         try:
-            with state["pool"].connection(timeout=2) as conn:
+            with state["db"].connection() as conn:
                 conn.execute("SELECT 1")
         except Exception as e:
             return JSONResponse({"status": "unhealthy", "database": str(e)}, status_code=503)
@@ -177,9 +179,15 @@ def create_app(
     return app
 
 
-def serve(ingest: IngestSettings | None = None, database: DatabaseSettings | None = None) -> None:
+def serve(
+    ingest: IngestSettings | None = None,
+    database: DatabaseSettings | None = None,
+    kafka: KafkaSettings | None = None,
+    events: EventSettings | None = None,
+) -> None:
     """Run the ingest API with uvicorn until interrupted."""
     import uvicorn
 
     cfg = ingest or IngestSettings()
-    uvicorn.run(create_app(cfg, database=database), host=cfg.host, port=cfg.port, log_level="info", access_log=False)
+    app = create_app(cfg, kafka, database, events)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False)

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from kafka import KafkaConsumer, KafkaProducer
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 _TRANSIENT = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
 
+#: A record to dead-letter (a Kafka ConsumerRecord, or a `_RecordRef` of a row the database refused) and why.
+Invalid = tuple[Any, tuple[Reason, ...]]
+
+
 @dataclass
 class BatchStats:
     records: int = 0
@@ -56,7 +61,7 @@ class _Batch:
     started: float
     records: int = 0
     valid: list[BufferedEvent] = field(default_factory=list)
-    invalid: list[tuple[object, tuple[Reason, ...]]] = field(default_factory=list)
+    invalid: list[Invalid] = field(default_factory=list)
     offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
     pending: PendingWrite | None = None
 
@@ -166,9 +171,7 @@ class BufferConsumer:
                 batch.offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "", -1)
         return batch
 
-    def _finish(
-        self, batch: _Batch, written: WriteResult, db_refused: list[tuple[object, tuple[Reason, ...]]]
-    ) -> BatchStats:
+    def _finish(self, batch: _Batch, written: WriteResult, db_refused: list[Invalid]) -> BatchStats:
         """Steps 2 and 4 (step 3, the DB write, is done): dead-letter, then commit offsets; count."""
         invalid = batch.invalid + db_refused
         self._dead_letter(invalid)  # before the offsets move past them
@@ -204,7 +207,7 @@ class BufferConsumer:
             log.warning("could not start the batch's transaction (%s); it will be written synchronously", e)
             self._drop_connection()
 
-    def _end_write(self, batch: _Batch) -> tuple[WriteResult, list[tuple[object, tuple[Reason, ...]]]]:
+    def _end_write(self, batch: _Batch) -> tuple[WriteResult, list[Invalid]]:
         if batch.pending is not None:
             try:
                 return batch.pending.result(), []
@@ -214,17 +217,17 @@ class BufferConsumer:
                 self._drop_connection()
         return self._write(batch.valid)
 
-    def _dead_letter(self, invalid: list[tuple[object, tuple[Reason, ...]]]) -> None:
+    def _dead_letter(self, invalid: list[Invalid]) -> None:
         if not invalid:
             return
         futures = []
         for rec, reasons in invalid:
-            source = f"{rec.topic}/{rec.partition}/{rec.offset}"  # type: ignore[attr-defined]
+            source = f"{rec.topic}/{rec.partition}/{rec.offset}"
             futures.append(
                 self._dlq.send(
                     self.kafka.topic_dlq,
-                    key=rec.key,  # type: ignore[attr-defined]
-                    value=rec.value,  # type: ignore[attr-defined]
+                    key=rec.key,
+                    value=rec.value,
                     headers=dlq_headers(reasons, source),
                 )
             )
@@ -235,7 +238,7 @@ class BufferConsumer:
             # An unacknowledged DLQ write must stop the batch: committing offsets would lose the record.
             f.get(timeout=30)
 
-    def _write(self, batch: list[BufferedEvent]) -> tuple[WriteResult, list[tuple[object, tuple[Reason, ...]]]]:
+    def _write(self, batch: list[BufferedEvent]) -> tuple[WriteResult, list[Invalid]]:
         """Write the batch in one transaction, retrying transient errors; isolate rows the DB refuses."""
         delay = 0.5
         while True:
@@ -255,12 +258,10 @@ class BufferConsumer:
                 log.error("the database refused the batch (%s); writing its events one by one", e)
                 return self._write_one_by_one(batch)
 
-    def _write_one_by_one(
-        self, batch: list[BufferedEvent]
-    ) -> tuple[WriteResult, list[tuple[object, tuple[Reason, ...]]]]:
+    def _write_one_by_one(self, batch: list[BufferedEvent]) -> tuple[WriteResult, list[Invalid]]:
         conn = self._connection()
         inserted, duplicates, by_kind = 0, 0, dict[str, int]()
-        refused: list[tuple[object, tuple[Reason, ...]]] = []
+        refused: list[Invalid] = []
         with conn.transaction():
             for b in batch:
                 try:

@@ -14,11 +14,8 @@ Every base is loaded in float32, in eval mode with gradients off, and never modi
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,27 +23,28 @@ import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import ModelSettings
-from pipeline.domain.errors import PersonaError
 from pipeline.domain.revisions import BaseModelRef
+from pipeline.models import prepare as prep
+from pipeline.models.local import (
+    PREPARED_IDS,
+    RECORD_FILE,
+    SMOLLM2_ID,
+    ModelError,
+    freeze,
+    load_dir,
+    parameter_count,
+    quiet_progress_bars,
+    weights_sha256,
+)
 
 log = logging.getLogger(__name__)
 
 TINY_RANDOM_ID = "tiny-random"
-SMOLLM2_ID = "smollm2-135m"
-#: Bases that exist only once `persona model prepare` has built them in the cache directory.
-PREPARED_IDS: tuple[str, ...] = (SMOLLM2_ID,)
-#: Provenance file written last into a prepared directory: its presence means the directory is complete.
-RECORD_FILE = "persona-base.json"
-
 # A minimal ChatML-like template for the tiny model (SmolLM2 brings its own).
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-class ModelError(PersonaError):
-    """A base model cannot be found, prepared, loaded or verified; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -89,68 +87,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return tok
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the model's tensors (names in order, dtype, shape, bytes): identifies the exact weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def ref(model: torch.nn.Module, model_id: str) -> BaseModelRef:
     """The identity of ``model`` under ``model_id``: its weights' sha256 computed now."""
     return BaseModelRef(model_id, weights_sha256(model))
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _freeze(model: PreTrainedModel) -> PreTrainedModel:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-@contextlib.contextmanager
-def quiet_progress_bars() -> Iterator[None]:
-    """Silence transformers' tqdm bars (loading, saving) for a while: processes log lines, not bars on stderr."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def load_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model (float32, frozen) and tokenizer of a transformers model directory, without any network access."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{str(path)!r} is not a transformers model directory (it has no config.json)")
-    try:
-        with quiet_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load the model directory {str(path)!r}: {e}") from e
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # Batched training and serving pad; the padded positions are masked, so eos is a safe stand-in.
-        tokenizer.pad_token = tokenizer.eos_token
-    return _freeze(model), tokenizer
-
-
 def _load_prepared(model_id: str, cache_dir: Path) -> LoadedBase:
-    from pipeline.models import prepare as prep
-
     path = prep.prepared_dir(cache_dir, model_id)
     record = prep.read_prepared(path, model_id)
     if record is None:
@@ -198,20 +140,21 @@ def load_base(
     sha256 (a prepared directory changed on disk); otherwise the recorded sha256 is trusted. ``device``: where
     the weights live (the same base on two devices is two cache entries).
     """
-    key, folder = _resolve(spec, Path(cache_dir) if cache_dir is not None else None)
+    where, folder = _resolve(spec, Path(cache_dir) if cache_dir is not None else None)
     target = torch.device(device)
-    key = (*key, str(target))
+    key = (*where, str(target))
     with _lock:
         if key not in _cache:
             if folder is None:
-                model = _freeze(tiny_random())
+                model = freeze(tiny_random())
                 _cache[key] = LoadedBase(model, tiny_tokenizer(), ref(model, TINY_RANDOM_ID))
             elif spec in PREPARED_IDS:
                 _cache[key] = _load_prepared(spec, folder)
             else:
                 _cache[key] = _load_local(folder)
             if target.type != "cpu":
-                _cache[key].model.to(target)
+                moved: torch.nn.Module = _cache[key].model  # moved in place: the cached object stays the same
+                moved.to(target)
             log.info("base %s loaded on %s (sha256 %s)", _cache[key].ref.model_id, target, _cache[key].ref.sha256[:12])
         loaded = _cache[key]
         if verify and key not in _verified:
@@ -237,3 +180,24 @@ def clear_cache() -> None:
     with _lock:
         _cache.clear()
         _verified.clear()
+
+
+__all__ = [
+    "PREPARED_IDS",
+    "RECORD_FILE",
+    "SMOLLM2_ID",
+    "TINY_CHAT_TEMPLATE",
+    "TINY_RANDOM_ID",
+    "LoadedBase",
+    "ModelError",
+    "clear_cache",
+    "load_base",
+    "load_configured",
+    "load_dir",
+    "parameter_count",
+    "quiet_progress_bars",
+    "ref",
+    "tiny_random",
+    "tiny_tokenizer",
+    "weights_sha256",
+]

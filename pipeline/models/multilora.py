@@ -1,22 +1,31 @@
 """Multi-LoRA layers: many adapters in one batch on one frozen base, each row with its own adapter.
 
-`inject` replaces the target ``nn.Linear`` modules of a Llama-like model in place by `MultiLoraLinear` layers.
-Each holds, for a fixed number of *slots*, stacked LoRA weights ``A [slots + 1, max_rank, in]``,
-``B [slots + 1, out, max_rank]`` and a per-slot ``scaling [slots + 1]``; the extra last slot is always zero and
-serves rows that use the base alone (slot ``-1``). An adapter of rank ``r < max_rank`` fills the first ``r`` rows
-of A and columns of B and leaves the rest at zero, so the padded rank contributes exactly nothing. An adapter that
-does not target a module leaves that module's slot at zero.
+`MultiLoraLinear` is the one per-row LoRA layer of the project: a frozen ``nn.Linear`` plus stacked LoRA weights
+``A [n, r, in]``, ``B [n, out, r]``, ``scaling [n]`` (a `LoraStack`), of which each batch row uses the row its
+index names. It computes ``base(x) + (x @ A[s]^T @ B[s]^T) * scaling[s]`` as peft's ``lora.Linear`` computes one
+LoRA: the input cast to the LoRA dtype, A, then B, then the scaling, added to the base output, then cast back to
+the base output's dtype. The row of every batch row is set once per forward (a ``LongTensor [batch]`` shared by
+all layers of one wrap); each layer then gathers its rows' A/B and applies them with two batched matmuls. There is
+no Python loop over adapters or rows, so the cost of a batch does not depend on how many different adapters it
+mixes, and autograd sums each row's gradient into its own stack row.
 
-The slot of every batch row is set once per forward with `set_rows` (a ``LongTensor [batch]`` shared by all
-layers); each layer then gathers its rows' A/B and applies them with two batched matmuls. There is no Python loop
-over adapters or rows, so the cost of a batch does not depend on how many different adapters it mixes.
+`wrap_linears` puts such layers, over given stacks, in place of a model's Linear modules and `LoraWrap.remove`
+takes them out again. Two users:
 
-`read_adapter_dir` reads a standard PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)
-and `load_slot` copies it into a slot after checking it against the limits fixed at injection (rank, targets,
-shapes): a bad adapter raises `AdapterLimitError` and changes nothing.
+- serving (`pipeline.serving.engine`): `inject` wraps the target Linears of a Llama-like model with zeroed buffers
+  for a fixed number of *slots*, ``A [slots + 1, max_rank, in]``, ``B [slots + 1, out, max_rank]``,
+  ``scaling [slots + 1]``; the extra last slot is always zero and serves rows that use the base alone (slot
+  ``-1``, mapped to it once per forward by `set_rows`). An adapter of rank ``r < max_rank`` fills the first ``r``
+  rows of A and columns of B and leaves the rest at zero, so the padded rank contributes exactly nothing. An
+  adapter that does not target a module leaves that module's slot at zero. `read_adapter_dir` reads a standard
+  PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) and `load_slot` copies it into a
+  slot after checking it against the limits fixed at injection (rank, targets, shapes): a bad adapter raises
+  `AdapterLimitError` and changes nothing. Not supported (refused with AdapterLimitError): DoRA, LoRA bias,
+  ``modules_to_save``, per-module ``rank_pattern``/``alpha_pattern``; non-Linear targets (embeddings).
+- batched training (`pipeline.training.multi`): one stack row per user, the stacks trainable ``nn.Parameter``s.
 
-Not supported (refused with AdapterLimitError): DoRA, LoRA bias, ``modules_to_save``, per-module
-``rank_pattern``/``alpha_pattern``; non-Linear targets (embeddings).
+The fast serving engine lays the same adapters out differently for its kernels (`pipeline.models.lora_ops`); its
+LoRA path is tested against `MultiLoraLinear`.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,34 +70,77 @@ class AdapterFormatError(MultiLoraError):
 
 
 class _Rows:
-    """The per-row slot index shared by every layer of one injection (set once per forward)."""
+    """The stack row of every batch row, shared by every layer of one wrap (set once per forward)."""
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
 
 
-class MultiLoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus per-row LoRA: ``base(x) + (x @ A[s]^T @ B[s]^T) * scaling[s]`` for row slot s.
+@dataclass(frozen=True)
+class LoraStack:
+    """The LoRA weights of one Linear for ``n`` adapters: ``lora_A [n, r, in]``, ``lora_B [n, out, r]``,
+    ``scaling [n]``. An ``nn.Parameter`` becomes a parameter of the layer (trainable), any other tensor a buffer."""
 
-    ``x`` is ``[batch, ..., in]``; the slot of each batch row comes from the shared row index set by `set_rows`
-    (``-1`` = base only). With no row index set the layer is the base layer.
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: torch.Tensor
+
+    @classmethod
+    def zeros(cls, base: nn.Linear, n: int, rank: int) -> LoraStack:
+        """``n`` empty adapters of rank ``rank`` for ``base``, in its dtype and on its device."""
+        w = base.weight
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=w.dtype, device=w.device)
+
+        return cls(zeros(n, rank, base.in_features), zeros(n, base.out_features, rank), zeros(n))
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus per-row LoRA: ``base(x) + (x @ A[s]^T @ B[s]^T) * scaling[s]`` where s is the
+    batch row's stack row, computed as peft computes one LoRA (module docstring).
+
+    ``x`` is ``[batch, ..., in]``; the stack row of each batch row comes from the row index shared by the layers of
+    one wrap (torch indexing: ``-1`` is the last row, which `inject` keeps zero for the base). With no row index set
+    the layer is the base layer.
+
+    ``MultiLoraLinear(base, slots, max_rank, rows)`` makes the serving form: zeroed buffers for ``slots`` adapters
+    and the base slot (the last); `over` takes given stacks (trainable parameters for batched training).
     """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: torch.Tensor
 
     def __init__(self, base: nn.Linear, slots: int, max_rank: int, rows: _Rows) -> None:
         super().__init__()
+        self._set_up(base, LoraStack.zeros(base, slots + 1, max_rank), rows)
+
+    @classmethod
+    def over(cls, base: nn.Linear, stack: LoraStack, rows: _Rows) -> MultiLoraLinear:
+        """The layer over ``base`` with the given stacked weights (used as they are, not copied)."""
+        layer = cls.__new__(cls)  # not __init__: that allocates the serving form's zeroed stacks
+        nn.Module.__init__(layer)
+        layer._set_up(base, stack, rows)
+        return layer
+
+    def _set_up(self, base: nn.Linear, stack: LoraStack, rows: _Rows) -> None:
+        a, b, s = stack.lora_A, stack.lora_B, stack.scaling
+        n, rank = (a.shape[0], a.shape[1]) if a.dim() == 3 else (-1, -1)
+        if a.shape != (n, rank, base.in_features) or b.shape != (n, base.out_features, rank) or s.shape != (n,):
+            raise MultiLoraError(
+                f"LoRA stacks of shapes A {tuple(a.shape)}, B {tuple(b.shape)}, scaling {tuple(s.shape)} do not fit "
+                f"Linear({base.in_features}, {base.out_features}): need A (n, r, {base.in_features}), "
+                f"B (n, {base.out_features}, r), scaling (n,)"
+            )
         self.base = base
-        self.slots = slots
-        self.max_rank = max_rank
         self._rows = rows
-        w = base.weight
-        # Buffers, not parameters: serving never trains them, and they follow the module across .to(device).
-        self.register_buffer(
-            "lora_A", torch.zeros(slots + 1, max_rank, base.in_features, dtype=w.dtype, device=w.device)
-        )
-        self.register_buffer(
-            "lora_B", torch.zeros(slots + 1, base.out_features, max_rank, dtype=w.dtype, device=w.device)
-        )
-        self.register_buffer("scaling", torch.zeros(slots + 1, dtype=w.dtype, device=w.device))
+        for name, tensor in (("lora_A", a), ("lora_B", b), ("scaling", s)):
+            if isinstance(tensor, nn.Parameter):
+                self.register_parameter(name, tensor)
+            else:
+                # A buffer follows the module across .to(device) and is never trained.
+                self.register_buffer(name, tensor)
 
     @property
     def in_features(self) -> int:
@@ -112,32 +165,36 @@ class MultiLoraLinear(nn.Module):
             return result
         if index.shape[0] != x.shape[0]:
             raise AdapterLimitError(f"row index has {index.shape[0]} rows but the batch has {x.shape[0]}")
-        # -1 (base only) maps to the last slot, which always stays zero.
-        idx = torch.where(index < 0, self.slots, index)
-        a = self.lora_A[idx]  # [B, R, in]
-        b = self.lora_B[idx]  # [B, out, R]
-        s = self.scaling[idx]  # [B]
+        a = self.lora_A[index]  # [B, R, in]
+        b = self.lora_B[index]  # [B, out, R]
+        s = self.scaling[index]  # [B]
+        # As peft's lora.Linear: the input in the LoRA dtype; A, then B, then scaling; add, then the base's dtype.
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # [B, N, in]
-        # Same order of operations as peft (A, then B, then scaling, then add) so fp32 results agree closely.
         delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * s[:, None, None]
-        return result + delta.reshape(*x.shape[:-1], -1).to(result.dtype)
+        return (result + delta.reshape(*x.shape[:-1], -1)).to(result.dtype)
 
 
-@dataclass
-class MultiLoraHandle:
-    """What `inject` did to a model: its layers by module path, the limits, and how to undo it."""
+@dataclass(eq=False)
+class LoraWrap:
+    """The per-row layers `wrap_linears` put into a model: by module path, their shared row index, and the Linear
+    modules they replaced. As a context manager, leaving the block takes the layers out (`remove`)."""
 
     model: nn.Module
-    targets: tuple[str, ...]
-    slots: int
-    max_rank: int
     layers: dict[str, MultiLoraLinear]
     _rows: _Rows
-    _originals: dict[str, nn.Linear] = field(default_factory=dict)
+    _originals: dict[str, nn.Linear]
     removed: bool = False
 
+    def set_rows(self, index: torch.Tensor | None) -> None:
+        """Use stack row ``index[i]`` for batch row i in the next forwards (None: the base alone for every row).
+
+        Not checked, so no device sync: ``index`` is a ``LongTensor [batch]`` on the layers' device whose values
+        are rows of the stacks (serving checks slot numbers in `set_rows`).
+        """
+        self._rows.index = index
+
     def remove(self) -> None:
-        """Put the original Linear modules back; the base is then exactly as before `inject` (weights untouched)."""
+        """Put the original Linear modules back; the model is then exactly as before (its weights untouched)."""
         if self.removed:
             return
         for path, original in self._originals.items():
@@ -146,10 +203,71 @@ class MultiLoraHandle:
         self._rows.index = None
         self.removed = True
 
+    def __enter__(self) -> LoraWrap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack]) -> LoraWrap:
+    """Replace the ``nn.Linear`` at each module path of ``stacks`` by a `MultiLoraLinear` over its stack, in place.
+
+    All layers share one row index (`LoraWrap.set_rows`). Raises MultiLoraError, changing nothing, when a path is
+    not an ``nn.Linear`` of ``model`` or a stack does not fit its Linear. ``remove()`` (or leaving the ``with``
+    block) puts the Linear modules back.
+    """
+    rows = _Rows()
+    layers: dict[str, MultiLoraLinear] = {}
+    originals: dict[str, nn.Linear] = {}
+    for path, stack in stacks.items():
+        try:
+            linear = model.get_submodule(path)
+        except AttributeError as e:
+            raise MultiLoraError(f"the model has no module {path!r}: {e}") from e
+        if not isinstance(linear, nn.Linear):
+            raise MultiLoraError(f"module {path!r} is a {type(linear).__name__}; only nn.Linear modules are wrapped")
+        layers[path] = MultiLoraLinear.over(linear, stack, rows)
+        originals[path] = linear
+    # Everything checked: now replace (a refused wrap leaves the model as it was).
+    for path, layer in layers.items():
+        parent, name = _parent(model, path)
+        setattr(parent, name, layer)
+    return LoraWrap(model, layers, rows, originals)
+
+
+@dataclass(eq=False)
+class MultiLoraHandle:
+    """What `inject` did to a model: the slots' limits and the per-row layers, and how to undo it."""
+
+    targets: tuple[str, ...]
+    slots: int
+    max_rank: int
+    wrap: LoraWrap
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the layers were injected into."""
+        return self.wrap.model
+
+    @property
+    def layers(self) -> dict[str, MultiLoraLinear]:
+        """The injected layers by module path."""
+        return self.wrap.layers
+
+    @property
+    def removed(self) -> bool:
+        """Whether ``remove()`` has run."""
+        return self.wrap.removed
+
+    def remove(self) -> None:
+        """Put the original Linear modules back; the base is then exactly as before `inject` (weights untouched)."""
+        self.wrap.remove()
 
 
 def inject(model: nn.Module, targets: tuple[str, ...] | list[str], slots: int, max_rank: int) -> MultiLoraHandle:
@@ -164,7 +282,6 @@ def inject(model: nn.Module, targets: tuple[str, ...] | list[str], slots: int, m
         raise AdapterLimitError(f"unknown targets {unknown}; allowed: {list(ALL_TARGETS)}")
     if slots < 1 or max_rank < 1:
         raise AdapterLimitError(f"slots ({slots}) and max_rank ({max_rank}) must be >= 1")
-    rows = _Rows()
     found = [
         (path, m)
         for path, m in model.named_modules()
@@ -172,28 +289,25 @@ def inject(model: nn.Module, targets: tuple[str, ...] | list[str], slots: int, m
     ]
     if not found:
         raise AdapterLimitError(f"the model has no Linear module named any of {list(targets)}")
-    handle = MultiLoraHandle(model, targets, slots, max_rank, {}, rows)
-    for path, linear in found:
-        layer = MultiLoraLinear(linear, slots, max_rank, rows)
-        parent, name = _parent(model, path)
-        setattr(parent, name, layer)
-        handle.layers[path] = layer
-        handle._originals[path] = linear
+    # One zeroed stack row per slot, plus the last one for the base: it stays zero.
+    wrap = wrap_linears(model, {path: LoraStack.zeros(linear, slots + 1, max_rank) for path, linear in found})
     log.info("multi-LoRA: %d layers, %d slots, max rank %d, targets %s", len(found), slots, max_rank, targets)
-    return handle
+    return MultiLoraHandle(targets, slots, max_rank, wrap)
 
 
 def set_rows(handle: MultiLoraHandle, slot_per_row: torch.Tensor | None) -> None:
     """Set the slot of each batch row for the next forwards (``-1`` = base only; None = base for all rows)."""
     if slot_per_row is None:
-        handle._rows.index = None
+        handle.wrap.set_rows(None)
         return
     if slot_per_row.dim() != 1:
         raise AdapterLimitError(f"slot_per_row must be 1-D [batch], got shape {tuple(slot_per_row.shape)}")
     if slot_per_row.numel() and (int(slot_per_row.max()) >= handle.slots or int(slot_per_row.min()) < BASE_SLOT):
         raise AdapterLimitError(f"slot indices must be in [-1, {handle.slots - 1}], got {slot_per_row.tolist()}")
+    # The base slot (-1) is the last stack row, which stays zero: mapped here once, not in every layer.
+    index = torch.where(slot_per_row < 0, handle.slots, slot_per_row)
     device = next(iter(handle.layers.values())).lora_A.device
-    handle._rows.index = slot_per_row.to(device=device, dtype=torch.long)
+    handle.wrap.set_rows(index.to(device=device, dtype=torch.long))
 
 
 def _check_slot(handle: MultiLoraHandle, slot: int) -> None:
@@ -213,7 +327,7 @@ def clear_slot(handle: MultiLoraHandle, slot: int) -> None:
             layer.scaling[slot] = 0.0
 
 
-def _module_path(key: str) -> tuple[str, str]:
+def parse_lora_key(key: str) -> tuple[str, str]:
     """(module path, "A"|"B") of a PEFT LoRA tensor key, without the peft prefix and adapter name."""
     if key.startswith(_PEFT_PREFIX):
         key = key[len(_PEFT_PREFIX) :]
@@ -223,12 +337,12 @@ def _module_path(key: str) -> tuple[str, str]:
     raise AdapterLimitError(f"tensor {key!r} is not a LoRA A/B weight (only plain LoRA on Linear layers is served)")
 
 
-def _scaling(config: dict[str, Any], rank: int) -> float:
+def lora_scaling(config: dict[str, Any], rank: int) -> float:
     alpha = float(config.get("lora_alpha", rank))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def _check_config(config: dict[str, Any]) -> None:
+def check_lora_config(config: dict[str, Any]) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterLimitError(f"adapter type {config.get('peft_type')!r} is not served: only LORA")
     unsupported = {
@@ -254,10 +368,10 @@ def load_slot(
     target, shapes do not match the base, or the adapter uses an unsupported option.
     """
     _check_slot(handle, slot)
-    _check_config(config)
+    check_lora_config(config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter_state.items():
-        path, which = _module_path(key)
+        path, which = parse_lora_key(key)
         pairs.setdefault(path, {})[which] = tensor
     if not pairs:
         raise AdapterLimitError("the adapter has no LoRA tensors")
@@ -281,7 +395,7 @@ def load_slot(
                 f"adapter shapes at {path!r} are A {tuple(a.shape)}, B {tuple(b.shape)}; the base layer needs "
                 f"A (r, {layer.in_features}), B ({layer.out_features}, r)"
             )
-        plan.append((layer, a, b, _scaling(config, rank)))
+        plan.append((layer, a, b, lora_scaling(config, rank)))
     # Everything checked: now write (a refused adapter leaves the slot as it was).
     clear_slot(handle, slot)
     with torch.no_grad():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ModelSettings
-from pipeline.models.base import (
+from pipeline.models.local import (
     PREPARED_IDS,
     RECORD_FILE,
     SMOLLM2_ID,
@@ -278,7 +279,7 @@ def _convert(gguf: Path, out: Path, source: dict[str, Any], started: float, repo
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         report("reading model", 0.40)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
         )
     except (OSError, ValueError, KeyError, ImportError) as e:
@@ -338,14 +339,15 @@ def _quiet_fast_gguf(on_tensor: Callable[[int, int], None]) -> Iterator[None]:
     ``on_tensor`` instead of a tqdm bar, and silence transformers' other bars. transformers imports these names
     from their modules at call time, so they are swapped there and restored afterwards; a missing name is left
     alone."""
-    import gguf
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    # Any: these are other libraries' module attributes, patched for the conversion's duration.
+    gguf: Any = importlib.import_module("gguf")
+    gguf_utils: Any = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
 
     readers: dict[str, Any] = {}
     name_maps: dict[tuple[Any, int], Any] = {}
-    original_reader = getattr(gguf, "GGUFReader", None)
-    original_name_map = getattr(gguf, "get_tensor_name_map", None)
-    original_tqdm = getattr(gguf_utils, "tqdm", None)
+    original_reader: Any = getattr(gguf, "GGUFReader", None)
+    original_name_map: Any = getattr(gguf, "get_tensor_name_map", None)
+    original_tqdm: Any = getattr(gguf_utils, "tqdm", None)
 
     def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs:

@@ -9,22 +9,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
-from pipeline.domain.errors import AdapterNotServable, CapacityExhausted, NotFound, PersonaError
+from pipeline.domain.errors import CapacityExhausted, NotFound, PersonaError
+from pipeline.models.multilora import AdapterLimitError
 
 if TYPE_CHECKING:
-    from pipeline.storage.registry import Registry
+    from pipeline.storage.stores import Stores
 
 
 class AdapterCacheError(PersonaError):
     """The adapter cache cannot serve a request (see the subclasses)."""
 
 
-class AdapterLimitError(AdapterCacheError, AdapterNotServable):
-    """An adapter exceeds the limits of this serving worker (rank, target modules): it was not loaded."""
-
-
 class SlotsExhausted(AdapterCacheError, CapacityExhausted):
-    """Every device slot holds a pinned or in-use adapter: nothing can be evicted to make room."""
+    """Every device slot holds an adapter in use by a request in flight: nothing can be evicted to make room."""
 
     code = "slots_exhausted"
 
@@ -104,18 +101,18 @@ def check_limits(config: dict[str, Any], tensors: dict[str, Tensor] | None, limi
             raise AdapterLimitError(f"tensor {name!r} has rank {rank}; the maximum rank is {limits.max_rank}")
 
 
-def registry_fetch(registry: Registry) -> Callable[[AdapterKey], dict[str, bytes]]:
+def registry_fetch(stores: Stores) -> Callable[[AdapterKey], dict[str, bytes]]:
     """A ``fetch`` for AdapterCache: the revision's PEFT files from the object store, verified by the registry."""
     from pipeline.storage.registry import get_revision
 
     def fetch(key: AdapterKey) -> dict[str, bytes]:
-        with registry.connect() as conn:
+        with stores.db.connection() as conn:
             rev = get_revision(conn, key.revision_id)
         if rev.user_id != key.user_id or rev.sha256 != key.sha256:
             raise NotFound(
                 f"revision {key.revision_id} is ({rev.user_id!r}, {rev.sha256[:12]}), "
                 f"not ({key.user_id!r}, {key.sha256[:12]}) as requested"
             )
-        return registry.adapter_files(rev)
+        return stores.registry.adapter_files(rev)
 
     return fetch

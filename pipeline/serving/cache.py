@@ -1,11 +1,11 @@
 """The tiered adapter cache of a serving worker: device slots <- host memory <- local disk <- object store.
 
-Lifecycle (DESIGN.md section 6 rule 6): download (``fetch`` from the object store, verified by sha256), keep a copy
+Lifecycle: download (``fetch`` from the object store, verified by sha256), keep a copy
 on local disk (``{disk_dir}/{sha256}/``, verified again whenever it is read back; a corrupt copy is deleted and
 fetched again), parse into CPU tensors in host memory (the adapter limits, rank and target modules, are checked here,
 before anything takes a device slot), load into a device slot through a ``SlotLoader``, evict. Every tier is a
-bounded LRU: disk and host by bytes, slots by count. An acquired adapter is pinned until released; operators can pin
-adapters too. Pinned adapters are never evicted from any tier.
+bounded LRU: disk and host by bytes, slots by count. An acquired adapter (a request in flight) is pinned until
+released: it is never evicted from any tier meanwhile.
 
 Thread-safety: one lock guards the bookkeeping; fetching, reading, parsing and loading happen outside it (a slow
 fetch of one adapter does not block hits of others), and a per-adapter lock makes concurrent requests of one adapter
@@ -15,7 +15,6 @@ load it once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import shutil
 import threading
@@ -34,17 +33,17 @@ from torch import Tensor
 
 from pipeline.domain.errors import NotFound
 from pipeline.domain.revisions import ADAPTER_FILES
+from pipeline.models.multilora import AdapterLimitError
 from pipeline.observability import metrics as m
 from pipeline.serving.adapters import (
     AdapterCacheError,
     AdapterKey,
-    AdapterLimitError,
     AdapterLimits,
     SlotLoader,
     SlotsExhausted,
     check_limits,
 )
-from pipeline.storage.objects import CorruptObject
+from pipeline.storage.objects import CorruptObject, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +83,6 @@ class _CorruptCopy(Exception):
     """A disk copy is incomplete or does not match its digests."""
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 class AdapterCache:
     """Adapters of many users on a few device slots, through host memory and local disk (see the module doc)."""
 
@@ -119,7 +114,6 @@ class AdapterCache:
         self._host: OrderedDict[AdapterKey, _Host] = OrderedDict()
         self._disk: OrderedDict[str, int] = OrderedDict()  # sha256 -> bytes on disk
         self._refs: dict[AdapterKey, int] = {}  # acquired and not yet released
-        self._pinned: set[AdapterKey] = set()  # operator pins
         self._stale: set[AdapterKey] = set()  # invalidated while in use: dropped on release
         self._counters = _Counters()
         self._executor = ThreadPoolExecutor(max_workers=prefetch_workers, thread_name_prefix="adapter-prefetch")
@@ -131,7 +125,7 @@ class AdapterCache:
         """The device slot holding ``key``, loading it through the tiers as needed; pinned until ``release``.
 
         Raises AdapterLimitError (nothing loaded, no slot touched), CorruptObject (the object store's bytes do not
-        match the sha256), NotFound, or SlotsExhausted (every slot pinned or in use).
+        match the sha256), NotFound, or SlotsExhausted (every slot holds an adapter in use).
         """
         with self._key_lock(key):
             with self._lock:
@@ -181,20 +175,10 @@ class AdapterCache:
         finally:
             self.release(key)
 
-    def pin(self, key: AdapterKey) -> None:
-        """Operator pin: ``key`` is never evicted from any tier it reaches until ``unpin``."""
-        with self._lock:
-            self._pinned.add(key)
-
-    def unpin(self, key: AdapterKey) -> None:
-        """Remove an operator pin (no error if there was none)."""
-        with self._lock:
-            self._pinned.discard(key)
-
     def invalidate(self, user_id: str, *, keep_revision: str | None = None) -> int:
         """Drop ``user_id``'s adapters from host memory and device slots (except revision ``keep_revision``).
 
-        Adapters in use are dropped when released; operator-pinned ones stay. The disk copies stay (they are
+        Adapters in use are dropped when released. The disk copies stay (they are
         content-addressed and bounded by their LRU). Returns how many adapters were dropped now.
         """
         dropped = 0
@@ -203,8 +187,6 @@ class AdapterCache:
                 k for k in (*self._host, *self._slot_of) if k.user_id == user_id and k.revision_id != keep_revision
             }
             for key in keys:
-                if key in self._pinned:
-                    continue
                 if self._refs.get(key):
                     self._stale.add(key)
                     continue
@@ -215,11 +197,9 @@ class AdapterCache:
         return dropped
 
     def forget(self, user_id: str, sha256s: list[str]) -> int:
-        """``user_id`` was forgotten: drop their adapters from host memory and device slots (as ``invalidate``,
-        pinned ones too: nothing of the user may stay) and delete the disk copies of ``sha256s``. An adapter in use
-        by a request in flight goes when that request ends. Returns the number of disk copies deleted."""
-        with self._lock:
-            self._pinned = {k for k in self._pinned if k.user_id != user_id}
+        """``user_id`` was forgotten: drop their adapters from host memory and device slots (as ``invalidate``) and
+        delete the disk copies of ``sha256s``. An adapter in use by a request in flight goes when that request
+        ends. Returns the number of disk copies deleted."""
         self.invalidate(user_id)
         deleted = 0
         for sha in sha256s:
@@ -332,7 +312,7 @@ class AdapterCache:
             with self._lock:
                 self._count(STORE, hit=False)
             raise
-        if _sha(files.get(_WEIGHTS, b"")) != key.sha256:  # the fetch verifies; this guards a fetch that does not
+        if sha256_hex(files.get(_WEIGHTS, b"")) != key.sha256:  # the fetch verifies; this guards a fetch that does not
             raise CorruptObject(f"{key}: the fetched adapter_model.safetensors does not have sha256 {key.sha256}")
         m.ADAPTER_LOAD_SECONDS.labels(STORE).observe(time.perf_counter() - start)
         with self._lock:
@@ -347,7 +327,7 @@ class AdapterCache:
         except (OSError, orjson.JSONDecodeError) as e:
             raise _CorruptCopy(str(e)) from e
         for name, data in files.items():
-            if _sha(data) != digests.get(name):
+            if sha256_hex(data) != digests.get(name):
                 raise _CorruptCopy(f"{name} does not match its recorded sha256")
         if digests.get(_WEIGHTS) != sha256:
             raise _CorruptCopy(f"{_WEIGHTS} is not the one of sha256 {sha256}")
@@ -369,7 +349,7 @@ class AdapterCache:
             tmp.mkdir(parents=True)
             for name in ADAPTER_FILES:
                 (tmp / name).write_bytes(files[name])
-            (tmp / _DIGESTS).write_bytes(orjson.dumps({n: _sha(files[n]) for n in ADAPTER_FILES}))
+            (tmp / _DIGESTS).write_bytes(orjson.dumps({n: sha256_hex(files[n]) for n in ADAPTER_FILES}))
             shutil.rmtree(self.disk_dir / sha256, ignore_errors=True)
             tmp.rename(self.disk_dir / sha256)
         except OSError:
@@ -398,7 +378,7 @@ class AdapterCache:
 
     # --- bookkeeping (caller holds self._lock) ---
     def _held(self, key: AdapterKey) -> bool:
-        return key in self._pinned or self._refs.get(key, 0) > 0
+        return self._refs.get(key, 0) > 0
 
     def _reserve_slot(self, key: AdapterKey) -> int:
         if None in self._slots:
@@ -407,7 +387,7 @@ class AdapterCache:
             victim = next((k for k in self._slot_of if not self._held(k)), None)
             if victim is None:
                 raise SlotsExhausted(
-                    f"all {len(self._slots)} device slots hold pinned or in-use adapters; {key.user_id}@"
+                    f"all {len(self._slots)} device slots hold adapters in use; {key.user_id}@"
                     f"{key.revision_id} cannot be loaded until one is released (or add slots)"
                 )
             slot = self._slot_of.pop(victim)
@@ -438,7 +418,7 @@ class AdapterCache:
         return self._make_room(self._host, lambda h: h.nbytes, nbytes, self.host_bytes, HOST, self._held)
 
     def _make_room_disk(self, nbytes: int) -> bool:
-        held = {k.sha256 for k in (*self._pinned, *self._refs)}
+        held = {k.sha256 for k in self._refs}
 
         def evict(sha: str) -> None:
             shutil.rmtree(self.disk_dir / sha, ignore_errors=True)

@@ -49,8 +49,11 @@ class EngineError(InvalidInput):
 class BaseLike(Protocol):
     """What the engine needs of a loaded base (`pipeline.models.base.LoadedBase` fits)."""
 
-    model: Any
-    tokenizer: Any
+    @property
+    def model(self) -> Any: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    layers: list[Any] = list(cache.layers)  # full-attention layers: keys and values are tensors once filled
+    return [(layer.keys, layer.values) for layer in layers]
 
 
 def _make_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:

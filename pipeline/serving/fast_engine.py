@@ -1,26 +1,22 @@
-"""The fast serving engine: own Llama decode step over a static KV cache, CUDA graphs, batched multi-LoRA slots.
+"""The fast serving engine: continuous batching over `pipeline.serving.fast_llama.FastLlama` (own Llama decode
+step over a static KV cache, batched multi-LoRA slots), with CUDA graphs.
 
 Same public API as `pipeline.serving.engine.Engine` (submit / step / generate / logits / load_adapter_state /
-clear_adapter / abort_all / close), for Llama-architecture bases (SmolLM2, Llama 3.x). It reads the base's weights
-once (fusing q|k|v and gate|up into one matrix each) and never modifies the base.
+clear_adapter / abort_all / close), for Llama-architecture bases (SmolLM2, Llama 3.x). `FastLlama` holds the
+base's weights (read once, fused; the base is never modified), the KV cache, the adapter slots and the forward
+passes; this module decides what runs when.
 
-- **KV cache**: preallocated ``[layers, max_batch, kv_heads, max_seq, head_dim]`` for keys and values. Running
-  requests occupy rows ``0..n-1``; a request that leaves is replaced by the last row (one copy of that row).
-- **Decode step**: one token for every row, written as plain torch ops (RMSNorm, RoPE from the base's own rotary
-  table, grouped-query attention as two batched matmuls over the cache up to a context bucket with a per-row
-  length mask, SwiGLU), then greedy argmax on the device, and the next token and position fed back on the device.
-  On CUDA each (batch bucket, context bucket, with/without LoRA) step is captured once in a CUDA graph and
-  replayed; the host launches step k+1 before it reads step k's tokens (when every row is greedy), so Python
-  bookkeeping overlaps the GPU.
-- **Adapters**: every slot is one contiguous row of a device buffer (``[slots + 1, P]``, bf16 on CUDA) holding
-  all its LoRA weights in the layout of `pipeline.serving.lora_ops`; the last row is the base (rank 0). An adapter
-  is *packed* on the host into that layout once (`pack_adapter`, pinned memory), then loaded with one
-  host-to-device copy on a side stream (`load_packed`), which does not wait for, or hold up, decode steps.
-- **LoRA**: decode uses the Triton kernels of `lora_ops` (per-row slot gather, masked to each slot's rank) on CUDA
-  and the torch gather+bmm path elsewhere; prefill always uses the torch path (rows share their adapter over all
-  their tokens, so that is two well-shaped batched matmuls).
-- **Prefill**: waiting requests are grouped by prompt length and each group runs as one batched forward
-  (``scaled_dot_product_attention``, causal), writing its cache rows; not graph-captured.
+- **Rows**: running requests occupy KV cache rows ``0..n-1``; a request that leaves is replaced by the last row
+  (one copy of that row).
+- **Decode**: one step advances every row by one token. On CUDA each (batch bucket, context bucket, with/without
+  LoRA) step is captured once in a CUDA graph and replayed; the host launches step k+1 before it reads step k's
+  tokens (when every row is greedy), so Python bookkeeping overlaps the GPU. A Triton kernel that fails to build
+  falls back to the torch path.
+- **Adapters**: an adapter is *packed* on the host into its slot row once (`pack_adapter`, pinned memory), then
+  loaded with one host-to-device copy on a side stream (`load_packed`), which does not wait for, or hold up,
+  decode steps.
+- **Prefill**: waiting requests are grouped by prompt length and each group runs as one batched forward, writing
+  its cache rows; not graph-captured.
 
 Sampling and stop rules are those of `engine.GenerationLoop` (greedy on the device; temperature/top-p on the host
 from the row's logits, seeded per request).
@@ -36,62 +32,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from pipeline.models import multilora
 from pipeline.models.multilora import ALL_TARGETS, BASE_SLOT, AdapterLimitError
-from pipeline.serving import lora_ops
 from pipeline.serving.engine import BaseLike, Engine, EngineError, Generation, GenerationLoop, StepOutput
+from pipeline.serving.fast_llama import FastLlama, PackedAdapter
 
 if TYPE_CHECKING:
     from pipeline.config import ServingSettings
 
+__all__ = ["FastEngine", "PackedAdapter", "make_engine"]
+
 log = logging.getLogger(__name__)
 
-#: Projection groups: projections that share their input, fused into one matmul (base and LoRA).
-GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("qkv", ("q_proj", "k_proj", "v_proj")),
-    ("o", ("o_proj",)),
-    ("gu", ("gate_proj", "up_proj")),
-    ("down", ("down_proj",)),
-)
-_MODULE_GROUP = {m: (g, j) for g, ms in GROUPS for j, m in enumerate(ms)}
 _CTX_STEP = 64
-
-
-@dataclass
-class PackedAdapter:
-    """An adapter in the slot layout: one flat tensor (pinned on CUDA hosts) and its rank."""
-
-    data: torch.Tensor
-    rank: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
-
-@dataclass
-class _Group:
-    """One layer's LoRA group: views into the slot buffer and its output segments."""
-
-    a: torch.Tensor  # [slots + 1, nseg * R, K]
-    bt: torch.Tensor  # [slots + 1, R, N]
-    seg: tuple[int, ...]  # output column offsets, nseg + 1 of them
-    a_off: int
-    b_off: int
-    k: int
-
-
-@dataclass
-class _Layer:
-    wqkv: torch.Tensor
-    wo: torch.Tensor
-    wgu: torch.Tensor
-    wd: torch.Tensor
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    groups: dict[str, _Group]
 
 
 @dataclass
@@ -105,25 +58,13 @@ class _Launch:
     event: Any
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
-
-
 def _batch_buckets(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_batch]
     sizes += [*range(64, max_batch, 64), max_batch]
     return sorted(set(sizes))
 
 
-class FastEngine(GenerationLoop):
+class FastEngine(FastLlama, GenerationLoop):
     """Continuous-batching generation with many LoRA adapters per batch (see the module doc).
 
     ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere; ``max_seq`` bounds prompt + generated tokens of a
@@ -147,36 +88,15 @@ class FastEngine(GenerationLoop):
     ) -> None:
         model = base.model
         self.tokenizer = base.tokenizer
-        self.device = torch.device(device)
+        super().__init__(
+            model, slots, max_rank, targets, device, max_batch, max_seq=max_seq, dtype=dtype, use_triton=use_triton
+        )
         cuda = self.device.type == "cuda"
-        self.dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
-        self.max_batch = max_batch
-        self.slots = slots
-        self.max_rank = max_rank
-        self.targets = tuple(targets)
-        unknown = sorted(set(self.targets) - set(ALL_TARGETS))
-        if unknown or slots < 1 or max_rank < 1:
-            raise AdapterLimitError(f"targets {unknown} unknown or slots/max_rank < 1 ({slots}, {max_rank})")
-        cfg = model.config
-        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-            raise EngineError("the fast engine serves Llama bases without biases")
-        self.eos_token_id: int | None = getattr(cfg, "eos_token_id", None)
+        self.eos_token_id: int | None = getattr(model.config, "eos_token_id", None)
         if isinstance(self.eos_token_id, list):
             self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
-        model_max = int(getattr(cfg, "max_position_embeddings", 2048))
-        self.max_seq = int(max_seq or min(model_max, 2048))
-        self.max_positions = min(model_max, self.max_seq)
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.eps = float(cfg.rms_norm_eps)
-        self.hidden = cfg.hidden_size
         self.use_graphs = cuda if cuda_graphs is None else (cuda_graphs and cuda)
-        self.use_triton = (lora_ops.triton_available() and cuda) if use_triton is None else use_triton
-        self.triton_attention = self.use_triton
         self.prefill_tokens = prefill_tokens
-        self._extract(model)
-        self._alloc()
         self._ids = itertools.count()
         self._waiting: deque[Generation] = deque()
         self._rows: list[Generation] = []
@@ -185,6 +105,7 @@ class FastEngine(GenerationLoop):
         self._graphs: dict[tuple[int, int, bool], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._load_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._next_host = [torch.zeros(self.max_batch, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._host_flip = 0
         log.info(
             "fast engine: %d layers, %d slots (max rank %d, %.1f MB each), batch %d, seq %d, %s, graphs %s, triton %s",
@@ -192,136 +113,10 @@ class FastEngine(GenerationLoop):
             self.use_graphs, self.use_triton,
         )  # fmt: skip
 
-    # -- set-up -----------------------------------------------------------------------------------------------
-
-    def _extract(self, model: Any) -> None:
-        dev, dt = self.device, self.dtype
-        inner = model.model
-
-        def w(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device=dev, dtype=dt).contiguous()
-
-        self.embed = w(inner.embed_tokens.weight)
-        self.lm_head = w(model.lm_head.weight)
-        self.norm = w(inner.norm.weight)
-        self.vocab = self.lm_head.shape[0]
-        pos = torch.arange(self.max_seq, device=inner.rotary_emb.inv_freq.device)[None]
-        probe = torch.zeros(1, dtype=torch.float32, device=pos.device)
-        cos, sin = inner.rotary_emb(probe, pos)
-        self.cos, self.sin = cos[0].to(dev, dt).contiguous(), sin[0].to(dev, dt).contiguous()
-        self.layers: list[_Layer] = []
-        self.module_of: dict[str, tuple[int, str]] = {}
-        for i, layer in enumerate(inner.layers):
-            at, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                _Layer(
-                    wqkv=w(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])),
-                    wo=w(at.o_proj.weight),
-                    wgu=w(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    wd=w(mlp.down_proj.weight),
-                    ln1=w(layer.input_layernorm.weight),
-                    ln2=w(layer.post_attention_layernorm.weight),
-                    groups={},
-                )
-            )
-            for name in ALL_TARGETS:
-                owner = at if name in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp
-                part = "self_attn" if owner is at else "mlp"
-                self.module_of[f"model.layers.{i}.{part}.{name}"] = (i, name)
-        self.shapes = {
-            "q_proj": (self.hidden, self.n_heads * self.head_dim),
-            "k_proj": (self.hidden, self.n_kv * self.head_dim),
-            "v_proj": (self.hidden, self.n_kv * self.head_dim),
-            "o_proj": (self.n_heads * self.head_dim, self.hidden),
-            "gate_proj": (self.hidden, self.layers[0].wgu.shape[0] // 2),
-            "up_proj": (self.hidden, self.layers[0].wgu.shape[0] // 2),
-            "down_proj": (self.layers[0].wgu.shape[0] // 2, self.hidden),
-        }
-
-    def _alloc(self) -> None:
-        dev, dt, r = self.device, self.dtype, self.max_rank
-        plan: list[tuple[int, str, tuple[str, ...], int, tuple[int, ...], int, int]] = []
-        off = 0
-        for i in range(len(self.layers)):
-            for g, mods in GROUPS:
-                if not set(mods) & set(self.targets):
-                    continue  # a group no target touches has no LoRA weights at all
-                k = self.shapes[mods[0]][0]
-                seg = tuple(itertools.accumulate((self.shapes[m][1] for m in mods), initial=0))
-                a_off, off = off, off + len(mods) * r * k
-                b_off, off = off, off + r * seg[-1]
-                plan.append((i, g, mods, k, seg, a_off, b_off))
-        self.slot_numel = off
-        self.slot_bytes = off * torch.empty(0, dtype=dt).element_size()
-        self.lora = torch.zeros(self.slots + 1, off, dtype=dt, device=dev)
-        self.ranks = torch.zeros(self.slots + 1, dtype=torch.int32, device=dev)
-        for i, g, mods, k, seg, a_off, b_off in plan:
-            a = self.lora[:, a_off : a_off + len(mods) * r * k].unflatten(1, (len(mods) * r, k))
-            bt = self.lora[:, b_off : b_off + r * seg[-1]].unflatten(1, (r, seg[-1]))
-            self.layers[i].groups[g] = _Group(a, bt, seg, a_off, b_off, k)
-        shape = (len(self.layers), self.max_batch, self.n_kv, self.max_seq, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dt, device=dev)
-        self.v_cache = torch.zeros(shape, dtype=dt, device=dev)
-        self._tok = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
-        self._idx = torch.full((self.max_batch,), self.slots, dtype=torch.int32, device=dev)
-        self._ar = torch.arange(self.max_batch, device=dev)
-        self._tpos = torch.arange(self.max_seq, device=dev)
-        pin = dev.type == "cuda"
-        self._next_host = [torch.zeros(self.max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-
     # -- adapters ---------------------------------------------------------------------------------------------
 
     def _slot_in_use(self, slot: int) -> bool:
         return any(g.request.slot == slot for g in itertools.chain(self._rows, self._waiting))
-
-    def pack_adapter(self, state: dict[str, torch.Tensor], config: dict[str, Any]) -> PackedAdapter:
-        """Check a PEFT LoRA adapter against the slots' limits and lay it out as one slot row (host memory).
-
-        Raises AdapterLimitError (see `multilora.load_slot`) when it does not fit; nothing is changed.
-        """
-        multilora._check_config(config)
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state.items():
-            path, which = multilora._module_path(key)
-            pairs.setdefault(path, {})[which] = tensor
-        if not pairs:
-            raise AdapterLimitError("the adapter has no LoRA tensors")
-        r_max = self.max_rank
-        flat = torch.zeros(self.slot_numel, dtype=torch.float32)
-        rank = 0
-        for path, ab in sorted(pairs.items()):
-            if set(ab) != {"A", "B"}:
-                raise AdapterLimitError(f"module {path!r} has lora_{'A' if 'A' in ab else 'B'} but not the other half")
-            where = self.module_of.get(path)
-            if where is None or where[1] not in self.targets:
-                raise AdapterLimitError(
-                    f"adapter targets {path!r}, which is not a served target; allowed: {list(self.targets)}"
-                )
-            layer, name = where
-            a, b = ab["A"].float(), ab["B"].float()
-            r = a.shape[0]
-            k, n = self.shapes[name]
-            if r > r_max:
-                raise AdapterLimitError(f"adapter rank {r} at {path!r} exceeds the maximum rank {r_max}")
-            if a.shape != (r, k) or b.shape != (n, r):
-                raise AdapterLimitError(
-                    f"adapter shapes at {path!r} are A {tuple(a.shape)}, B {tuple(b.shape)}; the base layer needs "
-                    f"A (r, {k}), B ({n}, r)"
-                )
-            if rank and r != rank:
-                raise AdapterLimitError(f"adapter mixes ranks {rank} and {r}: one rank per adapter is served")
-            rank = r
-            gname, j = _MODULE_GROUP[name]
-            grp = self.layers[layer].groups[gname]
-            a_view = flat[grp.a_off : grp.a_off + grp.a.shape[1] * k].view(-1, k)
-            a_view[j * r_max : j * r_max + r] = a
-            b_view = flat[grp.b_off : grp.b_off + r_max * grp.seg[-1]].view(r_max, -1)
-            b_view[:r, grp.seg[j] : grp.seg[j + 1]] = b.T * multilora._scaling(config, r)
-        data = flat.to(self.dtype)
-        if self.device.type == "cuda":
-            data = data.pin_memory()
-        return PackedAdapter(data, rank)
 
     def load_packed(self, slot: int, packed: PackedAdapter) -> None:
         """Copy a packed adapter into ``slot``: one host-to-device copy on a side stream; returns when it landed.
@@ -364,103 +159,6 @@ class FastEngine(GenerationLoop):
         """Drop the device buffers and graphs (the base was never modified)."""
         self._graphs.clear()
         self.abort_all()
-
-    # -- forward passes ---------------------------------------------------------------------------------------
-
-    def _lora(self, y: torch.Tensor, x: torch.Tensor, grp: _Group | None, idx: torch.Tensor) -> torch.Tensor:
-        if grp is None:
-            return y
-        if self.use_triton and x.dim() == 2:
-            return lora_ops.lora_triton(y, x, grp.a, grp.bt, idx, self.ranks, grp.seg, self.max_rank)
-        if x.dim() == 2:
-            out = lora_ops.lora_torch(y[:, None], x[:, None], grp.a, grp.bt, idx.long(), grp.seg, self.max_rank)
-            return out[:, 0]
-        return lora_ops.lora_torch(y, x, grp.a, grp.bt, idx.long(), grp.seg, self.max_rank)
-
-    def _mlp_and_proj(self, h: torch.Tensor, o: torch.Tensor, layer: _Layer, idx: torch.Tensor | None) -> torch.Tensor:
-        g = layer.groups if idx is not None else {}
-        h = h + self._lora(F.linear(o, layer.wo), o, g.get("o"), idx)  # type: ignore[arg-type]
-        x = _rms(h, layer.ln2, self.eps)
-        gu = self._lora(F.linear(x, layer.wgu), x, g.get("gu"), idx)  # type: ignore[arg-type]
-        half = gu.shape[-1] // 2
-        m = F.silu(gu[..., :half]) * gu[..., half:]
-        return h + self._lora(F.linear(m, layer.wd), m, g.get("down"), idx)  # type: ignore[arg-type]
-
-    def _decode_body(self, nb: int, ctx: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step for rows ``0..nb-1`` over the first ``ctx`` cache columns; feeds back token and position."""
-        hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
-        tok = self._tok[:nb]
-        pos = self._pos[:nb].clamp(max=self.max_seq - 1)
-        idx = self._idx[:nb] if lora else None
-        rows = self._ar[:nb]
-        h = F.embedding(tok, self.embed)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
-        for li, layer in enumerate(self.layers):
-            x = _rms(h, layer.ln1, self.eps)
-            qkv = F.linear(x, layer.wqkv)
-            if idx is not None:
-                qkv = self._lora(qkv, x, layer.groups.get("qkv"), idx)
-            q = _rope(qkv[:, : hq * d].view(nb, hq, d), cos, sin)
-            k = _rope(qkv[:, hq * d : (hq + hkv) * d].view(nb, hkv, d), cos, sin)
-            v = qkv[:, (hq + hkv) * d :].view(nb, hkv, d)
-            self.k_cache[li][rows, :, pos] = k
-            self.v_cache[li][rows, :, pos] = v
-            attend = lora_ops.decode_attention if self.triton_attention else lora_ops.decode_attention_torch
-            o = attend(q, self.k_cache[li, :nb], self.v_cache[li, :nb], pos, ctx).reshape(nb, hq * d)
-            h = self._mlp_and_proj(h, o, layer, idx)
-        logits = F.linear(_rms(h, self.norm, self.eps), self.lm_head)
-        nxt = logits.argmax(-1)
-        self._tok[:nb].copy_(nxt)
-        self._pos[:nb].add_(1)
-        return logits, nxt
-
-    def _seq_forward(
-        self,
-        ids: torch.Tensor,
-        idx: torch.Tensor,
-        rows: torch.Tensor | None,
-        mask: torch.Tensor | None = None,
-        last_only: bool = True,
-        lora: bool = True,
-    ) -> torch.Tensor:
-        """Forward of whole sequences ``ids [g, T]`` (row adapters ``idx``); writes cache ``rows`` when given.
-
-        Without ``mask`` the rows have no padding (prefill); with one, padding may be on either side and positions
-        count real tokens only (scoring; nothing is cached).
-        """
-        g, t = ids.shape
-        hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
-        idx_l = idx if lora else None
-        h = F.embedding(ids, self.embed)
-        if mask is None:
-            cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
-            attn_mask = None
-        else:
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-            causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
-            attn_mask = (causal[None] & mask.bool()[:, None, :]) | torch.eye(t, dtype=torch.bool, device=ids.device)
-            attn_mask = attn_mask[:, None]
-        for li, layer in enumerate(self.layers):
-            x = _rms(h, layer.ln1, self.eps)
-            qkv = F.linear(x, layer.wqkv)
-            if idx_l is not None:
-                qkv = self._lora(qkv, x, layer.groups.get("qkv"), idx_l)
-            q = _rope(qkv[..., : hq * d].view(g, t, hq, d).transpose(1, 2), cos, sin)
-            k = _rope(qkv[..., hq * d : (hq + hkv) * d].view(g, t, hkv, d).transpose(1, 2), cos, sin)
-            v = qkv[..., (hq + hkv) * d :].view(g, t, hkv, d).transpose(1, 2)
-            if rows is not None:
-                self.k_cache[li, rows, :, :t] = k
-                self.v_cache[li, rows, :, :t] = v
-            if attn_mask is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != hq)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=hkv != hq)
-            o = o.transpose(1, 2).reshape(g, t, hq * d)
-            h = self._mlp_and_proj(h, o, layer, idx_l)
-        if last_only:
-            h = h[:, -1]
-        return F.linear(_rms(h, self.norm, self.eps), self.lm_head)
 
     # -- scoring ----------------------------------------------------------------------------------------------
 

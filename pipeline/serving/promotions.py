@@ -1,9 +1,10 @@
-"""Listening to persona.promotions.v1 in a serving worker, so the next request of a promoted user serves the new
-revision.
+"""The adapter-lifecycle topic persona.promotions.v1 (key = user_id): announcing alias moves and forgets, and
+listening to them in a serving worker, so the next request of a promoted user serves the new revision.
 
-Every serving worker must hear every promotion, so each listener is a consumer group of its own (``group_id``
-unique per worker) that starts at the end of the topic and never commits: a worker that starts later resolves the
-alias from the registry anyway. Invalid records are logged and skipped.
+`Announcer` produces promotion.v1 and forget.v1 records and waits for the broker's acknowledgement. Every serving
+worker must hear every record, so each `PromotionListener` is a consumer group of its own (``group_id`` unique per
+worker) that starts at the end of the topic and never commits: a worker that starts later resolves the alias from
+the registry anyway. Invalid records are logged and skipped.
 """
 
 from __future__ import annotations
@@ -11,18 +12,97 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
 import orjson
 from jsonschema import Draft202012Validator
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from pipeline.config import SCHEMAS_DIR, KafkaSettings
-from pipeline.domain.errors import InvalidInput
+from pipeline.domain.errors import InvalidInput, Unavailable
+from pipeline.domain.revisions import Revision
 
 log = logging.getLogger(__name__)
+
+
+class AnnounceError(Unavailable):
+    """A promotion or forget record was not acknowledged by the broker."""
+
+    code = "broker_unavailable"
+
+
+def promotion_event(rev: Revision, *, reason: str, promoted_at: datetime | None = None) -> dict[str, Any]:
+    """The promotion.v1 payload (schemas/events/promotion.v1.json)."""
+    return {
+        "schema": "promotion.v1",
+        "user_id": rev.user_id,
+        "revision_id": rev.revision_id,
+        "parent_id": rev.parent_id,
+        "sha256": rev.sha256,
+        "uri": rev.artifact_uri,
+        "promoted_at": (promoted_at or datetime.now(UTC)).astimezone(UTC).isoformat(),
+        "reason": reason,
+    }
+
+
+def forget_event(user_id: str, sha256s: list[str]) -> dict[str, Any]:
+    """The forget.v1 payload (schemas/events/forget.v1.json): every cached copy of ``sha256s`` is to be dropped."""
+    return {
+        "schema": "forget.v1",
+        "user_id": user_id,
+        "sha256s": sorted(set(sha256s)),
+        "forgotten_at": datetime.now(UTC).isoformat(),
+    }
+
+
+class Announcer:
+    """Produces the adapter-lifecycle records of one process (its Kafka producer is made on first use)."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
+        self._producer: KafkaProducer | None = None
+        self._lock = threading.Lock()
+
+    def promotion(self, rev: Revision, *, reason: str, promoted_at: datetime | None = None) -> dict[str, Any]:
+        """Announce that ``rev`` serves its user now; returns the payload once the broker acknowledged it."""
+        event = promotion_event(rev, reason=reason, promoted_at=promoted_at)
+        self._send(rev.user_id, event, f"promotion of {rev.revision_id} for {rev.user_id!r}")
+        log.info("announced %s -> %s (%s)", rev.user_id, rev.revision_id, reason)
+        return event
+
+    def forget(self, user_id: str, sha256s: list[str]) -> dict[str, Any]:
+        """Announce that ``user_id`` was forgotten; returns the payload once the broker acknowledged it."""
+        event = forget_event(user_id, sha256s)
+        self._send(user_id, event, f"the forgetting of {user_id!r}")
+        log.info("announced forget of %s (%d artifact(s))", user_id, len(event["sha256s"]))
+        return event
+
+    def close(self) -> None:
+        with self._lock:
+            if self._producer is not None:
+                self._producer.close(timeout=10)
+                self._producer = None
+
+    def _send(self, user_id: str, event: dict[str, Any], what: str) -> None:
+        try:
+            future = self._client().send(self.kafka.topic_promotions, key=user_id.encode(), value=orjson.dumps(event))
+            future.get(timeout=30)
+        except KafkaError as e:
+            raise AnnounceError(f"{what} was not announced: {e!r}") from e
+
+    def _client(self) -> KafkaProducer:
+        with self._lock:
+            if self._producer is None:
+                try:
+                    self._producer = KafkaProducer(
+                        bootstrap_servers=self.kafka.servers, acks="all", retries=5, client_id="persona-promotions"
+                    )
+                except KafkaError as e:
+                    raise AnnounceError(f"cannot reach Kafka at {self.kafka.bootstrap_servers}: {e!r}") from e
+            return self._producer
 
 
 @cache

@@ -10,6 +10,7 @@ import orjson
 import psycopg
 
 from pipeline.domain.events import Event, Split
+from pipeline.storage.db import one
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,6 @@ class UserBuffer:
     oldest_pending_at: datetime | None
     total_events: int
     last_event_at: datetime | None
-    rows: int | None = None  # events rows actually stored (only when asked for: it costs a count)
 
 
 _STAGE = """
@@ -166,33 +166,18 @@ def begin_write(conn: psycopg.Connection, batch: list[BufferedEvent]) -> Pending
         raise
 
 
-def list_buffers(conn: psycopg.Connection, *, user_prefix: str = "", with_rows: bool = False) -> list[UserBuffer]:
-    """Buffer summaries of users whose id starts with ``user_prefix``, by user id."""
-    rows_sql = "(SELECT count(*) FROM events e WHERE e.user_id = s.user_id)" if with_rows else "NULL"
+def kind_counts(conn: psycopg.Connection, user_ids: list[str]) -> dict[tuple[str, str, str], int]:
+    """Stored events of ``user_ids`` counted by (user_id, kind, split)."""
     rows = conn.execute(
-        f"SELECT user_id, pending_count, oldest_pending_at, total_events, last_event_at, {rows_sql}"
-        " FROM user_state s WHERE user_id LIKE %s ORDER BY user_id",
-        (_like_prefix(user_prefix),),
-    ).fetchall()
-    return [UserBuffer(r[0], int(r[1]), r[2], int(r[3]), r[4], None if r[5] is None else int(r[5])) for r in rows]
-
-
-def kind_counts(conn: psycopg.Connection, *, user_prefix: str = "") -> dict[tuple[str, str, str], int]:
-    """Stored events counted by (user_id, kind, split)."""
-    rows = conn.execute(
-        "SELECT user_id, kind, split, count(*) FROM events WHERE user_id LIKE %s GROUP BY 1, 2, 3",
-        (_like_prefix(user_prefix),),
+        "SELECT user_id, kind, split, count(*) FROM events WHERE user_id = ANY(%s) GROUP BY 1, 2, 3", (user_ids,)
     ).fetchall()
     return {(r[0], r[1], r[2]): int(r[3]) for r in rows}
 
 
-def event_ids(conn: psycopg.Connection, user_id: str) -> list[str]:
-    """The stored event ids of one user, in ingestion order."""
-    return [r[0] for r in conn.execute("SELECT event_id FROM events WHERE user_id = %s ORDER BY seq", (user_id,))]
-
-
-def _like_prefix(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+def unconsumed_count(conn: psycopg.Connection, user_ids: list[str]) -> int:
+    """Events of ``user_ids`` stored and not yet read by a training (index events_user_pending)."""
+    row = one(conn.execute("SELECT count(*) FROM events WHERE user_id = ANY(%s) AND consumed_by IS NULL", (user_ids,)))
+    return int(row[0])
 
 
 def most_overdue(conn: psycopg.Connection, limit: int = 1000) -> list[UserBuffer]:
@@ -209,8 +194,10 @@ def pending_totals(conn: psycopg.Connection) -> tuple[int, float]:
     """(events not yet trained on, age in seconds of the oldest of them) over all users; (0, 0.0) when none.
 
     Reads only the users with pending events (the partial index of the scheduler's claim)."""
-    n, age = conn.execute(
-        "SELECT coalesce(sum(pending_count), 0), coalesce(extract(epoch FROM now() - min(oldest_pending_at)), 0)"
-        " FROM user_state WHERE oldest_pending_at IS NOT NULL AND pending_count > 0"
-    ).fetchone()
+    n, age = one(
+        conn.execute(
+            "SELECT coalesce(sum(pending_count), 0), coalesce(extract(epoch FROM now() - min(oldest_pending_at)), 0)"
+            " FROM user_state WHERE oldest_pending_at IS NOT NULL AND pending_count > 0"
+        )
+    )
     return int(n), float(age)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -29,28 +32,72 @@ class StorageError(Unavailable):
 
 
 def connect(settings: DatabaseSettings, *, autocommit: bool = False) -> psycopg.Connection:
-    """One connection to the persona database."""
+    """One dedicated connection (migrations, the buffer consumer's pipelined writer); all else uses `Database`."""
     try:
         return psycopg.connect(settings.url, autocommit=autocommit, connect_timeout=int(settings.connect_timeout_s))
     except psycopg.OperationalError as e:
         raise StorageError(f"cannot connect to PostgreSQL at {redact(settings.url)}: {e}") from e
 
 
-def pool(settings: DatabaseSettings, *, min_size: int = 1) -> ConnectionPool:
-    """A connection pool (for servers that handle requests on several threads)."""
-    p = ConnectionPool(
-        settings.url,
-        min_size=min_size,
-        max_size=settings.pool_max,
-        kwargs={"connect_timeout": int(settings.connect_timeout_s)},
-        open=False,
-    )
-    try:
-        p.open(wait=True, timeout=settings.connect_timeout_s)
-    except Exception as e:
-        p.close()
-        raise StorageError(f"cannot connect to PostgreSQL at {redact(settings.url)}: {e}") from e
-    return p
+def one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The one row of a statement that always returns one (an aggregate, RETURNING of a row known to exist)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise StorageError("the database returned no row where the statement always returns one")
+    return tuple(row)
+
+
+class Database:
+    """The process's PostgreSQL connection pool (one per process).
+
+    ``with database.connection() as conn`` commits on success and rolls back on an exception, like a connection's
+    own context; a connection that fails (PostgreSQL down or restarting, the pool exhausted for
+    ``connect_timeout_s``) raises StorageError, so callers above storage never see a driver exception. Every
+    connection is checked before it is handed out: the pool outlives a PostgreSQL restart (the next checkout
+    reconnects).
+    """
+
+    def __init__(
+        self, settings: DatabaseSettings, *, min_size: int = 1, name: str = "persona", wait: bool = True
+    ) -> None:
+        """Open the pool: with ``wait``, StorageError unless PostgreSQL answers within ``connect_timeout_s``;
+        without (long-running servers), it connects in the background and each checkout waits up to
+        ``connect_timeout_s`` for a connection (StorageError after that), so a server starts and recovers with
+        PostgreSQL down."""
+        self.settings = settings
+        self.pool = ConnectionPool(
+            settings.url,
+            min_size=min_size,
+            max_size=max(min_size, settings.pool_max),
+            kwargs={"connect_timeout": int(settings.connect_timeout_s)},
+            check=ConnectionPool.check_connection,
+            name=name,
+            timeout=settings.connect_timeout_s,
+            open=False,
+        )
+        try:
+            self.pool.open(wait=wait, timeout=settings.connect_timeout_s)
+        except Exception as e:
+            self.pool.close()
+            raise StorageError(f"cannot connect to PostgreSQL at {redact(settings.url)}: {e}") from e
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection for the block (committed at its end, rolled back if it raises)."""
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as e:
+            raise StorageError(f"PostgreSQL at {redact(self.settings.url)} failed: {e}") from e
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def redact(url: str) -> str:
@@ -109,7 +156,7 @@ def migrate(settings: DatabaseSettings, directory: Path = MIGRATIONS_DIR) -> lis
                         )
                     continue
                 log.info("applying migration %s", mig.path.name)
-                conn.execute(mig.path.read_text())  # type: ignore[arg-type] - trusted file from schemas/sql
+                conn.execute(mig.path.read_text())  # a trusted file of schemas/sql
                 conn.execute(
                     "INSERT INTO schema_migrations (version, name, sha256) VALUES (%s, %s, %s)",
                     (mig.version, mig.name, mig.sha256),

@@ -1,6 +1,6 @@
 """Object store (S3 API through the minio client): revision directories, production pointers, user prefixes.
 
-Layout in the bucket (DESIGN.md section 3)::
+Layout in the bucket (docs/architecture.md, "Contracts")::
 
     users/{user_id}/revisions/{revision_id}/adapter_config.json
     users/{user_id}/revisions/{revision_id}/adapter_model.safetensors     (sha256 recorded in the registry)

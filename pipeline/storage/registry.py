@@ -1,14 +1,14 @@
 """The adapter registry: users, immutable revisions, the production alias (compare-and-swap) and its history.
 
 Rows are converted to domain objects here and never leave this module. ``Registry`` ties the rows to the object
-store: a revision's objects are written and verified before its row is inserted, and read back verified.
+store: a revision's objects are written and verified before its row is inserted, and read back verified. Moving
+the alias in a use case (promote, roll back, gate, forget) is pipeline.flows.promotion's: it calls the SQL here.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from pipeline.config import DatabaseSettings
 from pipeline.domain.errors import Conflict, InvalidInput, NotFound
 from pipeline.domain.revisions import (
     ADAPTER_FILES,
@@ -30,9 +29,8 @@ from pipeline.domain.revisions import (
     build_manifest,
     check_revision_id,
     new_revision_id,
-    rollback_target,
 )
-from pipeline.storage import db
+from pipeline.storage.db import Database, one
 from pipeline.storage.manifest import validate_manifest
 from pipeline.storage.objects import ObjectStore, revision_prefix, sha256_hex
 from pipeline.storage.training import Lease
@@ -150,40 +148,52 @@ def move_alias(
     conn.execute("UPDATE revisions SET status = 'promoted', status_at = now() WHERE revision_id = %s", (to_revision,))
     if expected is not None and expected != to_revision:
         conn.execute("UPDATE revisions SET status = 'retired', status_at = now() WHERE revision_id = %s", (expected,))
-    row = conn.execute(
-        "INSERT INTO alias_history (user_id, alias, from_revision, to_revision, reason, actor)"
-        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING at",
-        (user_id, PRODUCTION, expected, to_revision, reason, actor),
-    ).fetchone()
+    row = one(
+        conn.execute(
+            "INSERT INTO alias_history (user_id, alias, from_revision, to_revision, reason, actor)"
+            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING at",
+            (user_id, PRODUCTION, expected, to_revision, reason, actor),
+        )
+    )
     return AliasMove(user_id, PRODUCTION, expected, to_revision, reason, actor, row[0])
 
 
-@dataclass(frozen=True)
-class ForgetReport:
-    """What ``forget`` removed (all zeros when there was nothing left)."""
-
-    user_id: str
-    rows: dict[str, int]
-    objects: list[str]
-    sha256s: list[str] = field(default_factory=list)  # the artifacts of the deleted revisions (cache keys)
-
-    @property
-    def nothing(self) -> bool:
-        return not self.objects and not any(self.rows.values())
+def set_rejected(conn: psycopg.Connection, revision_id: str) -> None:
+    """Mark a candidate ``rejected`` (by the gate), in the caller's transaction."""
+    conn.execute("UPDATE revisions SET status = 'rejected', status_at = now() WHERE revision_id = %s", (revision_id,))
 
 
-_KEEP = object()  # ``expected`` default of promote: "whatever the alias points at when I look"
+def alias_updated_at(conn: psycopg.Connection, user_id: str) -> datetime | None:
+    """When the user's production alias last moved (the pointer's ``promoted_at``), or None without one."""
+    row = conn.execute(
+        "SELECT updated_at FROM aliases WHERE user_id = %s AND alias = %s", (user_id, PRODUCTION)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+#: The tables that hold a user's rows, children first (DELETE order).
+USER_TABLES = ("aliases", "alias_history", "decisions", "revisions", "events", "user_state", "users")
+
+
+def delete_user(conn: psycopg.Connection, user_id: str) -> tuple[dict[str, int], list[str]]:
+    """Delete every row of ``user_id``, in the caller's transaction: (rows deleted per table, the distinct sha256
+    of the deleted revisions' artifacts, which serving caches are keyed by)."""
+    shas = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT sha256 FROM revisions WHERE user_id = %s ORDER BY 1", (user_id,)
+        ).fetchall()
+    ]
+    rows = {t: conn.execute(f"DELETE FROM {t} WHERE user_id = %s", (user_id,)).rowcount for t in USER_TABLES}
+    return rows, shas
 
 
 class Registry:
-    """Revisions with their objects: the one writer of revisions and manifests, promotion, export, forget."""
+    """Revisions with their objects: the one writer of revisions and their manifests, and their verified reader."""
 
-    def __init__(self, database: DatabaseSettings, store: ObjectStore) -> None:
-        self.database = database
+    def __init__(self, database: Database, store: ObjectStore) -> None:
+        self.db = database
         self.store = store
-
-    def connect(self) -> psycopg.Connection:
-        return db.connect(self.database)
 
     # --- writing ---
     def write_revision(
@@ -215,7 +225,7 @@ class Registry:
         rid = check_revision_id(revision_id) if revision_id else new_revision_id()
         sha = sha256_hex(files[ADAPTER_FILES[1]])
 
-        with self.connect() as conn:
+        with self.db.connection() as conn:
             try:
                 existing = get_revision(conn, rid)
             except NotFound:
@@ -254,7 +264,7 @@ class Registry:
             prefix + "manifest.json", orjson.dumps(manifest, option=orjson.OPT_INDENT_2), "application/json"
         )
 
-        with self.connect() as conn, conn.transaction():
+        with self.db.connection() as conn, conn.transaction():
             ensure_user(conn, user_id, app or str(training.get("app", "unknown")))
             conn.execute(
                 "INSERT INTO revisions (revision_id, user_id, parent_id, artifact_uri, sha256, size_bytes, manifest)"
@@ -273,71 +283,6 @@ class Registry:
                 finish_training(conn, lease)
             return get_revision(conn, rid)
 
-    # --- the production alias ---
-    def promote(
-        self,
-        user_id: str,
-        revision_id: str,
-        *,
-        expected: Any = _KEEP,
-        reason: str = "promote",
-        actor: str = "operator",
-        allow_rejected: bool = False,
-    ) -> AliasMove | None:
-        """Point the user's production alias at ``revision_id`` (compare-and-swap from ``expected``, by default
-        the value read now) and publish the pointer. None when it already pointed there (pointer republished)."""
-        with self.connect() as conn:
-            rev = get_revision(conn, revision_id)
-            if rev.user_id != user_id:
-                raise InvalidInput(f"revision {rev.revision_id} belongs to {rev.user_id!r}, not {user_id!r}")
-            if rev.status == "rejected" and not allow_rejected:
-                raise InvalidInput(f"revision {rev.revision_id} was rejected by the gate; it is not promoted")
-            if not self.store.exists(_key(rev.artifact_uri)):
-                raise NotFound(f"the artifact of {rev.revision_id} is missing from the object store; not promoted")
-            current = production(conn, user_id)
-            current_id = current.revision_id if current else None
-            exp = current_id if expected is _KEEP else expected
-            move = None
-            if not (exp == current_id == rev.revision_id):
-                with conn.transaction():
-                    move = move_alias(conn, user_id, rev.revision_id, expected=exp, reason=reason, actor=actor)
-        self.publish(user_id)
-        return move
-
-    def rollback(self, user_id: str, *, to: str | None = None, actor: str = "operator") -> AliasMove:
-        """Move production back to ``to`` or, by default, to the revision that served before the current one."""
-        with self.connect() as conn:
-            current = production(conn, user_id)
-            if current is None:
-                raise InvalidInput(f"{user_id!r} has no production revision; there is nothing to roll back")
-            target = (
-                check_revision_id(to) if to else rollback_target(alias_history(conn, user_id), current.revision_id)
-            )
-            if target is None:
-                raise InvalidInput(
-                    f"{current.revision_id} is the first revision that served {user_id!r}; name one with --to"
-                )
-            if target == current.revision_id:
-                raise InvalidInput(f"{target} is already production for {user_id!r}")
-        move = self.promote(user_id, target, expected=current.revision_id, reason="rollback", actor=actor)
-        if move is None:  # pragma: no cover - excluded above
-            raise Conflict("rollback found the alias already at its target")
-        return move
-
-    def publish(self, user_id: str) -> None:
-        """(Re)publish users/{user}/production.json from the alias (deleted when the user has no production)."""
-        with self.connect() as conn:
-            rev = production(conn, user_id)
-            row = conn.execute(
-                "SELECT updated_at FROM aliases WHERE user_id = %s AND alias = %s", (user_id, PRODUCTION)
-            ).fetchone()
-        if rev is None:
-            self.store.delete_pointer(user_id)
-            return
-        self.store.publish_pointer(
-            user_id, rev.revision_id, rev.sha256, rev.artifact_uri, row[0].astimezone(UTC).isoformat()
-        )
-
     # --- reading ---
     def adapter_files(self, rev: Revision) -> dict[str, bytes]:
         """The revision's PEFT files, each verified against the sha256 the registry recorded."""
@@ -345,21 +290,6 @@ class Registry:
         recorded = dict(rev.manifest.get("files") or {})
         recorded[ADAPTER_FILES[1]] = rev.sha256
         return {name: self.store.get_verified(prefix + name, recorded[name]) for name in ADAPTER_FILES}
-
-    def export(self, user_id: str, target: Path, revision_id: str | None = None) -> Revision:
-        """Write a directory that stock ``peft.PeftModel.from_pretrained`` loads (plus manifest.json)."""
-        with self.connect() as conn:
-            if revision_id is None:
-                rev = production(conn, user_id)
-                if rev is None:
-                    raise NotFound(f"{user_id!r} has no production revision; name one with --revision")
-            else:
-                rev = get_revision(conn, revision_id)
-                if rev.user_id != user_id:
-                    raise InvalidInput(f"revision {rev.revision_id} belongs to {rev.user_id!r}, not {user_id!r}")
-        self.download(rev, target)
-        (target / "manifest.json").write_bytes(orjson.dumps(rev.manifest, option=orjson.OPT_INDENT_2))
-        return rev
 
     def download(self, rev: Revision, target: Path) -> Path:
         """Write the revision's PEFT directory to ``target`` (every file verified before anything is written)."""
@@ -369,24 +299,7 @@ class Registry:
             (target / name).write_bytes(data)
         return target
 
-    # --- forgetting ---
-    def forget(self, user_id: str) -> ForgetReport:
-        """Remove everything persona holds of ``user_id``: events, buffer, revisions, alias and history, identity,
-        and every object under users/{user_id}/ (revisions and the pointer). Running it again removes nothing."""
-        rows: dict[str, int] = {}
-        with self.connect() as conn, conn.transaction():
-            shas = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT sha256 FROM revisions WHERE user_id = %s ORDER BY 1", (user_id,)
-                ).fetchall()
-            ]
-            for table in ("aliases", "alias_history", "decisions", "revisions", "events", "user_state", "users"):
-                rows[table] = conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,)).rowcount
-        objects = self.store.delete_user(user_id)
-        return ForgetReport(user_id, rows, objects, shas)
 
-
-def _key(uri: str) -> str:
+def key_of(uri: str) -> str:
     """The object key of an s3://bucket/key URI."""
     return uri.split("/", 3)[3]

@@ -11,6 +11,7 @@ import psycopg
 from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.policy import DueState, Policy
 from pipeline.domain.revisions import PRODUCTION, new_revision_id
+from pipeline.storage.db import one
 
 # The policy of domain/policy.py as one statement. FOR UPDATE SKIP LOCKED plus the queued_at mark: two ticks
 # running at once never enqueue the same user. Measured at 1M users by bench/registry.py.
@@ -106,18 +107,19 @@ def acquire_lease(conn: psycopg.Connection, user_id: str, owner: str, lease_s: f
         if live and holder != owner:
             return Busy(holder, float(left))
         if rev is not None:
-            row = conn.execute(
-                "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s)"
-                " WHERE user_id = %s RETURNING lease_expires_at",
-                (owner, lease_s, user_id),
-            ).fetchone()
+            row = one(
+                conn.execute(
+                    "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s)"
+                    " WHERE user_id = %s RETURNING lease_expires_at",
+                    (owner, lease_s, user_id),
+                )
+            )
             return Lease(user_id, owner, rev, parent, int(snap), row[0], takeover=True)
         if pending <= 0:
             conn.execute("UPDATE user_state SET queued_at = NULL WHERE user_id = %s", (user_id,))
             return None
-        snap = conn.execute(
-            "SELECT max(seq) FROM events WHERE user_id = %s AND consumed_by IS NULL", (user_id,)
-        ).fetchone()[0]
+        unconsumed = "SELECT max(seq) FROM events WHERE user_id = %s AND consumed_by IS NULL"
+        snap = one(conn.execute(unconsumed, (user_id,)))[0]
         if snap is None:  # counters say pending but no unconsumed row: repair the counter
             conn.execute(
                 "UPDATE user_state SET pending_count = 0, oldest_pending_at = NULL, queued_at = NULL"
@@ -129,32 +131,42 @@ def acquire_lease(conn: psycopg.Connection, user_id: str, owner: str, lease_s: f
             "SELECT revision_id FROM aliases WHERE user_id = %s AND alias = %s", (user_id, PRODUCTION)
         ).fetchone()
         rev = new_revision_id()
-        row = conn.execute(
-            "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s),"
-            " lease_revision_id = %s, lease_parent_id = %s, lease_snapshot_seq = %s"
-            " WHERE user_id = %s RETURNING lease_expires_at",
-            (owner, lease_s, rev, prod[0] if prod else None, snap, user_id),
-        ).fetchone()
+        row = one(
+            conn.execute(
+                "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s),"
+                " lease_revision_id = %s, lease_parent_id = %s, lease_snapshot_seq = %s,"
+                " lease_step = NULL, lease_max_steps = NULL, lease_loss = NULL"
+                " WHERE user_id = %s RETURNING lease_expires_at",
+                (owner, lease_s, rev, prod[0] if prod else None, snap, user_id),
+            )
+        )
         return Lease(user_id, owner, rev, prod[0] if prod else None, int(snap), row[0], takeover=False)
 
 
-def renew_lease(conn: psycopg.Connection, lease: Lease, lease_s: float) -> bool:
-    """Extend the lease while training runs; False if it was lost (expired and taken over)."""
-    cur = conn.execute(
-        "UPDATE user_state SET lease_expires_at = now() + make_interval(secs => %s)"
-        " WHERE user_id = %s AND lease_owner = %s AND lease_revision_id = %s",
-        (lease_s, lease.user_id, lease.owner, lease.revision_id),
-    )
-    return cur.rowcount == 1
+@dataclass(frozen=True)
+class Progress:
+    """How far one user's training is: optimizer steps made of at most ``max_steps``, and the last loss."""
+
+    step: int
+    max_steps: int
+    loss: float | None = None
 
 
-def renew_leases(conn: psycopg.Connection, leases: list[Lease], lease_s: float) -> set[str]:
-    """`renew_lease` for a batch of users in one statement; returns the users whose lease was renewed."""
+def renew_leases(
+    conn: psycopg.Connection, leases: list[Lease], lease_s: float, progress: dict[str, Progress] | None = None
+) -> set[str]:
+    """`renew_lease` for a batch of users in one statement, recording each user's ``progress`` (by user id) too;
+    returns the users whose lease was renewed."""
     if not leases:
         return set()
+    progress = progress or {}
+    steps = [progress.get(x.user_id) for x in leases]
     rows = conn.execute(
-        "UPDATE user_state s SET lease_expires_at = now() + make_interval(secs => %s)"
-        " FROM unnest(%s::text[], %s::text[], %s::text[]) AS l(user_id, owner, revision_id)"
+        "UPDATE user_state s SET lease_expires_at = now() + make_interval(secs => %s),"
+        " lease_step = coalesce(l.step, s.lease_step), lease_max_steps = coalesce(l.max_steps, s.lease_max_steps),"
+        " lease_loss = coalesce(l.loss, s.lease_loss)"
+        " FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::int[], %s::real[])"
+        "   AS l(user_id, owner, revision_id, step, max_steps, loss)"
         " WHERE s.user_id = l.user_id AND s.lease_owner = l.owner AND s.lease_revision_id = l.revision_id"
         " RETURNING s.user_id",
         (
@@ -162,9 +174,39 @@ def renew_leases(conn: psycopg.Connection, leases: list[Lease], lease_s: float) 
             [x.user_id for x in leases],
             [x.owner for x in leases],
             [x.revision_id for x in leases],
+            [p.step if p else None for p in steps],
+            [p.max_steps if p else None for p in steps],
+            [p.loss if p else None for p in steps],
         ),
     ).fetchall()
     return {r[0] for r in rows}
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Where one user is in the training loop now: queued (a task is waiting), training (a live lease), and the
+    progress its holder last recorded (None before the first record)."""
+
+    queued: bool
+    training: bool
+    progress: Progress | None
+
+
+def states_of(conn: psycopg.Connection, user_ids: list[str]) -> dict[str, TrainingState]:
+    """The training state of each of ``user_ids`` that has a buffer."""
+    rows = conn.execute(
+        "SELECT user_id, queued_at IS NOT NULL, coalesce(lease_expires_at > now(), false), lease_step,"
+        " lease_max_steps, lease_loss FROM user_state WHERE user_id = ANY(%s)",
+        (user_ids,),
+    ).fetchall()
+    return {
+        r[0]: TrainingState(
+            bool(r[1]),
+            bool(r[2]),
+            Progress(int(r[3]), int(r[4] or 0), None if r[5] is None else float(r[5])) if r[3] is not None else None,
+        )
+        for r in rows
+    }
 
 
 def release_lease(conn: psycopg.Connection, lease: Lease) -> None:
@@ -201,7 +243,8 @@ def finish(conn: psycopg.Connection, lease: Lease) -> int:
         " oldest_pending_at = (SELECT min(ingested_at) FROM events"
         "                      WHERE user_id = %s AND consumed_by IS NULL),"
         " last_trained_at = now(), queued_at = NULL, lease_owner = NULL, lease_expires_at = NULL,"
-        " lease_revision_id = NULL, lease_parent_id = NULL, lease_snapshot_seq = NULL"
+        " lease_revision_id = NULL, lease_parent_id = NULL, lease_snapshot_seq = NULL,"
+        " lease_step = NULL, lease_max_steps = NULL, lease_loss = NULL"
         " WHERE user_id = %s AND lease_revision_id = %s",
         (marked, lease.user_id, lease.user_id, lease.revision_id),
     )

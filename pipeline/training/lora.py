@@ -34,14 +34,16 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.config import TrainingSettings
 from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import Example
+from pipeline.models import encoding
 from pipeline.models.attach import AttachError, attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase
+from pipeline.models.encoding import IGNORE, EncodedExample, encode_example
 
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-IGNORE = -100
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: The dtypes an adapter may be saved in (``TrainingSettings.save_dtype``).
+SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class TrainingError(PersonaError):
@@ -64,69 +66,6 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class EncodedExample:
-    """Token ids of one example and its labels (the ids, or IGNORE where no loss is taken)."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-
-def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> EncodedExample:
-    """Token ids and labels of one example: loss on the target tokens (and the end of turn) only.
-
-    With a prompt, the chat template renders a user turn and an assistant turn; the prompt part (the template with
-    ``add_generation_prompt``) is masked. Both parts are tokenized separately so the mask is exact and the target
-    tokens are those the model produces after the prompt at serving time. Without a prompt, the target is plain
-    text. EOS is appended unless the rendering already ends the turn with it. When too long, the prompt loses its
-    beginning first, and the target keeps at least half of ``max_length``.
-    """
-    eos = tokenizer.eos_token_id
-    if example.prompt is None:
-        prompt_ids: list[int] = []
-        target_ids = list(tokenizer(example.target, add_special_tokens=True)["input_ids"])
-    else:
-        prompt_text, target_text = _render_chat(tokenizer, example.prompt, example.target)
-        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-        target_ids = list(tokenizer(target_text, add_special_tokens=False)["input_ids"])
-    if eos is not None and eos not in target_ids[-2:]:
-        target_ids.append(eos)
-    if len(prompt_ids) + len(target_ids) > max_length:
-        keep_prompt = min(len(prompt_ids), max(max_length - len(target_ids), max_length // 2))
-        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
-        target_ids = target_ids[: max_length - keep_prompt]
-    return EncodedExample(prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids)
-
-
-def _render_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> tuple[str, str]:
-    if not getattr(tokenizer, "chat_template", None):
-        # A base without a chat template (a plain local model): the prompt is context on its own line.
-        return prompt + "\n", target
-    user = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": target}], tokenize=False)
-    if full.startswith(head):
-        return head, full[len(head) :]
-    # A template that renders the last assistant turn differently from a generation prompt: mask what they share.
-    shared = 0
-    while shared < min(len(head), len(full)) and head[shared] == full[shared]:
-        shared += 1
-    return full[:shared], full[shared:]
-
-
-def _collate(batch: Sequence[EncodedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
 def _nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
@@ -134,13 +73,6 @@ def _nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return loss, int((labels != IGNORE).sum())
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0  # padding is masked out of attention and loss, so any id will do
 
 
 @torch.no_grad()
@@ -154,7 +86,7 @@ def mean_nll(
 ) -> float:
     """Mean negative log-likelihood per target token of ``examples`` under ``model`` (eval mode, no gradients)."""
     encoded = [encode_example(tokenizer, e, max_length) for e in examples]
-    return _mean_nll(model, encoded, _pad_id(tokenizer), batch_size)
+    return _mean_nll(model, encoded, encoding.pad_id(tokenizer), batch_size)
 
 
 @torch.no_grad()
@@ -164,7 +96,7 @@ def _mean_nll(model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id:
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
-        loss, n = _nll_sum(model, _collate(encoded[i : i + batch_size], pad_id, device))
+        loss, n = _nll_sum(model, encoding.collate(encoded[i : i + batch_size], pad_id, device))
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -193,7 +125,7 @@ def split_examples(
 
 def next_batch(queue: list[int], n_train: int, batch_size: int, rng: random.Random) -> list[int]:
     """The next ``batch_size`` indices of a walk through shuffled epochs (``queue`` is the epoch's remainder)."""
-    batch_idx = []
+    batch_idx: list[int] = []
     while len(batch_idx) < batch_size:
         if not queue:
             queue.extend(range(n_train))
@@ -214,18 +146,26 @@ def user_lora(base: LoadedBase, parent_dir: Path | None, settings: TrainingSetti
                 raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
         else:
             borrow.enter_context(borrowed(base.model))
+            # peft annotates lora_alpha as int, yet takes a float (PERSONA_TRAIN_ALPHA is one).
+            options: dict[str, Any] = {"r": settings.rank, "lora_alpha": settings.alpha}
             lora = LoraConfig(
-                r=settings.rank,
-                lora_alpha=settings.alpha,
-                target_modules=settings.targets,
-                lora_dropout=settings.dropout,
-                task_type="CAUSAL_LM",
+                **options, target_modules=settings.targets, lora_dropout=settings.dropout, task_type="CAUSAL_LM"
             )
             try:
                 peft_model = get_peft_model(base.model, lora)
             except ValueError as e:
                 raise TrainingError(f"cannot apply LoRA to targets {settings.targets}: {e}") from e
+        if not isinstance(peft_model, PeftModel):  # pragma: no cover - attached() yields one for a directory
+            raise TrainingError(f"the parent in {parent_dir} did not load as a peft model")
         yield peft_model
+
+
+def lora_config_of(peft_model: PeftModel) -> LoraConfig:
+    """The user's LoRA configuration; TrainingError when the adapter (e.g. a parent) is another kind of PEFT."""
+    config = peft_model.peft_config[ADAPTER_NAME]
+    if not isinstance(config, LoraConfig):
+        raise TrainingError(f"the adapter is {type(config).__name__}, not LoRA: only LoRA adapters are trained")
+    return config
 
 
 def save_adapter_config(config: LoraConfig, out_dir: Path) -> None:
@@ -268,7 +208,7 @@ def train_adapter(
     model = base.model
     device = next(model.parameters()).device
     tokenizer = base.tokenizer
-    pad_id = _pad_id(tokenizer)
+    pad_id = encoding.pad_id(tokenizer)
 
     rng = random.Random(seed)
     train, val = split_examples(tokenizer, examples, settings, rng)
@@ -278,7 +218,7 @@ def train_adapter(
     with base_lock(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with user_lora(base, parent_dir, settings) as peft_model:
-            lora_config = peft_model.peft_config[ADAPTER_NAME]
+            lora_config = lora_config_of(peft_model)
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
             named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -302,7 +242,7 @@ def train_adapter(
             started = time.perf_counter()
             for step in range(1, settings.max_steps + 1):
                 batch_idx = next_batch(queue, len(train), batch_size, rng)
-                batch = _collate([train[i] for i in batch_idx], pad_id, device)
+                batch = encoding.collate([train[i] for i in batch_idx], pad_id, device)
                 loss_sum, n_tokens = _nll_sum(peft_model, batch)
                 loss = loss_sum / max(n_tokens, 1)
                 value = float(loss.detach())
@@ -347,7 +287,7 @@ def train_adapter(
                 best_step = step
 
             # Save copies of the LoRA tensors in the storage dtype; the model itself stays in its own dtype.
-            dtype = _DTYPES[settings.save_dtype]
+            dtype = SAVE_DTYPES[settings.save_dtype]
             state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
             tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -406,7 +346,7 @@ def training_config(
         "seed": seed,
         "rank": int(lora_config.r),
         "alpha": float(lora_config.lora_alpha),
-        "targets": sorted(targets) if not isinstance(targets, str) else [targets],
+        "targets": sorted(targets or []) if not isinstance(targets, str) else [targets],
         "dropout": float(lora_config.lora_dropout),
         "lr": settings.learning_rate,
         "optimizer": "adamw",

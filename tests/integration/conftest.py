@@ -13,7 +13,9 @@ import pytest
 
 from pipeline import stack
 from pipeline.config import ROOT, DatabaseSettings, EventSettings, KafkaSettings, S3Settings, Settings, StackSettings
+from pipeline.serving.promotions import Announcer
 from pipeline.storage import db
+from pipeline.storage.stores import Stores
 from tests.integration.helpers import Services
 
 # Ports of their own, so the tests run beside a developer's `persona stack up` on the default ports.
@@ -63,6 +65,21 @@ def fresh_database(test_stack) -> Iterator[DatabaseSettings]:
 def services(test_stack):
     with fresh_database(test_stack) as database:
         yield Services(kafka=test_stack.kafka, db=database, events=EventSettings(), s3=test_stack.s3)
+
+
+@pytest.fixture(scope="session")
+def stores(services):
+    """The session database's pool and the test object store (what a process opens once)."""
+    with Stores.open(services.db, services.s3, name="persona-test") as opened:
+        yield opened
+
+
+@pytest.fixture(scope="session")
+def announcer(services):
+    """The announcer of the test broker's promotions topic."""
+    made = Announcer(services.kafka)
+    yield made
+    made.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from kafka import KafkaProducer
 from peft import LoraConfig, get_peft_model
 
 from pipeline.domain.revisions import EventsUsed
-from pipeline.evaluation.promotion import announce
+from pipeline.flows import promotion
 from pipeline.models.base import TINY_RANDOM_ID, ref, tiny_random
 from pipeline.serving.adapters import AdapterKey, AdapterLimits, registry_fetch
 from pipeline.serving.cache import AdapterCache
-from pipeline.serving.promotions import PromotionListener
-from pipeline.storage.objects import CorruptObject, ObjectStore, revision_prefix
+from pipeline.serving.promotions import Announcer, PromotionListener
+from pipeline.storage.objects import CorruptObject, revision_prefix
 from pipeline.storage.registry import Registry
 from tests.integration.helpers import fresh_topics
 
@@ -49,8 +49,8 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def registry(services):
-    return Registry(services.db, ObjectStore(services.s3))
+def registry(stores):
+    return stores.registry
 
 
 def write(registry: Registry, base, tmp_path: Path, user: str, seed: int, parent: str | None = None):
@@ -80,9 +80,9 @@ def slots():
 
 
 @pytest.fixture
-def cache(registry, tmp_path, slots):
+def cache(stores, tmp_path, slots):
     c = AdapterCache(
-        registry_fetch(registry),
+        registry_fetch(stores),
         disk_dir=tmp_path / "cache",
         disk_bytes=1 << 24,
         host_bytes=1 << 24,
@@ -112,7 +112,9 @@ def test_acquire_through_the_real_store_and_a_corrupt_object_is_refused(registry
     assert not (cache.disk_dir / bad.sha256).exists()
 
 
-def test_a_promotion_reaches_the_listener_which_invalidates_and_prefetches(registry, base, tmp_path, cache, services):
+def test_a_promotion_reaches_the_listener_which_invalidates_and_prefetches(
+    registry, stores, base, tmp_path, cache, services
+):
     kafka = fresh_topics(services.kafka, partitions=2)
     user = f"cache-{uuid.uuid4().hex[:8]}"
     old = write(registry, base, tmp_path, user, 3)
@@ -134,9 +136,12 @@ def test_a_promotion_reaches_the_listener_which_invalidates_and_prefetches(regis
         producer = KafkaProducer(bootstrap_servers=kafka.servers)
         producer.send(kafka.topic_promotions, key=user.encode(), value=b'{"schema": "promotion.v1"}').get(10)
         producer.close()
-        registry.promote(user, new.revision_id, expected=None)
         started = time.monotonic()
-        announce(kafka, new, reason="gate")
+        announcer = Announcer(kafka)
+        try:  # the alias moves, the pointer is published, then the promotion is announced
+            assert promotion.promote(stores, announcer, user, new.revision_id, expected=None, reason="gate").announced
+        finally:
+            announcer.close()
         assert done.wait(30), "the promotion was not heard"
         latency = time.monotonic() - started
     finally:

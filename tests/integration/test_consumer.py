@@ -15,8 +15,8 @@ import pytest
 from kafka import KafkaProducer
 from prometheus_client import REGISTRY
 
-from pipeline import sim
 from pipeline.config import ROOT
+from pipeline.demo import sim
 from pipeline.ingest.codec import DLQ_CODE, DLQ_SOURCE, reasons_from_headers
 from tests.integration.helpers import drain, fresh_topics, read_topic, rows_and_pending
 from tests.unit.test_events import INVALID

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.config import IngestSettings, ModelSettings, RedisSettings, ServingSettings, Settings
-from pipeline.demo import DemoOptions, run
+from pipeline.demo.run import DemoOptions, run
 from pipeline.storage import registry
 from tests.integration.helpers import free_port, fresh_topics
 

@@ -11,20 +11,21 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import sim
 from pipeline.cli import app
 from pipeline.config import GateSettings, ModelSettings, PolicySettings, Settings, TrainingSettings
+from pipeline.demo import sim
 from pipeline.domain.events import split_of, validate
 from pipeline.domain.examples import Example, examples_from_events
 from pipeline.domain.revisions import EventsUsed
-from pipeline.evaluation.gate import judge
 from pipeline.evaluation.rules import load_rules
+from pipeline.flows import promotion
+from pipeline.flows.gate import GateConfig, GateResult
+from pipeline.flows.gate import judge as judge_flow
+from pipeline.flows.retrain import RetrainConfig, retrain
 from pipeline.models.base import load_base
-from pipeline.storage import db, decisions, registry, training
+from pipeline.serving.promotions import Announcer
+from pipeline.storage import decisions, registry, training
 from pipeline.storage.buffers import BufferedEvent, write_events
-from pipeline.storage.objects import ObjectStore
-from pipeline.storage.registry import Registry
-from pipeline.training.job import retrain
 from pipeline.training.lora import train_adapter
 from tests.integration.helpers import fresh_topics, read_topic
 
@@ -51,6 +52,38 @@ def rules(settings):
     return load_rules(settings.gate.rules)
 
 
+@pytest.fixture(scope="module")
+def gate_announcer(settings):
+    """Announcements go to this module's own topics (the test reads them back)."""
+    made = Announcer(settings.kafka)
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def judge(settings, stores, gate_announcer):
+    """`pipeline.flows.gate.judge` as the worker calls it, with this module's settings."""
+    config = GateConfig(
+        model=settings.model,
+        probes=settings.gate.probes,
+        min_preference_pairs=settings.gate.min_preference_pairs,
+        max_length=settings.training.max_length,
+    )
+
+    def run(revision_id: str, rules) -> GateResult:
+        return judge_flow(
+            revision_id, stores=stores, announcer=gate_announcer, config=config, rules=rules, rules_source="default"
+        )
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def retrain_one(settings, stores):
+    config = RetrainConfig(model=settings.model, training=settings.training, lease_s=settings.policy.lease_s)
+    return lambda user_id: retrain(user_id, stores=stores, config=config, owner="test")
+
+
 def add_events(settings, user_id: str, style: int, n: int = 60, seed: int = 0) -> None:
     evs = [
         validate(e) for e in sim.events_for(sim.SimUser(user_id, sim.users(6)[style].style), n, app="gate", seed=seed)
@@ -59,19 +92,23 @@ def add_events(settings, user_id: str, style: int, n: int = 60, seed: int = 0) -
         write_events(conn, [BufferedEvent(e, split_of(e.user_id, e.event_id, 0.2)) for e in evs])
 
 
-def promoted_user(settings, rules, style: int = 0) -> tuple[str, str]:
-    """A user whose first revision (trained on their own events) passed the gate."""
-    u = f"gate-{uuid.uuid4().hex[:6]}"
-    add_events(settings, u, style)
-    rev = retrain(u, settings=settings, owner="test").revision_id
-    result = judge(rev, settings=settings, rules=rules, rules_source="default")
-    assert result.outcome == "promoted", result.reason
-    return u, rev
+@pytest.fixture(scope="module")
+def promoted_user(settings, rules, judge, retrain_one):
+    def make(style: int = 0) -> tuple[str, str]:
+        """A user whose first revision (trained on their own events) passed the gate."""
+        u = f"gate-{uuid.uuid4().hex[:6]}"
+        add_events(settings, u, style)
+        rev = retrain_one(u).revision_id
+        result = judge(rev, rules)
+        assert result.outcome == "promoted", result.reason
+        return u, rev
+
+    return make
 
 
-def candidate_from(settings, user_id: str, examples: list[Example], tmp: Path, seed: int) -> str:
+def candidate_from(settings, stores, user_id: str, examples: list[Example], tmp: Path, seed: int) -> str:
     """A candidate of ``user_id`` trained from their production revision on the given examples."""
-    reg = Registry(settings.db, ObjectStore(settings.s3))
+    reg = stores.registry
     with psycopg.connect(settings.db.url) as conn:
         prod = registry.production(conn, user_id)
     parent = reg.download(prod, tmp / f"parent-{seed}")
@@ -103,8 +140,8 @@ def failed_rules(settings, revision_id: str) -> list[str]:
     return [r["name"] for r in d.results["results"] if r["outcome"] in ("fail", "missing_reject")]
 
 
-def test_own_style_is_promoted_published_and_announced(settings, rules):
-    u, rev = promoted_user(settings, rules)
+def test_own_style_is_promoted_published_and_announced(settings, rules, stores, promoted_user, judge):
+    u, rev = promoted_user()
     with psycopg.connect(settings.db.url) as conn:
         assert registry.production(conn, u).revision_id == rev
         d = decisions.get(conn, rev)
@@ -112,7 +149,7 @@ def test_own_style_is_promoted_published_and_announced(settings, rules):
     m = d.metrics
     assert m["candidate"]["holdout_nll"] < m["base"]["holdout_nll"] * 0.99
     assert {r["name"] for r in d.results["results"]} >= {"enough_holdout", "holdout_improves", "drift_bounded"}
-    pointer = ObjectStore(settings.s3).read_pointer(u)
+    pointer = stores.objects.read_pointer(u)
     assert pointer["revision"] == rev
     events = [
         orjson.loads(r.value)
@@ -121,14 +158,14 @@ def test_own_style_is_promoted_published_and_announced(settings, rules):
     ]
     assert [(e["revision_id"], e["reason"], e["parent_id"]) for e in events] == [(rev, "gate", None)]
     # Judging again changes nothing (a redelivered task).
-    again = judge(rev, settings=settings, rules=rules, rules_source="default")
+    again = judge(rev, rules)
     assert again.outcome == "promoted" and again.decision.id == d.id
 
 
-def test_another_users_style_is_rejected_naming_the_rule(settings, rules, tmp_path):
-    u, prod = promoted_user(settings, rules, style=0)
-    rev = candidate_from(settings, u, other_users_examples(settings, style=1), tmp_path, seed=1)
-    result = judge(rev, settings=settings, rules=rules, rules_source="default")
+def test_another_users_style_is_rejected_naming_the_rule(settings, rules, stores, promoted_user, judge, tmp_path):
+    u, prod = promoted_user(style=0)
+    rev = candidate_from(settings, stores, u, other_users_examples(settings, style=1), tmp_path, seed=1)
+    result = judge(rev, rules)
     assert result.outcome == "rejected"
     assert "holdout_improves" in failed_rules(settings, rev)
     assert "holdout_improves" in result.reason
@@ -137,31 +174,33 @@ def test_another_users_style_is_rejected_naming_the_rule(settings, rules, tmp_pa
         assert registry.get_revision(conn, rev).status == "rejected"
 
 
-def test_random_text_is_rejected(settings, rules, tmp_path):
-    u, _prod = promoted_user(settings, rules, style=2)
+def test_random_text_is_rejected(settings, rules, stores, promoted_user, judge, tmp_path):
+    u, _prod = promoted_user(style=2)
     rng = random.Random(7)
     noise = [Example(None, "".join(chr(rng.randrange(33, 127)) for _ in range(80)), f"n{i}") for i in range(40)]
-    rev = candidate_from(settings, u, noise, tmp_path, seed=2)
-    result = judge(rev, settings=settings, rules=rules, rules_source="default")
+    rev = candidate_from(settings, stores, u, noise, tmp_path, seed=2)
+    result = judge(rev, rules)
     assert result.outcome == "rejected" and "holdout_improves" in failed_rules(settings, rev)
 
 
-def test_a_candidate_whose_parent_is_no_longer_production_is_stale(settings, rules, tmp_path):
-    u, _prod = promoted_user(settings, rules, style=3)
+def test_a_candidate_whose_parent_is_no_longer_production_is_stale(
+    settings, rules, stores, gate_announcer, promoted_user, judge, tmp_path
+):
+    u, _prod = promoted_user(style=3)
     with psycopg.connect(settings.db.url) as conn:
         own = examples_from_events(training.training_events(conn, u, 2**62))
-    first = candidate_from(settings, u, own, tmp_path, seed=3)
-    second = candidate_from(settings, u, own, tmp_path, seed=4)
-    Registry(settings.db, ObjectStore(settings.s3)).promote(u, second, actor="operator")
-    result = judge(first, settings=settings, rules=rules, rules_source="default")
+    first = candidate_from(settings, stores, u, own, tmp_path, seed=3)
+    second = candidate_from(settings, stores, u, own, tmp_path, seed=4)
+    promotion.promote(stores, gate_announcer, u, second, actor="operator")
+    result = judge(first, rules)
     assert result.outcome == "stale" and "stale" in result.reason
     with psycopg.connect(settings.db.url) as conn:
         assert registry.production(conn, u).revision_id == second
         assert registry.get_revision(conn, first).status == "rejected"
 
 
-def test_replay_under_stricter_rules_lists_the_flips_and_writes_nothing(settings, rules, tmp_path, test_stack):
-    _u, rev = promoted_user(settings, rules, style=4)
+def test_replay_under_stricter_rules_lists_the_flips_and_writes_nothing(settings, promoted_user, tmp_path, test_stack):
+    _u, rev = promoted_user(style=4)
     strict = tmp_path / "strict.yaml"
     strict.write_text(settings.gate.rules.read_text().replace("min_relative: 0.01", "min_relative: 0.9", 1))
     with psycopg.connect(settings.db.url) as conn:
@@ -179,8 +218,8 @@ def test_replay_under_stricter_rules_lists_the_flips_and_writes_nothing(settings
     assert table.exit_code == 0 and rev in table.output
 
 
-def test_rules_are_read_from_the_database_decisions_for_a_user(settings, rules):
-    u, rev = promoted_user(settings, rules, style=5)
-    with db.connect(settings.db) as conn:
+def test_rules_are_read_from_the_database_decisions_for_a_user(stores, promoted_user):
+    u, rev = promoted_user(style=5)
+    with stores.db.connection() as conn:
         rows = decisions.for_user(conn, u)
     assert [d.revision_id for d in rows] == [rev]

@@ -8,7 +8,7 @@ import httpx
 import psycopg
 import pytest
 
-from pipeline import sim
+from pipeline.demo import sim
 from pipeline.storage import apps
 from tests.integration.helpers import api_server, drain, fresh_topics, rows_and_pending
 from tests.unit.test_events import INVALID

@@ -8,7 +8,7 @@ import uuid
 import psycopg
 import pytest
 
-from pipeline import sim
+from pipeline.demo import sim
 from pipeline.domain.errors import InvalidInput
 from pipeline.ingest.producer import EventProducer
 from pipeline.storage import db

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from pipeline import sim
 from pipeline.config import ROOT
+from pipeline.demo import sim
 from pipeline.storage import apps
 from tests.integration.helpers import api_server, free_port, fresh_topics
 

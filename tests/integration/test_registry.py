@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.domain.errors import Conflict, InvalidInput, NotFound
 from pipeline.domain.revisions import EventsUsed
+from pipeline.flows import promotion
+from pipeline.flows.export import export
 from pipeline.models.base import TINY_RANDOM_ID, ref, tiny_random
 from pipeline.storage import registry as reg
-from pipeline.storage.objects import CorruptObject, ObjectStore, revision_prefix
-from pipeline.storage.registry import Registry
+from pipeline.storage.objects import CorruptObject, revision_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +32,8 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def registry(services):
-    return Registry(services.db, ObjectStore(services.s3))
+def registry(stores):
+    return stores.registry
 
 
 def make_adapter(base_model, out: Path, seed: int, r: int = 4) -> Path:
@@ -64,7 +65,7 @@ def user_id() -> str:
     return f"reg-{uuid.uuid4().hex[:8]}"
 
 
-def test_export_then_stock_peft_load_gives_the_stored_tensors(registry, base, tmp_path):
+def test_export_then_stock_peft_load_gives_the_stored_tensors(registry, stores, base, tmp_path):
     u = user_id()
     src = make_adapter(base, tmp_path / "src", seed=1)
     rev = registry.write_revision(
@@ -87,7 +88,7 @@ def test_export_then_stock_peft_load_gives_the_stored_tensors(registry, base, tm
     assert m["artifact"]["sha256"] == rev.sha256 and m["code_version"]
 
     out = tmp_path / "exported"
-    registry.export(u, out, rev.revision_id)
+    export(stores, u, out, rev.revision_id)
     stored = load_file(src / "adapter_model.safetensors")
     loaded = PeftModel.from_pretrained(tiny_random(), out)  # stock peft, nothing of persona
     lora = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
@@ -119,28 +120,28 @@ def test_parent_must_belong_to_the_same_user(registry, base, tmp_path):
         write(registry, base, tmp_path, user_id(), seed=5, parent=a.revision_id)
 
 
-def test_promote_and_rollback_are_compare_and_swap(registry, base, tmp_path, services):
+def test_promote_and_rollback_are_compare_and_swap(registry, stores, announcer, base, tmp_path, services):
     u = user_id()
     r1 = write(registry, base, tmp_path, u, seed=6)
     r2 = write(registry, base, tmp_path, u, seed=7, parent=r1.revision_id)
     r3 = write(registry, base, tmp_path, u, seed=8, parent=r2.revision_id)
 
-    assert registry.promote(u, r1.revision_id, expected=None).from_revision is None
-    registry.promote(u, r2.revision_id, expected=r1.revision_id)
+    assert promotion.promote(stores, announcer, u, r1.revision_id, expected=None).move.from_revision is None
+    promotion.promote(stores, announcer, u, r2.revision_id, expected=r1.revision_id)
     # Two operators both saw r2 serving; the second one's change must fail and change nothing.
-    registry.promote(u, r3.revision_id, expected=r2.revision_id)
+    promotion.promote(stores, announcer, u, r3.revision_id, expected=r2.revision_id)
     with pytest.raises(Conflict, match=f"expected {r2.revision_id}, it is now {r3.revision_id}"):
-        registry.promote(u, r1.revision_id, expected=r2.revision_id)
+        promotion.promote(stores, announcer, u, r1.revision_id, expected=r2.revision_id)
     with psycopg.connect(services.db.url) as conn:
         assert reg.production(conn, u).revision_id == r3.revision_id
         statuses = {r.revision_id: r.status for r in reg.list_revisions(conn, u)}
     assert statuses == {r1.revision_id: "retired", r2.revision_id: "retired", r3.revision_id: "promoted"}
     assert registry.store.read_pointer(u)["revision"] == r3.revision_id
 
-    move = registry.rollback(u)  # to the one that served before r3
+    move = promotion.rollback(stores, announcer, u).move  # to the one that served before r3
     assert (move.from_revision, move.to_revision, move.reason) == (r3.revision_id, r2.revision_id, "rollback")
     assert registry.store.read_pointer(u)["revision"] == r2.revision_id
-    registry.rollback(u, to=r1.revision_id)
+    promotion.rollback(stores, announcer, u, to=r1.revision_id)
     with psycopg.connect(services.db.url) as conn:
         history = reg.alias_history(conn, u)
     assert [(m.from_revision, m.to_revision) for m in history] == [
@@ -153,10 +154,10 @@ def test_promote_and_rollback_are_compare_and_swap(registry, base, tmp_path, ser
     assert registry.store.read_pointer(u)["sha256"] == r1.sha256
 
 
-def test_concurrent_promotions_exactly_one_wins(registry, base, tmp_path, services):
+def test_concurrent_promotions_exactly_one_wins(registry, stores, announcer, base, tmp_path, services):
     u = user_id()
     root = write(registry, base, tmp_path, u, seed=9)
-    registry.promote(u, root.revision_id)
+    promotion.promote(stores, announcer, u, root.revision_id)
     candidates = [write(registry, base, tmp_path, u, seed=10 + i, parent=root.revision_id) for i in range(6)]
     barrier = threading.Barrier(len(candidates))
     outcomes: list[str] = []
@@ -164,7 +165,7 @@ def test_concurrent_promotions_exactly_one_wins(registry, base, tmp_path, servic
     def go(rev):
         barrier.wait()
         try:
-            registry.promote(u, rev.revision_id, expected=root.revision_id)
+            promotion.promote(stores, announcer, u, rev.revision_id, expected=root.revision_id)
             outcomes.append("won")
         except Conflict:
             outcomes.append("conflict")
@@ -179,16 +180,16 @@ def test_concurrent_promotions_exactly_one_wins(registry, base, tmp_path, servic
         assert len(reg.alias_history(conn, u)) == 2
 
 
-def test_rejected_revisions_are_not_promoted(registry, base, tmp_path, services):
+def test_rejected_revisions_are_not_promoted(registry, stores, announcer, base, tmp_path, services):
     u = user_id()
     r = write(registry, base, tmp_path, u, seed=20)
     with psycopg.connect(services.db.url) as conn:
         conn.execute("UPDATE revisions SET status = 'rejected' WHERE revision_id = %s", (r.revision_id,))
     with pytest.raises(InvalidInput, match="rejected"):
-        registry.promote(u, r.revision_id)
+        promotion.promote(stores, announcer, u, r.revision_id)
 
 
-def test_a_corrupted_object_is_refused_on_read(registry, base, tmp_path):
+def test_a_corrupted_object_is_refused_on_read(registry, stores, base, tmp_path):
     u = user_id()
     rev = write(registry, base, tmp_path, u, seed=21)
     key = revision_prefix(u, rev.revision_id) + "adapter_model.safetensors"
@@ -197,12 +198,12 @@ def test_a_corrupted_object_is_refused_on_read(registry, base, tmp_path):
     registry.store.client.put_object(registry.store.bucket, key, io.BytesIO(bytes(data)), len(data))
     out = tmp_path / "never"
     with pytest.raises(CorruptObject, match="corrupt"):
-        registry.export(u, out, rev.revision_id)
+        export(stores, u, out, rev.revision_id)
     assert not out.exists()
 
 
-def test_forget_removes_everything_of_one_user_only(registry, base, tmp_path, services):
-    from pipeline import sim
+def test_forget_removes_everything_of_one_user_only(registry, stores, announcer, base, tmp_path, services):
+    from pipeline.demo import sim
     from pipeline.domain.events import split_of, validate
     from pipeline.storage.buffers import BufferedEvent, write_events
 
@@ -213,8 +214,8 @@ def test_forget_removes_everything_of_one_user_only(registry, base, tmp_path, se
             write_events(conn, [BufferedEvent(e, split_of(e.user_id, e.event_id, 0.2)) for e in evs])
         r1 = write(registry, base, tmp_path, u, seed=30)
         r2 = write(registry, base, tmp_path, u, seed=31, parent=r1.revision_id)
-        registry.promote(u, r1.revision_id)
-        registry.promote(u, r2.revision_id)
+        promotion.promote(stores, announcer, u, r1.revision_id)
+        promotion.promote(stores, announcer, u, r2.revision_id)
 
     def counts(u):
         with psycopg.connect(services.db.url) as conn:
@@ -224,13 +225,13 @@ def test_forget_removes_everything_of_one_user_only(registry, base, tmp_path, se
             }
 
     kept_before, kept_objects = counts(kept), registry.store.list_user(kept)
-    report = registry.forget(gone)
+    report = promotion.forget(stores, announcer, gone)
     assert report.rows["events"] == 5 and report.rows["revisions"] == 2 and report.rows["alias_history"] == 2
     assert len(report.objects) == 2 * 3 + 1  # two revision directories and the pointer
     assert counts(gone) == dict.fromkeys(kept_before, 0)
     assert registry.store.list_user(gone) == []
     assert counts(kept) == kept_before and registry.store.list_user(kept) == kept_objects
-    assert registry.forget(gone).nothing
+    assert promotion.forget(stores, announcer, gone).nothing
 
 
 def test_operator_cli(registry, base, tmp_path, services, test_stack):

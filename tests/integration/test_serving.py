@@ -3,6 +3,8 @@ promotions topic on real Kafka, and the tiny model."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import threading
 import time
 import uuid
@@ -17,11 +19,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from pipeline.config import ModelSettings, ServingSettings, Settings
 from pipeline.domain.revisions import EventsUsed
-from pipeline.evaluation.promotion import announce
+from pipeline.flows import promotion
+from pipeline.flows.export import export
 from pipeline.models.base import TINY_RANDOM_ID, LoadedBase, ref, tiny_random, tiny_tokenizer
-from pipeline.serving.api import Server, create_app, listen_for_promotions
-from pipeline.storage.objects import ObjectStore
-from pipeline.storage.registry import Registry
+from pipeline.serving.api import create_app, listen_for_promotions
+from pipeline.serving.promotions import Announcer
+from pipeline.serving.server import Server
+from pipeline.storage.objects import revision_prefix
 from tests.integration.helpers import free_port, fresh_topics
 
 pytestmark = pytest.mark.integration
@@ -41,7 +45,7 @@ def make_adapter(out: Path, seed: int, targets=("q_proj", "v_proj"), r: int = 4)
 
 
 @pytest.fixture(scope="module", params=["reference", "fast"])
-def world(services, tmp_path_factory, request):
+def world(services, stores, tmp_path_factory, request):
     """A serving worker on a real socket; every test runs against both engines (the fast one on the CPU here)."""
     tmp = tmp_path_factory.mktemp("serving")
     kafka = fresh_topics(services.kafka)
@@ -64,18 +68,25 @@ def world(services, tmp_path_factory, request):
     thread.start()
     while not uv.started:
         time.sleep(0.05)
-    registry = Registry(services.db, ObjectStore(services.s3))
-    yield {"url": f"http://127.0.0.1:{port}", "registry": registry, "settings": settings, "tmp": tmp, "server": server}
+    announcer = Announcer(kafka)  # promotions go to this module's topic, which the worker listens to
+    yield {"url": f"http://127.0.0.1:{port}", "stores": stores, "announcer": announcer, "settings": settings,
+           "tmp": tmp, "server": server}  # fmt: skip
     uv.should_exit = True
     thread.join(timeout=10)
     listener.stop()
     server.close()
+    announcer.close()
+
+
+def promote(world, user_id: str, revision_id: str) -> None:
+    done = promotion.promote(world["stores"], world["announcer"], user_id, revision_id)
+    assert done.announced, done.warning
 
 
 def new_revision(world, user: str, seed: int, parent: str | None = None, **kw):
     d = make_adapter(world["tmp"] / f"{user}-{seed}", seed, **kw)
     base_ref = ref(tiny_random(), TINY_RANDOM_ID)
-    return world["registry"].write_revision(
+    return world["stores"].registry.write_revision(
         user, d, parent_id=parent, base=base_ref, training={"seed": seed}, events=EventsUsed.of([]), app="serve"
     )
 
@@ -83,7 +94,7 @@ def new_revision(world, user: str, seed: int, parent: str | None = None, **kw):
 def test_a_users_adapter_serves_with_its_revision_named(world):
     u = f"srv-{uuid.uuid4().hex[:6]}"
     rev = new_revision(world, u, 1)
-    world["registry"].promote(u, rev.revision_id)
+    promote(world, u, rev.revision_id)
     body = {"model": f"user:{u}", "prompt": "Hello there", "max_tokens": 8}
     r = httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
@@ -101,13 +112,13 @@ def test_a_users_adapter_serves_with_its_revision_named(world):
 def test_score_equals_stock_peft_with_the_users_adapter(world):
     u = f"score-{uuid.uuid4().hex[:6]}"
     rev = new_revision(world, u, 2, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    world["registry"].promote(u, rev.revision_id)
+    promote(world, u, rev.revision_id)
     text = "Dear colleagues, our results suggest"
     r = httpx.post(f"{world['url']}/v1/score", json={"model": f"user:{u}", "text": text}, timeout=60)
     assert r.status_code == 200, r.text
     served = r.json()["token_logprobs"]
     exported = world["tmp"] / f"export-{u}"
-    world["registry"].export(u, exported)
+    export(world["stores"], u, exported)
     peft_model = PeftModel.from_pretrained(tiny_random(), exported).eval()
     ids = tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -119,7 +130,7 @@ def test_score_equals_stock_peft_with_the_users_adapter(world):
 def test_chat_streams_server_sent_events(world):
     u = f"chat-{uuid.uuid4().hex[:6]}"
     rev = new_revision(world, u, 3)
-    world["registry"].promote(u, rev.revision_id)
+    promote(world, u, rev.revision_id)
     body = {"model": f"user:{u}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
     with httpx.stream("POST", f"{world['url']}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["x-persona-revision"] == rev.revision_id
@@ -149,15 +160,14 @@ def test_bad_requests_get_openai_style_errors(world, body, status, code):
 def test_the_next_request_after_a_promotion_serves_the_new_revision(world):
     u = f"promo-{uuid.uuid4().hex[:6]}"
     first = new_revision(world, u, 4)
-    world["registry"].promote(u, first.revision_id)
+    promote(world, u, first.revision_id)
     body = {"model": f"user:{u}", "prompt": "Status:", "max_tokens": 4}
     assert (
         httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60).headers["x-persona-revision"]
         == first.revision_id
     )
     second = new_revision(world, u, 5, parent=first.revision_id)
-    world["registry"].promote(u, second.revision_id)
-    announce(world["settings"].kafka, second, reason="gate")
+    promote(world, u, second.revision_id)  # announced: the worker hears it
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         r = httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60)
@@ -178,18 +188,15 @@ def test_the_next_request_after_a_promotion_serves_the_new_revision(world):
 def test_a_forgotten_user_leaves_every_cache_tier(world):
     """`persona forget` announces forget.v1; every serving worker drops the user's adapters from device slots and
     host memory and deletes the disk copies; the next request is a 404."""
-    from pipeline.evaluation.promotion import announce_forget
-
     u = f"forget-{uuid.uuid4().hex[:6]}"
     rev = new_revision(world, u, 9)
-    world["registry"].promote(u, rev.revision_id)
+    promote(world, u, rev.revision_id)
     body = {"model": f"user:{u}", "prompt": "Hello", "max_tokens": 2}
     assert httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60).status_code == 200
     disk_copy = world["settings"].serving.cache_dir / rev.sha256
     assert disk_copy.exists()
-    report = world["registry"].forget(u)
-    assert report.sha256s == [rev.sha256]
-    announce_forget(world["settings"].kafka, u, report.sha256s)
+    report = promotion.forget(world["stores"], world["announcer"], u)
+    assert report.sha256s == [rev.sha256] and report.announced
 
     def cached() -> bool:
         stats = world["server"].cache.stats()
@@ -252,7 +259,7 @@ def test_the_official_openai_client_completes_chats_and_streams(world):
 
     u = f"oai-{uuid.uuid4().hex[:6]}"
     rev = new_revision(world, u, 6)
-    world["registry"].promote(u, rev.revision_id)
+    promote(world, u, rev.revision_id)
     client = OpenAI(base_url=f"{world['url']}/v1", api_key="unused", max_retries=0)
     done = client.completions.create(model=f"user:{u}", prompt="Status:", max_tokens=5)
     assert done.object == "text_completion" and done.usage.completion_tokens >= 1
@@ -271,3 +278,97 @@ def test_the_official_openai_client_completes_chats_and_streams(world):
     assert "".join(pieces) == chat.choices[0].message.content
     with pytest.raises(NotFoundError):
         client.completions.create(model="user:nobody-at-all", prompt="x", max_tokens=1)
+
+
+@contextlib.contextmanager
+def served(server: Server):
+    """``server``'s app on a real socket; yields its URL."""
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str, *, retry_after: bool) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and set(error) >= {"message", "type", "param", "code"}, error
+    assert error["type"] == ("rate_limit_error" if status == 429 else "server_error")
+    assert ("retry-after" in r.headers) is retry_after
+
+
+def test_full_slots_and_a_corrupt_object_get_429_and_503_with_an_openai_body(world):
+    """Every device slot holding an adapter in use -> 429 slots_exhausted with Retry-After (and the request after
+    the slots free up is served); stored bytes that fail their sha256 check -> 503 adapter_corrupt, no retry hint."""
+    server = world["server"]
+    users = [f"cap-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    for i, u in enumerate(users):
+        promote(world, u, new_revision(world, u, 20 + i).revision_id)
+    held = [server.resolve(f"user:{u}").key for u in users[:2]]
+    slots = [server.cache.acquire(k) for k in held]  # both slots pinned by "requests in flight"
+    body = {"model": f"user:{users[2]}", "prompt": "Hello", "max_tokens": 2}
+    try:
+        assert_openai_error(
+            httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60),
+            429,
+            "slots_exhausted",
+            retry_after=True,
+        )
+        streamed = httpx.post(f"{world['url']}/v1/completions", json={**body, "stream": True}, timeout=60)
+        assert_openai_error(streamed, 429, "slots_exhausted", retry_after=True)  # before the first byte
+    finally:
+        for k in held:
+            server.cache.release(k)
+    assert sorted(slots) == [0, 1]
+    assert httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60).status_code == 200
+
+    u = f"corrupt-{uuid.uuid4().hex[:6]}"
+    rev = new_revision(world, u, 30)
+    key = revision_prefix(u, rev.revision_id) + "adapter_model.safetensors"
+    objects = world["stores"].objects
+    data = bytearray(objects.get(key))
+    data[-1] ^= 0xFF  # one flipped bit, before any worker cached the adapter
+    objects.client.put_object(objects.bucket, key, io.BytesIO(bytes(data)), len(data))
+    promote(world, u, rev.revision_id)
+    r = httpx.post(f"{world['url']}/v1/completions", json={**body, "model": f"user:{u}"}, timeout=60)
+    assert_openai_error(r, 503, "adapter_corrupt", retry_after=False)
+
+
+def test_an_unreachable_object_store_or_database_gets_503_with_an_openai_body(world, services, tmp_path):
+    """A serving worker whose object store (or database) does not answer starts all the same and answers 503
+    object_store_unavailable (database_unavailable) with Retry-After; the base is still served."""
+    u = f"outage-{uuid.uuid4().hex[:6]}"
+    promote(world, u, new_revision(world, u, 40).revision_id)
+    closed = free_port()  # nothing listens there
+    base_model = tiny_random()
+    base = LoadedBase(base_model, tiny_tokenizer(), ref(base_model, TINY_RANDOM_ID))
+    serving = ServingSettings(slots=1, max_rank=8, cache_dir=tmp_path / "cache", max_tokens=8, engine="reference")
+    body = {"model": f"user:{u}", "prompt": "Hello", "max_tokens": 2}
+
+    no_store = Settings(services.db, services.s3.model_copy(update={"endpoint": f"127.0.0.1:{closed}"}), serving)
+    server = Server(no_store, base)
+    try:
+        with served(server) as url:
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+            assert_openai_error(r, 503, "object_store_unavailable", retry_after=True)
+            assert httpx.post(f"{url}/v1/completions", json={**body, "model": TINY_RANDOM_ID}).status_code == 200
+    finally:
+        server.close()
+
+    down = services.db.model_copy(
+        update={"url": f"postgresql://postgres@127.0.0.1:{closed}/x", "connect_timeout_s": 1}
+    )
+    server = Server(Settings(down, services.s3, serving), base)
+    try:
+        with served(server) as url:
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert_openai_error(r, 503, "database_unavailable", retry_after=True)
+    finally:
+        server.close()

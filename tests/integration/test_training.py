@@ -17,18 +17,19 @@ import redis
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import scheduler, sim
 from pipeline.config import ROOT, PolicySettings, RedisSettings, Settings, TrainingSettings, WorkerSettings
+from pipeline.demo import sim
 from pipeline.domain.events import split_of, validate
 from pipeline.domain.examples import Example
 from pipeline.domain.policy import due_reason
 from pipeline.domain.revisions import EventsUsed
+from pipeline.flows import promotion, schedule
 from pipeline.models.base import load_base
 from pipeline.storage import registry as reg
 from pipeline.storage import training
 from pipeline.storage.buffers import BufferedEvent, write_events
 from pipeline.storage.objects import ObjectStore
-from pipeline.storage.registry import Registry
+from pipeline.storage.stores import Stores
 from pipeline.training.lora import train_adapter
 
 pytestmark = pytest.mark.integration
@@ -150,17 +151,29 @@ def revisions_of(db, user_id):
         return reg.list_revisions(conn, user_id)
 
 
+@pytest.fixture(scope="module")
+def own_stores(own_services):
+    with Stores.open(own_services.db, own_services.s3, name="persona-test-training") as opened:
+        yield opened
+
+
 def enqueue_with(celery):
-    return scheduler.celery_enqueue(celery)  # what `persona beat` uses: one retrain_users task per batch
+    from workers.celery_app import retrain_enqueuer
+
+    return retrain_enqueuer(celery)  # what `persona beat` uses: one retrain_users task per batch
 
 
-def test_continual_chain_of_three_revisions(own_services, settings, celery, worker):
+def tick(stores, settings, enqueue) -> list[str]:
+    """One scheduler tick, as `persona beat` runs it."""
+    return schedule.tick(stores.db, settings.policy, settings.training.batch_users, enqueue)
+
+
+def test_continual_chain_of_three_revisions(own_services, own_stores, announcer, settings, celery, worker):
     u = f"train-{uuid.uuid4().hex[:6]}"
-    registry = Registry(own_services.db, ObjectStore(own_services.s3))
     parents = []
     for round_ in range(3):
         add_events(own_services.db, u, 30, seed=round_)
-        assert scheduler.tick(settings, enqueue_with(celery)) == [u]
+        assert tick(own_stores, settings, enqueue_with(celery)) == [u]
         revs = wait_for(
             lambda n=round_: len(revisions_of(own_services.db, u)) == n + 1 and revisions_of(own_services.db, u),
             what=f"revision {round_ + 1}",
@@ -169,7 +182,7 @@ def test_continual_chain_of_three_revisions(own_services, settings, celery, work
         parents.append(cand.parent_id)
         assert cand.status == "candidate"
         assert cand.manifest["training"]["new_events"] > 0
-        registry.promote(u, cand.revision_id, actor="test")
+        promotion.promote(own_stores, announcer, u, cand.revision_id, actor="test")
     chain = revisions_of(own_services.db, u)
     assert parents == [None, chain[0].revision_id, chain[1].revision_id]  # each from the one serving
     with psycopg.connect(own_services.db.url) as conn:
@@ -185,10 +198,10 @@ def test_continual_chain_of_three_revisions(own_services, settings, celery, work
     assert sum(any(r.revision_id.encode() in m for m in queued) for r in chain) == 3
 
 
-def test_a_user_below_the_thresholds_is_left_alone(own_services, settings, celery):
+def test_a_user_below_the_thresholds_is_left_alone(own_services, own_stores, settings, celery):
     u = f"few-{uuid.uuid4().hex[:6]}"
     add_events(own_services.db, u, 5, seed=9)  # min is 10, the oldest is seconds old (max age 1 h)
-    assert u not in scheduler.tick(settings, enqueue_with(celery))
+    assert u not in tick(own_stores, settings, enqueue_with(celery))
     with psycopg.connect(own_services.db.url) as conn:
         assert conn.execute("SELECT pending_count, queued_at FROM user_state WHERE user_id = %s", (u,)).fetchone() == (
             5,
@@ -196,7 +209,7 @@ def test_a_user_below_the_thresholds_is_left_alone(own_services, settings, celer
         )
 
 
-def test_two_ticks_at_once_never_enqueue_a_user_twice(own_services, settings):
+def test_two_ticks_at_once_never_enqueue_a_user_twice(own_services, own_stores, settings):
     users = [f"tick-{uuid.uuid4().hex[:6]}" for _ in range(5)]
     for i, u in enumerate(users):
         add_events(own_services.db, u, 12, seed=20 + i)
@@ -205,7 +218,7 @@ def test_two_ticks_at_once_never_enqueue_a_user_twice(own_services, settings):
 
     def one_tick():
         barrier.wait()
-        scheduler.tick(settings, seen.extend)
+        tick(own_stores, settings, seen.extend)
 
     threads = [threading.Thread(target=one_tick) for _ in range(4)]
     for t in threads:
@@ -245,7 +258,14 @@ def test_sigkill_mid_training_is_redelivered_and_gives_one_candidate(own_service
             return row[1] if row and row[0] else None
 
         planned_rev = wait_for(planned, what="the training lease")
-        time.sleep(1.0)  # in the middle of training
+
+        def progress():  # recorded with the lease renewals: the database shows how far the training is
+            with psycopg.connect(own_services.db.url) as conn:
+                state = training.states_of(conn, [u]).get(u)
+            return state if state and state.training and state.progress and state.progress.step > 0 else None
+
+        state = wait_for(progress, what="recorded training progress")
+        assert state.progress.max_steps == 400 and state.progress.loss is not None
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
     finally:
@@ -276,7 +296,7 @@ def test_policy_sql_agrees_with_the_domain_rule(own_services):
         "expired": (50, 10, None, None, -30),
         "none": (0, None, None, None, None),
     }
-    policy = scheduler.policy_of(PolicySettings(min_new_events=10, max_age_s=3600, cooldown_s=60, max_in_flight=100))
+    policy = schedule.policy_of(PolicySettings(min_new_events=10, max_age_s=3600, cooldown_s=60, max_in_flight=100))
     with psycopg.connect(own_services.db.url) as conn:
         for name, (pending, age, trained, queued, lease) in cases.items():
 
@@ -296,7 +316,7 @@ def test_policy_sql_agrees_with_the_domain_rule(own_services):
     assert claimed == expected
 
 
-def test_the_whole_loop_train_then_gate_then_promote(own_services, settings, celery, env):
+def test_the_whole_loop_train_then_gate_then_promote(own_services, own_stores, settings, celery, env):
     """Scheduler -> train task -> chained evaluate task -> promotion, through real workers and queues."""
     fast = {
         "PERSONA_TRAIN_LEARNING_RATE": "0.05",
@@ -309,7 +329,7 @@ def test_the_whole_loop_train_then_gate_then_promote(own_services, settings, cel
     try:
         u = f"loop-{uuid.uuid4().hex[:6]}"
         add_events(own_services.db, u, 60, seed=50)
-        assert scheduler.tick(settings, enqueue_with(celery)) == [u]
+        assert tick(own_stores, settings, enqueue_with(celery)) == [u]
 
         def promoted():
             with psycopg.connect(own_services.db.url) as conn:
@@ -326,13 +346,13 @@ def test_the_whole_loop_train_then_gate_then_promote(own_services, settings, cel
 
 
 def test_a_batch_trains_its_users_together_and_a_bad_user_fails_alone(
-    own_services, settings, celery, worker, tmp_path
+    own_services, own_stores, announcer, settings, celery, worker, tmp_path
 ):
     """The scheduler sends the due users as one retrain_users task; the worker trains them in one batch. A user
     whose serving adapter is NaN fails (its lease released, no candidate); the others get their candidates."""
     tag = uuid.uuid4().hex[:6]
     good, bad = [f"batch-{tag}-{i}" for i in range(2)], f"nan-{tag}"
-    registry = Registry(own_services.db, ObjectStore(own_services.s3))
+    registry = own_stores.registry
     base = load_base("tiny-random")
     one_step = TrainingSettings(max_steps=1, val_fraction=0.0, threads=1)  # the worker's LoRA shape: r=8 on q, v
     train_adapter(base, [Example(None, "hello there", "e")], tmp_path, one_step, parent_dir=None, seed=0)
@@ -343,7 +363,7 @@ def test_a_batch_trains_its_users_together_and_a_bad_user_fails_alone(
     poisoned = registry.write_revision(
         bad, tmp_path, parent_id=None, base=base.ref, training={"seed": 0}, events=EventsUsed.of([])
     )
-    registry.promote(bad, poisoned.revision_id, actor="test")
+    promotion.promote(own_stores, announcer, bad, poisoned.revision_id, actor="test")
     for i, u in enumerate([*good, bad]):
         add_events(own_services.db, u, 20, seed=60 + i)
     sent: list[list[str]] = []
@@ -352,7 +372,7 @@ def test_a_batch_trains_its_users_together_and_a_bad_user_fails_alone(
         sent.append(batch)
         enqueue_with(celery)(batch)
 
-    assert sorted(scheduler.tick(settings, enqueue)) == sorted([*good, bad])
+    assert sorted(tick(own_stores, settings, enqueue)) == sorted([*good, bad])
     assert len(sent) == 1  # one task for the three (PERSONA_TRAIN_BATCH_USERS is 8)
     for u in good:
         (rev,) = wait_for(lambda u=u: revisions_of(own_services.db, u), what=f"{u}'s candidate")

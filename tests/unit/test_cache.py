@@ -171,18 +171,16 @@ def test_slots_evict_the_least_recently_used(make, store, slots):
     assert cache.stats().slots[sa] == a and cache.stats().slots[sb] == c
 
 
-def test_acquired_and_pinned_adapters_are_never_evicted(make, store):
+def test_acquired_adapters_are_never_evicted(make, store):
     cache = make(slots=2, host_bytes=TENSOR_BYTES)
     a, b, c = (store.add(f"u{i}", i) for i in range(3))
     cache.acquire(a)  # in use
-    cache.pin(b)
-    with cache.use(b):
-        pass  # released but operator-pinned
-    with pytest.raises(SlotsExhausted, match="all 2 device slots hold pinned or in-use adapters"):
+    cache.acquire(b)  # in use too
+    with pytest.raises(SlotsExhausted, match="all 2 device slots hold adapters in use"):
         cache.acquire(c)
     s = cache.stats()
     assert set(s.slots) == {a, b} and s.evictions["slot"] == 0
-    cache.unpin(b)
+    cache.release(b)
     with cache.use(c):
         assert set(cache.stats().slots) == {a, c}  # b went, a (in use) stayed
     cache.release(a)

@@ -7,8 +7,8 @@ import re
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.cli.config import config_markdown
 from pipeline.config import ROOT
-from pipeline.reports import config_markdown
 
 README = (ROOT / "README.md").read_text()
 

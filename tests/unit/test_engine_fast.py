@@ -9,11 +9,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from pipeline.models import lora_ops, multilora
 from pipeline.models.base import LoadedBase, tiny_random, tiny_tokenizer, weights_sha256
-from pipeline.models.multilora import AdapterLimitError, read_adapter_dir
-from pipeline.serving import lora_ops
+from pipeline.models.multilora import ALL_TARGETS, AdapterLimitError, read_adapter_dir
 from pipeline.serving.engine import Engine, EngineError, Request
 from pipeline.serving.fast_engine import FastEngine
+from pipeline.serving.fast_llama import GROUPS
 
 USERS = [
     (1, 2, ["q_proj", "v_proj"], torch.float32),
@@ -147,6 +148,46 @@ def test_lora_torch_equals_a_per_row_loop():
             t = x[b] @ a[s, j * r : (j + 1) * r].T
             want[b, :, seg[j] : seg[j + 1]] += t @ bt[s, :, seg[j] : seg[j + 1]]
     torch.testing.assert_close(got, want)
+
+
+def _lora_equals_the_shared_layer(eng: FastEngine, adapter_dirs, tokens: tuple[int, ...]) -> None:
+    """Every projection group of ``eng``, through its LoRA path (``_lora``: the Triton kernels for one token per
+    row on CUDA when enabled, else ``lora_ops.lora_torch``), against `multilora.MultiLoraLinear` (the layer of the
+    reference engine and of batched training) holding the same adapters in the same slots."""
+    handle = multilora.inject(tiny_random().to(eng.device), ALL_TARGETS, slots=eng.slots, max_rank=eng.max_rank)
+    for slot, path in enumerate(adapter_dirs):
+        multilora.load_slot(handle, slot, *read_adapter_dir(path))
+    slots = [0, 1, 2, 3, -1, 4, 1, 0]  # slot 4 holds nothing: base only, like -1
+    multilora.set_rows(handle, torch.tensor(slots))
+    idx = torch.tensor([s if s >= 0 else eng.slots for s in slots], dtype=torch.int32, device=eng.device)
+    path_of = {where: path for path, where in eng.module_of.items()}
+    g = torch.Generator().manual_seed(3)
+    moved = torch.zeros(len(slots))
+    for i, layer in enumerate(eng.layers):
+        fused = {"qkv": layer.wqkv, "o": layer.wo, "gu": layer.wgu, "down": layer.wd}
+        for group, modules in GROUPS:
+            x = torch.randn(len(slots), *tokens, layer.groups[group].k, generator=g).to(eng.device)
+            y = torch.nn.functional.linear(x, fused[group])
+            with torch.no_grad():
+                got = eng._lora(y, x, layer.groups[group], idx)
+                want = torch.cat([handle.layers[path_of[(i, m)]](x) for m in modules], dim=-1)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            moved += (got - y).abs().flatten(1).amax(1).cpu()
+    assert all(moved[row] > 1e-3 for row in (0, 1, 2, 3, 6, 7)), moved
+    assert moved[4] == 0 and moved[5] == 0
+
+
+@pytest.mark.parametrize("tokens", [(), (3,)], ids=["decode", "prefill"])
+def test_lora_path_equals_the_shared_multilora_layer(adapter_dirs, tokens):
+    _lora_equals_the_shared_layer(_fast(adapter_dirs), adapter_dirs, tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [(), (3,)], ids=["decode", "prefill"])
+def test_cuda_lora_path_equals_the_shared_multilora_layer(adapter_dirs, tokens):
+    eng = _fast(adapter_dirs, device="cuda", dtype=torch.float32)
+    assert eng.use_triton == lora_ops.triton_available()
+    _lora_equals_the_shared_layer(eng, adapter_dirs, tokens)
 
 
 def test_packing_refuses_what_does_not_fit_and_loads_into_free_slots(adapter_dirs):

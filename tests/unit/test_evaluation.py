@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import sim
 from pipeline.config import TrainingSettings
+from pipeline.demo import sim
 from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import TrainingEvent, example_of, examples_from_events
 from pipeline.evaluation.metrics import (

@@ -10,21 +10,20 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.cli.gate import app as gate_app
 from pipeline.config import ROOT
 from pipeline.domain.errors import InvalidInput
 from pipeline.domain.gating import (
     Decision,
     Override,
-    PastDecision,
     Rule,
     RulePatch,
     RuleSet,
     decide,
     effective_rules,
-    flips,
     ruleset_digest,
 )
-from pipeline.evaluation.gate_cli import app as gate_app
+from pipeline.domain.replay import PastDecision, flips
 from pipeline.evaluation.rules import RulesError, load_rules, parse_rules
 
 DEFAULT_RULES = ROOT / "infra" / "gating" / "default_rules.yaml"

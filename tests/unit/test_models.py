@@ -193,7 +193,7 @@ def test_missing_prepared_base_is_prepared_on_first_load(tmp_path, monkeypatch):
 def test_prepare_command_prints_the_prepared_base(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.models.cli import app
+    from pipeline.cli.model import app
 
     result = CliRunner().invoke(app, ["prepare", "--base", TINY_RANDOM_ID, "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0 and "needs no preparation" in result.output

@@ -23,7 +23,8 @@ from pipeline.domain.examples import (
     select_training_events,
 )
 from pipeline.models.base import LoadedBase, load_base, tiny_random, weights_sha256
-from pipeline.training.lora import IGNORE, TrainingError, encode_example, mean_nll, train_adapter
+from pipeline.models.encoding import IGNORE, encode_example
+from pipeline.training.lora import TrainingError, mean_nll, train_adapter
 
 
 def ev(seq: int, kind: str, split: str = "train", **payload: object) -> TrainingEvent:

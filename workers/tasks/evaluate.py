@@ -1,25 +1,28 @@
-"""`persona.evaluate.gate`: judge a candidate revision and promote it if it passes the operator's rules."""
+"""`persona.evaluate.gate`: judge a candidate revision and promote it if it passes the operator's rules
+(`pipeline.flows.gate`)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import psycopg
 from kafka.errors import KafkaError
 
-from pipeline.evaluation.gate import judge
-from pipeline.evaluation.promotion import AnnounceError
+from pipeline.domain.tasks import GATE
 from pipeline.evaluation.rules import load_rules
+from pipeline.flows.gate import GateConfig, judge
+from pipeline.serving.promotions import AnnounceError
 from pipeline.storage.db import StorageError
 from pipeline.storage.objects import ObjectStoreError
 from workers.celery_app import app
-from workers.tasks.train import worker_settings
+from workers.process import resources
 
 log = logging.getLogger(__name__)
 
 
 @app.task(
-    name="persona.evaluate.gate",
+    name=GATE,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
@@ -28,11 +31,25 @@ log = logging.getLogger(__name__)
     retry_backoff_max=120,
     max_retries=10,
 )
-def gate(self, revision_id: str) -> dict:
+def gate(self: Any, revision_id: str) -> dict[str, Any]:
     """Judge ``revision_id`` under the rules file PERSONA_GATE_RULES (read at each task: edits apply at once)."""
-    settings = worker_settings()
-    rules_path = settings.gate.rules
-    result = judge(revision_id, settings=settings, rules=load_rules(rules_path), rules_source=str(rules_path))
+    r = resources()
+    s = r.settings
+    config = GateConfig(
+        model=s.model,
+        probes=s.gate.probes,
+        min_preference_pairs=s.gate.min_preference_pairs,
+        max_length=s.training.max_length,
+    )
+    rules_path = s.gate.rules
+    result = judge(
+        revision_id,
+        stores=r.stores,
+        announcer=r.announcer,
+        config=config,
+        rules=load_rules(rules_path),
+        rules_source=str(rules_path),
+    )
     return {
         "revision_id": result.revision_id,
         "user_id": result.user_id,

@@ -1,19 +1,22 @@
 """`persona.train.retrain_users`: retrain a batch of users' adapters together (the scheduler's task), and
-`persona.train.retrain_user`: one user (a batch of one; operators' manual enqueues)."""
+`persona.train.retrain_user`: one user (a batch of one; operators' manual enqueues). Both call
+`pipeline.flows.retrain` and chain `persona.evaluate.gate` for each candidate."""
 
 from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 import psycopg
 
-from pipeline.config import Settings
+from pipeline.domain.tasks import EVALUATE_QUEUE, GATE, RETRAIN_USER, RETRAIN_USERS
+from pipeline.flows.retrain import LeaseBusy, LeaseLost, Outcome, RetrainConfig, retrain, retrain_batch
 from pipeline.observability import metrics
 from pipeline.storage.db import StorageError
 from pipeline.storage.objects import ObjectStoreError
-from pipeline.training.job import LeaseBusy, LeaseLost, Outcome, retrain, retrain_batch
 from workers.celery_app import app
+from workers.process import resources, settings
 
 log = logging.getLogger(__name__)
 
@@ -21,26 +24,28 @@ log = logging.getLogger(__name__)
 TRANSIENT = (StorageError, ObjectStoreError, psycopg.OperationalError)
 
 
-def worker_settings() -> Settings:
-    """Settings of a worker process, with the database the stack resolved (embedded or configured)."""
-    from pipeline import stack
+def _config() -> RetrainConfig:
+    s = settings()
+    return RetrainConfig(model=s.model, training=s.training, lease_s=s.policy.lease_s)
 
-    settings = Settings()
-    db = settings.db.model_copy(update={"url": stack.effective_urls(settings)["db_url"]})
-    return Settings(
-        db,
-        settings.s3,
-        settings.kafka,
-        settings.model,
-        settings.training,
-        settings.policy,
-        settings.worker,
-        settings.gate,
-    )
+
+def _chain_gate(revision_id: str) -> None:
+    app.send_task(GATE, args=[revision_id], queue=EVALUATE_QUEUE)
+
+
+def _report(o: Outcome) -> dict[str, Any]:
+    return {
+        "user_id": o.user_id,
+        "outcome": o.outcome,
+        "revision_id": o.revision_id,
+        "parent_id": o.parent_id,
+        "steps": o.steps,
+        "seconds": round(o.seconds, 2),
+    }
 
 
 @app.task(
-    name="persona.train.retrain_user",
+    name=RETRAIN_USER,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
@@ -49,16 +54,11 @@ def worker_settings() -> Settings:
     retry_backoff_max=120,
     max_retries=10,
 )
-def retrain_user(self, user_id: str) -> dict:
+def retrain_user(self: Any, user_id: str) -> dict[str, Any]:
     """Train a candidate for ``user_id`` (if due work is pending) and chain ``persona.evaluate.gate``."""
     owner = f"{socket.gethostname()}/{self.request.id}"
     try:
-        outcome = retrain(
-            user_id,
-            settings=worker_settings(),
-            owner=owner,
-            on_candidate=lambda rev: app.send_task("persona.evaluate.gate", args=[rev], queue="evaluate"),
-        )
+        outcome = retrain(user_id, stores=resources().stores, config=_config(), owner=owner, on_candidate=_chain_gate)
     except LeaseBusy as e:
         metrics.TRAINING_OUTCOMES.labels("busy").inc()
         raise self.retry(exc=e, countdown=max(1.0, e.seconds_left + 1), max_retries=60) from e
@@ -70,54 +70,31 @@ def retrain_user(self, user_id: str) -> dict:
         metrics.TRAINING_OUTCOMES.labels("failed").inc()
         raise
     metrics.TRAINING_OUTCOMES.labels(outcome.outcome).inc()
-    return {
-        "user_id": user_id,
-        "outcome": outcome.outcome,
-        "revision_id": outcome.revision_id,
-        "parent_id": outcome.parent_id,
-        "steps": outcome.steps,
-        "seconds": round(outcome.seconds, 2),
-    }
+    return _report(outcome)
 
 
-@app.task(
-    name="persona.train.retrain_users",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=60,
-)
-def retrain_users(self, user_ids: list[str]) -> dict:
+@app.task(name=RETRAIN_USERS, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=60)
+def retrain_users(self: Any, user_ids: list[str]) -> dict[str, Any]:
     """Train candidates for a batch of users together (at most PERSONA_TRAIN_BATCH_USERS at a time) and chain
     ``persona.evaluate.gate`` for each. A user's failure is that user's alone: busy users and users that hit a
     transient storage error are retried later in a task of their own; the others' outcomes stand."""
     owner = f"{socket.gethostname()}/{self.request.id}"
-    settings = worker_settings()
-    k = settings.training.batch_users
-    report: list[dict] = []
+    config = _config()
+    try:
+        stores = resources().stores
+    except TRANSIENT as e:  # the database is down: the whole batch waits
+        raise self.retry(exc=e, countdown=min(120.0, 2.0 ** (self.request.retries + 1))) from e
+    k = config.training.batch_users
+    report: list[dict[str, Any]] = []
     retry: list[str] = []
     countdown = 1.0
     for start in range(0, len(user_ids), k):
         batch = list(user_ids[start : start + k])
-        results = retrain_batch(
-            batch,
-            settings=settings,
-            owner=owner,
-            on_candidate=lambda rev: app.send_task("persona.evaluate.gate", args=[rev], queue="evaluate"),
-        )
+        results = retrain_batch(batch, stores=stores, config=config, owner=owner, on_candidate=_chain_gate)
         for user_id, result in zip(batch, results, strict=True):
             if isinstance(result, Outcome):
                 metrics.TRAINING_OUTCOMES.labels(result.outcome).inc()
-                report.append(
-                    {
-                        "user_id": user_id,
-                        "outcome": result.outcome,
-                        "revision_id": result.revision_id,
-                        "parent_id": result.parent_id,
-                        "steps": result.steps,
-                        "seconds": round(result.seconds, 2),
-                    }
-                )
+                report.append(_report(result))
             elif isinstance(result, LeaseBusy):
                 metrics.TRAINING_OUTCOMES.labels("busy").inc()
                 retry.append(user_id)

@@ -1,7 +1,8 @@
 """Batched multi-LoRA application over adapter slots: one Triton path (CUDA decode) and one torch path (reference).
 
-Layout (fixed by `pipeline.serving.fast_engine`): every adapter slot is one row of a flat buffer; the LoRA weights
-of one projection *group* (projections that share their input, e.g. q/k/v or gate/up) are views of that row:
+Layout (fixed by the fast serving engine, `pipeline.serving.fast_llama`): every adapter slot is one row of a flat
+buffer; the LoRA weights of one projection *group* (projections that share their input, e.g. q/k/v or gate/up) are
+views of that row:
 
 - ``a  [slots + 1, nseg * R, K]``: the A matrices of the group's ``nseg`` projections stacked, each padded to ``R``
   rows (the slots' maximum rank);
@@ -15,7 +16,10 @@ of one projection *group* (projections that share their input, e.g. q/k/v or gat
 The Triton kernels (decode: one token per row) read only the first ``rank`` rows of a slot (masked loads fetch
 nothing), so an r=1 adapter in an r=8 slot moves 1/8 of the bytes: mixed ranks cost what they hold, not the
 padding. The torch path gathers the rows' slots and runs two batched matmuls; padded rows are zero, so it is
-exact too. The torch path is the CPU path and the reference the Triton kernels are checked against.
+exact too. The torch path is the CPU path and the reference the Triton kernels are checked against; both are
+tested against the project's one per-row LoRA layer, `pipeline.models.multilora.MultiLoraLinear`, through the
+fast engine (tests/unit/test_engine_fast.py; the Triton kernels where CUDA is present). Decode attention
+(grouped-query, one token per row) has a Triton kernel and a torch reference too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`persona model ...`: the shared base model from the command line (mounted by pipeline.cli)."""
+"""`persona model prepare`: the shared base model from the command line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.cli_common import make_console
+from pipeline.cli.common import console as _out
 from pipeline.config import ModelSettings
 
 if TYPE_CHECKING:
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="The shared, frozen base model.", no_args_is_help=True)
 
-_out = make_console()
 _err = Console(stderr=True)
 
 

@@ -4,10 +4,11 @@ Stages (each prints what it does; long ones print progress):
   1. the embedded stack (Kafka protocol, S3, PostgreSQL, Redis), migrations, an application key, the base model;
   2. the processes of a deployment, each its own `persona` process with a log in ``<data_dir>/logs``: ingest API,
      buffer consumer, training worker (queues train + evaluate), serving worker;
-  3. K simulated users (pipeline/sim.py), each with its own way of writing, send their events through the ingest
-     API (plus a few invalid ones, answered with reasons or dead-lettered); the consumer buffers them;
+  3. K simulated users (`pipeline.demo.sim`), each with its own way of writing, send their events through the
+     ingest API (plus a few invalid ones, answered with reasons or dead-lettered); the consumer buffers them;
   4. the scheduler (`persona beat`) claims the due users, the worker retrains each user's adapter from its previous
-     revision, the gate judges the candidate and promotions are published; the serving worker hears them;
+     revision, the gate judges the candidate and promotions are published; the serving worker hears them. Each
+     user's state (queued, training and its step, evaluating, decided, serving) is read from the database;
   5. a table per user (events, revision chain, gate decision and reason, holdout NLL base -> promoted, seconds from
      the user's first event to the serving worker answering with the new revision), then one prompt answered by the
      base and by two users' personal models side by side.
@@ -21,10 +22,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,23 +31,21 @@ from typing import Any
 
 import httpx
 import orjson
-import psycopg
 from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
 
-from pipeline import sim, stack
-from pipeline.config import ROOT, Settings, child_env
-from pipeline.demo_report import answers_table, input_table, users_table
-from pipeline.domain.errors import PersonaError
+from pipeline import stack
+from pipeline.config import Settings, child_env
+from pipeline.demo import sim
+from pipeline.demo.processes import DemoError, Processes, free_port, wait_ready
+from pipeline.demo.report import UserRun, answers_table, input_table, users_table
+from pipeline.domain.tasks import QUEUES
 from pipeline.ingest.codec import reasons_from_headers
-from pipeline.storage import apps, db, decisions, registry
+from pipeline.storage import apps, buffers, db, decisions, registry, training
+from pipeline.storage.db import Database
 
 APP_ID = "demo-app"
 DEFAULT_PROMPT = "Write a short note about your weekend."
-
-
-class DemoError(PersonaError):
-    """The demo could not run; the message says which part failed and where its log is."""
 
 
 @dataclass(frozen=True)
@@ -68,33 +63,6 @@ class DemoOptions:
 
 
 @dataclass
-class UserRun:
-    """What happened to one simulated user in this run."""
-
-    user_id: str
-    register: str
-    sent: int = 0
-    first_event_at: float | None = None  # monotonic
-    known_revisions: frozenset[str] = frozenset()
-    state: str = "sending"
-    revision_id: str | None = None
-    chain: list[str] = field(default_factory=list)
-    outcome: str | None = None
-    reason: str = ""
-    nll_base: float | None = None
-    nll_current: float | None = None  # the revision serving when the candidate was judged (None: first one)
-    nll_candidate: float | None = None
-    train_events: int = 0
-    holdout_events: int = 0
-    served_revision: str | None = None
-    seconds_to_serving: float | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None and (self.outcome != "promoted" or self.served_revision == self.revision_id)
-
-
-@dataclass
 class DemoResult:
     users: list[UserRun]
     answers: list[tuple[str, str, str]]  # (model, x-persona-revision, text)
@@ -102,76 +70,12 @@ class DemoResult:
     logs_dir: Path
 
 
-class _Processes:
-    """The demo's `persona` processes: started with a log each, watched, and stopped (all of them) at the end."""
-
-    def __init__(self, env: dict[str, str], logs_dir: Path) -> None:
-        self.env, self.logs_dir = env, logs_dir
-        self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        log = self.logs_dir / f"demo-{name}.log"
-        out = log.open("ab")
-        out.write(f"\n--- {datetime.now(UTC).isoformat()} persona {' '.join(args)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args], env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-        )
-        self.procs[name] = (proc, log)
-        return proc
-
-    def log(self, name: str) -> Path:
-        return self.procs[name][1]
-
-    def check(self) -> None:
-        """DemoError naming the first process that exited, with the end of its log."""
-        for name, (proc, log) in self.procs.items():
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-1500:]
-                raise DemoError(f"the {name} process exited with {proc.returncode}; its log {log} ends:\n{tail}")
-
-    def stop(self) -> None:
-        for proc, _ in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def free_port(preferred: int) -> int:
-    """``preferred`` if it can be bound on 127.0.0.1, else a free port the system picks."""
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise DemoError("no free TCP port on 127.0.0.1")
-
-
-def _wait(what: str, ready: Callable[[], bool], procs: _Processes, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        procs.check()
-        try:
-            if ready():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.3)
-    raise DemoError(f"{what} was not ready within {timeout_s:.0f}s; see {log}")
-
-
 def run(options: DemoOptions, *, console: Console, settings: Settings | None = None) -> DemoResult:
     """Run the demo end to end, print what happened and return it (the CI test reads the result)."""
     started = time.monotonic()
     quiet = logging.getLogger("pipeline")
-    level, _ = quiet.level, quiet.setLevel(logging.WARNING)  # the demo prints its own progress
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the demo prints its own progress
     try:
         return _run(options, console, settings, started)
     finally:
@@ -187,17 +91,31 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
     console.print("[bold][1/7][/bold] embedded stack")
     stack.up(base, console_progress=lambda m: console.print(f"      {m}"))
     urls = stack.effective_urls(base)
-    cfg = Settings(
+    cfg = base.replace(
         base.db.model_copy(update={"url": urls["db_url"]}),
         base.kafka.model_copy(update={"bootstrap_servers": urls["kafka_bootstrap_servers"]}),
-        base.ingest,
-        base.serving,
     )
     for m in db.migrate(cfg.db):
         console.print(f"      applied migration {m.path.name}")
-    with db.connect(cfg.db) as conn:
-        key_id, key = apps.create_key(conn, APP_ID, "persona demo")
-    console.print(f"      application {APP_ID!r}: API key {key_id} (only its sha256 is stored)")
+    with Database(cfg.db, name="persona-demo") as database:
+        with database.connection() as conn:
+            key_id, key = apps.create_key(conn, APP_ID, "persona demo")
+        console.print(f"      application {APP_ID!r}: API key {key_id} (only its sha256 is stored)")
+        return _run_processes(options, console, base, cfg, urls, database, key, seed, prefix, started)
+
+
+def _run_processes(
+    options: DemoOptions,
+    console: Console,
+    base: Settings,
+    cfg: Settings,
+    urls: dict[str, str],
+    database: Database,
+    key: str,
+    seed: int,
+    prefix: str,
+    started: float,
+) -> DemoResult:
 
     model = options.base or base.model.base
     console.print(f"[bold][2/7][/bold] base model {model!r}")
@@ -239,7 +157,7 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
     overrides.update(options.env)
     env = child_env(**overrides)
     logs_dir = base.stack.data_dir / "logs"
-    procs = _Processes(env, logs_dir)
+    procs = Processes(env, logs_dir)
     ingest_url, serve_url = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{serve_port}"
     console.print(f"[bold][3/7][/bold] processes (logs in {logs_dir})")
     try:
@@ -247,7 +165,7 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
         procs.start("consumer", ["consume"])
         procs.start("worker", ["worker", "--queues", "train,evaluate", "--name", f"demo-{prefix}@%h"])
         procs.start("serving", ["serve"])
-        _wait(
+        wait_ready(
             "the ingest API",
             lambda: httpx.get(f"{ingest_url}/healthz", timeout=2).is_success,
             procs,
@@ -258,7 +176,7 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
         console.print(f"      consumer, training worker (train + evaluate queues), serving worker {serve_url}")
 
         people = [UserRun(u.user_id, u.style["register"]) for u in sim.users(options.users, prefix=prefix)]
-        with db.connect(cfg.db) as conn:
+        with database.connection() as conn:
             for p in people:
                 p.known_revisions = frozenset(r.revision_id for r in registry.list_revisions(conn, p.user_id))
         waiting = _queued_tasks(urls["redis_url"])
@@ -268,10 +186,10 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
                 "runs them first"
             )
         dead = _send(cfg, ingest_url, key, people, options, seed, prefix, console)
-        _wait_buffered(cfg, people, procs, console)
+        _wait_buffered(database, people, procs, console)
 
         console.print("[bold][5/7][/bold] scheduler -> training -> gate -> promotion -> serving")
-        _wait(
+        wait_ready(
             "the serving worker",
             lambda: httpx.get(f"{serve_url}/healthz", timeout=2).is_success,
             procs,
@@ -279,13 +197,13 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
             300,
         )
         procs.start("beat", ["beat", "--metrics-port", str(free_port(9103))])
-        _follow(cfg, serve_url, people, procs, console, started, options.timeout_s)
+        _follow(database, serve_url, people, procs, console, started, options.timeout_s)
 
         console.print("[bold][6/7][/bold] per-user results")
         console.print(input_table(dead))
         console.print(users_table(people))
         console.print(f"[bold][7/7][/bold] one prompt, three models: {options.prompt!r}")
-        answers = _side_by_side(serve_url, people, options, base.model)
+        answers = _side_by_side(serve_url, people, options)
         console.print(answers_table(answers))
     finally:
         procs.stop()
@@ -299,8 +217,6 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
 
 def _queued_tasks(redis_url: str) -> int:
     import redis
-
-    from workers.celery_app import QUEUES
 
     client = redis.Redis.from_url(redis_url)
     try:
@@ -344,7 +260,7 @@ def _send(
             for ev, res in zip(chunk, r.json()["results"], strict=True):
                 if res["status"] == "rejected":
                     rejected.append(res)
-                elif (p := by_id.get(ev.get("user_id"))) is not None:
+                elif (p := by_id.get(str(ev.get("user_id")))) is not None:
                     p.sent += 1
                     p.first_event_at = p.first_event_at or now
             if i % 10 == 9 or i == len(chunks) - 1:
@@ -364,30 +280,27 @@ def _send(
     return _read_dlq(cfg, dlq_key, len(straight))
 
 
-def _wait_buffered(cfg: Settings, people: list[UserRun], procs: _Processes, console: Console) -> None:
+def _wait_buffered(database: Database, people: list[UserRun], procs: Processes, console: Console) -> None:
     ids = [p.user_id for p in people]
     want = sum(p.sent for p in people)
     deadline, last = time.monotonic() + 300, time.monotonic()
-    with psycopg.connect(cfg.db.url, autocommit=True) as conn:
-        while True:
-            n = conn.execute(
-                "SELECT count(*) FROM events WHERE user_id = ANY(%s) AND consumed_by IS NULL", (ids,)
-            ).fetchone()[0]
-            if n >= want:
-                break
-            procs.check()
-            if time.monotonic() - last > 5:
-                console.print(f"      buffered {n}/{want}")
-                last = time.monotonic()
-            if time.monotonic() > deadline:
-                raise DemoError(f"only {n} of {want} events reached the buffers in 300s; see {procs.log('consumer')}")
-            time.sleep(0.5)
-        rows = conn.execute(
-            "SELECT user_id, split, count(*) FROM events WHERE user_id = ANY(%s) GROUP BY 1, 2", (ids,)
-        ).fetchall()
-    split = {(u, s): n for u, s, n in rows}
+    while True:
+        with database.connection() as conn:
+            n = buffers.unconsumed_count(conn, ids)
+        if n >= want:
+            break
+        procs.check()
+        if time.monotonic() - last > 5:
+            console.print(f"      buffered {n}/{want}")
+            last = time.monotonic()
+        if time.monotonic() > deadline:
+            raise DemoError(f"only {n} of {want} events reached the buffers in 300s; see {procs.log('consumer')}")
+        time.sleep(0.5)
+    with database.connection() as conn:
+        kinds = buffers.kind_counts(conn, ids)
     for p in people:
-        p.train_events, p.holdout_events = split.get((p.user_id, "train"), 0), split.get((p.user_id, "holdout"), 0)
+        p.train_events = sum(n for (u, _, split), n in kinds.items() if u == p.user_id and split == "train")
+        p.holdout_events = sum(n for (u, _, split), n in kinds.items() if u == p.user_id and split == "holdout")
         p.state = "buffered"
     console.print(f"      buffered {want}/{want} events in PostgreSQL (train / holdout split per user)")
 
@@ -396,16 +309,20 @@ def _short(revision_id: str | None) -> str:
     return "none" if revision_id is None else revision_id[-8:]
 
 
+Say = Callable[[UserRun, str], None]
+
+
 def _follow(
-    cfg: Settings,
+    database: Database,
     serve_url: str,
     people: list[UserRun],
-    procs: _Processes,
+    procs: Processes,
     console: Console,
     started: float,
     timeout_s: float,
 ) -> None:
-    """Watch every user through queued -> training -> candidate -> decided -> serving, printing each change."""
+    """Watch every user through queued -> training -> candidate -> decided -> serving, printing each change; every
+    30 s without a change, a line with the users' states and the training steps their workers recorded."""
     deadline = time.monotonic() + timeout_s
     last_print = time.monotonic()
 
@@ -416,61 +333,49 @@ def _follow(
             last_print = time.monotonic()
             console.print(f"      {time.monotonic() - started:6.0f}s  {p.user_id}  {state}")
 
-    with psycopg.connect(cfg.db.url, autocommit=True) as conn, httpx.Client(timeout=120) as http:
+    with httpx.Client(timeout=120) as http:
         while not all(p.done for p in people):
             procs.check()
             if time.monotonic() > deadline:
                 waiting = ", ".join(f"{p.user_id} ({p.state})" for p in people if not p.done)
                 raise DemoError(f"not done within {timeout_s:.0f}s: {waiting}; logs in {procs.logs_dir}")
-            for p in people:
-                if p.done:
-                    continue
-                _observe(conn, http, serve_url, p, say)
+            open_users = [p for p in people if not p.done]
+            with database.connection() as conn:
+                states = training.states_of(conn, [p.user_id for p in open_users])
+                for p in open_users:
+                    _observe(conn, http, serve_url, p, states.get(p.user_id), say)
             if time.monotonic() - last_print > 30:
                 counts: dict[str, int] = {}
                 for p in people:
                     state = p.outcome or p.state.split(" ")[0]
                     counts[state] = counts.get(state, 0) + 1
-                steps = _training_steps(procs.log("worker"), [p.user_id for p in people if p.state == "training"])
+                steps = {
+                    p.user_id: st.progress
+                    for p in people
+                    if p.state == "training" and (st := states.get(p.user_id)) is not None and st.progress is not None
+                }
                 console.print(
                     f"      {time.monotonic() - started:6.0f}s  waiting: "
                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                    + (f" (steps: {', '.join(f'{u[-3:]} {s}' for u, s in steps.items())})" if steps else "")
+                    + (
+                        f" (steps: {', '.join(f'{u[-3:]} {g.step}/{g.max_steps}' for u, g in sorted(steps.items()))})"
+                        if steps
+                        else ""
+                    )
                 )
                 last_print = time.monotonic()
             time.sleep(1.0)
 
 
-_STEP = re.compile(r" (\S+): step (\d+/\d+), loss ")
-
-
-def _training_steps(worker_log: Path, users: list[str]) -> dict[str, str]:
-    """The last ``step N/M`` the training worker logged for each of ``users`` (the end of its log only)."""
-    try:
-        with worker_log.open("rb") as f:
-            f.seek(max(0, worker_log.stat().st_size - 65536))
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return {}
-    wanted, found = set(users), {}
-    for m in _STEP.finditer(tail):
-        if m.group(1) in wanted:
-            found[m.group(1)] = m.group(2)
-    return dict(sorted(found.items()))
-
-
-def _observe(conn: psycopg.Connection, http: httpx.Client, serve_url: str, p: UserRun, say: Any) -> None:
+def _observe(
+    conn: Any, http: httpx.Client, serve_url: str, p: UserRun, state: training.TrainingState | None, say: Say
+) -> None:
     revs = registry.list_revisions(conn, p.user_id)
     new = [r for r in revs if r.revision_id not in p.known_revisions]
     if not new:
-        row = conn.execute(
-            "SELECT queued_at IS NOT NULL, coalesce(lease_expires_at > now(), false) FROM user_state"
-            " WHERE user_id = %s",
-            (p.user_id,),
-        ).fetchone()
-        if row and row[1]:
+        if state is not None and state.training:
             say(p, "training")
-        elif row and row[0]:
+        elif state is not None and state.queued:
             say(p, "queued for training")
         return
     rev = new[-1]
@@ -497,7 +402,7 @@ def _observe(conn: psycopg.Connection, http: httpx.Client, serve_url: str, p: Us
         say(p, f"serving {_short(p.revision_id)} ({p.seconds_to_serving or 0:.0f}s after its first event)")
 
 
-def _side_by_side(serve_url: str, people: list[UserRun], options: DemoOptions, model_settings: Any) -> list:
+def _side_by_side(serve_url: str, people: list[UserRun], options: DemoOptions) -> list[tuple[str, str, str]]:
     """The prompt answered by the base and by two promoted users of different styles (greedy, same tokens)."""
     with httpx.Client(timeout=300) as http:
         base_id = http.get(f"{serve_url}/healthz").json()["base"]

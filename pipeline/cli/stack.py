@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.cli_common import make_console
+from pipeline.cli.common import console as _out
 from pipeline.config import Settings
 from pipeline.stack import ServiceStatus, StackError, down, effective_urls, status, up
 
@@ -20,7 +20,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-_out = make_console()
 _err = Console(stderr=True)
 
 

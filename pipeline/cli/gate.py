@@ -1,12 +1,13 @@
-"""`persona gate ...`: the operator's gating rules from the command line (mounted by pipeline.cli)."""
+"""`persona gate check|replay`: the operator's gating rules from the command line."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from pipeline.cli.common import console, open_stores
 from pipeline.domain.gating import effective_rules, ruleset_digest
 from pipeline.evaluation.rules import RulesError, load_rules
 
@@ -55,9 +56,9 @@ def replay_command(
 
     from rich.table import Table
 
-    from pipeline.cli_common import make_console, resolved_db
-    from pipeline.domain.gating import Decision, PastDecision, flips
-    from pipeline.storage import db, decisions
+    from pipeline.domain.gating import Decision
+    from pipeline.domain.replay import PastDecision, flips
+    from pipeline.storage import decisions
 
     try:
         ruleset = load_rules(rules)
@@ -69,12 +70,12 @@ def replay_command(
         t = datetime.fromisoformat(since) if since else None
     except ValueError as e:
         raise typer.BadParameter(f"--since must be RFC 3339 or YYYY-MM-DD, got {since!r}") from e
-    with db.connect(resolved_db()) as conn:
+    with open_stores() as stores, stores.db.connection() as conn:
         stored = [d for d in decisions.since(conn, t) if d.outcome != "stale"]  # stale: no rules were applied
     by_id = {d.id: d for d in stored}
     past = [PastDecision(d.id, d.metrics, d.user_id, d.app, d.passed, Decision.from_dict(d.results)) for d in stored]
     found = flips(past, ruleset)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "revision_id": by_id[f.id].revision_id,
             "user_id": by_id[f.id].user_id,
@@ -88,7 +89,6 @@ def replay_command(
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    console = make_console()
     table = Table(
         "revision",
         "user",

@@ -1,14 +1,39 @@
-"""The tables `persona demo` ends with: what happened to the input, one row per user, and the side-by-side answers."""
+"""What `persona demo` follows per user (`UserRun`) and the tables it ends with: what happened to the input, one
+row per user, and the side-by-side answers."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from pipeline.demo import UserRun
+
+@dataclass
+class UserRun:
+    """What happened to one simulated user in this run."""
+
+    user_id: str
+    register: str
+    sent: int = 0
+    first_event_at: float | None = None  # monotonic
+    known_revisions: frozenset[str] = frozenset()
+    state: str = "sending"
+    revision_id: str | None = None
+    chain: list[str] = field(default_factory=list)
+    outcome: str | None = None
+    reason: str = ""
+    nll_base: float | None = None
+    nll_current: float | None = None  # the revision serving when the candidate was judged (None: first one)
+    nll_candidate: float | None = None
+    train_events: int = 0
+    holdout_events: int = 0
+    served_revision: str | None = None
+    seconds_to_serving: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None and (self.outcome != "promoted" or self.served_revision == self.revision_id)
 
 
 def _nll(p: UserRun) -> str:

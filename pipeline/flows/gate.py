@@ -1,0 +1,182 @@
+"""The evaluation gate: judge one candidate revision against the revision serving now, decide, and promote.
+
+Order (each step idempotent, so a redelivered task repeats nothing that was done):
+
+1. a candidate already decided is not judged again (its decision is returned; a promotion is re-announced);
+2. a candidate whose parent is not the production revision any more is ``stale``: rejected without metrics;
+3. metrics of the candidate, the current production revision and the base on the user's holdout events (the same
+   evidence for all three) and the drift of each from the base on fixed probe prompts;
+4. the operator's rules decide; the decision row (metrics, every rule's inputs and outcome, one-line reason) and
+   the revision's status are written in one transaction, together with the compare-and-swap of the production
+   alias from the candidate's parent when it passed (a concurrent move makes the candidate stale instead);
+5. after that commit: the pointer users/{user}/production.json is published and the promotion announced on
+   persona.promotions.v1 (`pipeline.flows.promotion.announce_serving`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ModelSettings
+from pipeline.domain.errors import Conflict, PersonaError
+from pipeline.domain.examples import TrainingEvent
+from pipeline.domain.gating import Decision, RuleSet, decide, ruleset_digest
+from pipeline.domain.revisions import Revision
+from pipeline.evaluation.metrics import evaluate, load_probes
+from pipeline.flows.promotion import announce_serving
+from pipeline.models.base import load_configured
+from pipeline.observability import metrics as prom
+from pipeline.serving.promotions import Announcer
+from pipeline.storage import decisions, registry, training
+from pipeline.storage.stores import Stores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """What judging needs besides the stores: the base, the probe prompts file, the evidence bounds."""
+
+    model: ModelSettings
+    probes: Path
+    min_preference_pairs: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class GateResult:
+    revision_id: str
+    user_id: str
+    outcome: str  # promoted | rejected | stale
+    reason: str
+    decision: decisions.StoredDecision
+
+
+def _holdout(events: list[TrainingEvent]) -> tuple[list[TrainingEvent], int]:
+    return [e for e in events if e.split == "holdout"], sum(1 for e in events if e.split == "train")
+
+
+def judge(
+    revision_id: str,
+    *,
+    stores: Stores,
+    announcer: Announcer,
+    config: GateConfig,
+    rules: RuleSet,
+    rules_source: str,
+) -> GateResult:
+    """Judge ``revision_id`` and promote it if it passes. Safe to repeat."""
+    started = time.monotonic()
+    with stores.db.connection() as conn:
+        cand = registry.get_revision(conn, revision_id)
+        done = decisions.get(conn, cand.revision_id)
+        if done is not None:
+            log.info("%s: %s was already decided (%s)", cand.user_id, cand.revision_id, done.outcome)
+            if done.outcome == "promoted":
+                announce_serving(stores, announcer, cand.user_id, "gate", only=cand.revision_id, strict=True)
+            return GateResult(cand.revision_id, cand.user_id, done.outcome, done.reason, done)
+        user = registry.get_user(conn, cand.user_id)
+        current = registry.production(conn, cand.user_id)
+        holdout, train_count = _holdout(training.training_events(conn, cand.user_id, 2**62))
+
+    record = _Recorder(stores, announcer, cand, user.app, current.revision_id if current else None, rules_source)
+    digest = ruleset_digest(rules)
+    if cand.parent_id != record.current_id:
+        reason = f"stale: its parent {cand.parent_id or 'none'} is not production ({record.current_id or 'none'} is)"
+        decision = Decision(passed=False, reason=reason, results=(), rules_digest=digest)
+        return record("stale", False, reason, {}, decision.to_dict(), digest, started)
+
+    base = load_configured(config.model)
+    with tempfile.TemporaryDirectory(prefix="persona-gate-") as tmp:
+        reg = stores.registry
+        cand_dir = reg.download(cand, Path(tmp) / "candidate")
+        cur_dir = reg.download(current, Path(tmp) / "current") if current is not None else None
+        m = evaluate(
+            base,
+            candidate_dir=cand_dir,
+            current_dir=cur_dir,
+            holdout_events=holdout,
+            train_events_count=train_count,
+            new_events_count=int(cand.manifest["training"].get("new_events", 0)),
+            probes=load_probes(config.probes),
+            min_preference_pairs=config.min_preference_pairs,
+            max_length=config.max_length,
+        )
+    decision = decide(rules, m, user_id=cand.user_id, app=user.app)
+    for r in decision.results:
+        prom.GATE_RULE_OUTCOMES.labels(r.name, r.outcome).inc()
+    outcome = "promoted" if decision.passed else "rejected"
+    return record(outcome, decision.passed, decision.reason, m, decision.to_dict(), digest, started)
+
+
+@dataclass
+class _Recorder:
+    """Step 4 and 5 for one candidate: the decision row, the status or alias swap, then pointer and announcement."""
+
+    stores: Stores
+    announcer: Announcer
+    cand: Revision
+    app: str
+    current_id: str | None
+    rules_source: str
+
+    def __call__(
+        self,
+        outcome: str,
+        passed: bool,
+        reason: str,
+        m: dict[str, Any],
+        results: dict[str, Any],
+        digest: str,
+        started: float,
+    ) -> GateResult:
+        cand = self.cand
+        with self.stores.db.connection() as conn:
+            try:
+                with conn.transaction():
+                    if outcome == "promoted":
+                        registry.move_alias(
+                            conn, cand.user_id, cand.revision_id, expected=cand.parent_id, reason="gate", actor="gate"
+                        )
+                    else:
+                        registry.set_rejected(conn, cand.revision_id)
+                    stored = decisions.insert(
+                        conn,
+                        revision_id=cand.revision_id,
+                        user_id=cand.user_id,
+                        app=self.app,
+                        current_revision_id=self.current_id,
+                        outcome=outcome,
+                        passed=passed,
+                        reason=reason,
+                        metrics=m,
+                        results=results,
+                        rules_digest=digest,
+                        rules_source=self.rules_source,
+                    )
+                    if stored is None:  # decided meanwhile by another attempt: keep that one
+                        raise _AlreadyDecided
+            except _AlreadyDecided:
+                kept = decisions.get(conn, cand.revision_id)
+                if kept is None:  # pragma: no cover - the insert conflicted with this very row
+                    raise PersonaError(f"the decision of {cand.revision_id} vanished") from None
+                return GateResult(cand.revision_id, cand.user_id, kept.outcome, kept.reason, kept)
+            except Conflict:
+                # The alias moved between our read and the swap: the candidate is stale now.
+                stale = f"stale: production moved while {cand.revision_id} was judged"
+                return self("stale", passed, stale, m, results, digest, started)
+        prom.GATE_DECISIONS.labels(outcome).inc()
+        prom.GATE_SECONDS.observe(time.monotonic() - started)
+        log.info("%s: %s %s: %s", cand.user_id, cand.revision_id, outcome, reason)
+        if outcome == "promoted":  # a broker failure raises: the task is retried and announces then (step 1)
+            announce_serving(self.stores, self.announcer, cand.user_id, "gate", only=cand.revision_id, strict=True)
+        return GateResult(cand.revision_id, cand.user_id, outcome, reason, stored)
+
+
+class _AlreadyDecided(Exception):
+    pass

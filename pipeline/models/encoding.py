@@ -1,0 +1,94 @@
+"""Text to token ids for a base model: one example's ids and labels, the chat rendering, padding and batching.
+
+Training (`pipeline.training`) and evaluation (`pipeline.evaluation.metrics`) both encode examples here, so the
+prompt is masked in exactly the same way when a model is trained and when it is scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.domain.examples import Example
+
+#: The label of a position that carries no loss (torch's ``cross_entropy`` default ``ignore_index``).
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of one example and its labels (the ids, or IGNORE where no loss is taken)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> EncodedExample:
+    """Token ids and labels of one example: loss on the target tokens (and the end of turn) only.
+
+    With a prompt, the chat template renders a user turn and an assistant turn; the prompt part (the template with
+    ``add_generation_prompt``) is masked. Both parts are tokenized separately so the mask is exact and the target
+    tokens are those the model produces after the prompt at serving time. Without a prompt, the target is plain
+    text. EOS is appended unless the rendering already ends the turn with it. When too long, the prompt loses its
+    beginning first, and the target keeps at least half of ``max_length``.
+    """
+    eos = tokenizer.eos_token_id
+    if example.prompt is None:
+        prompt_ids: list[int] = []
+        target_ids = list(tokenizer(example.target, add_special_tokens=True)["input_ids"])
+    else:
+        prompt_text, target_text = render_chat(tokenizer, example.prompt, example.target)
+        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        target_ids = list(tokenizer(target_text, add_special_tokens=False)["input_ids"])
+    if eos is not None and eos not in target_ids[-2:]:
+        target_ids.append(eos)
+    if len(prompt_ids) + len(target_ids) > max_length:
+        keep_prompt = min(len(prompt_ids), max(max_length - len(target_ids), max_length // 2))
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
+        target_ids = target_ids[: max_length - keep_prompt]
+    return EncodedExample(prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> tuple[str, str]:
+    """(prompt text, target text) of one exchange: the prompt as a user turn up to the generation prompt, the
+    target as the assistant's answer (what the model writes after it); plain text when there is no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        # A base without a chat template (a plain local model): the prompt is context on its own line.
+        return prompt + "\n", target
+    user = [{"role": "user", "content": prompt}]
+    # tokenize=False: the templates return text.
+    head = str(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
+    full = str(tokenizer.apply_chat_template([*user, {"role": "assistant", "content": target}], tokenize=False))
+    if full.startswith(head):
+        return head, full[len(head) :]
+    # A template that renders the last assistant turn differently from a generation prompt: mask what they share.
+    shared = 0
+    while shared < min(len(head), len(full)) and head[shared] == full[shared]:
+        shared += 1
+    return full[:shared], full[shared:]
+
+
+def collate(batch: Sequence[EncodedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``labels`` ``[len(batch), longest]`` on ``device``, right-padded with
+    ``pad_id`` (mask 0, label IGNORE)."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token id that fills padded positions: the tokenizer's pad token, else its EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # padding is masked out of attention and loss, so any id will do
