@@ -1,5 +1,5 @@
 """When a user is due for a retrain. Pure: the scheduler's SQL (storage/training.py) implements the same rule,
-and tests/unit/test_policy.py checks both against the same cases."""
+and tests/unit/domain/test_policy.py checks both against the same cases."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ nothing), so an r=1 adapter in an r=8 slot moves 1/8 of the bytes: mixed ranks c
 padding. The torch path gathers the rows' slots and runs two batched matmuls; padded rows are zero, so it is
 exact too. The torch path is the CPU path and the reference the Triton kernels are checked against; both are
 tested against the project's one per-row LoRA layer, `pipeline.models.multilora.MultiLoraLinear`, through the
-fast engine (tests/unit/test_engine_fast.py; the Triton kernels where CUDA is present). Decode attention
+fast engine (tests/unit/serving/test_engine_fast.py; the Triton kernels where CUDA is present). Decode attention
 (grouped-query, one token per row) has a Triton kernel and a torch reference too.
 """
 

@@ -18,7 +18,7 @@ and gate|up into one matrix each); the base itself is never modified.
 - **LoRA**: decode uses the Triton kernels of `lora_ops` (per-row slot gather, masked to each slot's rank) on CUDA
   and the torch gather+bmm path elsewhere; the sequence forward always uses the torch path (rows share their
   adapter over all their tokens, so that is two well-shaped batched matmuls). Both equal, up to float rounding,
-  `pipeline.models.multilora.MultiLoraLinear` on the same adapters (tests/unit/test_engine_fast.py).
+  `pipeline.models.multilora.MultiLoraLinear` on the same adapters (tests/unit/serving/test_engine_fast.py).
 """
 
 from __future__ import annotations

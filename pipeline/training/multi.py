@@ -1,7 +1,7 @@
 """Batched training: many users' LoRA adapters in one forward/backward pass on the one frozen base.
 
 `train_adapters` trains K users at once and gives each the adapter `pipeline.training.lora.train_adapter` would
-have given it alone (the same within float rounding; tests/unit/test_training_multi.py checks it against stock
+have given it alone (the same within float rounding; tests/unit/training/test_multi.py checks it against stock
 peft). What makes that hold, per user:
 
 - the same start: each user's LoRA is created by peft exactly as the single-user path does (fresh from the

@@ -30,7 +30,7 @@ from pipeline.models.base import (
 
 @pytest.fixture(autouse=True)
 def fresh_cache(monkeypatch):
-    # Unit tests never convert the real SmolLM2 (tests/integration/test_model_prepare.py does); tests that need a
+    # Unit tests never convert the real SmolLM2 (tests/integration/models/test_prepare.py does); tests that need a
     # build patch in a fake one.
     monkeypatch.setattr(prep, "_build_smollm2", lambda *a: pytest.fail("a unit test started a real SmolLM2 build"))
     clear_cache()

@@ -11,7 +11,7 @@ import pytest
 from pipeline.demo import sim
 from pipeline.storage import apps
 from tests.integration.helpers import api_server, drain, fresh_topics, rows_and_pending
-from tests.unit.test_events import INVALID
+from tests.unit.domain.test_events import INVALID
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from pipeline.config import ROOT
 from pipeline.demo import sim
 from pipeline.ingest.codec import DLQ_CODE, DLQ_SOURCE, reasons_from_headers
 from tests.integration.helpers import drain, fresh_topics, read_topic, rows_and_pending
-from tests.unit.test_events import INVALID
+from tests.unit.domain.test_events import INVALID
 
 pytestmark = pytest.mark.integration
 
