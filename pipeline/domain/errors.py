@@ -87,16 +87,12 @@ class Unavailable(PersonaError):
     retry_after_s: ClassVar[float | None] = 1.0
 
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error"}  # fmt: skip
-
-
 def error_body(
     status: int, code: str, message: str, param: str | None = None, **extra: Any
 ) -> dict[str, dict[str, Any]]:
-    """The OpenAI-shaped error body: ``{"error": {"message", "type", "param", "code"}}`` (plus ``extra`` fields)."""
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    """The OpenAI-shaped error body: ``{"error": {"message", "type", "param", "code"}}`` (plus ``extra`` fields);
+    ``type`` is ``invalid_request_error`` below 500 (as OpenAI's, 401 and 429 included), else ``server_error``."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code, **extra}}
 
 

@@ -2,8 +2,8 @@
 
 Pure logic: no I/O. The published contract is schemas/events/interaction.v1.json; this validator implements it
 by hand because it is on the ingest hot path (a few microseconds an event, against ~100 for a generic JSON Schema
-validator) and because it gives one specific reason per mistake. tests/unit/domain/test_events.py checks that both agree
-on every case.
+validator) and because it gives one specific reason per mistake. tests/unit/domain/test_events.py checks that both
+agree on every case.
 """
 
 from __future__ import annotations

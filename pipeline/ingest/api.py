@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
-from pipeline.domain.errors import PersonaError, body_of, error_body
+from pipeline.domain.errors import PersonaError, Unauthorized, body_of, error_body
 from pipeline.domain.events import Event, Reason, Rejected, validate
 from pipeline.ingest.producer import EventProducer, ProducerError
 from pipeline.observability import metrics
@@ -31,6 +31,12 @@ from pipeline.storage import apps as app_store
 from pipeline.storage.db import Database
 
 log = logging.getLogger(__name__)
+
+
+class MissingApiKey(Unauthorized):
+    """The request carries no application key."""
+
+    code = "missing_api_key"
 
 
 def _error(status: int, code: str, message: str, param: str | None = None, **headers: str) -> JSONResponse:
@@ -86,10 +92,10 @@ def create_app(
         started = time.perf_counter()
         key = _api_key(request)
         if not key:
-            return _error(401, "missing_api_key", "send the application's key as 'Authorization: Bearer <key>'")
+            raise MissingApiKey("send the application's key as 'Authorization: Bearer <key>'")
         app_id = await run_in_threadpool(authenticate, key)
         if app_id is None:
-            return _error(401, "invalid_api_key", "the API key is unknown or revoked")
+            raise Unauthorized("the API key is unknown or revoked")
 
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:

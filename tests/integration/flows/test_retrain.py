@@ -390,3 +390,26 @@ def test_a_batch_trains_its_users_together_and_a_bad_user_fails_alone(
     assert pending == 20  # nothing consumed: the next attempt writes the planned revision
     assert [r.revision_id for r in revisions_of(own_services.db, bad)] == [poisoned.revision_id]
     assert "training loss is nan" in worker.log.read_text()
+
+
+def test_persona_beat_once_hands_over_to_the_workers_package_and_enqueues(own_services, env, celery):
+    """`persona beat --once` runs `python -m workers beat --once` in its place: one tick, one task for the due user,
+    on the broker the environment names."""
+    u = f"beat-{uuid.uuid4().hex[:6]}"
+    add_events(own_services.db, u, 12, seed=70)
+    broker = redis.Redis.from_url(celery.conf.broker_url)
+    before = broker.llen("train")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "beat", "--once"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "enqueued" in done.stdout and u in done.stdout  # (other users of this module's database may be due too)
+    tasks = broker.lrange("train", 0, -1)
+    assert len(tasks) > before and any(u.encode() in t for t in tasks)
+    with psycopg.connect(own_services.db.url) as conn:
+        assert conn.execute("SELECT queued_at IS NOT NULL FROM user_state WHERE user_id = %s", (u,)).fetchone()[0]

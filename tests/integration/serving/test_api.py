@@ -300,7 +300,7 @@ def assert_openai_error(r: httpx.Response, status: int, code: str, *, retry_afte
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == code and error["message"] and set(error) >= {"message", "type", "param", "code"}, error
-    assert error["type"] == ("rate_limit_error" if status == 429 else "server_error")
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
     assert ("retry-after" in r.headers) is retry_after
 
 
