@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: demo test tools nginx lint bench-ingest bench-registry bench-train model-prepare stack-up stack-down stack-status clean
+.PHONY: demo test tools nginx lint bench-ingest model-prepare stack-up stack-down stack-status clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (Debian: apt-get install python3.11 python3.11-venv)"; exit 1; }

@@ -1,6 +1,6 @@
 """Benchmark: seconds per user retrain on this machine's CPU, and adapter bytes per user.
 
-A retrain is the real job (pipeline/training/job.py): lease, events from PostgreSQL, examples, LoRA training
+A retrain is the real use case (pipeline/flows/retrain.py): lease, events from PostgreSQL, examples, LoRA training
 with the configured defaults (r=8 on q_proj,v_proj, batch 8, <=128 tokens, at most 40 steps with early stopping),
 the candidate written through the registry (S3 objects verified, then the row). Each user has 100 simulated
 events; then 100 more arrive and the user is retrained from the first revision (the continual case).

@@ -1,8 +1,8 @@
 """Typed, frozen settings: one class per component, read from ``PERSONA_*`` environment variables.
 
-This module is the only reader of ``os.environ`` in the project. Every field has a description; the README's
-configuration table is generated from these classes (``persona config table``). Settings are validated when they
-are built, so a bad value fails at start with the variable's name and what is allowed.
+This module is the only reader of ``os.environ`` in the project. Every field has a description; the configuration
+table of docs/configuration.md is generated from these classes (``persona config table``). Settings are validated
+when they are built, so a bad value fails at start with the variable's name and what is allowed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _config(prefix: str) -> SettingsConfigDict:
 
 
 class DatabaseSettings(BaseSettings):
-    """PostgreSQL: the per-user event buffers and (later) the adapter registry."""
+    """PostgreSQL: the per-user event buffers, the training leases, the adapter registry and the gate's decisions."""
 
     model_config = _config("PERSONA_DB_")
 
@@ -160,7 +160,7 @@ class TrainingSettings(BaseSettings):
     learning_rate: float = Field(
         3e-4,
         gt=0,
-        description="AdamW learning rate (on SmolLM2, 1e-3 moved adapters past the gate's drift bound; see README).",
+        description="AdamW learning rate (on SmolLM2, 1e-3 moved adapters past the gate's default drift bound).",
     )
     batch_size: int = Field(8, ge=1, le=1024, description="Examples per optimizer step.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per example (longer ones are truncated).")

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
 from pipeline.domain.errors import PersonaError, Unauthorized, body_of, error_body
@@ -81,6 +82,17 @@ def create_app(
         if e.http_status >= 500:
             log.warning("answering %d %s: %s", e.http_status, e.code, e)
         return JSONResponse(body_of(e), status_code=e.http_status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # Routing errors (an unknown path, a wrong method) in the same shape as every other error.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error(e.status_code, code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def bug(_: Request, e: Exception) -> JSONResponse:
+        # Not raised on purpose: a bug. Answered 500 in the usual shape; Starlette logs the traceback.
+        return _error(500, "internal_error", "internal error; see the ingest API's log")
 
     def authenticate(key: str) -> str | None:
         database: Database = state["db"]
@@ -172,8 +184,7 @@ def create_app(
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         try:
-            with state["db"].connection() as conn:
-                conn.execute("SELECT 1")
+            state["db"].ping()
         except Exception as e:
             return JSONResponse({"status": "unhealthy", "database": str(e)}, status_code=503)
         return JSONResponse({"status": "ok"})

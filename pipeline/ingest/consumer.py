@@ -9,8 +9,8 @@ The order of one poll batch (the checkpoint, as in quix-streams) is fixed:
 
 A crash anywhere before step 4 redelivers the batch: step 2 is idempotent, so the buffers still hold each event
 once; step 3 may then repeat a dead-letter record (its ``persona.dlq.source`` header identifies the duplicate).
-A crash after step 4 loses nothing because steps 2 and 3 completed first. Step 2 of batch N runs on a writer
-thread while batch N+1 is polled and decoded (see ``run``).
+A crash after step 4 loses nothing because steps 2 and 3 completed first. Step 2 of batch N is sent to PostgreSQL
+in pipeline mode and applied there while batch N+1 is polled and decoded in this thread (see ``run``).
 """
 
 from __future__ import annotations

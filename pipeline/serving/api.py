@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import Settings
 from pipeline.domain.errors import InvalidInput, PersonaError, body_of, error_body
@@ -50,6 +51,7 @@ def error_response(e: PersonaError) -> JSONResponse:
     return JSONResponse(body_of(e), e.http_status, headers=headers)
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 _ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/score", "/v1/models", "/healthz", "/metrics"})
 
 
@@ -92,6 +94,11 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(PersonaError)
     async def persona_error(_: Request, e: PersonaError) -> JSONResponse:
         return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # Routing errors (an unknown path, a wrong method) in the same shape as every other error.
+        return _error(e.status_code, str(e.detail), code=_HTTP_CODES.get(e.status_code, "http_error"))
 
     def parse(model_cls: type[BaseModel], raw: bytes) -> BaseModel:
         try:

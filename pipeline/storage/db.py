@@ -90,6 +90,11 @@ class Database:
         except psycopg.OperationalError as e:
             raise StorageError(f"PostgreSQL at {redact(self.settings.url)} failed: {e}") from e
 
+    def ping(self) -> None:
+        """Check that PostgreSQL answers (StorageError when it does not): a health check."""
+        with self.connection() as conn:
+            conn.execute("SELECT 1")
+
     def close(self) -> None:
         self.pool.close()
 

@@ -164,3 +164,11 @@ def test_health_and_metrics(services, api):
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     text = httpx.get(f"{url}/metrics").text
     assert "persona_ingest_events_total" in text
+
+
+def test_unknown_paths_and_methods_answer_in_the_error_shape(api):
+    url, _ = api
+    r = httpx.get(f"{url}/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{url}/v1/events")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"

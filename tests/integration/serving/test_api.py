@@ -372,3 +372,10 @@ def test_an_unreachable_object_store_or_database_gets_503_with_an_openai_body(wo
             assert_openai_error(r, 503, "database_unavailable", retry_after=True)
     finally:
         server.close()
+
+
+def test_unknown_paths_and_methods_answer_in_the_openai_error_shape(world):
+    r = httpx.get(f"{world['url']}/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and r.headers["x-persona-worker"]
+    r = httpx.get(f"{world['url']}/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
