@@ -153,9 +153,10 @@ class Tracer:
             self.climbs[(caller, module)] += 1
 
     def row(self, what: str) -> str:
+        climbs = ", ".join(f"{a} -> {b} x{n}" for (a, b), n in sorted(self.climbs.items()))
         return (
             f"| {what} | {len(self.entries)} | {sum(self.entries.values())} | {len(self.edges)} | "
-            f"{sum(self.climbs.values())} ({len(self.climbs)} distinct) |"
+            f"{sum(self.climbs.values())} ({climbs or '-'}) |"
         )
 
 
