@@ -100,7 +100,12 @@ class IngestSettings(BaseSettings):
     max_events: int = Field(1000, ge=1, le=100000, description="Maximum events in one POST /v1/events.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Maximum bytes of one POST /v1/events body.")
     produce_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the broker to acknowledge.")
-
+    producer_rebuild_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="After a failed produce, the broker client is rebuilt (its state may be fatal), at most once "
+        "per this many seconds.",
+    )
 
 class ConsumerSettings(BaseSettings):
     """Buffer consumer (`persona consume`): Kafka -> PostgreSQL buffers."""
@@ -113,6 +118,16 @@ class ConsumerSettings(BaseSettings):
     session_timeout_ms: int = Field(6000, ge=1000, description="Group session timeout (tansu joins fast at 6000).")
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus metrics port (0 = no metrics server).")
+    retry_initial_s: float = Field(
+        0.5, gt=0, description="First wait after a transient broker or database error (doubles on each retry)."
+    )
+    retry_max_s: float = Field(30.0, gt=0, description="Longest wait between retries of a transient error.")
+    dlq_max_record_bytes: int = Field(
+        1_000_000,
+        ge=4096,
+        description="Largest dead-letter record; a bigger rejected record is dead-lettered with its value "
+        "truncated (its original size and sha256 in headers).",
+    )
     failpoint: Literal["", "after_db_commit"] = Field(
         "",
         description="Testing only: `after_db_commit` makes the consumer SIGKILL itself after its first DB commit, "

@@ -28,12 +28,15 @@ class PersonaError(Exception):
 
     http_status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
-    #: Seconds a client should wait before retrying (the Retry-After header), when a retry can help.
-    retry_after_s: ClassVar[float | None] = None
+    #: Seconds a client should wait before retrying (the Retry-After header), when a retry can help; a class default
+    #: that one error may override (``retry_after_s=`` at construction).
+    retry_after_s: float | None = None
 
-    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+    def __init__(self, message: str = "", *, param: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.param = param
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
 class InvalidInput(PersonaError):
@@ -76,7 +79,7 @@ class CapacityExhausted(PersonaError):
 
     http_status = 429
     code = "capacity_exhausted"
-    retry_after_s: ClassVar[float | None] = 1.0
+    retry_after_s: float | None = 1.0
 
 
 class Unavailable(PersonaError):
@@ -84,7 +87,7 @@ class Unavailable(PersonaError):
 
     http_status = 503
     code = "dependency_unavailable"
-    retry_after_s: ClassVar[float | None] = 1.0
+    retry_after_s: float | None = 1.0
 
 
 def error_body(

@@ -11,6 +11,8 @@ request may be retried as is (event_id makes it idempotent). Errors have the Ope
 from __future__ import annotations
 
 import logging
+import math
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,7 +67,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state["db"] = Database(database or DatabaseSettings(), name="persona-ingest", wait=False)
-        state["producer"] = EventProducer(kafka, events)
+        # Built at the first request and rebuilt after a broker failure, so the API starts and heals without it.
+        state["producer"] = EventProducer(
+            kafka,
+            events,
+            connect=False,
+            rebuild_interval_s=cfg.producer_rebuild_interval_s,
+            max_block_s=cfg.produce_timeout_s,
+        )
         try:
             yield
         finally:
@@ -78,7 +87,7 @@ def create_app(
     async def persona_error(_: Request, e: PersonaError) -> JSONResponse:
         # e.g. StorageError (503) when PostgreSQL does not answer while authenticating
         metrics.INGEST_REQUESTS.labels(str(e.http_status)).inc()
-        headers = {"Retry-After": str(round(e.retry_after_s))} if e.retry_after_s else None
+        headers = {"Retry-After": str(math.ceil(e.retry_after_s))} if e.retry_after_s else None
         if e.http_status >= 500:
             log.warning("answering %d %s: %s", e.http_status, e.code, e)
         return JSONResponse(body_of(e), status_code=e.http_status, headers=headers)
@@ -168,7 +177,7 @@ def create_app(
                 "broker_unavailable",
                 "the event broker did not acknowledge the events; retry the "
                 "same request (event_id makes it idempotent)",
-                **{"Retry-After": "1"},
+                **{"Retry-After": str(math.ceil(e.retry_after_s or 1))},
             )
         n_rej = len(items) - len(accepted)
         metrics.INGEST_EVENTS.labels("accepted").inc(len(accepted))
@@ -183,17 +192,42 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
+        """Each dependency: ``ok`` or why not. 503 when one is down."""
+        checks: dict[str, str] = {}
         try:
             state["db"].ping()
+            checks["database"] = "ok"
         except Exception as e:
-            return JSONResponse({"status": "unhealthy", "database": str(e)}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            checks["database"] = f"down: {e}"
+        checks["broker"] = _broker_health(state["producer"], (kafka or KafkaSettings()).servers)
+        healthy = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "unhealthy", **checks}, status_code=200 if healthy else 503
+        )
 
     @app.get("/metrics")
     def prom() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _broker_health(producer: EventProducer, servers: list[str], timeout_s: float = 1.0) -> str:
+    """``ok`` when a bootstrap server accepts a connection and the last produce (if any failed) has been followed
+    by an acknowledged one; else what is wrong."""
+    errors = []
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                break
+        except (OSError, ValueError) as e:
+            errors.append(f"{server}: {e}")
+    else:
+        return "down: no bootstrap server accepts connections (" + "; ".join(errors) + ")"
+    if producer.last_error is not None:
+        return f"failing: {producer.last_error}"
+    return "ok"
 
 
 def serve(

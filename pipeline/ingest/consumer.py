@@ -11,6 +11,15 @@ A crash anywhere before step 4 redelivers the batch: step 2 is idempotent, so th
 once; step 3 may then repeat a dead-letter record (its ``persona.dlq.source`` header identifies the duplicate).
 A crash after step 4 loses nothing because steps 2 and 3 completed first. Step 2 of batch N is sent to PostgreSQL
 in pipeline mode and applied there while batch N+1 is polled and decoded in this thread (see ``run``).
+
+The consumer stops only when told to (``stop()``, SIGTERM). A record that cannot be decoded, validated or written
+for a reason of its own goes to the dead-letter topic with that reason: ``internal_error`` (with the exception's
+class) when handling it raised something unexpected, ``id_conflict`` when its event_id is stored with other
+content, ``db_rejected`` when PostgreSQL refused it alone. A record too large for the dead-letter topic goes there
+truncated (see codec.fit_dead_letter). Transient errors of the broker or of PostgreSQL (connection refused, a
+server restart, a rebalance, a failed commit) are retried with capped exponential backoff and jitter, forever,
+each retry logged and counted in ``persona_buffer_retries_total``; nothing moves past a batch until its events
+are in the database and its rejects in the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -22,28 +31,75 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.config import ConsumerSettings, DatabaseSettings, EventSettings, KafkaSettings
+from pipeline.domain.backoff import Backoff
 from pipeline.domain.events import EventLimits, Reason, Rejected, split_of
-from pipeline.ingest.codec import decode_record, dlq_headers, encode_event
+from pipeline.ingest.codec import (
+    DLQ_STORED_USER,
+    DLQ_USER,
+    decode_record,
+    dlq_headers,
+    encode_event,
+    fit_dead_letter,
+)
 from pipeline.observability import metrics
 from pipeline.storage import db
-from pipeline.storage.buffers import BufferedEvent, PendingWrite, WriteResult, begin_write, write_events
+from pipeline.storage.buffers import BufferedEvent, Conflict, PendingWrite, WriteResult, begin_write, write_events
 
 log = logging.getLogger(__name__)
 
-# Errors after which the same transaction may succeed on a new connection.
-_TRANSIENT = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+T = TypeVar("T")
+
+# Errors after which the same transaction may succeed on a new connection (StorageError: could not connect).
+_DB_TRANSIENT: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    db.StorageError,
+)
+# A commit refused because the group rebalanced: the partitions may belong to another member now, which re-reads
+# the records from the last committed offset (the database skips what this member wrote). Not worth a retry.
+_REBALANCED: tuple[type[Exception], ...] = (
+    CommitFailedError,
+    RebalanceInProgressError,
+    IllegalGenerationError,
+    UnknownMemberIdError,
+)
 
 
-#: A record to dead-letter (a Kafka ConsumerRecord, or a `_RecordRef` of a row the database refused) and why.
-Invalid = tuple[Any, tuple[Reason, ...]]
+class _Stopping(Exception):
+    """``stop()`` was called while waiting to retry: leave without finishing the batch (it is redelivered)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record to dead-letter: where it came from, its bytes, why, and reason-specific headers."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reasons: tuple[Reason, ...]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
 
 
 @dataclass
@@ -52,6 +108,7 @@ class BatchStats:
     inserted: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    conflicts: int = 0
 
 
 @dataclass
@@ -61,13 +118,21 @@ class _Batch:
     started: float
     records: int = 0
     valid: list[BufferedEvent] = field(default_factory=list)
-    invalid: list[Invalid] = field(default_factory=list)
+    invalid: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
     pending: PendingWrite | None = None
+    #: The original record of each valid event, by (partition, offset): dead-lettered as is on a conflict.
+    sources: dict[tuple[int, int], Any] = field(default_factory=dict)
+
+
+def _internal_error(e: BaseException, doing: str) -> Reason:
+    return Reason("", "internal_error", f"{type(e).__name__} while {doing}: {str(e)[:300]}")
 
 
 class BufferConsumer:
-    """One member of the buffer consumer group. ``run`` loops until ``stop()`` (or SIGTERM via ``main``)."""
+    """One member of the buffer consumer group. ``run`` loops until ``stop()`` (or SIGTERM via ``main``).
+
+    Creating one waits (retrying with backoff) until the broker answers."""
 
     def __init__(
         self,
@@ -83,10 +148,15 @@ class BufferConsumer:
         self.limits = EventLimits(ev.max_text_bytes, ev.max_meta_bytes)
         self.holdout_fraction = ev.holdout_fraction
         self.totals = BatchStats()
+        self.retries = 0  # transient errors retried so far (all dependencies)
         self.first_record_at: float | None = None  # monotonic time of the first record ``run`` received
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None
-        self._consumer = KafkaConsumer(
+        self._dlq: KafkaProducer | None = None
+        self._consumer: KafkaConsumer = self._retry("kafka", "connect", self._new_consumer)
+
+    def _new_consumer(self) -> KafkaConsumer:
+        return KafkaConsumer(
             self.kafka.topic_events,
             bootstrap_servers=self.kafka.servers,
             group_id=self.cfg.group_id,
@@ -98,9 +168,64 @@ class BufferConsumer:
             heartbeat_interval_ms=max(300, self.cfg.session_timeout_ms // 3),
             request_timeout_ms=self.kafka.request_timeout_ms,
         )
-        self._dlq = KafkaProducer(
-            bootstrap_servers=self.kafka.servers, acks="all", retries=5, client_id="persona-buffer-dlq"
-        )
+
+    def _dlq_producer(self) -> KafkaProducer:
+        if self._dlq is None:
+            self._dlq = KafkaProducer(
+                bootstrap_servers=self.kafka.servers,
+                acks="all",
+                retries=5,
+                # Duplicates in the DLQ are harmless (the source header names the record), and an idempotent
+                # producer can be left in a fatal state by a broker restart.
+                enable_idempotence=False,
+                max_request_size=self.cfg.dlq_max_record_bytes + 65536,
+                request_timeout_ms=self.kafka.request_timeout_ms,
+                client_id="persona-buffer-dlq",
+            )
+        return self._dlq
+
+    def _drop_dlq_producer(self) -> None:
+        if self._dlq is not None:
+            dlq, self._dlq = self._dlq, None
+            try:
+                dlq.close(timeout=1)
+            except Exception as e:  # closing a broken client: nothing more to do
+                log.debug("closing the dead-letter producer: %s", e)
+
+    # --- retries ---
+    def _retry(
+        self,
+        dependency: str,
+        operation: str,
+        fn: Callable[[], T],
+        transient: tuple[type[Exception], ...] = (KafkaError,),
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> T:
+        """``fn()``, retried after each transient error with capped exponential backoff and jitter, until it
+        succeeds or ``stop()`` is called (then _Stopping)."""
+        backoff = Backoff(self.cfg.retry_initial_s, max(self.cfg.retry_initial_s, self.cfg.retry_max_s))
+        while True:
+            try:
+                return fn()
+            except transient as e:
+                if on_error is not None:
+                    on_error(e)
+                if self._stop.is_set():
+                    raise _Stopping() from e
+                wait = backoff.next()
+                self.retries += 1
+                metrics.BUFFER_RETRIES.labels(dependency, operation).inc()
+                log.warning(
+                    "%s %s failed (%s: %s); retry %d in %.1fs",
+                    dependency,
+                    operation,
+                    type(e).__name__,
+                    str(e)[:300],
+                    backoff.attempt,
+                    wait,
+                )
+                if self._stop.wait(wait):
+                    raise _Stopping() from e
 
     # --- lifecycle ---
     def stop(self) -> None:
@@ -119,10 +244,10 @@ class BufferConsumer:
         in_flight: _Batch | None = None
         try:
             while not self._stop.is_set():
-                records = self._consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
+                records = self._poll()
                 batch = self._prepare(records) if records else None
                 if in_flight is not None:
-                    stats = self._finish(in_flight, *self._end_write(in_flight))
+                    stats = self._finish(in_flight, self._end_write(in_flight))
                     in_flight = None
                     if on_batch is not None:
                         on_batch(stats)
@@ -136,66 +261,110 @@ class BufferConsumer:
                 self._begin_write(batch)
                 in_flight = batch
             if in_flight is not None:  # stopping: finish the batch in hand (its records were read)
-                self._finish(in_flight, *self._end_write(in_flight))
+                self._finish(in_flight, self._end_write(in_flight))
+        except _Stopping:
+            log.info("stopped while retrying; the uncommitted records will be redelivered")
         finally:
             self.close()
 
     def close(self) -> None:
         try:
             self._consumer.close(autocommit=False)
+        except Exception as e:
+            log.warning("closing the Kafka consumer: %s", e)
         finally:
-            self._dlq.close(timeout=10)
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._drop_dlq_producer()
+            self._drop_connection()
 
     # --- one batch ---
     def process(self, records: dict[TopicPartition, list]) -> BatchStats:
         """Handle one poll result in the documented order, without pipelining; returns what it did."""
         batch = self._prepare(records)
-        return self._finish(batch, *self._write(batch.valid))
+        return self._finish(batch, self._write(batch))
+
+    def _poll(self) -> dict[TopicPartition, list]:
+        def poll() -> dict[TopicPartition, list]:
+            return self._consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
+
+        return self._retry("kafka", "poll", poll)
 
     def _prepare(self, records: dict[TopicPartition, list]) -> _Batch:
-        """Step 1: decode and validate; note the offsets to commit."""
+        """Step 1: decode and validate; note the offsets to commit. Never raises for a record's sake."""
         batch = _Batch(started=time.perf_counter())
         for tp, recs in records.items():
             for rec in recs:
-                result = decode_record(rec.value, rec.key, self.limits)
-                if isinstance(result, Rejected):
-                    batch.invalid.append((rec, result.reasons))
-                else:
-                    split = split_of(result.user_id, result.event_id, self.holdout_fraction)
-                    batch.valid.append(BufferedEvent(result, split, tp.partition, rec.offset))
+                try:
+                    result = decode_record(rec.value, rec.key, self.limits)
+                    if isinstance(result, Rejected):
+                        batch.invalid.append(self._dead_letter_of(rec, result.reasons))
+                    else:
+                        split = split_of(result.user_id, result.event_id, self.holdout_fraction)
+                        batch.valid.append(BufferedEvent(result, split, tp.partition, rec.offset))
+                        batch.sources[(tp.partition, rec.offset)] = rec
+                except Exception as e:  # a bug on some input: the record is dead-lettered, the rest goes on
+                    log.exception("unexpected error decoding %s/%s/%s", rec.topic, rec.partition, rec.offset)
+                    batch.invalid.append(self._dead_letter_of(rec, (_internal_error(e, "decoding the record"),)))
             if recs:
                 batch.records += len(recs)
                 batch.offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "", -1)
         return batch
 
-    def _finish(self, batch: _Batch, written: WriteResult, db_refused: list[Invalid]) -> BatchStats:
-        """Steps 2 and 4 (step 3, the DB write, is done): dead-letter, then commit offsets; count."""
-        invalid = batch.invalid + db_refused
+    @staticmethod
+    def _dead_letter_of(rec: Any, reasons: tuple[Reason, ...], **headers: str) -> DeadLetter:
+        return DeadLetter(rec.topic, rec.partition, rec.offset, rec.key, rec.value, reasons, headers)
+
+    def _finish(self, batch: _Batch, written: tuple[WriteResult, list[DeadLetter]]) -> BatchStats:
+        """Steps 3 and 4 (step 2, the DB write, is done): dead-letter, then commit offsets; count."""
+        result, db_refused = written
+        conflicts = [self._conflict(batch, c) for c in result.conflicts]
+        invalid = batch.invalid + db_refused + conflicts
         self._dead_letter(invalid)  # before the offsets move past them
         if self.cfg.failpoint == "after_db_commit":
             log.warning("failpoint after_db_commit: killing this process before the offset commit")
             os.kill(os.getpid(), signal.SIGKILL)
-        try:
-            self._consumer.commit(batch.offsets)
-            metrics.BUFFER_LAST_COMMIT.set_to_current_time()
-        except CommitFailedError as e:
-            # The group rebalanced: the new owner re-reads these records and the DB skips them as duplicates.
-            log.warning("offset commit failed after a rebalance; records will be redelivered: %s", e)
+        self._commit(batch.offsets)
 
-        stats = BatchStats(batch.records, written.inserted, written.duplicates, len(invalid))
-        for kind, n in written.inserted_by_kind.items():
+        stats = BatchStats(batch.records, result.inserted, result.duplicates, len(invalid), len(conflicts))
+        for kind, n in result.inserted_by_kind.items():
             metrics.BUFFER_EVENTS.labels(kind).inc(n)
-        metrics.BUFFER_DUPLICATES.inc(written.duplicates)
+        metrics.BUFFER_DUPLICATES.inc(result.duplicates)
+        metrics.BUFFER_ID_CONFLICTS.inc(len(conflicts))
         metrics.BUFFER_BATCH_RECORDS.observe(stats.records)
         metrics.BUFFER_BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         self.totals.records += stats.records
         self.totals.inserted += stats.inserted
         self.totals.duplicates += stats.duplicates
         self.totals.dead_lettered += stats.dead_lettered
+        self.totals.conflicts += stats.conflicts
         return stats
+
+    def _conflict(self, batch: _Batch, c: Conflict) -> DeadLetter:
+        reason = Reason(
+            "event_id",
+            "id_conflict",
+            f"event_id {c.event_id} is already stored with different content (for user {c.stored_user_id!r}); "
+            "the first event with an id is kept, send a new event_id for a new event",
+        )
+        headers = {DLQ_USER: c.user_id, DLQ_STORED_USER: c.stored_user_id}
+        rec = batch.sources.get((c.partition, c.offset)) if c.partition is not None and c.offset is not None else None
+        if rec is not None:
+            return self._dead_letter_of(rec, (reason,), **headers)
+        for b in batch.valid:  # written outside the consumer's batches (no record at hand): its canonical bytes
+            if b.event.event_id == c.event_id and b.event.user_id == c.user_id:
+                return _event_dead_letter(b, self.kafka.topic_events, reason, headers)
+        return DeadLetter(self.kafka.topic_events, -1, -1, c.user_id.encode(), None, (reason,), headers)
+
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        def commit() -> None:
+            try:
+                self._consumer.commit(offsets)
+                metrics.BUFFER_LAST_COMMIT.set_to_current_time()
+            except _REBALANCED as e:
+                # The new owner re-reads these records and the DB skips them as duplicates.
+                metrics.BUFFER_RETRIES.labels("kafka", "commit").inc()
+                log.warning("offset commit refused after a rebalance (%s); the records will be redelivered", e)
+
+        self._retry("kafka", "commit", commit)
 
     def _begin_write(self, batch: _Batch) -> None:
         """Send the batch's transaction without waiting; on any trouble leave it to the synchronous path."""
@@ -203,83 +372,98 @@ class BufferConsumer:
             return
         try:
             batch.pending = begin_write(self._connection(), batch.valid)
-        except psycopg.Error as e:
+        except Exception as e:
             log.warning("could not start the batch's transaction (%s); it will be written synchronously", e)
             self._drop_connection()
 
-    def _end_write(self, batch: _Batch) -> tuple[WriteResult, list[Invalid]]:
+    def _end_write(self, batch: _Batch) -> tuple[WriteResult, list[DeadLetter]]:
         if batch.pending is not None:
+            pending, batch.pending = batch.pending, None
             try:
-                return batch.pending.result(), []
-            except psycopg.Error as e:
+                return pending.result(), []
+            except Exception as e:
                 # Rolled back (or the connection died): write it again, with retries; it is idempotent.
                 log.warning("the batch's transaction failed (%s); writing it again", e)
                 self._drop_connection()
-        return self._write(batch.valid)
+        return self._write(batch)
 
-    def _dead_letter(self, invalid: list[Invalid]) -> None:
+    def _dead_letter(self, invalid: list[DeadLetter]) -> None:
+        """Produce ``invalid`` to the dead-letter topic and wait until the broker acknowledged every record,
+        retrying (with a new producer after a failure) until it did."""
         if not invalid:
             return
-        futures = []
-        for rec, reasons in invalid:
-            source = f"{rec.topic}/{rec.partition}/{rec.offset}"
-            futures.append(
-                self._dlq.send(
-                    self.kafka.topic_dlq,
-                    key=rec.key,
-                    value=rec.value,
-                    headers=dlq_headers(reasons, source),
-                )
-            )
-            metrics.BUFFER_REJECTED.labels(reasons[0].code if reasons else "unknown").inc()
-            log.info("dead-lettered %s: %s", source, "; ".join(f"{r.field}:{r.code}" for r in reasons))
-        self._dlq.flush(timeout=30)
-        for f in futures:
-            # An unacknowledged DLQ write must stop the batch: committing offsets would lose the record.
-            f.get(timeout=30)
+        records = []
+        for d in invalid:
+            headers = dlq_headers(d.reasons, d.source, d.headers)
+            key, value, headers, truncated = fit_dead_letter(d.key, d.value, headers, self.cfg.dlq_max_record_bytes)
+            if truncated:
+                metrics.BUFFER_DLQ_TRUNCATED.inc()
+                log.warning("dead-letter record for %s truncated to %d bytes", d.source, len(value or b""))
+            records.append((key, value, headers))
 
-    def _write(self, batch: list[BufferedEvent]) -> tuple[WriteResult, list[Invalid]]:
+        def send() -> None:
+            dlq = self._dlq_producer()
+            futures = [dlq.send(self.kafka.topic_dlq, key=k, value=v, headers=h) for k, v, h in records]
+            dlq.flush(timeout=30)
+            for f in futures:
+                # An unacknowledged DLQ write must stop the batch: committing offsets would lose the record.
+                f.get(timeout=30)
+
+        self._retry("kafka", "dead_letter", send, on_error=lambda _e: self._drop_dlq_producer())
+        for d in invalid:
+            metrics.BUFFER_REJECTED.labels(d.reasons[0].code if d.reasons else "unknown").inc()
+            log.info("dead-lettered %s: %s", d.source, "; ".join(f"{r.field}:{r.code}" for r in d.reasons))
+
+    def _write(self, batch: _Batch) -> tuple[WriteResult, list[DeadLetter]]:
         """Write the batch in one transaction, retrying transient errors; isolate rows the DB refuses."""
-        delay = 0.5
-        while True:
+        if not batch.valid:
+            return WriteResult(0, 0, {}), []
+        one_by_one = False
+
+        def write() -> tuple[WriteResult, list[DeadLetter]]:
+            nonlocal one_by_one
+            if one_by_one:
+                return self._write_one_by_one(batch.valid)
             conn = self._connection()
             try:
                 with conn.transaction():
-                    return write_events(conn, batch), []
-            except _TRANSIENT as e:
-                if self._stop.is_set():
-                    raise
-                metrics.BUFFER_DB_RETRIES.inc()
-                log.warning("database error, retrying the batch in %.1fs: %s", delay, e)
-                self._drop_connection()
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
-            except psycopg.Error as e:
-                log.error("the database refused the batch (%s); writing its events one by one", e)
-                return self._write_one_by_one(batch)
+                    return write_events(conn, batch.valid), []
+            except _DB_TRANSIENT:
+                raise
+            except Exception as e:
+                log.error("the database refused the batch (%s: %s); writing its events one by one", type(e), e)
+                one_by_one = True
+                return self._write_one_by_one(batch.valid)
 
-    def _write_one_by_one(self, batch: list[BufferedEvent]) -> tuple[WriteResult, list[Invalid]]:
+        return self._retry("database", "write", write, _DB_TRANSIENT, on_error=lambda _e: self._drop_connection())
+
+    def _write_one_by_one(self, batch: list[BufferedEvent]) -> tuple[WriteResult, list[DeadLetter]]:
         conn = self._connection()
         inserted, duplicates, by_kind = 0, 0, dict[str, int]()
-        refused: list[Invalid] = []
+        refused: list[DeadLetter] = []
+        conflicts: list[Conflict] = []
         with conn.transaction():
             for b in batch:
                 try:
                     with conn.transaction():  # a savepoint per event
                         r = write_events(conn, [b])
+                except _DB_TRANSIENT:
+                    raise
                 except psycopg.Error as e:
-                    refused.append(
-                        (
-                            _RecordRef(b, self.kafka.topic_events),
-                            (Reason("", "db_rejected", f"the database refused it: {e}"),),
-                        )
-                    )
+                    reason = Reason("", "db_rejected", f"the database refused it: {str(e)[:300]}")
+                    refused.append(_event_dead_letter(b, self.kafka.topic_events, reason))
+                    continue
+                except Exception as e:
+                    log.exception("unexpected error writing event %s", b.event.event_id)
+                    reason = _internal_error(e, "writing the event")
+                    refused.append(_event_dead_letter(b, self.kafka.topic_events, reason))
                     continue
                 inserted += r.inserted
                 duplicates += r.duplicates
+                conflicts.extend(r.conflicts)
                 for k, n in r.inserted_by_kind.items():
                     by_kind[k] = by_kind.get(k, 0) + n
-        return WriteResult(inserted, duplicates, by_kind), refused
+        return WriteResult(inserted, duplicates, by_kind, tuple(conflicts)), refused
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -288,21 +472,26 @@ class BufferConsumer:
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
+            conn, self._conn = self._conn, None
             try:
-                self._conn.close()
-            finally:
-                self._conn = None
+                conn.close()
+            except Exception as e:
+                log.debug("closing a broken database connection: %s", e)
 
 
-class _RecordRef:
-    """Enough of a Kafka record to dead-letter a valid-looking event that the database refused."""
-
-    def __init__(self, b: BufferedEvent, topic: str) -> None:
-        self.topic = topic
-        self.partition = b.partition
-        self.offset = b.offset
-        self.key = b.event.user_id.encode()
-        self.value = encode_event(b.event)
+def _event_dead_letter(
+    b: BufferedEvent, topic: str, reason: Reason, headers: dict[str, str] | None = None
+) -> DeadLetter:
+    """A dead-letter record for a decoded event (its canonical bytes) when the original record is not at hand."""
+    return DeadLetter(
+        topic,
+        b.partition if b.partition is not None else -1,
+        b.offset if b.offset is not None else -1,
+        b.event.user_id.encode(),
+        encode_event(b.event),
+        (reason,),
+        headers or {},
+    )
 
 
 def main(

@@ -14,6 +14,9 @@ are not sent and come back with their reasons.
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +38,16 @@ class ProducerError(Unavailable):
 
     code = "broker_unavailable"
 
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s=max(1.0, retry_after_s))
+
+
+def _close_quietly(client: KafkaProducer, timeout_s: float) -> None:
+    try:
+        client.close(timeout=timeout_s)
+    except Exception as e:  # a broken client: nothing more to do with it
+        log.debug("closing a failed Kafka client: %s", e)
+
 
 @dataclass
 class SendResult:
@@ -51,25 +64,88 @@ class SendResult:
 
 
 class EventProducer:
-    """Validates and produces interaction events. Thread-safe (kafka-python's producer is)."""
+    """Validates and produces interaction events. Thread-safe (kafka-python's producer is).
 
-    def __init__(self, kafka: KafkaSettings | None = None, events: EventSettings | None = None) -> None:
+    The Kafka client is built at construction (``connect=True``, the SDK: ProducerError when the broker does not
+    answer) or at the first send (``connect=False``, the ingest API: it starts while the broker is down). After a
+    failed send the client is dropped and a new one built by a later send, at most once per ``rebuild_interval_s``:
+    a client can stay broken after a broker restart, and a fresh one works at once. In between, sends fail fast
+    with ProducerError (its ``retry_after_s`` says when the next attempt is due).
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings | None = None,
+        events: EventSettings | None = None,
+        *,
+        connect: bool = True,
+        rebuild_interval_s: float = 2.0,
+        max_block_s: float | None = None,
+    ) -> None:
         self._kafka = kafka or KafkaSettings()
         ev = events or EventSettings()
         self.limits = EventLimits(ev.max_text_bytes, ev.max_meta_bytes)
-        try:
-            self._producer = KafkaProducer(
-                bootstrap_servers=self._kafka.servers,
-                acks="all",
-                # Retries may reorder or duplicate records; duplicates are harmless (event_id is the idempotency
-                # key) and order within a user only matters by ingestion position, which the buffer assigns.
-                retries=5,
-                linger_ms=5,
-                request_timeout_ms=self._kafka.request_timeout_ms,
-                client_id="persona-producer",
-            )
-        except KafkaError as e:
-            raise ProducerError(f"cannot reach Kafka at {self._kafka.bootstrap_servers}: {e}") from e
+        self.rebuild_interval_s = rebuild_interval_s
+        self._max_block_ms = int((max_block_s or self._kafka.request_timeout_ms / 1000) * 1000)
+        self._lock = threading.Lock()
+        self._producer: KafkaProducer | None = None
+        self._built_at = -math.inf  # monotonic time of the last build attempt
+        #: The last failure (None once a send was acknowledged after it): what /healthz reports.
+        self.last_error: str | None = None
+        if connect:
+            self._client()
+
+    def _build(self) -> KafkaProducer:
+        return KafkaProducer(
+            bootstrap_servers=self._kafka.servers,
+            acks="all",
+            # Retries may reorder or duplicate records; duplicates are harmless (event_id is the idempotency
+            # key) and order within a user only matters by ingestion position, which the buffer assigns. Not
+            # idempotent: an idempotent producer can be left in a fatal state by a broker restart, and event_id
+            # already makes duplicates harmless.
+            retries=5,
+            enable_idempotence=False,
+            linger_ms=5,
+            max_block_ms=self._max_block_ms,
+            request_timeout_ms=self._kafka.request_timeout_ms,
+            client_id="persona-producer",
+        )
+
+    def _client(self) -> KafkaProducer:
+        with self._lock:
+            if self._producer is not None:
+                return self._producer
+            wait = self._built_at + self.rebuild_interval_s - time.monotonic()
+            if wait > 0:
+                raise ProducerError(
+                    f"the broker at {self._kafka.bootstrap_servers} did not answer ({self.last_error}); "
+                    f"next attempt in {wait:.1f}s",
+                    retry_after_s=wait,
+                )
+            self._built_at = time.monotonic()
+            try:
+                self._producer = self._build()
+            except KafkaError as e:
+                metrics.INGEST_PRODUCER_REBUILDS.labels("failed").inc()
+                self.last_error = f"cannot reach Kafka at {self._kafka.bootstrap_servers}: {e!r}"
+                metrics.INGEST_BROKER_UP.set(0)
+                raise ProducerError(self.last_error, retry_after_s=self.rebuild_interval_s) from e
+            metrics.INGEST_PRODUCER_REBUILDS.labels("built").inc()
+            return self._producer
+
+    def _failed(self, client: KafkaProducer, error: str) -> None:
+        """Drop ``client`` (if still current) so that the next send builds a new one; close it in the background,
+        after the sends in flight on it had their time."""
+        self.last_error = error
+        metrics.INGEST_BROKER_UP.set(0)
+        with self._lock:
+            if self._producer is not client:
+                return
+            self._producer = None
+        log.warning("broker failure, the Kafka client will be rebuilt: %s", error)
+        threading.Thread(
+            target=_close_quietly, args=(client, self._max_block_ms / 1000), name="persona-producer-close", daemon=True
+        ).start()
 
     def check(self, objs: Iterable[Mapping[str, Any] | Event]) -> SendResult:
         """Validate without sending."""
@@ -92,20 +168,31 @@ class EventProducer:
 
     def produce_valid(self, events: list[tuple[int, Event]], *, timeout_s: float) -> None:
         """Produce already validated events and wait until every one is acknowledged."""
+        if not events:
+            return
+        client = self._client()
         futures = []
         try:
             for _, ev in events:
-                futures.append(
-                    self._producer.send(self._kafka.topic_events, key=ev.user_id.encode(), value=encode_event(ev))
-                )
-            self._producer.flush(timeout=timeout_s)
+                futures.append(client.send(self._kafka.topic_events, key=ev.user_id.encode(), value=encode_event(ev)))
+            client.flush(timeout=timeout_s)
             for f in futures:
                 f.get(timeout=timeout_s)
         except KafkaError as e:
-            raise ProducerError(f"Kafka did not acknowledge {len(events)} event(s): {e!r}") from e
+            self._failed(client, f"Kafka did not acknowledge {len(events)} event(s): {e!r}")
+            raise ProducerError(
+                f"Kafka did not acknowledge {len(events)} event(s): {e!r}", retry_after_s=self.rebuild_interval_s
+            ) from e
+        if self.last_error is not None:
+            log.info("the broker acknowledges again")
+        self.last_error = None
+        metrics.INGEST_BROKER_UP.set(1)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        self._producer.close(timeout=timeout_s)
+        with self._lock:
+            client, self._producer = self._producer, None
+        if client is not None:
+            client.close(timeout=timeout_s)
 
     def __enter__(self) -> EventProducer:
         return self

@@ -18,6 +18,15 @@ INGEST_REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+INGEST_PRODUCER_REBUILDS = Counter(
+    "persona_ingest_producer_rebuilds_total",
+    "Broker clients of the ingest API rebuilt after a failed produce, by outcome (built/failed).",
+    ["outcome"],
+)
+INGEST_BROKER_UP = Gauge(
+    "persona_ingest_broker_up", "1 when the ingest API's last produce was acknowledged (or none failed yet), else 0."
+)
+
 # --- producer SDK -----------------------------------------------------------------------------------------------
 PRODUCER_EVENTS = Counter(
     "persona_producer_events_total", "Events sent to Kafka by the producer SDK, by result.", ["result"]
@@ -43,8 +52,18 @@ BUFFER_BATCH_RECORDS = Histogram(
     "Records in one poll batch.",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
 )
-BUFFER_DB_RETRIES = Counter(
-    "persona_buffer_db_retries_total", "DB transactions of the buffer consumer retried after a transient error."
+BUFFER_RETRIES = Counter(
+    "persona_buffer_retries_total",
+    "Operations of the buffer consumer retried after a transient error, by dependency (kafka/database) and "
+    "operation (connect, poll, write, dead_letter, commit).",
+    ["dependency", "operation"],
+)
+BUFFER_ID_CONFLICTS = Counter(
+    "persona_buffer_id_conflicts_total",
+    "Records whose event_id was already buffered with different content (dead-lettered as id_conflict).",
+)
+BUFFER_DLQ_TRUNCATED = Counter(
+    "persona_buffer_dlq_truncated_total", "Dead-letter records whose value was truncated to fit the broker's limit."
 )
 BUFFER_LAST_COMMIT = Gauge(
     "persona_buffer_last_commit_timestamp_seconds", "Unix time of the buffer consumer's last offset commit."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 import psycopg
@@ -23,11 +23,25 @@ class BufferedEvent:
     offset: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A staged event whose event_id is stored with different content (another user, text, time, ...)."""
+
+    event_id: str
+    user_id: str
+    stored_user_id: str
+    partition: int | None
+    offset: int | None
+
+
 @dataclass(frozen=True)
 class WriteResult:
+    """What a batch did: rows inserted, exact duplicates skipped, and id conflicts (skipped, to be reported)."""
+
     inserted: int
     duplicates: int
     inserted_by_kind: dict[str, int]
+    conflicts: tuple[Conflict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,18 @@ SELECT kind, count(*) FROM ins GROUP BY kind
 """
 
 
+# A second statement (so that, under READ COMMITTED, it sees rows committed by concurrent writers while the merge
+# ran): staged events whose event_id is stored with other content. Rows this transaction inserted match themselves.
+# The content compared is what the event says (split, position and ingestion time are the buffer's own).
+_CONFLICTS = """
+SELECT s.event_id, s.user_id, e.user_id, s.source_partition, s.source_offset
+FROM stage_events s JOIN events e USING (event_id)
+WHERE (s.user_id, s.app, s.kind, s.occurred_at, s.payload, s.meta)
+      IS DISTINCT FROM (e.user_id, e.app, e.kind, e.occurred_at, e.payload, e.meta)
+ORDER BY s.source_partition, s.source_offset
+"""
+
+
 def _stage(conn: psycopg.Connection, batch: list[BufferedEvent]) -> None:
     conn.execute(_STAGE)
     with conn.cursor().copy(
@@ -95,7 +121,7 @@ def _stage(conn: psycopg.Connection, batch: list[BufferedEvent]) -> None:
                     e.app,
                     e.kind,
                     b.split,
-                    e.occurred_at,
+                    e.occurred_at.astimezone(UTC),  # PostgreSQL refuses offsets beyond +-15:59
                     orjson.dumps(e.payload).decode(),
                     None if e.meta is None else orjson.dumps(e.meta).decode(),
                     b.partition,
@@ -104,22 +130,26 @@ def _stage(conn: psycopg.Connection, batch: list[BufferedEvent]) -> None:
             )
 
 
-def _result(rows: list[tuple], n: int) -> WriteResult:
+def _result(rows: list[tuple], conflict_rows: list[tuple], n: int) -> WriteResult:
     by_kind = {str(k): int(c) for k, c in rows}
     inserted = sum(by_kind.values())
-    return WriteResult(inserted, n - inserted, by_kind)
+    conflicts = tuple(Conflict(str(r[0]), str(r[1]), str(r[2]), r[3], r[4]) for r in conflict_rows)
+    return WriteResult(inserted, n - inserted - len(conflicts), by_kind, conflicts)
 
 
 def write_events(conn: psycopg.Connection, batch: list[BufferedEvent]) -> WriteResult:
     """Insert a batch of events and update their users' counters, in the caller's transaction.
 
-    Idempotent: an event already stored (same event_id) is skipped and not counted again, so a batch that is
-    redelivered after a crash changes nothing. The caller commits; Kafka offsets are committed after that.
+    Idempotent: an event already stored (same event_id, same content) is skipped and not counted again, so a batch
+    that is redelivered after a crash changes nothing. An event whose event_id is stored with different content is
+    skipped too and returned in ``conflicts`` (the first writer of an id wins). The caller commits; Kafka offsets
+    are committed after that.
     """
     if not batch:
         return WriteResult(0, 0, {})
     _stage(conn, batch)
-    return _result(conn.execute(_MERGE).fetchall(), len(batch))
+    rows = conn.execute(_MERGE).fetchall()
+    return _result(rows, conn.execute(_CONFLICTS).fetchall(), len(batch))
 
 
 class PendingWrite:
@@ -131,6 +161,7 @@ class PendingWrite:
         self._conn = conn
         self._stack.enter_context(conn.pipeline())
         self._cursor = conn.execute(_MERGE)
+        self._conflicts = conn.execute(_CONFLICTS)
         conn.execute("COMMIT")
 
     def result(self) -> WriteResult:
@@ -138,6 +169,7 @@ class PendingWrite:
         and the error raised (the batch may then be written again: it is idempotent)."""
         try:
             rows = self._cursor.fetchall()
+            conflict_rows = self._conflicts.fetchall()
             self._stack.close()  # leaves pipeline mode: waits for the COMMIT
         except BaseException as e:
             self._stack.__exit__(type(e), e, e.__traceback__)
@@ -145,7 +177,7 @@ class PendingWrite:
                 with suppress(psycopg.Error):
                     self._conn.execute("ROLLBACK")
             raise
-        return _result(rows, self._n)
+        return _result(rows, conflict_rows, self._n)
 
 
 def begin_write(conn: psycopg.Connection, batch: list[BufferedEvent]) -> PendingWrite:

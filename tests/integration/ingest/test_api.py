@@ -161,7 +161,7 @@ def test_authentication(services, app_key, api):
 
 def test_health_and_metrics(services, api):
     url, _ = api
-    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
     text = httpx.get(f"{url}/metrics").text
     assert "persona_ingest_events_total" in text
 

@@ -51,3 +51,35 @@ def test_meta_bounds_hold_on_the_raw_fast_path():
     assert decode_record(big, b"u", limits).codes == ["too_large"]
     nul = orjson.dumps({**base, "meta": {"a": "x\x00"}})
     assert decode_record(nul, b"u", limits).codes == ["invalid_character"]
+
+
+def test_a_dead_letter_record_that_fits_is_unchanged():
+    from pipeline.ingest.codec import fit_dead_letter
+
+    headers = dlq_headers((Reason("kind", "type", "kind must be a string"),), "t/0/1")
+    key, value, out, truncated = fit_dead_letter(b"u1", b"x" * 1000, headers, 100_000)
+    assert (key, value, out, truncated) == (b"u1", b"x" * 1000, headers, False)
+
+
+def test_a_dead_letter_record_too_large_is_truncated_with_its_size_and_hash():
+    import hashlib
+
+    from pipeline.ingest.codec import (
+        DLQ_ORIGINAL_BYTES,
+        DLQ_ORIGINAL_SHA256,
+        DLQ_TRUNCATED,
+        MAX_DLQ_KEY_BYTES,
+        fit_dead_letter,
+    )
+
+    value = bytes(range(256)) * 10_000
+    headers = dlq_headers((Reason("text", "too_long", "text is too long"),), "t/0/1")
+    key, cut, out, truncated = fit_dead_letter(b"k" * 5000, value, headers, 100_000)
+    assert truncated and value.startswith(cut) and len(cut) > 90_000
+    assert len(key or b"") == MAX_DLQ_KEY_BYTES
+    size = len(key or b"") + len(cut or b"") + sum(len(n) + len(v) for n, v in out)
+    assert size <= 100_000
+    h = dict(out)
+    assert h[DLQ_TRUNCATED] == b"true" and int(h[DLQ_ORIGINAL_BYTES]) == len(value)
+    assert h[DLQ_ORIGINAL_SHA256].decode() == hashlib.sha256(value).hexdigest()
+    assert h["persona.dlq.original_key_bytes"] == b"5000"
