@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
+from pipeline.config import SCHEMAS_DIR, DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
 from pipeline.domain.errors import PersonaError, Unauthorized, body_of, error_body
 from pipeline.domain.events import Event, Reason, Rejected, validate
 from pipeline.ingest.producer import EventProducer, ProducerError
@@ -108,7 +108,16 @@ def create_app(
         with database.connection() as conn:
             return app_store.authenticate(conn, key)
 
-    @app.post("/v1/events", status_code=202)
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": events_body_schema(cfg.max_events)}},
+            }
+        },
+    )
     async def post_events(request: Request) -> Response:
         started = time.perf_counter()
         key = _api_key(request)
@@ -143,7 +152,11 @@ def create_app(
         results: list[dict[str, Any]] = []
         accepted: list[tuple[int, Event]] = []
         for i, obj in enumerate(items):
-            ev = validate(obj, producer.limits)
+            try:
+                ev = validate(obj, producer.limits)
+            except Exception as e:  # a bug on some input: that event is refused, the request still answers
+                log.exception("unexpected error validating event %d", i)
+                ev = Rejected((Reason("", "internal_error", f"{type(e).__name__} while validating the event"),))
             if isinstance(ev, Event) and ev.app != app_id:
                 ev = Rejected(
                     (
@@ -210,6 +223,27 @@ def create_app(
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def events_body_schema(max_events: int) -> dict[str, Any]:
+    """The body of POST /v1/events for the OpenAPI document: an array of interaction.v1 events (the schema file,
+    with its ``$defs`` inlined so that it stands alone inside the OpenAPI document)."""
+    schema = orjson.loads((SCHEMAS_DIR / "events" / "interaction.v1.json").read_bytes())
+    defs = schema.pop("$defs", {})
+    for name in ("$schema", "$id"):
+        schema.pop(name, None)
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"type": "array", "minItems": 1, "maxItems": max_events, "items": inline(schema)}
 
 
 def _broker_health(producer: EventProducer, servers: list[str], timeout_s: float = 1.0) -> str:

@@ -99,7 +99,11 @@ SELECT kind, count(*) FROM ins GROUP BY kind
 # The content compared is what the event says (split, position and ingestion time are the buffer's own).
 _CONFLICTS = """
 SELECT s.event_id, s.user_id, e.user_id, s.source_partition, s.source_offset
-FROM stage_events s JOIN events e USING (event_id)
+FROM stage_events s
+CROSS JOIN LATERAL (
+    SELECT user_id, app, kind, occurred_at, payload, meta FROM events WHERE events.event_id = s.event_id
+    OFFSET 0  -- not pulled up into a join: one primary-key probe per staged row, never a scan of events
+) e
 WHERE (s.user_id, s.app, s.kind, s.occurred_at, s.payload, s.meta)
       IS DISTINCT FROM (e.user_id, e.app, e.kind, e.occurred_at, e.payload, e.meta)
 ORDER BY s.source_partition, s.source_offset
