@@ -107,6 +107,7 @@ class IngestSettings(BaseSettings):
         "per this many seconds.",
     )
 
+
 class ConsumerSettings(BaseSettings):
     """Buffer consumer (`persona consume`): Kafka -> PostgreSQL buffers."""
 
@@ -301,7 +302,10 @@ class StackSettings(BaseSettings):
 
     data_dir: Path = Field(Path(".persona"), description="Directory of the stack's state, data and logs.")
     kafka_storage: Literal["memory", "s3"] = Field(
-        "memory", description="tansu storage: `memory` (lost on stop) or `s3` (kept in the S3 server)."
+        "s3",
+        description="Storage of the embedded broker (tansu): `s3` keeps every acknowledged record, topic and "
+        "consumer-group offset in bucket `tansu` of the stack's S3 server; `memory` (opt-in, faster) loses all of "
+        "them whenever the broker stops or crashes.",
     )
     postgres: Literal["auto", "external", "embedded"] = Field(
         "auto",

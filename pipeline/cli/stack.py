@@ -51,7 +51,11 @@ def _table(statuses: list[ServiceStatus]) -> Table:
 
 @app.command("up")
 def up_command() -> None:
-    """Start what is not already answering (idempotent); create the topics, buckets and database."""
+    """Start what is not already answering (idempotent); create the topics, buckets and database.
+
+    S3 starts first: tansu keeps its topics and consumer offsets in the S3 server's bucket `tansu`
+    (PERSONA_STACK_KAFKA_STORAGE=s3, the default), so they survive `down`/`up` and crashes.
+    """
     settings = Settings()
     try:
         statuses = up(settings, console_progress=_progress)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from pipeline.config import Settings
 from pipeline.stack.databases import PostgresService, RedisService
-from pipeline.stack.process import alive, ports_busy, start_time, wait_healthy
+from pipeline.stack.process import alive, ports_busy, start_time, wait_healthy, wait_ports_closed
 from pipeline.stack.services import KafkaService, S3Service, Service
 from pipeline.stack.state import (
     ServiceRecord,
@@ -68,19 +68,38 @@ def up(settings: Settings, *, console_progress: Progress | None = None) -> list[
     return statuses
 
 
+def _stop(svc: Service, rec: ServiceRecord) -> None:
+    """Stop a recorded service and wait until its ports are closed, so that it can be started again at once."""
+    svc.stop(rec)
+    try:
+        host, _ = svc.host_port(rec.address)
+        ports = svc.ports(rec.address)
+    except StackError:
+        return  # an address the settings no longer parse: nothing to wait for
+    busy = wait_ports_closed(host, ports)
+    if busy:
+        logger.warning(
+            "%s: port(s) %s on %s still accept connections after pid %d stopped", svc.name, busy, host, rec.pid
+        )
+
+
 def _keep_running(svc: Service, rec: ServiceRecord, report: Progress) -> ServiceStatus | None:
     """The status of a recorded service that is alive, healthy and still wanted; None after stopping it."""
     if svc.mode == "external":
         report(f"{svc.name}: settings now say external; stopping the embedded one (pid {rec.pid})")
     elif rec.address != svc.local:
         report(f"{svc.name}: pid {rec.pid} serves {svc.display(rec.address)}, settings want {svc.display(svc.local)}")
+    elif (why := svc.mismatch(rec)) is not None:
+        report(f"{svc.name}: pid {rec.pid} does not fit the settings ({why}); restarting it")
     else:
         ok, detail = svc.probe(rec.address)
         if ok:
             report(f"{svc.name}: already running at {svc.display(rec.address)} (pid {rec.pid})")
-            return ServiceStatus(svc.name, svc.display(rec.address), True, True, rec.pid, f"{svc.program}; {detail}")
+            return ServiceStatus(
+                svc.name, svc.display(rec.address), True, True, rec.pid, f"{svc.label(rec)}; {detail}"
+            )
         report(f"{svc.name}: pid {rec.pid} is alive but unhealthy ({detail}); restarting it")
-    svc.stop(rec)
+    _stop(svc, rec)
     return None
 
 
@@ -127,7 +146,10 @@ def _start(svc: Service, target: str, state: StackState, report: Progress) -> Se
             f"by something that does not answer as {svc.name}; free them or change the settings"
         )
     log = log_path(svc.settings.stack.data_dir, svc.name)
-    report(f"{svc.name}: starting {svc.program} on {svc.display(target)} ...")
+    report(f"{svc.name}: starting {svc.label()} on {svc.display(target)} ...")
+    caveat = svc.caveat()
+    if caveat is not None:
+        report(f"{svc.name}: {caveat}")
     proc, command, user = svc.start(target, log)
     rec = ServiceRecord(svc.name, proc.pid, start_time(proc.pid), target, command, str(log), user)
     state.services[svc.name] = rec
@@ -140,11 +162,11 @@ def _start(svc: Service, target: str, state: StackState, report: Progress) -> Se
             timeout_s=svc.settings.stack.start_timeout_s,
         )
     except StackError:
-        svc.stop(rec)
+        _stop(svc, rec)
         del state.services[svc.name]
         raise
     report(f"{svc.name}: healthy in {took:.1f}s (pid {proc.pid}, log {log})")
-    found = ServiceStatus(svc.name, svc.display(target), True, True, proc.pid, f"{svc.program}; {detail}")
+    found = ServiceStatus(svc.name, svc.display(target), True, True, proc.pid, f"{svc.label(rec)}; {detail}")
     return _prepared(svc, target, found, state, report)
 
 
@@ -177,7 +199,7 @@ def down(settings: Settings, *, console_progress: Progress | None = None) -> lis
                 continue
             if alive(rec):
                 report(f"{svc.name}: stopping {svc.program} (pid {rec.pid})")
-                svc.stop(rec)
+                _stop(svc, rec)
                 stopped.append(svc.name)
             else:
                 report(f"{svc.name}: recorded pid {rec.pid} was not running")
@@ -199,7 +221,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
         if rec is not None and alive(rec):
             ok, detail = svc.probe(rec.address)
             result.append(
-                ServiceStatus(svc.name, svc.display(rec.address), ok, True, rec.pid, f"{svc.program}; {detail}")
+                ServiceStatus(svc.name, svc.display(rec.address), ok, True, rec.pid, f"{svc.label(rec)}; {detail}")
             )
             continue
         target = svc.local if svc.mode == "embedded" else svc.configured

