@@ -55,6 +55,7 @@ from pipeline.ingest.codec import (
     encode_event,
     fit_dead_letter,
 )
+from pipeline.ingest.producer import close_producer
 from pipeline.observability import metrics
 from pipeline.storage import db
 from pipeline.storage.buffers import BufferedEvent, Conflict, PendingWrite, WriteResult, begin_write, write_events
@@ -187,10 +188,7 @@ class BufferConsumer:
     def _drop_dlq_producer(self) -> None:
         if self._dlq is not None:
             dlq, self._dlq = self._dlq, None
-            try:
-                dlq.close(timeout=1)
-            except Exception as e:  # closing a broken client: nothing more to do
-                log.debug("closing the dead-letter producer: %s", e)
+            close_producer(dlq, 1.0)
 
     # --- retries ---
     def _retry(

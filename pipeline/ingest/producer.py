@@ -42,11 +42,17 @@ class ProducerError(Unavailable):
         super().__init__(message, retry_after_s=max(1.0, retry_after_s))
 
 
-def _close_quietly(client: KafkaProducer, timeout_s: float) -> None:
+def close_producer(client: KafkaProducer, timeout_s: float) -> None:
+    """Close a Kafka client that may be broken, for good. kafka-python's ``close`` flushes first and, when the flush
+    times out (batches stuck on a dead broker), raises before it stops the sender thread, which would then live on
+    and deliver the stuck batches whenever the broker returns; here the sender is then stopped by force."""
     try:
         client.close(timeout=timeout_s)
-    except Exception as e:  # a broken client: nothing more to do with it
+    except Exception as e:
         log.debug("closing a failed Kafka client: %s", e)
+        sender = getattr(client, "_sender", None)  # kafka-python 3.0: the background I/O thread
+        if sender is not None and sender.is_alive():
+            sender.force_close()
 
 
 @dataclass
@@ -87,6 +93,7 @@ class EventProducer:
         self.limits = EventLimits(ev.max_text_bytes, ev.max_meta_bytes)
         self.rebuild_interval_s = rebuild_interval_s
         self._max_block_ms = int((max_block_s or self._kafka.request_timeout_ms / 1000) * 1000)
+        self._request_timeout_ms = min(self._kafka.request_timeout_ms, max(1000, self._max_block_ms))
         self._lock = threading.Lock()
         self._producer: KafkaProducer | None = None
         self._built_at = -math.inf  # monotonic time of the last build attempt
@@ -106,8 +113,14 @@ class EventProducer:
             retries=5,
             enable_idempotence=False,
             linger_ms=5,
+            # Up to 256 KiB per partition batch (not the 16 KiB default): many concurrent requests then share a few
+            # large produce requests, which the S3-backed embedded broker writes as one object each.
+            batch_size=256 * 1024,
             max_block_ms=self._max_block_ms,
-            request_timeout_ms=self._kafka.request_timeout_ms,
+            request_timeout_ms=self._request_timeout_ms,
+            # A batch the broker never acknowledges is failed after this long, never delivered later by a client
+            # the caller has given up on.
+            delivery_timeout_ms=self._request_timeout_ms + 5 + 1000,
             client_id="persona-producer",
         )
 
@@ -144,7 +157,7 @@ class EventProducer:
             self._producer = None
         log.warning("broker failure, the Kafka client will be rebuilt: %s", error)
         threading.Thread(
-            target=_close_quietly, args=(client, self._max_block_ms / 1000), name="persona-producer-close", daemon=True
+            target=close_producer, args=(client, self._max_block_ms / 1000), name="persona-producer-close", daemon=True
         ).start()
 
     def check(self, objs: Iterable[Mapping[str, Any] | Event]) -> SendResult:
