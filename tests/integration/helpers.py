@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import uvicorn
@@ -16,6 +18,7 @@ from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from pipeline.config import (
+    SCHEMAS_DIR,
     ConsumerSettings,
     DatabaseSettings,
     EventSettings,
@@ -25,6 +28,9 @@ from pipeline.config import (
 )
 from pipeline.ingest.api import create_app
 from pipeline.ingest.consumer import BufferConsumer
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
 
 
 @dataclass(frozen=True)
@@ -149,3 +155,58 @@ def rows_and_pending(db: DatabaseSettings, user_prefix: str) -> tuple[dict[str, 
             ).fetchall()
         )
     return rows, pending
+
+
+def schema_events(
+    *,
+    timestamps: SearchStrategy[str],
+    meta: SearchStrategy[dict],
+    app: str | None = None,
+    long_text: bool = True,
+) -> SearchStrategy[dict]:
+    """interaction.v1 events generated from the published schema (schemas/events/interaction.v1.json): per kind, its
+    required and allowed fields as the schema's ``allOf`` says, each field's value from ``hypothesis_jsonschema``'s
+    ``from_schema`` of that property.
+
+    The objects are put together here because hypothesis-jsonschema 0.23 cannot generate object schemas with this
+    hypothesis release (``many.more`` is gone); ``occurred_at`` comes from ``timestamps`` (its format + pattern pair
+    is slow to generate) and ``meta`` (any object) from ``meta``. ``app`` pins the application id; ``long_text``
+    adds texts of up to the default bound in characters (multi-byte ones exceed it in bytes)."""
+    from hypothesis import strategies as st
+    from hypothesis_jsonschema import from_schema
+
+    schema = json.loads((SCHEMAS_DIR / "events" / "interaction.v1.json").read_text())
+
+    def resolve(sub: dict) -> dict:
+        ref = sub.get("$ref")
+        return schema["$defs"][ref.rsplit("/", 1)[1]] if ref else sub
+
+    def field(name: str) -> SearchStrategy[Any]:
+        if name == "occurred_at":
+            return timestamps
+        if name == "meta":
+            return meta
+        if name == "app" and app is not None:
+            return st.just(app)
+        sub = resolve(schema["properties"][name])
+        strategy = from_schema(sub)
+        if long_text and sub.get("type") == "string" and "maxLength" in sub and "pattern" not in sub:
+            n = sub["maxLength"]  # 1, 2 and 4 UTF-8 bytes a character: at the byte bound, or beyond it
+            long = st.builds(
+                lambda c, k: c * k, st.sampled_from(["a", "é", "😀"]), st.sampled_from([n // 4, n // 2, n])
+            )
+            strategy = st.one_of(strategy, strategy, strategy, long)
+        return strategy
+
+    per_kind = []
+    for branch in schema["allOf"]:
+        kind = branch["if"]["properties"]["kind"]["const"]
+        required = [*schema["required"], *branch["then"]["required"]]
+        optional = [n for n in branch["then"]["propertyNames"]["enum"] if n not in required]
+        per_kind.append(
+            st.fixed_dictionaries(
+                {n: st.just(kind) if n == "kind" else field(n) for n in dict.fromkeys(required)},
+                optional={n: field(n) for n in optional},
+            )
+        )
+    return st.one_of(per_kind)
