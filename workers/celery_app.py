@@ -2,18 +2,22 @@
 
 Delivery is at least once and tasks are idempotent: a task is acknowledged only after it ran (`acks_late`); a task
 whose worker died is given to another worker after the visibility timeout (the Redis transport restores
-unacknowledged messages; the restore check runs every few seconds rather than Celery's default of minutes).
+unacknowledged messages; the restore check runs every few seconds rather than Celery's default of minutes). A live
+worker refreshes the visibility of the tasks it holds (`workers.visibility`), so a task may run longer than the
+timeout without being delivered twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from pipeline.config import Settings
 from pipeline.domain.tasks import EVALUATE_QUEUE, PUBLISH_QUEUE, QUEUES, RETRAIN_USERS, TRAIN_QUEUE
+from workers import visibility
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -46,6 +50,13 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+@signals.worker_init.connect(weak=False)
+def _visibility_heartbeat(sender: Any = None, **_: Any) -> None:
+    """In worker processes only (not in the scheduler or other clients of the app)."""
+    if sender is not None:
+        visibility.install(sender.app)
 
 
 def retrain_enqueuer(celery: Celery) -> Callable[[list[str]], None]:

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 
 #: Errors worth another attempt of the user later (the database or the object store was unreachable).
 TRANSIENT = (StorageError, ObjectStoreError, psycopg.OperationalError)
+#: Longest wait between two attempts while a store is down (it bounds how long a training waits once it is back).
+RETRY_BACKOFF_MAX_S = 30
+
+
+def _backoff(retries: int) -> float:
+    return min(float(RETRY_BACKOFF_MAX_S), 2.0 ** (retries + 1))
 
 
 def _config() -> RetrainConfig:
@@ -51,7 +57,7 @@ def _report(o: Outcome) -> dict[str, Any]:
     reject_on_worker_lost=True,
     autoretry_for=TRANSIENT,
     retry_backoff=2,
-    retry_backoff_max=120,
+    retry_backoff_max=RETRY_BACKOFF_MAX_S,
     max_retries=10,
 )
 def retrain_user(self: Any, user_id: str) -> dict[str, Any]:
@@ -83,7 +89,7 @@ def retrain_users(self: Any, user_ids: list[str]) -> dict[str, Any]:
     try:
         stores = resources().stores
     except TRANSIENT as e:  # the database is down: the whole batch waits
-        raise self.retry(exc=e, countdown=min(120.0, 2.0 ** (self.request.retries + 1))) from e
+        raise self.retry(exc=e, countdown=_backoff(self.request.retries)) from e
     k = config.training.batch_users
     report: list[dict[str, Any]] = []
     retry: list[str] = []
@@ -110,7 +116,7 @@ def retrain_users(self: Any, user_ids: list[str]) -> dict[str, Any]:
                 log.error("%s: training failed: %r", user_id, result, exc_info=result)
                 if isinstance(result, TRANSIENT):
                     retry.append(user_id)
-                    countdown = max(countdown, min(120.0, 2.0 ** (self.request.retries + 1)))
+                    countdown = max(countdown, _backoff(self.request.retries))
                 report.append({"user_id": user_id, "outcome": "failed", "error": repr(result)[:500]})
     if retry and self.request.retries < self.max_retries:
         log.info("retrying %d user(s) in %.0f s: %s", len(retry), countdown, ", ".join(retry))
