@@ -123,6 +123,13 @@ class ConsumerSettings(BaseSettings):
         0.5, gt=0, description="First wait after a transient broker or database error (doubles on each retry)."
     )
     retry_max_s: float = Field(30.0, gt=0, description="Longest wait between retries of a transient error.")
+    idle_rejoin_s: float = Field(
+        60.0,
+        ge=0,
+        description="A member holding no partition this long while the topic has some asks the group for a new "
+        "assignment (kafka-python can miss the partitions coming back after a broker outage); 0 = never. With more "
+        "members than partitions, each spare member then triggers a short rebalance this often.",
+    )
     dlq_max_record_bytes: int = Field(
         1_000_000,
         ge=4096,
@@ -228,7 +235,10 @@ class WorkerSettings(BaseSettings):
     model_config = _config("PERSONA_WORKER_")
 
     visibility_timeout_s: int = Field(
-        45, ge=5, description="Seconds after which Redis gives an unacknowledged task to another worker."
+        15,
+        ge=5,
+        description="Seconds after a worker's last sign of life after which Redis gives the tasks it holds to another "
+        "worker (a live worker refreshes them every third of this, however long they run).",
     )
     restore_interval_s: int = Field(
         5, ge=1, description="How often a worker looks for unacknowledged tasks of dead workers (s)."

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
@@ -154,11 +154,11 @@ class BufferConsumer:
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None
         self._dlq: KafkaProducer | None = None
+        self._unassigned_since: float | None = None  # monotonic time since this member holds no partition
         self._consumer: KafkaConsumer = self._retry("kafka", "connect", self._new_consumer)
 
     def _new_consumer(self) -> KafkaConsumer:
-        return KafkaConsumer(
-            self.kafka.topic_events,
+        consumer = KafkaConsumer(
             bootstrap_servers=self.kafka.servers,
             group_id=self.cfg.group_id,
             client_id=f"persona-buffer-{os.getpid()}",
@@ -169,6 +169,8 @@ class BufferConsumer:
             heartbeat_interval_ms=max(300, self.cfg.session_timeout_ms // 3),
             request_timeout_ms=self.kafka.request_timeout_ms,
         )
+        consumer.subscribe([self.kafka.topic_events], listener=_AssignmentWatch(self))
+        return consumer
 
     def _dlq_producer(self) -> KafkaProducer:
         if self._dlq is None:
@@ -282,9 +284,34 @@ class BufferConsumer:
 
     def _poll(self) -> dict[TopicPartition, list]:
         def poll() -> dict[TopicPartition, list]:
-            return self._consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
+            records = self._consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
+            self._check_assignment()
+            return records
 
         return self._retry("kafka", "poll", poll)
+
+    def _check_assignment(self) -> None:
+        """Rejoin the group when this member has held no partition for ``idle_rejoin_s`` although the topic has
+        some: after a broker outage kafka-python can settle on an assignment made without the topic's metadata
+        (every member empty) and never notice the partitions coming back."""
+        since = self._unassigned_since  # set by _AssignmentWatch when a rebalance gave this member nothing
+        if self.cfg.idle_rejoin_s <= 0 or since is None or time.monotonic() - since < self.cfg.idle_rejoin_s:
+            return
+        if self._consumer.assignment():
+            self._unassigned_since = None
+            return
+        self._unassigned_since = None  # until the next assignment: a rejoin in progress is not idleness
+        partitions = self._consumer.partitions_for_topic(self.kafka.topic_events)
+        if partitions:
+            log.warning(
+                "no partition of %s (%d partitions) assigned to this member for %.0fs; asking the group to rebalance",
+                self.kafka.topic_events,
+                len(partitions),
+                self.cfg.idle_rejoin_s,
+            )
+            metrics.BUFFER_RETRIES.labels("kafka", "rejoin").inc()
+            self._consumer.unsubscribe()
+            self._consumer.subscribe([self.kafka.topic_events], listener=_AssignmentWatch(self))
 
     def _prepare(self, records: dict[TopicPartition, list]) -> _Batch:
         """Step 1: decode and validate; note the offsets to commit. Never raises for a record's sake."""
@@ -475,6 +502,19 @@ class BufferConsumer:
                 conn.close()
             except Exception as e:
                 log.debug("closing a broken database connection: %s", e)
+
+
+class _AssignmentWatch(ConsumerRebalanceListener):
+    """Notes when a completed rebalance left the member without partitions (the start of its idle time)."""
+
+    def __init__(self, owner: BufferConsumer) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.owner._unassigned_since = None
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.owner._unassigned_since = None if assigned else time.monotonic()
 
 
 def _event_dead_letter(

@@ -97,10 +97,11 @@ class EventProducer:
         self._lock = threading.Lock()
         self._producer: KafkaProducer | None = None
         self._built_at = -math.inf  # monotonic time of the last build attempt
+        self._building: threading.Thread | None = None
         #: The last failure (None once a send was acknowledged after it): what /healthz reports.
         self.last_error: str | None = None
         if connect:
-            self._client()
+            self._client(wait_s=math.inf)
 
     def _build(self) -> KafkaProducer:
         return KafkaProducer(
@@ -124,27 +125,51 @@ class EventProducer:
             client_id="persona-producer",
         )
 
-    def _client(self) -> KafkaProducer:
+    def _client(self, wait_s: float | None = None) -> KafkaProducer:
+        """The current Kafka client; builds one when there is none and the last attempt is ``rebuild_interval_s``
+        old. One build at a time, in a thread of its own (a build can block for the broker's request timeout when
+        the broker accepts connections but does not answer): callers wait for it at most ``wait_s`` (default: the
+        produce timeout), then fail with ProducerError."""
         with self._lock:
             if self._producer is not None:
                 return self._producer
-            wait = self._built_at + self.rebuild_interval_s - time.monotonic()
-            if wait > 0:
-                raise ProducerError(
-                    f"the broker at {self._kafka.bootstrap_servers} did not answer ({self.last_error}); "
-                    f"next attempt in {wait:.1f}s",
-                    retry_after_s=wait,
-                )
-            self._built_at = time.monotonic()
-            try:
-                self._producer = self._build()
-            except KafkaError as e:
-                metrics.INGEST_PRODUCER_REBUILDS.labels("failed").inc()
-                self.last_error = f"cannot reach Kafka at {self._kafka.bootstrap_servers}: {e!r}"
-                metrics.INGEST_BROKER_UP.set(0)
-                raise ProducerError(self.last_error, retry_after_s=self.rebuild_interval_s) from e
-            metrics.INGEST_PRODUCER_REBUILDS.labels("built").inc()
-            return self._producer
+            if self._building is None:
+                wait = self._built_at + self.rebuild_interval_s - time.monotonic()
+                if wait > 0:
+                    raise ProducerError(
+                        f"the broker at {self._kafka.bootstrap_servers} did not answer ({self.last_error}); "
+                        f"next attempt in {wait:.1f}s",
+                        retry_after_s=wait,
+                    )
+                self._built_at = time.monotonic()
+                self._building = threading.Thread(target=self._build_now, name="persona-producer-build", daemon=True)
+                self._building.start()
+            building = self._building
+        building.join(self._max_block_ms / 1000 if wait_s is None else wait_s)
+        with self._lock:
+            if self._producer is not None:
+                return self._producer
+        raise ProducerError(
+            f"the broker at {self._kafka.bootstrap_servers} did not answer"
+            + (f" ({self.last_error})" if self.last_error else " (still connecting)"),
+            retry_after_s=self.rebuild_interval_s,
+        )
+
+    def _build_now(self) -> None:
+        try:
+            producer = self._build()
+        except Exception as e:  # KafkaError mostly; anything else is reported the same way, never raised here
+            metrics.INGEST_PRODUCER_REBUILDS.labels("failed").inc()
+            self.last_error = f"cannot reach Kafka at {self._kafka.bootstrap_servers}: {e!r}"
+            metrics.INGEST_BROKER_UP.set(0)
+            log.warning("%s", self.last_error)
+            with self._lock:
+                self._building = None
+            return
+        metrics.INGEST_PRODUCER_REBUILDS.labels("built").inc()
+        with self._lock:
+            self._producer = producer
+            self._building = None
 
     def _failed(self, client: KafkaProducer, error: str) -> None:
         """Drop ``client`` (if still current) so that the next send builds a new one; close it in the background,
@@ -183,14 +208,19 @@ class EventProducer:
         """Produce already validated events and wait until every one is acknowledged."""
         if not events:
             return
-        client = self._client()
+        deadline = time.monotonic() + timeout_s  # the whole call, a client build included
+
+        def left() -> float:
+            return max(0.05, deadline - time.monotonic())
+
+        client = self._client(wait_s=timeout_s)
         futures = []
         try:
             for _, ev in events:
                 futures.append(client.send(self._kafka.topic_events, key=ev.user_id.encode(), value=encode_event(ev)))
-            client.flush(timeout=timeout_s)
+            client.flush(timeout=left())
             for f in futures:
-                f.get(timeout=timeout_s)
+                f.get(timeout=left())
         except KafkaError as e:
             self._failed(client, f"Kafka did not acknowledge {len(events)} event(s): {e!r}")
             raise ProducerError(
@@ -205,7 +235,7 @@ class EventProducer:
         with self._lock:
             client, self._producer = self._producer, None
         if client is not None:
-            client.close(timeout=timeout_s)
+            close_producer(client, timeout_s)
 
     def __enter__(self) -> EventProducer:
         return self

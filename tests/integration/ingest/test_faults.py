@@ -319,3 +319,41 @@ def test_the_ingest_api_heals_after_a_broker_crash(services, app_key, tmp_path):
         assert stored == {e["event_id"] for e in events[10:]}
     finally:
         broker.stop()
+
+
+def test_a_member_without_partitions_asks_for_a_new_assignment_and_nothing_is_lost(services):
+    """One partition, two members: the spare one rejoins every ``idle_rejoin_s`` (the guard against an assignment
+    made without the topic's metadata); the rebalances it causes lose and duplicate nothing."""
+    kafka = fresh_topics(services.kafka, partitions=1)
+    prefix = f"idle-{uuid.uuid4().hex[:6]}"
+    events = _events(prefix, users=4, per_user=50, seed=9)
+    group = f"idle-{uuid.uuid4().hex[:6]}"
+    rejoins_before = _sample("persona_buffer_retries_total", dependency="kafka", operation="rejoin")
+    members = [
+        BufferConsumer(
+            kafka, consumer_settings(group, idle_rejoin_s=3, max_poll_records=20), services.db, services.events
+        )
+        for _ in range(2)
+    ]
+    threads = [threading.Thread(target=m.run, daemon=True) for m in members]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: any(m._consumer.assignment() for m in members), 60, "one member gets the partition")
+        for i in range(0, len(events), 50):
+            _send(kafka, _records(events[i : i + 50]))
+            time.sleep(1)
+        wait_for(lambda: sum(rows_and_pending(services.db, prefix)[0].values()) == len(events), 90, "all buffered")
+        wait_for(
+            lambda: _sample("persona_buffer_retries_total", dependency="kafka", operation="rejoin") > rejoins_before,
+            30,
+            "the spare member rejoins",
+        )
+        assert all(t.is_alive() for t in threads)
+        rows, pending = rows_and_pending(services.db, prefix)
+        assert sum(rows.values()) == len(events) and pending == rows
+    finally:
+        for m in members:
+            m.stop()
+        for t in threads:
+            t.join(timeout=30)
