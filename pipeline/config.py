@@ -124,11 +124,12 @@ class ConsumerSettings(BaseSettings):
     )
     retry_max_s: float = Field(30.0, gt=0, description="Longest wait between retries of a transient error.")
     idle_rejoin_s: float = Field(
-        60.0,
+        10.0,
         ge=0,
-        description="A member holding no partition this long while the topic has some asks the group for a new "
-        "assignment (kafka-python can miss the partitions coming back after a broker outage); 0 = never. With more "
-        "members than partitions, each spare member then triggers a short rebalance this often.",
+        description="A member left without partitions this long while the topic has some asks the group for a new "
+        "assignment (an assignment made while the broker could not say the topic's partitions, e.g. during an "
+        "outage of tansu's S3 storage, is never redone otherwise); the wait doubles while it stays without, up to "
+        "5 minutes (a spare member of a group larger than the partition count). 0 = never.",
     )
     dlq_max_record_bytes: int = Field(
         1_000_000,

@@ -82,6 +82,10 @@ _REBALANCED: tuple[type[Exception], ...] = (
 )
 
 
+#: Longest wait of a member without partitions before it asks for a new assignment (see ``_check_assignment``).
+IDLE_REJOIN_MAX_S = 300.0
+
+
 class _Stopping(Exception):
     """``stop()`` was called while waiting to retry: leave without finishing the batch (it is redelivered)."""
 
@@ -155,6 +159,7 @@ class BufferConsumer:
         self._conn: psycopg.Connection | None = None
         self._dlq: KafkaProducer | None = None
         self._unassigned_since: float | None = None  # monotonic time since this member holds no partition
+        self._idle_rejoins = 0  # rejoins asked for since this member last held a partition
         self._consumer: KafkaConsumer = self._retry("kafka", "connect", self._new_consumer)
 
     def _new_consumer(self) -> KafkaConsumer:
@@ -295,19 +300,21 @@ class BufferConsumer:
         some: after a broker outage kafka-python can settle on an assignment made without the topic's metadata
         (every member empty) and never notice the partitions coming back."""
         since = self._unassigned_since  # set by _AssignmentWatch when a rebalance gave this member nothing
-        if self.cfg.idle_rejoin_s <= 0 or since is None or time.monotonic() - since < self.cfg.idle_rejoin_s:
+        wait = min(IDLE_REJOIN_MAX_S, self.cfg.idle_rejoin_s * 2**self._idle_rejoins)
+        if self.cfg.idle_rejoin_s <= 0 or since is None or time.monotonic() - since < wait:
             return
         if self._consumer.assignment():
             self._unassigned_since = None
             return
         self._unassigned_since = None  # until the next assignment: a rejoin in progress is not idleness
+        self._idle_rejoins += 1
         partitions = self._consumer.partitions_for_topic(self.kafka.topic_events)
         if partitions:
             log.warning(
                 "no partition of %s (%d partitions) assigned to this member for %.0fs; asking the group to rebalance",
                 self.kafka.topic_events,
                 len(partitions),
-                self.cfg.idle_rejoin_s,
+                wait,
             )
             metrics.BUFFER_RETRIES.labels("kafka", "rejoin").inc()
             self._consumer.unsubscribe()
@@ -515,6 +522,8 @@ class _AssignmentWatch(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         self.owner._unassigned_since = None if assigned else time.monotonic()
+        if assigned:
+            self.owner._idle_rejoins = 0
 
 
 def _event_dead_letter(
