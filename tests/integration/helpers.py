@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import threading
 import time
@@ -60,6 +61,26 @@ def fresh_topics(kafka: KafkaSettings, partitions: int = 4) -> KafkaSettings:
     finally:
         admin.close()
     return k
+
+
+def free_port_block(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports, below the kernel's ephemeral range (20000-32000), so
+    that a client's outgoing port cannot take one of them between this check and the server's start."""
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - n)
+        if all(free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no block of {n} free ports")
 
 
 def free_port() -> int:

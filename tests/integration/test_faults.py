@@ -10,7 +10,6 @@ stack, so it needs no lock; it takes about four minutes on two cores.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ROOT
+from tests.integration.helpers import free_port_block
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -25,27 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 PORTS = 14
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_block(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65536 and all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no block of {n} free ports found")
-
-
 def test_no_acknowledged_event_is_lost_or_duplicated_and_every_fault_heals_in_30_s(tmp_path: Path) -> None:
-    base = _free_block(PORTS)
+    base = free_port_block(PORTS)
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "faults.py"),

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -30,6 +28,7 @@ from pipeline.demo import sim
 from pipeline.ingest.producer import EventProducer
 from pipeline.stack import ServiceStatus, down, effective_urls, status, up
 from pipeline.stack.state import load_state
+from tests.integration.helpers import free_port_block
 
 pytestmark = pytest.mark.integration
 
@@ -38,30 +37,13 @@ BLOCK = 13
 PARTITIONS = 4
 
 
-def _free_block(n: int) -> int:
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-        return True
-
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 32000 - n)
-        if all(free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no block of {n} free ports")
-
-
 @pytest.fixture
 def make_stack(tmp_path: Path) -> Iterator[Callable[..., Settings]]:
     """Settings of a private stack (kafka_storage left at its default unless given); stopped at the end."""
     made: list[Settings] = []
 
     def make(**stack: object) -> Settings:
-        base = _free_block(BLOCK)
+        base = free_port_block(BLOCK)
         settings = Settings(
             StackSettings(
                 data_dir=tmp_path / "stack",

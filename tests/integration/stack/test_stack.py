@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,31 +30,12 @@ from pipeline.config import (
     StackSettings,
 )
 from pipeline.stack import ServiceStatus, StackError, down, effective_urls, status, up
+from tests.integration.helpers import free_port_block
 
 pytestmark = pytest.mark.integration
 
 #: weed mini takes a block of 10 ports from the S3 port.
 WEED_PORTS = 10
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_block(n: int) -> int:
-    """The first of ``n`` consecutive free ports (starting at an ephemeral port the kernel hands out)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65536 and all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no block of {n} free ports found")
 
 
 def _by_name(statuses: list[ServiceStatus]) -> dict[str, ServiceStatus]:
@@ -69,7 +49,7 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Settings]]:
 
     def make(name: str = "stack", *, db_url: str | None = None, **stack: object) -> Settings:
         # One block: weed's ports, then Kafka, embedded PostgreSQL, embedded Redis.
-        base = _free_block(WEED_PORTS + 3)
+        base = free_port_block(WEED_PORTS + 3)
         settings = Settings(
             StackSettings(
                 data_dir=tmp_path / name,
