@@ -306,19 +306,21 @@ class BufferConsumer:
         if self._consumer.assignment():
             self._unassigned_since = None
             return
+        partitions = self._consumer.partitions_for_topic(self.kafka.topic_events)
+        if not partitions:  # the broker still cannot say them: a rejoin now would be just as blind
+            self._unassigned_since = time.monotonic() - wait / 2
+            return
         self._unassigned_since = None  # until the next assignment: a rejoin in progress is not idleness
         self._idle_rejoins += 1
-        partitions = self._consumer.partitions_for_topic(self.kafka.topic_events)
-        if partitions:
-            log.warning(
-                "no partition of %s (%d partitions) assigned to this member for %.0fs; asking the group to rebalance",
-                self.kafka.topic_events,
-                len(partitions),
-                wait,
-            )
-            metrics.BUFFER_RETRIES.labels("kafka", "rejoin").inc()
-            self._consumer.unsubscribe()
-            self._consumer.subscribe([self.kafka.topic_events], listener=_AssignmentWatch(self))
+        log.warning(
+            "no partition of %s (%d partitions) assigned to this member for %.0fs; asking the group to rebalance",
+            self.kafka.topic_events,
+            len(partitions),
+            wait,
+        )
+        metrics.BUFFER_RETRIES.labels("kafka", "rejoin").inc()
+        self._consumer.unsubscribe()
+        self._consumer.subscribe([self.kafka.topic_events], listener=_AssignmentWatch(self))
 
     def _prepare(self, records: dict[TopicPartition, list]) -> _Batch:
         """Step 1: decode and validate; note the offsets to commit. Never raises for a record's sake."""

@@ -118,6 +118,7 @@ class EventProducer:
             # large produce requests, which the S3-backed embedded broker writes as one object each.
             batch_size=256 * 1024,
             max_block_ms=self._max_block_ms,
+            bootstrap_timeout_ms=self._max_block_ms,  # building the client waits no longer than a send would
             request_timeout_ms=self._request_timeout_ms,
             # A batch the broker never acknowledges is failed after this long, never delivered later by a client
             # the caller has given up on.
@@ -145,7 +146,8 @@ class EventProducer:
                 self._building = threading.Thread(target=self._build_now, name="persona-producer-build", daemon=True)
                 self._building.start()
             building = self._building
-        building.join(self._max_block_ms / 1000 if wait_s is None else wait_s)
+        timeout = self._max_block_ms / 1000 if wait_s is None else wait_s
+        building.join(None if math.isinf(timeout) else timeout)
         with self._lock:
             if self._producer is not None:
                 return self._producer
