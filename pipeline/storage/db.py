@@ -105,8 +105,18 @@ class Database:
         self.close()
 
 
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):.*@(?=[^@]*$)")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    """The database URL or conninfo string with every password masked, for logs and messages: in the URL's
+    userinfo (up to the last ``@``, so a password holding ``@`` is masked whole), as a ``?password=`` parameter,
+    or as a ``password=`` keyword (quoted or not)."""
+    if "://" in url:
+        return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
+    return _KEYWORD_PASSWORD.sub(r"\1***", url)
 
 
 @dataclass(frozen=True)
