@@ -82,7 +82,15 @@ def test_poison_records_are_dead_lettered_and_the_events_behind_them_buffered(se
     before = _events(prefix + "-a", users=1, per_user=5)
     after = _events(prefix + "-b", users=1, per_user=5)
     user = f"{prefix}-x"
-    base = dict(before[0], user_id=user)
+    # A message event (the simulated events' kinds vary with the user): `text` is one of its fields.
+    base = {
+        "event_id": str(uuid.uuid4()),
+        "user_id": user,
+        "occurred_at": before[0]["occurred_at"],
+        "kind": "message",
+        "app": before[0]["app"],
+        "text": "hello",
+    }
     poison = [
         dict(base, event_id=str(uuid.uuid4()), kind=["message"]),
         dict(base, event_id=str(uuid.uuid4()), kind={"k": "message"}),
