@@ -137,6 +137,18 @@ class ConsumerSettings(BaseSettings):
         description="Largest dead-letter record; a bigger rejected record is dead-lettered with its value "
         "truncated (its original size and sha256 in headers).",
     )
+    require_registered_app: bool = Field(
+        True,
+        description="Dead-letter (code unknown_app) a record whose `app` is not a registered application (`persona "
+        "apps create`). The ingest API only accepts its own application's events; this closes the direct-to-Kafka "
+        "path.",
+    )
+    apps_refresh_s: float = Field(
+        30.0,
+        gt=0,
+        description="How often the consumer re-reads the registered applications (an unknown app also triggers a "
+        "re-read, at most once per second).",
+    )
     failpoint: Literal["", "after_db_commit"] = Field(
         "",
         description="Testing only: `after_db_commit` makes the consumer SIGKILL itself after its first DB commit, "

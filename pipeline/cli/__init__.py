@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import adapters, admin, config, demo, gate, model, processes, revisions, stack, users
+from pipeline.cli import adapters, admin, config, demo, gate, keys, model, processes, revisions, stack, users
 from pipeline.cli.common import err_console
 from pipeline.domain.errors import PersonaError
 from pipeline.observability import logs
@@ -27,6 +27,7 @@ def _root(log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO
 
 app.add_typer(stack.app, name="stack", help="Embedded local stack: Kafka protocol, S3, PostgreSQL, Redis.")
 app.add_typer(admin.db_app, name="db")
+admin.apps_app.add_typer(keys.app, name="keys")
 app.add_typer(admin.apps_app, name="apps")
 app.add_typer(model.app, name="model", help="The shared, frozen base model.")
 app.add_typer(processes.ingest_app, name="ingest")

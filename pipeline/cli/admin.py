@@ -46,7 +46,8 @@ def db_status(as_json: JsonOpt = False) -> None:
 def apps_create(
     app_id: str, description: Annotated[str, typer.Option(help="Free text shown by `apps list`.")] = ""
 ) -> None:
-    """Register an application (if new) and issue it an API key. The key is printed once; only its hash is kept."""
+    """Register an application (if new) and issue it a key with the scopes ingest and serve (`apps keys create` for
+    other scopes or an expiry). The key is printed once; only its hash is kept."""
     from pipeline.storage import apps
 
     with open_stores() as stores, stores.db.connection() as conn:

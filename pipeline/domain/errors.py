@@ -60,11 +60,25 @@ class Unauthorized(PersonaError):
     code = "invalid_api_key"
 
 
+class Forbidden(PersonaError):
+    """A valid credential that does not carry the scope the action needs."""
+
+    http_status = 403
+    code = "insufficient_scope"
+
+
 class NotFound(PersonaError):
     """A named thing (application, user, revision, object) does not exist."""
 
     http_status = 404
     code = "not_found"
+
+
+class Forgotten(NotFound):
+    """The user was forgotten (a tombstone exists) while this work was running: it writes nothing. Outside the
+    process it reads like any unknown user."""
+
+    code = "user_forgotten"
 
 
 class Conflict(PersonaError):

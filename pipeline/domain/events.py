@@ -46,6 +46,7 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 # A ULID is 26 Crockford base32 characters; the first is at most 7 so the value fits in 128 bits.
 _ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}")
 _USER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+_DOTS = re.compile(r"\.+")
 _APP = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # RFC 3339: the offset is hh:mm with hh 00..23 and mm 00..59 (Python alone would read "+00:99" as 1 h 39 min).
 _RFC3339 = re.compile(
@@ -406,6 +407,8 @@ def validate(obj: Any, limits: EventLimits = EventLimits(), raw: bytes | None = 
             chk.add(
                 "user_id", "invalid_format", f"user_id must be 1..128 chars of [A-Za-z0-9._:@-], got {_shorten(uid)}"
             )
+        elif _DOTS.fullmatch(uid):
+            chk.add("user_id", "invalid_format", f"user_id must not be only dots (a path segment), got {uid!r}")
         else:
             user_id = uid
 
@@ -528,8 +531,9 @@ def valid_app_id(value: str) -> bool:
 
 
 def valid_user_id(value: str) -> bool:
-    """Whether ``value`` is a well-formed user id (1..128 chars of [A-Za-z0-9._:@-])."""
-    return bool(_USER_ID.fullmatch(value))
+    """Whether ``value`` is a well-formed user id: 1..128 chars of [A-Za-z0-9._:@-], not only dots (``.`` and
+    ``..`` are path segments: no object store key can hold them)."""
+    return bool(_USER_ID.fullmatch(value)) and not _DOTS.fullmatch(value)
 
 
 def check_key(event: Event, key: bytes | None) -> Reason | None:

@@ -1,11 +1,14 @@
 """HTTP ingest API: ``POST /v1/events`` (a JSON array of interaction.v1 events), ``/healthz``, ``/metrics``.
 
-Authentication: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` with a key from ``persona apps create``;
-every event's ``app`` must be the authenticated application. The answer is 202 with a result per event (by index):
-``accepted``, or ``rejected`` with machine-readable reasons. Only accepted events are produced to Kafka, and 202
-is sent only after the broker acknowledged all of them; on a broker failure the answer is 503 and the whole
-request may be retried as is (event_id makes it idempotent). Errors have the OpenAI-style shape
-``{"error": {"type", "code", "message", "param"}}``.
+Authentication: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` with an application key that has the
+``ingest`` scope (``persona apps keys create``; 401 without a valid key, 403 without the scope). Every event's
+``app`` must be the authenticated application (``app_mismatch``), and its user must be that application's or new
+(``foreign_user``: a user belongs to the application of its first stored event). The answer is 202 with a result
+per event (by index): ``accepted``; ``rejected`` with machine-readable reasons; or ``dropped`` (reason
+``forgotten``) for an event of a forgotten user that occurred at or before the forget (it is not stored). Only
+accepted events are produced to Kafka, and 202 is sent only after the broker acknowledged all of them; on a
+broker failure the answer is 503 and the whole request may be retried as is (event_id makes it idempotent).
+Errors have the OpenAI-style shape ``{"error": {"type", "code", "message", "param"}}``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -26,11 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import SCHEMAS_DIR, DatabaseSettings, EventSettings, IngestSettings, KafkaSettings
+from pipeline.domain.apikeys import Principal
 from pipeline.domain.errors import PersonaError, Unauthorized, body_of, error_body
 from pipeline.domain.events import Event, Reason, Rejected, validate
 from pipeline.ingest.producer import EventProducer, ProducerError
 from pipeline.observability import metrics
 from pipeline.storage import apps as app_store
+from pipeline.storage import tenancy
 from pipeline.storage.db import Database
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,10 @@ class MissingApiKey(Unauthorized):
 def _error(status: int, code: str, message: str, param: str | None = None, **headers: str) -> JSONResponse:
     metrics.INGEST_REQUESTS.labels(str(status)).inc()
     return JSONResponse(error_body(status, code, message, param), status_code=status, headers=headers or None)
+
+
+def _rejected(ev: Event, field: str, code: str, message: str) -> Rejected:
+    return Rejected((Reason(field, code, message),), event_id=ev.event_id, user_id=ev.user_id)
 
 
 def _api_key(request: Request) -> str | None:
@@ -103,10 +113,16 @@ def create_app(
         # Not raised on purpose: a bug. Answered 500 in the usual shape; Starlette logs the traceback.
         return _error(500, "internal_error", "internal error; see the ingest API's log")
 
-    def authenticate(key: str) -> str | None:
+    def authenticate(key: str) -> Principal | None:
         database: Database = state["db"]
         with database.connection() as conn:
             return app_store.authenticate(conn, key)
+
+    def tenancy_of(user_ids: list[str]) -> tuple[dict[str, str], dict[str, datetime]]:
+        """(owner app of the users that exist, forgotten_at of the users that have a tombstone)."""
+        database: Database = state["db"]
+        with database.connection() as conn:
+            return tenancy.owners(conn, user_ids), tenancy.forgotten_since(conn, user_ids)
 
     @app.post(
         "/v1/events",
@@ -123,9 +139,11 @@ def create_app(
         key = _api_key(request)
         if not key:
             raise MissingApiKey("send the application's key as 'Authorization: Bearer <key>'")
-        app_id = await run_in_threadpool(authenticate, key)
-        if app_id is None:
-            raise Unauthorized("the API key is unknown or revoked")
+        principal = await run_in_threadpool(authenticate, key)
+        if principal is None:
+            raise Unauthorized("the API key is unknown, revoked or expired")
+        principal.require("ingest")
+        app_id = principal.app_id
 
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
@@ -149,8 +167,7 @@ def create_app(
             )
 
         producer: EventProducer = state["producer"]
-        results: list[dict[str, Any]] = []
-        accepted: list[tuple[int, Event]] = []
+        checked: list[Event | Rejected] = []
         for i, obj in enumerate(items):
             try:
                 ev = validate(obj, producer.limits)
@@ -158,15 +175,26 @@ def create_app(
                 log.exception("unexpected error validating event %d", i)
                 ev = Rejected((Reason("", "internal_error", f"{type(e).__name__} while validating the event"),))
             if isinstance(ev, Event) and ev.app != app_id:
-                ev = Rejected(
-                    (
-                        Reason(
-                            "app", "app_mismatch", f"app {ev.app!r} is not the authenticated application {app_id!r}"
-                        ),
-                    ),
-                    event_id=ev.event_id,
-                    user_id=ev.user_id,
+                ev = _rejected(
+                    ev, "app", "app_mismatch", f"app {ev.app!r} is not the authenticated application {app_id!r}"
                 )
+            checked.append(ev)
+        users = sorted({ev.user_id for ev in checked if isinstance(ev, Event)})
+        owners, forgotten = await run_in_threadpool(tenancy_of, users) if users else ({}, {})
+
+        results: list[dict[str, Any]] = []
+        accepted: list[tuple[int, Event]] = []
+        n_dropped = 0
+        for i, ev in enumerate(checked):
+            if isinstance(ev, Event) and owners.get(ev.user_id, app_id) != app_id:
+                ev = _rejected(
+                    ev,
+                    "user_id",
+                    "foreign_user",
+                    f"user {ev.user_id!r} belongs to another application; an application sends events of its own "
+                    "users only (user ids are unique across applications: prefix yours, e.g. 'myapp:42')",
+                )
+                metrics.FOREIGN_EVENTS.labels("api").inc()
             if isinstance(ev, Rejected):
                 results.append(
                     {
@@ -178,9 +206,21 @@ def create_app(
                 )
                 for r in ev.reasons:
                     metrics.INGEST_REJECTIONS.labels(r.code).inc()
+            elif (at := forgotten.get(ev.user_id)) is not None and ev.occurred_at <= at:
+                n_dropped += 1
+                reason = Reason(
+                    "occurred_at",
+                    "forgotten",
+                    f"user {ev.user_id!r} was forgotten at {at.isoformat()}; events that occurred before are dropped",
+                )
+                results.append(
+                    {"index": i, "event_id": ev.event_id, "status": "dropped", "reasons": [reason.as_dict()]}
+                )
             else:
                 accepted.append((i, ev))
                 results.append({"index": i, "event_id": ev.event_id, "status": "accepted"})
+        if n_dropped:
+            metrics.FORGOTTEN_EVENTS_DROPPED.labels("api").inc(n_dropped)
         try:
             await run_in_threadpool(producer.produce_valid, accepted, timeout_s=cfg.produce_timeout_s)
         except ProducerError as e:
@@ -192,13 +232,14 @@ def create_app(
                 "same request (event_id makes it idempotent)",
                 **{"Retry-After": str(math.ceil(e.retry_after_s or 1))},
             )
-        n_rej = len(items) - len(accepted)
+        n_rej = len(items) - len(accepted) - n_dropped
         metrics.INGEST_EVENTS.labels("accepted").inc(len(accepted))
         metrics.INGEST_EVENTS.labels("rejected").inc(n_rej)
+        metrics.INGEST_EVENTS.labels("dropped").inc(n_dropped)
         metrics.INGEST_REQUESTS.labels("202").inc()
         metrics.INGEST_REQUEST_SECONDS.observe(time.perf_counter() - started)
         return Response(
-            orjson.dumps({"accepted": len(accepted), "rejected": n_rej, "results": results}),
+            orjson.dumps({"accepted": len(accepted), "rejected": n_rej, "dropped": n_dropped, "results": results}),
             status_code=202,
             media_type="application/json",
         )

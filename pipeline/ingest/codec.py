@@ -25,6 +25,7 @@ DLQ_SOURCE = "persona.dlq.source"
 DLQ_AT = "persona.dlq.at"
 DLQ_USER = "persona.dlq.user_id"
 DLQ_STORED_USER = "persona.dlq.stored_user_id"
+DLQ_OWNER = "persona.dlq.owner_app"  # foreign_user: the application that owns the user
 DLQ_TRUNCATED = "persona.dlq.truncated"
 DLQ_ORIGINAL_BYTES = "persona.dlq.original_bytes"
 DLQ_ORIGINAL_SHA256 = "persona.dlq.original_sha256"

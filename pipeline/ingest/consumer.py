@@ -15,7 +15,10 @@ in pipeline mode and applied there while batch N+1 is polled and decoded in this
 The consumer stops only when told to (``stop()``, SIGTERM). A record that cannot be decoded, validated or written
 for a reason of its own goes to the dead-letter topic with that reason: ``internal_error`` (with the exception's
 class) when handling it raised something unexpected, ``id_conflict`` when its event_id is stored with other
-content, ``db_rejected`` when PostgreSQL refused it alone. A record too large for the dead-letter topic goes there
+content, ``unknown_app`` when its ``app`` is not a registered application, ``foreign_user`` when another application
+owns its user, ``db_rejected`` when PostgreSQL refused it alone. An event of a forgotten user that occurred at or
+before the forget is dropped (counted in ``persona_forgotten_events_dropped_total``, never dead-lettered: the
+dead-letter topic would keep the forgotten user's data). A record too large for the dead-letter topic goes there
 truncated (see codec.fit_dead_letter). Transient errors of the broker or of PostgreSQL (connection refused, a
 server restart, a rebalance, a failed commit) are retried with capped exponential backoff and jitter, forever,
 each retry logged and counted in ``persona_buffer_retries_total``; nothing moves past a batch until its events
@@ -25,6 +28,7 @@ are in the database and its rejects in the dead-letter topic.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -48,6 +52,7 @@ from pipeline.config import ConsumerSettings, DatabaseSettings, EventSettings, K
 from pipeline.domain.backoff import Backoff
 from pipeline.domain.events import EventLimits, Reason, Rejected, split_of
 from pipeline.ingest.codec import (
+    DLQ_OWNER,
     DLQ_STORED_USER,
     DLQ_USER,
     decode_record,
@@ -57,8 +62,17 @@ from pipeline.ingest.codec import (
 )
 from pipeline.ingest.producer import close_producer
 from pipeline.observability import metrics
+from pipeline.storage import apps as app_store
 from pipeline.storage import db
-from pipeline.storage.buffers import BufferedEvent, Conflict, PendingWrite, WriteResult, begin_write, write_events
+from pipeline.storage.buffers import (
+    BufferedEvent,
+    Conflict,
+    Foreign,
+    PendingWrite,
+    WriteResult,
+    begin_write,
+    write_events,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +128,7 @@ class BatchStats:
     duplicates: int = 0
     dead_lettered: int = 0
     conflicts: int = 0
+    forgotten: int = 0
 
 
 @dataclass
@@ -160,6 +175,8 @@ class BufferConsumer:
         self._dlq: KafkaProducer | None = None
         self._unassigned_since: float | None = None  # monotonic time since this member holds no partition
         self._idle_rejoins = 0  # rejoins asked for since this member last held a partition
+        self._apps: frozenset[str] = frozenset()  # registered applications, re-read every apps_refresh_s
+        self._apps_read_at = -math.inf  # monotonic time of the last read
         self._consumer: KafkaConsumer = self._retry("kafka", "connect", self._new_consumer)
 
     def _new_consumer(self) -> KafkaConsumer:
@@ -331,6 +348,13 @@ class BufferConsumer:
                     result = decode_record(rec.value, rec.key, self.limits)
                     if isinstance(result, Rejected):
                         batch.invalid.append(self._dead_letter_of(rec, result.reasons))
+                    elif self.cfg.require_registered_app and not self._registered(result.app):
+                        reason = Reason(
+                            "app",
+                            "unknown_app",
+                            f"app {result.app!r} is not a registered application (`persona apps create`)",
+                        )
+                        batch.invalid.append(self._dead_letter_of(rec, (reason,)))
                     else:
                         split = split_of(result.user_id, result.event_id, self.holdout_fraction)
                         batch.valid.append(BufferedEvent(result, split, tp.partition, rec.offset))
@@ -343,6 +367,22 @@ class BufferConsumer:
                 batch.offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "", -1)
         return batch
 
+    def _registered(self, app: str) -> bool:
+        """Whether ``app`` is a registered application; the list is re-read every ``apps_refresh_s``, and at most once
+        a second when a record names an app not in it (a new application's first events)."""
+        now = time.monotonic()
+        age = now - self._apps_read_at
+        if age >= self.cfg.apps_refresh_s or (app not in self._apps and age >= 1.0):
+
+            def read() -> frozenset[str]:
+                # A connection of its own: the batch connection may be in the middle of a pipelined write.
+                with db.connect(self.database, autocommit=True) as conn:
+                    return app_store.app_ids(conn)
+
+            self._apps = self._retry("database", "read_apps", read, _DB_TRANSIENT)
+            self._apps_read_at = now
+        return app in self._apps
+
     @staticmethod
     def _dead_letter_of(rec: Any, reasons: tuple[Reason, ...], **headers: str) -> DeadLetter:
         return DeadLetter(rec.topic, rec.partition, rec.offset, rec.key, rec.value, reasons, headers)
@@ -351,18 +391,25 @@ class BufferConsumer:
         """Steps 3 and 4 (step 2, the DB write, is done): dead-letter, then commit offsets; count."""
         result, db_refused = written
         conflicts = [self._conflict(batch, c) for c in result.conflicts]
-        invalid = batch.invalid + db_refused + conflicts
+        foreign = [self._foreign(batch, f) for f in result.foreign]
+        invalid = batch.invalid + db_refused + conflicts + foreign
         self._dead_letter(invalid)  # before the offsets move past them
         if self.cfg.failpoint == "after_db_commit":
             log.warning("failpoint after_db_commit: killing this process before the offset commit")
             os.kill(os.getpid(), signal.SIGKILL)
         self._commit(batch.offsets)
 
-        stats = BatchStats(batch.records, result.inserted, result.duplicates, len(invalid), len(conflicts))
+        stats = BatchStats(
+            batch.records, result.inserted, result.duplicates, len(invalid), len(conflicts), result.forgotten
+        )
         for kind, n in result.inserted_by_kind.items():
             metrics.BUFFER_EVENTS.labels(kind).inc(n)
         metrics.BUFFER_DUPLICATES.inc(result.duplicates)
         metrics.BUFFER_ID_CONFLICTS.inc(len(conflicts))
+        metrics.FOREIGN_EVENTS.labels("consumer").inc(len(foreign))
+        if result.forgotten:
+            metrics.FORGOTTEN_EVENTS_DROPPED.labels("consumer").inc(result.forgotten)
+            log.info("dropped %d event(s) of forgotten users (they occurred before the forget)", result.forgotten)
         metrics.BUFFER_BATCH_RECORDS.observe(stats.records)
         metrics.BUFFER_BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         self.totals.records += stats.records
@@ -370,7 +417,24 @@ class BufferConsumer:
         self.totals.duplicates += stats.duplicates
         self.totals.dead_lettered += stats.dead_lettered
         self.totals.conflicts += stats.conflicts
+        self.totals.forgotten += stats.forgotten
         return stats
+
+    def _foreign(self, batch: _Batch, f: Foreign) -> DeadLetter:
+        reason = Reason(
+            "user_id",
+            "foreign_user",
+            f"user {f.user_id!r} belongs to another application than {f.app!r}; an application sends events of its "
+            "own users only",
+        )
+        headers = {DLQ_USER: f.user_id, DLQ_OWNER: f.owner}
+        rec = batch.sources.get((f.partition, f.offset)) if f.partition is not None and f.offset is not None else None
+        if rec is not None:
+            return self._dead_letter_of(rec, (reason,), **headers)
+        for b in batch.valid:
+            if b.event.event_id == f.event_id and b.event.user_id == f.user_id:
+                return _event_dead_letter(b, self.kafka.topic_events, reason, headers)
+        return DeadLetter(self.kafka.topic_events, -1, -1, f.user_id.encode(), None, (reason,), headers)
 
     def _conflict(self, batch: _Batch, c: Conflict) -> DeadLetter:
         reason = Reason(
@@ -476,6 +540,8 @@ class BufferConsumer:
         inserted, duplicates, by_kind = 0, 0, dict[str, int]()
         refused: list[DeadLetter] = []
         conflicts: list[Conflict] = []
+        foreign: list[Foreign] = []
+        forgotten = 0
         with conn.transaction():
             for b in batch:
                 try:
@@ -495,9 +561,11 @@ class BufferConsumer:
                 inserted += r.inserted
                 duplicates += r.duplicates
                 conflicts.extend(r.conflicts)
+                foreign.extend(r.foreign)
+                forgotten += r.forgotten
                 for k, n in r.inserted_by_kind.items():
                     by_kind[k] = by_kind.get(k, 0) + n
-        return WriteResult(inserted, duplicates, by_kind, tuple(conflicts)), refused
+        return WriteResult(inserted, duplicates, by_kind, tuple(conflicts), tuple(foreign), forgotten), refused
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:

@@ -7,7 +7,9 @@ from prometheus_client import Counter, Gauge, Histogram
 # --- ingest API -------------------------------------------------------------------------------------------------
 INGEST_REQUESTS = Counter("persona_ingest_requests_total", "POST /v1/events requests by HTTP status.", ["status"])
 INGEST_EVENTS = Counter(
-    "persona_ingest_events_total", "Events received by the ingest API, by result (accepted/rejected).", ["result"]
+    "persona_ingest_events_total",
+    "Events received by the ingest API, by result (accepted/rejected/dropped: a forgotten user's).",
+    ["result"],
 )
 INGEST_REJECTIONS = Counter(
     "persona_ingest_rejections_total", "Reasons of events rejected by the ingest API, by reason code.", ["code"]
@@ -57,6 +59,16 @@ BUFFER_RETRIES = Counter(
     "Operations of the buffer consumer retried after a transient error, by dependency (kafka/database) and "
     "operation (connect, poll, write, dead_letter, commit).",
     ["dependency", "operation"],
+)
+FORGOTTEN_EVENTS_DROPPED = Counter(
+    "persona_forgotten_events_dropped_total",
+    "Events of a forgotten user that occurred at or before the forget, dropped on arrival, by path (api, consumer).",
+    ["path"],
+)
+FOREIGN_EVENTS = Counter(
+    "persona_foreign_events_total",
+    "Events for a user that another application owns, rejected, by path (api, consumer).",
+    ["path"],
 )
 BUFFER_ID_CONFLICTS = Counter(
     "persona_buffer_id_conflicts_total",

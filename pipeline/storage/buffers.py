@@ -11,6 +11,7 @@ import psycopg
 
 from pipeline.domain.events import Event, Split
 from pipeline.storage.db import one
+from pipeline.storage.tenancy import FORGET_LOCK_BUCKETS, FORGET_LOCK_CLASS
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +35,29 @@ class Conflict:
     offset: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Foreign:
+    """A staged event for a user that another application owns (skipped, to be reported)."""
+
+    event_id: str
+    user_id: str
+    app: str
+    owner: str
+    partition: int | None
+    offset: int | None
+
+
 @dataclass(frozen=True)
 class WriteResult:
-    """What a batch did: rows inserted, exact duplicates skipped, and id conflicts (skipped, to be reported)."""
+    """What a batch did: rows inserted, exact duplicates skipped, id conflicts and events of another application's
+    user (skipped, to be reported), and events of forgotten users dropped (occurred at or before the forget)."""
 
     inserted: int
     duplicates: int
     inserted_by_kind: dict[str, int]
     conflicts: tuple[Conflict, ...] = ()
+    foreign: tuple[Foreign, ...] = ()
+    forgotten: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,9 +78,43 @@ CREATE TEMP TABLE IF NOT EXISTS stage_events (
 ) ON COMMIT DELETE ROWS
 """
 
-# One statement: insert the new events (duplicates skipped), register users seen for the first time (identity:
-# the app of their first event), then add exactly the inserted rows to the users' counters. Users are written in
-# user_id order so concurrent writers cannot deadlock on their rows.
+# A batch is one transaction of these statements, in this order (each statement of a READ COMMITTED transaction sees
+# what other transactions committed before it started):
+#
+# 1. _LOCK: a shared advisory lock per bucket of the staged user ids. `forget` takes its user's bucket exclusively
+#    (`tenancy.lock_for_forget`), so a forget and a batch with events of that user never interleave: a forget that
+#    committed first is seen by step 2, and a forget that comes later waits for this batch and then deletes it too.
+# 2. _DROP_FORGOTTEN: staged events of a forgotten user id that occurred at or before its forget are dropped.
+# 3. _CLAIM: users seen for the first time are registered, owned by the application of their first staged event
+#    (written in user_id order so concurrent writers cannot deadlock; a concurrent claim of the same id waits for the
+#    other transaction and then finds its row).
+# 4. _DROP_FOREIGN: staged events whose user another application owns are dropped and returned (to be reported).
+# 5. _MERGE: insert the new events (duplicates skipped), then add exactly the inserted rows to the users' counters.
+# 6. _CONFLICTS: staged events whose event_id is stored with other content.
+_LOCK = f"""
+SELECT pg_advisory_xact_lock_shared({FORGET_LOCK_CLASS}, b)
+FROM (SELECT DISTINCT hashtext(user_id) & {FORGET_LOCK_BUCKETS - 1} AS b FROM stage_events ORDER BY 1) buckets
+"""
+
+_DROP_FORGOTTEN = """
+DELETE FROM stage_events s USING tombstones t
+WHERE t.user_sha256 = sha256(convert_to(s.user_id, 'UTF8')) AND s.occurred_at <= t.forgotten_at
+RETURNING 1
+"""
+
+_CLAIM = """
+INSERT INTO users (user_id, app)
+SELECT DISTINCT ON (user_id) user_id, app FROM stage_events
+ORDER BY user_id, source_partition, source_offset, app
+ON CONFLICT (user_id) DO NOTHING
+"""
+
+_DROP_FOREIGN = """
+DELETE FROM stage_events s USING users u
+WHERE u.user_id = s.user_id AND u.app <> s.app
+RETURNING s.event_id, s.user_id, s.app, u.app, s.source_partition, s.source_offset
+"""
+
 _MERGE = """
 WITH ins AS (
     INSERT INTO events (event_id, user_id, app, kind, split, occurred_at, payload, meta,
@@ -72,11 +122,7 @@ WITH ins AS (
     SELECT event_id, user_id, app, kind, split, occurred_at, payload, meta, source_partition, source_offset
     FROM stage_events
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING user_id, kind, ingested_at, app
-), new_users AS (
-    INSERT INTO users (user_id, app, created_at)
-    SELECT user_id, min(app), min(ingested_at) FROM ins GROUP BY user_id ORDER BY user_id
-    ON CONFLICT (user_id) DO NOTHING
+    RETURNING user_id, kind, ingested_at
 ), per_user AS (
     SELECT user_id, count(*) AS n, min(ingested_at) AS first_at, max(ingested_at) AS last_at
     FROM ins GROUP BY user_id
@@ -134,11 +180,23 @@ def _stage(conn: psycopg.Connection, batch: list[BufferedEvent]) -> None:
             )
 
 
-def _result(rows: list[tuple], conflict_rows: list[tuple], n: int) -> WriteResult:
-    by_kind = {str(k): int(c) for k, c in rows}
+def _send(conn: psycopg.Connection) -> tuple[psycopg.Cursor, ...]:
+    """Steps 1-6 (the comment above _LOCK); the cursors whose results `_result` reads."""
+    conn.execute(_LOCK)
+    dropped = conn.execute(_DROP_FORGOTTEN)
+    conn.execute(_CLAIM)
+    return dropped, conn.execute(_DROP_FOREIGN), conn.execute(_MERGE), conn.execute(_CONFLICTS)
+
+
+def _result(cursors: tuple[psycopg.Cursor, ...], n: int) -> WriteResult:
+    dropped, foreign_cur, merge, conflicts_cur = cursors
+    forgotten = len(dropped.fetchall())
+    foreign = tuple(Foreign(str(r[0]), str(r[1]), str(r[2]), str(r[3]), r[4], r[5]) for r in foreign_cur.fetchall())
+    by_kind = {str(k): int(c) for k, c in merge.fetchall()}
     inserted = sum(by_kind.values())
-    conflicts = tuple(Conflict(str(r[0]), str(r[1]), str(r[2]), r[3], r[4]) for r in conflict_rows)
-    return WriteResult(inserted, n - inserted - len(conflicts), by_kind, conflicts)
+    conflicts = tuple(Conflict(str(r[0]), str(r[1]), str(r[2]), r[3], r[4]) for r in conflicts_cur.fetchall())
+    duplicates = n - forgotten - len(foreign) - inserted - len(conflicts)
+    return WriteResult(inserted, duplicates, by_kind, conflicts, foreign, forgotten)
 
 
 def write_events(conn: psycopg.Connection, batch: list[BufferedEvent]) -> WriteResult:
@@ -152,8 +210,7 @@ def write_events(conn: psycopg.Connection, batch: list[BufferedEvent]) -> WriteR
     if not batch:
         return WriteResult(0, 0, {})
     _stage(conn, batch)
-    rows = conn.execute(_MERGE).fetchall()
-    return _result(rows, conn.execute(_CONFLICTS).fetchall(), len(batch))
+    return _result(_send(conn), len(batch))
 
 
 class PendingWrite:
@@ -164,16 +221,14 @@ class PendingWrite:
         self._n = n
         self._conn = conn
         self._stack.enter_context(conn.pipeline())
-        self._cursor = conn.execute(_MERGE)
-        self._conflicts = conn.execute(_CONFLICTS)
+        self._cursors = _send(conn)
         conn.execute("COMMIT")
 
     def result(self) -> WriteResult:
         """Wait for the server; the counts of the committed transaction. On error the transaction is rolled back
         and the error raised (the batch may then be written again: it is idempotent)."""
         try:
-            rows = self._cursor.fetchall()
-            conflict_rows = self._conflicts.fetchall()
+            result = _result(self._cursors, self._n)
             self._stack.close()  # leaves pipeline mode: waits for the COMMIT
         except BaseException as e:
             self._stack.__exit__(type(e), e, e.__traceback__)
@@ -181,7 +236,7 @@ class PendingWrite:
                 with suppress(psycopg.Error):
                     self._conn.execute("ROLLBACK")
             raise
-        return _result(rows, conflict_rows, self._n)
+        return result
 
 
 def begin_write(conn: psycopg.Connection, batch: list[BufferedEvent]) -> PendingWrite:

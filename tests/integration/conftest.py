@@ -44,6 +44,11 @@ def test_stack():
             stack.down(TEST_STACK)
 
 
+#: The applications the integration tests send events as, registered in every test database: the buffer consumer
+#: dead-letters a record whose app is not registered (unknown_app), as in a deployment.
+TEST_APPS = ("a", "b", "test", "notes", "gate", "bench", "mail", "serve", "sdk", "h", "gpu", "durable", "direct", "chat")
+
+
 @contextlib.contextmanager
 def fresh_database(test_stack) -> Iterator[DatabaseSettings]:
     """A new, migrated database on the test server; dropped afterwards."""
@@ -55,6 +60,9 @@ def fresh_database(test_stack) -> Iterator[DatabaseSettings]:
     database = DatabaseSettings(url=_with_database(server_url, name))
     try:
         db.migrate(database)
+        with psycopg.connect(database.url, autocommit=True) as conn:
+            for app_id in TEST_APPS:
+                conn.execute("INSERT INTO apps (app_id, description) VALUES (%s, 'tests')", (app_id,))
         yield database
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:

@@ -196,8 +196,9 @@ def _check_answer(body: bytes, r: httpx.Response) -> None:
         _note(f"{r.status_code} {error['code']}")
         return
     items = orjson.loads(body)  # the server read it, so can we
-    assert set(answer) == {"accepted", "rejected", "results"}
-    assert answer["accepted"] + answer["rejected"] == len(items) == len(answer["results"])
+    assert set(answer) == {"accepted", "rejected", "dropped", "results"}
+    assert answer["accepted"] + answer["rejected"] + answer["dropped"] == len(items) == len(answer["results"])
+    assert answer["dropped"] == 0  # nobody was forgotten here
     for i, result in enumerate(answer["results"]):
         assert result["index"] == i
         assert result["event_id"] is None or isinstance(result["event_id"], str)
