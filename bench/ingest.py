@@ -149,6 +149,8 @@ def main() -> None:
         conn.execute(f"CREATE DATABASE {name}")
     database = DatabaseSettings(url=_with_database(server.url, name))
     db.migrate(database)
+    with psycopg.connect(database.url, autocommit=True) as conn:  # the consumer dead-letters unregistered apps
+        conn.execute("INSERT INTO apps (app_id, description) VALUES ('bench', 'ingest benchmark')")
 
     cfg = ConsumerSettings(group_id=f"bench-{tag}", metrics_port=0)
     print(

@@ -49,6 +49,12 @@ class KafkaSettings(BaseSettings):
         8, ge=1, le=1024, description="Partition count used when a topic is created (fixed afterwards)."
     )
     request_timeout_ms: int = Field(30000, ge=1000, description="Client request timeout in milliseconds.")
+    retention_ms: int = Field(
+        604_800_000,
+        ge=-1,
+        description="retention.ms of persona's topics (events, dead letters, promotions; -1: unlimited; the default "
+        "is Apache Kafka's 7 days). `persona forget` reports it as how long a forgotten user's records stay in them.",
+    )
 
     @property
     def servers(self) -> list[str]:

@@ -78,25 +78,39 @@ def export(
     console.print(f"exported {rev.revision_id} of {user_id} to {directory} (sha256 {rev.sha256[:12]} verified)")
 
 
-def forget(user_id: str, as_json: JsonOpt = False) -> None:
-    """Delete everything about USER_ID: events, buffer, revisions, alias, history, identity and objects."""
+def forget(
+    user_id: str,
+    as_json: JsonOpt = False,
+    actor: Annotated[str, typer.Option(help="Who asked for the forget (recorded in the tombstone).")] = "operator",
+) -> None:
+    """Delete everything about USER_ID (events, buffer, revisions, alias, history, identity, objects) and leave a
+    tombstone, so that late events and running trainings cannot bring it back; then say what was removed and what
+    persona could not remove (records in Kafka's topics until their retention ends, caches not told)."""
     from pipeline.flows import promotion
 
     resolved = settings()
     with open_stores(resolved) as stores, open_announcer(resolved) as announcer:
-        report = promotion.forget(stores, announcer, user_id)
+        report = promotion.forget(stores, announcer, user_id, actor=actor, kafka=resolved.kafka)
     if as_json:
-        out = {"user_id": user_id, "rows": report.rows, "objects": report.objects, "sha256s": report.sha256s}
-        print(json.dumps({**out, "announced": report.announced}))
-    elif report.nothing:
-        console.print(f"nothing to remove: persona holds no data of {user_id!r}")
+        print(json.dumps(report.to_dict()))
     else:
-        rows = ", ".join(f"{n} {t}" for t, n in report.rows.items() if n)
-        console.print(f"forgot {user_id}: removed {rows or 'no rows'}; {len(report.objects)} object(s)")
-        for key in report.objects:
-            console.print(f"  deleted {key}")
-        if report.announced:
-            console.print("  serving workers told to drop their cached copies (forget.v1 on the promotions topic)")
+        at = report.forgotten_at.isoformat() if report.forgotten_at else "?"
+        if report.nothing:
+            console.print(f"nothing to remove: persona holds no data of {user_id!r}")
+        else:
+            rows = ", ".join(f"{n} {t}" for t, n in report.rows.items() if n)
+            console.print(f"forgot {user_id}: removed {rows or 'no rows'}; {len(report.objects)} object(s)")
+            for key in report.objects:
+                console.print(f"  deleted {key}")
+            if report.announced:
+                console.print("  serving workers told to drop their cached copies (forget.v1 on the promotions topic)")
+        console.print(
+            f"  tombstone at {at} (by {report.actor}): events of this id that occurred until then are dropped"
+        )
+        if report.remaining:
+            console.print("not removed (persona cannot delete these):")
+            for r in report.remaining:
+                console.print(f"  {r.where}: {r.what}; until {r.until}")
     if report.warning is not None:
         _warn(report.warning)
         raise typer.Exit(1)

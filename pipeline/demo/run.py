@@ -99,8 +99,10 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
         console.print(f"      applied migration {m.path.name}")
     with Database(cfg.db, name="persona-demo") as database:
         with database.connection() as conn:
-            key_id, key = apps.create_key(conn, APP_ID, "persona demo")
-        console.print(f"      application {APP_ID!r}: API key {key_id} (only its sha256 is stored)")
+            key_id, key = apps.create_key(conn, APP_ID, "persona demo", scopes=("ingest", "serve"))
+        console.print(
+            f"      application {APP_ID!r}: API key {key_id} with scopes ingest, serve (only its sha256 is stored)"
+        )
         return _run_processes(options, console, base, cfg, urls, database, key, seed, prefix, started)
 
 
@@ -197,13 +199,13 @@ def _run_processes(
             300,
         )
         procs.start("beat", ["beat", "--metrics-port", str(free_port(9103))])
-        _follow(database, serve_url, people, procs, console, started, options.timeout_s)
+        _follow(database, serve_url, key, people, procs, console, started, options.timeout_s)
 
         console.print("[bold][6/7][/bold] per-user results")
         console.print(input_table(dead))
         console.print(users_table(people))
         console.print(f"[bold][7/7][/bold] one prompt, three models: {options.prompt!r}")
-        answers = _side_by_side(serve_url, people, options)
+        answers = _side_by_side(serve_url, key, people, options)
         console.print(answers_table(answers))
     finally:
         procs.stop()
@@ -315,6 +317,7 @@ Say = Callable[[UserRun, str], None]
 def _follow(
     database: Database,
     serve_url: str,
+    key: str,
     people: list[UserRun],
     procs: Processes,
     console: Console,
@@ -333,7 +336,7 @@ def _follow(
             last_print = time.monotonic()
             console.print(f"      {time.monotonic() - started:6.0f}s  {p.user_id}  {state}")
 
-    with httpx.Client(timeout=120) as http:
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {key}"}) as http:
         while not all(p.done for p in people):
             procs.check()
             if time.monotonic() > deadline:
@@ -402,9 +405,10 @@ def _observe(
         say(p, f"serving {_short(p.revision_id)} ({p.seconds_to_serving or 0:.0f}s after its first event)")
 
 
-def _side_by_side(serve_url: str, people: list[UserRun], options: DemoOptions) -> list[tuple[str, str, str]]:
-    """The prompt answered by the base and by two promoted users of different styles (greedy, same tokens)."""
-    with httpx.Client(timeout=300) as http:
+def _side_by_side(serve_url: str, key: str, people: list[UserRun], options: DemoOptions) -> list[tuple[str, str, str]]:
+    """The prompt answered by the base and by two promoted users of different styles (greedy, same tokens), asked
+    with the demo application's key (the serving API serves a key its own application's users only)."""
+    with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {key}"}) as http:
         base_id = http.get(f"{serve_url}/healthz").json()["base"]
         chosen: list[UserRun] = []  # users with a revision serving (this run's or an earlier one), styles apart
         for p in sorted(people, key=lambda p: p.served_revision is None):

@@ -8,5 +8,6 @@ settings or connections of its own. Entry points (the CLI, Celery tasks, the dem
 - `gate`: measure a candidate against the revision serving, decide under the operator's rules, promote;
 - `promotion`: promote, roll back, publish, forget (alias compare-and-swap, pointer, announcement);
 - `schedule`: claim due users and enqueue their retrains;
-- `export`: a revision as a directory stock peft loads.
+- `export`: a revision as a directory stock peft loads;
+- `failpoints`: named moments where a test forces the worst timing (no-op in production).
 """

@@ -11,6 +11,11 @@ Order (each step idempotent, so a redelivered task repeats nothing that was done
    alias from the candidate's parent when it passed (a concurrent move makes the candidate stale instead);
 5. after that commit: the pointer users/{user}/production.json is published and the promotion announced on
    persona.promotions.v1 (`pipeline.flows.promotion.announce_serving`).
+
+A user forgotten while its candidate is judged gets no decision, no promotion and no announcement: the transaction
+of step 4 first locks the user and checks that it was not forgotten since the candidate was written and that the
+candidate still exists (`storage.registry.lock_alive_revision`); `judge` then raises Forgotten (a NotFound, which
+the gate task does not retry). Between steps 3 and 4 the failpoint `failpoints.BEFORE_DECISION` fires.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ModelSettings
-from pipeline.domain.errors import Conflict, PersonaError
+from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
 from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.gating import Decision, RuleSet, decide, ruleset_digest
 from pipeline.domain.revisions import Revision
 from pipeline.evaluation.metrics import evaluate, load_probes
+from pipeline.flows import failpoints
 from pipeline.flows.promotion import announce_serving
 from pipeline.models.base import load_configured
 from pipeline.observability import metrics as prom
@@ -70,7 +76,8 @@ def judge(
     rules: RuleSet,
     rules_source: str,
 ) -> GateResult:
-    """Judge ``revision_id`` and promote it if it passes. Safe to repeat."""
+    """Judge ``revision_id`` and promote it if it passes. Safe to repeat. Raises NotFound when the revision does not
+    exist (a forget deleted it, or a wrong id), Forgotten when its user was forgotten while it was judged."""
     started = time.monotonic()
     with stores.db.connection() as conn:
         cand = registry.get_revision(conn, revision_id)
@@ -94,8 +101,12 @@ def judge(
     base = load_configured(config.model)
     with tempfile.TemporaryDirectory(prefix="persona-gate-") as tmp:
         reg = stores.registry
-        cand_dir = reg.download(cand, Path(tmp) / "candidate")
-        cur_dir = reg.download(current, Path(tmp) / "current") if current is not None else None
+        try:
+            cand_dir = reg.download(cand, Path(tmp) / "candidate")
+            cur_dir = reg.download(current, Path(tmp) / "current") if current is not None else None
+        except NotFound as e:  # the objects went with a forget, or the store lost them
+            _raise_if_forgotten(stores, cand)
+            raise e
         m = evaluate(
             base,
             candidate_dir=cand_dir,
@@ -111,7 +122,23 @@ def judge(
     for r in decision.results:
         prom.GATE_RULE_OUTCOMES.labels(r.name, r.outcome).inc()
     outcome = "promoted" if decision.passed else "rejected"
+    failpoints.fire(failpoints.BEFORE_DECISION, user_id=cand.user_id, revision_id=cand.revision_id)
     return record(outcome, decision.passed, decision.reason, m, decision.to_dict(), digest, started)
+
+
+def _raise_if_forgotten(stores: Stores, cand: Revision) -> None:
+    with stores.db.connection() as conn, conn.transaction():
+        try:
+            registry.lock_alive_revision(conn, cand.user_id, cand.revision_id, since=cand.created_at)
+        except Forgotten as e:
+            raise _dropped(cand, e) from None
+
+
+def _dropped(cand: Revision, error: Forgotten) -> Forgotten:
+    """Count and log a decision that is not written because its user was forgotten; the error to raise."""
+    prom.FORGOTTEN_WRITES_DROPPED.labels("gate").inc()
+    log.warning("%s: %s; no decision for %s, nothing promoted or announced", cand.user_id, error, cand.revision_id)
+    return error
 
 
 @dataclass
@@ -139,6 +166,8 @@ class _Recorder:
         with self.stores.db.connection() as conn:
             try:
                 with conn.transaction():
+                    # A forget waits for this transaction, or it committed before and nothing is written.
+                    registry.lock_alive_revision(conn, cand.user_id, cand.revision_id, since=cand.created_at)
                     if outcome == "promoted":
                         registry.move_alias(
                             conn, cand.user_id, cand.revision_id, expected=cand.parent_id, reason="gate", actor="gate"
@@ -166,6 +195,8 @@ class _Recorder:
                 if kept is None:  # pragma: no cover - the insert conflicted with this very row
                     raise PersonaError(f"the decision of {cand.revision_id} vanished") from None
                 return GateResult(cand.revision_id, cand.user_id, kept.outcome, kept.reason, kept)
+            except Forgotten as e:
+                raise _dropped(cand, e) from None
             except Conflict:
                 # The alias moved between our read and the swap: the candidate is stale now.
                 stale = f"stale: production moved while {cand.revision_id} was judged"

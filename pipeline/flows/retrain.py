@@ -16,6 +16,11 @@ Within a batch every user is on its own: a user whose lease is busy, whose event
 does not load, whose loss is not finite or whose lease is lost gets its own outcome or error, and the others are
 trained and written all the same. While the batch trains and writes, every live lease is renewed, and each user's
 progress (step, loss) is recorded with the renewal, so it can be read from the database while the training runs.
+
+A user forgotten while its training runs gets the outcome ``forgotten`` and nothing is written: the forget removes
+the lease with the user's rows (the next renewal finds it gone), and the candidate write checks in its transaction
+that the user is alive and was not forgotten since the plan was made (objects it uploaded are deleted again).
+Between the upload and that transaction the failpoint `failpoints.BEFORE_CANDIDATE_COMMIT` fires.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ModelSettings, TrainingSettings
-from pipeline.domain.errors import Conflict, NotFound, PersonaError
+from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
 from pipeline.domain.examples import Example, TrainingEvent, examples_from_events, select_training_events
 from pipeline.domain.revisions import BaseModelRef, EventsUsed, Revision
+from pipeline.flows import failpoints
 from pipeline.models.base import load_configured
 from pipeline.observability import metrics
 from pipeline.storage import registry, training
@@ -57,8 +63,9 @@ class LeaseLost(Conflict):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a retrain did: ``trained``, ``resumed`` (found its revision written), ``nothing_to_do`` or
-    ``no_examples`` (no train-split target among the new events)."""
+    """What a retrain did: ``trained``, ``resumed`` (found its revision written), ``nothing_to_do``,
+    ``no_examples`` (no train-split target among the new events) or ``forgotten`` (the user was forgotten while it
+    ran: nothing was written)."""
 
     user_id: str
     outcome: str
@@ -194,6 +201,12 @@ class _Run:
                     training.finish(conn, lease)
                 log.info("%s: no new training examples among %d pending events; nothing trained", user_id, len(events))
                 return Outcome(user_id, "no_examples", parent_id=lease.parent_id)
+        except NotFound as e:  # e.g. the parent revision went with a forget between the lease and this read
+            self.release(lease)
+            why = e if isinstance(e, Forgotten) else self.forgotten_or(lease, e)
+            if isinstance(why, Forgotten):
+                return _forgotten(lease, "training", why)
+            raise
         except BaseException:
             self.release(lease)
             raise
@@ -207,15 +220,30 @@ class _Run:
         except Exception:
             log.exception("%s: could not release the lease of %s; it expires", lease.user_id, lease.revision_id)
 
+    def forgotten_or(self, lease: training.Lease, error: NotFound) -> NotFound:
+        """``error`` as Forgotten when the user was forgotten since the plan was made, else ``error`` itself."""
+        try:
+            with self.stores.db.connection() as conn:
+                gone = training.forgotten_since_plan(conn, lease)
+        except Exception:
+            return error
+        if gone:
+            return Forgotten(f"{lease.user_id!r} was forgotten while {lease.revision_id} was trained ({error})")
+        return error
+
     def train_and_write(self, plans: list[_Plan]) -> list[Outcome | BaseException]:
         results: list[Outcome | BaseException | None] = [None] * len(plans)
         cfg = self.config.training
         leases = _Leases(self.stores, self.config.lease_s, [p.lease for p in plans], cfg.max_steps)
 
-        def failed(i: int, error: BaseException) -> BaseException:
+        def failed(i: int, error: BaseException) -> Outcome | BaseException:
+            leases.drop(i)
+            if isinstance(error, NotFound) and not isinstance(error, Forgotten):
+                error = self.forgotten_or(plans[i].lease, error)  # e.g. the parent's objects went with a forget
+            if isinstance(error, Forgotten):  # nothing to release: the lease went with the user's rows
+                return _forgotten(plans[i].lease, "training", error)
             if not isinstance(error, LeaseLost):
                 self.release(plans[i].lease)
-            leases.drop(i)
             return error
 
         try:
@@ -267,8 +295,16 @@ class _Run:
                     continue
                 try:
                     leases.check(i)
+                except Exception as e:
+                    results[i] = failed(i, e)
+                    continue
+                try:
                     outcome = _write(plans[i], job, result, base.ref, reg, self.started)
                     leases.drop(i)
+                except Forgotten as e:
+                    leases.drop(i)
+                    results[i] = _forgotten(plans[i].lease, "candidate", e)
+                    continue
                 except Exception as e:
                     results[i] = failed(i, e)
                     continue
@@ -282,7 +318,7 @@ def _write(
     plan: _Plan, job: UserJob, result: TrainResult, base_ref: BaseModelRef, reg: Registry, started: float
 ) -> Outcome:
     used = EventsUsed.of([(e.event_id, e.seq) for e in (*plan.new, *plan.replay)])
-    rev = reg.write_revision(
+    staged = reg.stage_revision(
         plan.user_id,
         job.out_dir,
         parent_id=plan.lease.parent_id,
@@ -308,6 +344,8 @@ def _write(
         revision_id=plan.lease.revision_id,
         lease=plan.lease,
     )
+    failpoints.fire(failpoints.BEFORE_CANDIDATE_COMMIT, user_id=plan.user_id, revision_id=staged.revision_id)
+    rev = reg.commit_revision(staged, lease=plan.lease)  # Forgotten: the staged objects are deleted again
     seconds = time.monotonic() - started
     metrics.TRAINING_SECONDS.observe(seconds)
     metrics.TRAINING_TOKENS_PER_SECOND.set(result.tokens_per_s)
@@ -324,6 +362,13 @@ def _write(
     return Outcome(plan.user_id, "trained", rev.revision_id, rev.parent_id, result.steps, seconds)
 
 
+def _forgotten(lease: training.Lease, stage: str, error: Forgotten) -> Outcome:
+    """The outcome of a training whose user was forgotten while it ran: counted and logged, nothing written."""
+    metrics.FORGOTTEN_WRITES_DROPPED.labels(stage).inc()
+    log.warning("%s: %s; the training of %s wrote nothing", lease.user_id, error, lease.revision_id)
+    return Outcome(lease.user_id, "forgotten", None, lease.parent_id)
+
+
 #: Seconds between two renewals (and progress records) at most, whatever the lease length.
 _RENEW_EVERY_S = 10.0
 
@@ -338,7 +383,7 @@ class _Leases:
         self.lease_s = lease_s
         self.max_steps = max_steps
         self.live = dict(enumerate(leases))
-        self.lost: dict[int, LeaseLost] = {}
+        self.lost: dict[int, LeaseLost | Forgotten] = {}
         self.progress: dict[int, training.Progress] = {}
         self.last = time.monotonic()
 
@@ -355,15 +400,20 @@ class _Leases:
             progress = {self.live[i].user_id: p for i, p in self.progress.items() if i in self.live}
             with self.stores.db.connection() as conn:
                 kept = training.renew_leases(conn, list(self.live.values()), self.lease_s, progress)
-            for i, lease in list(self.live.items()):
-                if lease.user_id not in kept:
-                    self.lost[i] = LeaseLost(f"{lease.user_id}: lease of {lease.revision_id} lost")
-                    self.live.pop(i)
+                for i, lease in list(self.live.items()):
+                    if lease.user_id not in kept:
+                        # The lease went with the user's rows (a forget), or another attempt took it over.
+                        if training.forgotten_since_plan(conn, lease):
+                            why = f"{lease.user_id!r} was forgotten while {lease.revision_id} was trained"
+                            self.lost[i] = Forgotten(why)
+                        else:
+                            self.lost[i] = LeaseLost(f"{lease.user_id}: lease of {lease.revision_id} lost")
+                        self.live.pop(i)
             self.last = time.monotonic()
         return bool(self.lost)
 
     def check(self, i: int) -> None:
-        """Renew if it is time; raise LeaseLost when user ``i``'s lease is lost."""
+        """Renew if it is time; raise LeaseLost (or Forgotten) when user ``i``'s lease is lost."""
         self.renew()
         if i in self.lost:
             raise self.lost[i]

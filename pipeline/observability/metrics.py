@@ -160,3 +160,25 @@ ADAPTER_CACHE_RESIDENT_BYTES = Gauge(
 ADAPTER_CACHE_EVICTIONS = Counter(
     "persona_adapter_cache_evictions_total", "Adapters evicted from a cache tier to make room, by tier.", ["tier"]
 )
+
+# --- serving: API keys --------------------------------------------------------------------------------------------
+SERVING_KEY_LOOKUPS = Counter(
+    "persona_serving_key_lookups_total",
+    "API key verifications of the serving API, by where the answer came from (cache | database).",
+    ["source"],
+)
+SERVING_AUTH_REFUSALS = Counter(
+    "persona_serving_auth_refusals_total",
+    "Serving API requests refused before any work, by reason (missing_key | invalid_key | insufficient_scope).",
+    ["reason"],
+)
+
+# --- forget is final ------------------------------------------------------------------------------------------------
+# stage: training (found at a lease renewal), candidate (the candidate write), gate (the decision), publish (a
+# production pointer written as the user was forgotten, deleted again).
+FORGOTTEN_WRITES_DROPPED = Counter(
+    "persona_forgotten_writes_dropped_total",
+    "Writes dropped because their user was forgotten while the work ran, by stage.",
+    ["stage"],
+)
+FORGETS = Counter("persona_forgets_total", "Forgets run, by whether persona held the user (held | unknown).", ["held"])

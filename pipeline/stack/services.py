@@ -241,7 +241,8 @@ class KafkaService(Service):
                 # One request per topic: kafka-python raises on the first error of a batch, hiding the others.
                 for topic in (t for t in wanted if t not in existing):
                     try:
-                        admin.create_topics([NewTopic(topic, kafka.partitions, 1)])
+                        config = {"retention.ms": str(kafka.retention_ms)}  # how long a forgotten user's records stay
+                        admin.create_topics([NewTopic(topic, kafka.partitions, 1, topic_configs=config)])
                         created.append(f"topic {topic} ({kafka.partitions} partitions)")
                     except TopicAlreadyExistsError:
                         pass  # another process created it between list and create

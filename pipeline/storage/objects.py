@@ -175,14 +175,29 @@ class ObjectStore:
     def delete_user(self, user_id: str) -> list[str]:
         """Delete every object under the user's prefix; return the keys deleted."""
         keys = self.list_user(user_id)
-        if keys:
-            errors = self._call(
-                f"delete users/{user_id}/",
-                lambda: list(self.client.remove_objects(self.bucket, [DeleteObject(k) for k in keys])),
-            )
-            if errors:
-                raise ObjectStoreError(f"could not delete {len(errors)} object(s) of {user_id}: {errors[0]}")
+        self.delete_keys(keys, what=f"users/{user_id}/")
         return keys
+
+    def delete_keys(self, keys: list[str], *, what: str = "objects") -> None:
+        """Delete ``keys`` (a missing key is not an error); ObjectStoreError when some could not be deleted."""
+        if not keys:
+            return
+        errors = self._call(
+            f"delete {what}",
+            lambda: list(self.client.remove_objects(self.bucket, [DeleteObject(k) for k in keys])),
+        )
+        if errors:
+            raise ObjectStoreError(f"could not delete {len(errors)} of {len(keys)} object(s) of {what}: {errors[0]}")
+
+    def versioning(self) -> str | None:
+        """The bucket's versioning status (``Enabled``, ``Suspended`` or ``Off``), None when it cannot be read: with
+        versioning on, a deleted object leaves noncurrent versions behind."""
+        try:
+            status = self._call("get versioning", lambda: self.client.get_bucket_versioning(self.bucket).status)
+        except Exception as e:  # a read-only question: a refusal must not fail the caller
+            log.warning("could not read the versioning of bucket %s: %s", self.bucket, e)
+            return None
+        return str(status) if status else "Off"  # no status: versioning was never enabled
 
     def publish_pointer(self, user_id: str, revision_id: str, sha256: str, uri: str, promoted_at: str) -> None:
         """Write users/{user}/production.json: what serves the user now."""

@@ -11,6 +11,7 @@ import psycopg
 from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.policy import DueState, Policy
 from pipeline.domain.revisions import PRODUCTION, new_revision_id
+from pipeline.storage import tenancy
 from pipeline.storage.db import one
 
 # The policy of domain/policy.py as one statement. FOR UPDATE SKIP LOCKED plus the queued_at mark: two ticks
@@ -78,6 +79,9 @@ class Lease:
     snapshot_seq: int
     expires_at: datetime
     takeover: bool  # the plan was made by an earlier attempt (a redelivered or retried task)
+    #: When the plan was made (database time; kept on takeover): a forget at or after it makes the training write
+    #: nothing (`pipeline.storage.tenancy.lock_alive`). None only for a Lease built by hand.
+    planned_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,13 @@ def acquire_lease(conn: psycopg.Connection, user_id: str, owner: str, lease_s: f
         if rev is not None:
             row = one(
                 conn.execute(
-                    "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s)"
-                    " WHERE user_id = %s RETURNING lease_expires_at",
+                    "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s),"
+                    " lease_planned_at = coalesce(lease_planned_at, now())"
+                    " WHERE user_id = %s RETURNING lease_expires_at, lease_planned_at",
                     (owner, lease_s, user_id),
                 )
             )
-            return Lease(user_id, owner, rev, parent, int(snap), row[0], takeover=True)
+            return Lease(user_id, owner, rev, parent, int(snap), row[0], takeover=True, planned_at=row[1])
         if pending <= 0:
             conn.execute("UPDATE user_state SET queued_at = NULL WHERE user_id = %s", (user_id,))
             return None
@@ -134,13 +139,14 @@ def acquire_lease(conn: psycopg.Connection, user_id: str, owner: str, lease_s: f
         row = one(
             conn.execute(
                 "UPDATE user_state SET lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s),"
-                " lease_revision_id = %s, lease_parent_id = %s, lease_snapshot_seq = %s,"
+                " lease_revision_id = %s, lease_parent_id = %s, lease_snapshot_seq = %s, lease_planned_at = now(),"
                 " lease_step = NULL, lease_max_steps = NULL, lease_loss = NULL"
-                " WHERE user_id = %s RETURNING lease_expires_at",
+                " WHERE user_id = %s RETURNING lease_expires_at, lease_planned_at",
                 (owner, lease_s, rev, prod[0] if prod else None, snap, user_id),
             )
         )
-        return Lease(user_id, owner, rev, prod[0] if prod else None, int(snap), row[0], takeover=False)
+        parent = prod[0] if prod else None
+        return Lease(user_id, owner, rev, parent, int(snap), row[0], takeover=False, planned_at=row[1])
 
 
 @dataclass(frozen=True)
@@ -223,12 +229,34 @@ def release_lease(conn: psycopg.Connection, lease: Lease) -> None:
 
 
 def training_events(conn: psycopg.Connection, user_id: str, through_seq: int) -> list[TrainingEvent]:
-    """All of the user's events up to ``through_seq`` (both splits), in ingestion order."""
+    """All of the user's events up to ``through_seq`` (both splits), in ingestion order: only those of the user's
+    owner application (``users.app``), so that events another application sent under the same id (stored before
+    ownership was enforced) never train or judge this user's adapter; none for a user without an identity row."""
     rows = conn.execute(
-        "SELECT event_id, seq, kind, split, payload FROM events WHERE user_id = %s AND seq <= %s ORDER BY seq",
+        "SELECT e.event_id, e.seq, e.kind, e.split, e.payload FROM events e"
+        " JOIN users u ON u.user_id = e.user_id AND u.app = e.app"
+        " WHERE e.user_id = %s AND e.seq <= %s ORDER BY e.seq",
         (user_id, through_seq),
     ).fetchall()
     return [TrainingEvent(r[0], int(r[1]), r[2], r[3], r[4]) for r in rows]
+
+
+def lock_plan(conn: psycopg.Connection, lease: Lease) -> bool:
+    """In the caller's transaction: lock the user's buffer row (writers of one plan take their turns) and say
+    whether ``lease``'s plan is still the user's. False when it was finished by another attempt, or removed with
+    the buffer row by a forget (a user recreated since then has a buffer row without this plan)."""
+    row = conn.execute(
+        "SELECT lease_revision_id FROM user_state WHERE user_id = %s FOR UPDATE", (lease.user_id,)
+    ).fetchone()
+    return row is not None and row[0] == lease.revision_id
+
+
+def forgotten_since_plan(conn: psycopg.Connection, lease: Lease) -> bool:
+    """Whether ``lease``'s user is gone or was forgotten since the plan was made (a lost lease's usual cause)."""
+    if tenancy.owner_of(conn, lease.user_id) is None:
+        return True
+    at = tenancy.forgotten_at(conn, lease.user_id)
+    return at is not None and (lease.planned_at is None or at >= lease.planned_at)
 
 
 def finish(conn: psycopg.Connection, lease: Lease) -> int:
@@ -243,7 +271,7 @@ def finish(conn: psycopg.Connection, lease: Lease) -> int:
         " oldest_pending_at = (SELECT min(ingested_at) FROM events"
         "                      WHERE user_id = %s AND consumed_by IS NULL),"
         " last_trained_at = now(), queued_at = NULL, lease_owner = NULL, lease_expires_at = NULL,"
-        " lease_revision_id = NULL, lease_parent_id = NULL, lease_snapshot_seq = NULL,"
+        " lease_revision_id = NULL, lease_parent_id = NULL, lease_snapshot_seq = NULL, lease_planned_at = NULL,"
         " lease_step = NULL, lease_max_steps = NULL, lease_loss = NULL"
         " WHERE user_id = %s AND lease_revision_id = %s",
         (marked, lease.user_id, lease.user_id, lease.revision_id),

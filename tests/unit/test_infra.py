@@ -40,7 +40,7 @@ REQUIRED_SERVICES = {
     "router",
     *PERSONA_PROCESSES,
 }
-ONE_SHOT = {"kafka-init", "minio-init", "migrate"}
+ONE_SHOT = {"kafka-init", "minio-init", "migrate", "app-key"}
 
 
 def _tool(name: str) -> str:
@@ -122,6 +122,7 @@ def test_compose_start_order_follows_health_and_completion(compose):
     assert conditions("kafka-init") == {"kafka": "service_healthy"}
     assert conditions("minio-init") == {"minio": "service_healthy"}
     assert conditions("migrate") == {"postgres": "service_healthy"}
+    assert conditions("app-key") == {"migrate": "service_completed_successfully"}
     for name in PERSONA_PROCESSES:
         deps = conditions(name)
         for job in ONE_SHOT:

@@ -1,5 +1,6 @@
 """`persona.evaluate.gate`: judge a candidate revision and promote it if it passes the operator's rules
-(`pipeline.flows.gate`)."""
+(`pipeline.flows.gate`). A candidate whose user was forgotten (or that no longer exists) is not retried: there is
+nothing to judge."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import psycopg
 from kafka.errors import KafkaError
 
+from pipeline.domain.errors import Forgotten, NotFound
 from pipeline.domain.tasks import GATE
 from pipeline.evaluation.rules import load_rules
 from pipeline.flows.gate import GateConfig, judge
@@ -49,14 +51,20 @@ def gate(self: Any, revision_id: str) -> dict[str, Any]:
         max_length=s.training.max_length,
     )
     rules_path = s.gate.rules
-    result = judge(
-        revision_id,
-        stores=r.stores,
-        announcer=r.announcer,
-        config=config,
-        rules=load_rules(rules_path),
-        rules_source=str(rules_path),
-    )
+    try:
+        result = judge(
+            revision_id,
+            stores=r.stores,
+            announcer=r.announcer,
+            config=config,
+            rules=load_rules(rules_path),
+            rules_source=str(rules_path),
+        )
+    except NotFound as e:  # the flow counted and logged a forgotten user's; a retry finds nothing either
+        outcome = "forgotten" if isinstance(e, Forgotten) else "not_found"
+        if outcome == "not_found":
+            log.warning("%s: nothing to judge: %s", revision_id, e)
+        return {"revision_id": revision_id, "outcome": outcome, "reason": str(e)}
     return {
         "revision_id": result.revision_id,
         "user_id": result.user_id,

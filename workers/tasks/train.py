@@ -1,6 +1,7 @@
 """`persona.train.retrain_users`: retrain a batch of users' adapters together (the scheduler's task), and
 `persona.train.retrain_user`: one user (a batch of one; operators' manual enqueues). Both call
-`pipeline.flows.retrain` and chain `persona.evaluate.gate` for each candidate."""
+`pipeline.flows.retrain` and chain `persona.evaluate.gate` for each candidate. A user forgotten while it trained
+has the outcome ``forgotten`` (nothing written) and is never retried."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from pipeline.domain.errors import Forgotten
 from pipeline.domain.tasks import EVALUATE_QUEUE, GATE, RETRAIN_USER, RETRAIN_USERS
 from pipeline.flows.retrain import LeaseBusy, LeaseLost, Outcome, RetrainConfig, retrain, retrain_batch
 from pipeline.observability import metrics
@@ -72,6 +74,9 @@ def retrain_user(self: Any, user_id: str) -> dict[str, Any]:
         metrics.TRAINING_OUTCOMES.labels("lease_lost").inc()
         log.warning("%s: lease lost mid-training; the attempt that took it over finishes the revision", user_id)
         return {"user_id": user_id, "outcome": "lease_lost"}
+    except Forgotten:  # the flow reports it as an Outcome; should one escape, it is final all the same
+        metrics.TRAINING_OUTCOMES.labels("forgotten").inc()
+        return {"user_id": user_id, "outcome": "forgotten"}
     except Exception:
         metrics.TRAINING_OUTCOMES.labels("failed").inc()
         raise
@@ -105,6 +110,9 @@ def retrain_users(self: Any, user_ids: list[str]) -> dict[str, Any]:
                 metrics.TRAINING_OUTCOMES.labels("busy").inc()
                 retry.append(user_id)
                 countdown = max(countdown, result.seconds_left + 1)
+            elif isinstance(result, Forgotten):  # final: never retried
+                metrics.TRAINING_OUTCOMES.labels("forgotten").inc()
+                report.append({"user_id": user_id, "outcome": "forgotten"})
             elif isinstance(result, LeaseLost):
                 metrics.TRAINING_OUTCOMES.labels("lease_lost").inc()
                 log.warning(

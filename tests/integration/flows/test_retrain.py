@@ -361,7 +361,7 @@ def test_a_batch_trains_its_users_together_and_a_bad_user_fails_alone(
         {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, tmp_path / "adapter_model.safetensors"
     )
     poisoned = registry.write_revision(
-        bad, tmp_path, parent_id=None, base=base.ref, training={"seed": 0}, events=EventsUsed.of([])
+        bad, tmp_path, parent_id=None, base=base.ref, training={"seed": 0}, events=EventsUsed.of([]), app="test"
     )
     promotion.promote(own_stores, announcer, bad, poisoned.revision_id, actor="test")
     for i, u in enumerate([*good, bad]):

@@ -37,7 +37,7 @@ def test_bearer_token(header, token):
 def test_check_scopes():
     assert apikeys.check_scopes(["serve", "ingest", "serve"], operator=False) == ("ingest", "serve")
     assert apikeys.check_scopes(["admin"], operator=True) == ("admin",)
-    with pytest.raises(InvalidInput, match="unknown scope.*'root'.*allowed: ingest, serve, admin"):
+    with pytest.raises(InvalidInput, match=r"unknown scope.*'root'.*allowed: ingest, serve, admin"):
         apikeys.check_scopes(["root"], operator=False)
     with pytest.raises(InvalidInput, match="at least one scope"):
         apikeys.check_scopes([], operator=False)
@@ -48,7 +48,7 @@ def test_check_scopes():
 def test_principal():
     app = Principal("k1", "notes", frozenset({"ingest"}), datetime(2030, 1, 1, tzinfo=UTC))
     app.require("ingest")
-    with pytest.raises(Forbidden, match="key k1 has scope.*ingest; this needs 'serve'") as e:
+    with pytest.raises(Forbidden, match=r"key k1 has scope.*ingest; this needs 'serve'") as e:
         app.require("serve")
     assert e.value.http_status == 403
     assert app.may_act_for("notes") and not app.may_act_for("mail") and not app.may_act_for(None)
