@@ -309,10 +309,59 @@ class ServingSettings(BaseSettings):
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="Modules adapters may target."
     )
     max_batch: int = Field(32, ge=1, le=4096, description="Requests decoded together at most.")
-    max_tokens: int = Field(256, ge=1, description="Upper bound of max_tokens of one request.")
+    max_tokens: int = Field(
+        256,
+        ge=1,
+        description="Largest max_tokens a request may ask for (a larger one is refused with 400); a request that "
+        "names none gets min(16 for completions or 64 for chat, this, what is left of the context).",
+    )
     cache_dir: Path = Field(Path("~/.cache/persona/adapters"), description="Local disk tier of the adapter cache.")
     disk_cache_bytes: int = Field(10 << 30, ge=0, description="Bytes of the disk tier.")
     host_cache_bytes: int = Field(2 << 30, ge=0, description="Bytes of the host-memory tier.")
+    worker_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="Stable name of this worker, unique in its pool: its promotions listener is the consumer group "
+        "`persona-serving-{worker_id}` with committed offsets, so a restarted worker hears the promotions and "
+        "forgets it missed while down. Default: `{hostname}-{port}`.",
+    )
+    admin_host: str = Field(
+        "127.0.0.1", description="Address of the separate /healthz + /metrics listener (when admin_port is set)."
+    )
+    admin_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of a separate listener for /healthz and /metrics (no key needed there); 0: no separate "
+        "listener, both are served on the API port. With one, /metrics leaves the API port (/healthz stays).",
+    )
+    key_cache_ttl_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Seconds a verified (or refused) API key is remembered: a revoked key stops working within this "
+        "time; 0 checks every request against the database.",
+    )
+    key_cache_size: int = Field(10_000, ge=1, le=1_000_000, description="API keys remembered at most (LRU).")
+    max_request_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="Largest request body; a larger one is refused with 413 before it is read (Content-Length) or "
+        "as soon as it passes this size (chunked).",
+    )
+    max_stop: int = Field(4, ge=0, le=16, description="Stop strings one request may give at most (OpenAI: 4).")
+    max_stop_chars: int = Field(128, ge=1, le=4096, description="Characters of one stop string at most.")
+    max_messages: int = Field(256, ge=1, le=10_000, description="Messages of one chat request at most.")
+    models_list_limit: int = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description="GET /v1/models lists the base and at most this many of the key's application's users with a "
+        "production revision (the first by user id).",
+    )
 
     @field_validator("cache_dir")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any, Final, Literal
 from ulid import ULID
 
 from pipeline.domain.errors import InvalidInput
+from pipeline.domain.events import valid_user_id
 
 MANIFEST_SCHEMA: Final = "persona/registry/manifest.v1"
 Status = Literal["candidate", "promoted", "rejected", "retired"]
@@ -32,6 +33,68 @@ def check_revision_id(value: str) -> str:
     if not _REVISION_ID.fullmatch(canonical):
         raise InvalidInput(f"revision id must be a ULID (26 Crockford base32 characters), got {value!r}")
     return canonical
+
+
+#: The prefix of a ``model`` that names a user's adapter (the serving API's ``model`` field).
+USER_MODEL_PREFIX: Final = "user:"
+#: The longest user ``model`` accepted: ``user:`` + a 128-character user id + ``@`` + a 26-character revision id.
+MAX_MODEL_NAME: Final = len(USER_MODEL_PREFIX) + 128 + 1 + 26
+
+
+class InvalidModelName(InvalidInput):
+    """``model`` is none of the accepted forms (the serving API answers 400 ``invalid_model``)."""
+
+    code = "invalid_model"
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """What a ``model`` names: the base (``user_id`` None), a user's production alias (``revision_id`` None) or one
+    revision of a user."""
+
+    user_id: str | None
+    revision_id: str | None = None
+
+    @property
+    def base(self) -> bool:
+        return self.user_id is None
+
+
+def _shown(value: str, limit: int = 48) -> str:
+    # An error message names the bad value, but never echoes an unbounded one.
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def parse_model_name(model: str, base_id: str) -> ModelName:
+    """Parse a serving ``model``: ``base_id``, ``user:{user_id}`` or ``user:{user_id}@{revision}``.
+
+    User ids may contain ``@`` (``alice@example.com``), so the revision is the part after the LAST ``@``, and only
+    when that part is a revision id (a ULID, any case); otherwise the whole remainder is the user id
+    (``user:a@b`` is user ``a@b``, ``user:a@b@{ULID}`` is revision ULID of user ``a@b``). A user id that ends in
+    ``@{ULID}`` is therefore reachable with an explicit revision only. InvalidModelName (400) for anything else: not
+    one of the forms, an empty or malformed user id (1..128 characters of ``[A-Za-z0-9._:@-]``, not only dots; so
+    no control character), or longer than MAX_MODEL_NAME."""
+    if model == base_id:
+        return ModelName(None)
+    forms = f"'user:{{user_id}}', 'user:{{user_id}}@{{revision}}' or {base_id!r}"
+    if len(model) > MAX_MODEL_NAME:
+        raise InvalidModelName(
+            f"model must be {forms}; got {_shown(model)}, longer than {MAX_MODEL_NAME} characters", param="model"
+        )
+    if not model.startswith(USER_MODEL_PREFIX):
+        raise InvalidModelName(f"model must be {forms}, got {_shown(model)}", param="model")
+    rest = model[len(USER_MODEL_PREFIX) :]
+    head, at, tail = rest.rpartition("@")
+    user, revision = rest, None
+    if at and _REVISION_ID.fullmatch(tail.upper()):
+        user, revision = head, tail.upper()
+    if not valid_user_id(user):
+        raise InvalidModelName(
+            f"the user id of model must be 1..128 characters of [A-Za-z0-9._:@-] (not only dots), got {_shown(user)}"
+            f" in {_shown(model)}",
+            param="model",
+        )
+    return ModelName(user, revision)
 
 
 @dataclass(frozen=True)

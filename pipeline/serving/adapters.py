@@ -116,3 +116,19 @@ def registry_fetch(stores: Stores) -> Callable[[AdapterKey], dict[str, bytes]]:
         return stores.registry.adapter_files(rev)
 
     return fetch
+
+
+def registry_check(stores: Stores) -> Callable[[AdapterKey], bool]:
+    """A ``registered`` for AdapterCache: whether the registry still has ``key``'s revision, of that user, with
+    that sha256 (one index probe). Database errors propagate (StorageError): they are not a "no"."""
+    from pipeline.storage.registry import get_revision
+
+    def registered(key: AdapterKey) -> bool:
+        try:
+            with stores.db.connection() as conn:
+                rev = get_revision(conn, key.revision_id)
+        except NotFound:
+            return False
+        return rev.user_id == key.user_id and rev.sha256 == key.sha256
+
+    return registered

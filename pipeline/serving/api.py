@@ -4,18 +4,34 @@
 ``GET /healthz``, ``GET /metrics``. Every answer names what served it in the header ``x-persona-revision``
 (``base`` for the base) and the worker in ``x-persona-worker``.
 
+Keys: every path but ``/healthz`` and ``/metrics`` needs ``Authorization: Bearer <key>`` of an application key with
+the ``serve`` scope (what the ``openai`` client sends as its ``api_key``): none, or one that is unknown, revoked or
+expired, is 401 ``invalid_api_key`` (``WWW-Authenticate: Bearer``); a key without ``serve`` is 403
+``insufficient_scope``. Keys are verified through `pipeline.serving.auth.KeyCache` (no database round trip per
+request; a revocation takes effect within ``PERSONA_SERVE_KEY_CACHE_TTL_S``). A key serves the base and its own
+application's users; anything else is the same 404 as a model that does not exist. ``/healthz`` and ``/metrics``
+stay open and can move to a listener of their own (``PERSONA_SERVE_ADMIN_PORT``; `create_admin_app`).
+
+Bounds (`pipeline.serving.bodies`, `ServingSettings`): the body size (413 before it is read past the limit), the
+context (prompt + max_tokens, score input: 400 ``context_length_exceeded``), max_tokens, stop strings, messages,
+sampling ranges and ``n`` are checked before any adapter is acquired, so a streamed request with a bad input gets
+its 4xx JSON error and no stream. An error after a stream started is sent as a last SSE event
+``data: {"error": {...}}`` (OpenAI's shape), then ``data: [DONE]``.
+
 Errors: every error persona raises on purpose is answered once, from its category (`pipeline.domain.errors`), as
 an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``: 400 bad input (``invalid_request``,
-``invalid_model``), 404 ``model_not_found``, 422 ``adapter_not_servable`` (over this worker's rank or target
-limits), 429 ``slots_exhausted`` (every device slot holds an adapter in use; Retry-After), 503
-``database_unavailable``, ``object_store_unavailable`` (Retry-After) or ``adapter_corrupt`` (the stored bytes fail
-their sha256 check). Anything else is a bug: 500 ``internal_error``, logged with its traceback. A streamed answer
-acquires its adapter before the first byte, so these statuses hold for streams too.
+``invalid_model``, ``context_length_exceeded``), 401/403 (above), 404 ``model_not_found``, 413
+``request_too_large``, 422 ``adapter_not_servable`` (over this worker's rank or target limits), 429
+``slots_exhausted`` (every device slot holds an adapter in use; Retry-After), 503 ``database_unavailable``,
+``object_store_unavailable`` (Retry-After) or ``adapter_corrupt`` (the stored bytes fail their sha256 check).
+Anything else is a bug: 500 ``internal_error``, logged with its traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,19 +40,47 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import Settings
-from pipeline.domain.errors import InvalidInput, PersonaError, body_of, error_body
+from pipeline.config import ServingSettings, Settings
+from pipeline.domain.apikeys import Principal
+from pipeline.domain.errors import InvalidInput, PersonaError, Unauthorized, body_of, error_body
 from pipeline.models.base import LoadedBase
 from pipeline.observability import metrics as obs
 from pipeline.serving.adapters import AdapterKey
-from pipeline.serving.server import ChatBody, CompletionBody, ScoreBody, Server, Target
+from pipeline.serving.auth import INVALID_KEY, bearer_key
+from pipeline.serving.bodies import (
+    ChatBody,
+    CompletionBody,
+    RequestTooLarge,
+    ScoreBody,
+    check_sampling,
+    completion_budget,
+)
+from pipeline.serving.server import Server, Target
 
 log = logging.getLogger(__name__)
+
+#: Paths answered without a key (and what a separate admin listener serves).
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+#: An oversized body up to this size is read to its end (and discarded) before the 413 is sent: a server that
+#: answers and closes while the peer still sends makes the kernel reset the connection, and the peer (the router's
+#: nginx, which streams bodies unbuffered) then sees a reset instead of the 413. The router's own cap.
+_DRAIN_MAX_BYTES = 64 << 20
+
+
+async def _drain(stream: Any, seen: int = 0) -> None:
+    """Read and discard what is left of a request body, up to _DRAIN_MAX_BYTES in all."""
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > _DRAIN_MAX_BYTES:
+            return
 
 
 def _error(status: int, message: str, *, code: str, param: str | None = None) -> JSONResponse:
@@ -45,20 +89,68 @@ def _error(status: int, message: str, *, code: str, param: str | None = None) ->
 
 def error_response(e: PersonaError) -> JSONResponse:
     """The answer to an error persona raised on purpose: its category's status and code (module docstring)."""
-    headers = {"Retry-After": str(round(e.retry_after_s))} if e.retry_after_s else None
+    headers = {"Retry-After": str(round(e.retry_after_s))} if e.retry_after_s else {}
+    if e.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     if e.http_status >= 500:
         log.warning("answering %d %s: %s", e.http_status, e.code, e)
-    return JSONResponse(body_of(e), e.http_status, headers=headers)
+    return JSONResponse(body_of(e), e.http_status, headers=headers or None)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 _ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/score", "/v1/models", "/healthz", "/metrics"})
 
 
-def create_app(server: Server) -> FastAPI:
-    """The OpenAI-compatible app of one serving worker."""
-    app = FastAPI(title="persona serving", version="1")
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _add_open_routes(app: FastAPI, server: Server, *, metrics: bool) -> None:
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok", "base": server.base_id, "cache": server.cache.stats().resident})
+
+    if metrics:
+
+        @app.get("/metrics")
+        def prom() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_admin_app(server: Server) -> FastAPI:
+    """``/healthz`` and ``/metrics`` alone, without keys: the app of the separate admin listener."""
+    app = FastAPI(title="persona serving admin", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_open_routes(app, server, metrics=True)
+    return app
+
+
+def create_app(server: Server, *, admin: bool = True) -> FastAPI:
+    """The OpenAI-compatible app of one serving worker. ``admin``: also serve ``/metrics`` here (``/healthz`` is
+    always served: the router's and the orchestrator's health checks use it)."""
+    app = FastAPI(title="persona serving", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     tok = server.tokenizer
+    cfg = server.settings.serving
+    open_paths = OPEN_PATHS if admin else frozenset({"/healthz"})
+
+    async def principal_of(request: Request) -> Principal:
+        """The key's principal, with the ``serve`` scope; Unauthorized or Forbidden otherwise."""
+        try:
+            key = bearer_key(request.headers.get("authorization"))
+        except Unauthorized:
+            obs.SERVING_AUTH_REFUSALS.labels("missing_key").inc()
+            raise
+        known, principal = server.keys.cached(key)
+        if not known:
+            principal = await run_in_threadpool(server.keys.principal, key)  # the database, once per TTL
+        if principal is None:
+            obs.SERVING_AUTH_REFUSALS.labels("invalid_key").inc()
+            raise Unauthorized(INVALID_KEY)
+        try:
+            principal.require("serve")
+        except PersonaError:
+            obs.SERVING_AUTH_REFUSALS.labels("insufficient_scope").inc()
+            raise
+        return principal
 
     @app.middleware("http")
     async def worker_header(request: Request, call_next: Any) -> Response:
@@ -71,7 +163,14 @@ def create_app(server: Server) -> FastAPI:
             obs.SERVING_REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
 
         try:
+            if path not in open_paths:
+                request.state.principal = await principal_of(request)
             response = await call_next(request)
+        except PersonaError as e:  # a refused key (or the database behind it failing): nothing else ran
+            refused = error_response(e)
+            refused.headers["x-persona-worker"] = server.name
+            observe(refused.status_code)
+            return refused
         except Exception:  # not raised on purpose: a bug, answered 500 and logged with its traceback
             log.exception("%s %s failed", request.method, path)
             failed = _error(500, "internal error; see the serving worker's log", code="internal_error")
@@ -108,36 +207,83 @@ def create_app(server: Server) -> FastAPI:
             where = ".".join(map(str, err["loc"]))
             raise InvalidInput(f"{where}: {err['msg']}", param=where or None) from e
 
+    async def body_bytes(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to pass ``max_request_bytes``: from Content-Length
+        before reading anything, else (chunked) while reading, never holding more than the limit."""
+        limit = cfg.max_request_bytes
+        too_large = RequestTooLarge(f"the request body is larger than {limit} bytes, the limit of this server")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise InvalidInput(f"Content-Length must be a number of bytes, got {declared[:40]!r}")
+            if int(declared) > limit:
+                if int(declared) <= _DRAIN_MAX_BYTES:
+                    await _drain(request.stream())
+                raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        stream = request.stream()
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                await _drain(stream, size)
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read(request: Request, model_cls: type[BaseModel]) -> tuple[Any, Target]:
+        """The validated body and what its ``model`` resolves to for the request's key (the database lookup runs
+        off the event loop)."""
+        body: Any = parse(model_cls, await body_bytes(request))
+        if isinstance(body, CompletionBody | ChatBody):
+            check_sampling(body, cfg)
+        target = await run_in_threadpool(server.resolve, body.model, request.state.principal)
+        return body, target
+
     def answer(body: Any, target: Target, prompt_ids: list[int], chat: bool) -> Response:
+        max_tokens = completion_budget(body, len(prompt_ids), server.context, cfg)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         headers = {"x-persona-revision": target.revision}
         if body.stream:
-            stream = server.generate(target, prompt_ids, body)
+            stream = server.generate(target, prompt_ids, body, max_tokens)  # its errors raise before any byte
 
-            def events() -> Iterator[bytes]:
-                ids: list[int] = []
-                sent = ""
-                for token in stream:
-                    # Decode everything so far and send what is new: a character split over tokens comes whole.
-                    ids.append(token)
-                    text = server.engine.decode_text(ids)
-                    piece, sent = text[len(sent) :], text
-                    if not piece:
-                        continue
-                    delta = {"delta": {"content": piece}} if chat else {"text": piece}
-                    chunk = {
+            def chunk(choice: dict[str, Any]) -> bytes:
+                return _sse(
+                    {
                         "id": rid,
                         "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": created,
                         "model": body.model,
-                        "choices": [{"index": 0, **delta}],
+                        "choices": [{"index": 0, **choice}],
                     }
-                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                )
+
+            def events() -> Iterator[bytes]:
+                ids: list[int] = []
+                sent = ""
+                try:
+                    for token in stream:
+                        # Decode everything so far and send what is new: a character split over tokens comes whole.
+                        ids.append(token)
+                        text = server.engine.decode_text(ids)
+                        piece, sent = text[len(sent) :], text
+                        if piece:
+                            yield chunk({"delta": {"content": piece}} if chat else {"text": piece})
+                    failed = stream.generation.finish_reason == "error"
+                except Exception:
+                    log.exception("a streamed generation failed after its first byte")
+                    failed = True
+                finally:
+                    stream.close()
+                if failed:  # the status line is sent already: the error travels as the last event
+                    yield _sse(
+                        error_body(500, "engine_error", "the engine failed while generating; see the worker's log")
+                    )
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-        gen = server.run(target, prompt_ids, body)
+        gen = server.run(target, prompt_ids, body, max_tokens)
         if gen.finish_reason == "error":
             return _error(500, "the engine failed while generating; see the worker's log", code="engine_error")
         usage = {
@@ -166,28 +312,29 @@ def create_app(server: Server) -> FastAPI:
             headers=headers,
         )
 
-    async def read(request: Request, model_cls: type[BaseModel]) -> tuple[Any, Target]:
-        """The validated body and what its ``model`` resolves to (the database lookup runs off the event loop)."""
-        body: Any = parse(model_cls, await request.body())
-        target = await run_in_threadpool(server.resolve, body.model)
-        return body, target
+    # Tokenizing up to max_request_bytes of text takes a while: it runs in the thread pool, with the generation.
+    def complete(body: CompletionBody, target: Target) -> Response:
+        ids = tok(body.prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InvalidInput("prompt is empty", param="prompt")
+        return answer(body, target, list(ids), False)
+
+    def complete_chat(body: ChatBody, target: Target) -> Response:
+        try:
+            rendered = tok.apply_chat_template(body.rendered_messages(), add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # the template refuses this conversation (e.g. roles out of order)
+            raise InvalidInput(f"messages: the model's chat template refuses them: {e}", param="messages") from e
+        return answer(body, target, list(tok(rendered, add_special_tokens=False)["input_ids"]), True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body, target = await read(request, CompletionBody)
-        ids = tok(body.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise InvalidInput("prompt is empty", param="prompt")
-        return await run_in_threadpool(answer, body, target, ids, False)
+        return await run_in_threadpool(complete, body, target)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body, target = await read(request, ChatBody)
-        rendered = tok.apply_chat_template(
-            [m.model_dump() for m in body.messages], add_generation_prompt=True, tokenize=False
-        )
-        ids = tok(rendered, add_special_tokens=False)["input_ids"]
-        return await run_in_threadpool(answer, body, target, list(ids), True)
+        return await run_in_threadpool(complete_chat, body, target)
 
     @app.post("/v1/score")
     async def score(request: Request) -> Response:
@@ -196,39 +343,29 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse({"model": body.model, **result}, headers={"x-persona-revision": target.revision})
 
     @app.get("/v1/models")
-    def models() -> JSONResponse:
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {"id": server.base_id, "object": "model", "owned_by": "persona"},
-                    {
-                        "id": "user:{user_id}",
-                        "object": "model",
-                        "owned_by": "persona",
-                        "description": "a user's production adapter; user:{user_id}@{revision} names a revision",
-                    },
-                ],
-            }
-        )
+    async def models(request: Request) -> JSONResponse:
+        listed = await run_in_threadpool(server.models, request.state.principal)
+        data = [{"id": server.base_id, "object": "model", "created": 0, "owned_by": "persona"}]
+        owner = request.state.principal.app_id or "persona"
+        data += [{"id": m, "object": "model", "created": at, "owned_by": owner} for m, at in listed]
+        return JSONResponse({"object": "list", "data": data})
 
-    @app.get("/healthz")
-    def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok", "base": server.base_id, "cache": server.cache.stats().resident})
-
-    @app.get("/metrics")
-    def prom() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
+    _add_open_routes(app, server, metrics=admin)
     return app
 
 
-def listen_for_promotions(server: Server, kafka: Any, group_prefix: str = "persona-serving") -> Any:
-    """Every serving worker hears every promotion (a consumer group of its own): the promoted user's older
-    revisions leave the cache and the new one is prefetched, so the next request serves it."""
-    import os
-    import socket
+def worker_id(cfg: ServingSettings) -> str:
+    """This worker's stable name: ``PERSONA_SERVE_WORKER_ID``, else ``{hostname}-{port}``."""
+    return cfg.worker_id or f"{socket.gethostname()}-{cfg.port}"
 
+
+def listen_for_promotions(
+    server: Server, kafka: Any, group_prefix: str = "persona-serving", *, group_id: str | None = None
+) -> Any:
+    """Every serving worker hears every promotion and forget: a consumer group of its own, named after the worker
+    (`worker_id`) and committing its position, so a restarted worker first hears what it missed while down (a
+    forget included). The promoted user's older revisions leave the cache and the new one is prefetched, so the next
+    request serves it; a forgotten user's adapters leave every tier."""
     from pipeline.serving.promotions import PromotionListener
 
     def on_promotion(event: dict) -> None:
@@ -238,18 +375,42 @@ def listen_for_promotions(server: Server, kafka: Any, group_prefix: str = "perso
     def on_forget(event: dict) -> None:
         server.cache.forget(event["user_id"], event["sha256s"])
 
-    group = f"{group_prefix}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    group = group_id or f"{group_prefix}-{worker_id(server.settings.serving)}"
     return PromotionListener(kafka, group, on_promotion, on_forget=on_forget).start()
 
 
-def serve(settings: Settings, base: LoadedBase) -> None:
-    """Run one serving worker until interrupted: engine, cache, promotions listener and the HTTP API."""
+def uvicorn_servers(server: Server) -> tuple[Any, Any | None]:
+    """(the API's uvicorn server, the admin listener's or None), as `ServingSettings` places them."""
     import uvicorn
 
+    cfg = server.settings.serving
+    separate = cfg.admin_port != 0
+    api = uvicorn.Server(
+        uvicorn.Config(create_app(server, admin=not separate), host=cfg.host, port=cfg.port, log_level="info")
+    )
+    if not separate:
+        return api, None
+    admin = uvicorn.Server(
+        uvicorn.Config(create_admin_app(server), host=cfg.admin_host, port=cfg.admin_port, log_level="warning")
+    )
+    return api, admin
+
+
+def serve(settings: Settings, base: LoadedBase) -> None:
+    """Run one serving worker until interrupted: engine, cache, promotions listener, the HTTP API and (when
+    configured) the admin listener, in a thread of its own (the API's server keeps the signal handling)."""
     server = Server(settings, base)
     listener = listen_for_promotions(server, settings.kafka)
+    api, admin = uvicorn_servers(server)
+    admin_thread = None
+    if admin is not None:
+        admin_thread = threading.Thread(target=admin.run, name="persona-admin-http", daemon=True)
+        admin_thread.start()
     try:
-        uvicorn.run(create_app(server), host=settings.serving.host, port=settings.serving.port, log_level="info")
+        api.run()
     finally:
+        if admin is not None and admin_thread is not None:
+            admin.should_exit = True
+            admin_thread.join(timeout=10)
         listener.stop()
         server.close()

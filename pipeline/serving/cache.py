@@ -97,6 +97,7 @@ class AdapterCache:
         limits: AdapterLimits,
         loader: SlotLoader,
         prefetch_workers: int = 2,
+        registered: Callable[[AdapterKey], bool] | None = None,
     ) -> None:
         if slots < 1 or disk_bytes < 0 or host_bytes < 0:
             raise ValueError(f"slots must be >= 1 and capacities >= 0 (got {slots}, {disk_bytes}, {host_bytes})")
@@ -106,6 +107,9 @@ class AdapterCache:
         self.host_bytes = host_bytes
         self.limits = limits
         self.loader = loader
+        # Asked before a disk copy is adopted: False (the registry no longer has that revision of that user, e.g. it
+        # was forgotten while this worker was down) deletes the copy and answers NotFound.
+        self.registered = registered
         self._lock = threading.Lock()
         self._key_locks: dict[AdapterKey, list[Any]] = {}  # key -> [lock, users]
         self._slots: list[AdapterKey | None] = [None] * slots
@@ -214,6 +218,22 @@ class AdapterCache:
         log.info("forgot %s: %d disk cop%s deleted", user_id, deleted, "y" if deleted == 1 else "ies")
         return deleted
 
+    def disk_entries(self) -> list[str]:
+        """The sha256 of every adapter copy on the disk tier now."""
+        with self._lock:
+            return list(self._disk)
+
+    def prune_disk(self, keep: set[str], among: list[str]) -> list[str]:
+        """Delete the disk copies of those of ``among`` that are not in ``keep`` (a worker's start: copies of
+        revisions the registry no longer has) and are not in use; returns the sha256s deleted."""
+        with self._lock:
+            held = {k.sha256 for k in self._refs}
+            gone = [s for s in among if s not in keep and s not in held and self._disk.pop(s, None) is not None]
+            self._gauges()
+        for sha in gone:
+            shutil.rmtree(self.disk_dir / sha, ignore_errors=True)
+        return gone
+
     def prefetch(self, key: AdapterKey) -> Future[bool]:
         """Load ``key`` into host memory (or at least onto local disk) in the background; best effort.
 
@@ -287,6 +307,13 @@ class AdapterCache:
         entry = self.disk_dir / key.sha256
         with self._lock:
             present = key.sha256 in self._disk
+        if present and self.registered is not None and not self.registered(key):
+            with self._lock:
+                self._disk.pop(key.sha256, None)
+                self._gauges()
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("deleted the disk copy of %s: the registry no longer has that revision", key)
+            raise NotFound(f"revision {key.revision_id} of {key.user_id!r} is no longer in the registry")
         if present:
             start = time.perf_counter()
             try:

@@ -2,9 +2,15 @@
 listening to them in a serving worker, so the next request of a promoted user serves the new revision.
 
 `Announcer` produces promotion.v1 and forget.v1 records and waits for the broker's acknowledgement. Every serving
-worker must hear every record, so each `PromotionListener` is a consumer group of its own (``group_id`` unique per
-worker) that starts at the end of the topic and never commits: a worker that starts later resolves the alias from
-the registry anyway. Invalid records are logged and skipped.
+worker must hear every record, so each `PromotionListener` is a consumer group of its own: ``group_id`` stable per
+worker (``persona-serving-{worker_id}``) and its position committed after each handled batch, so a worker that was
+down resumes where it stopped and hears the forgets it missed. A brand-new group starts at the end of the topic (no
+replay of history: a new worker resolves every alias from the registry anyway) and commits that start position at
+once, so a crash before its first record does not lose what came in between. Handling is at least once: a record
+handled but not yet committed when a worker dies is handled again (invalidate, prefetch and forget are idempotent).
+If a group's committed position is gone (the broker's offset retention), it starts at the end again; the
+worker's start-up check of its disk cache against the registry still removes forgotten copies then. Invalid records
+are logged and skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import orjson
 from jsonschema import Draft202012Validator
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import SCHEMAS_DIR, KafkaSettings
 from pipeline.domain.errors import InvalidInput, Unavailable
@@ -131,8 +138,10 @@ class PromotionListener:
     """Calls ``on_promotion(event)`` for each promotion.v1 event and ``on_forget(event)`` for each forget.v1 event,
     from a thread of its own (``start``/``stop``).
 
-    ``ready`` is set once the consumer has its partitions: promotions announced after that are heard. A callback
-    that raises is logged; the listener goes on.
+    ``ready`` is set once the consumer has its partitions and its start position is fixed and committed:
+    promotions announced after that are heard, also across a restart with the same ``group_id``. The position is
+    committed after each batch is handled. A callback that raises is logged; the listener goes on (that record is
+    not retried).
     """
 
     def __init__(
@@ -193,19 +202,34 @@ class PromotionListener:
                     log.warning("polling %s failed: %r; retrying", self.kafka.topic_promotions, e)
                     self._stop.wait(1.0)
                     continue
-                if not self.ready.is_set() and consumer.assignment():
-                    # Fix the start positions now: "latest" is resolved lazily, which could skip records
-                    # announced between the assignment and the first fetch.
-                    for tp in consumer.assignment():
-                        consumer.position(tp)
-                    self.ready.set()
-                for records in batches.values():
+                handled: dict[Any, int] = {}
+                for tp, records in batches.items():
                     for record in records:
                         self._handle(record.value)
+                        handled[tp] = record.offset + 1
+                if not self.ready.is_set() and consumer.assignment():
+                    # Fix the positions now (the committed ones, or the end for a new group: "latest" is resolved
+                    # lazily, which could skip records announced between the assignment and the first fetch) and
+                    # commit them, so a restart resumes from here even if nothing arrives before it.
+                    try:
+                        self._commit(consumer, {tp: consumer.position(tp) for tp in consumer.assignment()})
+                        self.ready.set()
+                    except KafkaError as e:
+                        log.warning("fixing the start of %s failed: %r; retrying", self.group_id, e)
+                        if handled:
+                            self._commit(consumer, handled)
+                elif handled:
+                    self._commit(consumer, handled)
         except Exception:
             log.exception("the promotion listener stopped on an error")
         finally:
             consumer.close()
+
+    def _commit(self, consumer: KafkaConsumer, positions: dict[Any, int]) -> None:
+        try:
+            consumer.commit({tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()})
+        except KafkaError as e:  # the records are handled; a restart may hear them again (harmless)
+            log.warning("committing the position of %s failed: %r", self.group_id, e)
 
     def _handle(self, value: bytes) -> None:
         try:

@@ -1,9 +1,18 @@
 """One serving worker's engine, its driving thread, its adapter cache and the resolution of ``model`` strings.
 
 ``model`` chooses the adapter: ``user:{user_id}`` (the user's production revision), ``user:{user_id}@{revision}``
-(a named revision of that user) or the base model's id. One thread drives the engine (it is not thread-safe);
-request handlers hand it requests and wait for their tokens; adapter loads into device slots take the same lock.
-The HTTP API over it is `pipeline.serving.api`.
+(a named revision of that user) or the base model's id (`pipeline.domain.revisions.parse_model_name`). A key serves
+the base and the users of its own application only: a user of another application, an unknown user, and a revision
+that does not exist or is not that user's all answer the same 404 (`ModelNotFound`, one message built from the
+``model`` string alone), so a key learns nothing about what it may not use. One thread drives the engine (it is not
+thread-safe); request handlers hand it requests and wait for their tokens; adapter loads into device slots take the
+same lock. The HTTP API over it is `pipeline.serving.api`.
+
+Forget, on the serving side: at start, a background thread deletes the disk copies whose sha256 no revision in the
+registry has any more (one query, retried with backoff while PostgreSQL does not answer); until then, and always, a
+disk copy is adopted only after the registry confirms its revision (`AdapterCache.registered`); and every request
+resolves ``model`` against the registry, so a forgotten user is a 404 on the next request even on a worker that has
+not heard the forget yet.
 """
 
 from __future__ import annotations
@@ -13,79 +22,67 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
 
 from pipeline.config import Settings
-from pipeline.domain.errors import InvalidInput, NotFound
-from pipeline.domain.revisions import check_revision_id
+from pipeline.domain.apikeys import Principal
+from pipeline.domain.backoff import Backoff
+from pipeline.domain.errors import InvalidInput, NotFound, Unavailable
+from pipeline.domain.revisions import InvalidModelName, parse_model_name
 from pipeline.models.base import LoadedBase
 from pipeline.observability import metrics as obs
-from pipeline.serving.adapters import AdapterKey, AdapterLimits, registry_fetch
+from pipeline.serving.adapters import AdapterKey, AdapterLimits, registry_check, registry_fetch
+from pipeline.serving.auth import KeyCache
+from pipeline.serving.bodies import (  # noqa: F401 (ChatMessage and ScoreBody: re-exported, the API's bodies)
+    ChatBody,
+    ChatMessage,
+    CompletionBody,
+    ScoreBody,
+    check_score_length,
+)
 from pipeline.serving.cache import AdapterCache
 from pipeline.serving.engine import Generation
 from pipeline.serving.engine import Request as EngineRequest
 from pipeline.serving.fast_engine import make_engine
-from pipeline.storage import registry
+from pipeline.storage import apps, registry, tenancy
 from pipeline.storage.stores import Stores
 
 log = logging.getLogger(__name__)
 
 
-class _Sampling(BaseModel):
-    """The sampling parameters both completion endpoints take (OpenAI's names and meanings)."""
-
-    model: str
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-
-
-class CompletionBody(_Sampling):
-    prompt: str
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str
-
-
-class ChatBody(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int = Field(64, ge=1)
-
-
-class ScoreBody(BaseModel):
-    model: str
-    text: str = Field(min_length=1)
-    prompt: str | None = None
-
-
 class ModelNotFound(NotFound):
-    """``model`` names a user without a served revision, or a revision that is not that user's or not served."""
+    """``model`` names nothing this key may use: an unknown user, another application's user, a user without a
+    served revision, or a revision that does not exist or is not that user's (one message for all of them)."""
 
     code = "model_not_found"
 
 
-class InvalidModel(InvalidInput):
-    """``model`` is none of the accepted forms."""
+#: ``model`` is none of the accepted forms (400 invalid_model; the parsing is the domain's).
+InvalidModel = InvalidModelName
 
-    code = "invalid_model"
+
+def not_found(model: str) -> ModelNotFound:
+    """The one answer for every ``model`` a key may not use or that does not exist: built from ``model`` alone."""
+    shown = repr(model) if len(model) <= 200 else repr(model[:200]) + "..."
+    return ModelNotFound(
+        f"the model {shown} does not exist or this key may not use it (`GET /v1/models` lists what it may use)",
+        param="model",
+    )
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a ``model`` string resolved to: an adapter key (None for the base) and the revision header."""
+    """What a ``model`` string resolved to: an adapter key (None for the base), the revision header, and the
+    ``model`` string asked for."""
 
     key: AdapterKey | None
     revision: str
+    model: str = ""
 
 
 class Server:
@@ -101,6 +98,9 @@ class Server:
         self.lock = threading.Lock()  # the engine: steps, submits and slot loads
         self.wake = threading.Event()
         self.streams: dict[int, queue.Queue[int | None]] = {}
+        #: Prompt + generated tokens of one request, at most (the base's max_position_embeddings, and the fast
+        #: engine's max_seq).
+        self.context: int = int(self.engine.max_positions)
         self.stores = Stores.open(settings.db, settings.s3, name="persona-serve", wait=False)
         self.cache = AdapterCache(
             registry_fetch(self.stores),
@@ -110,10 +110,18 @@ class Server:
             slots=cfg.slots,
             limits=AdapterLimits(cfg.max_rank, frozenset(cfg.targets)),
             loader=_LockedSlots(self),
+            registered=registry_check(self.stores),
         )
+        self.keys = KeyCache(self._authenticate, ttl_s=cfg.key_cache_ttl_s, max_entries=cfg.key_cache_size)
+        self._models: dict[str, tuple[float, list[tuple[str, int]]]] = {}  # app -> (when, its listed models)
+        self._models_lock = threading.Lock()
         self._stop = threading.Event()
+        #: Set once the disk copies of revisions the registry no longer has were deleted (at start).
+        self.pruned = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="persona-engine", daemon=True)
         self._thread.start()
+        self._pruner = threading.Thread(target=self._prune_disk, name="persona-disk-prune", daemon=True)
+        self._pruner.start()
 
     # --- the engine thread ---
     def _loop(self) -> None:
@@ -142,59 +150,111 @@ class Server:
                     if out.finished:
                         q.put(None)
 
+    def _prune_disk(self) -> None:
+        """Delete the disk copies whose sha256 no revision has any more (forgotten while this worker was down)."""
+        backoff = Backoff(initial_s=0.5, cap_s=30.0)
+        while not self._stop.is_set():
+            among = self.cache.disk_entries()
+            if not among:
+                break
+            try:
+                with self.stores.db.connection() as conn:
+                    known = registry.known_sha256s(conn, among)
+            except Unavailable as e:
+                wait = backoff.next()
+                log.warning("cannot check the disk cache against the registry (%s); retrying in %.1f s", e, wait)
+                self._stop.wait(wait)
+                continue
+            gone = self.cache.prune_disk(known, among)
+            log.info("disk cache: %d cop%s kept, %d deleted (no revision has them any more)",
+                     len(among) - len(gone), "y" if len(among) - len(gone) == 1 else "ies", len(gone))  # fmt: skip
+            break
+        self.pruned.set()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self._pruner.join(timeout=10)
         self.cache.close()
         self.engine.close()
         self.stores.close()
 
-    # --- resolution ---
-    def resolve(self, model: str) -> Target:
-        """``model`` to an adapter key: ModelNotFound for an unknown user or revision, InvalidModel for bad syntax
-        (StorageError when PostgreSQL fails)."""
-        if model == self.base_id:
-            return Target(None, "base")
-        if not model.startswith("user:"):
-            forms = f"'user:{{user_id}}', 'user:{{user_id}}@{{revision}}' or {self.base_id!r}"
-            raise InvalidModel(f"model must be {forms}, got {model!r}", param="model")
-        user, _, rev_id = model[5:].partition("@")
-        try:
-            rid = check_revision_id(rev_id) if rev_id else None
-        except InvalidInput as e:
-            raise InvalidModel(str(e), param="model") from e
+    # --- keys and resolution ---
+    def _authenticate(self, key: str) -> Principal | None:
         with self.stores.db.connection() as conn:
-            if rid is not None:
+            return apps.authenticate(conn, key)
+
+    def resolve(self, model: str, principal: Principal) -> Target:
+        """``model`` to an adapter key, for ``principal``: InvalidModel for bad syntax; `not_found` for anything the
+        key may not use or that does not exist (StorageError when PostgreSQL fails). The owner check and the alias
+        lookup share one pooled connection."""
+        name = parse_model_name(model, self.base_id)
+        if name.user_id is None:
+            return Target(None, "base", model)
+        user = name.user_id
+        with self.stores.db.connection() as conn:
+            # Ownership first, for every form: a user of another application answers exactly like an unknown one.
+            if not principal.may_act_for(tenancy.owner_of(conn, user)):
+                raise not_found(model)
+            if name.revision_id is not None:
                 try:
-                    rev = registry.get_revision(conn, rid)
+                    rev = registry.get_revision(conn, name.revision_id)
                 except NotFound as e:
-                    raise ModelNotFound(str(e), param="model") from e
+                    raise not_found(model) from e
                 if rev.user_id != user:
-                    raise ModelNotFound(f"revision {rev.revision_id} is not a revision of {user!r}", param="model")
-                if rev.status == "rejected":
+                    raise not_found(model)
+                if rev.status == "rejected":  # the key's own user: saying why is no leak
                     raise ModelNotFound(
-                        f"revision {rev.revision_id} was rejected by the gate and is not served", param="model"
+                        f"revision {rev.revision_id} of {user!r} was rejected by the gate and is not served",
+                        param="model",
                     )
             else:
                 serving = registry.production(conn, user)
                 if serving is None:
-                    raise ModelNotFound(
-                        f"{user!r} has no production revision (unknown user, or none promoted yet)", param="model"
-                    )
+                    raise not_found(model)
                 rev = serving
-        return Target(AdapterKey(user, rev.revision_id, rev.sha256), rev.revision_id)
+        return Target(AdapterKey(user, rev.revision_id, rev.sha256), rev.revision_id, model)
+
+    def models(self, principal: Principal) -> list[tuple[str, int]]:
+        """(``user:{id}``, created) of the first `models_list_limit` users by id of the key's application with a
+        production revision; remembered per application for `key_cache_ttl_s`."""
+        cfg = self.settings.serving
+        if principal.app_id is None or cfg.models_list_limit == 0:
+            return []
+        now = time.monotonic()
+        with self._models_lock:
+            hit = self._models.get(principal.app_id)
+            if hit is not None and now - hit[0] < cfg.key_cache_ttl_s:
+                return hit[1]
+        with self.stores.db.connection() as conn:
+            rows = tenancy.app_models(conn, principal.app_id, cfg.models_list_limit)
+        listed = [(f"user:{u}", int(at.timestamp())) for u, at in rows]
+        with self._models_lock:
+            self._models[principal.app_id] = (now, listed)
+            while len(self._models) > 1024:  # bounded: one entry per application seen recently
+                self._models.pop(next(iter(self._models)))
+        return listed
+
+    def _acquire(self, target: Target) -> int:
+        """The device slot of the target's adapter (-1: the base); a revision forgotten since `resolve` is a 404."""
+        if target.key is None:
+            return -1
+        try:
+            return self.cache.acquire(target.key)
+        except NotFound as e:
+            raise not_found(target.model) from e
 
     # --- generation ---
     def _start(
-        self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody
+        self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody, max_tokens: int
     ) -> tuple[Generation, queue.Queue]:
         """Pin the adapter in a slot and queue the request for the engine thread."""
-        max_tokens = min(body.max_tokens, self.settings.serving.max_tokens)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        slot = self.cache.acquire(target.key) if target.key is not None else -1
+        slot = self._acquire(target)
         q: queue.Queue[int | None] = queue.Queue()
         try:
-            req = EngineRequest(prompt_ids, slot, max_tokens, body.temperature, body.top_p, (), stop, body.seed)
+            req = EngineRequest(
+                prompt_ids, slot, max_tokens, body.temperature, body.top_p, (), body.stops(), body.seed
+            )
             with self.lock:
                 gen = self.engine.submit(req)
                 self.streams[gen.id] = q
@@ -212,15 +272,19 @@ class Server:
         if target.key is not None:
             self.cache.release(target.key)
 
-    def generate(self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody) -> TokenStream:
+    def generate(
+        self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody, max_tokens: int
+    ) -> TokenStream:
         """Token ids as the engine produces them. The adapter is acquired now (its errors raise here, before a
         response starts) and stays pinned in its slot until the stream ends or is closed."""
-        gen, q = self._start(target, prompt_ids, body)
-        return TokenStream(lambda: self._end(target, gen), q)
+        gen, q = self._start(target, prompt_ids, body, max_tokens)
+        return TokenStream(lambda: self._end(target, gen), q, gen)
 
-    def run(self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody) -> Generation:
+    def run(
+        self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody, max_tokens: int
+    ) -> Generation:
         """Generate to the end and return the finished generation."""
-        gen, q = self._start(target, prompt_ids, body)
+        gen, q = self._start(target, prompt_ids, body, max_tokens)
         try:
             while q.get(timeout=300) is not None:
                 pass
@@ -235,7 +299,8 @@ class Server:
         ids = prompt_ids + text_ids
         if len(ids) < 2 or not text_ids:
             raise InvalidInput("text must have at least one token after the first token of the input", param="text")
-        slot = self.cache.acquire(target.key) if target.key is not None else -1
+        check_score_length(len(prompt_ids), len(text_ids), self.context)
+        slot = self._acquire(target)
         try:
             with self.lock:
                 logits = self.engine.logits(torch.tensor([ids]), None, [slot])[0].float()
@@ -257,9 +322,11 @@ class Server:
 class TokenStream:
     """The tokens of one generation; closing it (or dropping it unread) releases the request's adapter."""
 
-    def __init__(self, release: Callable[[], None], tokens: queue.Queue[int | None]) -> None:
+    def __init__(self, release: Callable[[], None], tokens: queue.Queue[int | None], generation: Generation) -> None:
         self._release: Callable[[], None] | None = release
         self._tokens = tokens
+        #: The generation's live state: ``finish_reason`` says how it ended once the iteration is over.
+        self.generation = generation
 
     def __iter__(self) -> Iterator[int]:
         try:

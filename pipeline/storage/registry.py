@@ -122,6 +122,14 @@ def list_users(conn: psycopg.Connection, *, prefix: str = "", after: str = "", l
     return [User(*r) for r in rows]
 
 
+def known_sha256s(conn: psycopg.Connection, sha256s: list[str]) -> set[str]:
+    """Those of ``sha256s`` that are the artifact of some revision in the registry (one query)."""
+    if not sha256s:
+        return set()
+    rows = conn.execute("SELECT DISTINCT sha256 FROM revisions WHERE sha256 = ANY(%s)", (list(sha256s),)).fetchall()
+    return {str(r[0]) for r in rows}
+
+
 def ensure_user(conn: psycopg.Connection, user_id: str, app: str) -> None:
     """Create the identity row of ``user_id`` with owner ``app`` if there is none (a write by hand; events create
     their users themselves)."""

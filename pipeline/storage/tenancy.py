@@ -40,6 +40,20 @@ def owner_of(conn: psycopg.Connection, user_id: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+def app_models(conn: psycopg.Connection, app_id: str, limit: int) -> list[tuple[str, datetime]]:
+    """(user_id, when its production alias last moved) of the first ``limit`` users by id that ``app_id`` owns
+    and that have a production revision."""
+    if limit <= 0:
+        return []
+    rows = conn.execute(
+        "SELECT u.user_id, a.updated_at FROM users u"
+        " JOIN aliases a ON a.user_id = u.user_id AND a.alias = 'production'"
+        " WHERE u.app = %s ORDER BY u.user_id LIMIT %s",
+        (app_id, limit),
+    ).fetchall()
+    return [(str(r[0]), r[1]) for r in rows]
+
+
 def owners(conn: psycopg.Connection, user_ids: list[str]) -> dict[str, str]:
     """The owners of those of ``user_ids`` that exist."""
     rows = conn.execute("SELECT user_id, app FROM users WHERE user_id = ANY(%s)", (user_ids,)).fetchall()

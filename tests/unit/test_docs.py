@@ -1,7 +1,7 @@
 """The documentation tells the truth: the configuration table, the commands it names, its links, and the README's size.
 
 The documents: README.md (what persona is, the two commands, the architecture picture, links), docs/*.md
-(architecture, operations, configuration, demo) and bench/README.md.
+(architecture, operations, configuration, demo, security) and bench/README.md.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def documents() -> list[Path]:
 def test_the_documents_exist():
     names = {p.relative_to(ROOT).as_posix() for p in documents() if p.is_file()}
     expected = {"README.md", "bench/README.md"} | {
-        f"docs/{n}.md" for n in ("architecture", "operations", "configuration", "demo")
+        f"docs/{n}.md" for n in ("architecture", "operations", "configuration", "demo", "security")
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
 

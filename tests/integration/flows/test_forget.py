@@ -337,6 +337,12 @@ def test_training_reads_only_the_owner_apps_events(settings, stores):
             " VALUES (%s, %s, 'another-app', 'message', 'train', now(), %s)",
             (str(uuid.uuid4()), u, json.dumps({"text": "someone else's words"})),
         )
+        # Buffered as the consumer did then: counted in the user's buffer like any other row.
+        conn.execute(
+            "UPDATE user_state SET pending_count = pending_count + 1, total_events = total_events + 1"
+            " WHERE user_id = %s",
+            (u,),
+        )
     with psycopg.connect(settings.db.url) as conn:
         events = training.training_events(conn, u, 2**62)
         total = conn.execute("SELECT count(*) FROM events WHERE user_id = %s", (u,)).fetchone()[0]

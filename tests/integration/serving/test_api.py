@@ -3,122 +3,51 @@ promotions topic on real Kafka, and the tiny model."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import threading
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 import torch
-import uvicorn
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
-from pipeline.config import ModelSettings, ServingSettings, Settings
-from pipeline.domain.revisions import EventsUsed
+from pipeline.config import ServingSettings, Settings
 from pipeline.flows import promotion
 from pipeline.flows.export import export
-from pipeline.models.base import TINY_RANDOM_ID, LoadedBase, ref, tiny_random, tiny_tokenizer
-from pipeline.serving.api import create_app, listen_for_promotions
-from pipeline.serving.promotions import Announcer
+from pipeline.models.base import TINY_RANDOM_ID, tiny_random, tiny_tokenizer
+from pipeline.serving.api import create_app
 from pipeline.serving.server import Server
 from pipeline.storage.objects import revision_prefix
-from tests.integration.helpers import free_port, fresh_topics
+from tests.integration.helpers import free_port
+from tests.integration.serving.conftest import on_socket, tiny_base
 
 pytestmark = pytest.mark.integration
 
 
-def make_adapter(out: Path, seed: int, targets=("q_proj", "v_proj"), r: int = 4) -> Path:
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        tiny_random(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
-    )
-    with torch.no_grad():  # large enough to change what the model says
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module", params=["reference", "fast"])
-def world(services, stores, tmp_path_factory, request):
-    """A serving worker on a real socket; every test runs against both engines (the fast one on the CPU here)."""
-    tmp = tmp_path_factory.mktemp("serving")
-    kafka = fresh_topics(services.kafka)
-    settings = Settings(
-        services.db,
-        services.s3,
-        kafka,
-        ModelSettings(base=TINY_RANDOM_ID),
-        ServingSettings(slots=2, max_rank=8, cache_dir=tmp / "cache", max_tokens=32, engine=request.param),
-    )
-    base_model = tiny_random()  # the server's own base: the engine injects its multi-LoRA layers into it
-    base = LoadedBase(base_model, tiny_tokenizer(), ref(base_model, TINY_RANDOM_ID))
-    server = Server(settings, base)
-    assert type(server.engine).__name__ == {"reference": "Engine", "fast": "FastEngine"}[request.param]
-    listener = listen_for_promotions(server, kafka)
-    assert listener.wait_ready(30)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    announcer = Announcer(kafka)  # promotions go to this module's topic, which the worker listens to
-    yield {"url": f"http://127.0.0.1:{port}", "stores": stores, "announcer": announcer, "settings": settings,
-           "tmp": tmp, "server": server}  # fmt: skip
-    uv.should_exit = True
-    thread.join(timeout=10)
-    listener.stop()
-    server.close()
-    announcer.close()
-
-
-def promote(world, user_id: str, revision_id: str) -> None:
-    done = promotion.promote(world["stores"], world["announcer"], user_id, revision_id)
-    assert done.announced, done.warning
-
-
-def new_revision(world, user: str, seed: int, parent: str | None = None, **kw):
-    d = make_adapter(world["tmp"] / f"{user}-{seed}", seed, **kw)
-    base_ref = ref(tiny_random(), TINY_RANDOM_ID)
-    return world["stores"].registry.write_revision(
-        user, d, parent_id=parent, base=base_ref, training={"seed": seed}, events=EventsUsed.of([]), app="serve"
-    )
-
-
 def test_a_users_adapter_serves_with_its_revision_named(world):
-    u = f"srv-{uuid.uuid4().hex[:6]}"
-    rev = new_revision(world, u, 1)
-    promote(world, u, rev.revision_id)
+    u, rev = world.served_user("srv", 1)
     body = {"model": f"user:{u}", "prompt": "Hello there", "max_tokens": 8}
-    r = httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60)
+    r = world.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     assert r.headers["x-persona-revision"] == rev.revision_id
     out = r.json()
     assert out["object"] == "text_completion" and out["usage"]["completion_tokens"] >= 1
-    base = httpx.post(f"{world['url']}/v1/completions", json={**body, "model": TINY_RANDOM_ID}, timeout=60)
+    base = world.post("/v1/completions", json={**body, "model": TINY_RANDOM_ID})
     assert base.status_code == 200 and base.headers["x-persona-revision"] == "base"
-    named = httpx.post(
-        f"{world['url']}/v1/completions", json={**body, "model": f"user:{u}@{rev.revision_id}"}, timeout=60
-    )
+    named = world.post("/v1/completions", json={**body, "model": f"user:{u}@{rev.revision_id}"})
     assert named.headers["x-persona-revision"] == rev.revision_id and named.json()["choices"] == out["choices"]
 
 
 def test_score_equals_stock_peft_with_the_users_adapter(world):
-    u = f"score-{uuid.uuid4().hex[:6]}"
-    rev = new_revision(world, u, 2, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    promote(world, u, rev.revision_id)
+    u, _ = world.served_user("score", 2, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     text = "Dear colleagues, our results suggest"
-    r = httpx.post(f"{world['url']}/v1/score", json={"model": f"user:{u}", "text": text}, timeout=60)
+    r = world.post("/v1/score", json={"model": f"user:{u}", "text": text})
     assert r.status_code == 200, r.text
     served = r.json()["token_logprobs"]
-    exported = world["tmp"] / f"export-{u}"
-    export(world["stores"], u, exported)
+    exported = world.tmp / f"export-{u}"
+    export(world.stores, u, exported)
     peft_model = PeftModel.from_pretrained(tiny_random(), exported).eval()
     ids = tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -128,17 +57,15 @@ def test_score_equals_stock_peft_with_the_users_adapter(world):
 
 
 def test_chat_streams_server_sent_events(world):
-    u = f"chat-{uuid.uuid4().hex[:6]}"
-    rev = new_revision(world, u, 3)
-    promote(world, u, rev.revision_id)
+    u, rev = world.served_user("chat", 3)
     body = {"model": f"user:{u}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
-    with httpx.stream("POST", f"{world['url']}/v1/chat/completions", json=body, timeout=60) as r:
+    with world.client().stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["x-persona-revision"] == rev.revision_id
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     chunks = [orjson.loads(line[6:]) for line in lines[:-1]]
     assert 1 <= len(chunks) <= 6 and all(c["object"] == "chat.completion.chunk" for c in chunks)
-    full = httpx.post(f"{world['url']}/v1/chat/completions", json={**body, "stream": False}, timeout=60).json()
+    full = world.post("/v1/chat/completions", json={**body, "stream": False}).json()
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == full["choices"][0]["message"]["content"]
 
 
@@ -153,31 +80,26 @@ def test_chat_streams_server_sent_events(world):
     ],
 )
 def test_bad_requests_get_openai_style_errors(world, body, status, code):
-    r = httpx.post(f"{world['url']}/v1/completions", json=body, timeout=30)
+    r = world.post("/v1/completions", json=body)
     assert r.status_code == status and r.json()["error"]["code"] == code, r.text
 
 
 def test_the_next_request_after_a_promotion_serves_the_new_revision(world):
-    u = f"promo-{uuid.uuid4().hex[:6]}"
-    first = new_revision(world, u, 4)
-    promote(world, u, first.revision_id)
+    u, first = world.served_user("promo", 4)
     body = {"model": f"user:{u}", "prompt": "Status:", "max_tokens": 4}
-    assert (
-        httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60).headers["x-persona-revision"]
-        == first.revision_id
-    )
-    second = new_revision(world, u, 5, parent=first.revision_id)
-    promote(world, u, second.revision_id)  # announced: the worker hears it
+    assert world.post("/v1/completions", json=body).headers["x-persona-revision"] == first.revision_id
+    second = world.new_revision(u, 5, parent=first.revision_id)
+    world.promote(u, second.revision_id)  # announced: the worker hears it
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        r = httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60)
+        r = world.post("/v1/completions", json=body)
         if r.headers["x-persona-revision"] == second.revision_id:
             break
         time.sleep(0.3)
     assert r.headers["x-persona-revision"] == second.revision_id
 
     def first_gone() -> bool:  # the listener heard the promotion and dropped the old revision
-        return all(k is None or k.revision_id != first.revision_id for k in world["server"].cache.stats().slots)
+        return all(k is None or k.revision_id != first.revision_id for k in world.server.cache.stats().slots)
 
     deadline = time.monotonic() + 20
     while not first_gone() and time.monotonic() < deadline:
@@ -188,33 +110,31 @@ def test_the_next_request_after_a_promotion_serves_the_new_revision(world):
 def test_a_forgotten_user_leaves_every_cache_tier(world):
     """`persona forget` announces forget.v1; every serving worker drops the user's adapters from device slots and
     host memory and deletes the disk copies; the next request is a 404."""
-    u = f"forget-{uuid.uuid4().hex[:6]}"
-    rev = new_revision(world, u, 9)
-    promote(world, u, rev.revision_id)
+    u, rev = world.served_user("forget", 9)
     body = {"model": f"user:{u}", "prompt": "Hello", "max_tokens": 2}
-    assert httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60).status_code == 200
-    disk_copy = world["settings"].serving.cache_dir / rev.sha256
+    assert world.post("/v1/completions", json=body).status_code == 200
+    disk_copy = world.settings.serving.cache_dir / rev.sha256
     assert disk_copy.exists()
-    report = promotion.forget(world["stores"], world["announcer"], u)
+    report = promotion.forget(world.stores, world.announcer, u)
     assert report.sha256s == [rev.sha256] and report.announced
 
     def cached() -> bool:
-        stats = world["server"].cache.stats()
+        stats = world.server.cache.stats()
         return disk_copy.exists() or any(k is not None and k.user_id == u for k in stats.slots)
 
     deadline = time.monotonic() + 20
     while cached() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not cached()
-    r = httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60)
+    r = world.post("/v1/completions", json=body)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_models_health_and_metrics(world):
-    assert httpx.get(f"{world['url']}/healthz").json()["status"] == "ok"
-    ids = [m["id"] for m in httpx.get(f"{world['url']}/v1/models").json()["data"]]
+    assert httpx.get(f"{world.url}/healthz").json()["status"] == "ok"  # no key needed
+    ids = [m["id"] for m in world.get("/v1/models").json()["data"]]
     assert TINY_RANDOM_ID in ids
-    assert "persona_adapter_cache_hits_total" in httpx.get(f"{world['url']}/metrics").text
+    assert "persona_adapter_cache_hits_total" in httpx.get(f"{world.url}/metrics").text  # no key needed
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -229,13 +149,13 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_request_and_token_metrics_count_what_was_served(world):
-    url = world["url"]
+    url = world.url
     before = httpx.get(f"{url}/metrics").text
     body = {"model": TINY_RANDOM_ID, "prompt": "Hello there", "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+    with world.client().stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         list(r.iter_lines())
-    bad = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=60)
+    bad = world.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert bad.status_code == 400
     after = httpx.get(f"{url}/metrics").text
     endpoint = "/v1/completions"
@@ -257,10 +177,8 @@ def test_request_and_token_metrics_count_what_was_served(world):
 def test_the_official_openai_client_completes_chats_and_streams(world):
     from openai import NotFoundError, OpenAI
 
-    u = f"oai-{uuid.uuid4().hex[:6]}"
-    rev = new_revision(world, u, 6)
-    promote(world, u, rev.revision_id)
-    client = OpenAI(base_url=f"{world['url']}/v1", api_key="unused", max_retries=0)
+    u, rev = world.served_user("oai", 6)
+    client = OpenAI(base_url=f"{world.url}/v1", api_key=world.key, max_retries=0)
     done = client.completions.create(model=f"user:{u}", prompt="Status:", max_tokens=5)
     assert done.object == "text_completion" and done.usage.completion_tokens >= 1
     chat = client.chat.completions.create(
@@ -280,22 +198,6 @@ def test_the_official_openai_client_completes_chats_and_streams(world):
         client.completions.create(model="user:nobody-at-all", prompt="x", max_tokens=1)
 
 
-@contextlib.contextmanager
-def served(server: Server):
-    """``server``'s app on a real socket; yields its URL."""
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-
-
 def assert_openai_error(r: httpx.Response, status: int, code: str, *, retry_after: bool) -> None:
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -307,58 +209,51 @@ def assert_openai_error(r: httpx.Response, status: int, code: str, *, retry_afte
 def test_full_slots_and_a_corrupt_object_get_429_and_503_with_an_openai_body(world):
     """Every device slot holding an adapter in use -> 429 slots_exhausted with Retry-After (and the request after
     the slots free up is served); stored bytes that fail their sha256 check -> 503 adapter_corrupt, no retry hint."""
-    server = world["server"]
-    users = [f"cap-{uuid.uuid4().hex[:6]}" for _ in range(3)]
-    for i, u in enumerate(users):
-        promote(world, u, new_revision(world, u, 20 + i).revision_id)
-    held = [server.resolve(f"user:{u}").key for u in users[:2]]
+    server = world.server
+    users = [world.served_user("cap", 20 + i)[0] for i in range(3)]
+    principal = server.keys.principal(world.key)
+    held = [server.resolve(f"user:{u}", principal).key for u in users[:2]]
     slots = [server.cache.acquire(k) for k in held]  # both slots pinned by "requests in flight"
     body = {"model": f"user:{users[2]}", "prompt": "Hello", "max_tokens": 2}
     try:
-        assert_openai_error(
-            httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60),
-            429,
-            "slots_exhausted",
-            retry_after=True,
-        )
-        streamed = httpx.post(f"{world['url']}/v1/completions", json={**body, "stream": True}, timeout=60)
+        assert_openai_error(world.post("/v1/completions", json=body), 429, "slots_exhausted", retry_after=True)
+        streamed = world.post("/v1/completions", json={**body, "stream": True})
         assert_openai_error(streamed, 429, "slots_exhausted", retry_after=True)  # before the first byte
     finally:
         for k in held:
             server.cache.release(k)
     assert sorted(slots) == [0, 1]
-    assert httpx.post(f"{world['url']}/v1/completions", json=body, timeout=60).status_code == 200
+    assert world.post("/v1/completions", json=body).status_code == 200
 
     u = f"corrupt-{uuid.uuid4().hex[:6]}"
-    rev = new_revision(world, u, 30)
+    rev = world.new_revision(u, 30)
     key = revision_prefix(u, rev.revision_id) + "adapter_model.safetensors"
-    objects = world["stores"].objects
+    objects = world.stores.objects
     data = bytearray(objects.get(key))
     data[-1] ^= 0xFF  # one flipped bit, before any worker cached the adapter
     objects.client.put_object(objects.bucket, key, io.BytesIO(bytes(data)), len(data))
-    promote(world, u, rev.revision_id)
-    r = httpx.post(f"{world['url']}/v1/completions", json={**body, "model": f"user:{u}"}, timeout=60)
+    world.promote(u, rev.revision_id)
+    r = world.post("/v1/completions", json={**body, "model": f"user:{u}"})
     assert_openai_error(r, 503, "adapter_corrupt", retry_after=False)
 
 
 def test_an_unreachable_object_store_or_database_gets_503_with_an_openai_body(world, services, tmp_path):
     """A serving worker whose object store (or database) does not answer starts all the same and answers 503
     object_store_unavailable (database_unavailable) with Retry-After; the base is still served."""
-    u = f"outage-{uuid.uuid4().hex[:6]}"
-    promote(world, u, new_revision(world, u, 40).revision_id)
+    u, _ = world.served_user("outage", 40)
     closed = free_port()  # nothing listens there
-    base_model = tiny_random()
-    base = LoadedBase(base_model, tiny_tokenizer(), ref(base_model, TINY_RANDOM_ID))
+    base = tiny_base()
     serving = ServingSettings(slots=1, max_rank=8, cache_dir=tmp_path / "cache", max_tokens=8, engine="reference")
     body = {"model": f"user:{u}", "prompt": "Hello", "max_tokens": 2}
 
     no_store = Settings(services.db, services.s3.model_copy(update={"endpoint": f"127.0.0.1:{closed}"}), serving)
     server = Server(no_store, base)
     try:
-        with served(server) as url:
-            r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        with on_socket(create_app(server)) as url:
+            r = httpx.post(f"{url}/v1/completions", json=body, headers=world.auth, timeout=120)
             assert_openai_error(r, 503, "object_store_unavailable", retry_after=True)
-            assert httpx.post(f"{url}/v1/completions", json={**body, "model": TINY_RANDOM_ID}).status_code == 200
+            base_body = {**body, "model": TINY_RANDOM_ID}
+            assert httpx.post(f"{url}/v1/completions", json=base_body, headers=world.auth).status_code == 200
     finally:
         server.close()
 
@@ -367,15 +262,16 @@ def test_an_unreachable_object_store_or_database_gets_503_with_an_openai_body(wo
     )
     server = Server(Settings(down, services.s3, serving), base)
     try:
-        with served(server) as url:
-            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        with on_socket(create_app(server)) as url:
+            # The key cannot be checked either: 503, not 401 (a database outage is not a bad key).
+            r = httpx.post(f"{url}/v1/completions", json=body, headers=world.auth, timeout=60)
             assert_openai_error(r, 503, "database_unavailable", retry_after=True)
     finally:
         server.close()
 
 
 def test_unknown_paths_and_methods_answer_in_the_openai_error_shape(world):
-    r = httpx.get(f"{world['url']}/v1/nothing-here")
+    r = world.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and r.headers["x-persona-worker"]
-    r = httpx.get(f"{world['url']}/v1/completions")
+    r = world.get("/v1/completions")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"

@@ -1,0 +1,109 @@
+"""Bounds of the serving API's bodies: pydantic's static ranges and the configured limits (no services)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.config import ServingSettings
+from pipeline.domain.errors import InvalidInput
+from pipeline.serving.bodies import (
+    ChatBody,
+    CompletionBody,
+    ContextLengthExceeded,
+    check_sampling,
+    check_score_length,
+    completion_budget,
+)
+
+CFG = ServingSettings(max_tokens=32, max_stop=4, max_stop_chars=8, max_messages=3)
+
+
+def completion(**kw) -> CompletionBody:
+    return CompletionBody.model_validate({"model": "m", "prompt": "p", **kw})
+
+
+def chat(n_messages: int = 1, **kw) -> ChatBody:
+    messages = [{"role": "user", "content": "hi"}] * n_messages
+    return ChatBody.model_validate({"model": "m", "messages": messages, **kw})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": -0.1},
+        {"temperature": 2.01},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"max_tokens": 0},
+        {"max_tokens": -5},
+        {"seed": 2**63},
+        {"seed": -(2**63) - 1},
+        {"stop": [1, 2]},
+        {"prompt": None},
+        {"prompt": ["a", "b"]},
+    ],
+)
+def test_static_ranges_are_refused(fields):
+    with pytest.raises(ValidationError):
+        completion(**fields)
+
+
+def test_nulls_mean_the_defaults_and_unknown_openai_fields_are_ignored():
+    body = completion(temperature=None, top_p=None, n=None, stream=None, user="x", logprobs=None, echo=False)
+    assert (body.temperature, body.top_p, body.n, body.stream) == (0.0, 1.0, 1, False)
+
+
+@pytest.mark.parametrize("role", ["tool", "function", "", "USER"])
+def test_unknown_chat_roles_are_refused(role):
+    with pytest.raises(ValidationError):
+        ChatBody.model_validate({"model": "m", "messages": [{"role": role, "content": "x"}]})
+
+
+def test_developer_is_rendered_as_system():
+    body = ChatBody.model_validate({"model": "m", "messages": [{"role": "developer", "content": "be brief"}]})
+    assert body.rendered_messages() == [{"role": "system", "content": "be brief"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (completion(n=2), "n"),
+        (completion(stop=["a"] * 5), "stop"),
+        (completion(stop="x" * 9), "stop"),
+        (completion(max_tokens=33), "max_tokens"),
+        (chat(max_completion_tokens=33), "max_tokens"),
+        (chat(4), "messages"),
+    ],
+)
+def test_configured_limits(body, param):
+    with pytest.raises(InvalidInput) as e:
+        check_sampling(body, CFG)
+    assert e.value.param == param and e.value.http_status == 400
+
+
+def test_within_limits_passes():
+    check_sampling(completion(stop=["a"] * 4, max_tokens=32), CFG)
+    check_sampling(chat(3, stop="x" * 8), CFG)
+
+
+def test_the_budget_of_a_request_that_names_none_is_capped_by_what_is_left():
+    assert completion_budget(completion(), 10, 100, CFG) == 16
+    assert completion_budget(chat(), 10, 100, CFG) == 32  # 64 by default, the configured maximum is 32
+    assert completion_budget(chat(), 95, 100, CFG) == 5
+    with pytest.raises(ContextLengthExceeded) as e:
+        completion_budget(chat(), 100, 100, CFG)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+
+
+def test_prompt_plus_asked_tokens_must_fit_the_context():
+    assert completion_budget(completion(max_tokens=10), 90, 100, CFG) == 10
+    with pytest.raises(ContextLengthExceeded) as e:
+        completion_budget(completion(max_tokens=11), 90, 100, CFG)
+    assert e.value.param == "prompt" and "100 tokens" in str(e.value) and "101" in str(e.value)
+
+
+def test_score_input_must_fit_the_context():
+    check_score_length(40, 60, 100)
+    with pytest.raises(ContextLengthExceeded):
+        check_score_length(41, 60, 100)
