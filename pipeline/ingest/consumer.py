@@ -427,14 +427,7 @@ class BufferConsumer:
             f"user {f.user_id!r} belongs to another application than {f.app!r}; an application sends events of its "
             "own users only",
         )
-        headers = {DLQ_USER: f.user_id, DLQ_OWNER: f.owner}
-        rec = batch.sources.get((f.partition, f.offset)) if f.partition is not None and f.offset is not None else None
-        if rec is not None:
-            return self._dead_letter_of(rec, (reason,), **headers)
-        for b in batch.valid:
-            if b.event.event_id == f.event_id and b.event.user_id == f.user_id:
-                return _event_dead_letter(b, self.kafka.topic_events, reason, headers)
-        return DeadLetter(self.kafka.topic_events, -1, -1, f.user_id.encode(), None, (reason,), headers)
+        return self._skipped(batch, f, reason, {DLQ_USER: f.user_id, DLQ_OWNER: f.owner})
 
     def _conflict(self, batch: _Batch, c: Conflict) -> DeadLetter:
         reason = Reason(
@@ -443,14 +436,18 @@ class BufferConsumer:
             f"event_id {c.event_id} is already stored with different content (for user {c.stored_user_id!r}); "
             "the first event with an id is kept, send a new event_id for a new event",
         )
-        headers = {DLQ_USER: c.user_id, DLQ_STORED_USER: c.stored_user_id}
-        rec = batch.sources.get((c.partition, c.offset)) if c.partition is not None and c.offset is not None else None
+        return self._skipped(batch, c, reason, {DLQ_USER: c.user_id, DLQ_STORED_USER: c.stored_user_id})
+
+    def _skipped(self, batch: _Batch, s: Conflict | Foreign, reason: Reason, headers: dict[str, str]) -> DeadLetter:
+        """The dead letter of an event the write skipped: its original record when the batch read it from Kafka,
+        else (written outside the consumer's batches) its canonical bytes."""
+        rec = batch.sources.get((s.partition, s.offset)) if s.partition is not None and s.offset is not None else None
         if rec is not None:
             return self._dead_letter_of(rec, (reason,), **headers)
-        for b in batch.valid:  # written outside the consumer's batches (no record at hand): its canonical bytes
-            if b.event.event_id == c.event_id and b.event.user_id == c.user_id:
+        for b in batch.valid:
+            if b.event.event_id == s.event_id and b.event.user_id == s.user_id:
                 return _event_dead_letter(b, self.kafka.topic_events, reason, headers)
-        return DeadLetter(self.kafka.topic_events, -1, -1, c.user_id.encode(), None, (reason,), headers)
+        return DeadLetter(self.kafka.topic_events, -1, -1, s.user_id.encode(), None, (reason,), headers)
 
     def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         def commit() -> None:
