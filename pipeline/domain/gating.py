@@ -7,6 +7,10 @@ A rule set (schemas/gating/rules.v1.json; loaded and checked by pipeline.evaluat
   least ``min_relative`` (a fraction of the reference) and/or ``min_absolute``;
 - ``no_worse``: the candidate is not worse than a reference by more than ``tolerance_relative`` and/or
   ``tolerance_absolute``;
+- with ``paired: true`` (holdout metrics only), ``improvement`` and ``no_worse`` judge the event-by-event
+  comparison of the metrics' ``paired`` section instead of the two means: the one-sided 95% bootstrap bound of the
+  relative gain over the holdout events must be above ``min_relative`` (improvement: its lower bound), or not
+  below ``-tolerance_relative`` (no_worse: its upper bound; only a candidate that is worse beyond doubt fails);
 - ``min_evidence``: an evidence count is at least ``min``.
 
 Every margin a rule gives is a condition of its own: all of them must hold. A value a rule needs and the metrics do
@@ -38,14 +42,33 @@ KINDS: tuple[str, ...] = ("bound", "improvement", "no_worse", "min_evidence")
 ON_MISSING: tuple[str, ...] = ("reject", "skip")
 REFERENCES: tuple[str, ...] = ("current", "base", "current_or_base")
 #: Metric -> True when lower is better.
-METRICS: dict[str, bool] = {"holdout_nll": True, "preference_accuracy": False, "drift_kl": True}
-EVIDENCE: tuple[str, ...] = ("holdout_events", "holdout_tokens", "preference_pairs", "train_events", "new_events")
+METRICS: dict[str, bool] = {
+    "holdout_nll": True,
+    "holdout_nll_prior": True,
+    "holdout_nll_new": True,
+    "preference_accuracy": False,
+    "general_nll": True,
+    "drift_kl": True,
+    "new_shift": True,
+    "new_repeat_share": True,
+}
+#: The metrics a ``paired`` rule can judge (those compared event by event).
+PAIRED_METRICS: tuple[str, ...] = ("holdout_nll", "holdout_nll_prior", "holdout_nll_new")
+EVIDENCE: tuple[str, ...] = (
+    "holdout_events",
+    "holdout_events_prior",
+    "holdout_events_new",
+    "holdout_tokens",
+    "preference_pairs",
+    "train_events",
+    "new_events",
+)
 
 #: The fields each kind takes (besides name, kind, on_missing, enabled), and the ones it needs.
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "bound": ("metric", "min", "max"),
-    "improvement": ("metric", "reference", "min_relative", "min_absolute"),
-    "no_worse": ("metric", "reference", "tolerance_relative", "tolerance_absolute"),
+    "improvement": ("metric", "reference", "min_relative", "min_absolute", "paired"),
+    "no_worse": ("metric", "reference", "tolerance_relative", "tolerance_absolute", "paired"),
     "min_evidence": ("evidence", "min"),
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -69,6 +92,7 @@ _PARAMS = (
     "min_absolute",
     "tolerance_relative",
     "tolerance_absolute",
+    "paired",
 )
 #: Fields an override may change on an existing rule (name and kind identify it).
 PATCHABLE: tuple[str, ...] = (*_PARAMS, "on_missing", "enabled")
@@ -89,6 +113,7 @@ class Rule:
     min_absolute: float | None = None
     tolerance_relative: float | None = None
     tolerance_absolute: float | None = None
+    paired: bool | None = None  # None or False: compare the means
     on_missing: OnMissing | None = None  # None: the rule set's default_on_missing
     enabled: bool = True
 
@@ -222,6 +247,14 @@ def rule_problems(rule: Rule) -> list[tuple[tuple[str, ...], str]]:
             out.append(((k,), f"{v!r} is above 1; a relative margin is a fraction of the reference (0.01 = 1%)"))
     if kind == "min_evidence" and isinstance(rule.min, float) and not rule.min.is_integer():
         out.append((("min",), f"{rule.min!r} is not a whole number of {rule.evidence or 'evidence'}"))
+    if rule.paired:
+        if rule.metric is not None and rule.metric not in PAIRED_METRICS:
+            allowed_metrics = ", ".join(PAIRED_METRICS)
+            out.append(((("paired", "metric")), f"paired applies to {allowed_metrics}, not {rule.metric!r}"))
+        for k in ("min_absolute", "tolerance_absolute"):
+            if getattr(rule, k) is not None:
+                relative = k.replace("absolute", "relative")
+                out.append(((k,), f"a paired rule judges a relative gain: use {relative} instead of {k}"))
     lo, hi = rule.min, rule.max
     if kind == "bound" and isinstance(lo, int | float) and isinstance(hi, int | float) and lo > hi:
         out.append((("min", "max"), f"min {lo!r} is above max {hi!r}; allowed: min <= max"))
@@ -378,6 +411,8 @@ def _evaluate(rule: Rule, metrics: Mapping[str, Any], default: OnMissing) -> Rul
     ref = None if ref_side is None else _num(ref_side.get(metric), f"{ref_name}.{metric}")
     inputs["reference"] = ref_name
     inputs[ref_name] = ref
+    if rule.paired:
+        return _paired(rule, metrics, default, inputs, ref_name, ref)
     if rule.kind == "improvement":
         rel, ab = rule.min_relative, rule.min_absolute
         inputs.update({k: v for k, v in (("min_relative", rel), ("min_absolute", ab)) if v is not None})
@@ -405,6 +440,45 @@ def _evaluate(rule: Rule, metrics: Mapping[str, Any], default: OnMissing) -> Rul
     sc, st = _fmt_pair(cand, threshold)
     op = "<=" if lower else ">="
     detail = f"{metric} {sc} vs {ref_name} {_fmt(ref)}, needs {op} {st} ({words})"
+    return _result(rule, ok, detail, inputs)
+
+
+def _paired(
+    rule: Rule,
+    metrics: Mapping[str, Any],
+    default: OnMissing,
+    inputs: dict[str, Any],
+    ref_name: str,
+    ref: float | None,
+) -> RuleResult:
+    """An improvement or no_worse rule on the event-by-event comparison with the reference (``paired`` section)."""
+    metric = rule.metric or ""
+    by_ref = _side(metrics, "paired") or {}
+    stats = (by_ref.get(ref_name) or {}).get(metric) if isinstance(by_ref.get(ref_name), Mapping) else None
+    improvement = rule.kind == "improvement"
+    margin = (rule.min_relative if improvement else rule.tolerance_relative) or 0.0
+    inputs["paired"] = True
+    inputs["min_relative" if improvement else "tolerance_relative"] = margin
+    if inputs.get("candidate") is None:
+        return _missing(rule, default, f"candidate {metric}", inputs)
+    if ref is None or not isinstance(stats, Mapping):
+        what = f"{ref_name} {metric}" if ref is None else f"paired {metric} vs {ref_name}"
+        return _missing(rule, default, what, inputs)
+    gain, low, high = (_num(stats.get(k), f"paired.{ref_name}.{metric}.{k}") for k in ("gain", "low", "high"))
+    events = stats.get("events")
+    inputs.update({"gain": gain, "low": low, "high": high, "events": events})
+    if gain is None or low is None or high is None:
+        return _missing(rule, default, f"paired {metric} vs {ref_name}", inputs)
+    threshold = margin if improvement else -margin
+    inputs["threshold"] = threshold
+    # An improvement must be above its margin (a candidate equal to its reference, e.g. early stopping kept the
+    # parent, is no improvement); a worsening may reach its tolerance.
+    bound, edge, op = (low, "lower", ">") if improvement else (high, "upper", ">=")
+    ok = bound > threshold if improvement else bound >= threshold
+    detail = (
+        f"{metric} gain vs {ref_name} {_pct(gain)} (95% bounds {_pct(low)}..{_pct(high)} over {events} events), "
+        f"needs {edge} bound {op} {_pct(threshold)}"
+    )
     return _result(rule, ok, detail, inputs)
 
 

@@ -1,14 +1,31 @@
 """Metrics of a revision on its user's holdout split, and of its drift from the base: the inputs of the gate.
 
-Three numbers per model (the candidate revision, the revision serving now, the base), all on the same evidence:
+Numbers per model (the candidate revision, the revision serving now, the base), all on the same evidence:
 
 - ``holdout_nll``: mean negative log-likelihood per target token of the holdout events that give a target
-  (`pipeline.domain.examples.example_of`), with the prompt masked exactly as in training
-  (`pipeline.training.lora.encode_example`): lower means the model writes more like the user;
+  (`pipeline.domain.examples.example_of`), encoded exactly as in training (`pipeline.models.encoding`, the chat
+  form they are served in, prompt masked): lower means the model writes more like the user;
+- ``holdout_nll_prior`` / ``holdout_nll_new``: the same over the holdout events the parent revision had seen
+  (``seq <= parent_last_seq``: what the user wrote before this round) and over this round's holdout events. A
+  candidate trained on a round of foreign or random text gets better on the new ones and worse on the prior ones;
 - ``preference_accuracy``: share of the holdout preference pairs (preferences, and edits: edited over original)
   where the model gives the chosen answer a higher mean log-probability per token than the rejected one;
+- ``general_nll``: mean NLL per token of fixed general answers to general requests (``general:`` in the probe
+  file, `load_general`): what a personal model must keep, answering ordinary requests well;
 - ``drift_kl``: mean KL(p_base || p_model) of the next-token distributions over every position of fixed probe
-  prompts unrelated to any user (`load_probes`): how far an adapter moves the base's general behaviour.
+  prompts unrelated to any user (`load_probes`): how far an adapter moves the base's general behaviour (reported;
+  a personal style moves it by design, so the default rules judge ``general_nll`` instead).
+
+And, for the candidate only, two properties of the round's new training events:
+
+- ``new_shift``: how much less likely the new train events' targets are than the prior holdout's under the revision
+  serving now (ratio of mean NLLs, minus 1): ~0 for more of the same user, large for a sudden change of writer;
+- ``new_repeat_share``: the share of the new train events' targets taken by the most repeated text (case and spacing
+  ignored): one message sent again and again gives 1.0, a user who writes from a few templates well under half.
+
+``paired`` compares the candidate with each reference (``current``, ``base``) event by event: the relative gain of
+``holdout_nll`` (and of its prior/new parts) with a one-sided 95% bootstrap interval over the holdout events
+(`paired_gain`), so that a rule can ask for a gain that is not noise (``paired: true`` in the rules).
 
 Everything runs in eval mode under ``torch.no_grad()``, in a fixed order and batching, so the same inputs give the
 same numbers. Adapters are attached to the shared base one at a time (`pipeline.models.attach.attached`).
@@ -19,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +58,18 @@ from pipeline.models.encoding import IGNORE, EncodedExample, encode_example
 log = logging.getLogger(__name__)
 
 #: The metric keys of one model in `evaluate`'s result (and in the gating rules).
-METRIC_KEYS: tuple[str, ...] = ("holdout_nll", "preference_accuracy", "drift_kl")
+METRIC_KEYS: tuple[str, ...] = (
+    "holdout_nll",
+    "holdout_nll_prior",
+    "holdout_nll_new",
+    "preference_accuracy",
+    "general_nll",
+    "drift_kl",
+)
+#: The holdout metrics compared event by event in ``paired`` (and the subset of the holdout each one covers).
+PAIRED: dict[str, str] = {"holdout_nll": "all", "holdout_nll_prior": "prior", "holdout_nll_new": "new"}
+#: Bootstrap resamples and one-sided confidence of the paired intervals.
+BOOTSTRAP_SAMPLES, CONFIDENCE = 2000, 0.95
 
 
 class MetricsError(PersonaError):
@@ -58,15 +87,46 @@ class ModelScores:
     preference_pairs: int
     drift_kl: float | None
     probe_tokens: int
+    holdout_nll_prior: float | None = None
+    holdout_nll_new: float | None = None
+    general_nll: float | None = None
+    general_tokens: int = 0
+    #: Per holdout example with a target, in event order: (sum of target log-probs, target tokens, prior?).
+    per_example: tuple[tuple[float, int, bool], ...] = ()
 
     def metrics(self) -> dict[str, float | None]:
-        """The gate's view: ``{"holdout_nll", "preference_accuracy", "drift_kl"}`` as plain floats or None."""
+        """The gate's view: ``METRIC_KEYS`` as plain floats or None."""
         return {k: getattr(self, k) for k in METRIC_KEYS}
 
 
 def default_probes_path() -> Path:
     """``infra/gating/probes.yaml`` of this checkout."""
     return config.ROOT / "infra" / "gating" / "probes.yaml"
+
+
+def load_general(path: Path | None = None) -> list[Example]:
+    """The general requests and answers of ``path`` (default `default_probes_path`): its ``general:`` list of
+    ``{prompt, answer}`` mappings, as examples (event ids ``general-<i>``). An empty list when the file has none.
+
+    Raises MetricsError naming the file when it is unreadable or an entry is not two non-empty strings.
+    """
+    path = Path(path) if path is not None else default_probes_path()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise MetricsError(f"cannot read the general answers in {str(path)!r}: {e}") from e
+    items = data.get("general") if isinstance(data, dict) else None
+    if items is None:
+        return []
+    ok = isinstance(items, list) and all(
+        isinstance(i, dict)
+        and set(i) == {"prompt", "answer"}
+        and all(isinstance(v, str) and v.strip() for v in i.values())
+        for i in items
+    )
+    if not ok:
+        raise MetricsError(f"{str(path)!r}: `general:` must be a list of mappings with a non-empty prompt and answer")
+    return [Example(i["prompt"], i["answer"], f"general-{n}") for n, i in enumerate(items)]
 
 
 def load_probes(path: Path | None = None) -> list[str]:
@@ -188,16 +248,21 @@ def score_model(
     base_logits: Sequence[torch.Tensor] | None = None,
     max_length: int = 128,
     batch_size: int = 8,
+    parent_last_seq: int | None = None,
+    general: Sequence[Example] = (),
 ) -> ModelScores:
     """Score ``model`` (the base, or the base with an adapter attached) on a user's holdout events and the probes.
 
     - ``holdout_nll``: total NLL of the target tokens of the events with a target (`example_of`), divided by their
       number (``holdout_tokens``); the prompt is masked exactly as in training; None when no event has a target.
       Equal, up to float rounding, to `pipeline.training.lora.mean_nll` on the same examples.
+      ``holdout_nll_prior`` and ``holdout_nll_new`` are the same over the events with ``seq <= parent_last_seq``
+      and the others (prior is None without ``parent_last_seq``); ``per_example`` keeps each example's numbers.
     - ``preference_accuracy``: over ``preference_pairs(holdout_events)``, the share of pairs where the chosen
       answer's mean log-probability per token (its tokens and end of turn, given the prompt, as in training) is
       strictly above the rejected one's; the per-token mean keeps a longer answer from losing by its length alone.
       None when there is no pair.
+    - ``general_nll``: mean NLL per target token of the ``general`` examples (None without any).
     - ``drift_kl``: mean over every position of every probe of KL(p_base || p_model) in nats, ``base_logits`` being
       `probe_logits` of the base (raw logits are accepted too); None when ``base_logits`` is None or there are no
       probes. 0.0 for the base itself.
@@ -206,11 +271,15 @@ def score_model(
     """
     pad_id = encoding.pad_id(tokenizer)
     with _eval_mode(model):
-        examples = [x for x in (example_of(e) for e in holdout_events) if x is not None]
-        encoded = [encode_example(tokenizer, x, max_length) for x in examples]
+        scored_events = [(e, x) for e, x in ((e, example_of(e)) for e in holdout_events) if x is not None]
+        encoded = [encode_example(tokenizer, x, max_length) for _, x in scored_events]
         scored = _target_logprobs(model, encoded, pad_id, batch_size) if encoded else []
+        prior = [parent_last_seq is not None and e.seq <= parent_last_seq for e, _ in scored_events]
+        per_example = tuple((s, n, p) for (s, n), p in zip(scored, prior, strict=True))
         tokens = sum(n for _, n in scored)
-        holdout_nll = -sum(s for s, _ in scored) / tokens if tokens else None
+        holdout_nll = _mean_nll_of(per_example)
+        prior_nll = _mean_nll_of([x for x in per_example if x[2]]) if parent_last_seq is not None else None
+        new_nll = _mean_nll_of([x for x in per_example if not x[2]])
 
         pairs = preference_pairs(holdout_events)
         preference_accuracy = None
@@ -224,16 +293,24 @@ def score_model(
             wins = sum(per_token[2 * i] > per_token[2 * i + 1] for i in range(len(pairs)))
             preference_accuracy = wins / len(pairs)
 
+        general_nll, general_tokens = None, 0
+        if general:
+            got = _target_logprobs(
+                model, [encode_example(tokenizer, g, max_length) for g in general], pad_id, batch_size
+            )
+            general_tokens = sum(n for _, n in got)
+            general_nll = -sum(s for s, _ in got) / general_tokens if general_tokens else None
+
         drift_kl, probe_tokens = None, 0
         if base_logits is not None and probes:
             if len(base_logits) != len(probes):
                 raise MetricsError(f"base_logits has {len(base_logits)} entries for {len(probes)} probes")
             mine = probe_logits(model, tokenizer, probes, max_length=max_length, batch_size=batch_size)
             total = 0.0
-            for ref, got in zip(base_logits, mine, strict=True):
+            for ref, got_lp in zip(base_logits, mine, strict=True):
                 ref_lp = F.log_softmax(ref.float(), dim=-1)
-                total += float(F.kl_div(got, ref_lp, log_target=True, reduction="sum").double())
-                probe_tokens += got.shape[0]
+                total += float(F.kl_div(got_lp, ref_lp, log_target=True, reduction="sum").double())
+                probe_tokens += got_lp.shape[0]
             drift_kl = max(total / probe_tokens, 0.0) if probe_tokens else None
 
     return ModelScores(
@@ -244,7 +321,71 @@ def score_model(
         preference_pairs=len(pairs),
         drift_kl=drift_kl,
         probe_tokens=probe_tokens,
+        holdout_nll_prior=prior_nll,
+        holdout_nll_new=new_nll,
+        general_nll=general_nll,
+        general_tokens=general_tokens,
+        per_example=per_example,
     )
+
+
+def _mean_nll_of(rows: Sequence[tuple[float, int, bool]]) -> float | None:
+    tokens = sum(n for _, n, _ in rows)
+    return -sum(s for s, _, _ in rows) / tokens if tokens else None
+
+
+def paired_gain(
+    candidate: Sequence[tuple[float, int]],
+    reference: Sequence[tuple[float, int]],
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> dict[str, float | int] | None:
+    """The candidate's relative gain in NLL per token over the reference on the same examples, with a bootstrap
+    interval over examples: ``{"gain", "low", "high", "events"}`` (None without examples or target tokens).
+
+    ``candidate`` and ``reference`` are each example's (sum of target log-probs, target tokens), in the same order.
+    gain = (NLL_ref - NLL_cand) / NLL_ref over the pooled tokens (0.05: 5% better). ``low`` and ``high`` are the
+    (1 - confidence) and confidence quantiles of the gain over ``samples`` resamples of the examples with
+    replacement (each a one-sided bound at ``confidence``). The resampling is seeded: the same inputs give the same
+    interval everywhere.
+    """
+    if len(candidate) != len(reference):
+        raise MetricsError(f"paired scores of different lengths: {len(candidate)} and {len(reference)}")
+    if not candidate:
+        return None
+    cand = torch.tensor([-s for s, _ in candidate], dtype=torch.float64)
+    ref = torch.tensor([-s for s, _ in reference], dtype=torch.float64)
+    if float(ref.sum()) <= 0:
+        return None
+    gain = float((ref.sum() - cand.sum()) / ref.sum())
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(candidate), (samples, len(candidate)), generator=gen)
+    ref_s, cand_s = ref[idx].sum(1), cand[idx].sum(1)
+    gains = ((ref_s - cand_s) / ref_s.clamp(min=1e-12)).sort().values
+    lo = float(gains[math.floor((1 - confidence) * (samples - 1))])
+    hi = float(gains[math.ceil(confidence * (samples - 1))])
+    return {"gain": gain, "low": lo, "high": hi, "events": len(candidate)}
+
+
+def _paired(cand: ModelScores, ref: ModelScores) -> dict[str, dict[str, float | int] | None]:
+    """`paired_gain` of the candidate over one reference for each holdout metric of ``PAIRED``."""
+    out: dict[str, dict[str, float | int] | None] = {}
+    for metric, subset in PAIRED.items():
+        keep = [
+            i for i, (_, _, prior) in enumerate(cand.per_example) if subset == "all" or prior == (subset == "prior")
+        ]
+        c = [cand.per_example[i][:2] for i in keep]
+        r = [ref.per_example[i][:2] for i in keep]
+        out[metric] = paired_gain(c, r)
+    return out
+
+
+def _repeat_share(events: Sequence[TrainingEvent]) -> float | None:
+    """The share of the events' targets taken by the most frequent one (case and spacing ignored)."""
+    texts = [" ".join(x.target.split()).casefold() for x in (example_of(e) for e in events) if x is not None]
+    return max(Counter(texts).values()) / len(texts) if texts else None
 
 
 # ---- the gate's input -------------------------------------------------------------------------------------------
@@ -261,6 +402,9 @@ def evaluate(
     probes: list[str],
     max_length: int = 128,
     min_preference_pairs: int = 1,
+    parent_last_seq: int | None = None,
+    new_events: Sequence[TrainingEvent] = (),
+    general: Sequence[Example] | None = None,
 ) -> dict[str, Any]:
     """Metrics of the candidate adapter, the current production adapter (if any) and the base: the gate's input.
 
@@ -269,45 +413,56 @@ def evaluate(
 
     ``candidate_dir`` and ``current_dir`` are PEFT directories; each is attached to the shared ``base`` in turn
     (the base comes back unchanged). ``holdout_events`` must all be of the user's ``holdout`` split: the gate never
-    judges on training data. Raises MetricsError on other events or on a metric that is not finite. Returns plain
-    JSON-serialisable values::
+    judges on training data. ``parent_last_seq`` (the candidate's parent's last event position; None for a first
+    revision) splits them into prior and new; ``new_events`` are the round's new train-split events (for
+    ``new_shift`` and ``new_repeat_share``); ``general`` the general examples (None: `load_general`'s default
+    file). Raises MetricsError on other events or on a metric that is not finite. Returns plain JSON-serialisable
+    values::
 
-        {"candidate": {"holdout_nll", "preference_accuracy", "drift_kl"},
-         "current":   the same, or None without current_dir,
-         "base":      the same, with drift_kl 0.0,
-         "evidence":  {"holdout_events", "holdout_tokens", "preference_pairs", "train_events", "new_events"}}
+        {"candidate": {METRIC_KEYS..., "new_shift", "new_repeat_share"},
+         "current":   {METRIC_KEYS...}, or None without current_dir,
+         "base":      {METRIC_KEYS...}, with drift_kl 0.0,
+         "paired":    {"current": {metric: {"gain", "low", "high", "events"} | None} | None, "base": {...}},
+         "evidence":  {"holdout_events", "holdout_events_prior", "holdout_events_new", "holdout_tokens",
+                       "preference_pairs", "train_events", "new_events"}}
     """
     wrong = sorted({e.split for e in holdout_events if e.split != "holdout"})
     if wrong:
         raise MetricsError(f"evaluation takes holdout-split events only, got events of split {wrong}")
     events = list(holdout_events)
+    general_examples = list(general) if general is not None else load_general()
+
+    def scores_of(model: torch.nn.Module, base_logits: list[torch.Tensor] | None) -> ModelScores:
+        return score_model(
+            model,
+            base.tokenizer,
+            holdout_events=events,
+            probes=probes,
+            base_logits=base_logits,
+            max_length=max_length,
+            parent_last_seq=parent_last_seq,
+            general=general_examples,
+        )
 
     with attached(base, None) as model:
         base_logits = probe_logits(model, base.tokenizer, probes, max_length=max_length)
-        base_scores = score_model(
-            model, base.tokenizer, holdout_events=events, probes=probes, base_logits=None, max_length=max_length
-        )
+        base_scores = scores_of(model, None)
 
     def adapter_scores(adapter_dir: Path) -> ModelScores:
         with attached(base, adapter_dir) as model:
-            return score_model(
-                model,
-                base.tokenizer,
-                holdout_events=events,
-                probes=probes,
-                base_logits=base_logits,
-                max_length=max_length,
-            )
+            return scores_of(model, base_logits)
 
     candidate = adapter_scores(Path(candidate_dir))
     current = adapter_scores(Path(current_dir)) if current_dir is not None else None
+    shift = _new_shift(base, current_dir, new_events, current, max_length) if current is not None else None
     log.info(
-        "holdout NLL: candidate %s, current %s, base %s (%d tokens); drift: candidate %s",
+        "holdout NLL: candidate %s, current %s, base %s (%d tokens); general NLL: candidate %s, base %s",
         _fmt(candidate.holdout_nll),
         _fmt(current.holdout_nll) if current else "-",
         _fmt(base_scores.holdout_nll),
         base_scores.holdout_tokens,
-        _fmt(candidate.drift_kl),
+        _fmt(candidate.general_nll),
+        _fmt(base_scores.general_nll),
     )
     for name, scores in (("candidate", candidate), ("current", current), ("base", base_scores)):
         bad = {k: v for k, v in (scores.metrics() if scores else {}).items() if v is not None and not math.isfinite(v)}
@@ -320,19 +475,54 @@ def evaluate(
         m = scores.metrics()
         return {**m, "preference_accuracy": None} if few_pairs else m
 
+    prior_events = sum(1 for _, _, p in base_scores.per_example if p)
     return {
-        "candidate": shown(candidate),
+        "candidate": {**shown(candidate), "new_shift": shift, "new_repeat_share": _repeat_share(new_events)},
         "current": shown(current) if current is not None else None,
         # The base's drift from itself is zero by definition, probes or not.
         "base": {**shown(base_scores), "drift_kl": 0.0},
+        "paired": {
+            "current": _paired(candidate, current) if current is not None else None,
+            "base": _paired(candidate, base_scores),
+        },
         "evidence": {
             "holdout_events": len(events),
+            "holdout_events_prior": prior_events,
+            "holdout_events_new": len(base_scores.per_example) - prior_events,
             "holdout_tokens": base_scores.holdout_tokens,
             "preference_pairs": base_scores.preference_pairs,
             "train_events": int(train_events_count),
             "new_events": int(new_events_count),
         },
     }
+
+
+def _new_shift(
+    base: LoadedBase,
+    current_dir: Path | None,
+    new_events: Sequence[TrainingEvent],
+    current: ModelScores,
+    max_length: int,
+) -> float | None:
+    """NLL of the new train events' targets over the prior holdout's, both under the revision serving now, minus 1.
+
+    The prior holdout was never trained on, so both are text the serving revision has not seen: more of the same
+    user gives about 0, another writer or random text gives much more. None without new events or prior holdout.
+    """
+    prior = current.holdout_nll_prior
+    examples = [x for x in (example_of(e) for e in new_events) if x is not None]
+    if prior is None or prior <= 0 or not examples or current_dir is None:
+        return None
+    with attached(base, Path(current_dir)) as model, _eval_mode(model):
+        encoded = [encode_example(base.tokenizer, x, max_length) for x in examples]
+        got = _target_logprobs(model, encoded, encoding.pad_id(base.tokenizer), 8)
+    tokens = sum(n for _, n in got)
+    if not tokens:
+        return None
+    value = (-sum(s for s, _ in got) / tokens) / prior - 1.0
+    if not math.isfinite(value):
+        raise MetricsError(f"the new events' shift is not finite: {value}")
+    return value
 
 
 def _fmt(value: float | None) -> str:

@@ -5,7 +5,9 @@ Order (each step idempotent, so a redelivered task repeats nothing that was done
 1. a candidate already decided is not judged again (its decision is returned; a promotion is re-announced);
 2. a candidate whose parent is not the production revision any more is ``stale``: rejected without metrics;
 3. metrics of the candidate, the current production revision and the base on the user's holdout events (the same
-   evidence for all three) and the drift of each from the base on fixed probe prompts;
+   evidence for all three; split into the events from before this round and this round's, at the parent's last
+   event), on the general answers and the probe prompts of the probe file, and the round's new training events'
+   shift and repeats (`pipeline.evaluation.metrics.evaluate`);
 4. the operator's rules decide; the decision row (metrics, every rule's inputs and outcome, one-line reason) and
    the revision's status are written in one transaction, together with the compare-and-swap of the production
    alias from the candidate's parent when it passed (a concurrent move makes the candidate stale instead);
@@ -32,7 +34,7 @@ from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
 from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.gating import Decision, RuleSet, decide, ruleset_digest
 from pipeline.domain.revisions import Revision
-from pipeline.evaluation.metrics import evaluate, load_probes
+from pipeline.evaluation.metrics import evaluate, load_general, load_probes
 from pipeline.flows import failpoints
 from pipeline.flows.promotion import announce_serving
 from pipeline.models.base import load_configured
@@ -89,7 +91,18 @@ def judge(
             return GateResult(cand.revision_id, cand.user_id, done.outcome, done.reason, done)
         user = registry.get_user(conn, cand.user_id)
         current = registry.production(conn, cand.user_id)
-        holdout, train_count = _holdout(training.training_events(conn, cand.user_id, 2**62))
+        events = training.training_events(conn, cand.user_id, 2**62)
+    holdout, train_count = _holdout(events)
+    # This round: the events after the parent's last one, up to the candidate's (the training's new events).
+    parent_last = current.manifest["events"]["last_seq"] if current is not None else None
+    cand_last = cand.manifest["events"].get("last_seq")
+    new_events = [
+        e
+        for e in events
+        if e.split == "train"
+        and (parent_last is None or e.seq > parent_last)
+        and (cand_last is None or e.seq <= cand_last)
+    ]
 
     record = _Recorder(stores, announcer, cand, user.app, current.revision_id if current else None, rules_source)
     digest = ruleset_digest(rules)
@@ -117,6 +130,9 @@ def judge(
             probes=load_probes(config.probes),
             min_preference_pairs=config.min_preference_pairs,
             max_length=config.max_length,
+            parent_last_seq=parent_last,
+            new_events=new_events,
+            general=load_general(config.probes),
         )
     decision = decide(rules, m, user_id=cand.user_id, app=user.app)
     for r in decision.results:

@@ -148,7 +148,12 @@ def test_own_style_is_promoted_published_and_announced(settings, rules, stores, 
     assert d.outcome == "promoted" and d.passed and d.current_revision_id is None
     m = d.metrics
     assert m["candidate"]["holdout_nll"] < m["base"]["holdout_nll"] * 0.99
-    assert {r["name"] for r in d.results["results"]} >= {"enough_holdout", "holdout_improves", "drift_bounded"}
+    assert {r["name"] for r in d.results["results"]} >= {
+        "enough_holdout",
+        "holdout_improves",
+        "prior_kept",
+        "general_kept",
+    }
     pointer = stores.objects.read_pointer(u)
     assert pointer["revision"] == rev
     events = [
@@ -202,7 +207,7 @@ def test_a_candidate_whose_parent_is_no_longer_production_is_stale(
 def test_replay_under_stricter_rules_lists_the_flips_and_writes_nothing(settings, promoted_user, tmp_path, test_stack):
     _u, rev = promoted_user(style=4)
     strict = tmp_path / "strict.yaml"
-    strict.write_text(settings.gate.rules.read_text().replace("min_relative: 0.01", "min_relative: 0.9", 1))
+    strict.write_text(settings.gate.rules.read_text().replace("min_relative: 0.0\n", "min_relative: 0.9\n", 1))
     with psycopg.connect(settings.db.url) as conn:
         before = conn.execute("SELECT count(*), max(decided_at) FROM decisions").fetchone()
     env = {"PERSONA_DB_URL": settings.db.url, "PERSONA_STACK_DATA_DIR": str(test_stack.stack.data_dir)}

@@ -3,6 +3,7 @@ whose mistakes are reported at the right line and field."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import textwrap
@@ -159,7 +160,7 @@ def test_close_numbers_are_printed_with_enough_digits_to_differ():
 
 def test_decision_round_trips_through_json():
     rs = load_rules(DEFAULT_RULES)
-    d = decide(rs, metrics({"drift_kl": math.inf}, current=None), user_id="u", app="a")
+    d = decide(rs, metrics({"general_nll": math.inf}, current=None), user_id="u", app="a")
     stored = json.loads(json.dumps(d.to_dict(), allow_nan=False))  # jsonb has no NaN/Infinity
     assert Decision.from_dict(stored) == d
     assert d.rules_digest == ruleset_digest(rs) and stored["results"][-1]["inputs"]["candidate"] == "inf"
@@ -226,18 +227,88 @@ def test_disabled_rules_added_rules_and_replaced_rules():
 # --- rule files -----------------------------------------------------------------------------------------------
 
 
+def paired_stats(gain, low, high, events=20):
+    return {"gain": gain, "low": low, "high": high, "events": events}
+
+
 def test_the_default_rules_file_loads_and_decides():
     rs = load_rules(DEFAULT_RULES)
-    assert [r.name for r in rs.rules] == ["enough_holdout", "holdout_improves", "preferences_kept", "drift_bounded"]
-    first = decide(
-        rs,
-        metrics({"holdout_nll": 2.9, "preference_accuracy": None}, current=None, preference_pairs=0),
-        user_id="u",
-        app="a",
+    assert [r.name for r in rs.rules] == [
+        "enough_holdout",
+        "holdout_improves",
+        "prior_kept",
+        "new_consistent",
+        "new_varied",
+        "preferences_kept",
+        "general_kept",
+    ]
+    first = metrics(
+        {"holdout_nll": 2.9, "preference_accuracy": None, "general_nll": 1.1}, current=None, preference_pairs=0
     )
-    assert first.passed, first.reason  # vs base, preferences skipped
-    assert first.reason == "passed 3 rules, skipped 1 (preferences_kept)"
-    assert not decide(rs, metrics(holdout_events=2), user_id="u", app="a").passed
+    first["base"]["general_nll"] = 1.0
+    first["paired"] = {"current": None, "base": {"holdout_nll": paired_stats(0.03, 0.01, 0.05)}}
+    d = decide(rs, first, user_id="u", app="a")
+    assert d.passed, d.reason  # vs base; prior, shift, repeats (no current revision) and preferences skipped
+    assert d.reason == ("passed 3 rules, skipped 4 (prior_kept, new_consistent, new_varied, preferences_kept)")
+    noisy = {**first, "paired": {"current": None, "base": {"holdout_nll": paired_stats(0.03, -0.01, 0.05)}}}
+    assert decide(rs, noisy, user_id="u", app="a").reason.startswith("rejected: holdout_improves: ")
+    assert not decide(
+        rs, {**first, "evidence": {**first["evidence"], "holdout_events": 2}}, user_id="u", app="a"
+    ).passed
+    # A round of another writer: better on its own new events, worse beyond doubt on what the user wrote before.
+    poisoned = metrics({"new_shift": 2.5, "new_repeat_share": 0.1, "general_nll": 1.0, "holdout_nll_prior": 3.0})
+    poisoned["base"]["general_nll"] = 1.0
+    poisoned["current"]["holdout_nll_prior"] = 2.5
+    poisoned["paired"] = {
+        "current": {"holdout_nll": paired_stats(0.1, 0.05, 0.15), "holdout_nll_prior": paired_stats(-0.2, -0.3, -0.1)},
+        "base": {"holdout_nll": paired_stats(0.3, 0.2, 0.4)},
+    }
+    d = decide(rs, poisoned, user_id="u", app="a")
+    assert not d.passed
+    assert {r.name for r in d.results if r.outcome == "fail"} == {"prior_kept", "new_consistent"}
+
+
+def test_paired_rules_judge_the_bootstrap_bounds():
+    up = Rule("up", "improvement", metric="holdout_nll", reference="current", paired=True, min_relative=0.01)
+    keep = Rule(
+        "keep", "no_worse", metric="holdout_nll_prior", reference="current", paired=True, tolerance_relative=0.02
+    )
+    m = metrics()
+    m["paired"] = {"current": {"holdout_nll": paired_stats(0.04, 0.012, 0.07), "holdout_nll_prior": None}}
+    _, res = one(up, m)
+    assert res.outcome == "pass" and res.inputs["low"] == 0.012 and res.inputs["threshold"] == 0.01
+    assert res.detail == (
+        "holdout_nll gain vs current 4% (95% bounds 1.2%..7% over 20 events), needs lower bound > 1%"
+    )
+    m["paired"]["current"]["holdout_nll"] = paired_stats(0.04, 0.005, 0.07)
+    assert one(up, m)[1].outcome == "fail"
+    # The same adapter as its parent: a gain of exactly 0 is no improvement, even with a margin of 0.
+    zero = dataclasses.replace(up, min_relative=0.0)
+    m["paired"]["current"]["holdout_nll"] = paired_stats(0.0, 0.0, 0.0)
+    assert one(zero, m)[1].outcome == "fail"
+    # no_worse fails only when the upper bound is below -tolerance.
+    m["candidate"]["holdout_nll_prior"], m["current"]["holdout_nll_prior"] = 2.6, 2.5
+    m["paired"]["current"]["holdout_nll_prior"] = paired_stats(-0.04, -0.09, -0.01)
+    assert one(keep, m)[1].outcome == "pass"
+    m["paired"]["current"]["holdout_nll_prior"] = paired_stats(-0.06, -0.09, -0.03)
+    _, res = one(keep, m)
+    assert res.outcome == "fail" and res.inputs["high"] == -0.03 and res.inputs["threshold"] == -0.02
+    # No paired section (a decision stored before it existed), or no current revision: missing.
+    assert one(up, metrics())[1].outcome == "missing_reject"
+    assert one(keep, metrics(current=None), default="skip")[1].outcome == "skip"
+
+
+def test_paired_rules_are_checked():
+    text = GOOD + (
+        "  - name: drift\n    kind: no_worse\n    metric: drift_kl\n    reference: base\n"
+        "    paired: true\n    tolerance_absolute: 0.1\n"
+    )
+    found = problems(text)
+    assert [f for _, f, _ in found] == ["rules[2].paired", "rules[2].tolerance_absolute"]
+    assert "paired applies to holdout_nll, holdout_nll_prior, holdout_nll_new" in found[0][2]
+    assert "use tolerance_relative instead" in found[1][2]
+    bound = GOOD + "  - {name: b, kind: bound, metric: drift_kl, max: 1, paired: true}\n"
+    assert any("unknown field 'paired'" in m for _, _, m in problems(bound))
 
 
 def problems(text: str) -> list[tuple[int | None, str, str]]:
@@ -339,7 +410,7 @@ def test_yaml_syntax_error_and_code_tags_are_refused():
 def test_gate_check_command(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(gate_app, ["check", str(DEFAULT_RULES)])
-    assert ok.exit_code == 0 and ok.output.startswith("ok: 4 rules, 2 overrides, digest ")
+    assert ok.exit_code == 0 and ok.output.startswith("ok: 7 rules, 2 overrides, digest ")
     bad = tmp_path / "rules.yaml"
     bad.write_text(GOOD.replace("0.01", "-0.01").replace("min: 3", "mni: 3"))
     out = runner.invoke(gate_app, ["check", str(bad)])
@@ -415,11 +486,11 @@ def test_stored_decisions_match_the_decision_schema():
         metrics(),
         metrics(current=None),
         metrics({"holdout_nll": 3.5}),
-        metrics({"drift_kl": math.nan}),
-        metrics({"drift_kl": math.inf}, current=None),
+        metrics({"general_nll": math.nan}),
+        metrics({"general_nll": math.inf}, current=None),
         metrics({"preference_accuracy": None}, base={"preference_accuracy": None}),
         metrics(holdout_events=1),
-        metrics({"drift_kl": None}),
+        metrics({"general_nll": None}),
     ]
     outcomes = set()
     for m in cases:

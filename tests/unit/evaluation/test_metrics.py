@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import threading
 from collections.abc import Iterator
@@ -20,9 +21,12 @@ from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import TrainingEvent, example_of, examples_from_events
 from pipeline.evaluation.metrics import (
     METRIC_KEYS,
+    PAIRED,
     MetricsError,
     evaluate,
+    load_general,
     load_probes,
+    paired_gain,
     probe_logits,
     score_model,
 )
@@ -131,6 +135,8 @@ def test_own_adapter_beats_the_base_and_another_users_adapter(world: SimpleNames
     holdout_a = holdout(world.events_a)
     assert m["evidence"] == {
         "holdout_events": len(holdout_a),
+        "holdout_events_prior": 0,
+        "holdout_events_new": sum(example_of(e) is not None for e in holdout_a),
         "holdout_tokens": m["evidence"]["holdout_tokens"],
         "preference_pairs": sum(e.kind in ("preference", "edit") for e in holdout_a),
         "train_events": 32,
@@ -141,9 +147,11 @@ def test_own_adapter_beats_the_base_and_another_users_adapter(world: SimpleNames
 
 def test_result_shape_is_plain_json_and_deterministic(world: SimpleNamespace) -> None:
     first = run_evaluate(world, world.dir_a, None)
-    assert set(first) == {"candidate", "current", "base", "evidence"} and first["current"] is None
+    assert set(first) == {"candidate", "current", "base", "paired", "evidence"} and first["current"] is None
+    assert first["paired"]["current"] is None and set(first["paired"]["base"]) == set(PAIRED)
+    assert tuple(first["base"]) == METRIC_KEYS
+    assert tuple(first["candidate"]) == (*METRIC_KEYS, "new_shift", "new_repeat_share")
     for who in ("candidate", "base"):
-        assert tuple(first[who]) == METRIC_KEYS
         assert all(v is None or type(v) is float for v in first[who].values()), first[who]
     assert all(type(v) is int for v in first["evidence"].values())
     again = run_evaluate(world, world.dir_a, None)
@@ -179,8 +187,73 @@ def test_no_holdout_target_and_no_pairs_give_none(world: SimpleNamespace) -> Non
     m = run_evaluate(world, world.dir_a, None, holdout_events=messages)
     assert m["candidate"]["preference_accuracy"] is None and m["evidence"]["preference_pairs"] == 0
     m = run_evaluate(world, world.dir_a, None, holdout_events=[], probes=[])
-    assert m["candidate"] == {"holdout_nll": None, "preference_accuracy": None, "drift_kl": None}
-    assert m["base"] == {"holdout_nll": None, "preference_accuracy": None, "drift_kl": 0.0}
+    m = run_evaluate(world, world.dir_a, None, holdout_events=[], probes=[], general=[])
+    assert set(m["candidate"].values()) == {None}
+    assert m["base"] == {**dict.fromkeys(METRIC_KEYS), "drift_kl": 0.0}
+    assert m["paired"]["base"] == dict.fromkeys(PAIRED)
+
+
+def test_prior_and_new_holdout_paired_gains_and_the_rounds_new_events(world: SimpleNamespace) -> None:
+    """The holdout splits at the parent's last event; the paired gains compare event by event; new_shift is ~0 for
+    more of the same user and large for another writer; a repeated text raises new_repeat_share."""
+    events = world.events_a
+    cut = events[len(events) // 2].seq
+    m = run_evaluate(world, world.dir_a, world.dir_a, parent_last_seq=cut, new_events=[])
+    prior = [e for e in holdout(events) if e.seq <= cut and example_of(e) is not None]
+    assert m["evidence"]["holdout_events_prior"] == len(prior) > 0 and m["evidence"]["holdout_events_new"] > 0
+    for side in ("candidate", "base"):
+        lo, hi = sorted((m[side]["holdout_nll_prior"], m[side]["holdout_nll_new"]))
+        assert lo <= m[side]["holdout_nll"] <= hi
+    # The same adapter as candidate and current: no gain, an interval of zero width.
+    assert m["paired"]["current"]["holdout_nll"] == {"gain": 0.0, "low": 0.0, "high": 0.0, "events": 7}
+    vs_base = m["paired"]["base"]["holdout_nll"]
+    assert 0 < vs_base["low"] <= vs_base["gain"] <= vs_base["high"], vs_base  # A's adapter on A's text
+    assert m["candidate"]["new_shift"] is None  # no new events given
+
+    # The prior holdout texts sent again as new training events: exactly as likely as the prior holdout.
+    again = [
+        TrainingEvent(f"x{e.event_id}", e.seq, e.kind, "train", e.payload) for e in holdout(events) if e.seq <= cut
+    ]
+    rng = random.Random(0)
+    noise = [
+        TrainingEvent(
+            f"n{i}", 1000 + i, "message", "train", {"text": "".join(chr(rng.randrange(33, 127)) for _ in range(60))}
+        )
+        for i in range(10)
+    ]
+    repeated = [TrainingEvent(f"r{i}", 100 + i, "message", "train", {"text": "the same words"}) for i in range(10)]
+    shift_same = run_evaluate(world, world.dir_a, world.dir_a, parent_last_seq=cut, new_events=again)["candidate"]
+    shift_noise = run_evaluate(world, world.dir_a, world.dir_a, parent_last_seq=cut, new_events=noise)["candidate"]
+    assert abs(shift_same["new_shift"]) < 1e-9 and shift_same["new_repeat_share"] == 1 / len(again)
+    assert shift_noise["new_shift"] > 0.05, shift_noise
+    assert run_evaluate(world, world.dir_a, None, new_events=again)["candidate"]["new_shift"] is None  # no current
+    assert run_evaluate(world, world.dir_a, None, new_events=repeated)["candidate"]["new_repeat_share"] == 1.0
+
+
+def test_paired_gain_interval() -> None:
+    ref = [(-10.0, 5)] * 30
+    better = [(-9.0, 5)] * 30
+    assert paired_gain(better, ref) == {"gain": 0.1, "low": 0.1, "high": 0.1, "events": 30}
+    mixed = [(-9.0, 5) if i % 2 else (-11.0, 5) for i in range(30)]  # the same mean NLL, half better, half worse
+    stats = paired_gain(mixed, ref)
+    assert stats is not None and abs(stats["gain"]) < 1e-9 and stats["low"] < 0 < stats["high"]
+    assert paired_gain(mixed, ref) == stats  # seeded
+    assert paired_gain([], []) is None
+    with pytest.raises(MetricsError, match="different lengths"):
+        paired_gain(better, ref[:3])
+
+
+def test_general_answers_load_and_score(world: SimpleNamespace, tmp_path: Path) -> None:
+    general = load_general()
+    assert len(general) >= 20 and all(g.prompt and g.target for g in general)
+    m = run_evaluate(world, world.dir_a, None)
+    assert m["base"]["general_nll"] > 0 and m["candidate"]["general_nll"] > 0
+    bad = tmp_path / "p.yaml"
+    bad.write_text("probes: [a]\ngeneral: [{prompt: p}]\n")
+    with pytest.raises(MetricsError, match="general"):
+        load_general(bad)
+    bad.write_text("probes: [a]\n")
+    assert load_general(bad) == []
 
 
 def test_evaluate_refuses_training_events(world: SimpleNamespace) -> None:
@@ -243,9 +316,10 @@ def test_preference_accuracy_on_crafted_pairs() -> None:
     only_messages = [TrainingEvent("m", 1, "message", "holdout", {"text": "aaaa"})]
     scores = score_model(model, tok, holdout_events=only_messages, probes=[])
     assert scores.preference_accuracy is None and scores.preference_pairs == 0
-    # Plain text: the first token is not predicted; then "aaa" at p=0.9 and EOS at 0.1/383.
-    assert scores.holdout_tokens == 4
-    assert scores.holdout_nll == pytest.approx((-3 * math.log(0.9) - math.log(0.1 / 383)) / 4, rel=1e-5)
+    # A message without a prompt is an answer to an empty user turn: "aaaa" at p=0.9, then the template's
+    # newline and EOS at 0.1/383 each.
+    assert scores.holdout_tokens == 6
+    assert scores.holdout_nll == pytest.approx((-4 * math.log(0.9) - 2 * math.log(0.1 / 383)) / 6, rel=1e-5)
 
 
 def test_score_model_restores_modes_and_uses_no_gradients(world: SimpleNamespace) -> None:
