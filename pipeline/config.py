@@ -192,21 +192,22 @@ class TrainingSettings(BaseSettings):
 
     model_config = _config("PERSONA_TRAIN_")
 
-    rank: int = Field(8, ge=1, le=256, description="LoRA rank r.")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
-    target_modules: str = Field("q_proj,v_proj", description="Comma-separated module names that get LoRA.")
+    rank: int = Field(1, ge=1, le=256, description="LoRA rank r (r=1 on all seven projections: 0.61 MB in bf16).")
+    alpha: float = Field(2.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    target_modules: str = Field(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        description="Comma-separated module names that get LoRA.",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     save_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the saved adapter weights."
     )
     learning_rate: float = Field(
-        3e-4,
-        gt=0,
-        description="AdamW learning rate (on SmolLM2, 1e-3 moved adapters past the gate's default drift bound).",
+        4e-3, gt=0, description="AdamW learning rate (chosen on bench/quality.py; see bench/results/quality.md)."
     )
     batch_size: int = Field(8, ge=1, le=1024, description="Examples per optimizer step.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per example (longer ones are truncated).")
-    max_steps: int = Field(40, ge=1, description="Upper bound of optimizer steps per retrain.")
+    max_steps: int = Field(20, ge=1, description="Upper bound of optimizer steps per retrain.")
     eval_every: int = Field(5, ge=1, description="Steps between validation checks (early stopping).")
     patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping.")
     val_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of train-split examples used for validation.")
@@ -224,10 +225,56 @@ class TrainingSettings(BaseSettings):
         "batch; GPU workers take 64 to 256.",
     )
     micro_batch_tokens: int = Field(
-        32768,
-        ge=256,
+        0,
+        ge=0,
         description="Padded tokens per forward/backward chunk of a batched step (bounds activation memory; "
-        "the step's update does not depend on it).",
+        "the step's update does not depend on it). 0 = auto: 512 on the CPU (a 4-user SmolLM2 step took 11 s in "
+        "chunks of 512, 72 s in one chunk), 32768 on a GPU.",
+    )
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _budget_or_auto(cls, value: int) -> int:
+        if 0 < value < 256:
+            raise ValueError("must be 0 (auto) or at least 256 tokens")
+        return value
+
+    def micro_batch_budget(self, device_type: str) -> int:
+        """``micro_batch_tokens``, or its automatic value for a device of that type (``cpu``, ``cuda``, ...)."""
+        if self.micro_batch_tokens > 0:
+            return self.micro_batch_tokens
+        return 512 if device_type == "cpu" else 32768
+
+    preference_weight: float = Field(
+        0.2,
+        ge=0,
+        description="Weight of the preference loss (SimPO on the train-split preference and edit pairs) added to the "
+        "next-token loss (0 = examples only).",
+    )
+    preference_beta: float = Field(
+        2.0, gt=0, description="SimPO beta: scale of the gap of mean log-probs per token, chosen minus rejected."
+    )
+    preference_margin: float = Field(
+        0.5, ge=0, description="SimPO gamma: the target margin of that scaled gap (a pair's loss fades beyond it)."
+    )
+    pair_batch_size: int = Field(2, ge=1, le=1024, description="Preference pairs per user per optimizer step.")
+    general_share: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Share of a retrain's examples that are general requests answered by the base itself "
+        "(general_prompts), so that a personal model keeps answering them as the base does (0 = none).",
+    )
+    general_prompts: Path = Field(
+        ROOT / "infra" / "training" / "general_prompts.yaml",
+        description="The general requests a retrain mixes in (their answers are the base's, computed once per base).",
+    )
+    general_tokens: int = Field(64, ge=8, le=512, description="Longest answer of the base to a general request.")
+    anchor: float = Field(
+        0.0,
+        ge=0,
+        description="Pull towards the weights training started from (the parent revision): after each update, "
+        "w -= learning_rate * anchor * (w - w_start) (0 = off).",
     )
 
     @property

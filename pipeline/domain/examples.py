@@ -2,18 +2,22 @@
 
 Rules (the kinds and fields are those of ``interaction.v1``, schemas/events/interaction.v1.json):
 
-- Only ``train``-split events become training examples; ``holdout`` events are the gate's evidence and are never
-  trained on.
+- Only ``train``-split events become training examples and training pairs; ``holdout`` events are the gate's
+  evidence and are never trained on.
 - ``message``: the user wrote ``text``; it is the target, with its optional ``prompt`` as context.
 - ``edit``: the user rewrote a model output; ``edited`` is what they want, so it is the target, with its ``prompt``.
-  The ``original`` is not trained on.
+  The ``original`` is never a target: it is the rejected side of the edit's pair (below).
 - ``feedback`` with ``rating`` 1: the user approved ``completion``; it is the target, with its ``prompt``.
   Ratings 0 and -1 give no target (a liked-by-nobody text must not be imitated).
-- ``preference``: no target; it is kept as a pair (``chosen`` over ``rejected``) for evaluation, like an ``edit``
-  (``edited`` over ``original``). ``preference_pairs`` does not filter by split: the caller chooses.
+- ``preference``: no target; it is a pair (``chosen`` over ``rejected``), like an ``edit`` (``edited`` over
+  ``original``; an edit that changed nothing gives no pair). ``preference_pairs`` does not filter by split: the
+  gate measures the ``holdout`` pairs, and ``training_pairs`` gives the ``train``-split ones, which the trainers
+  learn from next to the examples (a preference loss, `pipeline.training.lora`). So an edit is trained on twice:
+  its ``edited`` text as an example, and ``edited`` over ``original`` as a pair.
 
 Which events a retrain sees: every new ``train`` event since the parent revision, plus a bounded, seeded sample of
-older ones (replay), so an adapter keeps what it learnt without retraining on the whole history.
+older ones (replay), so an adapter keeps what it learnt without retraining on the whole history. Its examples and
+its pairs both come from those events.
 """
 
 from __future__ import annotations
@@ -93,6 +97,11 @@ def preference_pairs(events: Iterable[TrainingEvent]) -> list[PreferencePair]:
     return out
 
 
+def training_pairs(events: Iterable[TrainingEvent]) -> list[PreferencePair]:
+    """The pairs of the ``train``-split events (`preference_pairs` of those), in the given order (module rules)."""
+    return preference_pairs(e for e in events if e.split == "train")
+
+
 def replay_sample(older: Sequence[TrainingEvent], k: int, seed: str | int) -> list[TrainingEvent]:
     """At most ``k`` of ``older``, drawn with ``random.Random(seed)``, in ingestion order.
 
@@ -122,3 +131,20 @@ def select_training_events(
     new = [e for e in train if e.seq > parent_last_seq]
     older = [e for e in train if e.seq <= parent_last_seq]
     return new, replay_sample(older, replay_max, seed)
+
+
+def general_mix(general: Sequence[Example], n_examples: int, share: float, seed: str | int) -> list[Example]:
+    """General examples to add to a retrain's ``n_examples`` of the user, so that they make about ``share`` of all:
+    ``round(n_examples * share / (1 - share))`` of ``general``, drawn with ``random.Random(seed)`` without
+    replacement (and again from the start once all were drawn), in the order drawn. Empty when ``share`` is 0, or
+    without general examples or user examples."""
+    if not general or n_examples <= 0 or share <= 0:
+        return []
+    want = round(n_examples * share / (1 - share))
+    rng = random.Random(seed)
+    out: list[Example] = []
+    while len(out) < want:
+        order = list(range(len(general)))
+        rng.shuffle(order)
+        out.extend(general[i] for i in order[: want - len(out)])
+    return out

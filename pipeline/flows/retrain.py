@@ -8,9 +8,15 @@ object store; this module does the I/O around it, per user, in this order:
    a redelivered task takes over an expired plan instead of making a new one;
 2. if the planned revision already exists (an earlier attempt wrote it), only finish: mark the events consumed,
    release the lease, and chain the evaluation;
-3. else build examples from the new train-split events since the parent plus a seeded replay of older ones, load
-   the parent's adapter (sha256 verified), train from it, and write the candidate through the registry (objects,
-   then the row, the consumed events and the released lease in one transaction); then chain the evaluation.
+3. else build examples and preference pairs (`training_pairs`: preferences, and edits that changed the text) from
+   the new train-split events since the parent plus a seeded replay of older ones, load the parent's adapter
+   (sha256 verified), train from it, and write the candidate through the registry (objects, then the row, the
+   consumed events and the released lease in one transaction); then chain the evaluation.
+
+A retrain needs at least one new train-split example (a message, an edit or a liked feedback); pairs ride along
+with the examples, and new pairs alone (preferences only) train nothing: the user's events are counted as seen
+(``no_examples``), and as they still come after the parent revision, the next retrain that has a new example
+trains on those pairs too.
 
 Within a batch every user is on its own: a user whose lease is busy, whose events give no example, whose parent
 does not load, whose loss is not finite or whose lease is lost gets its own outcome or error, and the others are
@@ -30,15 +36,24 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ModelSettings, TrainingSettings
 from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
-from pipeline.domain.examples import Example, TrainingEvent, examples_from_events, select_training_events
+from pipeline.domain.examples import (
+    Example,
+    PreferencePair,
+    TrainingEvent,
+    examples_from_events,
+    general_mix,
+    select_training_events,
+    training_pairs,
+)
 from pipeline.domain.revisions import BaseModelRef, EventsUsed, Revision
 from pipeline.flows import failpoints
-from pipeline.models.base import load_configured
+from pipeline.models.base import LoadedBase, load_configured
+from pipeline.models.general import base_answers
 from pipeline.observability import metrics
 from pipeline.storage import registry, training
 from pipeline.storage.registry import Registry
@@ -108,7 +123,7 @@ def retrain(
 
 @dataclass
 class _Plan:
-    """A user with work to do: the lease's plan, the parent, the events and examples, the seed."""
+    """A user with work to do: the lease's plan, the parent, the events, examples and pairs, the seed."""
 
     user_id: str
     lease: training.Lease
@@ -116,7 +131,9 @@ class _Plan:
     new: list[TrainingEvent]
     replay: list[TrainingEvent]
     examples: list[Example]
+    pairs: list[PreferencePair]
     seed: int
+    general: list[Example] = field(default_factory=list)  # general requests answered by the base, mixed in
 
 
 def retrain_batch(
@@ -210,7 +227,16 @@ class _Run:
         except BaseException:
             self.release(lease)
             raise
-        return _Plan(user_id, lease, parent, new, replay, examples, seed)
+        return _Plan(user_id, lease, parent, new, replay, examples, training_pairs([*new, *replay]), seed)
+
+    def general(self, base: LoadedBase) -> list[Example]:
+        """The general requests answered by the base that retrains mix in (`pipeline.models.general`)."""
+        cfg = self.config.training
+        if cfg.general_share <= 0:
+            return []
+        return base_answers(
+            base, cfg.general_prompts, max_new_tokens=cfg.general_tokens, cache_dir=self.config.model.cache_dir
+        )
 
     def release(self, lease: training.Lease) -> None:
         """Free the user for the next attempt at once (the plan is kept: it writes the same revision)."""
@@ -248,8 +274,11 @@ class _Run:
 
         try:
             base = load_configured(self.config.model)
+            general = self.general(base)
         except BaseException as e:
             return [failed(i, e) for i in range(len(plans))]
+        for plan in plans:
+            plan.general = general_mix(general, len(plan.examples), cfg.general_share, f"{plan.seed}:general")
         reg = self.stores.registry
         with tempfile.TemporaryDirectory(prefix="persona-train-") as tmp:
             jobs: list[tuple[int, UserJob]] = []
@@ -261,16 +290,20 @@ class _Run:
                 except Exception as e:
                     results[i] = failed(i, e)
                     continue
-                jobs.append((i, UserJob(plan.examples, Path(tmp) / f"{i}" / "candidate", parent_dir, plan.seed)))
+                out_dir = Path(tmp) / f"{i}" / "candidate"
+                examples = [*plan.examples, *plan.general]
+                jobs.append((i, UserJob(examples, out_dir, parent_dir, plan.seed, plan.pairs)))
                 log.info(
-                    "%s: training %s from %s on %d new + %d replayed events (%d examples), seed %d, %d users in the "
-                    "batch",
+                    "%s: training %s from %s on %d new + %d replayed events (%d examples, %d pairs, %d general), "
+                    "seed %d, %d users in the batch",
                     plan.user_id,
                     plan.lease.revision_id,
                     plan.lease.parent_id or "scratch",
                     len(plan.new),
                     len(plan.replay),
                     len(plan.examples),
+                    len(plan.pairs),
+                    len(plan.general),
                     plan.seed,
                     len(plans),
                 )
@@ -329,6 +362,8 @@ def _write(
             "new_events": len(plan.new),
             "replayed_events": len(plan.replay),
             "examples": result.examples,
+            "general_examples": len(plan.general),
+            "pairs": result.pairs,
             "steps": result.steps,
             "best_step": result.best_step,
             "stopped_early": result.stopped_early,
@@ -336,6 +371,7 @@ def _write(
         events=used,
         metrics={
             "train_loss": result.train_loss,
+            "preference_loss": result.preference_loss,
             "val_loss": result.val_loss,
             "tokens": result.tokens,
             "tokens_per_s": result.tokens_per_s,

@@ -16,6 +16,8 @@ from pipeline.domain.examples import Example
 
 #: The label of a position that carries no loss (torch's ``cross_entropy`` default ``ignore_index``).
 IGNORE = -100
+#: The user turn of an example without a prompt: empty, so the answer's style is not tied to any request.
+NEUTRAL_PROMPT = ""
 
 
 @dataclass(frozen=True)
@@ -29,18 +31,23 @@ class EncodedExample:
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> EncodedExample:
     """Token ids and labels of one example: loss on the target tokens (and the end of turn) only.
 
-    With a prompt, the chat template renders a user turn and an assistant turn; the prompt part (the template with
-    ``add_generation_prompt``) is masked. Both parts are tokenized separately so the mask is exact and the target
-    tokens are those the model produces after the prompt at serving time. Without a prompt, the target is plain
-    text. EOS is appended unless the rendering already ends the turn with it. When too long, the prompt loses its
-    beginning first, and the target keeps at least half of ``max_length``.
+    Examples are trained in the form they are served in (`/v1/chat/completions`): the chat template renders a user
+    turn and the target as the assistant's answer; the prompt part (the template with ``add_generation_prompt``) is
+    masked. Without a prompt (a message the user wrote on their own), the user turn is empty (`NEUTRAL_PROMPT`), so
+    the style is learnt as "how this user answers", whatever they are asked. Both parts are tokenized separately so
+    the mask is exact and the target tokens are those the model produces after the prompt at serving time. A
+    tokenizer without a chat template gets plain text (the prompt, if any, on its own line). EOS is appended unless
+    the rendering already ends the turn with it. When too long, the prompt loses its beginning first, and the
+    target keeps at least half of ``max_length``.
     """
     eos = tokenizer.eos_token_id
-    if example.prompt is None:
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if example.prompt is None and not chat:
         prompt_ids: list[int] = []
         target_ids = list(tokenizer(example.target, add_special_tokens=True)["input_ids"])
     else:
-        prompt_text, target_text = render_chat(tokenizer, example.prompt, example.target)
+        prompt = example.prompt if example.prompt is not None else NEUTRAL_PROMPT
+        prompt_text, target_text = render_chat(tokenizer, prompt, example.target)
         prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
         target_ids = list(tokenizer(target_text, add_special_tokens=False)["input_ids"])
     if eos is not None and eos not in target_ids[-2:]:

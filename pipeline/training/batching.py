@@ -2,9 +2,14 @@
 
 Rows of many users share one forward; each row carries its user's stack row (`pipeline.models.multilora`).
 
-- `nll_sums`: per user, the sum of its target-token NLL and its target-token count over a step's rows. The rows
-  are cut into micro-batches by padded tokens (`micro_batches`, to bound memory) whose gradients add up, each
-  weighted by one over its user's token count, so a user's gradient is the one of its own batch's mean loss.
+- `nll_sums`: per user, over a step's rows, what its loss is made of: the sum of its examples' target-token NLL and
+  their target-token count, and the sum of its pairs' SimPO losses and their number (`pipeline.training.lora`'s
+  loss: NLL / tokens + preference_weight * SimPO sum / pairs). A pair is two rows (chosen, rejected) tagged as
+  such; their token NLLs are reduced per row to the mean log-probability per target token that SimPO compares.
+  The rows are cut into micro-batches by padded tokens (`micro_batches`, to bound memory), a pair's two rows always
+  in the same one, so each micro-batch's loss is a sum of whole terms of the users' losses: its example tokens
+  weighted by one over their user's token count, its pairs' SimPO losses by ``preference_weight`` over their
+  user's pair count. The micro-batches' gradients add up, so a user's gradient is the one of its own step's loss.
 - `token_nll`: the NLL of the labelled next tokens only (the vocabulary projection runs on those positions).
 - `adamw_step`: per-user gradient-norm clipping (as ``clip_grad_norm_``), then the arithmetic of
   ``torch.optim.AdamW`` with per-user moments and step counts, applied to the users given only.
@@ -13,7 +18,8 @@ Rows of many users share one forward; each row carries its user's stack row (`pi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,20 +29,60 @@ from torch import nn
 from pipeline.config import TrainingSettings
 from pipeline.models.encoding import IGNORE, EncodedExample
 from pipeline.models.multilora import LoraWrap
+from pipeline.training.lora import preference_loss
 
 #: torch.optim.AdamW's defaults, which the single-user path uses.
 ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY = (0.9, 0.999), 1e-8, 1e-2
 
+#: An example row of a step: (the user's stack row, the encoded example).
+Row = tuple[int, EncodedExample]
+#: A pair of a step: (the user's stack row, the encoded chosen answer, the encoded rejected answer).
+PairRows = tuple[int, EncodedExample, EncodedExample]
 
-def micro_batches(items: list[tuple[int, EncodedExample]], budget: int) -> Iterable[list[tuple[int, EncodedExample]]]:
-    """Rows sorted by length (little padding), cut where the padded size would pass ``budget`` tokens."""
-    ordered = sorted(items, key=lambda it: len(it[1].input_ids))
-    chunk: list[tuple[int, EncodedExample]] = []
-    for item in ordered:
-        if chunk and (len(chunk) + 1) * len(item[1].input_ids) > budget:
+
+@dataclass(frozen=True)
+class StepSums:
+    """Per user (indexed by stack row), over a step's rows: ``nll`` the sum of the examples' target-token NLL
+    (float64), ``tokens`` their number of target tokens, ``preference`` the sum of the pairs' SimPO losses (float64)
+    and ``pairs`` their number. On the CPU."""
+
+    nll: torch.Tensor
+    tokens: torch.Tensor
+    preference: torch.Tensor
+    pairs: torch.Tensor
+
+    def loss(self, slot: int, settings: TrainingSettings) -> float:
+        """The user's loss: mean NLL per target token + ``preference_weight`` * mean SimPO loss per pair."""
+        value = float(self.nll[slot]) / max(int(self.tokens[slot]), 1)
+        if int(self.pairs[slot]):
+            value += settings.preference_weight * float(self.preference[slot]) / int(self.pairs[slot])
+        return value
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Rows that go into one micro-batch together: one example, or one pair (chosen, rejected)."""
+
+    slot: int
+    rows: tuple[EncodedExample, ...]
+    pair: bool
+
+    @property
+    def width(self) -> int:
+        return max(len(e.input_ids) for e in self.rows)
+
+
+def micro_batches(units: list[_Unit], budget: int) -> Iterable[list[_Unit]]:
+    """Units sorted by length (little padding), cut where the padded size would pass ``budget`` tokens (a unit
+    larger than the budget is a micro-batch of its own)."""
+    chunk: list[_Unit] = []
+    rows = 0
+    for unit in sorted(units, key=lambda u: u.width):
+        if chunk and (rows + len(unit.rows)) * unit.width > budget:
             yield chunk
-            chunk = []
-        chunk.append(item)
+            chunk, rows = [], 0
+        chunk.append(unit)
+        rows += len(unit.rows)
     if chunk:
         yield chunk
 
@@ -44,57 +90,93 @@ def micro_batches(items: list[tuple[int, EncodedExample]], budget: int) -> Itera
 def nll_sums(
     model: nn.Module,
     lora: LoraWrap,
-    items: list[tuple[int, EncodedExample]],
+    items: list[Row],
     n_users: int,
     pad_id: int,
     device: torch.device,
     settings: TrainingSettings,
     params: list[nn.Parameter] | None,
     beat: Callable[[], None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per user: the sum of target-token NLL over its rows in ``items`` (``(user's stack row, example)`` pairs) and
-    its target-token count. With ``params``, also accumulates the gradient of sum over users of (NLL sum / token
-    count) into them. ``beat`` is called after each micro-batch."""
+    pairs: Sequence[PairRows] = (),
+) -> StepSums:
+    """Per user: the parts of its loss over its example rows in ``items`` and its ``pairs`` (`StepSums`). With
+    ``params``, also accumulates into them the gradient of the sum over users of their losses (`StepSums.loss`).
+    ``beat`` is called after each micro-batch."""
+    units = [_Unit(slot, (e,), False) for slot, e in items]
+    units += [_Unit(slot, (chosen, rejected), True) for slot, chosen, rejected in pairs]
     counts = torch.zeros(n_users, dtype=torch.long)
-    counts.index_add_(0, torch.tensor([slot for slot, _ in items]), torch.tensor([_targets(e) for _, e in items]))
+    if items:
+        counts.index_add_(0, torch.tensor([slot for slot, _ in items]), torch.tensor([_targets(e) for _, e in items]))
+    n_pairs = torch.zeros(n_users, dtype=torch.long)
+    if pairs:
+        n_pairs.index_add_(0, torch.tensor([slot for slot, _, _ in pairs]), torch.ones(len(pairs), dtype=torch.long))
     weights = (1.0 / counts.clamp(min=1).double()).float().to(device)
+    pair_weights = (settings.preference_weight / n_pairs.clamp(min=1).double()).float().to(device)
     sums = torch.zeros(n_users, dtype=torch.float64, device=device)
+    pair_sums = torch.zeros(n_users, dtype=torch.float64, device=device)
     cuda = device.type == "cuda"
-    for chunk in micro_batches(items, settings.micro_batch_tokens):
-        width = max(len(e.input_ids) for _, e in chunk)
-        host = torch.tensor([_packed_row(slot, e, width, pad_id) for slot, e in chunk])
-        # The labelled positions (flat in [rows, width - 1]), their targets and users, found here on the host: a
-        # boolean mask on the GPU would make the host wait for the forward before it could queue anything else.
-        flat = [
-            (r * (width - 1) + t, label, slot)
-            for r, (slot, e) in enumerate(chunk)
-            for t, label in enumerate(e.labels[1:])
-            if label != IGNORE
-        ]
-        picked = torch.tensor(flat, dtype=torch.long).reshape(-1, 3)
-        padded = any(len(e.input_ids) < width for _, e in chunk)
+    for chunk in micro_batches(units, settings.micro_batch_budget(device.type)):
+        rows = [(u.slot, e) for u in chunk for e in u.rows]
+        width = max(len(e.input_ids) for _, e in rows)
+        host = torch.tensor([_packed_row(slot, e, width, pad_id) for slot, e in rows])
+        # The labelled positions (flat in [rows, width - 1]), their targets, users, rows and whether they are an
+        # example's (1, else a pair's), found here on the host: a boolean mask on the GPU would make the host wait
+        # for the forward before it could queue anything else. Per pair: user, chosen row, rejected row, and their
+        # target-token counts.
+        flat: list[tuple[int, int, int, int, int]] = []
+        pair_rows: list[tuple[int, int, int, int, int]] = []
+        r = 0
+        for unit in chunk:
+            for e in unit.rows:
+                flat.extend(
+                    (r * (width - 1) + t, label, unit.slot, r, 0 if unit.pair else 1)
+                    for t, label in enumerate(e.labels[1:])
+                    if label != IGNORE
+                )
+                r += 1
+            if unit.pair:
+                chosen_row, rejected_row = unit.rows
+                pair_rows.append((unit.slot, r - 2, r - 1, _targets(chosen_row), _targets(rejected_row)))
+        picked = torch.tensor(flat, dtype=torch.long).reshape(-1, 5)
+        paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
+        padded = any(len(e.input_ids) < width for _, e in rows)
         if cuda:  # pinned: the copy does not wait for the GPU work queued before it
-            host, picked = host.pin_memory(), picked.pin_memory()
+            host, picked, paired = host.pin_memory(), picked.pin_memory(), paired.pin_memory()
         packed = host.to(device, non_blocking=cuda)
         picked = picked.to(device, non_blocking=cuda)
+        paired = paired.to(device, non_blocking=cuda)
         slots, ids = packed[:, 0], packed[:, 2 : width + 2]
         mask = (torch.arange(width, device=device)[None, :] < (width - packed[:, 1:2])).long() if padded else None
         positions, targets, token_slots = picked[:, 0], picked[:, 1], picked[:, 2]
+        example = picked[:, 4].bool()
         lora.set_rows(slots)
         try:
             with torch.enable_grad() if params is not None else contextlib.nullcontext():
                 nll = token_nll(model, ids, mask, positions, targets)
+                example_nll = torch.where(example, nll, torch.zeros_like(nll))
+                pair_loss = None
+                if pair_rows:
+                    # Per row, the sum of its token NLL; a pair compares its rows' mean log-probs per target token.
+                    row_nll = torch.zeros(len(rows), dtype=nll.dtype, device=device).index_add(0, picked[:, 3], nll)
+                    chosen = -row_nll[paired[:, 1]] / paired[:, 3]
+                    rejected = -row_nll[paired[:, 2]] / paired[:, 4]
+                    pair_loss = preference_loss(chosen, rejected, settings)
                 if params is not None:
                     # where, not a product: a user whose loss is NaN must not spread it into the sum's gradient.
                     w = weights[token_slots]
-                    loss = torch.where(torch.isfinite(nll), nll * w, torch.zeros_like(nll)).sum()
+                    loss = torch.where(torch.isfinite(nll) & example, nll * w, torch.zeros_like(nll)).sum()
+                    if pair_loss is not None:
+                        pw = pair_weights[paired[:, 0]]
+                        loss = loss + torch.where(torch.isfinite(pair_loss), pair_loss * pw, 0.0).sum()
                     if loss.requires_grad:
                         loss.backward()
         finally:
             lora.set_rows(None)
-        sums.index_add_(0, token_slots, nll.detach().double())
+        sums.index_add_(0, token_slots, example_nll.detach().double())
+        if pair_loss is not None:
+            pair_sums.index_add_(0, paired[:, 0], pair_loss.detach().double())
         beat()
-    return sums.cpu(), counts
+    return StepSums(sums.cpu(), counts, pair_sums.cpu(), n_pairs)
 
 
 def _packed_row(slot: int, e: EncodedExample, width: int, pad_id: int) -> list[int]:
@@ -138,8 +220,11 @@ def adamw_step(
     steps: torch.Tensor,
     slots: list[int],
     settings: TrainingSettings,
+    start: list[torch.Tensor] | None = None,
 ) -> None:
-    """Per-user gradient clipping, then torch.optim.AdamW's update, for the users in ``slots`` only.
+    """Per-user gradient clipping, then torch.optim.AdamW's update, for the users in ``slots`` only; then, with
+    ``settings.anchor``, the pull towards ``start`` (the stacked weights training started from) that the single-user
+    path applies after its optimizer step.
 
     ``params`` are stacked over users (dim 0); ``moments`` their (first, second) moments, ``steps`` each user's step
     count (float64, updated here)."""
@@ -159,7 +244,8 @@ def adamw_step(
     lr = settings.learning_rate
     step_size = (lr / (1 - beta1**step)).to(device)
     correction2_sqrt = ((1 - beta2**step) ** 0.5).to(device)
-    for p, g, (m_all, v_all) in zip(params, grads, moments, strict=True):
+    anchors = start if start is not None and settings.anchor > 0 else [None] * len(params)
+    for p, g, (m_all, v_all), p0 in zip(params, grads, moments, anchors, strict=True):
         shape = (-1, *([1] * (g.dim() - 1)))
         w = p.data.index_select(0, index)
         m = m_all.index_select(0, index)
@@ -169,6 +255,8 @@ def adamw_step(
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / correction2_sqrt.to(v.dtype).view(shape)).add_(ADAMW_EPS)
         w.addcdiv_(m * step_size.to(m.dtype).view(shape), denom, value=-1.0)
+        if p0 is not None:
+            w.sub_(w - p0.index_select(0, index), alpha=lr * settings.anchor)
         p.data.index_copy_(0, index, w)
         m_all.index_copy_(0, index, m)
         v_all.index_copy_(0, index, v)

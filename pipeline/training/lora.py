@@ -4,6 +4,23 @@
 with AdamW on the LoRA tensors only, stops early on a validation slice, writes a standard PEFT directory and
 returns what happened (``TrainResult``; its ``config`` is the manifest's ``training`` field).
 
+The loss of a step is the next-token loss of the user's examples plus a preference loss on the user's pairs
+(`pipeline.domain.examples.training_pairs`: chosen over rejected, edited over original)::
+
+    loss = NLL + preference_weight * mean over the pairs of -logsigmoid(beta * (m(chosen) - m(rejected)) - gamma)
+
+- NLL: the summed negative log-likelihood of the target tokens of the step's ``batch_size`` examples divided by
+  their number (the mean per target token);
+- m(answer): the mean log-probability per target token of an answer given the pair's prompt (its tokens and end of
+  turn, prompt masked, encoded by `encode_example` exactly as the gate's preference accuracy scores it,
+  `pipeline.evaluation.metrics.score_model`): SimPO (Meng et al. 2024), reference-free and length-normalised;
+- beta, gamma: ``preference_beta`` and ``preference_margin``; ``pair_batch_size`` pairs per step, drawn from their
+  own seeded stream (``random.Random(f"{seed}:pairs")``), so pairs never change which examples a step draws. With
+  no pair, or ``preference_weight`` 0, the loss is the NLL alone, as before pairs existed.
+
+Gradient clipping and AdamW act on the total. Validation and early stopping look at the NLL of the validation
+examples only (pairs are not held out).
+
 The base model is shared by everything in the process and must come back exactly as it was: peft injects its
 layers into the base in place, so a training borrows the base through `pipeline.models.attach` (the base's
 process-wide lock, held for the whole training, and an exact restore afterwards, whatever happened). While a
@@ -33,7 +50,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import TrainingSettings
 from pipeline.domain.errors import PersonaError
-from pipeline.domain.examples import Example
+from pipeline.domain.examples import Example, PreferencePair
 from pipeline.models import encoding
 from pipeline.models.attach import AttachError, attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase
@@ -52,7 +69,10 @@ class TrainingError(PersonaError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one training did. ``config`` is the manifest's ``training`` field (seed, LoRA shape, optimiser, ...)."""
+    """What one training did. ``config`` is the manifest's ``training`` field (seed, LoRA shape, optimiser, the
+    preference settings and ``pairs``, ...). ``train_loss`` is the mean total loss (NLL + weighted preference loss)
+    of the last ``eval_every`` steps, ``preference_loss`` the mean SimPO loss per pair over those steps (None when
+    no pair was trained on); ``tokens`` counts the examples' target tokens."""
 
     steps: int
     best_step: int
@@ -64,6 +84,8 @@ class TrainResult:
     examples: int
     stopped_early: bool
     config: dict[str, Any] = field(default_factory=dict)
+    preference_loss: float | None = None
+    pairs: int = 0
 
 
 def _nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -73,6 +95,22 @@ def _nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return loss, int((labels != IGNORE).sum())
+
+
+def _row_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of its target-token NLL and its number of target tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
+    return nll.view(labels.shape).sum(1), (labels != IGNORE).sum(1)
+
+
+def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, settings: TrainingSettings) -> torch.Tensor:
+    """SimPO's loss of each pair, from the mean log-probability per target token of its chosen and rejected answers:
+    ``-log sigmoid(preference_beta * (chosen - rejected) - preference_margin)``."""
+    return -F.logsigmoid(settings.preference_beta * (chosen - rejected) - settings.preference_margin)
 
 
 @torch.no_grad()
@@ -121,6 +159,30 @@ def split_examples(
     if not train:
         raise TrainingError(f"none of the {len(examples)} examples has a target token to train on")
     return train, val
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair], settings: TrainingSettings
+) -> list[tuple[EncodedExample, EncodedExample]]:
+    """(chosen, rejected) of each pair, encoded as the gate scores them (``encode_example`` of ``Example(prompt,
+    answer, event_id)``), in order. A pair is dropped when a side has no target token or both sides encode alike
+    (e.g. truncated to the same tokens): it carries no preference. None at all when ``preference_weight`` is 0."""
+    if settings.preference_weight == 0:
+        return []
+    out = []
+    for p in pairs:
+        chosen, rejected = (
+            encode_example(tokenizer, Example(p.prompt, answer, p.event_id), settings.max_length)
+            for answer in (p.chosen, p.rejected)
+        )
+        if chosen != rejected and all(any(t != IGNORE for t in e.labels[1:]) for e in (chosen, rejected)):
+            out.append((chosen, rejected))
+    return out
+
+
+def pairs_rng(seed: int) -> random.Random:
+    """The stream that draws a user's pairs, apart from the examples' ``random.Random(seed)``."""
+    return random.Random(f"{seed}:pairs")
 
 
 def next_batch(queue: list[int], n_train: int, batch_size: int, rng: random.Random) -> list[int]:
@@ -190,15 +252,17 @@ def train_adapter(
     *,
     parent_dir: Path | None,
     seed: int,
+    pairs: Sequence[PreferencePair] = (),
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on ``examples`` and save it to ``out_dir`` as a standard PEFT directory.
+    """Train a LoRA adapter on ``examples`` (and ``pairs``) and save it to ``out_dir`` as a standard PEFT directory.
 
-    With ``parent_dir`` (the user's serving revision), training continues from that adapter and its LoRA config
-    (rank, alpha, targets) wins over ``settings``; without, a fresh LoRA is initialised from ``seed``. The same
-    inputs give the same adapter bytes on CPU. ``base.model`` is unchanged afterwards. ``progress(step, loss)`` is
-    called after each optimiser step. Raises TrainingError when there is nothing to train on or the loss stops
-    being finite.
+    The loss is the examples' NLL plus the weighted SimPO loss of ``pairs`` (module docstring); pairs alone are not
+    enough: at least one example is needed. With ``parent_dir`` (the user's serving revision), training continues
+    from that adapter and its LoRA config (rank, alpha, targets) wins over ``settings``; without, a fresh LoRA is
+    initialised from ``seed``. The same inputs give the same adapter bytes on CPU. ``base.model`` is unchanged
+    afterwards. ``progress(step, loss)`` is called after each optimiser step with the step's total loss. Raises
+    TrainingError when there is no example to train on or the loss stops being finite.
     """
     if not examples:
         raise TrainingError("no training examples: at least one train-split message, edit or liked feedback needed")
@@ -213,6 +277,9 @@ def train_adapter(
     rng = random.Random(seed)
     train, val = split_examples(tokenizer, examples, settings, rng)
     batch_size = min(settings.batch_size, len(train))
+    pair_rows = encode_pairs(tokenizer, pairs, settings)
+    pair_rng = pairs_rng(seed)
+    pair_batch_size = min(settings.pair_batch_size, len(pair_rows))
 
     # The lock is taken before seeding: another borrower's peft initialisation would draw from the same RNG.
     with base_lock(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -222,6 +289,7 @@ def train_adapter(
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
             named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+            start = [p.detach().clone() for p in params] if settings.anchor > 0 else []
 
             def snapshot() -> dict[str, torch.Tensor]:
                 return {n: p.detach().clone() for n, p in named}
@@ -232,9 +300,11 @@ def train_adapter(
                 best_val = _mean_nll(peft_model, val, pad_id, batch_size)
                 log.info("step 0: validation loss %.4f (%d examples)", best_val, len(val))
 
-            # Batches walk through shuffled epochs; a new epoch reshuffles.
+            # Batches walk through shuffled epochs; a new epoch reshuffles. Pairs walk their own epochs.
             queue: list[int] = []
+            pair_queue: list[int] = []
             losses: list[float] = []
+            pair_losses: list[float] = []
             tokens = 0
             stopped_early = False
             step = 0
@@ -245,6 +315,14 @@ def train_adapter(
                 batch = encoding.collate([train[i] for i in batch_idx], pad_id, device)
                 loss_sum, n_tokens = _nll_sum(peft_model, batch)
                 loss = loss_sum / max(n_tokens, 1)
+                if pair_rows:
+                    drawn = next_batch(pair_queue, len(pair_rows), pair_batch_size, pair_rng)
+                    rows = [side for i in drawn for side in pair_rows[i]]  # chosen, rejected, chosen, ...
+                    sums, counts = _row_nll(peft_model, encoding.collate(rows, pad_id, device))
+                    mean_logp = -sums / counts
+                    pair_loss = preference_loss(mean_logp[0::2], mean_logp[1::2], settings).mean()
+                    pair_losses.append(float(pair_loss.detach()))
+                    loss = loss + settings.preference_weight * pair_loss
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingError(
@@ -255,6 +333,10 @@ def train_adapter(
                 if settings.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
+                if settings.anchor > 0:  # decoupled, like AdamW's weight decay, but towards the start
+                    with torch.no_grad():
+                        for p, p0 in zip(params, start, strict=True):
+                            p.sub_(p - p0, alpha=settings.learning_rate * settings.anchor)
                 tokens += n_tokens
                 losses.append(value)
                 elapsed = time.perf_counter() - started
@@ -295,6 +377,7 @@ def train_adapter(
             save_adapter_config(lora_config, out_dir)
 
     tail = losses[-min(len(losses), settings.eval_every) :]
+    pair_tail = pair_losses[-min(len(pair_losses), settings.eval_every) :]
     result = TrainResult(
         steps=step,
         best_step=best_step,
@@ -314,13 +397,19 @@ def train_adapter(
             train_examples=len(train),
             val_examples=len(val),
             continued=parent_dir is not None,
+            pairs=len(pair_rows),
+            pair_batch_size=pair_batch_size,
         ),
+        preference_loss=sum(pair_tail) / len(pair_tail) if pair_tail else None,
+        pairs=len(pair_rows),
     )
     log.info(
-        "trained %d steps (best %d) on %d examples: train loss %.4f, validation loss %s, %.1f s, %.0f tokens/s",
+        "trained %d steps (best %d) on %d examples and %d pairs: train loss %.4f, validation loss %s, %.1f s, "
+        "%.0f tokens/s",
         result.steps,
         result.best_step,
         result.examples,
+        result.pairs,
         result.train_loss,
         f"{best_val:.4f}" if val else "-",
         seconds,
@@ -339,8 +428,11 @@ def training_config(
     train_examples: int,
     val_examples: int,
     continued: bool,
+    pairs: int,
+    pair_batch_size: int,
 ) -> dict[str, Any]:
-    """The manifest's ``training`` field of one adapter (both trainers report the same keys)."""
+    """The manifest's ``training`` field of one adapter (both trainers report the same keys). ``pairs``: the pairs
+    trained on (0 without any, or with ``preference_weight`` 0); ``pair_batch_size``: pairs per step."""
     targets = lora_config.target_modules
     return {
         "seed": seed,
@@ -352,6 +444,7 @@ def training_config(
         "optimizer": "adamw",
         "weight_decay": weight_decay,
         "max_grad_norm": settings.max_grad_norm,
+        "anchor": settings.anchor,
         "batch_size": batch_size,
         "max_length": settings.max_length,
         "max_steps": settings.max_steps,
@@ -361,6 +454,12 @@ def training_config(
         "train_examples": train_examples,
         "val_examples": val_examples,
         "continued_from_parent": continued,
+        "preference_objective": "simpo",
+        "preference_weight": settings.preference_weight,
+        "preference_beta": settings.preference_beta,
+        "preference_margin": settings.preference_margin,
+        "pair_batch_size": pair_batch_size,
+        "pairs": pairs,
         "save_dtype": settings.save_dtype,
         "dtype": settings.save_dtype,
         "peft_version": peft.__version__,

@@ -6,15 +6,22 @@ peft). What makes that hold, per user:
 
 - the same start: each user's LoRA is created by peft exactly as the single-user path does (fresh from the
   user's seed, or the parent revision's directory), then copied into one slot of stacked parameters;
-- the same data: the user's own ``random.Random(seed)`` splits validation off and draws the batches, in the same
-  order (`split_examples`, `next_batch`);
-- the same loss: the sum of the user's token NLL divided by the user's own token count; the step's batch of all
-  users is cut into micro-batches (by padded tokens, to bound memory) whose gradients add up, so a user's
-  gradient is the one of its own batch (`pipeline.training.batching.nll_sums`);
+- the same data: the user's own ``random.Random(seed)`` splits validation off and draws the example batches, and
+  its own pair stream (`pipeline.training.lora.pairs_rng`) draws the pair batches, in the same order
+  (`split_examples`, `encode_pairs`, `next_batch`);
+- the same loss: the sum of the user's token NLL divided by the user's own token count, plus ``preference_weight``
+  times the mean SimPO loss of the user's pairs of the step (`pipeline.training.lora`'s module docstring). A
+  pair's chosen and rejected answers are two more rows of the user in the step's batch, reduced per row to their
+  mean log-probability per target token. The step's rows of all users are cut into micro-batches (by padded
+  tokens, to bound memory; a pair's two rows stay together) whose gradients add up, so a user's gradient is the
+  one of its own loss (`pipeline.training.batching.nll_sums`);
 - the same update: per-user gradient-norm clipping, and AdamW with per-user moments and step count (the
   arithmetic of ``torch.optim.AdamW``), applied only to the users still training (`batching.adamw_step`);
-- the same stopping: validation on the user's own slice every ``eval_every`` steps; a user that stops early (or
-  fails) drops out of the batch, the others go on, and the loop ends when none is left.
+- the same stopping: validation (the NLL of the user's own validation examples; pairs are not held out) every
+  ``eval_every`` steps; a user that stops early (or fails) drops out of the batch, the others go on, and the loop
+  ends when none is left.
+
+``progress`` reports each user's total loss of the step (NLL + weighted preference loss), as `train_adapter` does.
 
 A forward runs the base once for all rows; every target ``nn.Linear`` is replaced, for the run only, by the
 per-row LoRA layer the reference serving engine uses too, `pipeline.models.multilora.MultiLoraLinear`
@@ -47,20 +54,22 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.config import TrainingSettings
-from pipeline.domain.examples import Example
+from pipeline.domain.examples import Example, PreferencePair
 from pipeline.models import encoding, multilora
 from pipeline.models.attach import base_lock, borrowed
 from pipeline.models.base import LoadedBase
 from pipeline.models.encoding import EncodedExample
 from pipeline.models.multilora import LoraStack
-from pipeline.training.batching import ADAMW_WEIGHT_DECAY, adamw_step, nll_sums
+from pipeline.training.batching import ADAMW_WEIGHT_DECAY, PairRows, Row, adamw_step, nll_sums
 from pipeline.training.lora import (
     ADAPTER_NAME,
     SAVE_DTYPES,
     TrainingError,
     TrainResult,
+    encode_pairs,
     lora_config_of,
     next_batch,
+    pairs_rng,
     save_adapter_config,
     split_examples,
     train_adapter,
@@ -81,6 +90,7 @@ class UserJob:
     out_dir: Path
     parent_dir: Path | None
     seed: int
+    pairs: Sequence[PreferencePair] = ()
 
 
 #: After each of a user's steps: ``progress(user_index, step, loss)``; raising fails that user only.
@@ -110,9 +120,14 @@ class _User:
     val: list[EncodedExample]
     rng: random.Random
     start: _Start
+    pairs: list[tuple[EncodedExample, EncodedExample]]
+    pair_rng: random.Random
     batch_size: int = 0
+    pair_batch_size: int = 0
     queue: list[int] = field(default_factory=list)
+    pair_queue: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    pair_losses: list[float] = field(default_factory=list)
     tokens: int = 0
     step: int = 0
     best_step: int = 0
@@ -144,6 +159,7 @@ def train_adapters(
         try:
             rng = random.Random(job.seed)
             train, val = split_examples(base.tokenizer, job.examples, settings, rng)
+            pairs = encode_pairs(base.tokenizer, job.pairs, settings)
             start = _start(base, settings, job.parent_dir, job.seed)
         except _Unsupported as e:
             log.info("user %d: %s; trained on its own", i, e)
@@ -152,7 +168,9 @@ def train_adapters(
         except Exception as e:  # one user's failure is that user's result
             results[i] = e
             continue
-        users.append(_User(i, job, train, val, rng, start, batch_size=min(settings.batch_size, len(train))))
+        batch_size, pair_batch_size = min(settings.batch_size, len(train)), min(settings.pair_batch_size, len(pairs))
+        user = _User(i, job, train, val, rng, start, pairs, pairs_rng(job.seed), batch_size, pair_batch_size)
+        users.append(user)
 
     groups: dict[tuple, list[_User]] = {}
     for user in users:
@@ -175,7 +193,14 @@ def train_adapters(
 
         try:
             results[i] = train_adapter(
-                base, job.examples, job.out_dir, settings, parent_dir=job.parent_dir, seed=job.seed, progress=one
+                base,
+                job.examples,
+                job.out_dir,
+                settings,
+                parent_dir=job.parent_dir,
+                seed=job.seed,
+                pairs=job.pairs,
+                progress=one,
             )
         except Exception as e:
             results[i] = e
@@ -260,6 +285,7 @@ def _train_group(
     # borrowed is the safety net: whatever happens, the base comes back exactly as it was.
     with base_lock(model), borrowed(model), multilora.wrap_linears(model, stacks) as lora:
         best = [p.detach().clone() for p in params]
+        start = [p.detach().clone() for p in params] if settings.anchor > 0 else None
 
         def snapshot(slots: list[int]) -> None:
             index = torch.tensor(slots, device=device)
@@ -270,9 +296,9 @@ def _train_group(
             items = [(slot, e) for slot, u in enumerate(users) if u in group for e in u.val]
             model.eval()
             with torch.no_grad():
-                sums, counts = nll_sums(model, lora, items, len(users), pad_id, device, settings, None, beat)
+                sums = nll_sums(model, lora, items, len(users), pad_id, device, settings, None, beat)
             model.train()
-            return {slot: float(sums[slot]) / max(int(counts[slot]), 1) for slot, u in enumerate(users) if u in group}
+            return {slot: sums.loss(slot, settings) for slot, u in enumerate(users) if u in group}
 
         with_val = [u for u in users if u.val]
         if with_val:
@@ -284,16 +310,20 @@ def _train_group(
             active = [slot for slot, u in enumerate(users) if not u.done]
             if not active:
                 break
-            items: list[tuple[int, EncodedExample]] = []
+            items: list[Row] = []
+            pairs: list[PairRows] = []
             for slot in active:
                 u = users[slot]
                 u.step = step
                 items.extend((slot, u.train[i]) for i in next_batch(u.queue, len(u.train), u.batch_size, u.rng))
-            sums, counts = nll_sums(model, lora, items, len(users), pad_id, device, settings, params, beat)
+                if u.pairs:
+                    drawn = next_batch(u.pair_queue, len(u.pairs), u.pair_batch_size, u.pair_rng)
+                    pairs.extend((slot, *u.pairs[i]) for i in drawn)
+            sums = nll_sums(model, lora, items, len(users), pad_id, device, settings, params, beat, pairs)
             ok = []
             for slot in active:
                 u = users[slot]
-                value = float(sums[slot]) / max(int(counts[slot]), 1)
+                value = sums.loss(slot, settings)
                 if u.done:  # stopped by the heartbeat during the step
                     continue
                 if not math.isfinite(value):
@@ -301,9 +331,11 @@ def _train_group(
                     fail(u, TrainingError(f"training loss is {value} at step {step} (learning rate {lr}): not finite"))
                     continue
                 u.losses.append(value)
-                u.tokens += int(counts[slot])
+                if int(sums.pairs[slot]):
+                    u.pair_losses.append(float(sums.preference[slot]) / int(sums.pairs[slot]))
+                u.tokens += int(sums.tokens[slot])
                 ok.append(slot)
-            adamw_step(params, moments, steps, ok, settings)
+            adamw_step(params, moments, steps, ok, settings, start)
             for p in params:
                 p.grad = None
             for slot in ok:
@@ -353,6 +385,7 @@ def _train_group(
                 save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
                 save_adapter_config(u.start.config, out_dir)
                 tail = u.losses[-min(len(u.losses), settings.eval_every) :]
+                pair_tail = u.pair_losses[-min(len(u.pair_losses), settings.eval_every) :]
                 config = training_config(
                     settings,
                     u.start.config,
@@ -362,6 +395,8 @@ def _train_group(
                     train_examples=len(u.train),
                     val_examples=len(u.val),
                     continued=u.job.parent_dir is not None,
+                    pairs=len(u.pairs),
+                    pair_batch_size=u.pair_batch_size,
                 )
                 config["batched_users"] = len(users)
                 out.append(
@@ -376,6 +411,8 @@ def _train_group(
                         examples=len(u.train) + len(u.val),
                         stopped_early=u.stopped_early,
                         config=config,
+                        preference_loss=sum(pair_tail) / len(pair_tail) if pair_tail else None,
+                        pairs=len(u.pairs),
                     )
                 )
             except Exception as e:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import ConsumerSettings, EventSettings, IngestSettings, KafkaSettings, S3Settings, Settings
+from pipeline.config import (
+    ConsumerSettings,
+    EventSettings,
+    IngestSettings,
+    KafkaSettings,
+    S3Settings,
+    Settings,
+    TrainingSettings,
+)
 
 
 def test_env_is_read_and_typed(monkeypatch):
@@ -42,3 +50,12 @@ def test_settings_are_frozen_and_secrets_hidden():
 def test_settings_take_given_parts():
     k = KafkaSettings(bootstrap_servers="127.0.0.1:1")
     assert Settings(k).kafka is k
+
+
+def test_micro_batch_budget_is_automatic_per_device_unless_set() -> None:
+    auto = TrainingSettings()
+    assert auto.micro_batch_tokens == 0
+    assert (auto.micro_batch_budget("cpu"), auto.micro_batch_budget("cuda")) == (512, 32768)
+    assert TrainingSettings(micro_batch_tokens=4096).micro_batch_budget("cpu") == 4096
+    with pytest.raises(ValidationError, match="0 \\(auto\\) or at least 256"):
+        TrainingSettings(micro_batch_tokens=100)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -94,7 +95,14 @@ def test_encoding_masks_the_prompt_and_keeps_the_target_when_truncating() -> Non
     trained = [t for t in enc.labels if t != IGNORE]
     assert tok.decode(trained[:-1]) == "answer\n" and trained[-1] == tok.eos_token_id
     assert tok.decode(enc.input_ids[: len(enc.input_ids) - len(trained)]) == "<|user|>ask\n<|assistant|>"
-    plain = encode_example(tok, Example(None, "just text", "e"), 128)
+    # Without a prompt: an empty user turn (the answer as served in a chat), or plain text without a chat template.
+    alone = encode_example(tok, Example(None, "just text", "e"), 128)
+    trained = [t for t in alone.labels if t != IGNORE]
+    assert tok.decode(trained[:-1]) == "just text\n" and trained[-1] == tok.eos_token_id
+    assert tok.decode(alone.input_ids[: len(alone.input_ids) - len(trained)]) == "<|user|>\n<|assistant|>"
+    no_template = copy.deepcopy(tok)
+    no_template.chat_template = None
+    plain = encode_example(no_template, Example(None, "just text", "e"), 128)
     assert plain.labels == plain.input_ids and plain.input_ids.count(tok.eos_token_id) == 1
     long = encode_example(tok, Example("p" * 500, "t" * 20, "e"), 64)
     assert len(long.input_ids) == 64 and sum(t != IGNORE for t in long.labels) == 22  # 20 + newline + EOS
@@ -240,6 +248,25 @@ def test_continuing_starts_from_the_parents_weights(tmp_path: Path) -> None:
     for key in p:
         assert torch.allclose(c[key].float(), p[key].float(), atol=1e-3), key
     assert max(float((f[k].float() - p[k].float()).abs().max()) for k in p) > 0.1
+
+
+def test_the_anchor_keeps_a_continued_adapter_near_its_parent(tmp_path: Path) -> None:
+    """With ``anchor``, a continued training moves less far from the parent's weights than without (and is recorded
+    in the manifest's training field); 0 is the plain AdamW run."""
+    base = load_base("tiny-random")
+    train_adapter(base, style_examples(), tmp_path / "parent", settings(max_steps=5), parent_dir=None, seed=0)
+    other = [Example(None, f"zzz qqq {i} xxx", f"o{i}") for i in range(30)]  # something else to learn
+    cfg = {"max_steps": 10, "val_fraction": 0.0}
+    distance = {}
+    for anchor in (0.0, 50.0):
+        out = tmp_path / f"child-{anchor}"
+        result = train_adapter(
+            base, other, out, settings(**cfg, anchor=anchor), parent_dir=tmp_path / "parent", seed=1
+        )
+        assert result.config["anchor"] == anchor
+        p, c = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "parent", out))
+        distance[anchor] = sum(float((c[k].float() - p[k].float()).norm() ** 2) for k in p) ** 0.5
+    assert distance[50.0] < 0.7 * distance[0.0], distance
 
 
 def test_early_stopping_keeps_the_best_state(tmp_path: Path) -> None:

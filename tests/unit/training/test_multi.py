@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import TrainingSettings
-from pipeline.domain.examples import Example
+from pipeline.domain.examples import Example, PreferencePair
 from pipeline.models.base import load_base, weights_sha256
 from pipeline.training.lora import TrainingError, TrainResult, train_adapter
 from pipeline.training.multi import UserJob, train_adapters
@@ -55,6 +55,24 @@ def user_examples(u: int, n: int) -> list[Example]:
     return [Example("say something" if i % 3 == 0 else None, style.format(i=i % 7), f"u{u}e{i}") for i in range(n)]
 
 
+def user_pairs(u: int, n: int) -> list[PreferencePair]:
+    """Pairs in the user's style over another user's, of different lengths (a few longer than max_length)."""
+    chosen, rejected = STYLES[u % len(STYLES)], STYLES[(u + 1) % len(STYLES)]
+    return [
+        PreferencePair(
+            f"question {i}" * (1 + 4 * (i % 4 == 3)),
+            chosen.format(i=i),
+            rejected.format(i=i) * (1 + i % 3),
+            f"u{u}p{i}",
+        )
+        for i in range(n)
+    ]
+
+
+#: The preference loss of the pair tests: a large weight, so that a wrong pair gradient would show.
+PAIRS = {"preference_weight": 1.0, "preference_beta": 2.0, "preference_margin": 0.5, "pair_batch_size": 3}
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "adapter_model.safetensors")
 
@@ -70,35 +88,52 @@ def assert_same_adapter(a: Path, b: Path) -> None:
     assert (a / "adapter_config.json").read_text() == (b / "adapter_config.json").read_text()
 
 
-def test_four_users_batched_equal_four_peft_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("pair_counts", "anchor"),
+    [
+        pytest.param((0, 0, 0, 0), 0.0, id="no-pairs"),
+        pytest.param((5, 2, 9, 1), 0.0, id="all-pairs"),
+        pytest.param((0, 7, 4, 0), 0.0, id="mixed"),
+        pytest.param((0, 7, 4, 0), 20.0, id="mixed-anchored"),
+    ],
+)
+def test_four_users_batched_equal_four_peft_runs(tmp_path: Path, pair_counts: tuple[int, ...], anchor: float) -> None:
     """Different example counts (so batch sizes, validation slices and epochs differ), one with a parent, one that
-    stops early: each adapter equals the one its own peft run gives, step for step."""
+    stops early; users with preference pairs (fewer or more than a step draws, some rows past max_length), users
+    without, and both in one batch; with and without the pull towards the starting weights: each adapter equals the
+    one its own peft run gives, step for step."""
     base = load_base("tiny-random")
     sha = weights_sha256(base.model)
-    cfg = settings()
+    cfg = settings(**PAIRS, anchor=anchor)
     train_adapter(base, user_examples(9, 20), tmp_path / "parent", cfg, parent_dir=None, seed=99)
     sizes = [24, 3, 40, 15]
     parents = [None, None, tmp_path / "parent", None]
     jobs = [
-        UserJob(user_examples(u, n), tmp_path / f"batched{u}", parents[u], seed=100 + u) for u, n in enumerate(sizes)
+        UserJob(user_examples(u, n), tmp_path / f"batched{u}", parents[u], 100 + u, user_pairs(u, pair_counts[u]))
+        for u, n in enumerate(sizes)
     ]
     progress: list[tuple[int, int]] = []
     results = train_adapters(base, jobs, cfg, progress=lambda i, s, _: progress.append((i, s)))
     assert weights_sha256(base.model) == sha and not hasattr(base.model, "peft_config")
     for u, job in enumerate(jobs):
         alone = train_adapter(
-            base, job.examples, tmp_path / f"alone{u}", cfg, parent_dir=job.parent_dir, seed=job.seed
+            base, job.examples, tmp_path / f"alone{u}", cfg, parent_dir=job.parent_dir, seed=job.seed, pairs=job.pairs
         )
         got = results[u]
         assert isinstance(got, TrainResult), got
-        assert (got.steps, got.best_step, got.stopped_early, got.examples) == (
+        assert (got.steps, got.best_step, got.stopped_early, got.examples, got.pairs) == (
             alone.steps,
             alone.best_step,
             alone.stopped_early,
             alone.examples,
+            alone.pairs,
         )
+        assert got.pairs == pair_counts[u] and got.config["pairs"] == pair_counts[u]
         assert got.tokens == alone.tokens
         assert got.train_loss == pytest.approx(alone.train_loss, rel=1e-4)
+        assert (got.preference_loss is None) == (alone.preference_loss is None) == (not pair_counts[u])
+        if got.preference_loss is not None:
+            assert got.preference_loss == pytest.approx(alone.preference_loss, rel=1e-4)
         assert (got.val_loss is None) == (alone.val_loss is None)
         if got.val_loss is not None:
             assert got.val_loss == pytest.approx(alone.val_loss, rel=1e-4)
@@ -113,7 +148,7 @@ def test_users_stop_early_on_their_own(tmp_path: Path) -> None:
     base = load_base("tiny-random")
     cfg = settings(learning_rate=0.1, max_steps=12, eval_every=2, patience=1, micro_batch_tokens=4096)
     same = [Example(None, STYLES[0].format(i=0), f"s{i}") for i in range(12)]  # one text: validation overshoots
-    jobs = [UserJob(same, tmp_path / "b0", None, 1), UserJob(user_examples(1, 30), tmp_path / "b1", None, 2)]
+    jobs = [UserJob(same, tmp_path / "b0", None, 1), UserJob(user_examples(1, 30), tmp_path / "b1", None, 3)]
     results = train_adapters(base, jobs, cfg)
     alone = [
         train_adapter(base, j.examples, tmp_path / f"a{i}", cfg, parent_dir=None, seed=j.seed)
@@ -127,10 +162,11 @@ def test_users_stop_early_on_their_own(tmp_path: Path) -> None:
 
 
 def test_a_bad_user_fails_alone(tmp_path: Path) -> None:
-    """No usable example, a missing parent, a NaN loss and a callback that raises each fail their user only."""
+    """No usable example (pairs alone are not enough), a missing parent, a NaN loss (in the example and the pair
+    rows) and a callback that raises each fail their user only."""
     base = load_base("tiny-random")
     sha = weights_sha256(base.model)
-    cfg = settings(val_fraction=0.0, max_steps=4)
+    cfg = settings(val_fraction=0.0, max_steps=4, **PAIRS)
     train_adapter(base, user_examples(5, 10), tmp_path / "nanparent", cfg, parent_dir=None, seed=5)
     poisoned = weights(tmp_path / "nanparent")
     key = next(k for k in poisoned if "lora_A" in k)
@@ -147,10 +183,10 @@ def test_a_bad_user_fails_alone(tmp_path: Path) -> None:
             raise Stop("lease lost")
 
     jobs = [
-        UserJob(user_examples(0, 12), tmp_path / "good0", None, 1),
-        UserJob([], tmp_path / "empty", None, 2),
+        UserJob(user_examples(0, 12), tmp_path / "good0", None, 1, user_pairs(0, 4)),
+        UserJob([], tmp_path / "empty", None, 2, user_pairs(1, 4)),
         UserJob(user_examples(2, 12), tmp_path / "missing", tmp_path / "nowhere", 3),
-        UserJob(user_examples(3, 12), tmp_path / "nan", tmp_path / "nanparent", 4),
+        UserJob(user_examples(3, 12), tmp_path / "nan", tmp_path / "nanparent", 4, user_pairs(3, 4)),
         UserJob(user_examples(4, 12), tmp_path / "stopped", None, 5),
         UserJob(user_examples(5, 12), tmp_path / "good5", None, 6),
     ]
@@ -163,14 +199,15 @@ def test_a_bad_user_fails_alone(tmp_path: Path) -> None:
     for i, name in ((0, "good0"), (5, "good5")):
         assert isinstance(results[i], TrainResult) and results[i].steps == 4  # type: ignore[union-attr]
         alone = tmp_path / f"alone-{name}"
-        train_adapter(base, jobs[i].examples, alone, cfg, parent_dir=None, seed=jobs[i].seed)
+        train_adapter(base, jobs[i].examples, alone, cfg, parent_dir=None, seed=jobs[i].seed, pairs=jobs[i].pairs)
         assert_same_adapter(tmp_path / name, alone)
     assert weights_sha256(base.model) == sha
 
 
 def test_unsupported_lora_falls_back_to_the_single_path(tmp_path: Path) -> None:
     base = load_base("tiny-random")
-    cfg = settings(dropout=0.1, val_fraction=0.0, max_steps=2)
-    results = train_adapters(base, [UserJob(user_examples(0, 8), tmp_path / "d", None, 1)], cfg)
+    cfg = settings(dropout=0.1, val_fraction=0.0, max_steps=2, **PAIRS)
+    results = train_adapters(base, [UserJob(user_examples(0, 8), tmp_path / "d", None, 1, user_pairs(0, 2))], cfg)
     assert isinstance(results[0], TrainResult) and "batched_users" not in results[0].config
+    assert results[0].pairs == 2 and results[0].preference_loss is not None
     assert (tmp_path / "d" / "adapter_model.safetensors").exists()
