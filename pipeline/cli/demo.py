@@ -12,7 +12,7 @@ from pipeline.cli.common import console
 def demo(
     users: Annotated[int, typer.Option(min=1, max=100, help="Simulated users.")] = 4,
     events: Annotated[int, typer.Option(min=15, max=10000, help="Events per user.")] = 80,
-    steps: Annotated[int, typer.Option(min=1, max=10000, help="Training steps per retrain, at most.")] = 30,
+    steps: Annotated[int, typer.Option(min=1, max=10000, help="Training steps per retrain, at most.")] = 6,
     seed: Annotated[int | None, typer.Option(help="Seed of the simulator (default: a new one each run).")] = None,
     prefix: Annotated[
         str | None,

@@ -52,7 +52,7 @@ DEFAULT_PROMPT = "Write a short note about your weekend."
 class DemoOptions:
     users: int = 4
     events: int = 80
-    steps: int = 30
+    steps: int = 6
     seed: int | None = None
     prefix: str | None = None
     base: str | None = None  # PERSONA_MODEL_BASE of the processes; None: the configured one

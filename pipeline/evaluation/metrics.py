@@ -34,8 +34,10 @@ same numbers. Adapters are attached to the shared base one at a time (`pipeline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -172,14 +174,17 @@ def _target_logprobs(
 ) -> list[tuple[float, int]]:
     """(sum of log-probs, number) of each example's target tokens: the labels that are not IGNORE, as in training."""
     device = next(model.parameters()).device
-    out: list[tuple[float, int]] = []
-    for start, ids, mask in _batches([e.input_ids for e in encoded], pad_id, batch_size, device):
+    # Batched by length (little padding), answered in the given order.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    ranked = [encoded[i] for i in order]
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    for start, ids, mask in _batches([e.input_ids for e in ranked], pad_id, batch_size, device):
         logprobs = F.log_softmax(_forward(model, ids, mask)[:, :-1], dim=-1)
-        for row, example in enumerate(encoded[start : start + len(ids)]):
+        for row, example in enumerate(ranked[start : start + len(ids)]):
             labels = torch.tensor(example.labels[1:], dtype=torch.long, device=device)
             keep = labels != IGNORE
             picked = logprobs[row, : len(labels)].gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            out.append((float(picked[keep].double().sum()), int(keep.sum())))
+            out[order[start + row]] = (float(picked[keep].double().sum()), int(keep.sum()))
     return out
 
 
@@ -444,9 +449,17 @@ def evaluate(
             general=general_examples,
         )
 
-    with attached(base, None) as model:
-        base_logits = probe_logits(model, base.tokenizer, probes, max_length=max_length)
-        base_scores = scores_of(model, None)
+    base_logits, general_nll, general_tokens = _base_reference(base, probes, general_examples, max_length)
+    with attached(base, None) as model:  # the user's holdout under the base; the rest does not depend on the user
+        own = score_model(
+            model,
+            base.tokenizer,
+            holdout_events=events,
+            probes=[],
+            max_length=max_length,
+            parent_last_seq=parent_last_seq,
+        )
+    base_scores = dataclasses.replace(own, general_nll=general_nll, general_tokens=general_tokens)
 
     def adapter_scores(adapter_dir: Path) -> ModelScores:
         with attached(base, adapter_dir) as model:
@@ -495,6 +508,31 @@ def evaluate(
             "new_events": int(new_events_count),
         },
     }
+
+
+#: The base's probe log-probabilities and general NLL, per (base weights, probes, general answers, max_length): the
+#: same for every user, so a worker computes them once (one entry: they hold the probes' full distributions).
+_BASE_REFERENCE: dict[tuple[Any, ...], tuple[list[torch.Tensor], float | None, int]] = {}
+_BASE_REFERENCE_LOCK = threading.Lock()
+
+
+def _base_reference(
+    base: LoadedBase, probes: Sequence[str], general: Sequence[Example], max_length: int
+) -> tuple[list[torch.Tensor], float | None, int]:
+    """(`probe_logits` of the base, its general NLL, the general answers' tokens), computed once per base."""
+    key = (base.ref.sha256, tuple(probes), tuple((g.prompt, g.target) for g in general), max_length)
+    with _BASE_REFERENCE_LOCK:
+        hit = _BASE_REFERENCE.get(key)
+        if hit is None:
+            with attached(base, None) as model:
+                logits = probe_logits(model, base.tokenizer, probes, max_length=max_length)
+                scores = score_model(
+                    model, base.tokenizer, holdout_events=[], probes=[], max_length=max_length, general=general
+                )
+            hit = (logits, scores.general_nll, scores.general_tokens)
+            _BASE_REFERENCE.clear()
+            _BASE_REFERENCE[key] = hit
+        return hit
 
 
 def _new_shift(
