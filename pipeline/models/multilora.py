@@ -22,6 +22,9 @@ takes them out again. Two users:
   slot after checking it against the limits fixed at injection (rank, targets, shapes): a bad adapter raises
   `AdapterLimitError` and changes nothing. Not supported (refused with AdapterLimitError): DoRA, LoRA bias,
   ``modules_to_save``, per-module ``rank_pattern``/``alpha_pattern``; non-Linear targets (embeddings).
+  `load_slot` is two steps that the serving cache takes apart: `pack_adapter` (check and lay out once, in host
+  memory, touching no slot) and `write_slot` (copy a packed adapter into a slot; safe beside a forward whose rows
+  use other slots).
 - batched training (`pipeline.training.multi`): one stack row per user, the stacks trainable ``nn.Parameter``s.
 
 The fast serving engine lays the same adapters out differently for its kernels (`pipeline.models.lora_ops`); its
@@ -274,7 +277,7 @@ def inject(model: nn.Module, targets: tuple[str, ...] | list[str], slots: int, m
     """Replace every ``nn.Linear`` of ``model`` whose name is in ``targets`` by a `MultiLoraLinear`, in place.
 
     ``slots`` adapters of rank up to ``max_rank`` can then be resident at once. The lm_head is never a target.
-    Returns the handle for `load_slot`, `clear_slot`, `set_rows` and ``remove()``.
+    Returns the handle for `load_slot` (or `pack_adapter` + `write_slot`), `clear_slot`, `set_rows` and ``remove()``.
     """
     targets = tuple(targets)
     unknown = sorted(set(targets) - set(ALL_TARGETS))
@@ -357,17 +360,30 @@ def check_lora_config(config: dict[str, Any]) -> None:
         raise AdapterLimitError(f"adapter uses unsupported LoRA options {bad}; only plain LoRA is served")
 
 
-def load_slot(
-    handle: MultiLoraHandle, slot: int, adapter_state: dict[str, torch.Tensor], config: dict[str, Any]
-) -> None:
-    """Copy a PEFT LoRA adapter into ``slot`` (replacing what was there), after checking it fits.
+@dataclass(frozen=True, eq=False)
+class PackedLora:
+    """A PEFT LoRA adapter checked against the slots of one `MultiLoraHandle` and laid out for them, in host
+    memory: per injected module path, ``A [r, in]`` and ``B [out, r]`` in the stacks' dtype (pinned when the stacks
+    are on CUDA) and the scaling. `pack_adapter` makes it; `write_slot` copies it into a slot."""
+
+    modules: tuple[tuple[str, torch.Tensor, torch.Tensor, float], ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed A and B tensors (what it occupies in host memory)."""
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for _, a, b, _ in self.modules)
+
+
+def pack_adapter(
+    handle: MultiLoraHandle, adapter_state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> PackedLora:
+    """Check a PEFT LoRA adapter against the slots' limits and lay it out for them, touching no slot.
 
     ``adapter_state`` holds the tensors of ``adapter_model.safetensors`` (keys with or without the
     ``base_model.model.`` prefix; any float dtype), ``config`` the parsed ``adapter_config.json``. Raises
-    AdapterLimitError, leaving the slot unchanged, when a rank exceeds ``max_rank``, a module is not an injected
-    target, shapes do not match the base, or the adapter uses an unsupported option.
+    AdapterLimitError when a rank exceeds ``max_rank``, a module is not an injected target, shapes do not match the
+    base, or the adapter uses an unsupported option. Pure (reads only the layers' fixed shapes): safe from any thread.
     """
-    _check_slot(handle, slot)
     check_lora_config(config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter_state.items():
@@ -375,7 +391,7 @@ def load_slot(
         pairs.setdefault(path, {})[which] = tensor
     if not pairs:
         raise AdapterLimitError("the adapter has no LoRA tensors")
-    plan: list[tuple[MultiLoraLinear, torch.Tensor, torch.Tensor, float]] = []
+    plan: list[tuple[str, MultiLoraLinear, torch.Tensor, torch.Tensor, float]] = []
     for path, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterLimitError(f"module {path!r} has lora_{'A' if 'A' in ab else 'B'} but not the other half")
@@ -395,15 +411,53 @@ def load_slot(
                 f"adapter shapes at {path!r} are A {tuple(a.shape)}, B {tuple(b.shape)}; the base layer needs "
                 f"A (r, {layer.in_features}), B ({layer.out_features}, r)"
             )
-        plan.append((layer, a, b, lora_scaling(config, rank)))
-    # Everything checked: now write (a refused adapter leaves the slot as it was).
+        plan.append((path, layer, a, b, lora_scaling(config, rank)))
+    modules = []
+    for path, layer, a, b, scale in plan:
+        stack = layer.lora_A
+        a = a.detach().to(device="cpu", dtype=stack.dtype).contiguous()
+        b = b.detach().to(device="cpu", dtype=stack.dtype).contiguous()
+        if stack.device.type == "cuda":
+            a, b = a.pin_memory(), b.pin_memory()
+        modules.append((path, a, b, scale))
+    return PackedLora(tuple(modules))
+
+
+def write_slot(handle: MultiLoraHandle, slot: int, packed: PackedLora) -> None:
+    """Copy a packed adapter (`pack_adapter`) into ``slot``, replacing what was there.
+
+    Writes only that slot's rows of the stacks (in place, never reallocated), so a forward whose rows use other
+    slots may run meanwhile in another thread. Raises AdapterLimitError, leaving the slot unchanged, for a bad slot
+    or an adapter packed for other layers.
+    """
+    _check_slot(handle, slot)
+    for path, a, b, _ in packed.modules:
+        layer = handle.layers.get(path)
+        rank = a.shape[0]
+        if (
+            layer is None
+            or rank > handle.max_rank
+            or a.shape != (rank, layer.in_features)
+            or b.shape != (layer.out_features, rank)
+        ):
+            raise AdapterLimitError(f"the packed adapter does not fit these slots at {path!r}")
     clear_slot(handle, slot)
     with torch.no_grad():
-        for layer, a, b, scale in plan:
+        for path, a, b, scale in packed.modules:
+            layer = handle.layers[path]
             rank = a.shape[0]
             layer.lora_A[slot, :rank].copy_(a)
             layer.lora_B[slot, :, :rank].copy_(b)
             layer.scaling[slot] = scale
+
+
+def load_slot(
+    handle: MultiLoraHandle, slot: int, adapter_state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> None:
+    """Copy a PEFT LoRA adapter into ``slot`` (replacing what was there), after checking it fits: `pack_adapter`
+    then `write_slot`. A refused adapter (AdapterLimitError) leaves the slot unchanged."""
+    _check_slot(handle, slot)
+    write_slot(handle, slot, pack_adapter(handle, adapter_state, config))
 
 
 def read_adapter_dir(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -149,7 +149,7 @@ ADAPTER_CACHE_MISSES = Counter(
 ADAPTER_LOAD_SECONDS = Histogram(
     "persona_adapter_load_seconds",
     "Seconds to bring one adapter into a tier from the one below (store: fetch + verify; disk: read + verify; "
-    "host: parse + limit checks; slot: device load).",
+    "host: parse + limit checks + pack into the engine's slot layout; slot: copy of the packed adapter into a slot).",
     ["tier"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )

@@ -1,9 +1,10 @@
-"""What a serving worker knows about an adapter before it is cached: its key, the slots' limits, how a slot is
-loaded, and where its files come from (the registry, sha256-verified)."""
+"""What a serving worker knows about an adapter before it is cached: its key, the slots' limits, how an adapter is
+packed and a slot loaded (`SlotLoader`), and where its files come from (the registry, sha256-verified)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,28 +44,59 @@ class AdapterLimits:
     targets: frozenset[str]
 
 
+class Packed(Protocol):
+    """An adapter packed into the slot layout of one engine (`SlotLoader.pack`): what the host tier keeps."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the packed form occupies in host memory (what the host tier's byte budget counts)."""
+        ...
+
+
 class SlotLoader(Protocol):
     """Device slots of the serving engine (its multi-LoRA slots).
 
-    Called from several threads, never twice at once for one slot; ``load`` replaces whatever the slot held.
+    - ``pack(tensors, config)``: check a parsed PEFT adapter against the slots' limits and lay it out in the slot
+      layout, in host memory, once per host-tier entry. Raises AdapterLimitError when it does not fit. Pure and
+      thread-safe; touches no slot and never takes the engine's lock.
+    - ``load(slot, packed)``: copy a packed adapter into ``slot``, replacing whatever it held (no ``clear`` needed
+      first). May run while the engine steps, in another thread: no queued or running request uses a slot being
+      loaded (the cache reserved it for the loading adapter).
+    - ``clear(slot)``: empty ``slot`` (a dropped or forgotten adapter, a failed load); same contract as ``load``.
+
+    Called from several threads, never twice at once for one slot.
     """
 
-    def load(self, slot: int, tensors: dict[str, Tensor], config: dict[str, Any]) -> None: ...
+    def pack(self, tensors: dict[str, Tensor], config: dict[str, Any]) -> Packed: ...
+
+    def load(self, slot: int, packed: Any) -> None: ...
 
     def clear(self, slot: int) -> None: ...
 
 
 class EngineSlots:
-    """SlotLoader over the serving engine's multi-LoRA slots (``Engine.load_adapter_state``/``clear_adapter``)."""
+    """SlotLoader over a serving engine's slots: ``pack_adapter`` / ``load_packed`` / ``clear_adapter`` (both
+    engines have them).
 
-    def __init__(self, engine: Any) -> None:
+    The engines' contract: ``load_packed`` and ``clear_adapter`` may be called from another thread while
+    ``step`` runs, provided no queued or running request uses that slot; ``pack_adapter`` is pure. ``clear_lock``,
+    when given, is held around ``clear_adapter`` for an engine whose clear is not safe beside a running step.
+    """
+
+    def __init__(self, engine: Any, *, clear_lock: AbstractContextManager[Any] | None = None) -> None:
         self.engine = engine
+        self.clear_lock = clear_lock
 
-    def load(self, slot: int, tensors: dict[str, Tensor], config: dict[str, Any]) -> None:
-        self.engine.load_adapter_state(slot, tensors, config)
+    def pack(self, tensors: dict[str, Tensor], config: dict[str, Any]) -> Packed:
+        packed: Packed = self.engine.pack_adapter(tensors, config)
+        return packed
+
+    def load(self, slot: int, packed: Any) -> None:
+        self.engine.load_packed(slot, packed)
 
     def clear(self, slot: int) -> None:
-        self.engine.clear_adapter(slot)
+        with self.clear_lock or nullcontext():
+            self.engine.clear_adapter(slot)
 
 
 def check_limits(config: dict[str, Any], tensors: dict[str, Tensor] | None, limits: AdapterLimits) -> None:

@@ -2,14 +2,21 @@
 
 Lifecycle: download (``fetch`` from the object store, verified by sha256), keep a copy
 on local disk (``{disk_dir}/{sha256}/``, verified again whenever it is read back; a corrupt copy is deleted and
-fetched again), parse into CPU tensors in host memory (the adapter limits, rank and target modules, are checked here,
-before anything takes a device slot), load into a device slot through a ``SlotLoader``, evict. Every tier is a
-bounded LRU: disk and host by bytes, slots by count. An acquired adapter (a request in flight) is pinned until
-released: it is never evicted from any tier meanwhile.
+fetched again), parse and *pack* into host memory, load into a device slot, evict. Entering host memory, an adapter
+is parsed, checked against the limits (rank and target modules, here, before anything takes a device slot) and
+packed once into the engine's slot layout (``SlotLoader.pack``, which checks what only the engine knows: shapes,
+one rank); the host tier keeps that packed form, and its byte budget counts the packed bytes. A slot load is then one
+copy of the packed form (``SlotLoader.load``), which replaces whatever the slot held; a miss that finds the adapter
+in host memory parses and packs nothing. Every tier is a bounded LRU: disk and host by bytes, slots by count. An
+acquired adapter (a request in flight) is pinned until released: it is never evicted from any tier meanwhile.
 
-Thread-safety: one lock guards the bookkeeping; fetching, reading, parsing and loading happen outside it (a slow
-fetch of one adapter does not block hits of others), and a per-adapter lock makes concurrent requests of one adapter
-load it once.
+Thread-safety: one lock guards the bookkeeping; fetching, reading, parsing, packing and loading happen outside it (a
+slow fetch of one adapter does not block hits of others), and a per-adapter lock makes concurrent requests of one
+adapter load it once. A slot load needs no engine lock: a slot being loaded is reserved for the loading adapter and
+one being cleared is held by none, so no queued or running request uses it (the `SlotLoader` contract).
+
+Metrics (``persona_adapter_load_seconds`` by tier): store = fetch + verify, disk = read + verify, host = parse +
+limit checks + pack, slot = the copy of the packed adapter into its slot.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from typing import Any
 
 import orjson
 from safetensors.torch import load as load_safetensors
-from torch import Tensor
 
 from pipeline.domain.errors import NotFound
 from pipeline.domain.revisions import ADAPTER_FILES
@@ -39,6 +45,7 @@ from pipeline.serving.adapters import (
     AdapterCacheError,
     AdapterKey,
     AdapterLimits,
+    Packed,
     SlotLoader,
     SlotsExhausted,
     check_limits,
@@ -67,8 +74,7 @@ class CacheStats:
 
 @dataclass
 class _Host:
-    tensors: dict[str, Tensor]
-    config: dict[str, Any]
+    packed: Packed  # in the engine's slot layout (SlotLoader.pack)
     nbytes: int
 
 
@@ -145,7 +151,7 @@ class AdapterCache:
                 slot = self._reserve_slot(key)
             start = time.perf_counter()
             try:
-                self.loader.load(slot, host.tensors, host.config)
+                self.loader.load(slot, host.packed)
             except BaseException:
                 with self._lock:
                     self._free_slot(slot)
@@ -235,7 +241,8 @@ class AdapterCache:
         return gone
 
     def prefetch(self, key: AdapterKey) -> Future[bool]:
-        """Load ``key`` into host memory (or at least onto local disk) in the background; best effort.
+        """Load ``key`` into host memory, packed (or at least onto local disk) in the background; best effort: the
+        first request then pays only the copy into a slot.
 
         The future is True when the adapter reached host memory or disk, False when loading failed (logged).
         """
@@ -275,7 +282,7 @@ class AdapterCache:
             return False
 
     def _host_get(self, key: AdapterKey) -> _Host:
-        """Host tier (caller holds the key's lock): parsed tensors, limits checked."""
+        """Host tier (caller holds the key's lock): the adapter packed for the slots, limits checked."""
         with self._lock:
             host = self._host.get(key)
             if host is not None:
@@ -292,7 +299,8 @@ class AdapterCache:
         check_limits(config, None, self.limits)  # before parsing the weights: cheap refusals first
         tensors = load_safetensors(files[_WEIGHTS])
         check_limits(config, tensors, self.limits)
-        host = _Host(tensors, config, sum(t.numel() * t.element_size() for t in tensors.values()))
+        packed = self.loader.pack(tensors, config)  # AdapterLimitError for the engine's own checks; no slot touched
+        host = _Host(packed, int(packed.nbytes))
         m.ADAPTER_LOAD_SECONDS.labels(HOST).observe(time.perf_counter() - start)
         with self._lock:
             if self._make_room_host(host.nbytes):
@@ -419,7 +427,7 @@ class AdapterCache:
                 )
             slot = self._slot_of.pop(victim)
             self._slot_bytes.pop(victim, None)
-            self.loader.clear(slot)
+            # No clear: the load that follows replaces what the slot held (a clear would be one more device write).
             self._evicted(SLOT)
         self._slots[slot] = key
         self._slot_of[key] = slot

@@ -78,9 +78,10 @@ class Generation:
     id: int
     request: Request
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     text: str | None = None  # decoded output, cut before a matched stop string; set when finished
     _generator: torch.Generator | None = None
+    cancelled: bool = False  # asked to stop (its client went away): it finishes at its next token
 
     @property
     def done(self) -> bool:
@@ -179,6 +180,12 @@ class GenerationLoop:
         """Number of queued requests not yet admitted."""
         return len(self._waiting)
 
+    def cancel(self, gen: Generation) -> None:
+        """Stop ``gen`` (its client went away): it finishes with reason ``cancelled`` at its next token, its row and
+        cache freed as for any finished request (a queued one may be dropped before it runs). Only sets a flag:
+        safe from any thread without the engine's lock."""
+        gen.cancelled = True
+
     def step(self) -> list[StepOutput]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -233,7 +240,9 @@ class GenerationLoop:
         gen.output_ids.append(token)
         reason = None
         stop_at: int | None = None
-        if (not req.ignore_eos and token == self.eos_token_id) or token in req.stop_token_ids:
+        if gen.cancelled:
+            reason = "cancelled"
+        elif (not req.ignore_eos and token == self.eos_token_id) or token in req.stop_token_ids:
             reason = "stop"
         elif req.stop:
             text = self.decode_text(gen.output_ids)
@@ -294,6 +303,30 @@ class Engine(GenerationLoop):
         if self._slot_in_use(slot):
             raise EngineError(f"slot {slot} is used by a queued or running request; wait until they finish")
         multilora.load_slot(self.handle, slot, state, config)
+
+    def pack_adapter(self, state: dict[str, torch.Tensor], config: dict[str, Any]) -> multilora.PackedLora:
+        """Check adapter tensors + config against the slots' limits and lay them out for the slots, in host memory
+        (`multilora.pack_adapter`). Raises AdapterLimitError when it does not fit; touches no slot. Pure: safe from
+        any thread, without the engine's lock."""
+        return multilora.pack_adapter(self.handle, state, config)
+
+    def load_packed(self, slot: int, packed: multilora.PackedLora) -> None:
+        """Copy a packed adapter (`pack_adapter`) into ``slot``.
+
+        Unlike the rest of the engine, safe from another thread while `step` runs, provided no queued or running
+        request uses ``slot`` (the adapter cache guarantees it): it writes only that slot's rows of the LoRA stacks,
+        in place, and a forward reads only the rows of the slots its requests use. Refused (EngineError) when it
+        sees a queued or running request on ``slot``.
+        """
+        if self._slot_used_now(slot):
+            raise EngineError(f"slot {slot} is used by a queued or running request; wait until they finish")
+        multilora.write_slot(self.handle, slot, packed)
+
+    def _slot_used_now(self, slot: int) -> bool:
+        """`_slot_in_use` from a thread other than the engine's: snapshots of the queues (a copy of a list or a
+        deque is one step under the GIL), never an iteration that a concurrent `step` could mutate."""
+        gens = list(self._batch.gens) + list(self._waiting)
+        return any(g.request.slot == slot for g in gens)
 
     def clear_adapter(self, slot: int) -> None:
         """Empty ``slot`` (refused while a queued or running request uses it)."""

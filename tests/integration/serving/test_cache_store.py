@@ -28,16 +28,29 @@ pytestmark = pytest.mark.integration
 LIMITS = AdapterLimits(max_rank=8, targets=frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}))
 
 
+class Packed(dict):
+    """What RecordingSlots.pack makes: the tensors as given."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.values())
+
+
 class RecordingSlots:
-    """Device slots that record what they were given."""
+    """Device slots that record what they were given (``packs``: how many adapters were packed)."""
 
     def __init__(self) -> None:
         self.loads: list[int] = []
+        self.packs = 0
         self.held: dict[int, dict] = {}
 
-    def load(self, slot: int, tensors: dict, config: dict) -> None:
+    def pack(self, tensors: dict, config: dict) -> Packed:
+        self.packs += 1
+        return Packed(tensors)
+
+    def load(self, slot: int, packed: Packed) -> None:
         self.loads.append(slot)
-        self.held[slot] = tensors
+        self.held[slot] = packed
 
     def clear(self, slot: int) -> None:
         self.held.pop(slot, None)
@@ -113,7 +126,7 @@ def test_acquire_through_the_real_store_and_a_corrupt_object_is_refused(registry
 
 
 def test_a_promotion_reaches_the_listener_which_invalidates_and_prefetches(
-    registry, stores, base, tmp_path, cache, services
+    registry, stores, base, tmp_path, cache, slots, services
 ):
     kafka = fresh_topics(services.kafka, partitions=2)
     user = f"cache-{uuid.uuid4().hex[:8]}"
@@ -149,6 +162,8 @@ def test_a_promotion_reaches_the_listener_which_invalidates_and_prefetches(
     assert [e["revision_id"] for e in heard] == [new.revision_id] and listener.skipped == 1
     s = cache.stats()
     assert key_of(old) not in s.slots and s.resident["host"] == 1  # old gone, new prefetched
+    assert slots.packs == 2 and len(slots.loads) == 1  # the new one is packed in host memory, not in a slot yet
     with cache.use(key_of(new)):
         pass
     assert cache.stats().hits["host"] == 1 and latency < 30
+    assert slots.packs == 2 and len(slots.loads) == 2  # the request paid only the copy into a slot

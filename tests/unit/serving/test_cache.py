@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -60,16 +61,33 @@ class FakeStore:
         return dict(self.files[key])
 
 
+@dataclass
+class FakePacked:
+    """What FakeSlots.pack makes: the tensors and config as given, and their bytes."""
+
+    tensors: dict
+    config: dict
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
 class FakeSlots:
-    """Device slots: records every call."""
+    """Device slots: records every load and clear in ``calls`` and every pack in ``packs``."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self.packs: list[int] = []  # the rank of each adapter packed
         self.held: dict[int, dict] = {}
 
-    def load(self, slot: int, tensors: dict, config: dict) -> None:
-        self.calls.append(("load", slot, config["r"]))
-        self.held[slot] = tensors
+    def pack(self, tensors: dict, config: dict) -> FakePacked:
+        self.packs.append(config["r"])
+        return FakePacked(tensors, config)
+
+    def load(self, slot: int, packed: FakePacked) -> None:
+        self.calls.append(("load", slot, packed.config["r"]))
+        self.held[slot] = packed.tensors
 
     def clear(self, slot: int) -> None:
         self.calls.append(("clear", slot))
@@ -114,6 +132,7 @@ def test_first_acquire_misses_every_tier_then_hits_the_slot(make, store, slots):
     cache.release(key)
     s = cache.stats()
     assert s.hits["slot"] == 1 and len(store.fetches) == 1 and slots.calls == [("load", slot, 4)]
+    assert slots.packs == [4]
     assert s.resident == {"slot": 1, "host": 1, "disk": 1}
     assert s.resident_bytes["host"] == TENSOR_BYTES and s.resident_bytes["disk"] == FILE_BYTES
     assert REGISTRY.get_sample_value("persona_adapter_cache_hits_total", {"tier": "slot"}) == before + 1
@@ -130,7 +149,7 @@ def test_lower_tiers_answer_after_eviction_from_upper_ones(make, store, slots, t
     with cache.use(b):  # evicts a from the slot and from host memory
         pass
     assert cache.stats().evictions == {"slot": 1, "host": 1, "disk": 0, "store": 0}
-    assert ("clear", 0) in slots.calls
+    assert slots.calls == [("load", 0, 4), ("load", 0, 4)]  # an eviction does not clear: the load replaces
     with cache.use(a):  # from disk: no second fetch
         pass
     s = cache.stats()
@@ -304,10 +323,10 @@ def test_prefetch_loads_host_memory_in_the_background(make, store, slots):
     key, missing = store.add("u1", 1), AdapterKey("u1", "nope", "0" * 64)
     assert cache.prefetch(key).result(timeout=10) is True
     assert cache.prefetch(missing).result(timeout=10) is False  # best effort: logged, not raised
-    assert slots.calls == [] and cache.stats().resident["host"] == 1
+    assert slots.calls == [] and cache.stats().resident["host"] == 1 and slots.packs == [4]  # packed, not loaded
     with cache.use(key):
         pass
-    assert cache.stats().hits["host"] == 1 and len(store.fetches) == 2
+    assert cache.stats().hits["host"] == 1 and len(store.fetches) == 2 and slots.packs == [4]
 
 
 def test_a_real_peft_adapter_loads(make, store, slots, tmp_path: Path):
