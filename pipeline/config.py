@@ -344,7 +344,8 @@ class ServingSettings(BaseSettings):
     device: str = Field("cpu", description="torch device of the engine (`cpu`, `cuda`, `cuda:1`, ...).")
     engine: Literal["auto", "fast", "reference"] = Field(
         "auto",
-        description="`fast`: static KV cache, CUDA graphs, Triton multi-LoRA (Llama bases; plain torch on the CPU); "
+        description="`fast`: paged KV cache, chunked prefill, CUDA graphs, Triton multi-LoRA (Llama bases; plain "
+        "torch on the CPU); "
         "`reference`: the HF-model engine; `auto`: fast on CUDA when the base allows, else reference.",
     )
     max_seq: int = Field(
@@ -356,6 +357,18 @@ class ServingSettings(BaseSettings):
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", description="Modules adapters may target."
     )
     max_batch: int = Field(32, ge=1, le=4096, description="Requests decoded together at most.")
+    kv_cache_tokens: int = Field(
+        0,
+        ge=0,
+        description="Fast engine: KV cache size in tokens over all requests (blocks of 16 tokens, taken as a request "
+        "grows); 0 = max_batch x max_seq (no request ever waits for KV memory).",
+    )
+    step_tokens: int = Field(
+        0,
+        ge=0,
+        description="Fast engine: tokens of one step (a decode token per running request plus chunks of prompts "
+        "being admitted); 0 = max_batch + 2048. Smaller keeps inter-token latency low under long prompts.",
+    )
     max_tokens: int = Field(
         256,
         ge=1,

@@ -18,8 +18,10 @@ nothing), so an r=1 adapter in an r=8 slot moves 1/8 of the bytes: mixed ranks c
 padding. The torch path gathers the rows' slots and runs two batched matmuls; padded rows are zero, so it is
 exact too. The torch path is the CPU path and the reference the Triton kernels are checked against; both are
 tested against the project's one per-row LoRA layer, `pipeline.models.multilora.MultiLoraLinear`, through the
-fast engine (tests/unit/serving/test_engine_fast.py; the Triton kernels where CUDA is present). Decode attention
-(grouped-query, one token per row) has a Triton kernel and a torch reference too.
+fast engine (tests/unit/serving/test_engine_fast.py; the Triton kernels where CUDA is present). The kernels work per
+row, and a row may be one token of a flat list (the fast engine's step: decode tokens and prefill chunks together).
+Paged attention (grouped-query, each token over its sequence's KV blocks up to its position) has a Triton kernel and
+a torch reference too.
 """
 
 from __future__ import annotations
@@ -51,6 +53,29 @@ def decode_attention_torch(
     scores = torch.matmul(q.view(bsz, hkv, hq // hkv, d), keys.transpose(-1, -2)).float() / d**0.5
     probs = torch.softmax(scores + bias[:, None, None], dim=-1).to(q.dtype)
     return torch.matmul(probs, values).reshape(bsz, hq, d)
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seq: torch.Tensor,
+    pos: torch.Tensor,
+    ctx: int,
+) -> torch.Tensor:
+    """Reference paged attention: token t (``q [T, Hq, D]``) attends to the first ``pos[t] + 1`` cached tokens of
+    sequence ``seq[t]``, whose blocks are ``table[seq[t]]`` of ``k_cache, v_cache [blocks, Hkv, BS, D]``; ``ctx``
+    (a multiple of BS, at least ``max(pos) + 1``) bounds the blocks gathered."""
+    t = q.shape[0]
+    hkv, bs, d = k_cache.shape[1:]
+    nblk = -(-ctx // bs)
+    blocks = table.index_select(0, seq)[:, :nblk].long()  # [T, nblk]
+
+    def dense(c: torch.Tensor) -> torch.Tensor:
+        return c[blocks].permute(0, 2, 1, 3, 4).reshape(t, hkv, nblk * bs, d)
+
+    return decode_attention_torch(q, dense(k_cache), dense(v_cache), pos, nblk * bs)
 
 
 def lora_torch(
@@ -149,40 +174,47 @@ if triton is not None:
         yv = tl.load(y_ptr + b * stride_y + offs_n, mask=nmask, other=0.0).to(tl.float32)
         tl.store(out_ptr + b * stride_out + offs_n, (yv + acc).to(out_ptr.dtype.element_ty), mask=nmask)
 
+
+if triton is not None:
+
     @triton.jit
-    def _decode_attn_kernel(
+    def _paged_attn_kernel(
         q_ptr,
         k_ptr,
         v_ptr,
+        table_ptr,
+        seq_ptr,
         pos_ptr,
         o_ptr,
-        ctx,
         sm_scale,
-        stride_qb,
+        stride_qt,
         stride_kb,
         stride_kh,
-        stride_kt,
+        stride_tab,
         G: tl.constexpr,
         BLOCK_G: tl.constexpr,
         D: tl.constexpr,
+        BS: tl.constexpr,
         BLOCK_T: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        t = tl.program_id(0)
         h = tl.program_id(1)
-        end = tl.minimum(tl.load(pos_ptr + b) + 1, ctx)
+        s = tl.load(seq_ptr + t).to(tl.int64)
+        end = tl.load(pos_ptr + t) + 1
         offs_g = tl.arange(0, BLOCK_G)
         gmask = offs_g < G
         offs_d = tl.arange(0, D)
-        q_rows = q_ptr + b * stride_qb + (h * G + offs_g)[:, None] * D + offs_d[None, :]
+        q_rows = q_ptr + t * stride_qt + (h * G + offs_g)[:, None] * D + offs_d[None, :]
         q = tl.load(q_rows, mask=gmask[:, None], other=0.0)
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-        kv = b.to(tl.int64) * stride_kb + h * stride_kh
+        tab = table_ptr + s * stride_tab
         for t0 in range(0, end, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             tmask = offs_t < end
-            at = kv + offs_t[:, None] * stride_kt + offs_d[None, :]
+            blk = tl.load(tab + offs_t // BS, mask=tmask, other=0).to(tl.int64)
+            at = blk[:, None] * stride_kb + h * stride_kh + (offs_t % BS)[:, None] * D + offs_d[None, :]
             k = tl.load(k_ptr + at, mask=tmask[:, None], other=0.0)
             sc = tl.dot(q, tl.trans(k)) * sm_scale
             sc = tl.where(tmask[None, :], sc, float("-inf"))
@@ -194,23 +226,27 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(o_ptr + b * stride_qb + (h * G + offs_g)[:, None] * D + offs_d[None, :], out, mask=gmask[:, None])
+        tl.store(o_ptr + t * stride_qt + (h * G + offs_g)[:, None] * D + offs_d[None, :], out, mask=gmask[:, None])
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ctx: int) -> torch.Tensor:
-    """Triton decode attention: ``q [B, Hq, D]`` over cache rows ``k, v [B, Hkv, T, D]`` up to each row's ``pos``.
-
-    Row b attends to cache columns ``0..pos[b]`` (online softmax in float32, one program per row and kv head);
-    equals `decode_attention_torch`.
-    """
-    bsz, hq, d = q.shape
-    hkv = k.shape[1]
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seq: torch.Tensor,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    """Triton paged attention (equals `paged_attention_torch`): one program per token and kv head walks the
+    token's sequence's blocks up to its position (online softmax in float32); no context bound is needed."""
+    t, hq, d = q.shape
+    hkv, bs = k_cache.shape[1], k_cache.shape[2]
     o = torch.empty_like(q)
     g = hq // hkv
-    assert q.is_contiguous() and k.stride(3) == 1 and k.stride() == v.stride()
-    _decode_attn_kernel[(bsz, hkv)](
-        q, k, v, pos, o, ctx, 1.0 / d**0.5, q.stride(0), k.stride(0), k.stride(1), k.stride(2),
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_T=64,
+    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and table.is_contiguous()
+    _paged_attn_kernel[(t, hkv)](
+        q, k_cache, v_cache, table, seq, pos, o, 1.0 / d**0.5, q.stride(0), k_cache.stride(0), k_cache.stride(1),
+        table.stride(0), G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_T=64,
     )  # fmt: skip
     return o
 

@@ -1,24 +1,32 @@
-"""The fast engine's Llama (`FastLlama`): the base's weights read once, a static KV cache, the adapter slots, and
+"""The fast engine's Llama (`FastLlama`): the base's weights read once, a paged KV cache, the adapter slots, and
 the forward passes. `pipeline.serving.fast_engine.FastEngine` schedules requests over it.
 
 For Llama-architecture bases (SmolLM2, Llama 3.x) without biases. The base's weights are read once (fusing q|k|v
 and gate|up into one matrix each); the base itself is never modified.
 
-- **KV cache**: preallocated ``[layers, max_batch, kv_heads, max_seq, head_dim]`` for keys and values; batch row i
-  is cache row i.
-- **Decode step** (`FastLlama._decode_body`): one token for every row, written as plain torch ops (RMSNorm, RoPE
-  from the base's own rotary table, grouped-query attention as two batched matmuls over the cache up to a context
-  bucket with a per-row length mask, SwiGLU), then greedy argmax on the device, and the next token and position
-  fed back on the device, so the step can be captured in a CUDA graph and replayed.
-- **Sequence forward** (`FastLlama._seq_forward`): whole sequences in one batched forward
-  (``scaled_dot_product_attention``), for prefill (writing cache rows) and scoring (padding on either side).
+- **Paged KV cache**: keys and values live in blocks of ``BLOCK`` tokens (``[layers, blocks, kv_heads, BLOCK,
+  head_dim]``); a sequence owns a list of blocks, recorded in its row of the block table (``[max_batch + 1,
+  blocks per sequence]``), so it holds memory for the tokens it has, not for ``max_seq``. Block 0 is a scratch
+  block: padding tokens of a step write there and nothing reads it.
+- **The step** (`FastLlama._step_body`): one forward over a flat list of tokens, each with its sequence (block
+  table row), position, adapter slot and cache location: decode tokens (one per running sequence, its token fed
+  back on the device from the previous step) and prefill chunks (consecutive prompt tokens of a sequence) in the
+  same forward. Keys and values of every token are written to the cache first, then each token attends to its
+  sequence's cache up to its own position (causal inside a chunk by construction). Logits are computed only for
+  the tokens that produce a next token (a decode token, the last token of a prompt), greedy argmax runs on the
+  device and is fed back, so a step is captured in a CUDA graph per token bucket and replayed. The step's inputs
+  arrive in one host-to-device copy of a pinned buffer.
+- **Scoring** (`FastLlama._seq_forward`): whole sequences in one batched forward (``scaled_dot_product_attention``,
+  padding on either side), nothing cached.
 - **Adapters**: every slot is one contiguous row of a device buffer (``[slots + 1, P]``, bf16 on CUDA) holding
   all its LoRA weights in the layout of `pipeline.models.lora_ops`; the last row is the base (rank 0).
-  `FastLlama.pack_adapter` checks a PEFT adapter and lays it out as one such row on the host.
-- **LoRA**: decode uses the Triton kernels of `lora_ops` (per-row slot gather, masked to each slot's rank) on CUDA
-  and the torch gather+bmm path elsewhere; the sequence forward always uses the torch path (rows share their
-  adapter over all their tokens, so that is two well-shaped batched matmuls). Both equal, up to float rounding,
-  `pipeline.models.multilora.MultiLoraLinear` on the same adapters (tests/unit/serving/test_engine_fast.py).
+  `FastLlama.pack_adapter` checks a PEFT adapter and lays out what its rank needs compactly on the host; a load
+  copies that and spreads it into the slot row on the device (one scatter).
+- **Kernels**: on CUDA the LoRA shrink/expand and the paged attention are Triton kernels of `lora_ops` (per-token
+  slot gather, masked to each slot's rank; per-token block-table walk) and the element-wise work of a layer runs
+  in three fused kernels of `fused_ops` (residual + RMSNorm, rotary + KV cache write, SwiGLU); elsewhere the torch
+  paths of the same modules. Both equal, up to float rounding, `pipeline.models.multilora.MultiLoraLinear` on the
+  same adapters and a dense attention (tests/unit/serving/test_engine_fast.py).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import lora_ops, multilora
+from pipeline.models import fused_ops, lora_ops, multilora
 from pipeline.models.multilora import AdapterLimitError
 from pipeline.serving.engine import EngineError
 
@@ -44,10 +52,13 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 _MODULE_GROUP = {m: (g, j) for g, ms in GROUPS for j, m in enumerate(ms)}
 
+#: Tokens per KV cache block.
+BLOCK = 16
+
 
 @dataclass
 class PackedAdapter:
-    """An adapter in the slot layout: one flat tensor (pinned on CUDA hosts) and its rank."""
+    """An adapter packed for the slots: one flat compact tensor (`FastLlama.pack_adapter`) and its rank."""
 
     data: torch.Tensor
     rank: int
@@ -56,6 +67,21 @@ class PackedAdapter:
     def nbytes(self) -> int:
         """Size of the packed data in bytes (what one load copies)."""
         return self.data.numel() * self.data.element_size()
+
+
+@dataclass
+class StepInputs:
+    """Views of one step's input buffer: per token its sequence (block table row), position, token id (-1: the
+    sequence's fed-back token), adapter slot and cache location (block * BLOCK + offset); per output entry the
+    token whose logits are wanted and the sequence its next token is fed back to (``max_batch``: none)."""
+
+    seq: torch.Tensor
+    pos: torch.Tensor
+    src: torch.Tensor
+    slot: torch.Tensor
+    loc: torch.Tensor
+    out_tok: torch.Tensor
+    out_seq: torch.Tensor
 
 
 @dataclass
@@ -96,8 +122,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class FastLlama:
     """A Llama base's fused weights, KV cache and adapter slots on ``device``, and its forward passes (module doc).
 
-    ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere; ``max_seq`` bounds the tokens of a cache row
-    (default: the model's limit, at most 2048); ``use_triton`` defaults to True on CUDA when Triton is installed.
+    ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere; ``max_seq`` bounds the tokens of one sequence
+    (default: the model's limit, at most 2048); ``kv_tokens`` is the KV cache's size in tokens over all sequences
+    (default ``max_batch * max_seq``: every sequence can reach ``max_seq``); ``step_tokens`` bounds the tokens of
+    one step (decode tokens plus prefill chunks; default ``max_batch + 2048``); ``use_triton`` defaults to True on
+    CUDA when Triton is installed.
     """
 
     def __init__(
@@ -112,6 +141,8 @@ class FastLlama:
         max_seq: int | None = None,
         dtype: torch.dtype | None = None,
         use_triton: bool | None = None,
+        kv_tokens: int | None = None,
+        step_tokens: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
@@ -136,6 +167,13 @@ class FastLlama:
         self.hidden = cfg.hidden_size
         self.use_triton = (lora_ops.triton_available() and cuda) if use_triton is None else use_triton
         self.triton_attention = self.use_triton
+        self.blocks_per_seq = -(-self.max_seq // BLOCK)
+        kv = int(kv_tokens or max_batch * self.max_seq)
+        # At least one sequence of max_seq fits, so every request can run (alone, at worst); + the scratch block 0.
+        self.kv_blocks = max(-(-kv // BLOCK), self.blocks_per_seq) + 1
+        self.step_tokens = int(step_tokens or max_batch + 2048)
+        if self.step_tokens < max_batch:
+            raise EngineError(f"step_tokens ({self.step_tokens}) must be at least max_batch ({max_batch})")
         self._extract(model)
         self._alloc()
 
@@ -202,25 +240,39 @@ class FastLlama:
         self.slot_bytes = off * torch.empty(0, dtype=dt).element_size()
         self.lora = torch.zeros(self.slots + 1, off, dtype=dt, device=dev)
         self.ranks = torch.zeros(self.slots + 1, dtype=torch.int32, device=dev)
+        self._slot_maps: dict[int, torch.Tensor] = {}
         for i, g, mods, k, seg, a_off, b_off in plan:
             a = self.lora[:, a_off : a_off + len(mods) * r * k].unflatten(1, (len(mods) * r, k))
             bt = self.lora[:, b_off : b_off + r * seg[-1]].unflatten(1, (r, seg[-1]))
             self.layers[i].groups[g] = _Group(a, bt, seg, a_off, b_off, k)
-        shape = (len(self.layers), self.max_batch, self.n_kv, self.max_seq, self.head_dim)
+        shape = (len(self.layers), self.kv_blocks, self.n_kv, BLOCK, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dt, device=dev)
         self.v_cache = torch.zeros(shape, dtype=dt, device=dev)
-        self._tok = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
-        self._idx = torch.full((self.max_batch,), self.slots, dtype=torch.int32, device=dev)
-        self._ar = torch.arange(self.max_batch, device=dev)
-        self._tpos = torch.arange(self.max_seq, device=dev)
+        #: Block table: row s lists sequence s's blocks; row ``max_batch`` (padding tokens) points at scratch block 0.
+        self.block_table = torch.zeros(self.max_batch + 1, self.blocks_per_seq, dtype=torch.int32, device=dev)
+        #: Each sequence's last produced token (fed back into the next step); index ``max_batch`` is a sink.
+        self._tok = torch.zeros(self.max_batch + 1, dtype=torch.long, device=dev)
+        # The step's inputs: one int64 buffer of regions (see `StepInputs`), filled from pinned host copies.
+        t, o = self.step_tokens, self.max_batch
+        self._meta_len = 5 * t + 2 * o
+        self._meta = torch.zeros(self._meta_len, dtype=torch.long, device=dev)
+        cuda = dev.type == "cuda"
+        self._meta_host = [torch.zeros(self._meta_len, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._meta_flip = 0
+
+    def _regions(self, buf: torch.Tensor) -> StepInputs:
+        t, o = self.step_tokens, self.max_batch
+        seq, pos, src, slot, loc = (buf[i * t : (i + 1) * t] for i in range(5))
+        return StepInputs(seq, pos, src, slot, loc, buf[5 * t : 5 * t + o], buf[5 * t + o :])
 
     # -- adapters ---------------------------------------------------------------------------------------------
 
     def pack_adapter(self, state: dict[str, torch.Tensor], config: dict[str, Any]) -> PackedAdapter:
-        """Check a PEFT LoRA adapter against the slots' limits and lay it out as one slot row (host memory).
+        """Check a PEFT LoRA adapter against the slots' limits and lay it out compactly in host memory: per
+        projection group of each layer, the rank-``r`` rows of A, then of B transposed (scaled).
 
-        Raises AdapterLimitError (see `multilora.load_slot`) when it does not fit; nothing is changed.
+        It takes what its rank needs, not a whole slot (an r=1 adapter packs to 1/max_rank of a slot); `load_packed`
+        spreads it into a slot on the device. Raises AdapterLimitError when it does not fit; nothing is changed.
         """
         multilora.check_lora_config(config)
         pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -229,8 +281,7 @@ class FastLlama:
             pairs.setdefault(path, {})[which] = tensor
         if not pairs:
             raise AdapterLimitError("the adapter has no LoRA tensors")
-        r_max = self.max_rank
-        flat = torch.zeros(self.slot_numel, dtype=torch.float32)
+        placed = []
         rank = 0
         for path, ab in sorted(pairs.items()):
             if set(ab) != {"A", "B"}:
@@ -241,12 +292,12 @@ class FastLlama:
                     f"adapter targets {path!r}, which is not a served target; allowed: {list(self.targets)}"
                 )
             layer, name = where
-            a, b = ab["A"].float(), ab["B"].float()
+            a, b = ab["A"], ab["B"]
             r = a.shape[0]
             k, n = self.shapes[name]
-            if r > r_max:
-                raise AdapterLimitError(f"adapter rank {r} at {path!r} exceeds the maximum rank {r_max}")
-            if a.shape != (r, k) or b.shape != (n, r):
+            if r > self.max_rank:
+                raise AdapterLimitError(f"adapter rank {r} at {path!r} exceeds the maximum rank {self.max_rank}")
+            if tuple(a.shape) != (r, k) or tuple(b.shape) != (n, r):
                 raise AdapterLimitError(
                     f"adapter shapes at {path!r} are A {tuple(a.shape)}, B {tuple(b.shape)}; the base layer needs "
                     f"A (r, {k}), B ({n}, r)"
@@ -254,16 +305,47 @@ class FastLlama:
             if rank and r != rank:
                 raise AdapterLimitError(f"adapter mixes ranks {rank} and {r}: one rank per adapter is served")
             rank = r
+            placed.append((layer, name, a, b))
+        offsets, numel = self._compact_layout(rank)
+        flat = torch.zeros(numel, dtype=torch.float32)
+        scale = multilora.lora_scaling(config, rank)
+        for layer, name, a, b in placed:
             gname, j = _MODULE_GROUP[name]
             grp = self.layers[layer].groups[gname]
-            a_view = flat[grp.a_off : grp.a_off + grp.a.shape[1] * k].view(-1, k)
-            a_view[j * r_max : j * r_max + r] = a
-            b_view = flat[grp.b_off : grp.b_off + r_max * grp.seg[-1]].view(r_max, -1)
-            b_view[:r, grp.seg[j] : grp.seg[j + 1]] = b.T * multilora.lora_scaling(config, r)
-        data = flat.to(self.dtype)
-        if self.device.type == "cuda":
-            data = data.pin_memory()
-        return PackedAdapter(data, rank)
+            a_off, b_off = offsets[(layer, gname)]
+            n_all = grp.seg[-1]
+            flat[a_off + j * rank * grp.k : a_off + (j + 1) * rank * grp.k] = a.float().flatten()
+            b_view = flat[b_off : b_off + rank * n_all].view(rank, n_all)
+            b_view[:, grp.seg[j] : grp.seg[j + 1]] = b.float().T * scale
+        # Pageable memory: pinning each adapter (cudaHostAlloc) stalled packing for seconds under load; a load
+        # copies through one of the engine's pinned staging buffers instead (`FastEngine.load_packed`).
+        return PackedAdapter(flat.to(self.dtype), rank)
+
+    def _compact_layout(self, r: int) -> tuple[dict[tuple[int, str], tuple[int, int]], int]:
+        """Offsets of each (layer, group)'s A and B parts in a compact rank-``r`` adapter, and its length."""
+        offsets: dict[tuple[int, str], tuple[int, int]] = {}
+        off = 0
+        for i, layer in enumerate(self.layers):
+            for gname, grp in layer.groups.items():
+                nseg = len(grp.seg) - 1
+                offsets[(i, gname)] = (off, off + nseg * r * grp.k)
+                off += nseg * r * grp.k + r * grp.seg[-1]
+        return offsets, off
+
+    def _slot_index(self, r: int) -> torch.Tensor:
+        """Where each value of a compact rank-``r`` adapter goes in a slot row (device, cached per rank)."""
+        index = self._slot_maps.get(r)
+        if index is None:
+            pieces = []
+            big_r = self.max_rank
+            for layer in self.layers:
+                for grp in layer.groups.values():
+                    nseg, k, n = len(grp.seg) - 1, grp.k, grp.seg[-1]
+                    rows = torch.tensor([j * big_r + q for j in range(nseg) for q in range(r)], dtype=torch.long)
+                    pieces.append((grp.a_off + rows[:, None] * k + torch.arange(k)).flatten())
+                    pieces.append((grp.b_off + torch.arange(r)[:, None] * n + torch.arange(n)).flatten())
+            index = self._slot_maps[r] = torch.cat(pieces).to(self.device)
+        return index
 
     # -- forward passes ---------------------------------------------------------------------------------------
 
@@ -286,47 +368,61 @@ class FastLlama:
         m = F.silu(gu[..., :half]) * gu[..., half:]
         return h + self._lora(F.linear(m, layer.wd), m, g.get("down"), idx)
 
-    def _decode_body(self, nb: int, ctx: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step for rows ``0..nb-1`` over the first ``ctx`` cache columns; feeds back token and position."""
-        hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
-        tok = self._tok[:nb]
-        pos = self._pos[:nb].clamp(max=self.max_seq - 1)
-        idx = self._idx[:nb] if lora else None
-        rows = self._ar[:nb]
-        h = F.embedding(tok, self.embed)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+    def _attend(self, q: torch.Tensor, li: int, seq: torch.Tensor, pos: torch.Tensor, ctx: int) -> torch.Tensor:
+        if self.triton_attention:
+            return lora_ops.paged_attention(q, self.k_cache[li], self.v_cache[li], self.block_table, seq, pos)
+        return lora_ops.paged_attention_torch(q, self.k_cache[li], self.v_cache[li], self.block_table, seq, pos, ctx)
+
+    def _step_body(self, nt: int, lora: bool, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step over the first ``nt`` tokens of the step inputs (module doc); returns the logits and the greedy
+        next token of the first ``min(nt, max_batch)`` output entries and feeds the tokens back.
+
+        ``ctx`` (a multiple of BLOCK covering every position of the step) bounds the torch attention path only.
+        The element-wise work runs in the fused kernels of `fused_ops` (Triton on CUDA, their torch references
+        elsewhere): residual add + RMSNorm, rotary + KV cache write, SwiGLU.
+        """
+        hq, d = self.n_heads, self.head_dim
+        tri = self.use_triton
+        add_rms = fused_ops.add_rms if tri else fused_ops.add_rms_torch
+        rope_cache = fused_ops.rope_cache if tri else fused_ops.rope_cache_torch
+        silu_mul = fused_ops.silu_mul if tri else fused_ops.silu_mul_torch
+        inp = self._regions(self._meta)
+        seq, pos, loc = inp.seq[:nt], inp.pos[:nt], inp.loc[:nt]
+        idx = inp.slot[:nt] if lora else None
+        src = inp.src[:nt]
+        ids = torch.where(src >= 0, src, self._tok[seq])
+        h = F.embedding(ids, self.embed)
+        delta: torch.Tensor | None = None
         for li, layer in enumerate(self.layers):
-            x = _rms(h, layer.ln1, self.eps)
-            qkv = F.linear(x, layer.wqkv)
-            if idx is not None:
-                qkv = self._lora(qkv, x, layer.groups.get("qkv"), idx)
-            q = _rope(qkv[:, : hq * d].view(nb, hq, d), cos, sin)
-            k = _rope(qkv[:, hq * d : (hq + hkv) * d].view(nb, hkv, d), cos, sin)
-            v = qkv[:, (hq + hkv) * d :].view(nb, hkv, d)
-            self.k_cache[li][rows, :, pos] = k
-            self.v_cache[li][rows, :, pos] = v
-            attend = lora_ops.decode_attention if self.triton_attention else lora_ops.decode_attention_torch
-            o = attend(q, self.k_cache[li, :nb], self.v_cache[li, :nb], pos, ctx).reshape(nb, hq * d)
-            h = self._mlp_and_proj(h, o, layer, idx)
-        logits = F.linear(_rms(h, self.norm, self.eps), self.lm_head)
+            g = layer.groups if idx is not None else {}
+            h, x = add_rms(h, delta, layer.ln1, self.eps)
+            qkv = self._lora(F.linear(x, layer.wqkv), x, g.get("qkv"), idx)
+            q = rope_cache(qkv, self.cos, self.sin, pos, loc, self.k_cache[li], self.v_cache[li], hq, self.n_kv)
+            o = self._attend(q, li, seq, pos, ctx).reshape(nt, hq * d)
+            h, x = add_rms(h, self._lora(F.linear(o, layer.wo), o, g.get("o"), idx), layer.ln2, self.eps)
+            m = silu_mul(self._lora(F.linear(x, layer.wgu), x, g.get("gu"), idx))
+            delta = self._lora(F.linear(m, layer.wd), m, g.get("down"), idx)
+        no = min(nt, self.max_batch)
+        out = inp.out_tok[:no]
+        hs = h.index_select(0, out)
+        _, x = add_rms(hs, None if delta is None else delta.index_select(0, out), self.norm, self.eps)
+        logits = F.linear(x, self.lm_head)
         nxt = logits.argmax(-1)
-        self._tok[:nb].copy_(nxt)
-        self._pos[:nb].add_(1)
+        self._tok.index_copy_(0, inp.out_seq[:no], nxt)
         return logits, nxt
 
     def _seq_forward(
         self,
         ids: torch.Tensor,
         idx: torch.Tensor,
-        rows: torch.Tensor | None,
         mask: torch.Tensor | None = None,
         last_only: bool = True,
         lora: bool = True,
     ) -> torch.Tensor:
-        """Forward of whole sequences ``ids [g, T]`` (row adapters ``idx``); writes cache ``rows`` when given.
+        """Forward of whole sequences ``ids [g, T]`` (row adapters ``idx``), for scoring; nothing is cached.
 
-        Without ``mask`` the rows have no padding (prefill); with one, padding may be on either side and positions
-        count real tokens only (scoring; nothing is cached).
+        Without ``mask`` the rows have no padding; with one, padding may be on either side and positions count real
+        tokens only.
         """
         g, t = ids.shape
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
@@ -341,7 +437,7 @@ class FastLlama:
             causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
             attn_mask = (causal[None] & mask.bool()[:, None, :]) | torch.eye(t, dtype=torch.bool, device=ids.device)
             attn_mask = attn_mask[:, None]
-        for li, layer in enumerate(self.layers):
+        for layer in self.layers:
             x = _rms(h, layer.ln1, self.eps)
             qkv = F.linear(x, layer.wqkv)
             if idx_l is not None:
@@ -349,9 +445,6 @@ class FastLlama:
             q = _rope(qkv[..., : hq * d].view(g, t, hq, d).transpose(1, 2), cos, sin)
             k = _rope(qkv[..., hq * d : (hq + hkv) * d].view(g, t, hkv, d).transpose(1, 2), cos, sin)
             v = qkv[..., (hq + hkv) * d :].view(g, t, hkv, d).transpose(1, 2)
-            if rows is not None:
-                self.k_cache[li, rows, :, :t] = k
-                self.v_cache[li, rows, :, :t] = v
             if attn_mask is None:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != hq)
             else:

@@ -1,6 +1,8 @@
-"""The fast engine (static KV cache, own decode step, slot-packed LoRA) on CPU: equal to stock peft per user, to
-the reference engine's continuous batching, and its torch LoRA path equal to a per-row loop. The Triton kernels
-and CUDA graphs are checked against these same references on a GPU (bench/serving_gpu.py and the CUDA test)."""
+"""The fast engine (paged KV cache, chunked prefill mixed into decode steps, slot-packed LoRA) on CPU: equal to
+stock peft per user, to the reference engine's continuous batching (also when prompts are cut into chunks and when
+the KV cache is too small and requests are preempted), and its torch LoRA and attention paths equal to per-row
+loops. The Triton kernels and CUDA graphs are checked against these same references on a GPU (bench/serving_gpu.py
+and the CUDA tests)."""
 
 from __future__ import annotations
 
@@ -120,6 +122,93 @@ def test_continuous_batching_equals_the_reference_engine(adapter_dirs):
     assert not fast.has_work() and fast.active == 0
 
 
+def _reference(adapter_dirs, max_batch):
+    ref = Engine(LoadedBase(tiny_random(), tiny_tokenizer(), None), slots=6, max_rank=8, max_batch=max_batch)
+    for slot, path in enumerate(adapter_dirs):
+        ref.load_adapter(slot, path)
+    return ref
+
+
+def _mixed_requests():
+    g = torch.Generator().manual_seed(5)
+    reqs = []
+    for i in range(9):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        prompt = torch.randint(3, 250, (n,), generator=g).tolist()
+        reqs.append(Request(prompt, slot=(i % 5) - 1, max_tokens=3 + (i * 5) % 11, ignore_eos=True))
+    reqs.append(Request(PROMPTS[1], slot=1, max_tokens=9, temperature=0.8, top_p=0.9, seed=7))
+    return reqs
+
+
+def test_chunked_prefill_mixed_into_decode_equals_the_reference_engine(adapter_dirs):
+    """A step budget of 7 tokens: prompts up to 39 tokens are prefilled in chunks over several steps while the
+    other requests keep decoding in the same steps; every request's tokens equal the reference engine's."""
+    fast = _fast(adapter_dirs, max_batch=3, step_tokens=7)
+    reqs = _mixed_requests()
+    got = [g.output_ids for g in fast.generate(reqs)]
+    assert got == [g.output_ids for g in _reference(adapter_dirs, 3).generate(reqs)]
+    c = fast.counters
+    assert c["prefill_tokens"] == sum(len(r.prompt_ids) for r in reqs)
+    assert c["steps"] < c["prefill_tokens"] / 3  # chunks, not one token per step
+    assert not fast.has_work() and fast.active == 0
+    assert len(fast._free_blocks) == fast.kv_blocks - 1 and sorted(fast._free_rows) == [0, 1, 2]
+
+
+def test_a_full_kv_cache_preempts_and_recomputes_without_changing_tokens(adapter_dirs):
+    """KV memory for 64 tokens (4 blocks) shared by 4 rows: requests hold blocks only for the tokens they have,
+    the newest one is preempted when blocks run out and continues exactly where it was."""
+    fast = _fast(adapter_dirs, max_batch=4, kv_tokens=64, step_tokens=12)
+    reqs = [Request(list(range(5 + i, 25 + i)), slot=i - 1, max_tokens=30, ignore_eos=True) for i in range(4)]
+    got = [g.output_ids for g in fast.generate(reqs)]
+    assert got == [g.output_ids for g in _reference(adapter_dirs, 4).generate(reqs)]
+    assert fast.counters["preemptions"] > 0
+    assert len(fast._free_blocks) == fast.kv_blocks - 1
+
+
+def test_a_request_holds_kv_blocks_for_its_tokens_only(adapter_dirs):
+    fast = _fast(adapter_dirs, max_batch=4)
+    fast.submit(Request(list(range(3, 21)), slot=0, max_tokens=20, ignore_eos=True))  # 18 tokens: 2 blocks
+    fast.step()
+    (seq,) = fast._seqs.values()
+    assert len(fast._blocks_of(seq)) == 2 and fast._filled[seq.row] == 18
+    assert len(fast._free_blocks) == fast.kv_blocks - 1 - 2
+    fast.run_until_done()
+    assert len(fast._free_blocks) == fast.kv_blocks - 1
+
+
+def test_paged_attention_reference_equals_a_per_token_softmax():
+    g = torch.Generator().manual_seed(2)
+    bs, blocks = 4, 9
+    kc = torch.randn(blocks, 2, bs, 8, generator=g)
+    vc = torch.randn(blocks, 2, bs, 8, generator=g)
+    table = torch.tensor([[3, 1, 7, 0], [5, 2, 0, 0], [8, 4, 6, 0]], dtype=torch.int32)
+    seq = torch.tensor([0, 0, 1, 2, 2])
+    pos = torch.tensor([0, 10, 6, 3, 11])
+    q = torch.randn(5, 6, 8, generator=g)
+    got = lora_ops.paged_attention_torch(q, kc, vc, table, seq, pos, 12)
+    for t in range(5):
+        blk = table[seq[t]].long()
+        keys = kc[blk].permute(1, 0, 2, 3).reshape(2, -1, 8)[:, : pos[t] + 1]
+        values = vc[blk].permute(1, 0, 2, 3).reshape(2, -1, 8)[:, : pos[t] + 1]
+        for h in range(6):
+            w = torch.softmax(q[t, h] @ keys[h // 3].T / 8**0.5, dim=-1)
+            torch.testing.assert_close(got[t, h], w @ values[h // 3])
+
+
+@pytest.mark.skipif(not lora_ops.triton_available(), reason="needs CUDA and Triton")
+def test_triton_paged_attention_equals_the_reference():
+    g = torch.Generator().manual_seed(4)
+    kc = torch.randn(40, 3, 16, 64, generator=g).cuda()
+    vc = torch.randn(40, 3, 16, 64, generator=g).cuda()
+    table = torch.randperm(39, generator=g)[:36].add(1).view(3, 12).int().cuda()
+    seq = torch.tensor([0, 1, 2, 2, 1, 0]).cuda()
+    pos = torch.tensor([0, 17, 191, 64, 100, 5]).cuda()
+    q = torch.randn(6, 9, 64, generator=g).cuda()
+    got = lora_ops.paged_attention(q, kc, vc, table, seq, pos)
+    want = lora_ops.paged_attention_torch(q, kc, vc, table, seq, pos, 192)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
 def test_stop_rules_and_length_limit(fast):
     first = fast.generate([Request(PROMPTS[0], slot=1, max_tokens=6, ignore_eos=True)])[0].output_ids
     stopped = fast.generate([Request(PROMPTS[0], slot=1, max_tokens=6, stop_token_ids=[first[2]])])[0]
@@ -200,7 +289,7 @@ def test_packing_refuses_what_does_not_fit_and_loads_into_free_slots(adapter_dir
         eng.pack_adapter(state, config)
     q_only = {k: v for k, v in state.items() if ".q_proj." in k}
     packed = eng.pack_adapter(q_only, config)
-    assert packed.rank == 1 and packed.nbytes == eng.slot_bytes
+    assert packed.rank == 1 and packed.nbytes * 2 == eng.slot_bytes  # what rank 1 needs, not a rank-2 slot
     eng.load_packed(0, packed)
     gen = eng.submit(Request(PROMPTS[0], slot=0, max_tokens=2))
     with pytest.raises(EngineError):
@@ -209,6 +298,29 @@ def test_packing_refuses_what_does_not_fit_and_loads_into_free_slots(adapter_dir
     assert gen.done
     eng.clear_adapter(0)
     assert int(eng.ranks[0]) == 0 and not eng.lora[0].any()
+
+
+def test_a_packed_adapter_takes_what_its_rank_needs_and_loads_like_the_unpacked_one(adapter_dirs):
+    """Compact packing: an r=1 adapter packs to 1/8 of what an r=8 one does in the same engine, and loading it
+    yields exactly the slot row of the direct layout (A rows and scaled B^T columns, zeros beyond the rank)."""
+    eng = _fast(adapter_dirs)
+    small = eng.pack_adapter(*read_adapter_dir(adapter_dirs[0]))  # r=1 on q, v
+    state, config = read_adapter_dir(adapter_dirs[1])  # r=4 on all seven
+    packed = eng.pack_adapter(state, config)
+    assert packed.nbytes * 2 == eng.slot_bytes  # rank 4 of max rank 8
+    assert small.nbytes * 8 == eng.slot_bytes
+    eng.load_packed(5, packed)
+    row = eng.lora[5]
+    scale = multilora.lora_scaling(config, 4)
+    for path, (layer, name) in eng.module_of.items():
+        group, j = next((g, ms.index(name)) for g, ms in GROUPS if name in ms)
+        grp = eng.layers[layer].groups[group]
+        a = state[f"{path}.lora_A.weight"]
+        b = state[f"{path}.lora_B.weight"]
+        torch.testing.assert_close(grp.a[5, j * 8 : j * 8 + 4], a)
+        assert not grp.a[5, j * 8 + 4 : (j + 1) * 8].any()
+        torch.testing.assert_close(grp.bt[5, :4, grp.seg[j] : grp.seg[j + 1]], b.T * scale)
+    assert not grp.bt[5, 4:].any() and int(eng.ranks[5]) == 4 and row.any()
 
 
 def test_the_base_is_never_modified(adapter_dirs):
@@ -259,3 +371,51 @@ def test_the_serving_setting_chooses_the_engine():
     biased.config.attention_bias = True
     with pytest.raises(EngineError, match="without biases"):
         make_engine(loaded(biased), ServingSettings(engine="fast"))
+
+
+def test_fused_references_equal_the_plain_ops():
+    """The torch references of the fused ops are the plain ops of the reference path, step for step."""
+    from pipeline.models import fused_ops
+
+    g = torch.Generator().manual_seed(6)
+    h, delta, w = (torch.randn(5, 24, generator=g).bfloat16() for _ in range(3))
+    w = w[0]
+    h2, x = fused_ops.add_rms_torch(h, delta, w, 1e-5)
+    s = h + delta
+    sf = s.float()
+    assert torch.equal(h2, s)
+    assert torch.equal(x, w * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16())
+    gu = torch.randn(5, 16, generator=g)
+    torch.testing.assert_close(fused_ops.silu_mul_torch(gu), torch.nn.functional.silu(gu[:, :8]) * gu[:, 8:])
+
+
+@pytest.mark.skipif(not lora_ops.triton_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fused_ops_equal_their_references(dtype):
+    from pipeline.models import fused_ops
+
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to("cuda", dtype)
+
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    h, delta, w = rnd(37, 576), rnd(37, 576), rnd(576)
+    for d in (delta, None):
+        got = fused_ops.add_rms(h, d, w, 1e-5)
+        want = fused_ops.add_rms_torch(h, d, w, 1e-5)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+    gu = rnd(37, 3072)
+    torch.testing.assert_close(fused_ops.silu_mul(gu), fused_ops.silu_mul_torch(gu), **tol)
+    hq, hkv, d, bs = 9, 3, 64, 16
+    qkv = rnd(37, (hq + 2 * hkv) * d)
+    cos, sin = rnd(256, d), rnd(256, d)
+    pos = torch.randint(0, 256, (37,), generator=g).cuda()
+    loc = torch.randperm(20 * bs, generator=g)[:37].cuda()
+    caches = [torch.zeros(20, hkv, bs, d, device="cuda", dtype=dtype) for _ in range(4)]
+    q1 = fused_ops.rope_cache(qkv, cos, sin, pos, loc, caches[0], caches[1], hq, hkv)
+    q2 = fused_ops.rope_cache_torch(qkv, cos, sin, pos, loc, caches[2], caches[3], hq, hkv)
+    torch.testing.assert_close(q1, q2, **tol)
+    torch.testing.assert_close(caches[0], caches[2], **tol)
+    torch.testing.assert_close(caches[1], caches[3], **tol)
