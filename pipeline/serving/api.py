@@ -29,12 +29,14 @@ Anything else is a bug: 500 ``internal_error``, logged with its traceback.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -61,7 +63,7 @@ from pipeline.serving.bodies import (
     check_sampling,
     completion_budget,
 )
-from pipeline.serving.server import Server, Target
+from pipeline.serving.server import AsyncTokenStream, Server, Target
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,37 @@ _ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/score", 
 
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class Detokenizer:
+    """The text of a token stream, piece by piece, at O(1) decoding per token (the prefix/read offsets of TGI and
+    vLLM): each step decodes a short window of recent tokens and sends what it adds; text that ends in an
+    incomplete character (U+FFFD) waits for the next token. The pieces join to the decoding of all tokens."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: context that makes the next tokens decode as they do in the whole
+        self.read = 0  # tokens whose text was sent
+
+    def add(self, tokens: list[int]) -> str:
+        """The new text once ``tokens`` are appended ("" while it is an incomplete character)."""
+        self.ids.extend(tokens)
+        return self._step(final=False)
+
+    def flush(self) -> str:
+        """What is left at the end of the stream (an incomplete character included)."""
+        return self._step(final=True)
+
+    def _step(self, final: bool) -> str:
+        if self.read == len(self.ids):
+            return ""
+        sent = self.decode(self.ids[self.prefix : self.read])
+        text = self.decode(self.ids[self.prefix :])
+        if len(text) > len(sent) and (final or not text.endswith("\ufffd")):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(sent) :]
+        return ""
 
 
 def _add_open_routes(app: FastAPI, server: Server, *, metrics: bool) -> None:
@@ -240,13 +273,21 @@ def create_app(server: Server, *, admin: bool = True) -> FastAPI:
         target = await run_in_threadpool(server.resolve, body.model, request.state.principal)
         return body, target
 
-    def answer(body: Any, target: Target, prompt_ids: list[int], chat: bool) -> Response:
+    def start(
+        body: CompletionBody | ChatBody, target: Target, prompt_ids: list[int], loop: asyncio.AbstractEventLoop
+    ) -> AsyncTokenStream:
+        """Queue the generation (acquiring its adapter may read disk: this runs in the thread pool)."""
         max_tokens = completion_budget(body, len(prompt_ids), server.context, cfg)
+        return server.generate_async(target, prompt_ids, body, max_tokens, loop)
+
+    async def answer(body: Any, target: Target, stream: AsyncTokenStream, chat: bool) -> Response:
+        """Stream the tokens as server-sent events, or wait for the end and answer once; no thread waits for
+        tokens meanwhile (they arrive on the event loop, `Server.generate_async`)."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         headers = {"x-persona-revision": target.revision}
+        gen = stream.generation
         if body.stream:
-            stream = server.generate(target, prompt_ids, body, max_tokens)  # its errors raise before any byte
 
             def chunk(choice: dict[str, Any]) -> bytes:
                 return _sse(
@@ -259,18 +300,18 @@ def create_app(server: Server, *, admin: bool = True) -> FastAPI:
                     }
                 )
 
-            def events() -> Iterator[bytes]:
-                ids: list[int] = []
-                sent = ""
+            async def events() -> AsyncIterator[bytes]:
+                text = Detokenizer(server.engine.decode_text)
                 try:
-                    for token in stream:
-                        # Decode everything so far and send what is new: a character split over tokens comes whole.
-                        ids.append(token)
-                        text = server.engine.decode_text(ids)
-                        piece, sent = text[len(sent) :], text
+                    # Tokens that arrived together go out as one event; a character split over tokens comes whole.
+                    async for run in stream.runs():
+                        piece = text.add(run)
                         if piece:
                             yield chunk({"delta": {"content": piece}} if chat else {"text": piece})
-                    failed = stream.generation.finish_reason == "error"
+                    piece = text.flush()
+                    if piece:
+                        yield chunk({"delta": {"content": piece}} if chat else {"text": piece})
+                    failed = gen.finish_reason == "error"
                 except Exception:
                     log.exception("a streamed generation failed after its first byte")
                     failed = True
@@ -283,13 +324,17 @@ def create_app(server: Server, *, admin: bool = True) -> FastAPI:
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-        gen = server.run(target, prompt_ids, body, max_tokens)
+        try:
+            async for _ in stream.runs():
+                pass
+        finally:
+            stream.close()
         if gen.finish_reason == "error":
             return _error(500, "the engine failed while generating; see the worker's log", code="engine_error")
         usage = {
-            "prompt_tokens": len(prompt_ids),
+            "prompt_tokens": len(gen.request.prompt_ids),
             "completion_tokens": len(gen.output_ids),
-            "total_tokens": len(prompt_ids) + len(gen.output_ids),
+            "total_tokens": len(gen.request.prompt_ids) + len(gen.output_ids),
         }
         text = gen.text if gen.text is not None else server.engine.decode_text(gen.output_ids)
         if chat:
@@ -312,29 +357,32 @@ def create_app(server: Server, *, admin: bool = True) -> FastAPI:
             headers=headers,
         )
 
-    # Tokenizing up to max_request_bytes of text takes a while: it runs in the thread pool, with the generation.
-    def complete(body: CompletionBody, target: Target) -> Response:
+    # Tokenizing up to max_request_bytes of text takes a while: it runs in the thread pool, with the adapter's
+    # acquisition; the tokens are then awaited on the event loop.
+    def complete(body: CompletionBody, target: Target, loop: asyncio.AbstractEventLoop) -> AsyncTokenStream:
         ids = tok(body.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise InvalidInput("prompt is empty", param="prompt")
-        return answer(body, target, list(ids), False)
+        return start(body, target, list(ids), loop)
 
-    def complete_chat(body: ChatBody, target: Target) -> Response:
+    def complete_chat(body: ChatBody, target: Target, loop: asyncio.AbstractEventLoop) -> AsyncTokenStream:
         try:
             rendered = tok.apply_chat_template(body.rendered_messages(), add_generation_prompt=True, tokenize=False)
         except TemplateError as e:  # the template refuses this conversation (e.g. roles out of order)
             raise InvalidInput(f"messages: the model's chat template refuses them: {e}", param="messages") from e
-        return answer(body, target, list(tok(rendered, add_special_tokens=False)["input_ids"]), True)
+        return start(body, target, list(tok(rendered, add_special_tokens=False)["input_ids"]), loop)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body, target = await read(request, CompletionBody)
-        return await run_in_threadpool(complete, body, target)
+        stream = await run_in_threadpool(complete, body, target, asyncio.get_running_loop())
+        return await answer(body, target, stream, False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body, target = await read(request, ChatBody)
-        return await run_in_threadpool(complete_chat, body, target)
+        stream = await run_in_threadpool(complete_chat, body, target, asyncio.get_running_loop())
+        return await answer(body, target, stream, True)
 
     @app.post("/v1/score")
     async def score(request: Request) -> Response:
@@ -364,8 +412,9 @@ def listen_for_promotions(
 ) -> Any:
     """Every serving worker hears every promotion and forget: a consumer group of its own, named after the worker
     (`worker_id`) and committing its position, so a restarted worker first hears what it missed while down (a
-    forget included). The promoted user's older revisions leave the cache and the new one is prefetched, so the next
-    request serves it; a forgotten user's adapters leave every tier."""
+    forget included). The promoted user's older revisions leave the cache and the new one is prefetched into host
+    memory, packed for the slots, so the next request serves it and pays only the copy into a slot; a forgotten
+    user's adapters leave every tier."""
     from pipeline.serving.promotions import PromotionListener
 
     def on_promotion(event: dict) -> None:
@@ -385,6 +434,9 @@ def uvicorn_servers(server: Server) -> tuple[Any, Any | None]:
 
     cfg = server.settings.serving
     separate = cfg.admin_port != 0
+    # What is alive now (the base, the engine, the libraries) lives as long as the worker: keep it out of the cyclic
+    # garbage collector's full passes, which otherwise stall the engine thread for tens of milliseconds.
+    gc.freeze()
     api = uvicorn.Server(
         uvicorn.Config(create_app(server, admin=not separate), host=cfg.host, port=cfg.port, log_level="info")
     )

@@ -5,8 +5,10 @@
 the base and the users of its own application only: a user of another application, an unknown user, and a revision
 that does not exist or is not that user's all answer the same 404 (`ModelNotFound`, one message built from the
 ``model`` string alone), so a key learns nothing about what it may not use. One thread drives the engine (it is not
-thread-safe); request handlers hand it requests and wait for their tokens; adapter loads into device slots take the
-same lock. The HTTP API over it is `pipeline.serving.api`.
+thread-safe); request handlers hand it requests and wait for their tokens. Adapter loads into device slots do not
+take the engine's lock: the cache packs an adapter once when it enters host memory and a slot load is one copy,
+which the engines allow beside a running step for a slot no request uses (`engine_slots`). The HTTP API over it is
+`pipeline.serving.api`.
 
 Forget, on the serving side: at start, a background thread deletes the disk copies whose sha256 no revision in the
 registry has any more (one query, retried with backoff while PostgreSQL does not answer); until then, and always, a
@@ -17,13 +19,14 @@ not heard the forget yet.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +39,7 @@ from pipeline.domain.errors import InvalidInput, NotFound, Unavailable
 from pipeline.domain.revisions import InvalidModelName, parse_model_name
 from pipeline.models.base import LoadedBase
 from pipeline.observability import metrics as obs
-from pipeline.serving.adapters import AdapterKey, AdapterLimits, registry_check, registry_fetch
+from pipeline.serving.adapters import AdapterKey, AdapterLimits, EngineSlots, registry_check, registry_fetch
 from pipeline.serving.auth import KeyCache
 from pipeline.serving.bodies import (  # noqa: F401 (ChatMessage and ScoreBody: re-exported, the API's bodies)
     ChatBody,
@@ -46,7 +49,7 @@ from pipeline.serving.bodies import (  # noqa: F401 (ChatMessage and ScoreBody: 
     check_score_length,
 )
 from pipeline.serving.cache import AdapterCache
-from pipeline.serving.engine import Generation
+from pipeline.serving.engine import Engine, Generation
 from pipeline.serving.engine import Request as EngineRequest
 from pipeline.serving.fast_engine import make_engine
 from pipeline.storage import apps, registry, tenancy
@@ -95,9 +98,17 @@ class Server:
         self.base_id = base.ref.model_id
         self.tokenizer = base.tokenizer
         self.engine = make_engine(base, cfg)
-        self.lock = threading.Lock()  # the engine: steps, submits and slot loads
+        warmup = getattr(self.engine, "warmup", None)
+        if warmup is not None:
+            warmup()  # every CUDA graph captured before the first request
+        self.lock = threading.Lock()  # the engine: steps, submits, scoring (not slot loads: `engine_slots`)
         self.wake = threading.Event()
-        self.streams: dict[int, queue.Queue[int | None]] = {}
+        #: Where each running request's tokens go: a thread's queue, or an event loop's (`generate_async`).
+        self.streams: dict[int, queue.Queue[int | None] | _LoopSink] = {}
+        # Submitting does not take the engine lock (a step holds it for milliseconds and a waiting thread may lose
+        # the race for it many steps in a row): the engine's queue takes appends from any thread, and this short
+        # lock only makes "submit + register the stream" atomic against the engine thread's token delivery.
+        self._streams_lock = threading.Lock()
         #: Prompt + generated tokens of one request, at most (the base's max_position_embeddings, and the fast
         #: engine's max_seq).
         self.context: int = int(self.engine.max_positions)
@@ -109,7 +120,7 @@ class Server:
             host_bytes=cfg.host_cache_bytes,
             slots=cfg.slots,
             limits=AdapterLimits(cfg.max_rank, frozenset(cfg.targets)),
-            loader=_LockedSlots(self),
+            loader=engine_slots(self.engine, self.lock),
             registered=registry_check(self.stores),
         )
         self.keys = KeyCache(self._authenticate, ttl_s=cfg.key_cache_ttl_s, max_entries=cfg.key_cache_size)
@@ -138,17 +149,31 @@ class Server:
                 log.exception("engine step failed; aborting the requests in flight")
                 with self.lock:
                     aborted = self.engine.abort_all()
-                for gen in aborted:
-                    q = self.streams.get(gen.id)
-                    if q is not None:
-                        q.put(None)
+                self._deliver([(gen.id, None, True) for gen in aborted])
                 continue
-            for out in outputs:
-                q = self.streams.get(out.generation.id)
-                if q is not None:
-                    q.put(out.token_id)
-                    if out.finished:
-                        q.put(None)
+            self._deliver([(out.generation.id, out.token_id, out.finished) for out in outputs])
+
+    def _deliver(self, items: list[tuple[int, int | None, bool]]) -> None:
+        """Hand a step's tokens to their requests: straight into a thread's queue, or in one call per event loop
+        (one wake-up of the loop per step, whatever the number of its streams)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[int | None], int | None, bool]]] = {}
+        with self._streams_lock:
+            sinks = [self.streams.get(gen_id) for gen_id, _, _ in items]
+        for (_, token, finished), sink in zip(items, sinks, strict=True):
+            if sink is None:
+                continue
+            if isinstance(sink, _LoopSink):
+                by_loop.setdefault(sink.loop, []).append((sink.queue, token, finished))
+                continue
+            if token is not None:
+                sink.put(token)
+            if finished:
+                sink.put(None)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that loop is closed: its streams are gone
+                log.debug("an event loop closed with streams open; %d tokens dropped", len(batch))
 
     def _prune_disk(self) -> None:
         """Delete the disk copies whose sha256 no revision has any more (forgotten while this worker was down)."""
@@ -246,16 +271,22 @@ class Server:
 
     # --- generation ---
     def _start(
-        self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody, max_tokens: int
-    ) -> tuple[Generation, queue.Queue]:
-        """Pin the adapter in a slot and queue the request for the engine thread."""
+        self,
+        target: Target,
+        prompt_ids: list[int],
+        body: CompletionBody | ChatBody,
+        max_tokens: int,
+        q: queue.Queue[int | None] | _LoopSink | None = None,
+    ) -> tuple[Generation, Any]:
+        """Pin the adapter in a slot and queue the request for the engine thread (its tokens go to ``q``)."""
         slot = self._acquire(target)
-        q: queue.Queue[int | None] = queue.Queue()
+        if q is None:
+            q = queue.Queue()
         try:
             req = EngineRequest(
                 prompt_ids, slot, max_tokens, body.temperature, body.top_p, (), body.stops(), body.seed
             )
-            with self.lock:
+            with self._streams_lock:
                 gen = self.engine.submit(req)
                 self.streams[gen.id] = q
         except BaseException:
@@ -266,11 +297,28 @@ class Server:
         return gen, q
 
     def _end(self, target: Target, gen: Generation) -> None:
+        if not gen.done:  # the client went away first: stop generating for nobody (a flag: no lock needed)
+            self.engine.cancel(gen)
         obs.SERVING_TOKENS.labels("prompt").inc(len(gen.request.prompt_ids))
         obs.SERVING_TOKENS.labels("completion").inc(len(gen.output_ids))
-        self.streams.pop(gen.id, None)
+        with self._streams_lock:
+            self.streams.pop(gen.id, None)
         if target.key is not None:
             self.cache.release(target.key)
+
+    def generate_async(
+        self,
+        target: Target,
+        prompt_ids: list[int],
+        body: CompletionBody | ChatBody,
+        max_tokens: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> AsyncTokenStream:
+        """As `generate`, for a consumer on ``loop``: the tokens arrive on that loop (one hand-over per engine
+        step), so a stream holds no thread while it waits. Call from any thread (acquiring may read disk)."""
+        sink = _LoopSink(loop, asyncio.Queue())
+        gen, _ = self._start(target, prompt_ids, body, max_tokens, sink)
+        return AsyncTokenStream(lambda: self._end(target, gen), sink.queue, gen)
 
     def generate(
         self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody, max_tokens: int
@@ -319,6 +367,60 @@ class Server:
         }
 
 
+@dataclass(frozen=True)
+class _LoopSink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[int | None]
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[int | None], int | None, bool]]) -> None:
+    for q, token, finished in batch:
+        if token is not None:
+            q.put_nowait(token)
+        if finished:
+            q.put_nowait(None)
+
+
+class AsyncTokenStream:
+    """The tokens of one generation on an event loop, in runs (what arrived together); closing it (or its
+    consumer going away) releases the adapter and cancels the generation if it is still running."""
+
+    def __init__(self, release: Callable[[], None], tokens: asyncio.Queue[int | None], generation: Generation) -> None:
+        self._release: Callable[[], None] | None = release
+        self._tokens = tokens
+        #: The generation's live state: ``finish_reason`` says how it ended once the iteration is over.
+        self.generation = generation
+
+    async def runs(self, timeout_s: float = 300.0) -> AsyncIterator[list[int]]:
+        """Lists of token ids, each what had arrived when the consumer got to it (one or more tokens)."""
+        try:
+            while True:
+                token = await asyncio.wait_for(self._tokens.get(), timeout_s)
+                if token is None:
+                    return
+                run = [token]
+                ended = False
+                while not self._tokens.empty():
+                    more = self._tokens.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    run.append(more)
+                yield run
+                if ended:
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class TokenStream:
     """The tokens of one generation; closing it (or dropping it unread) releases the request's adapter."""
 
@@ -344,16 +446,13 @@ class TokenStream:
         self.close()
 
 
-class _LockedSlots:
-    """The cache's SlotLoader: loads into the engine's slots under the engine lock."""
+def engine_slots(engine: Any, lock: threading.Lock) -> EngineSlots:
+    """The cache's SlotLoader over ``engine``, whose steps run under ``lock``.
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-
-    def load(self, slot: int, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-        with self.server.lock:
-            self.server.engine.load_adapter_state(slot, tensors, config)
-
-    def clear(self, slot: int) -> None:
-        with self.server.lock:
-            self.server.engine.clear_adapter(slot)
+    Packing never takes ``lock`` and neither do slot loads: both engines' ``load_packed`` may run beside a step for a
+    slot that no queued or running request uses, which the cache guarantees (a loading slot is reserved for its
+    adapter). Clears do too on the fast engine; the reference `Engine`'s ``clear_adapter`` scans its request queues
+    without guarding against a concurrent step, so there clears alone take ``lock`` (they are rare: an invalidated
+    or forgotten adapter, a failed load; an eviction does not clear, the next load replaces the slot's contents).
+    """
+    return EngineSlots(engine, clear_lock=lock if isinstance(engine, Engine) else None)

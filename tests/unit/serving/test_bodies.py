@@ -107,3 +107,22 @@ def test_score_input_must_fit_the_context():
     check_score_length(40, 60, 100)
     with pytest.raises(ContextLengthExceeded):
         check_score_length(41, 60, 100)
+
+
+def test_streamed_pieces_join_to_the_whole_text_and_never_split_a_character():
+    """The incremental detokenizer of streams: byte-level tokens of multi-byte characters come out whole."""
+    from pipeline.models.base import tiny_tokenizer
+    from pipeline.serving.api import Detokenizer
+
+    tok = tiny_tokenizer()
+    text = "héllo 日本語 — ok ✓ end"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(x: list[int]) -> str:
+        return tok.decode(x, skip_special_tokens=True)
+
+    for run in (1, 2, 5):
+        d = Detokenizer(decode)
+        pieces = [d.add(ids[i : i + run]) for i in range(0, len(ids), run)] + [d.flush()]
+        assert "".join(pieces) == decode(ids) == text
+        assert not any("\ufffd" in p for p in pieces)
