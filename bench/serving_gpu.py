@@ -186,13 +186,15 @@ def gpu_correctness(out: dict) -> None:
         kern.append({"nseg": nseg, "k": k, "n": n, "rel_err": rel(got.float() - y.float(), want[:, 0] - y.float())})
     out["kernel_vs_torch"] = kern
     att = []
-    for hq, hkv in ((9, 3), (32, 8)):
+    for hq, hkv in ((9, 3), (32, 8)):  # paged: 300 tokens of 40 sequences, blocks shuffled over the cache
         q = torch.randn(300, hq, 64, device="cuda").bfloat16()
-        kc = torch.randn(300, hkv, 200, 64, device="cuda").bfloat16()
-        vc = torch.randn(300, hkv, 200, 64, device="cuda").bfloat16()
-        pos = torch.randint(0, 200, (300,), device="cuda")
-        got = lora_ops.decode_attention(q, kc, vc, pos, 200)
-        want = lora_ops.decode_attention_torch(q.float(), kc.float(), vc.float(), pos, 200)
+        kc = torch.randn(40 * 13 + 1, hkv, 16, 64, device="cuda").bfloat16()
+        vc = torch.randn_like(kc)
+        table = (torch.randperm(40 * 13, device="cuda") + 1).view(40, 13).int()
+        seq = torch.randint(0, 40, (300,), device="cuda")
+        pos = torch.randint(0, 13 * 16, (300,), device="cuda")
+        got = lora_ops.paged_attention(q, kc, vc, table, seq, pos)
+        want = lora_ops.paged_attention_torch(q.float(), kc.float(), vc.float(), table, seq, pos, 13 * 16)
         att.append({"hq": hq, "hkv": hkv, "rel_err": rel(got.float(), want), "nan": bool(got.isnan().any())})
     out["attention_vs_torch"] = att
     # 2. per-user logits of one mixed batch against stock peft (fp32), users side by side
@@ -262,8 +264,8 @@ def gpu_correctness(out: dict) -> None:
 
 def fill_slots(eng: FastEngine, n: int, r: int, seed: int) -> None:
     """Random adapters of rank r straight into slots 0..n-1 (packed layout; rows beyond the rank zero)."""
-    template = eng.pack_adapter(random_adapter_for(eng, r), lora_config(r)).data != 0
-    mask = template.to("cuda")
+    eng.load_packed(0, eng.pack_adapter(random_adapter_for(eng, r), lora_config(r)))
+    mask = eng.lora[0] != 0  # where a rank-r adapter has values in a slot row
     g = torch.Generator(device="cuda").manual_seed(seed)
     for s in range(n):
         eng.lora[s] = (torch.randn(eng.slot_numel, device="cuda", generator=g) * 0.02).to(eng.dtype) * mask
@@ -280,34 +282,52 @@ def random_adapter_for(eng: FastEngine, r: int) -> dict[str, torch.Tensor]:
 
 
 def engine_run(eng: FastEngine, batch: int, users: int, prompt: int, new: int, seed: int = 0) -> dict:
+    """``batch`` requests submitted together: prefill = until every request has its first token (chunked prefill:
+    the first admitted ones decode meanwhile); decode = ``new`` steps with every row decoding, tokens counted."""
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, eng.vocab, (batch, prompt), generator=g).tolist()
     reqs = [
-        Request(p, slot=(i % users) if users else -1, max_tokens=new + 1, ignore_eos=True)
+        Request(p, slot=(i % users) if users else -1, max_tokens=eng.max_seq, ignore_eos=True)
         for i, p in enumerate(prompts)
     ]
     gens = [eng.submit(r) for r in reqs]
     sync()
     t0 = time.perf_counter()
-    eng.step()  # admits everyone: the batched prefill, each request's first token
+    while any(not x.output_ids for x in gens):
+        eng.step()
     sync()
     t1 = time.perf_counter()
-    while eng.has_work():
+    before = sum(len(x.output_ids) for x in gens)
+    for _ in range(new):
         eng.step()
     sync()
     t2 = time.perf_counter()
-    assert all(len(x.output_ids) == new + 1 for x in gens)
+    tokens = sum(len(x.output_ids) for x in gens) - before
+    assert all(not x.done for x in gens), "a request finished inside the timed decode window"
+    eng.abort_all()
     return {
         "prefill_s": t1 - t0,
         "prefill_tokens_per_s": batch * prompt / (t1 - t0),
         "decode_s": t2 - t1,
-        "decode_tokens_per_s": batch * new / (t2 - t1),
+        "decode_tokens_per_s": tokens / (t2 - t1),
     }
 
 
-def hf_generate(model, batch: int, prompt: int, new: int, adapter_names=None) -> dict:
+#: Timed repetitions of each HF/peft baseline call (after one untimed warm-up run of each); medians are reported.
+HF_REPS = 3
+HF_METHOD = (
+    "HF `generate` / peft rows are warm: every call that is timed (`generate(1 new)` and `generate(new+1 new)` at "
+    "that batch, same inputs) runs once untimed first, then each is timed {reps} times alternately; prefill = "
+    "median of `generate(1 new)`, decode = median over repetitions of `generate(new+1 new)` minus "
+    "`generate(1 new)` (the same decode-only definition as the engine rows)."
+)
+
+
+def hf_generate(model, batch: int, prompt: int, new: int, adapter_names=None, reps: int | None = None) -> dict:
+    """Warm HF ``generate`` (or peft's mixed batch with ``adapter_names``): see HF_METHOD."""
+    reps = reps or HF_REPS
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=g).to("cuda")
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=g).to(model.device)
     mask = torch.ones_like(ids)
     kw = {"do_sample": False, "pad_token_id": 0}
     if adapter_names is not None:
@@ -320,14 +340,19 @@ def hf_generate(model, batch: int, prompt: int, new: int, adapter_names=None) ->
         sync()
         return time.perf_counter() - t
 
-    run(2)  # warm-up
-    t1 = run(1)
-    tn = run(new + 1)
+    warm = [run(1), run(new + 1)]  # every shape timed below, once, untimed (first-call costs of each length)
+    t1s, tns = [], []
+    for _ in range(reps):
+        t1s.append(run(1))
+        tns.append(run(new + 1))
+    t1 = statistics.median(t1s)
+    decode = statistics.median(tn - a for tn, a in zip(tns, t1s, strict=True))
     return {
         "prefill_s": t1,
         "prefill_tokens_per_s": batch * prompt / t1,
-        "decode_s": tn - t1,
-        "decode_tokens_per_s": batch * new / (tn - t1),
+        "decode_s": decode,
+        "decode_tokens_per_s": batch * new / decode,
+        "hf_method": {"warmup_s": warm, "reps": reps, "t1_s": t1s, "tn_s": tns},
     }
 
 
@@ -352,9 +377,12 @@ def speed(shape: str, cfgs: list[tuple[int, list[int]]], ranks: list[int], promp
     model = make_model(shape, "cuda", torch.bfloat16)
     max_b = max(b for b, _ in cfgs)
     max_users = max(u for _, us in cfgs for u in us)
+    # A step takes up to 8192 prompt tokens, so a wave's prefill takes a few steps and the rows admitted first
+    # decode at most that many tokens ahead (max_seq leaves room for them).
     eng = FastEngine(
-        _Base(model), slots=max(max_users, 1), max_rank=8, device="cuda", max_batch=max_b, max_seq=prompt + new + 2
-    )
+        _Base(model), slots=max(max_users, 1), max_rank=8, device="cuda", max_batch=max_b,
+        max_seq=prompt + 2 * new + max_b * prompt // 8192 + 8, step_tokens=max_b + 8192,
+    )  # fmt: skip
     ctx = prompt + new + 2
     log(f"{shape}: slot {eng.slot_bytes / 1e6:.2f} MB at r=8; {len(eng.layers)} layers")
     for b, _ in cfgs:  # capture each graph once (base and LoRA variants)
@@ -495,6 +523,8 @@ def table(res: dict) -> str:
                else "- | - | ")
             + f"{r['prefill_tokens_per_s']:,.0f} |"
         )  # fmt: skip
+    if any(r["path"] in ("HF generate, base", "peft mixed batch") for r in rows):
+        lines += ["", "Note: " + res.get("hf_method", HF_METHOD.format(reps=HF_REPS))]
     cold = [r for r in rows if r["path"] == "cold loads"]
     if cold:
         lines += [
@@ -596,36 +626,61 @@ def cpu_real_check() -> None:
 
 
 def profile() -> None:
+    """Decode at B=1024 (and 256, 64): tokens/s with CUDA graphs and where the host's time goes per step (plan +
+    launch, read back, waiting for the GPU), then the kernel time breakdown of eager steps (no graphs)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
     torch.set_grad_enabled(False)
     model = make_model("smollm2-135m", "cuda", torch.bfloat16)
-    eng = FastEngine(_Base(model), slots=1024, max_rank=8, device="cuda", max_batch=1024, max_seq=162)
+    eng = FastEngine(
+        _Base(model), slots=1024, max_rank=8, device="cuda", max_batch=1024, max_seq=128 + 64 + 16 + 8,
+        step_tokens=1024 + 8192,
+    )  # fmt: skip
     fill_slots(eng, 1024, 8, 0)
-    for users in (0, 1024):
-        eng.use_graphs = False
-        engine_run(eng, 1024, users, 128, 4)
+    gc_s = [0.0, 0.0]
+
+    def gc_timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_s[1] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - gc_s[1]
+
+    gc.callbacks.append(gc_timer)
+    for batch, users in ((1024, 0), (1024, 1), (1024, 64), (1024, 1024), (256, 0), (256, 256), (64, 0)):
+        engine_run(eng, batch, users, 128, 4)
+        before = dict(eng.counters)
+        gc_s[0] = 0.0
+        r = engine_run(eng, batch, users, 128, 32)
+        print(f"  garbage collection {1e3 * gc_s[0]:.1f} ms in the run", flush=True)
+        d = {k: eng.counters[k] - before[k] for k in before}
+        steps = max(d["steps"], 1)
+        ms = {k: 1e3 * d[k] / steps for k in ("plan_s", "finish_s", "wait_s")}
+        print(f"B={batch} users={users}: {r['decode_tokens_per_s']:,.0f} tok/s; per step (ms): plan+launch "
+              f"{ms['plan_s']:.2f}, read back {ms['finish_s']:.2f}, wait {ms['wait_s']:.2f}; "
+              f"{1e3 * r['decode_s'] / 32:.2f} ms/decode step", flush=True)  # fmt: skip
+    eng.use_graphs = False
+    for users in (0, 64, 1024):
+        engine_run(eng, 1024, users, 128, 2)
         prompts = torch.randint(3, eng.vocab, (1024, 128)).tolist()
-        for i, p in enumerate(prompts):
-            eng.submit(Request(p, slot=(i % users) if users else -1, max_tokens=12, ignore_eos=True))
-        eng.step()
-        eng.step()
+        gens = [
+            eng.submit(Request(p, slot=(i % users) if users else -1, max_tokens=64, ignore_eos=True))
+            for i, p in enumerate(prompts)
+        ]
+        while any(not g.output_ids for g in gens):
+            eng.step()
         sync()
         with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as pr:
             for _ in range(4):
                 eng.step()
             sync()
-        print(f"== users {users}")
-        print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
-        eng.run_until_done()
-        eng.use_graphs = True
-        r = engine_run(eng, 1024, users, 128, 16)
-        r2 = engine_run(eng, 1024, users, 128, 16)
-        print(f"graphs: {r['decode_tokens_per_s']:,.0f} {r2['decode_tokens_per_s']:,.0f} tok/s")
+        print(f"== eager, B=1024, users {users}")
+        print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=50))
+        eng.abort_all()
 
 
 def main() -> None:
+    global HF_REPS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
@@ -633,7 +688,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="kernel time breakdown of decode steps")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--hf-reps", type=int, default=HF_REPS, help="timed repetitions of each HF/peft baseline call")
     args = ap.parse_args()
+    HF_REPS = max(1, args.hf_reps)
     if args.cpu_real_check:
         cpu_real_check()
         return
@@ -648,6 +705,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "triton": getattr(lora_ops.triton, "__version__", None), "prompt": args.prompt,
         "new": args.new, "python": platform.python_version(), "rows": [], "errors": [],
+        "hf_method": HF_METHOD.format(reps=HF_REPS),
     }  # fmt: skip
     t0 = time.perf_counter()
     res["ceilings"] = ceilings()
