@@ -15,6 +15,7 @@ budget (``--step-tokens``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -99,6 +100,8 @@ def main() -> None:
         )  # fmt: skip
         if device == "cuda":
             sg.fill_slots(eng, args.batch, args.rank, 0)
+        gc.collect()
+        gc.freeze()  # as a serving worker does once it is built (pipeline.serving.api.uvicorn_servers)
         n = args.waves * args.batch
         res = {"step_tokens": eng.step_tokens, "batch": args.batch, "requests": n}
         for name, run in (("static", static_waves), ("continuous", continuous)):

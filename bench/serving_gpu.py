@@ -384,6 +384,8 @@ def speed(shape: str, cfgs: list[tuple[int, list[int]]], ranks: list[int], promp
         max_seq=prompt + 2 * new + max_b * prompt // 8192 + 8, step_tokens=max_b + 8192,
     )  # fmt: skip
     ctx = prompt + new + 2
+    gc.collect()
+    gc.freeze()  # as a serving worker does once it is built (pipeline.serving.api.uvicorn_servers)
     log(f"{shape}: slot {eng.slot_bytes / 1e6:.2f} MB at r=8; {len(eng.layers)} layers")
     for b, _ in cfgs:  # capture each graph once (base and LoRA variants)
         fill_slots(eng, 1, 8, 0)
@@ -638,6 +640,8 @@ def profile() -> None:
         step_tokens=1024 + 8192,
     )  # fmt: skip
     fill_slots(eng, 1024, 8, 0)
+    gc.collect()
+    gc.freeze()  # as a serving worker does once it is built (pipeline.serving.api.uvicorn_servers)
     gc_s = [0.0, 0.0]
 
     def gc_timer(phase: str, info: dict) -> None:
@@ -647,7 +651,13 @@ def profile() -> None:
             gc_s[0] += time.perf_counter() - gc_s[1]
 
     gc.callbacks.append(gc_timer)
-    for batch, users in ((1024, 0), (1024, 1), (1024, 64), (1024, 1024), (256, 0), (256, 256), (64, 0)):
+    runs = [(1024, 0, 8, False), (1024, 1, 8, False), (1024, 64, 8, False), (1024, 1024, 8, False),
+            (1024, 1024, 8, True), (1024, 1024, 1, False), (1024, 1024, 1, True), (256, 0, 8, False),
+            (256, 256, 8, False), (256, 256, 8, True), (64, 0, 8, False)]  # fmt: skip
+    for batch, users, rank, one_kernel in runs:
+        if rank != int(eng.ranks[0]):
+            fill_slots(eng, 1024, rank, rank)
+        eng.one_kernel_lora = one_kernel
         engine_run(eng, batch, users, 128, 4)
         before = dict(eng.counters)
         gc_s[0] = 0.0
@@ -656,9 +666,11 @@ def profile() -> None:
         d = {k: eng.counters[k] - before[k] for k in before}
         steps = max(d["steps"], 1)
         ms = {k: 1e3 * d[k] / steps for k in ("plan_s", "finish_s", "wait_s")}
-        print(f"B={batch} users={users}: {r['decode_tokens_per_s']:,.0f} tok/s; per step (ms): plan+launch "
+        print(f"B={batch} users={users} r={rank}{' one-kernel LoRA' if one_kernel else ''}: "
+              f"{r['decode_tokens_per_s']:,.0f} tok/s; per step (ms): plan+launch "
               f"{ms['plan_s']:.2f}, read back {ms['finish_s']:.2f}, wait {ms['wait_s']:.2f}; "
               f"{1e3 * r['decode_s'] / 32:.2f} ms/decode step", flush=True)  # fmt: skip
+    eng.one_kernel_lora = False
     eng.use_graphs = False
     for users in (0, 64, 1024):
         engine_run(eng, 1024, users, 128, 2)

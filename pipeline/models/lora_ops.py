@@ -251,6 +251,74 @@ def paged_attention(
     return o
 
 
+if triton is not None:
+
+    @triton.jit
+    def _lora_one_kernel(
+        y_ptr, x_ptr, a_ptr, bt_ptr, idx_ptr, rank_ptr, out_ptr, K, N, seg1, seg2,
+        stride_x, stride_y, stride_out, stride_as, stride_ar, stride_bs, stride_br,
+        R: tl.constexpr, NSEG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0)
+        s = tl.load(idx_ptr + b).to(tl.int64)
+        r = tl.load(rank_ptr + s)
+        offs_r = tl.arange(0, BLOCK_R)
+        rmask = (offs_r < NSEG * R) & ((offs_r % R) < r)
+        t = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # shrink: t = A[s] x, the rank-r rows of each segment
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < K
+            xv = tl.load(x_ptr + b * stride_x + offs_k, mask=kmask & (r > 0), other=0.0).to(tl.float32)
+            av = tl.load(
+                a_ptr + s * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :],
+                mask=rmask[:, None] & kmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            t += tl.sum(av * xv[None, :], axis=1)
+        base = bt_ptr + s * stride_bs
+        for n0 in range(0, N, BLOCK_N):  # expand: out = y + t_seg(n) B^T[s][:, n], column block by block
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < N
+            segi = (offs_n >= seg1).to(tl.int32) + (offs_n >= seg2).to(tl.int32)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for rr in tl.static_range(R):
+                tcol = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(NSEG):
+                    tj = tl.sum(tl.where(offs_r == j * R + rr, t, 0.0), axis=0)
+                    tcol += tl.where(segi == j, tj, 0.0)
+                bv = tl.load(base + rr * stride_br + offs_n, mask=nmask & (rr < r), other=0.0).to(tl.float32)
+                acc += tcol * bv
+            yv = tl.load(y_ptr + b * stride_y + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + b * stride_out + offs_n, (yv + acc).to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+def lora_triton_one(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    idx: torch.Tensor,
+    ranks: torch.Tensor,
+    seg: tuple[int, ...],
+    rank: int,
+) -> torch.Tensor:
+    """`lora_triton` in one kernel instead of two (one program per row: its shrink, then its expand over all
+    columns): half the launches, each row's A read once. Not the default until measured against the two kernels
+    (`FastLlama.one_kernel_lora`); equals `lora_torch` (tests/unit/serving/test_engine_fast.py, CUDA)."""
+    bsz, k = x.shape
+    n = y.shape[1]
+    nseg = len(seg) - 1
+    assert a.stride(2) == 1 and bt.stride(2) == 1 and x.stride(1) == 1 and y.stride(1) == 1
+    out = torch.empty_like(y)
+    block_r = max(triton.next_power_of_2(nseg * rank), 2)
+    _lora_one_kernel[(bsz,)](
+        y, x, a, bt, idx, ranks, out, k, n, seg[1] if nseg > 1 else n, seg[2] if nseg > 2 else n,
+        x.stride(0), y.stride(0), out.stride(0), a.stride(0), a.stride(1), bt.stride(0), bt.stride(1),
+        R=rank, NSEG=nseg, BLOCK_R=block_r, BLOCK_K=128 if block_r >= 16 else 256, BLOCK_N=256,
+    )  # fmt: skip
+    return out
+
+
 def lora_triton(
     y: torch.Tensor,
     x: torch.Tensor,

@@ -63,6 +63,7 @@ from pipeline.serving.bodies import (
     check_sampling,
     completion_budget,
 )
+from pipeline.serving.engine import Generation
 from pipeline.serving.server import AsyncTokenStream, Server, Target
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,11 @@ _ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/score", 
 
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _usage(gen: Generation) -> dict[str, int]:
+    prompt, completion = len(gen.request.prompt_ids), len(gen.output_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class Detokenizer:
@@ -312,6 +318,17 @@ def create_app(server: Server, *, admin: bool = True) -> FastAPI:
                     if piece:
                         yield chunk({"delta": {"content": piece}} if chat else {"text": piece})
                     failed = gen.finish_reason == "error"
+                    if not failed and body.stream_options is not None and body.stream_options.include_usage:
+                        yield _sse(
+                            {
+                                "id": rid,
+                                "object": "chat.completion.chunk" if chat else "text_completion",
+                                "created": created,
+                                "model": body.model,
+                                "choices": [],
+                                "usage": _usage(gen),
+                            }
+                        )
                 except Exception:
                     log.exception("a streamed generation failed after its first byte")
                     failed = True
@@ -331,11 +348,7 @@ def create_app(server: Server, *, admin: bool = True) -> FastAPI:
             stream.close()
         if gen.finish_reason == "error":
             return _error(500, "the engine failed while generating; see the worker's log", code="engine_error")
-        usage = {
-            "prompt_tokens": len(gen.request.prompt_ids),
-            "completion_tokens": len(gen.output_ids),
-            "total_tokens": len(gen.request.prompt_ids) + len(gen.output_ids),
-        }
+        usage = _usage(gen)
         text = gen.text if gen.text is not None else server.engine.decode_text(gen.output_ids)
         if chat:
             choice = {

@@ -31,6 +31,12 @@ class RequestTooLarge(InvalidInput):
     code = "request_too_large"
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last event with the token counts (empty ``choices``)."""
+
+    include_usage: bool = False
+
+
 class _Sampling(BaseModel):
     """The sampling parameters both completion endpoints take (OpenAI's names and meanings)."""
 
@@ -45,6 +51,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-_INT64, le=_INT64 - 1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -141,7 +141,7 @@ class FastEngine(FastLlama, GenerationLoop):
         self._upd_dev = torch.zeros(3, cap, dtype=torch.long, device=self.device)
         self._inflight: _Launch | None = None
         self._buckets = _token_buckets(self.step_tokens)
-        self._graphs: dict[tuple[int, bool, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, bool, int, bool], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._load_stream = torch.cuda.Stream(self.device) if cuda else None
         # Pinned staging buffers for adapter loads (a slot's worth each), allocated once: loads run in parallel
@@ -494,7 +494,7 @@ class FastEngine(FastLlama, GenerationLoop):
     def _run_step(self, nt: int, lora: bool, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
             return self._step_body(nt, lora, ctx)
-        key = (nt, lora, ctx)
+        key = (nt, lora, ctx, self.one_kernel_lora)
         entry = self._graphs.get(key)
         if entry is None:
             saved = self._tok.clone()

@@ -167,6 +167,8 @@ class FastLlama:
         self.hidden = cfg.hidden_size
         self.use_triton = (lora_ops.triton_available() and cuda) if use_triton is None else use_triton
         self.triton_attention = self.use_triton
+        #: LoRA in one Triton kernel per projection group instead of shrink + expand (to be measured; off).
+        self.one_kernel_lora = False
         self.blocks_per_seq = -(-self.max_seq // BLOCK)
         kv = int(kv_tokens or max_batch * self.max_seq)
         # At least one sequence of max_seq fits, so every request can run (alone, at worst); + the scratch block 0.
@@ -353,7 +355,8 @@ class FastLlama:
         if grp is None or idx is None:
             return y
         if self.use_triton and x.dim() == 2:
-            return lora_ops.lora_triton(y, x, grp.a, grp.bt, idx, self.ranks, grp.seg, self.max_rank)
+            kernel = lora_ops.lora_triton_one if self.one_kernel_lora else lora_ops.lora_triton
+            return kernel(y, x, grp.a, grp.bt, idx, self.ranks, grp.seg, self.max_rank)
         if x.dim() == 2:
             out = lora_ops.lora_torch(y[:, None], x[:, None], grp.a, grp.bt, idx.long(), grp.seg, self.max_rank)
             return out[:, 0]

@@ -78,7 +78,10 @@ class ObjectStore:
         self.attempts = attempts
         self.backoff_s = backoff_s
         # minio's own urllib3 pool retries too; keep its retries short so ours (which know what is transient) rule.
+        # maxsize: connections kept per host; serving workers fetch adapters from several threads at once (with the
+        # default of 1, every other parallel fetch opened a connection and threw it away).
         http = urllib3.PoolManager(
+            maxsize=32,
             timeout=urllib3.Timeout(connect=5, read=60),
             retries=urllib3.Retry(total=1, backoff_factor=0.1, status_forcelist=[]),
         )

@@ -73,3 +73,23 @@ def test_a_stream_whose_client_leaves_stops_generating(busy):
     while engine.has_work() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.active == 0
+
+
+def test_a_stream_can_end_with_its_token_counts(busy):
+    """OpenAI's stream_options.include_usage: a last event with empty choices and the usage of the answer."""
+    import orjson
+
+    body = {"model": TINY_RANDOM_ID, "prompt": "Hello there", "max_tokens": 12, "stream": True}
+    with busy.client().stream(
+        "POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}
+    ) as r:
+        events = [orjson.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 12
+    assert last["usage"]["prompt_tokens"] + 12 == last["usage"]["total_tokens"]
+    assert chunks and all(c["choices"] and "usage" not in c for c in chunks)
+    full = busy.post("/v1/completions", json={**body, "stream": False}).json()
+    assert (
+        full["usage"] == last["usage"]
+        and "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
+    )

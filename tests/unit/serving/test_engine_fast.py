@@ -419,3 +419,27 @@ def test_triton_fused_ops_equal_their_references(dtype):
     torch.testing.assert_close(q1, q2, **tol)
     torch.testing.assert_close(caches[0], caches[2], **tol)
     torch.testing.assert_close(caches[1], caches[3], **tol)
+
+
+@pytest.mark.skipif(not lora_ops.triton_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("nseg,k,n", [(3, 64, 96), (1, 64, 64), (2, 64, 600), (1, 160, 64)])
+def test_triton_lora_kernels_equal_the_torch_path(nseg, k, n):
+    """Both Triton LoRA paths (shrink + expand, and the one-kernel variant) against lora_torch, mixed ranks."""
+    g = torch.Generator().manual_seed(nseg * 1000 + n)
+    r = 8
+    a = torch.randn(9, nseg * r, k, generator=g)
+    bt = torch.randn(9, r, n, generator=g)
+    ranks = torch.randint(0, r + 1, (9,), generator=g, dtype=torch.int32)
+    ranks[8] = 0
+    for s in range(9):
+        for j in range(nseg):
+            a[s, j * r + int(ranks[s]) : (j + 1) * r] = 0
+        bt[s, int(ranks[s]) :] = 0
+    seg = tuple(round(i * n / nseg) for i in range(nseg + 1))
+    idx = torch.randint(0, 9, (37,), generator=g)
+    x, y = torch.randn(37, k, generator=g), torch.randn(37, n, generator=g)
+    want = lora_ops.lora_torch(y[:, None], x[:, None], a, bt, idx, seg, r)[:, 0]
+    cuda = [t.cuda() for t in (y, x, a, bt, idx, ranks.cuda())]
+    for kernel in (lora_ops.lora_triton, lora_ops.lora_triton_one):
+        got = kernel(*cuda, seg, r).cpu()
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
