@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -89,9 +89,8 @@ class Generation:
         return self.finish_reason is not None
 
 
-@dataclass(frozen=True)
-class StepOutput:
-    """One token produced by a step for one request (for streaming)."""
+class StepOutput(NamedTuple):
+    """One token produced by a step for one request (for streaming; a tuple: one is made per token)."""
 
     generation: Generation
     token_id: int

@@ -108,7 +108,7 @@ class Server:
         # Submitting does not take the engine lock (a step holds it for milliseconds and a waiting thread may lose
         # the race for it many steps in a row): the engine's queue takes appends from any thread, and this short
         # lock only makes "submit + register the stream" atomic against the engine thread's token delivery.
-        self._streams_lock = threading.Lock()
+        self._streams_lock = threading.RLock()  # re-entrant: a stream dropped by the GC may close inside it
         #: Prompt + generated tokens of one request, at most (the base's max_position_embeddings, and the fast
         #: engine's max_seq).
         self.context: int = int(self.engine.max_positions)
