@@ -42,7 +42,8 @@ def silu_mul_torch(gu: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gu[..., :half]) * gu[..., half:]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of ``x [..., D]`` with ``cos, sin`` broadcast to it."""
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rot * sin
@@ -64,8 +65,8 @@ def rope_cache_torch(
     t = qkv.shape[0]
     bs, d = k_cache.shape[2], k_cache.shape[3]
     c, s = cos[pos][:, None], sin[pos][:, None]
-    q = _rope(qkv[:, : hq * d].view(t, hq, d), c, s)
-    k = _rope(qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d), c, s)
+    q = rope_torch(qkv[:, : hq * d].view(t, hq, d), c, s)
+    k = rope_torch(qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d), c, s)
     v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
     blk, off = loc // bs, loc % bs
     k_cache[blk, :, off] = k

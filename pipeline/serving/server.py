@@ -22,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,8 +102,8 @@ class Server:
             warmup()  # every CUDA graph captured before the first request
         self.lock = threading.Lock()  # the engine: steps, submits, scoring (not slot loads: `engine_slots`)
         self.wake = threading.Event()
-        #: Where each running request's tokens go: a thread's queue, or an event loop's (`generate_async`).
-        self.streams: dict[int, queue.Queue[int | None] | _LoopSink] = {}
+        #: Where each running request's tokens go: the queue of its consumer's event loop (`generate_async`).
+        self.streams: dict[int, _LoopSink] = {}
         # Submitting does not take the engine lock (a step holds it for milliseconds and a waiting thread may lose
         # the race for it many steps in a row): the engine's queue takes appends from any thread, and this short
         # lock only makes "submit + register the stream" atomic against the engine thread's token delivery.
@@ -154,21 +153,14 @@ class Server:
             self._deliver([(out.generation.id, out.token_id, out.finished) for out in outputs])
 
     def _deliver(self, items: list[tuple[int, int | None, bool]]) -> None:
-        """Hand a step's tokens to their requests: straight into a thread's queue, or in one call per event loop
-        (one wake-up of the loop per step, whatever the number of its streams)."""
+        """Hand a step's tokens to their requests: one call per event loop (one wake-up of the loop per step,
+        whatever the number of its streams)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[int | None], int | None, bool]]] = {}
         with self._streams_lock:
             sinks = [self.streams.get(gen_id) for gen_id, _, _ in items]
         for (_, token, finished), sink in zip(items, sinks, strict=True):
-            if sink is None:
-                continue
-            if isinstance(sink, _LoopSink):
+            if sink is not None:
                 by_loop.setdefault(sink.loop, []).append((sink.queue, token, finished))
-                continue
-            if token is not None:
-                sink.put(token)
-            if finished:
-                sink.put(None)
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
@@ -276,25 +268,23 @@ class Server:
         prompt_ids: list[int],
         body: CompletionBody | ChatBody,
         max_tokens: int,
-        q: queue.Queue[int | None] | _LoopSink | None = None,
-    ) -> tuple[Generation, Any]:
-        """Pin the adapter in a slot and queue the request for the engine thread (its tokens go to ``q``)."""
+        sink: _LoopSink,
+    ) -> Generation:
+        """Pin the adapter in a slot and queue the request for the engine thread (its tokens go to ``sink``)."""
         slot = self._acquire(target)
-        if q is None:
-            q = queue.Queue()
         try:
             req = EngineRequest(
                 prompt_ids, slot, max_tokens, body.temperature, body.top_p, (), body.stops(), body.seed
             )
             with self._streams_lock:
                 gen = self.engine.submit(req)
-                self.streams[gen.id] = q
+                self.streams[gen.id] = sink
         except BaseException:
             if target.key is not None:
                 self.cache.release(target.key)
             raise
         self.wake.set()
-        return gen, q
+        return gen
 
     def _end(self, target: Target, gen: Generation) -> None:
         if not gen.done:  # the client went away first: stop generating for nobody (a flag: no lock needed)
@@ -314,31 +304,13 @@ class Server:
         max_tokens: int,
         loop: asyncio.AbstractEventLoop,
     ) -> AsyncTokenStream:
-        """As `generate`, for a consumer on ``loop``: the tokens arrive on that loop (one hand-over per engine
-        step), so a stream holds no thread while it waits. Call from any thread (acquiring may read disk)."""
+        """The generation's token ids, for a consumer on ``loop``: they arrive on that loop (one hand-over per
+        engine step), so a waiting request holds no thread. The adapter is acquired now (its errors raise here,
+        before a response starts) and stays pinned in its slot until the stream ends or is closed. Call from any
+        thread (acquiring may read disk)."""
         sink = _LoopSink(loop, asyncio.Queue())
-        gen, _ = self._start(target, prompt_ids, body, max_tokens, sink)
+        gen = self._start(target, prompt_ids, body, max_tokens, sink)
         return AsyncTokenStream(lambda: self._end(target, gen), sink.queue, gen)
-
-    def generate(
-        self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody, max_tokens: int
-    ) -> TokenStream:
-        """Token ids as the engine produces them. The adapter is acquired now (its errors raise here, before a
-        response starts) and stays pinned in its slot until the stream ends or is closed."""
-        gen, q = self._start(target, prompt_ids, body, max_tokens)
-        return TokenStream(lambda: self._end(target, gen), q, gen)
-
-    def run(
-        self, target: Target, prompt_ids: list[int], body: CompletionBody | ChatBody, max_tokens: int
-    ) -> Generation:
-        """Generate to the end and return the finished generation."""
-        gen, q = self._start(target, prompt_ids, body, max_tokens)
-        try:
-            while q.get(timeout=300) is not None:
-                pass
-        finally:
-            self._end(target, gen)
-        return gen
 
     def score(self, target: Target, prompt: str | None, text: str) -> dict[str, Any]:
         """Per-token log-likelihood of ``text`` (after ``prompt``, if given) under the target."""
@@ -409,31 +381,6 @@ class AsyncTokenStream:
                 yield run
                 if ended:
                     return
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-    def __del__(self) -> None:
-        self.close()
-
-
-class TokenStream:
-    """The tokens of one generation; closing it (or dropping it unread) releases the request's adapter."""
-
-    def __init__(self, release: Callable[[], None], tokens: queue.Queue[int | None], generation: Generation) -> None:
-        self._release: Callable[[], None] | None = release
-        self._tokens = tokens
-        #: The generation's live state: ``finish_reason`` says how it ended once the iteration is over.
-        self.generation = generation
-
-    def __iter__(self) -> Iterator[int]:
-        try:
-            while (token := self._tokens.get(timeout=300)) is not None:
-                yield token
         finally:
             self.close()
 
