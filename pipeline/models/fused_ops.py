@@ -106,31 +106,31 @@ if triton is not None:
     def _rope_cache_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, loc_ptr, kc_ptr, vc_ptr, q_ptr,
         stride_qkv, stride_kb, stride_kh, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
     ):  # fmt: skip
+        # one program per token: every head (q heads, then k, then v) as one [BLOCK_H, D] tile
         t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        offs = tl.arange(0, D)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        offs = tl.arange(0, D)[None, :]
         half: tl.constexpr = D // 2
+        hmask = h < HQ + 2 * HKV
         src = qkv_ptr + t * stride_qkv + h * D
-        x = tl.load(src + offs)
-        if h < HQ + HKV:
-            p = tl.load(pos_ptr + t).to(tl.int64)
-            partner = tl.load(src + (offs + half) % D).to(tl.float32)
-            rot = tl.where(offs < half, -partner, partner).to(x.dtype).to(tl.float32)
-            c = tl.load(cos_ptr + p * D + offs).to(tl.float32)
-            s = tl.load(sin_ptr + p * D + offs).to(tl.float32)
-            a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
-            b = (rot * s).to(x.dtype).to(tl.float32)
-            x = (a + b).to(x.dtype)
-        if h < HQ:
-            tl.store(q_ptr + (t * HQ + h) * D + offs, x)
-        else:
-            loc = tl.load(loc_ptr + t).to(tl.int64)
-            at = (loc // BS) * stride_kb + (loc % BS) * D + offs
-            if h < HQ + HKV:
-                tl.store(kc_ptr + at + (h - HQ) * stride_kh, x)
-            else:
-                tl.store(vc_ptr + at + (h - HQ - HKV) * stride_kh, x)
+        x = tl.load(src + offs, mask=hmask, other=0.0)
+        p = tl.load(pos_ptr + t).to(tl.int64)
+        partner = tl.load(src + (offs + half) % D, mask=hmask, other=0.0).to(tl.float32)
+        rot = tl.where(offs < half, -partner, partner).to(x.dtype).to(tl.float32)
+        c = tl.load(cos_ptr + p * D + offs).to(tl.float32)
+        s = tl.load(sin_ptr + p * D + offs).to(tl.float32)
+        a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+        b = (rot * s).to(x.dtype).to(tl.float32)
+        x = tl.where(h < HQ + HKV, (a + b).to(x.dtype), x)
+        tl.store(q_ptr + (t * HQ + h) * D + offs, x, mask=h < HQ)
+        loc = tl.load(loc_ptr + t).to(tl.int64)
+        at = (loc // BS) * stride_kb + (loc % BS) * D + offs
+        kmask = (h >= HQ) & (h < HQ + HKV)
+        tl.store(kc_ptr + at + (h - HQ) * stride_kh, x, mask=kmask)
+        vmask = (h >= HQ + HKV) & hmask
+        tl.store(vc_ptr + at + (h - HQ - HKV) * stride_kh, x, mask=vmask)
 
 
 def add_rms(
@@ -168,13 +168,13 @@ def rope_cache(
     hq: int,
     hkv: int,
 ) -> torch.Tensor:
-    """Triton `rope_cache_torch`: one program per token and head (q heads, then k, then v)."""
+    """Triton `rope_cache_torch`: one program per token, all its heads (q, then k, then v) as one tile."""
     t = qkv.shape[0]
     bs, d = k_cache.shape[2], k_cache.shape[3]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()
     q = torch.empty(t, hq, d, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(t, hq + 2 * hkv)](
+    _rope_cache_kernel[(t,)](
         qkv, cos, sin, pos, loc, k_cache, v_cache, q, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-        HQ=hq, HKV=hkv, D=d, BS=bs,
+        HQ=hq, HKV=hkv, D=d, BS=bs, BLOCK_H=triton.next_power_of_2(hq + 2 * hkv),
     )  # fmt: skip
     return q

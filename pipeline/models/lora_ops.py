@@ -229,6 +229,11 @@ if triton is not None:
         tl.store(o_ptr + t * stride_qt + (h * G + offs_g)[:, None] * D + offs_d[None, :], out, mask=gmask[:, None])
 
 
+# Launch configuration of the paged-attention kernel (tokens per loop step, warps, pipeline stages); chosen on an
+# H200 by bench/serving_kernels.py (bench/results/serving_kernels.md).
+PAGED_ATTN_CONFIG: dict[str, int] = {"BLOCK_T": 64, "num_warps": 2, "num_stages": 3}
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -236,6 +241,7 @@ def paged_attention(
     table: torch.Tensor,
     seq: torch.Tensor,
     pos: torch.Tensor,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Triton paged attention (equals `paged_attention_torch`): one program per token and kv head walks the
     token's sequence's blocks up to its position (online softmax in float32); no context bound is needed."""
@@ -244,9 +250,11 @@ def paged_attention(
     o = torch.empty_like(q)
     g = hq // hkv
     assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and table.is_contiguous()
+    cfg = config or PAGED_ATTN_CONFIG
     _paged_attn_kernel[(t, hkv)](
         q, k_cache, v_cache, table, seq, pos, o, 1.0 / d**0.5, q.stride(0), k_cache.stride(0), k_cache.stride(1),
-        table.stride(0), G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_T=64,
+        table.stride(0), G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_T=cfg["BLOCK_T"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return o
 
