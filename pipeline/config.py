@@ -369,6 +369,14 @@ class ServingSettings(BaseSettings):
         description="Fast engine: tokens of one step (a decode token per running request plus chunks of prompts "
         "being admitted); 0 = max_batch + 2048. Smaller keeps inter-token latency low under long prompts.",
     )
+    gil_switch_interval_ms: float = Field(
+        0.1,
+        ge=0.01,
+        le=100,
+        description="Python's thread switch interval in the worker (`sys.setswitchinterval`). The engine thread "
+        "gives the GIL away at every torch call and waits up to this long to get it back while the HTTP loop runs "
+        "Python; Python's own 5 ms made steps of ~15 calls take tens of milliseconds under load.",
+    )
     max_tokens: int = Field(
         256,
         ge=1,

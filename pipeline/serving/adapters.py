@@ -3,12 +3,13 @@ packed and a slot loaded (`SlotLoader`), and where its files come from (the regi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import Tensor
+import orjson
+from safetensors.torch import load as load_safetensors
 
 from pipeline.domain.errors import CapacityExhausted, NotFound, PersonaError
 from pipeline.models.multilora import AdapterLimitError
@@ -53,12 +54,48 @@ class Packed(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file, from its header: dtype name (``BF16``, ``F32``...), shape, byte range in
+    the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def safetensors_header(raw: bytes) -> tuple[dict[str, TensorEntry], int]:
+    """The tensors a safetensors file holds (from its header only, no tensor is built) and where its data section
+    starts. Raises AdapterLimitError for a file that is not safetensors."""
+    if len(raw) < 8:
+        raise AdapterLimitError("adapter_model.safetensors is shorter than its header length")
+    n = int.from_bytes(raw[:8], "little")
+    if n > len(raw) - 8:
+        raise AdapterLimitError(f"adapter_model.safetensors: header length {n} exceeds the file ({len(raw)} bytes)")
+    try:
+        header = orjson.loads(raw[8 : 8 + n])
+        entries = {
+            name: TensorEntry(str(e["dtype"]), tuple(int(d) for d in e["shape"]), *map(int, e["data_offsets"]))
+            for name, e in header.items()
+            if name != "__metadata__"
+        }
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise AdapterLimitError(f"adapter_model.safetensors has no valid header: {err}") from err
+    data = 8 + n
+    for name, entry in entries.items():
+        if not 0 <= entry.start <= entry.end <= len(raw) - data:
+            raise AdapterLimitError(f"adapter_model.safetensors: tensor {name!r} lies outside the file")
+    return entries, data
+
+
 class SlotLoader(Protocol):
     """Device slots of the serving engine (its multi-LoRA slots).
 
-    - ``pack(tensors, config)``: check a parsed PEFT adapter against the slots' limits and lay it out in the slot
-      layout, in host memory, once per host-tier entry. Raises AdapterLimitError when it does not fit. Pure and
-      thread-safe; touches no slot and never takes the engine's lock.
+    - ``pack(weights, config)``: check a PEFT adapter (its adapter_model.safetensors bytes and config) against the
+      slots' limits and lay it out in the slot layout, in host memory, once per host-tier entry. Raises
+      AdapterLimitError when it does not fit. Pure and thread-safe; touches no slot and never takes the engine's
+      lock.
     - ``load(slot, packed)``: copy a packed adapter into ``slot``, replacing whatever it held (no ``clear`` needed
       first). May run while the engine steps, in another thread: no queued or running request uses a slot being
       loaded (the cache reserved it for the loading adapter).
@@ -67,7 +104,7 @@ class SlotLoader(Protocol):
     Called from several threads, never twice at once for one slot.
     """
 
-    def pack(self, tensors: dict[str, Tensor], config: dict[str, Any]) -> Packed: ...
+    def pack(self, weights: bytes, config: dict[str, Any]) -> Packed: ...
 
     def load(self, slot: int, packed: Any) -> None: ...
 
@@ -75,11 +112,11 @@ class SlotLoader(Protocol):
 
 
 class EngineSlots:
-    """SlotLoader over a serving engine's slots: ``pack_adapter`` / ``load_packed`` / ``clear_adapter`` (both
-    engines have them).
+    """SlotLoader over a serving engine's slots: ``pack_adapter`` (or ``pack_adapter_bytes``, straight from the file's
+    bytes, where the engine has it) / ``load_packed`` / ``clear_adapter``.
 
     The engines' contract: ``load_packed`` and ``clear_adapter`` may be called from another thread while
-    ``step`` runs, provided no queued or running request uses that slot; ``pack_adapter`` is pure. ``clear_lock``,
+    ``step`` runs, provided no queued or running request uses that slot; packing is pure. ``clear_lock``,
     when given, is held around ``clear_adapter`` for an engine whose clear is not safe beside a running step.
     """
 
@@ -87,8 +124,13 @@ class EngineSlots:
         self.engine = engine
         self.clear_lock = clear_lock
 
-    def pack(self, tensors: dict[str, Tensor], config: dict[str, Any]) -> Packed:
-        packed: Packed = self.engine.pack_adapter(tensors, config)
+    def pack(self, weights: bytes, config: dict[str, Any]) -> Packed:
+        from_bytes = getattr(self.engine, "pack_adapter_bytes", None)
+        packed: Packed
+        if from_bytes is not None:
+            packed = from_bytes(weights, config)
+        else:
+            packed = self.engine.pack_adapter(load_safetensors(weights), config)
         return packed
 
     def load(self, slot: int, packed: Any) -> None:
@@ -99,11 +141,11 @@ class EngineSlots:
             self.engine.clear_adapter(slot)
 
 
-def check_limits(config: dict[str, Any], tensors: dict[str, Tensor] | None, limits: AdapterLimits) -> None:
+def check_limits(config: dict[str, Any], tensors: Mapping[str, Any] | None, limits: AdapterLimits) -> None:
     """Raise AdapterLimitError unless the adapter's rank and target modules are within ``limits``.
 
-    The PEFT config is checked first; the tensors (when given) are checked too, so an adapter whose config
-    understates its rank or modules is refused as well.
+    The PEFT config is checked first; the tensors (when given: anything with a ``shape`` per name, tensors or
+    `TensorEntry`) are checked too, so an adapter whose config understates its rank or modules is refused as well.
     """
     allowed = ", ".join(sorted(limits.targets))
     if config.get("peft_type", "LORA") != "LORA":

@@ -33,6 +33,7 @@ import asyncio
 import gc
 import logging
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -450,6 +451,9 @@ def uvicorn_servers(server: Server) -> tuple[Any, Any | None]:
     # What is alive now (the base, the engine, the libraries) lives as long as the worker: keep it out of the cyclic
     # garbage collector's full passes, which otherwise stall the engine thread for tens of milliseconds.
     gc.freeze()
+    # The engine thread gives the GIL away at each torch call of a step; under load the event loop holds it for up
+    # to the switch interval each time (Python's default 5 ms), so a step waited tens of milliseconds.
+    sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
     api = uvicorn.Server(
         uvicorn.Config(create_app(server, admin=not separate), host=cfg.host, port=cfg.port, log_level="info")
     )

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from safetensors.torch import load as load_safetensors
 
 from pipeline.domain.errors import NotFound
 from pipeline.domain.revisions import ADAPTER_FILES
@@ -49,6 +48,7 @@ from pipeline.serving.adapters import (
     SlotLoader,
     SlotsExhausted,
     check_limits,
+    safetensors_header,
 )
 from pipeline.storage.objects import CorruptObject, sha256_hex
 
@@ -297,9 +297,9 @@ class AdapterCache:
         except (orjson.JSONDecodeError, KeyError) as e:
             raise AdapterLimitError(f"{key}: adapter_config.json is missing or not JSON: {e}") from e
         check_limits(config, None, self.limits)  # before parsing the weights: cheap refusals first
-        tensors = load_safetensors(files[_WEIGHTS])
-        check_limits(config, tensors, self.limits)
-        packed = self.loader.pack(tensors, config)  # AdapterLimitError for the engine's own checks; no slot touched
+        weights = files[_WEIGHTS]
+        check_limits(config, safetensors_header(weights)[0], self.limits)
+        packed = self.loader.pack(weights, config)  # AdapterLimitError for the engine's own checks; no slot touched
         host = _Host(packed, int(packed.nbytes))
         m.ADAPTER_LOAD_SECONDS.labels(HOST).observe(time.perf_counter() - start)
         with self._lock:

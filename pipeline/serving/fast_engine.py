@@ -140,6 +140,10 @@ class FastEngine(FastLlama, GenerationLoop):
         self._upd_host = [torch.zeros(3, cap, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._upd_dev = torch.zeros(3, cap, dtype=torch.long, device=self.device)
         self._inflight: _Launch | None = None
+        # Step-done events, reused in turn (at most two steps are in flight): one torch call a step fewer, and each
+        # call gives the GIL away (`ServingSettings.gil_switch_interval_ms`).
+        self._events = [torch.cuda.Event() for _ in range(3)] if cuda else []
+        self._event_turn = 0
         self._buckets = _token_buckets(self.step_tokens)
         self._graphs: dict[tuple[int, bool, int, bool], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -472,8 +476,9 @@ class FastEngine(FastLlama, GenerationLoop):
         self._host_flip ^= 1
         out.copy_(nxt[:nout], non_blocking=True)
         event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
+        if self._events:
+            event = self._events[self._event_turn]
+            self._event_turn = (self._event_turn + 1) % len(self._events)
             event.record()
         self.counters["steps"] += 1
         return _Launch(seqs, lengths, out, None if greedy else logits, event)

@@ -32,10 +32,12 @@ and gate|up into one matrix each); the base itself is never modified.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,26 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("down", ("down_proj",)),
 )
 _MODULE_GROUP = {m: (g, j) for g, ms in GROUPS for j, m in enumerate(ms)}
+# safetensors dtypes `FastLlama.pack_adapter_bytes` reads with numpy (bfloat16 as its raw 16 bits), and the engine
+# dtypes it writes
+_NP_SOURCE: dict[str, Any] = {"BF16": np.dtype(np.uint16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
+_NP_TARGET = (torch.bfloat16, torch.float16, torch.float32)
+_BytePlan = tuple[int, int, np.ndarray, np.ndarray, np.ndarray]  # FastLlama._byte_plan
+
+
+def _np_to_torch(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """float32 values -> a ``dtype`` tensor, rounded as ``Tensor.to(dtype)`` rounds (to nearest, ties to even)."""
+    if dtype == torch.float32:
+        return torch.from_numpy(values)
+    if dtype == torch.float16:
+        return torch.from_numpy(values.astype(np.float16))
+    bits = values.view(np.uint32)
+    out = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return torch.from_numpy(out).view(torch.bfloat16)
+
 
 #: Tokens per KV cache block.
 BLOCK = 16
@@ -238,6 +260,8 @@ class FastLlama:
         self.lora = torch.zeros(self.slots + 1, off, dtype=dt, device=dev)
         self.ranks = torch.zeros(self.slots + 1, dtype=torch.int32, device=dev)
         self._slot_maps: dict[int, torch.Tensor] = {}
+        self._byte_plans: dict[tuple[Any, ...], _BytePlan] = {}  # pack_adapter_bytes
+        self._byte_plans_lock = threading.Lock()
         for i, g, mods, k, seg, a_off, b_off in plan:
             a = self.lora[:, a_off : a_off + len(mods) * r * k].unflatten(1, (len(mods) * r, k))
             bt = self.lora[:, b_off : b_off + r * seg[-1]].unflatten(1, (r, seg[-1]))
@@ -272,10 +296,101 @@ class FastLlama:
         spreads it into a slot on the device. Raises AdapterLimitError when it does not fit; nothing is changed.
         """
         multilora.check_lora_config(config)
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state.items():
+        rank, placed = self._placement({k: tuple(t.shape) for k, t in state.items()})
+        offsets, numel = self._compact_layout(rank)
+        flat = torch.zeros(numel, dtype=torch.float32)
+        scale = multilora.lora_scaling(config, rank)
+        for layer, name, a_key, b_key in placed:
+            gname, j = _MODULE_GROUP[name]
+            grp = self.layers[layer].groups[gname]
+            a_off, b_off = offsets[(layer, gname)]
+            n_all = grp.seg[-1]
+            flat[a_off + j * rank * grp.k : a_off + (j + 1) * rank * grp.k] = state[a_key].float().flatten()
+            b_view = flat[b_off : b_off + rank * n_all].view(rank, n_all)
+            b_view[:, grp.seg[j] : grp.seg[j + 1]] = state[b_key].float().T * scale
+        # Pageable memory: pinning each adapter (cudaHostAlloc) stalled packing for seconds under load; a load
+        # copies through one of the engine's pinned staging buffers instead (`FastEngine.load_packed`).
+        return PackedAdapter(flat.to(self.dtype), rank)
+
+    def pack_adapter_bytes(self, weights: bytes, config: dict[str, Any]) -> PackedAdapter:
+        """`pack_adapter` straight from an adapter_model.safetensors file's bytes, equal to it bit for bit.
+
+        No tensor per module is built: the file's header gives each tensor's place, a gather map from the file's data
+        to the compact layout is built once per header layout (adapters written by one trainer share it) and kept,
+        and packing is a few whole-array numpy operations. A serving worker packs every adapter that enters its
+        host tier, while its engine thread and HTTP loop run: `pack_adapter`'s ~8 torch calls per module (~1,700 for
+        SmolLM2) each gave the GIL away and waited to get it back, tens of milliseconds to seconds per adapter
+        under load. Files mixing dtypes, or of dtypes other than BF16/F16/F32, take the `pack_adapter` path.
+        """
+        from pipeline.serving.adapters import safetensors_header
+
+        multilora.check_lora_config(config)
+        entries, data = safetensors_header(weights)
+        dtypes = {e.dtype for e in entries.values()}
+        src = _NP_SOURCE.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+        if src is None or self.dtype not in _NP_TARGET:
+            from safetensors.torch import load as load_safetensors
+
+            return self.pack_adapter(load_safetensors(weights), config)
+        signature = (*sorted((k, e.shape, e.start, e.end) for k, e in entries.items()), src.itemsize)
+        with self._byte_plans_lock:
+            plan = self._byte_plans.get(signature)
+        if plan is None:
+            plan = self._byte_plan(entries, src.itemsize)
+            with self._byte_plans_lock:
+                if len(self._byte_plans) >= 64:  # layouts seen: one per trainer configuration, in practice
+                    self._byte_plans.pop(next(iter(self._byte_plans)))
+                self._byte_plans[signature] = plan
+        rank, count, gather, absent, b_index = plan
+        raw = np.frombuffer(weights, dtype=src, count=count, offset=data)
+        scale = np.float32(multilora.lora_scaling(config, rank))
+        if src == np.uint16 and self.dtype == torch.bfloat16:  # bf16 -> bf16: A values move as they are
+            bits = raw[gather]
+            bits[absent] = 0
+            b = (bits[b_index].astype(np.uint32) << 16).view(np.float32)
+            bits[b_index] = _np_to_torch(b * scale, torch.bfloat16).view(torch.uint16).numpy()
+            return PackedAdapter(torch.from_numpy(bits).view(torch.bfloat16), rank)
+        if src == np.uint16:
+            packed = (raw[gather].astype(np.uint32) << 16).view(np.float32)
+        else:
+            packed = raw[gather].astype(np.float32)
+        packed[absent] = 0.0
+        packed[b_index] *= scale
+        return PackedAdapter(_np_to_torch(packed, self.dtype), rank)
+
+    def _byte_plan(self, entries: dict[str, Any], itemsize: int) -> _BytePlan:
+        """(rank, values in the file, gather, absent, b_index) for one header layout: packed[i] = data[gather[i]],
+        but zero at ``absent`` (modules the adapter does not have), and the packed positions of B values (scaled)."""
+        rank, placed = self._placement({k: e.shape for k, e in entries.items()})
+        offsets, numel = self._compact_layout(rank)
+        count = max(e.end for e in entries.values()) // itemsize
+        gather = np.full(numel, -1, dtype=np.int64)
+        b_parts = []
+        for layer, name, a_key, b_key in placed:
+            gname, j = _MODULE_GROUP[name]
+            grp = self.layers[layer].groups[gname]
+            a_off, b_off = offsets[(layer, gname)]
+            a, b = entries[a_key], entries[b_key]
+            if a.start % itemsize or b.start % itemsize:
+                raise AdapterLimitError(f"tensor {a_key!r} or {b_key!r} is not aligned to its dtype in the file")
+            n_all, n = grp.seg[-1], grp.seg[j + 1] - grp.seg[j]
+            a_dst = a_off + j * rank * grp.k
+            gather[a_dst : a_dst + rank * grp.k] = a.start // itemsize + np.arange(rank * grp.k)
+            rr, c = np.arange(rank)[:, None], np.arange(n)[None, :]
+            dst = (b_off + rr * n_all + grp.seg[j] + c).ravel()
+            gather[dst] = (b.start // itemsize + c * rank + rr).ravel()
+            b_parts.append(dst)
+        absent = np.flatnonzero(gather < 0)
+        gather[absent] = 0
+        return rank, count, gather, absent, np.concatenate(b_parts)
+
+    def _placement(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[tuple[int, str, str, str]]]:
+        """Check an adapter's tensor names and shapes against the slots: (its rank, per module (layer, projection
+        name, A's key, B's key)). Raises AdapterLimitError when it does not fit."""
+        pairs: dict[str, dict[str, str]] = {}
+        for key in shapes:
             path, which = multilora.parse_lora_key(key)
-            pairs.setdefault(path, {})[which] = tensor
+            pairs.setdefault(path, {})[which] = key
         if not pairs:
             raise AdapterLimitError("the adapter has no LoRA tensors")
         placed = []
@@ -289,34 +404,23 @@ class FastLlama:
                     f"adapter targets {path!r}, which is not a served target; allowed: {list(self.targets)}"
                 )
             layer, name = where
-            a, b = ab["A"], ab["B"]
-            r = a.shape[0]
+            a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
+            r = a_shape[0] if a_shape else 0
             k, n = self.shapes[name]
             if r > self.max_rank:
                 raise AdapterLimitError(f"adapter rank {r} at {path!r} exceeds the maximum rank {self.max_rank}")
-            if tuple(a.shape) != (r, k) or tuple(b.shape) != (n, r):
+            if tuple(a_shape) != (r, k) or tuple(b_shape) != (n, r):
                 raise AdapterLimitError(
-                    f"adapter shapes at {path!r} are A {tuple(a.shape)}, B {tuple(b.shape)}; the base layer needs "
+                    f"adapter shapes at {path!r} are A {tuple(a_shape)}, B {tuple(b_shape)}; the base layer needs "
                     f"A (r, {k}), B ({n}, r)"
                 )
             if rank and r != rank:
                 raise AdapterLimitError(f"adapter mixes ranks {rank} and {r}: one rank per adapter is served")
             rank = r
-            placed.append((layer, name, a, b))
-        offsets, numel = self._compact_layout(rank)
-        flat = torch.zeros(numel, dtype=torch.float32)
-        scale = multilora.lora_scaling(config, rank)
-        for layer, name, a, b in placed:
-            gname, j = _MODULE_GROUP[name]
-            grp = self.layers[layer].groups[gname]
-            a_off, b_off = offsets[(layer, gname)]
-            n_all = grp.seg[-1]
-            flat[a_off + j * rank * grp.k : a_off + (j + 1) * rank * grp.k] = a.float().flatten()
-            b_view = flat[b_off : b_off + rank * n_all].view(rank, n_all)
-            b_view[:, grp.seg[j] : grp.seg[j + 1]] = b.float().T * scale
-        # Pageable memory: pinning each adapter (cudaHostAlloc) stalled packing for seconds under load; a load
-        # copies through one of the engine's pinned staging buffers instead (`FastEngine.load_packed`).
-        return PackedAdapter(flat.to(self.dtype), rank)
+            placed.append((layer, name, ab["A"], ab["B"]))
+        if rank < 1:
+            raise AdapterLimitError("the adapter has rank 0")
+        return rank, placed
 
     def _compact_layout(self, r: int) -> tuple[dict[tuple[int, str], tuple[int, int]], int]:
         """Offsets of each (layer, group)'s A and B parts in a compact rank-``r`` adapter, and its length."""

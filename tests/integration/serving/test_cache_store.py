@@ -12,6 +12,7 @@ import pytest
 import torch
 from kafka import KafkaProducer
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load
 
 from pipeline.domain.revisions import EventsUsed
 from pipeline.flows import promotion
@@ -44,9 +45,9 @@ class RecordingSlots:
         self.packs = 0
         self.held: dict[int, dict] = {}
 
-    def pack(self, tensors: dict, config: dict) -> Packed:
+    def pack(self, weights: bytes, config: dict) -> Packed:
         self.packs += 1
-        return Packed(tensors)
+        return Packed(load(weights))
 
     def load(self, slot: int, packed: Packed) -> None:
         self.loads.append(slot)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import torch
 from prometheus_client import REGISTRY
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from pipeline.domain.errors import NotFound
 from pipeline.serving.adapters import AdapterKey, AdapterLimitError, AdapterLimits, SlotsExhausted
@@ -81,9 +81,9 @@ class FakeSlots:
         self.packs: list[int] = []  # the rank of each adapter packed
         self.held: dict[int, dict] = {}
 
-    def pack(self, tensors: dict, config: dict) -> FakePacked:
+    def pack(self, weights: bytes, config: dict) -> FakePacked:
         self.packs.append(config["r"])
-        return FakePacked(tensors, config)
+        return FakePacked(load(weights), config)
 
     def load(self, slot: int, packed: FakePacked) -> None:
         self.calls.append(("load", slot, packed.config["r"]))

@@ -323,6 +323,39 @@ def test_a_packed_adapter_takes_what_its_rank_needs_and_loads_like_the_unpacked_
     assert not grp.bt[5, 4:].any() and int(eng.ranks[5]) == 4 and row.any()
 
 
+@pytest.mark.parametrize("engine_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_packing_from_the_file_bytes_equals_packing_the_parsed_tensors(adapter_dirs, engine_dtype):
+    """`pack_adapter_bytes` (header + one gather map per layout, numpy) gives the very bits `pack_adapter` gives, for
+    float32 and bfloat16 files, any rank and subset of modules; a second adapter of the same layout reuses the
+    gather map and still packs its own values; float16 files take it too, and the refusals are the same."""
+    from safetensors.torch import save
+
+    eng = FastEngine(
+        LoadedBase(tiny_random(), tiny_tokenizer(), None), slots=2, max_rank=8, max_seq=32, dtype=engine_dtype
+    )
+    for path in adapter_dirs:
+        weights = (path / "adapter_model.safetensors").read_bytes()
+        state, config = read_adapter_dir(path)
+        for file_dtype in (None, torch.float16):
+            if file_dtype is not None:
+                state = {k: v.to(file_dtype) for k, v in state.items()}
+                weights = save(state)
+            want = eng.pack_adapter(state, config)
+            got = eng.pack_adapter_bytes(weights, config)
+            assert got.rank == want.rank and got.data.dtype == want.data.dtype == engine_dtype
+            assert torch.equal(got.data.view(-1).view(torch.uint8), want.data.view(-1).view(torch.uint8))
+            other = {k: torch.randn_like(v, dtype=torch.float32).to(v.dtype) for k, v in state.items()}
+            torch.testing.assert_close(
+                eng.pack_adapter_bytes(save(other), config).data, eng.pack_adapter(other, config).data, rtol=0, atol=0
+            )
+    big = FastEngine(LoadedBase(tiny_random(), tiny_tokenizer(), None), slots=2, max_rank=2, targets=["q_proj"])
+    weights = (adapter_dirs[1] / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(AdapterLimitError, match="not a served target"):
+        big.pack_adapter_bytes(weights, read_adapter_dir(adapter_dirs[1])[1])
+    with pytest.raises(AdapterLimitError, match="header"):
+        big.pack_adapter_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", {})
+
+
 def test_the_base_is_never_modified(adapter_dirs):
     model = tiny_random()
     before = weights_sha256(model)
