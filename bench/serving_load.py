@@ -82,6 +82,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -247,20 +248,30 @@ def lora_shapes(config: Any, targets: list[str]) -> list[tuple[str, int, int]]:
 
 
 def adapter_files(shapes: list[tuple[str, int, int]], rank: int, targets: list[str], seed: int) -> dict[str, bytes]:
-    """A random PEFT LoRA (bf16, as training saves it): adapter_config.json + adapter_model.safetensors."""
-    import torch
-    from safetensors.torch import save
+    """A random PEFT LoRA (bf16, as training saves it): adapter_config.json + adapter_model.safetensors.
 
-    g = torch.Generator().manual_seed(seed)
-    # One draw for the whole adapter, cut into its tensors (10,000 adapters are made at the start of a run).
-    values = torch.randn(sum(rank * (k + n) for _, k, n in shapes), generator=g)
-    state = {}
+    Built with numpy straight into the safetensors format (header + raw bfloat16 bits, rounded to nearest even as
+    torch rounds): 10,000 adapters are made at the start of a run, and one torch call per tensor made that take
+    minutes."""
+    import numpy as np
+
+    header: dict[str, Any] = {}
+    scales = []
     at = 0
     for name, k, n in shapes:
-        a, b = values[at : at + rank * k], values[at + rank * k : at + rank * (k + n)]
-        at += rank * (k + n)
-        state[f"base_model.model.{name}.lora_A.weight"] = (a.view(rank, k) / k**0.5).bfloat16()
-        state[f"base_model.model.{name}.lora_B.weight"] = (b.view(n, rank) * 0.02).bfloat16()
+        for part, shape, scale in (("A", [rank, k], 1 / k**0.5), ("B", [n, rank], 0.02)):
+            size = shape[0] * shape[1]
+            header[f"base_model.model.{name}.lora_{part}.weight"] = {
+                "dtype": "BF16", "shape": shape, "data_offsets": [2 * at, 2 * (at + size)],
+            }  # fmt: skip
+            scales.append(np.full(size, scale, dtype=np.float32))
+            at += size
+    values = np.random.default_rng(seed).standard_normal(at, dtype=np.float32) * np.concatenate(scales)
+    bits = values.view(np.uint32)
+    bf16 = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype("<u2")
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    weights = len(head).to_bytes(8, "little") + head + bf16.tobytes()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -274,7 +285,7 @@ def adapter_files(shapes: list[tuple[str, int, int]], rank: int, targets: list[s
         "base_model_name_or_path": None,
         "persona_dtype": "bfloat16",
     }
-    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": save(state)}
+    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": weights}
 
 
 def user_id(i: int) -> str:
@@ -390,11 +401,65 @@ def worker_main(spec_path: str) -> None:
     Path(spec["status_file"]).write_text(
         json.dumps({"engine": type(server.engine).__name__, "base": server.base_id, "pid": os.getpid()})
     )
+    sampler = None
+    if os.environ.get("LOAD_SAMPLE"):
+        sampler = StackSampler(Path(spec["status_file"]).with_name("stacks.txt"))
     try:
         with contextlib.suppress(KeyboardInterrupt):  # the bench stops it with SIGINT, as one stops `persona serve`
             api.run()
     finally:
+        if sampler is not None:
+            sampler.stop(server)
         server.close()
+
+
+class StackSampler:
+    """``LOAD_SAMPLE=1``: where the worker's threads spend their time. A thread samples every thread's Python stack
+    every 2 ms (``sys._current_frames``) and counts the innermost frames per thread; its own lateness shows how long
+    it waited for the GIL. Written to ``stacks.txt`` next to the worker's status file when the worker stops."""
+
+    def __init__(self, path: Path, every_s: float = 0.002) -> None:
+        import collections
+
+        self.path, self.every_s = path, every_s
+        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.late: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import sys
+        import traceback
+
+        names = {}
+        me = threading.get_ident()
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(self.every_s)
+            self.late.append(time.perf_counter() - t0 - self.every_s)
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                if ident not in names:
+                    names = {t.ident: t.name for t in threading.enumerate()}
+                stack = traceback.extract_stack(frame, limit=None)[-5:]
+                key = " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(stack))
+                self.counts[names.get(ident, str(ident))][key] += 1
+
+    def stop(self, server: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        late = sorted(self.late) or [0.0]
+        lines = [f"samples {len(self.late)}; sampler lateness (GIL wait) p50 {1e3 * late[len(late) // 2]:.2f} ms, "
+                 f"p99 {1e3 * late[int(len(late) * 0.99)]:.2f} ms, mean {1e3 * sum(late) / len(late):.2f} ms",
+                 f"engine counters: {dict(getattr(server.engine, 'counters', {}))}"]  # fmt: skip
+        for name, c in sorted(self.counts.items(), key=lambda kv: -sum(kv[1].values())):
+            total = sum(c.values())
+            lines.append(f"\n== thread {name}: {total} samples")
+            for key, n in c.most_common(25):
+                lines.append(f"{100 * n / total:5.1f}%  {key}")
+        self.path.write_text("\n".join(lines) + "\n")
 
 
 # -- the real stack: seeding the registry -------------------------------------------------------------------------
