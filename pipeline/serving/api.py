@@ -48,6 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tokenizers.decoders import DecodeStream
 
 from pipeline.config import ServingSettings, Settings
 from pipeline.domain.apikeys import Principal
@@ -115,24 +116,53 @@ def _usage(gen: Generation) -> dict[str, int]:
 
 
 class Detokenizer:
-    """The text of a token stream, piece by piece, at O(1) decoding per token (the prefix/read offsets of TGI and
-    vLLM): each step decodes a short window of recent tokens and sends what it adds; text that ends in an
-    incomplete character (U+FFFD) waits for the next token. The pieces join to the decoding of all tokens."""
+    """The text of a token stream, piece by piece; the pieces join to the decoding of all tokens, and a character
+    split over tokens comes out whole.
 
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+    With a fast tokenizer (``backend``: its `tokenizers.Tokenizer`), each token is one step of the tokenizers
+    library's `DecodeStream` (Rust, ~2.6 us a token against ~19 us for two Python ``decode`` calls; the streaming
+    worker does this for every token under the GIL the engine thread needs). Otherwise, and as the reference: each
+    step decodes a short window of recent tokens (the prefix/read offsets of TGI and vLLM) and sends what it adds;
+    text that ends in an incomplete character (U+FFFD) waits for the next token. ``flush`` checks the streamed text
+    against one decoding of all tokens and sends what is left of it.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], backend: Any = None, vocab: int | None = None) -> None:
         self.decode = decode
         self.ids: list[int] = []
         self.prefix = 0  # window start: context that makes the next tokens decode as they do in the whole
         self.read = 0  # tokens whose text was sent
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=True) if backend is not None else None
+        self._vocab = vocab
+        self._sent: list[str] = []
 
     def add(self, tokens: list[int]) -> str:
         """The new text once ``tokens`` are appended ("" while it is an incomplete character)."""
         self.ids.extend(tokens)
-        return self._step(final=False)
+        if self._stream is None:
+            return self._step(final=False)
+        pieces = []
+        for t in tokens:
+            if self._vocab is not None and not 0 <= t < self._vocab:
+                continue  # an id the tokenizer does not know has no text (as `Engine.decode_text`)
+            piece = self._stream.step(self._backend, t)
+            if piece:
+                pieces.append(piece)
+        text = "".join(pieces)
+        if text:
+            self._sent.append(text)
+        return text
 
     def flush(self) -> str:
         """What is left at the end of the stream (an incomplete character included)."""
-        return self._step(final=True)
+        if self._stream is None:
+            return self._step(final=True)
+        whole, sent = self.decode(self.ids), "".join(self._sent)
+        if whole.startswith(sent):
+            return whole[len(sent) :]
+        log.warning("streamed text differs from the decoding of its tokens; the stream ended with what was sent")
+        return ""
 
     def _step(self, final: bool) -> str:
         if self.read == len(self.ids):
@@ -308,7 +338,7 @@ def create_app(server: Server, *, admin: bool = True) -> FastAPI:
                 )
 
             async def events() -> AsyncIterator[bytes]:
-                text = Detokenizer(server.engine.decode_text)
+                text = Detokenizer(server.engine.decode_text, getattr(tok, "backend_tokenizer", None), len(tok))
                 try:
                     # Tokens that arrived together go out as one event; a character split over tokens comes whole.
                     async for run in stream.runs():

@@ -367,7 +367,11 @@ class AsyncTokenStream:
         """Lists of token ids, each what had arrived when the consumer got to it (one or more tokens)."""
         try:
             while True:
-                token = await asyncio.wait_for(self._tokens.get(), timeout_s)
+                if self._tokens.empty():  # a timeout context only when there is a wait (asyncio.wait_for made a task)
+                    async with asyncio.timeout(timeout_s):
+                        token = await self._tokens.get()
+                else:
+                    token = self._tokens.get_nowait()
                 if token is None:
                     return
                 run = [token]

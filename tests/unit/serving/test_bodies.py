@@ -116,13 +116,56 @@ def test_streamed_pieces_join_to_the_whole_text_and_never_split_a_character():
 
     tok = tiny_tokenizer()
     text = "héllo 日本語 — ok ✓ end"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    fast = _byte_bpe()
+    for tk, backend in ((tok, None), (fast, fast.backend_tokenizer)):  # the reference window; the Rust stream
+        ids = tk(text, add_special_tokens=False)["input_ids"]
 
-    def decode(x: list[int]) -> str:
-        return tok.decode(x, skip_special_tokens=True)
+        def decode(x: list[int], tk=tk) -> str:
+            return tk.decode(x, skip_special_tokens=True)
 
-    for run in (1, 2, 5):
-        d = Detokenizer(decode)
-        pieces = [d.add(ids[i : i + run]) for i in range(0, len(ids), run)] + [d.flush()]
-        assert "".join(pieces) == decode(ids) == text
-        assert not any("\ufffd" in p for p in pieces)
+        for run in (1, 2, 5):
+            d = Detokenizer(decode, backend, len(tk))
+            pieces = [d.add(ids[i : i + run]) for i in range(0, len(ids), run)] + [d.flush()]
+            assert "".join(pieces) == decode(ids) == text
+            assert not any("\ufffd" in p for p in pieces)
+            assert "".join(pieces[:-1]).startswith("héllo 日本語")  # streamed as it comes, not all at the flush
+
+
+def test_the_stream_detokenizer_equals_whole_decoding_on_random_ids_and_ends_what_is_incomplete():
+    """Random ids (byte pieces of characters cut anywhere, ids past the tokenizer's vocabulary, special tokens):
+    the streamed pieces, then the flush, join to the decoding of all ids, whatever the backend."""
+    import random
+
+    from pipeline.models.base import tiny_tokenizer
+    from pipeline.serving.api import Detokenizer
+
+    rng = random.Random(5)
+    fast = _byte_bpe()
+    for tok, backend in ((tiny_tokenizer(), None), (fast, fast.backend_tokenizer)):
+        known = len(tok)
+
+        def decode(x: list[int], tok=tok, known=known) -> str:
+            return tok.decode([i for i in x if 0 <= i < known], skip_special_tokens=True)
+
+        for _ in range(30):
+            ids = [rng.randrange(known + 20) for _ in range(rng.randrange(1, 60))]
+            d = Detokenizer(decode, backend, known)
+            pieces = [d.add([i]) for i in ids] + [d.flush()]
+            assert "".join(pieces) == decode(ids)
+
+
+def _byte_bpe():
+    """A small byte-level BPE fast tokenizer (GPT-2 / SmolLM2 style), trained here: a character of several bytes
+    may be cut over tokens, and ids of special tokens exist."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["héllo 日本語 — ok ✓ end", "the quick brown fox", "naïve café 你好 🙂", "hello hello world"] * 5
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
