@@ -213,3 +213,42 @@ def test_unsupported_lora_falls_back_to_the_single_path(tmp_path: Path) -> None:
     assert isinstance(results[0], TrainResult) and "batched_users" not in results[0].config
     assert results[0].pairs == 2 and results[0].preference_loss is not None
     assert (tmp_path / "d" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"rank": 2, "alpha": 3.0, "target_modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"},
+        {"rank": 8, "alpha": 16.0, "target_modules": "down_proj"},
+    ],
+)
+def test_a_users_start_without_peft_equals_peft_fresh_and_from_a_parent(tmp_path: Path, overrides: dict) -> None:
+    """`_start` builds a user's initial LoRA without a PeftModel: fresh from the seed (peft's draws, in its order)
+    and from a parent directory, it equals what peft builds (`_start_peft`) bit for bit, config included; LoRA
+    options it does not mirror go through peft, and what the batched path cannot train is refused the same way."""
+    from pipeline.training.multi import _start, _start_direct, _start_peft, _Unsupported
+
+    base = load_base("tiny-random")
+    cfg = settings(**overrides)
+
+    def same(x, y) -> None:
+        assert x.config.to_dict() == y.config.to_dict()
+        assert x.keys == y.keys and list(x.modules) == list(y.modules)
+        for path, (a, b, s) in x.modules.items():
+            a2, b2, s2 = y.modules[path]
+            assert a.dtype == a2.dtype == torch.float32 and s == s2
+            assert torch.equal(a, a2) and torch.equal(b, b2), path
+
+    for seed in (0, 7):
+        same(_start_direct(base, cfg, None, seed), _start_peft(base, cfg, None, seed))
+    parent = tmp_path / "parent"
+    train_adapter(base, user_examples(0, 12), parent, settings(**overrides, max_steps=2), parent_dir=None, seed=3)
+    same(_start_direct(base, cfg, parent, 5), _start_peft(base, cfg, parent, 5))
+    before = torch.random.get_rng_state()
+    _start(base, cfg, None, 11)
+    assert torch.equal(before, torch.random.get_rng_state())  # the caller's RNG stream is left as it was
+    with pytest.raises(_Unsupported):
+        _start(base, settings(**overrides, dropout=0.1), None, 0)
+    with pytest.raises(TrainingError, match="parent"):
+        _start(base, cfg, tmp_path / "missing", 0)
