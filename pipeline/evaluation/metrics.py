@@ -477,6 +477,32 @@ def evaluate(
         _fmt(candidate.general_nll),
         _fmt(base_scores.general_nll),
     )
+    return _assemble(
+        candidate,
+        current,
+        base_scores,
+        shift,
+        events=events,
+        new_events=new_events,
+        train_events_count=train_events_count,
+        new_events_count=new_events_count,
+        min_preference_pairs=min_preference_pairs,
+    )
+
+
+def _assemble(
+    candidate: ModelScores,
+    current: ModelScores | None,
+    base_scores: ModelScores,
+    shift: float | None,
+    *,
+    events: Sequence[TrainingEvent],
+    new_events: Sequence[TrainingEvent],
+    train_events_count: int,
+    new_events_count: int,
+    min_preference_pairs: int,
+) -> dict[str, Any]:
+    """`evaluate`'s result from the three models' scores (shared by `evaluate_many`)."""
     for name, scores in (("candidate", candidate), ("current", current), ("base", base_scores)):
         bad = {k: v for k, v in (scores.metrics() if scores else {}).items() if v is not None and not math.isfinite(v)}
         if bad:
@@ -565,3 +591,297 @@ def _new_shift(
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """One candidate to judge: `evaluate`'s per-user arguments."""
+
+    candidate_dir: Path
+    current_dir: Path | None
+    holdout_events: Sequence[TrainingEvent]
+    train_events_count: int
+    new_events_count: int
+    parent_last_seq: int | None = None
+    new_events: Sequence[TrainingEvent] = ()
+
+
+def evaluate_many(
+    base: LoadedBase,
+    requests: Sequence[EvalRequest],
+    *,
+    probes: list[str],
+    max_length: int = 128,
+    min_preference_pairs: int = 1,
+    general: Sequence[Example] | None = None,
+    batch_size: int = 32,
+) -> list[dict[str, Any] | BaseException]:
+    """`evaluate` for many candidates at once: per request its result (equal to `evaluate`'s within float rounding,
+    see tests/unit/evaluation) or the exception that failed it alone.
+
+    Every adapter of the requests (candidates, and the revisions serving now) goes into one stack of per-row LoRA
+    layers on the shared base (`pipeline.models.multilora.wrap_linears`, the layer batched training uses; slot 0 is
+    the base itself, a zero adapter), and every row any of them must score (holdout examples, preference answers,
+    general answers, probes, the new events under the serving revision) runs in one pass over the base, batched by
+    length, each row with its own adapter. The base's probe distributions and general NLL come from the per-base
+    cache (`_base_reference`). Adapters whose rank or modules differ from the first request's, or that do not
+    read as plain LoRA, are evaluated one request at a time by `evaluate`.
+    """
+    results: list[dict[str, Any] | BaseException | None] = [None] * len(requests)
+    general_examples = list(general) if general is not None else load_general()
+    loaded: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None, Any]] = []
+    signature: tuple[Any, ...] | None = None
+    alone: list[int] = []
+    for i, req in enumerate(requests):
+        wrong = sorted({e.split for e in req.holdout_events if e.split != "holdout"})
+        if wrong:
+            results[i] = MetricsError(f"evaluation takes holdout-split events only, got events of split {wrong}")
+            continue
+        try:
+            cand = _read_lora(Path(req.candidate_dir))
+            cur = _read_lora(Path(req.current_dir)) if req.current_dir is not None else None
+        except _NotStackable as e:
+            log.debug("request %d evaluated alone: %s", i, e)
+            alone.append(i)
+            continue
+        except Exception as e:
+            results[i] = e
+            continue
+        sig = cand[1]
+        if signature is None:
+            signature = sig
+        if sig != signature or (cur is not None and cur[1] != signature):
+            alone.append(i)
+            continue
+        loaded.append((i, cand[0], cur[0] if cur is not None else None))
+
+    if loaded:
+        try:
+            _evaluate_stacked(
+                base, requests, loaded, results, probes, general_examples, max_length, min_preference_pairs, batch_size
+            )
+        except Exception as e:  # e.g. out of memory: those requests fail, the others still get their results
+            log.exception("batched evaluation of %d candidates failed", len(loaded))
+            for i, _, _ in loaded:
+                results[i] = e
+    for i in alone:
+        req = requests[i]
+        try:
+            results[i] = evaluate(
+                base,
+                candidate_dir=req.candidate_dir,
+                current_dir=req.current_dir,
+                holdout_events=req.holdout_events,
+                train_events_count=req.train_events_count,
+                new_events_count=req.new_events_count,
+                probes=probes,
+                max_length=max_length,
+                min_preference_pairs=min_preference_pairs,
+                parent_last_seq=req.parent_last_seq,
+                new_events=req.new_events,
+                general=general_examples,
+            )
+        except Exception as e:
+            results[i] = e
+    return [r if r is not None else MetricsError("not evaluated") for r in results]
+
+
+class _NotStackable(Exception):
+    """An adapter the per-row layer does not express: evaluated alone, through peft."""
+
+
+def _read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], tuple[Any, ...]]:
+    """(module path -> (A, B, scaling), its signature: paths and rank) of a PEFT LoRA directory."""
+    from pipeline.models import multilora
+
+    state, config = multilora.read_adapter_dir(adapter_dir)
+    try:
+        multilora.check_lora_config(config)
+    except multilora.AdapterLimitError as e:
+        raise _NotStackable(str(e)) from e
+    if config.get("fan_in_fan_out") or config.get("lora_dropout") or config.get("use_dora"):
+        raise _NotStackable("fan_in_fan_out, dropout or DoRA")
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    rank = 0
+    for path in paths:
+        a, b = state.get(f"{path}.lora_A.weight"), state.get(f"{path}.lora_B.weight")
+        if a is None or b is None:
+            raise _NotStackable(f"{path} lacks lora_A or lora_B")
+        rank = int(a.shape[0])
+        modules[path] = (a.float(), b.float(), multilora.lora_scaling(config, rank))
+    if len({m[0].shape[0] for m in modules.values()}) != 1:
+        raise _NotStackable("modules of different ranks")
+    return modules, (tuple(paths), rank)
+
+
+def _evaluate_stacked(
+    base: LoadedBase,
+    requests: Sequence[EvalRequest],
+    loaded: list[tuple[int, Any, Any]],
+    results: list[dict[str, Any] | BaseException | None],
+    probes: list[str],
+    general: list[Example],
+    max_length: int,
+    min_preference_pairs: int,
+    batch_size: int,
+) -> None:
+    from pipeline.models import multilora
+
+    tok = base.tokenizer
+    model = base.model
+    device = next(model.parameters()).device
+    base_logits, general_nll, general_tokens = _base_reference(base, probes, general, max_length)
+    probe_seqs = probe_ids(tok, probes, max_length) if probes else []
+    general_encoded = [encode_example(tok, g, max_length) for g in general]
+    # slots: 0 = the base (a zero adapter), then each request's candidate and (when it has one) current
+    adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = []
+    slots: list[tuple[int, int | None]] = []
+    for _, cand, cur in loaded:
+        adapters.append(cand)
+        c = len(adapters)
+        if cur is not None:
+            adapters.append(cur)
+        slots.append((c, len(adapters) if cur is not None else None))
+    first = adapters[0]
+    stacks = {}
+    for path, (a, b, _) in first.items():
+        a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
+        stacks[path] = multilora.LoraStack(
+            torch.stack([a0] + [ad[path][0] for ad in adapters]).to(device),
+            torch.stack([b0] + [ad[path][1] for ad in adapters]).to(device),
+            torch.tensor([0.0] + [ad[path][2] for ad in adapters], dtype=torch.float32, device=device),
+        )
+    # Rows: (slot, input ids, labels or None for a probe, key); key = (request, model, part, index)
+    rows: list[tuple[int, list[int], list[int] | None, tuple[Any, ...]]] = []
+    plans = []
+    for (i, _, _), (c_slot, cur_slot) in zip(loaded, slots, strict=True):
+        req = requests[i]
+        scored = [(e, x) for e, x in ((e, example_of(e)) for e in req.holdout_events) if x is not None]
+        holdout = [encode_example(tok, x, max_length) for _, x in scored]
+        pairs = preference_pairs(req.holdout_events)
+        answers = [
+            encode_example(tok, Example(p.prompt, answer, p.event_id), max_length)
+            for p in pairs
+            for answer in (p.chosen, p.rejected)
+        ]
+        new_examples = [x for x in (example_of(e) for e in req.new_events) if x is not None]
+        shifted = [encode_example(tok, x, max_length) for x in new_examples] if cur_slot is not None else []
+        models = [("base", 0), ("candidate", c_slot)] + ([("current", cur_slot)] if cur_slot is not None else [])
+        for name, slot in models:
+            for j, e in enumerate(holdout):
+                rows.append((slot, e.input_ids, e.labels, (i, name, "holdout", j)))
+            for j, e in enumerate(answers):
+                rows.append((slot, e.input_ids, e.labels, (i, name, "pair", j)))
+            if name == "base":
+                continue
+            for j, e in enumerate(general_encoded):
+                rows.append((slot, e.input_ids, e.labels, (i, name, "general", j)))
+            for j, probe in enumerate(probe_seqs):
+                rows.append((slot, probe, None, (i, name, "probe", j)))
+        for j, e in enumerate(shifted):
+            rows.append((cur_slot or 0, e.input_ids, e.labels, (i, "current", "shift", j)))
+        plans.append((i, scored, len(holdout), len(pairs), len(shifted)))
+
+    out: dict[tuple[Any, ...], tuple[float, int]] = {}
+    pad_id = encoding.pad_id(tok)
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+    with multilora.wrap_linears(model, stacks) as lora, _eval_mode(model), torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = [rows[r] for r in order[start : start + batch_size]]
+            for _, ids, mask in _batches([r[1] for r in chunk], pad_id, len(chunk), device):
+                lora.set_rows(torch.tensor([r[0] for r in chunk], device=device))
+                logits = _forward(model, ids, mask)
+                lora.set_rows(None)
+                for row, (_, seq, labels, key) in enumerate(chunk):
+                    if labels is None:  # a probe: its KL from the base, summed over positions
+                        got = F.log_softmax(logits[row, : len(seq)], dim=-1).cpu()
+                        ref = F.log_softmax(base_logits[key[3]].float(), dim=-1)
+                        kl = float(F.kl_div(got, ref, log_target=True, reduction="sum").double())
+                        out[key] = (kl, got.shape[0])
+                        continue
+                    lp = F.log_softmax(logits[row, :-1], dim=-1)
+                    lab = torch.tensor(labels[1:], dtype=torch.long, device=device)
+                    keep = lab != IGNORE
+                    picked = lp[: len(lab)].gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                    out[key] = (float(picked[keep].double().sum()), int(keep.sum()))
+
+    for (i, scored, n_holdout, n_pairs, n_shift), (_, _, cur) in zip(plans, loaded, strict=True):
+        req = requests[i]
+        counts = (n_holdout, n_pairs, len(general_encoded), len(probe_seqs))
+        try:
+            reference = (general_nll, general_tokens)
+            candidate = _stacked_scores(out, i, "candidate", req, scored, counts, reference)
+            current = _stacked_scores(out, i, "current", req, scored, counts, reference) if cur is not None else None
+            new_shift = None
+            if current is not None:
+                prior = current.holdout_nll_prior
+                shift_rows = [out[(i, "current", "shift", j)] for j in range(n_shift)]
+                tokens = sum(n for _, n in shift_rows)
+                if prior is not None and prior > 0 and tokens:
+                    new_shift = (-sum(lp for lp, _ in shift_rows) / tokens) / prior - 1.0
+                    if not math.isfinite(new_shift):
+                        raise MetricsError(f"the new events' shift is not finite: {new_shift}")
+            results[i] = _assemble(
+                candidate,
+                current,
+                _stacked_scores(out, i, "base", req, scored, counts, reference),
+                new_shift,
+                events=list(req.holdout_events),
+                new_events=req.new_events,
+                train_events_count=req.train_events_count,
+                new_events_count=req.new_events_count,
+                min_preference_pairs=min_preference_pairs,
+            )
+        except Exception as e:
+            results[i] = e
+
+
+def _stacked_scores(
+    out: dict[tuple[Any, ...], tuple[float, int]],
+    i: int,
+    name: str,
+    req: EvalRequest,
+    scored: list[tuple[TrainingEvent, Example]],
+    counts: tuple[int, int, int, int],
+    reference: tuple[float | None, int],
+) -> ModelScores:
+    """`score_model`'s numbers for one model of request ``i`` from the rows `_evaluate_stacked` scored, summed in
+    `score_model`'s order. ``reference``: the base's general NLL and tokens (the base's rows have no general or
+    probe part)."""
+    n_holdout, n_pairs, n_general, n_probes = counts
+    got = [out[(i, name, "holdout", j)] for j in range(n_holdout)]
+    prior = [req.parent_last_seq is not None and e.seq <= req.parent_last_seq for e, _ in scored]
+    per_example = tuple((lp, n, p) for (lp, n), p in zip(got, prior, strict=True))
+    accuracy = None
+    if n_pairs:
+        answers = [out[(i, name, "pair", j)] for j in range(2 * n_pairs)]
+        per_token = [lp / n if n else -math.inf for lp, n in answers]
+        accuracy = sum(per_token[2 * k] > per_token[2 * k + 1] for k in range(n_pairs)) / n_pairs
+    general_nll, general_tokens = reference
+    drift, probe_tokens = None, 0
+    if name != "base":
+        general = [out[(i, name, "general", j)] for j in range(n_general)]
+        general_tokens = sum(n for _, n in general)
+        general_nll = -sum(lp for lp, _ in general) / general_tokens if general_tokens else None
+        if n_probes:
+            kls = [out[(i, name, "probe", j)] for j in range(n_probes)]
+            probe_tokens = sum(n for _, n in kls)
+            total = 0.0
+            for kl, _ in kls:
+                total += kl
+            drift = max(total / probe_tokens, 0.0) if probe_tokens else None
+    return ModelScores(
+        holdout_nll=_mean_nll_of(per_example),
+        holdout_examples=n_holdout,
+        holdout_tokens=sum(n for _, n in got),
+        preference_accuracy=accuracy,
+        preference_pairs=n_pairs,
+        drift_kl=drift,
+        probe_tokens=probe_tokens,
+        holdout_nll_prior=_mean_nll_of([x for x in per_example if x[2]]) if req.parent_last_seq is not None else None,
+        holdout_nll_new=_mean_nll_of([x for x in per_example if not x[2]]),
+        general_nll=general_nll,
+        general_tokens=general_tokens,
+        per_example=per_example,
+    )

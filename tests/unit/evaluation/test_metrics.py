@@ -399,3 +399,58 @@ def test_probe_file_loads_and_bad_files_are_refused(tmp_path: Path) -> None:
         load_probes(tmp_path / "missing.yaml")
     (tmp_path / "p.yaml").write_text("probes:\n  - one\n  - two\n")
     assert load_probes(tmp_path / "p.yaml") == ["one", "two"]
+
+
+# ---- evaluate_many: the batched gate ---------------------------------------------------------------------------
+
+
+def test_evaluate_many_equals_evaluate_per_request(world: SimpleNamespace, tmp_path: Path) -> None:
+    """Several candidates (with and without a serving revision, with prior/new holdout splits and new events) in
+    one stacked pass give each request the result `evaluate` gives it alone: every metric, paired interval and
+    evidence count, within float rounding (rtol 1e-5: rows run in other batches and through the per-row LoRA
+    layer); a bad request fails alone, and one of another rank is evaluated on its own."""
+    from pipeline.evaluation.metrics import EvalRequest, evaluate_many
+
+    events = world.events_a
+    cut = events[len(events) // 2].seq
+    again = [TrainingEvent(f"x{e.event_id}", e.seq, e.kind, "train", e.payload) for e in holdout(events)[:5]]
+    other_rank = tmp_path / "r2"
+    settings = TrainingSettings(rank=2, alpha=4.0, target_modules="q_proj,v_proj", max_steps=2, val_fraction=0.0)
+    train_adapter(world.base, examples_from_events(events), other_rank, settings, parent_dir=None, seed=2)
+    requests = [
+        EvalRequest(world.dir_a, None, holdout(events), 32, 32),
+        EvalRequest(world.dir_a, world.dir_b, holdout(events), 30, 12, parent_last_seq=cut, new_events=again),
+        EvalRequest(world.dir_b, world.dir_a, holdout(events), 30, 12, parent_last_seq=cut),
+        EvalRequest(world.dir_b, None, events, 1, 1),  # training events: refused, alone
+        EvalRequest(other_rank, world.dir_a, holdout(events), 30, 12, parent_last_seq=cut),  # another rank
+    ]
+    got = evaluate_many(world.base, requests, probes=world.probes, batch_size=5)
+    assert isinstance(got[3], MetricsError)
+    for req, result in zip(requests, got, strict=True):
+        if req.holdout_events is events:
+            continue
+        want = evaluate(
+            world.base,
+            candidate_dir=req.candidate_dir,
+            current_dir=req.current_dir,
+            holdout_events=req.holdout_events,
+            train_events_count=req.train_events_count,
+            new_events_count=req.new_events_count,
+            probes=world.probes,
+            parent_last_seq=req.parent_last_seq,
+            new_events=req.new_events,
+        )
+        assert isinstance(result, dict), result
+        _assert_close_tree(result, want)
+    assert got[1]["candidate"]["new_shift"] is not None and got[1]["current"] is not None
+
+
+def _assert_close_tree(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), path
+        for k in b:
+            _assert_close_tree(a[k], b[k], f"{path}.{k}")
+    elif isinstance(b, float) and isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
