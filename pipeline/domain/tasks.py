@@ -1,6 +1,7 @@
 """Names of the Celery queues and tasks: the contract between the scheduler, the workers and whoever enqueues.
 
-A task takes ids only (JSON): ``retrain_users(user_ids)``, ``retrain_user(user_id)``, ``gate(revision_id)``.
+A task takes ids only (JSON): ``retrain_users(user_ids)``, ``retrain_user(user_id)``, ``gate(revision_id)``,
+``gate_many(revision_ids)``.
 """
 
 from __future__ import annotations
@@ -16,5 +17,7 @@ QUEUES: Final = (TRAIN_QUEUE, EVALUATE_QUEUE, PUBLISH_QUEUE)
 RETRAIN_USERS: Final = "persona.train.retrain_users"
 #: Retrain one user (an operator's manual enqueue).
 RETRAIN_USER: Final = "persona.train.retrain_user"
-#: Judge a candidate revision and promote it if it passes (chained after each candidate).
+#: Judge a candidate revision and promote it if it passes (chained after each candidate of a one-user retrain).
 GATE: Final = "persona.evaluate.gate"
+#: Judge the candidates of one training batch together (one pass over the base), each decided on its own.
+GATE_MANY: Final = "persona.evaluate.gate_many"

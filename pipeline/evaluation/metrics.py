@@ -625,7 +625,7 @@ def evaluate_many(
     general answers, probes, the new events under the serving revision) runs in one pass over the base, batched by
     length, each row with its own adapter. The base's probe distributions and general NLL come from the per-base
     cache (`_base_reference`). Adapters whose rank or modules differ from the first request's, or that do not
-    read as plain LoRA, are evaluated one request at a time by `evaluate`.
+    read as plain LoRA, and a lone request, are evaluated one request at a time by `evaluate`.
     """
     results: list[dict[str, Any] | BaseException | None] = [None] * len(requests)
     general_examples = list(general) if general is not None else load_general()
@@ -655,6 +655,8 @@ def evaluate_many(
             continue
         loaded.append((i, cand[0], cur[0] if cur is not None else None))
 
+    if len(loaded) == 1:  # one candidate: peft's own path, as the single-user gate always measured it
+        alone.append(loaded.pop()[0])
     if loaded:
         try:
             _evaluate_stacked(

@@ -34,7 +34,7 @@ from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
 from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.gating import Decision, RuleSet, decide, ruleset_digest
 from pipeline.domain.revisions import Revision
-from pipeline.evaluation.metrics import evaluate, load_general, load_probes
+from pipeline.evaluation.metrics import EvalRequest, evaluate_many, load_general, load_probes
 from pipeline.flows import failpoints
 from pipeline.flows.promotion import announce_serving
 from pipeline.models.base import load_configured
@@ -80,7 +80,113 @@ def judge(
 ) -> GateResult:
     """Judge ``revision_id`` and promote it if it passes. Safe to repeat. Raises NotFound when the revision does not
     exist (a forget deleted it, or a wrong id), Forgotten when its user was forgotten while it was judged."""
+    (result,) = judge_many(
+        [revision_id], stores=stores, announcer=announcer, config=config, rules=rules, rules_source=rules_source
+    )
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def judge_many(
+    revision_ids: list[str],
+    *,
+    stores: Stores,
+    announcer: Announcer,
+    config: GateConfig,
+    rules: RuleSet,
+    rules_source: str,
+) -> list[GateResult | BaseException]:
+    """`judge` for several candidates (e.g. those of one training batch), their metrics computed together in one
+    pass over the base (`pipeline.evaluation.metrics.evaluate_many`); each candidate's steps 1, 2, 4 and 5 are its
+    own, and so is its failure: per candidate in order, its GateResult or the exception that failed it."""
     started = time.monotonic()
+    out: list[GateResult | BaseException | None] = [None] * len(revision_ids)
+    pending: list[tuple[int, _Pending]] = []
+    digest = ruleset_digest(rules)
+    for i, revision_id in enumerate(revision_ids):
+        try:
+            step = _prepare(revision_id, stores, announcer, rules_source, digest, started)
+        except Exception as e:
+            out[i] = e
+            continue
+        if isinstance(step, GateResult):
+            out[i] = step
+        else:
+            pending.append((i, step))
+    if pending:
+        base = load_configured(config.model)
+        with tempfile.TemporaryDirectory(prefix="persona-gate-") as tmp:
+            ready: list[tuple[int, _Pending, EvalRequest]] = []
+            reg = stores.registry
+            for i, p in pending:
+                try:
+                    try:
+                        cand_dir = reg.download(p.cand, Path(tmp) / p.cand.revision_id / "candidate")
+                        cur_dir = (
+                            reg.download(p.current, Path(tmp) / p.cand.revision_id / "current")
+                            if p.current is not None
+                            else None
+                        )
+                    except NotFound as e:  # the objects went with a forget, or the store lost them
+                        _raise_if_forgotten(stores, p.cand)
+                        raise e
+                except Exception as e:
+                    out[i] = e
+                    continue
+                ready.append((i, p, p.request(cand_dir, cur_dir)))
+            measured = evaluate_many(
+                base,
+                [r for _, _, r in ready],
+                probes=load_probes(config.probes),
+                min_preference_pairs=config.min_preference_pairs,
+                max_length=config.max_length,
+                general=load_general(config.probes),
+            )
+        for (i, p, _), m in zip(ready, measured, strict=True):
+            if isinstance(m, BaseException):
+                out[i] = m
+                continue
+            try:
+                decision = decide(rules, m, user_id=p.cand.user_id, app=p.record.app)
+                for r in decision.results:
+                    prom.GATE_RULE_OUTCOMES.labels(r.name, r.outcome).inc()
+                outcome = "promoted" if decision.passed else "rejected"
+                failpoints.fire(failpoints.BEFORE_DECISION, user_id=p.cand.user_id, revision_id=p.cand.revision_id)
+                out[i] = p.record(outcome, decision.passed, decision.reason, m, decision.to_dict(), digest, started)
+            except Exception as e:
+                out[i] = e
+    return [r if r is not None else PersonaError("not judged") for r in out]
+
+
+@dataclass
+class _Pending:
+    """A candidate past steps 1 and 2, with the evidence step 3 measures it on."""
+
+    cand: Revision
+    current: Revision | None
+    record: _Recorder
+    holdout: list[TrainingEvent]
+    train_count: int
+    parent_last: int | None
+    new_events: list[TrainingEvent]
+
+    def request(self, cand_dir: Path, cur_dir: Path | None) -> EvalRequest:
+        return EvalRequest(
+            candidate_dir=cand_dir,
+            current_dir=cur_dir,
+            holdout_events=self.holdout,
+            train_events_count=self.train_count,
+            new_events_count=int(self.cand.manifest["training"].get("new_events", 0)),
+            parent_last_seq=self.parent_last,
+            new_events=self.new_events,
+        )
+
+
+def _prepare(
+    revision_id: str, stores: Stores, announcer: Announcer, rules_source: str, digest: str, started: float
+) -> GateResult | _Pending:
+    """Steps 1 and 2 for one candidate (a GateResult when they decide it), else what step 3 needs."""
     with stores.db.connection() as conn:
         cand = registry.get_revision(conn, revision_id)
         done = decisions.get(conn, cand.revision_id)
@@ -103,43 +209,12 @@ def judge(
         and (parent_last is None or e.seq > parent_last)
         and (cand_last is None or e.seq <= cand_last)
     ]
-
     record = _Recorder(stores, announcer, cand, user.app, current.revision_id if current else None, rules_source)
-    digest = ruleset_digest(rules)
     if cand.parent_id != record.current_id:
         reason = f"stale: its parent {cand.parent_id or 'none'} is not production ({record.current_id or 'none'} is)"
         decision = Decision(passed=False, reason=reason, results=(), rules_digest=digest)
         return record("stale", False, reason, {}, decision.to_dict(), digest, started)
-
-    base = load_configured(config.model)
-    with tempfile.TemporaryDirectory(prefix="persona-gate-") as tmp:
-        reg = stores.registry
-        try:
-            cand_dir = reg.download(cand, Path(tmp) / "candidate")
-            cur_dir = reg.download(current, Path(tmp) / "current") if current is not None else None
-        except NotFound as e:  # the objects went with a forget, or the store lost them
-            _raise_if_forgotten(stores, cand)
-            raise e
-        m = evaluate(
-            base,
-            candidate_dir=cand_dir,
-            current_dir=cur_dir,
-            holdout_events=holdout,
-            train_events_count=train_count,
-            new_events_count=int(cand.manifest["training"].get("new_events", 0)),
-            probes=load_probes(config.probes),
-            min_preference_pairs=config.min_preference_pairs,
-            max_length=config.max_length,
-            parent_last_seq=parent_last,
-            new_events=new_events,
-            general=load_general(config.probes),
-        )
-    decision = decide(rules, m, user_id=cand.user_id, app=user.app)
-    for r in decision.results:
-        prom.GATE_RULE_OUTCOMES.labels(r.name, r.outcome).inc()
-    outcome = "promoted" if decision.passed else "rejected"
-    failpoints.fire(failpoints.BEFORE_DECISION, user_id=cand.user_id, revision_id=cand.revision_id)
-    return record(outcome, decision.passed, decision.reason, m, decision.to_dict(), digest, started)
+    return _Pending(cand, current, record, holdout, train_count, parent_last, new_events)
 
 
 def _raise_if_forgotten(stores: Stores, cand: Revision) -> None:

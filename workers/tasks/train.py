@@ -1,7 +1,8 @@
 """`persona.train.retrain_users`: retrain a batch of users' adapters together (the scheduler's task), and
 `persona.train.retrain_user`: one user (a batch of one; operators' manual enqueues). Both call
-`pipeline.flows.retrain` and chain `persona.evaluate.gate` for each candidate. A user forgotten while it trained
-has the outcome ``forgotten`` (nothing written) and is never retried."""
+`pipeline.flows.retrain` and chain the gate: `persona.evaluate.gate_many` for a batch's candidates,
+`persona.evaluate.gate` for a one-user retrain's. A user forgotten while it trained has the outcome ``forgotten``
+(nothing written) and is never retried."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import psycopg
 
 from pipeline.domain.errors import Forgotten
-from pipeline.domain.tasks import EVALUATE_QUEUE, GATE, RETRAIN_USER, RETRAIN_USERS
+from pipeline.domain.tasks import EVALUATE_QUEUE, GATE, GATE_MANY, RETRAIN_USER, RETRAIN_USERS
 from pipeline.flows.retrain import LeaseBusy, LeaseLost, Outcome, RetrainConfig, retrain, retrain_batch
 from pipeline.observability import metrics
 from pipeline.storage.db import StorageError
@@ -86,9 +87,10 @@ def retrain_user(self: Any, user_id: str) -> dict[str, Any]:
 
 @app.task(name=RETRAIN_USERS, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=60)
 def retrain_users(self: Any, user_ids: list[str]) -> dict[str, Any]:
-    """Train candidates for a batch of users together (at most PERSONA_TRAIN_BATCH_USERS at a time) and chain
-    ``persona.evaluate.gate`` for each. A user's failure is that user's alone: busy users and users that hit a
-    transient storage error are retried later in a task of their own; the others' outcomes stand."""
+    """Train candidates for a batch of users together (at most PERSONA_TRAIN_BATCH_USERS at a time) and chain one
+    ``persona.evaluate.gate_many`` for the candidates of each batch. A user's failure is that user's alone: busy
+    users and users that hit a transient storage error are retried later in a task of their own; the others'
+    outcomes stand."""
     owner = f"{socket.gethostname()}/{self.request.id}"
     config = _config()
     try:
@@ -101,7 +103,10 @@ def retrain_users(self: Any, user_ids: list[str]) -> dict[str, Any]:
     countdown = 1.0
     for start in range(0, len(user_ids), k):
         batch = list(user_ids[start : start + k])
-        results = retrain_batch(batch, stores=stores, config=config, owner=owner, on_candidate=_chain_gate)
+        candidates: list[str] = []
+        results = retrain_batch(batch, stores=stores, config=config, owner=owner, on_candidate=candidates.append)
+        if candidates:  # judged together: one pass over the base for the batch (a redelivery re-chains them)
+            app.send_task(GATE_MANY, args=[candidates], queue=EVALUATE_QUEUE)
         for user_id, result in zip(batch, results, strict=True):
             if isinstance(result, Outcome):
                 metrics.TRAINING_OUTCOMES.labels(result.outcome).inc()

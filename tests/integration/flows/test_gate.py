@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import GateSettings, ModelSettings, PolicySettings, Settings, TrainingSettings
 from pipeline.demo import sim
+from pipeline.domain.errors import NotFound
 from pipeline.domain.events import split_of, validate
 from pipeline.domain.examples import Example, examples_from_events
 from pipeline.domain.revisions import EventsUsed
@@ -228,3 +229,81 @@ def test_rules_are_read_from_the_database_decisions_for_a_user(stores, promoted_
     with stores.db.connection() as conn:
         rows = decisions.for_user(conn, u)
     assert [d.revision_id for d in rows] == [rev]
+
+
+def test_candidates_judged_together_get_the_decisions_they_get_alone(
+    settings, rules, stores, gate_announcer, promoted_user, tmp_path
+):
+    """`judge_many` (one stacked pass over the base for a training batch's candidates): an own-style candidate is
+    promoted, another user's style rejected, a stale one marked stale, an unknown id fails alone; each decision's
+    metrics equal, within 1e-5, what the single-candidate gate computes for it (`evaluate`, peft's path)."""
+    from pipeline.domain.revisions import new_revision_id
+    from pipeline.evaluation.metrics import evaluate, load_general, load_probes
+    from pipeline.flows.gate import judge_many
+
+    config = GateConfig(
+        model=settings.model,
+        probes=settings.gate.probes,
+        min_preference_pairs=settings.gate.min_preference_pairs,
+        max_length=settings.training.max_length,
+    )
+    users = [promoted_user(style=0) for _ in range(3)]
+    with psycopg.connect(settings.db.url) as conn:
+        own_examples = examples_from_events(training.training_events(conn, users[0][0], 2**62))
+    own = candidate_from(settings, stores, users[0][0], own_examples, tmp_path, seed=11)
+    foreign = candidate_from(settings, stores, users[1][0], other_users_examples(settings, style=1), tmp_path, seed=12)
+    first = candidate_from(settings, stores, users[2][0], own_examples[:20], tmp_path, seed=13)
+    second = candidate_from(settings, stores, users[2][0], own_examples[20:40], tmp_path, seed=14)
+    # What the single-candidate path measures for the first two, before anything is decided.
+    base = load_base("tiny-random")
+    want = {}
+    for rev in (own, foreign):
+        with psycopg.connect(settings.db.url) as conn:
+            cand = registry.get_revision(conn, rev)
+            prod = registry.production(conn, cand.user_id)
+            events = training.training_events(conn, cand.user_id, 2**62)
+        want[rev] = evaluate(
+            base,
+            candidate_dir=stores.registry.download(cand, tmp_path / f"w-{rev}"),
+            current_dir=stores.registry.download(prod, tmp_path / f"p-{rev}"),
+            holdout_events=[e for e in events if e.split == "holdout"],
+            train_events_count=sum(e.split == "train" for e in events),
+            new_events_count=int(cand.manifest["training"].get("new_events", 0)),
+            probes=load_probes(config.probes),
+            min_preference_pairs=config.min_preference_pairs,
+            max_length=config.max_length,
+            parent_last_seq=prod.manifest["events"]["last_seq"],
+            new_events=[e for e in events if e.split == "train" and e.seq > prod.manifest["events"]["last_seq"]],
+            general=load_general(config.probes),
+        )
+    results = judge_many(
+        [own, foreign, first, new_revision_id(), second],
+        stores=stores,
+        announcer=gate_announcer,
+        config=config,
+        rules=rules,
+        rules_source="default",
+    )
+    assert isinstance(results[3], NotFound)
+    outcomes = [r.outcome if isinstance(r, GateResult) else type(r).__name__ for r in results]
+    assert outcomes[:2] == ["promoted", "rejected"], [getattr(r, "reason", r) for r in results]
+    # The same user's two candidates, both children of production: once the first is promoted, the second's
+    # compare-and-swap of the alias fails and it is stale.
+    assert outcomes[2] in ("promoted", "rejected")
+    assert outcomes[4] == "stale" if outcomes[2] == "promoted" else outcomes[4] in ("promoted", "rejected")
+    for rev, result in zip((own, foreign), results[:2], strict=True):
+        with psycopg.connect(settings.db.url) as conn:
+            stored = decisions.get(conn, rev)
+        assert stored is not None and stored.outcome == result.outcome
+        _close(stored.metrics, want[rev])
+
+
+def _close(a, b, path=""):
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), path
+        for k in b:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(b, float) and isinstance(a, float):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
