@@ -53,7 +53,7 @@ from pipeline import config
 from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import Example, TrainingEvent, example_of, preference_pairs
 from pipeline.models import encoding
-from pipeline.models.attach import attached
+from pipeline.models.attach import attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase
 from pipeline.models.encoding import IGNORE, EncodedExample, encode_example
 
@@ -788,25 +788,27 @@ def _evaluate_stacked(
     out: dict[tuple[Any, ...], tuple[float, int]] = {}
     pad_id = encoding.pad_id(tok)
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
-    with multilora.wrap_linears(model, stacks) as lora, _eval_mode(model), torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = [rows[r] for r in order[start : start + batch_size]]
-            for _, ids, mask in _batches([r[1] for r in chunk], pad_id, len(chunk), device):
-                lora.set_rows(torch.tensor([r[0] for r in chunk], device=device))
-                logits = _forward(model, ids, mask)
-                lora.set_rows(None)
-                for row, (_, seq, labels, key) in enumerate(chunk):
-                    if labels is None:  # a probe: its KL from the base, summed over positions
-                        got = F.log_softmax(logits[row, : len(seq)], dim=-1).cpu()
-                        ref = F.log_softmax(base_logits[key[3]].float(), dim=-1)
-                        kl = float(F.kl_div(got, ref, log_target=True, reduction="sum").double())
-                        out[key] = (kl, got.shape[0])
-                        continue
-                    lp = F.log_softmax(logits[row, :-1], dim=-1)
-                    lab = torch.tensor(labels[1:], dtype=torch.long, device=device)
-                    keep = lab != IGNORE
-                    picked = lp[: len(lab)].gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                    out[key] = (float(picked[keep].double().sum()), int(keep.sum()))
+    # Under the base's lock, borrowed: other users of the shared base wait, and it comes back exactly as it was.
+    with base_lock(model), borrowed(model), torch.no_grad():
+        with multilora.wrap_linears(model, stacks) as lora, _eval_mode(model):
+            for start in range(0, len(order), batch_size):
+                chunk = [rows[r] for r in order[start : start + batch_size]]
+                for _, ids, mask in _batches([r[1] for r in chunk], pad_id, len(chunk), device):
+                    lora.set_rows(torch.tensor([r[0] for r in chunk], device=device))
+                    logits = _forward(model, ids, mask)
+                    lora.set_rows(None)
+                    for row, (_, seq, labels, key) in enumerate(chunk):
+                        if labels is None:  # a probe: its KL from the base, summed over positions
+                            got = F.log_softmax(logits[row, : len(seq)], dim=-1).cpu()
+                            ref = F.log_softmax(base_logits[key[3]].float(), dim=-1)
+                            kl = float(F.kl_div(got, ref, log_target=True, reduction="sum").double())
+                            out[key] = (kl, got.shape[0])
+                            continue
+                        lp = F.log_softmax(logits[row, :-1], dim=-1)
+                        lab = torch.tensor(labels[1:], dtype=torch.long, device=device)
+                        keep = lab != IGNORE
+                        picked = lp[: len(lab)].gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                        out[key] = (float(picked[keep].double().sum()), int(keep.sum()))
 
     for (i, scored, n_holdout, n_pairs, n_shift), (_, _, cur) in zip(plans, loaded, strict=True):
         req = requests[i]

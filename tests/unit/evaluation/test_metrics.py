@@ -424,7 +424,9 @@ def test_evaluate_many_equals_evaluate_per_request(world: SimpleNamespace, tmp_p
         EvalRequest(world.dir_b, None, events, 1, 1),  # training events: refused, alone
         EvalRequest(other_rank, world.dir_a, holdout(events), 30, 12, parent_last_seq=cut),  # another rank
     ]
+    before = fingerprint(world.base)
     got = evaluate_many(world.base, requests, probes=world.probes, batch_size=5)
+    assert fingerprint(world.base) == before  # the shared base comes back exactly as it was
     assert isinstance(got[3], MetricsError)
     for req, result in zip(requests, got, strict=True):
         if req.holdout_events is events:
