@@ -167,6 +167,8 @@ def check_limits(config: dict[str, Any], tensors: Mapping[str, Any] | None, limi
         module, sep, rest = name.partition(".lora_")
         if not sep or rest not in ("A.weight", "B.weight"):
             raise AdapterLimitError(f"tensor {name!r} is not a LoRA A/B weight; only those are served")
+        if len(tensor.shape) != 2:
+            raise AdapterLimitError(f"tensor {name!r} has shape {tuple(tensor.shape)}; LoRA weights are matrices")
         short = module.rsplit(".", 1)[-1]
         if short not in limits.targets:
             raise AdapterLimitError(f"tensor {name!r} targets module {short!r}; allowed: {allowed}")

@@ -32,6 +32,7 @@ and gate|up into one matrix each); the base itself is never modified.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -373,6 +374,9 @@ class FastLlama:
             a, b = entries[a_key], entries[b_key]
             if a.start % itemsize or b.start % itemsize:
                 raise AdapterLimitError(f"tensor {a_key!r} or {b_key!r} is not aligned to its dtype in the file")
+            for key, e in ((a_key, a), (b_key, b)):
+                if e.end - e.start != math.prod(e.shape) * itemsize:
+                    raise AdapterLimitError(f"tensor {key!r}: its bytes do not match its shape {e.shape}")
             n_all, n = grp.seg[-1], grp.seg[j + 1] - grp.seg[j]
             a_dst = a_off + j * rank * grp.k
             gather[a_dst : a_dst + rank * grp.k] = a.start // itemsize + np.arange(rank * grp.k)

@@ -6,6 +6,7 @@ and the CUDA tests)."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -354,6 +355,22 @@ def test_packing_from_the_file_bytes_equals_packing_the_parsed_tensors(adapter_d
         big.pack_adapter_bytes(weights, read_adapter_dir(adapter_dirs[1])[1])
     with pytest.raises(AdapterLimitError, match="header"):
         big.pack_adapter_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", {})
+    # a header that claims more values than its bytes hold is refused, not read past
+    state, config = read_adapter_dir(adapter_dirs[0])
+    q_only = {f"base_model.model.{k}": v.float() for k, v in state.items() if ".q_proj." in k}
+    raw = bytearray(save(q_only))
+    n = int.from_bytes(raw[:8], "little")
+    header = orjson.loads(bytes(raw[8 : 8 + n]))
+    for key, entry in header.items():  # rank 1 -> 2 in the header only: A (2, k), B (n, 2); the bytes stay
+        if ".lora_A." in key:
+            entry["shape"] = [2, int(q_only[key].shape[1])]
+        elif ".lora_B." in key:
+            entry["shape"] = [int(q_only[key].shape[0]), 2]
+    text = orjson.dumps(header)
+    text += b" " * (-len(text) % 8)
+    forged = len(text).to_bytes(8, "little") + text + bytes(raw[8 + n :])
+    with pytest.raises(AdapterLimitError, match="do not match its shape"):
+        big.pack_adapter_bytes(forged, {**config, "r": 2})
 
 
 def test_the_base_is_never_modified(adapter_dirs):
