@@ -234,9 +234,11 @@ def test_rules_are_read_from_the_database_decisions_for_a_user(stores, promoted_
 def test_candidates_judged_together_get_the_decisions_they_get_alone(
     settings, rules, stores, gate_announcer, promoted_user, tmp_path
 ):
-    """`judge_many` (one stacked pass over the base for a training batch's candidates): an own-style candidate is
-    promoted, another user's style rejected, a stale one marked stale, an unknown id fails alone; each decision's
-    metrics equal, within 1e-5, what the single-candidate gate computes for it (`evaluate`, peft's path)."""
+    """`judge_many` (one stacked pass over the base for a training batch's candidates): another user's style is
+    rejected, a second child of production is stale once the first is promoted, an unknown id fails alone; each
+    decision's metrics equal, within 1e-5, what the single-candidate gate computes for it (`evaluate`, peft's path),
+    and the rules decide those metrics as they decided the candidate."""
+    from pipeline.domain.gating import decide
     from pipeline.domain.revisions import new_revision_id
     from pipeline.evaluation.metrics import evaluate, load_general, load_probes
     from pipeline.flows.gate import judge_many
@@ -286,16 +288,20 @@ def test_candidates_judged_together_get_the_decisions_they_get_alone(
     )
     assert isinstance(results[3], NotFound)
     outcomes = [r.outcome if isinstance(r, GateResult) else type(r).__name__ for r in results]
-    assert outcomes[:2] == ["promoted", "rejected"], [getattr(r, "reason", r) for r in results]
-    # The same user's two candidates, both children of production: once the first is promoted, the second's
-    # compare-and-swap of the alias fails and it is stale.
+    # Another user's style is rejected; the same user's two candidates, both children of production: once the first
+    # is promoted, the second's compare-and-swap of the alias fails and it is stale.
+    assert outcomes[1] == "rejected", [getattr(r, "reason", r) for r in results]
     assert outcomes[2] in ("promoted", "rejected")
     assert outcomes[4] == "stale" if outcomes[2] == "promoted" else outcomes[4] in ("promoted", "rejected")
+    # Each decided as it is alone: the stored metrics equal the single path's, and the rules decide them alike.
     for rev, result in zip((own, foreign), results[:2], strict=True):
         with psycopg.connect(settings.db.url) as conn:
             stored = decisions.get(conn, rev)
+            user = registry.get_user(conn, registry.get_revision(conn, rev).user_id)
         assert stored is not None and stored.outcome == result.outcome
         _close(stored.metrics, want[rev])
+        alone = decide(rules, want[rev], user_id=user.user_id, app=user.app)
+        assert result.outcome == ("promoted" if alone.passed else "rejected"), (result.reason, alone.reason)
 
 
 def _close(a, b, path=""):
