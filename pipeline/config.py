@@ -276,6 +276,12 @@ class TrainingSettings(BaseSettings):
         description="Pull towards the weights training started from (the parent revision): after each update, "
         "w -= learning_rate * anchor * (w - w_start) (0 = off).",
     )
+    fused_kernels: Literal["auto", "chunked", "off"] = Field(
+        "auto",
+        description="Batched training's loss and layers: auto = liger-kernel's fused linear + cross-entropy, RMSNorm "
+        "and SwiGLU on a CUDA GPU when installed (the gpu extra), else the chunked torch loss; chunked = the loss "
+        "computed a chunk of tokens at a time (never the fp32 logits of the whole vocabulary); off = unfused.",
+    )
 
     @property
     def targets(self) -> list[str]:

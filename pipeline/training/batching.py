@@ -18,9 +18,12 @@ Rows of many users share one forward; each row carries its user's stack row (`pi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+import functools
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,7 @@ from torch import nn
 from pipeline.config import TrainingSettings
 from pipeline.models.encoding import IGNORE, EncodedExample
 from pipeline.models.multilora import LoraWrap
+from pipeline.training.fused import Fused, linear_nll
 from pipeline.training.lora import preference_loss
 
 #: torch.optim.AdamW's defaults, which the single-user path uses.
@@ -98,10 +102,13 @@ def nll_sums(
     params: list[nn.Parameter] | None,
     beat: Callable[[], None],
     pairs: Sequence[PairRows] = (),
+    fused: Fused | None = None,
 ) -> StepSums:
     """Per user: the parts of its loss over its example rows in ``items`` and its ``pairs`` (`StepSums`). With
     ``params``, also accumulates into them the gradient of the sum over users of their losses (`StepSums.loss`).
-    ``beat`` is called after each micro-batch."""
+    ``beat`` is called after each micro-batch. ``fused``: the loss's kernels (default: as ``settings`` resolve on
+    ``device``, `pipeline.training.fused.Fused`). The micro-batches are built on the host by a background thread
+    (`built_ahead`), in the order `micro_batches` gives, while the device runs the ones before."""
     units = [_Unit(slot, (e,), False) for slot, e in items]
     units += [_Unit(slot, (chosen, rejected), True) for slot, chosen, rejected in pairs]
     counts = torch.zeros(n_users, dtype=torch.long)
@@ -115,68 +122,158 @@ def nll_sums(
     sums = torch.zeros(n_users, dtype=torch.float64, device=device)
     pair_sums = torch.zeros(n_users, dtype=torch.float64, device=device)
     cuda = device.type == "cuda"
-    for chunk in micro_batches(units, settings.micro_batch_budget(device.type)):
-        rows = [(u.slot, e) for u in chunk for e in u.rows]
-        width = max(len(e.input_ids) for _, e in rows)
-        host = torch.tensor([_packed_row(slot, e, width, pad_id) for slot, e in rows])
-        # The labelled positions (flat in [rows, width - 1]), their targets, users, rows and whether they are an
-        # example's (1, else a pair's), found here on the host: a boolean mask on the GPU would make the host wait
-        # for the forward before it could queue anything else. Per pair: user, chosen row, rejected row, and their
-        # target-token counts.
-        flat: list[tuple[int, int, int, int, int]] = []
-        pair_rows: list[tuple[int, int, int, int, int]] = []
-        r = 0
-        for unit in chunk:
-            for e in unit.rows:
-                flat.extend(
-                    (r * (width - 1) + t, label, unit.slot, r, 0 if unit.pair else 1)
-                    for t, label in enumerate(e.labels[1:])
-                    if label != IGNORE
-                )
-                r += 1
-            if unit.pair:
-                chosen_row, rejected_row = unit.rows
-                pair_rows.append((unit.slot, r - 2, r - 1, _targets(chosen_row), _targets(rejected_row)))
-        picked = torch.tensor(flat, dtype=torch.long).reshape(-1, 5)
-        paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
-        padded = any(len(e.input_ids) < width for _, e in rows)
-        if cuda:  # pinned: the copy does not wait for the GPU work queued before it
-            host, picked, paired = host.pin_memory(), picked.pin_memory(), paired.pin_memory()
-        packed = host.to(device, non_blocking=cuda)
-        picked = picked.to(device, non_blocking=cuda)
-        paired = paired.to(device, non_blocking=cuda)
-        slots, ids = packed[:, 0], packed[:, 2 : width + 2]
-        mask = (torch.arange(width, device=device)[None, :] < (width - packed[:, 1:2])).long() if padded else None
-        positions, targets, token_slots = picked[:, 0], picked[:, 1], picked[:, 2]
-        example = picked[:, 4].bool()
-        lora.set_rows(slots)
-        try:
-            with torch.enable_grad() if params is not None else contextlib.nullcontext():
-                nll = token_nll(model, ids, mask, positions, targets)
-                example_nll = torch.where(example, nll, torch.zeros_like(nll))
-                pair_loss = None
-                if pair_rows:
-                    # Per row, the sum of its token NLL; a pair compares its rows' mean log-probs per target token.
-                    row_nll = torch.zeros(len(rows), dtype=nll.dtype, device=device).index_add(0, picked[:, 3], nll)
-                    chosen = -row_nll[paired[:, 1]] / paired[:, 3]
-                    rejected = -row_nll[paired[:, 2]] / paired[:, 4]
-                    pair_loss = preference_loss(chosen, rejected, settings)
-                if params is not None:
-                    # where, not a product: a user whose loss is NaN must not spread it into the sum's gradient.
-                    w = weights[token_slots]
-                    loss = torch.where(torch.isfinite(nll) & example, nll * w, torch.zeros_like(nll)).sum()
-                    if pair_loss is not None:
-                        pw = pair_weights[paired[:, 0]]
-                        loss = loss + torch.where(torch.isfinite(pair_loss), pair_loss * pw, 0.0).sum()
-                    if loss.requires_grad:
-                        loss.backward()
-        finally:
-            lora.set_rows(None)
-        sums.index_add_(0, token_slots, example_nll.detach().double())
-        if pair_loss is not None:
-            pair_sums.index_add_(0, paired[:, 0], pair_loss.detach().double())
-        beat()
+    mode = (fused or Fused.resolve(settings.fused_kernels, device)).loss
+    chunks = micro_batches(units, settings.micro_batch_budget(device.type))
+    with contextlib.closing(built_ahead(functools.partial(_prepare, pad_id=pad_id, pin=cuda), chunks)) as ready:
+        for batch in ready:
+            _forward_backward(
+                batch, lora, model, device, mode, settings, params, weights, pair_weights, sums, pair_sums
+            )
+            beat()
     return StepSums(sums.cpu(), counts, pair_sums.cpu(), n_pairs)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A micro-batch built on the host (`_prepare`): ``packed`` rows (slot, padding, ids), ``picked`` labelled
+    positions (flat position, target, slot, row, is-example), ``paired`` pairs (slot, chosen row, rejected row,
+    their target counts); pinned when bound for a GPU."""
+
+    rows: int
+    width: int
+    padded: bool
+    packed: torch.Tensor
+    picked: torch.Tensor
+    paired: torch.Tensor
+
+
+def _prepare(chunk: list[_Unit], *, pad_id: int, pin: bool) -> _Batch:
+    """A micro-batch's tensors, built on the host (by `built_ahead`'s thread, while the GPU runs the one before)."""
+    rows = [(u.slot, e) for u in chunk for e in u.rows]
+    width = max(len(e.input_ids) for _, e in rows)
+    host = torch.tensor([_packed_row(slot, e, width, pad_id) for slot, e in rows])
+    # The labelled positions (flat in [rows, width - 1]), their targets, users, rows and whether they are an
+    # example's (1, else a pair's), found here on the host: a boolean mask on the GPU would make the host wait
+    # for the forward before it could queue anything else. Per pair: user, chosen row, rejected row, and their
+    # target-token counts.
+    flat: list[tuple[int, int, int, int, int]] = []
+    pair_rows: list[tuple[int, int, int, int, int]] = []
+    r = 0
+    for unit in chunk:
+        for e in unit.rows:
+            flat.extend(
+                (r * (width - 1) + t, label, unit.slot, r, 0 if unit.pair else 1)
+                for t, label in enumerate(e.labels[1:])
+                if label != IGNORE
+            )
+            r += 1
+        if unit.pair:
+            chosen_row, rejected_row = unit.rows
+            pair_rows.append((unit.slot, r - 2, r - 1, _targets(chosen_row), _targets(rejected_row)))
+    picked = torch.tensor(flat, dtype=torch.long).reshape(-1, 5)
+    paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
+    padded = any(len(e.input_ids) < width for _, e in rows)
+    if pin:  # pinned: the copy does not wait for the GPU work queued before it
+        host, picked, paired = host.pin_memory(), picked.pin_memory(), paired.pin_memory()
+    return _Batch(len(rows), width, padded, host, picked, paired)
+
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
+_END = object()
+
+
+def built_ahead(build: Callable[[_T], _U], items: Iterable[_T], depth: int = 2) -> Generator[_U, None, None]:
+    """``build(item)`` for each of ``items``, in order, computed by a background thread up to ``depth`` items ahead
+    of the consumer (the same values in the same order as ``map(build, items)``). An exception of ``build`` is raised
+    to the consumer at its place in the sequence; closing the iterator early stops the thread."""
+    out: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((True, build(item))):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put((False, e))
+            return
+        put((True, _END))
+
+    thread = threading.Thread(target=work, name="persona-micro-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, value = out.get()
+            if not ok:
+                raise value
+            if value is _END:
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _forward_backward(
+    batch: _Batch,
+    lora: LoraWrap,
+    model: nn.Module,
+    device: torch.device,
+    mode: str,
+    settings: TrainingSettings,
+    params: list[nn.Parameter] | None,
+    weights: torch.Tensor,
+    pair_weights: torch.Tensor,
+    sums: torch.Tensor,
+    pair_sums: torch.Tensor,
+) -> None:
+    """One micro-batch: forward, the loss's backward (with ``params``), and its per-user sums added up."""
+    cuda = device.type == "cuda"
+    width = batch.width
+    packed = batch.packed.to(device, non_blocking=cuda)
+    picked = batch.picked.to(device, non_blocking=cuda)
+    paired = batch.paired.to(device, non_blocking=cuda)
+    slots, ids = packed[:, 0], packed[:, 2 : width + 2]
+    mask = (torch.arange(width, device=device)[None, :] < (width - packed[:, 1:2])).long() if batch.padded else None
+    positions, targets, token_slots = picked[:, 0], picked[:, 1], picked[:, 2]
+    example = picked[:, 4].bool()
+    has_pairs = batch.paired.shape[0] > 0
+    lora.set_rows(slots)
+    try:
+        with torch.enable_grad() if params is not None else contextlib.nullcontext():
+            nll = token_nll(model, ids, mask, positions, targets, mode)
+            example_nll = torch.where(example, nll, torch.zeros_like(nll))
+            pair_loss = None
+            if has_pairs:
+                # Per row, the sum of its token NLL; a pair compares its rows' mean log-probs per target token.
+                row_nll = torch.zeros(batch.rows, dtype=nll.dtype, device=device).index_add(0, picked[:, 3], nll)
+                chosen = -row_nll[paired[:, 1]] / paired[:, 3]
+                rejected = -row_nll[paired[:, 2]] / paired[:, 4]
+                pair_loss = preference_loss(chosen, rejected, settings)
+            if params is not None:
+                # where, not a product: a user whose loss is NaN must not spread it into the sum's gradient.
+                w = weights[token_slots]
+                loss = torch.where(torch.isfinite(nll) & example, nll * w, torch.zeros_like(nll)).sum()
+                if pair_loss is not None:
+                    pw = pair_weights[paired[:, 0]]
+                    loss = loss + torch.where(torch.isfinite(pair_loss), pair_loss * pw, 0.0).sum()
+                if loss.requires_grad:
+                    loss.backward()
+    finally:
+        lora.set_rows(None)
+    sums.index_add_(0, token_slots, example_nll.detach().double())
+    if pair_loss is not None:
+        pair_sums.index_add_(0, paired[:, 0], pair_loss.detach().double())
 
 
 def _packed_row(slot: int, e: EncodedExample, width: int, pad_id: int) -> list[int]:
@@ -196,17 +293,22 @@ def token_nll(
     mask: torch.Tensor | None,
     positions: torch.Tensor,
     targets: torch.Tensor,
+    mode: str = "off",
 ) -> torch.Tensor:
     """NLL of each labelled next token (``positions`` flat in ``[rows, width - 1]``, ``targets`` their ids). The
     vocabulary projection runs only on those positions (the logits of every position of a large batch would not fit
-    in memory)."""
+    in memory); with ``mode`` ``liger`` or ``chunked`` and a bias-free Linear head, projection and loss are one
+    fused step that never holds those positions' fp32 logits at once (`pipeline.training.fused.linear_nll`)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = model.config
     plain = getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
     if decoder is not None and head is not None and plain:
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions))
+        picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        if type(head) is nn.Linear and head.bias is None:
+            return linear_nll(picked, head.weight, targets, mode)
+        logits = head(picked)
     else:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logits = logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, positions)

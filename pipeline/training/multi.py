@@ -64,6 +64,7 @@ from pipeline.models.base import LoadedBase
 from pipeline.models.encoding import EncodedExample
 from pipeline.models.multilora import LoraStack
 from pipeline.training.batching import ADAMW_WEIGHT_DECAY, PairRows, Row, adamw_step, nll_sums
+from pipeline.training.fused import Fused, fused_layers
 from pipeline.training.lora import (
     ADAPTER_NAME,
     SAVE_DTYPES,
@@ -398,8 +399,15 @@ def _train_group(
                 if user.index == i:
                     fail(user, error)
 
+    fused = Fused.resolve(settings.fused_kernels, device)
     # borrowed is the safety net: whatever happens, the base comes back exactly as it was.
-    with base_lock(model), borrowed(model), multilora.wrap_linears(model, stacks) as lora:
+    with (
+        base_lock(model),
+        borrowed(model),
+        multilora.wrap_linears(model, stacks) as lora,
+        fused_layers(model, fused) as patched,
+    ):
+        log.info("batched training of %d users: %s (%d modules patched)", len(users), fused.describe(), patched)
         best = [p.detach().clone() for p in params]
         start = [p.detach().clone() for p in params] if settings.anchor > 0 else None
 
@@ -412,7 +420,7 @@ def _train_group(
             items = [(slot, e) for slot, u in enumerate(users) if u in group for e in u.val]
             model.eval()
             with torch.no_grad():
-                sums = nll_sums(model, lora, items, len(users), pad_id, device, settings, None, beat)
+                sums = nll_sums(model, lora, items, len(users), pad_id, device, settings, None, beat, fused=fused)
             model.train()
             return {slot: sums.loss(slot, settings) for slot, u in enumerate(users) if u in group}
 
@@ -435,7 +443,7 @@ def _train_group(
                 if u.pairs:
                     drawn = next_batch(u.pair_queue, len(u.pairs), u.pair_batch_size, u.pair_rng)
                     pairs.extend((slot, *u.pairs[i]) for i in drawn)
-            sums = nll_sums(model, lora, items, len(users), pad_id, device, settings, params, beat, pairs)
+            sums = nll_sums(model, lora, items, len(users), pad_id, device, settings, params, beat, pairs, fused)
             ok = []
             for slot in active:
                 u = users[slot]
@@ -534,8 +542,9 @@ def _train_group(
             except Exception as e:
                 out.append(e)
     log.info(
-        "batched training of %d users: %d trained, %.1f s, %.0f tokens/s",
+        "batched training of %d users (%s): %d trained, %.1f s, %.0f tokens/s",
         len(users),
+        fused.describe(),
         sum(isinstance(r, TrainResult) for r in out),
         seconds,
         total_tokens / seconds if seconds > 0 else 0.0,

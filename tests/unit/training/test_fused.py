@@ -1,0 +1,150 @@
+"""The fused/chunked loss of batched training (pipeline/training/fused.py) and the background micro-batch builder
+(pipeline/training/batching.py `built_ahead`) against their plain references, on the CPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.base import load_base
+from pipeline.models.encoding import IGNORE
+from pipeline.training import fused
+from pipeline.training.batching import built_ahead
+from pipeline.training.fused import ChunkedLinearNLL, Fused, linear_nll
+from pipeline.training.lora import TrainResult
+from pipeline.training.multi import UserJob, train_adapters
+from tests.unit.training.test_multi import PAIRS, assert_same_adapter, settings, user_examples, user_pairs
+
+
+def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The unfused loss the batched trainer computed before: the logits in the weight's dtype, then fp32."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE, reduction="none")
+
+
+def loss_and_grads(fn, hidden, weight, targets, upstream):  # type: ignore[no-untyped-def]
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = fn(h, w, targets)
+    (out * upstream).sum().backward()
+    return out.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_loss_and_gradients_equal_the_unfused_ones(chunk: int, dtype: torch.dtype) -> None:
+    """Fresh random inputs each run; per-token upstream gradients of both signs (the batched loss weights tokens per
+    user, and SimPO's pair gradient can be negative); ignored targets give 0 and no gradient. Both compute the
+    softmax in fp32 (the reference casts the logits with ``.float()``), in another order of sums: tolerance 1e-5 of
+    the largest value, elementwise, and 1e-5 relative L2 (seen: 1e-7 to 1e-6)."""
+    gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    n, h, v = 50, 16, 97
+    hidden = torch.randn(n, h, generator=gen, dtype=dtype) * 3
+    weight = torch.randn(v, h, generator=gen, dtype=dtype)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::9] = IGNORE
+    upstream = torch.randn(n, generator=gen, dtype=torch.float32)
+    got = loss_and_grads(lambda a, b, t: ChunkedLinearNLL.apply(a, b, t, chunk), hidden, weight, targets, upstream)
+    want = loss_and_grads(reference, hidden, weight, targets, upstream)
+    for g, w, name in zip(got, want, ("loss", "grad hidden", "grad weight"), strict=True):
+        assert g.dtype == w.dtype and bool(torch.isfinite(g).all()), name
+        scale = float(w.abs().max())
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * scale, msg=name)
+        assert float((g - w).norm() / w.norm()) < 1e-5, name
+    assert got[0].dtype == torch.float32 and bool((got[0][::9] == 0).all())
+    assert bool((got[1][::9] == 0).all())
+
+
+def test_bf16_chunked_loss_is_the_unfused_one_within_bf16_rounding() -> None:
+    """On bf16 inputs the logits are bf16 in both paths (as the trainer's head computes them) and the softmax fp32;
+    the gradient is cast to bf16 before the projection in both. Relative L2 within 1e-2 (bf16 operands)."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(64, 32, generator=gen).bfloat16()
+    weight = (torch.randn(300, 32, generator=gen) / 4).bfloat16()
+    targets = torch.randint(0, 300, (64,), generator=gen)
+    upstream = torch.rand(64, generator=gen)
+    got = loss_and_grads(lambda a, b, t: ChunkedLinearNLL.apply(a, b, t, 5), hidden, weight, targets, upstream)
+    want = loss_and_grads(reference, hidden, weight, targets, upstream)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        assert float((g.float() - w.float()).norm() / w.float().norm()) < 1e-2
+
+
+def test_linear_nll_modes_and_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 40)  # several chunks of a 13-word vocabulary
+    hidden, weight = torch.randn(9, 4), torch.randn(13, 4)
+    targets = torch.randint(0, 13, (9,))
+    torch.testing.assert_close(linear_nll(hidden, weight, targets, "chunked"), reference(hidden, weight, targets))
+    assert torch.equal(linear_nll(hidden, weight, targets, "off"), reference(hidden, weight, targets))
+    assert linear_nll(hidden[:0], weight, targets[:0], "chunked").shape == (0,)
+    with pytest.raises(ValueError, match="hidden"):
+        linear_nll(hidden, weight[:, :3], targets)
+    with pytest.raises(ValueError, match="mode"):
+        linear_nll(hidden, weight, targets, "fast")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        linear_nll(hidden, weight, targets, "liger")
+
+
+def test_the_path_a_run_takes() -> None:
+    cpu = torch.device("cpu")
+    assert Fused.resolve("auto", cpu) == Fused("chunked", False)  # liger is CUDA-only
+    assert Fused.resolve("chunked", cpu) == Fused("chunked", False)
+    assert Fused.resolve("off", cpu) == Fused("off", False)
+    with pytest.raises(ValueError, match="fused_kernels"):
+        Fused.resolve("fast", cpu)
+
+
+def test_micro_batches_built_ahead_come_in_order_and_errors_in_place() -> None:
+    built_by: set[str] = set()
+
+    def build(i: int) -> int:
+        built_by.add(threading.current_thread().name)
+        if i == 5:
+            raise KeyError("five")
+        return i * i
+
+    got = []
+    with pytest.raises(KeyError, match="five"):
+        for value in built_ahead(build, range(10)):
+            got.append(value)
+    assert got == [0, 1, 4, 9, 16] and built_by == {"persona-micro-batches"}
+    assert list(built_ahead(build, range(5))) == [0, 1, 4, 9, 16]
+    assert list(built_ahead(build, [])) == []
+
+
+def test_closing_early_stops_the_builder() -> None:
+    before = threading.active_count()
+    ahead = built_ahead(lambda i: i, range(10_000), depth=1)
+    assert next(ahead) == 0
+    ahead.close()
+    time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_batched_training_with_the_chunked_loss_equals_the_unfused_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four users with pairs and validation, several micro-batches a step and several loss chunks a micro-batch:
+    the adapters of the chunked loss equal the unfused loss's (test_multi compares the default path, chunked on the
+    CPU, with stock peft per user)."""
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 4096)
+    base = load_base("tiny-random")
+    pairs = (3, 0, 5, 1)
+    results = {}
+    for mode in ("chunked", "off"):
+        cfg = settings(**PAIRS, fused_kernels=mode)
+        jobs = [
+            UserJob(user_examples(u, n), tmp_path / mode / str(u), None, 300 + u, user_pairs(u, pairs[u]))
+            for u, n in enumerate((20, 12, 30, 8))
+        ]
+        results[mode] = train_adapters(base, jobs, cfg)
+    for u in range(4):
+        a, b = results["chunked"][u], results["off"][u]
+        assert isinstance(a, TrainResult) and isinstance(b, TrainResult), (a, b)
+        assert (a.steps, a.best_step, a.tokens) == (b.steps, b.best_step, b.tokens)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+        assert_same_adapter(tmp_path / "chunked" / str(u), tmp_path / "off" / str(u))
