@@ -447,6 +447,33 @@ class ServingSettings(BaseSettings):
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
 
+class ConsoleSettings(BaseSettings):
+    """The operator console (`persona console`): a web page per user's model, its lineage, decisions and actions."""
+
+    model_config = _config("PERSONA_CONSOLE_")
+
+    host: str = Field("127.0.0.1", description="Address the console listens on.")
+    port: int = Field(8090, ge=1, le=65535, description="Port of the console.")
+    session_ttl_s: float = Field(
+        8 * 3600.0, gt=0, le=7 * 86400, description="Seconds an operator's login lasts (then log in again)."
+    )
+    secure_cookie: bool = Field(
+        False, description="Send the session cookie only over HTTPS (set it when a TLS proxy fronts the console)."
+    )
+    serving_url: str = Field(
+        "http://127.0.0.1:8000", description="Base URL of the serving API (or its router) the try-it box asks."
+    )
+    serve_key: SecretStr = Field(
+        SecretStr(""),
+        description="An application key with the `serve` scope the try-it box sends; it answers for that "
+        "application's users only (empty: the try-it box is off).",
+    )
+    grafana_url: str = Field(
+        "http://127.0.0.1:3000", description="Base URL of Grafana, linked from the pipeline page's panels."
+    )
+    replay_days: int = Field(7, ge=1, le=365, description="Days of stored decisions a what-if replays by default.")
+
+
 class StackSettings(BaseSettings):
     """Embedded local stack (`persona stack up|down|status`)."""
 
@@ -559,6 +586,10 @@ class Settings:
         return self.get(ServingSettings)
 
     @property
+    def console(self) -> ConsoleSettings:
+        return self.get(ConsoleSettings)
+
+    @property
     def stack(self) -> StackSettings:
         return self.get(StackSettings)
 
@@ -577,6 +608,7 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     WorkerSettings,
     GateSettings,
     ServingSettings,
+    ConsoleSettings,
     StackSettings,
 )
 

@@ -88,6 +88,26 @@ def serve(
     run_server(resolved, load_configured(resolved.model))
 
 
+def console(
+    host: Annotated[str | None, typer.Option(help="Listen address (default PERSONA_CONSOLE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default PERSONA_CONSOLE_PORT).")] = None,
+) -> None:
+    """Run the operator console (web pages: users, lineage, decisions, rules what-if, pipeline; promote, roll back,
+    forget behind an admin-key login). It hands the process over to ``python -m pipeline.console``."""
+    resolved = settings()
+    overrides = {
+        "PERSONA_CONSOLE_HOST": host or resolved.console.host,
+        "PERSONA_CONSOLE_PORT": str(port or resolved.console.port),
+    }
+    env = child_env(**service_env(resolved), **overrides)
+    level = logging.getLevelName(logging.getLogger().level)
+    print(f"persona console: http://{overrides['PERSONA_CONSOLE_HOST']}:{overrides['PERSONA_CONSOLE_PORT']}/")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, "-m", "pipeline.console", "--log-level", str(level)]
+    os.execve(sys.executable, argv, env)  # noqa: S606 - a fixed program (this Python), arguments as a list
+
+
 @router_app.command("config")
 def router_config(
     workers: Annotated[str, typer.Option(help="Comma-separated host:port of the `persona serve` workers.")],
@@ -102,4 +122,4 @@ def router_config(
     print(nginx_config([w.strip() for w in workers.split(",") if w.strip()], listen=listen, run_dir=run_dir))
 
 
-COMMANDS = (consume, worker, beat, serve)
+COMMANDS = (consume, worker, beat, serve, console)

@@ -244,6 +244,8 @@ def delete_user(conn: psycopg.Connection, user_id: str, *, actor: str, app: str 
         ).fetchall()
     ]
     rows = {t: conn.execute(f"DELETE FROM {t} WHERE user_id = %s", (user_id,)).rowcount for t in USER_TABLES}
+    # The operator console's audit rows keep what was done and by whom, not the id (its sha256 stays, as here).
+    conn.execute("UPDATE operator_audit SET user_id = NULL WHERE user_id = %s", (user_id,))
     # A never-held id has no owner; the tombstone then records the caller's application, or "" for an operator.
     at = tenancy.add_tombstone(conn, user_id, owner or app or "", actor)
     return DeletedUser(rows, shas, owner, at)

@@ -1,0 +1,133 @@
+"""What the pipeline page reads from Kafka: the dead-letter topic (records read, by code, the latest reasons) and the
+buffer consumer group's committed offsets. Read at most every ``CACHE_S`` seconds, with a bounded read, so the page
+stays fast; an unreachable broker is shown as such, never raised.
+
+The consumer lag is not computed here: the embedded broker (tansu) answers end offsets wrongly (docs DESIGN §4), so a
+lag from them would be false; the pipeline page links the Grafana panels of the consumer's own metrics instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from pipeline.config import Settings
+
+CACHE_S = 15.0
+MAX_RECORDS = 20_000
+READ_S = 3.0
+
+_lock = threading.Lock()
+_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
+def snapshot(settings: Settings) -> dict[str, Any]:
+    """The broker's part of the pipeline page (cached ``CACHE_S`` seconds per bootstrap list)."""
+    key = settings.kafka.bootstrap_servers
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < CACHE_S:
+            return hit[1]
+        try:
+            value = _read(settings)
+        except Exception as e:  # the page shows the broker as unreachable, with why
+            value = {"error": f"{type(e).__name__}: {e}"}
+        _cache[key] = (time.monotonic(), value)
+        return value
+
+
+def _header(headers: list[tuple[str, bytes]] | None, name: str) -> str:
+    for k, v in headers or []:
+        if k == name:
+            return v.decode(errors="replace")
+    return ""
+
+
+def _read(settings: Settings) -> dict[str, Any]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    kafka = settings.kafka
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka.servers,
+        group_id=None,
+        enable_auto_commit=False,
+        request_timeout_ms=kafka.request_timeout_ms,
+        client_id="persona-console",
+        consumer_timeout_ms=int(READ_S * 1000),
+    )
+    try:
+        parts = consumer.partitions_for_topic(kafka.topic_dlq) or set()
+        tps = [TopicPartition(kafka.topic_dlq, p) for p in sorted(parts)]
+        by_code: dict[str, int] = {}
+        latest: list[dict[str, Any]] = []
+        n = 0
+        complete = True
+        if tps:
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            deadline = time.monotonic() + READ_S
+            while time.monotonic() < deadline:
+                got = consumer.poll(timeout_ms=300, max_records=2000)
+                if not got:
+                    break
+                for records in got.values():
+                    for rec in records:
+                        n += 1
+                        code = _header(rec.headers, "persona.dlq.code") or "unknown"
+                        by_code[code] = by_code.get(code, 0) + 1
+                        try:
+                            reasons = orjson.loads(_header(rec.headers, "persona.dlq.reasons") or "[]")
+                        except orjson.JSONDecodeError:
+                            reasons = []
+                        latest.append(
+                            {
+                                "at": _header(rec.headers, "persona.dlq.at"),
+                                "code": code,
+                                "reasons": "; ".join(
+                                    f"{r.get('field', '?')}: {r.get('message', '')}"
+                                    for r in reasons
+                                    if isinstance(r, dict)
+                                ),
+                                "where": f"{rec.partition}:{rec.offset}",
+                            }
+                        )
+                        latest = latest[-10:]
+                if n >= MAX_RECORDS:
+                    break
+            else:
+                complete = False
+            if n >= MAX_RECORDS:
+                complete = False
+        committed = _committed(settings, TopicPartition)
+        return {
+            "dlq_read": n,
+            "dlq_complete": complete,
+            "dlq_by_code": sorted(by_code.items(), key=lambda kv: -kv[1]),
+            "dlq_latest": list(reversed(latest)),
+            "committed": committed,
+            "error": None,
+        }
+    finally:
+        consumer.close()
+
+
+def _committed(settings: Settings, topic_partition: Any) -> list[tuple[int, int | None]]:
+    """(partition, committed offset) of the buffer consumer group on the events topic."""
+    from kafka import KafkaConsumer
+
+    kafka = settings.kafka
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka.servers,
+        group_id=settings.consumer.group_id,
+        enable_auto_commit=False,
+        request_timeout_ms=kafka.request_timeout_ms,
+        client_id="persona-console-offsets",
+    )
+    try:
+        parts = sorted(consumer.partitions_for_topic(kafka.topic_events) or set())
+        return [(p, consumer.committed(topic_partition(kafka.topic_events, p))) for p in parts]
+    finally:
+        consumer.close()
