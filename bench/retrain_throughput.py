@@ -1,0 +1,715 @@
+"""End-to-end user-retrains per GPU-hour: a wave of K users through the worker's code path (examples in, batched
+training from each user's serving revision, candidate PEFT directories written, the batched gate's metrics for
+candidate / current / base, the operator's rules deciding), with its time split and the wave's holdout NLL gain;
+baselines in the same run: a warm plain-peft sequential loop and the project's sequential path (train_adapter, then
+evaluate, per user).
+
+    python bench/retrain_throughput.py --model smollm2-135m --k 256 --fused on,off --out DIR   # on the GPU machine
+    python bench/retrain_throughput.py --model tiny --k 3 --baseline-users 1 --out DIR         # CPU check (seconds)
+
+What a wave is (per user, 100 events a round, 20% of them holdout, chat messages of the user's own vocabulary):
+
+1. round 0 (not timed: it makes each user's serving revision and warms every shape): the user's first 100 events
+   trained in one batch (``--parent-steps`` steps), then a first gate pass on a few of them (fills the per-base
+   cache of the probes' log-probs, as a worker's first gate does);
+2. round 1, timed: ``data`` (the user's events of both rounds -> the round's training events, new ones plus a
+   seeded replay of older ones, `select_training_events` as the retrain flow; its holdout events), ``train``
+   (`train_adapters` from each user's revision: the per-user start, the loop, and the candidate PEFT directories
+   written; the loop's seconds are reported apart), ``gate`` (`evaluate_many`: the candidates and the revisions
+   serving now in one stacked pass over the base) and ``decide`` (the default rules, per user).
+
+retrains / GPU-hour = K x 3600 / (data + train + gate + decide). The gain is the mean over the wave of
+1 - NLL(candidate) / NLL(reference) on each user's holdout (reference: its serving revision, and the base).
+Random-weight bases of the SmolLM2-135M and Llama-3.2-1B shapes (no download), the byte-level tiny tokenizer; the
+training settings are the project's defaults (`TrainingSettings`, 20 steps, r=1 on all seven projections,
+validation and early stopping) except ``micro_batch_tokens``; the general-answer mix of the retrain flow is left out
+(it needs the base's generated answers, computed once per base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import TrainingSettings
+from pipeline.domain.examples import TrainingEvent, examples_from_events, select_training_events, training_pairs
+from pipeline.domain.gating import decide
+from pipeline.domain.revisions import BaseModelRef
+from pipeline.evaluation.metrics import EvalRequest, evaluate, evaluate_many, load_general, load_probes
+from pipeline.evaluation.rules import load_rules
+from pipeline.models import encoding
+from pipeline.models.attach import borrowed
+from pipeline.models.base import LoadedBase, tiny_tokenizer
+from pipeline.models.encoding import IGNORE, encode_example
+from pipeline.training.fused import Fused
+from pipeline.training.lora import TrainResult, train_adapter
+from pipeline.training.multi import UserJob, train_adapters
+
+log = logging.getLogger("bench.retrain_throughput")
+RESULTS = Path(__file__).parent / "results"
+SHAPES: dict[str, dict[str, int]] = {
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+    },
+    "llama-1b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+    },
+    "tiny": {  # the CPU check of this script
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 384,
+    },
+}
+WORDS = "the a of to and in is it you that he was for on are with as his they be at one have this from".split()
+EVENTS_PER_ROUND = 100
+HOLDOUT_SHARE = 0.2
+
+
+def build(name: str, device: str) -> LoadedBase:
+    """A random-weight Llama of the named shape in bf16 (fp32 on the CPU), frozen; its own sha (the gate caches the
+    base's probe log-probs by it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **SHAPES[name],
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.to(torch.bfloat16 if device == "cuda" else torch.float32).eval().requires_grad_(False)
+    sha = hashlib.sha256(f"random:{name}".encode()).hexdigest()
+    return LoadedBase(model, tiny_tokenizer(), BaseModelRef(name, sha))
+
+
+def user_events(u: int, rounds: int) -> list[TrainingEvent]:
+    """``rounds`` x 100 chat messages in user ``u``'s own vocabulary, 20% of them holdout (seeded by the user)."""
+    rng = random.Random(u)
+    vocab = [w + rng.choice(["", "s", "ing", "!"]) for w in WORDS] + [f"w{u}x{i}" for i in range(10)]
+    out = []
+    for seq in range(rounds * EVENTS_PER_ROUND):
+        split = "holdout" if rng.random() < HOLDOUT_SHARE else "train"
+        text, target = "", rng.randint(40, 120)
+        while len(text) < target:
+            text += rng.choice(vocab) + " "
+        out.append(TrainingEvent(f"u{u}e{seq}", seq, "message", split, {"text": text[:target].strip()}))
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+    sync(device)
+    started = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - started
+
+
+def gain(metrics: dict[str, Any], ref: str) -> float | None:
+    cand, other = metrics["candidate"]["holdout_nll"], (metrics.get(ref) or {}).get("holdout_nll")
+    if cand is None or other is None or not other:
+        return None
+    return 1.0 - cand / other
+
+
+def mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(kept) if kept else None
+
+
+def wave(
+    base: LoadedBase, k: int, settings: TrainingSettings, parent_steps: int, device: str, tmp: Path, rules: Any
+) -> dict[str, Any]:
+    """Round 0 (the users' serving revisions, not timed), then the timed round 1 (module docstring)."""
+    probes, general = load_probes(), load_general()
+    users = [f"user-{u:05d}" for u in range(k)]
+    events = {u: user_events(i, 2) for i, u in enumerate(users)}
+    first = {u: [e for e in evs if e.seq < EVENTS_PER_ROUND] for u, evs in events.items()}
+    parent_settings = settings.model_copy(update={"max_steps": parent_steps})
+    jobs0 = [
+        UserJob(examples_from_events(first[u]), tmp / "r0" / u, None, 10_000 + i, training_pairs(first[u]))
+        for i, u in enumerate(users)
+    ]
+    r0, r0_s = timed(device, lambda: train_adapters(base, jobs0, parent_settings))
+    bad = [r for r in r0 if not isinstance(r, TrainResult)]
+    if bad:
+        raise RuntimeError(f"round 0: {len(bad)} users failed: {bad[0]!r}")
+    warm = [
+        EvalRequest(tmp / "r0" / u, None, [e for e in first[u] if e.split == "holdout"], 80, 80) for u in users[:4]
+    ]
+    evaluate_many(base, warm, probes=probes, general=general, max_length=settings.max_length)
+    log.info("round 0: %d users, %d steps, %.1f s", k, parent_steps, r0_s)
+
+    # Round 1, timed.
+    def data() -> tuple[list[UserJob], list[EvalRequest]]:
+        jobs, requests = [], []
+        for i, u in enumerate(users):
+            evs = events[u]
+            new, replay = select_training_events(
+                evs, parent_last_seq=EVENTS_PER_ROUND - 1, replay_max=settings.replay_max, seed=f"{u}/r1"
+            )
+            chosen = sorted(new + replay, key=lambda e: e.seq)
+            holdout = [e for e in evs if e.split == "holdout"]
+            jobs.append(
+                UserJob(
+                    examples_from_events(chosen), tmp / "r1" / u, tmp / "r0" / u, 20_000 + i, training_pairs(chosen)
+                )
+            )
+            requests.append(
+                EvalRequest(
+                    candidate_dir=tmp / "r1" / u,
+                    current_dir=tmp / "r0" / u,
+                    holdout_events=holdout,
+                    train_events_count=len(chosen),
+                    new_events_count=len(new),
+                    parent_last_seq=EVENTS_PER_ROUND - 1,
+                    new_events=new,
+                )
+            )
+        return jobs, requests
+
+    (jobs, requests), data_s = timed(device, data)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    results, train_s = timed(device, lambda: train_adapters(base, jobs, settings))
+    failed = [r for r in results if not isinstance(r, TrainResult)]
+    if failed:
+        raise RuntimeError(f"round 1: {len(failed)} users failed: {failed[0]!r}")
+    trained = [r for r in results if isinstance(r, TrainResult)]
+    loop_s = trained[0].seconds
+    train_mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    measured, gate_s = timed(
+        device,
+        lambda: evaluate_many(base, requests, probes=probes, general=general, max_length=settings.max_length),
+    )
+    broken = [m for m in measured if isinstance(m, BaseException)]
+    if broken:
+        raise RuntimeError(f"gate: {len(broken)} candidates failed: {broken[0]!r}")
+    ok = [m for m in measured if isinstance(m, dict)]
+    decisions, decide_s = timed(
+        "cpu", lambda: [decide(rules, m, user_id=u, app="bench") for u, m in zip(users, ok, strict=True)]
+    )
+    total = data_s + train_s + gate_s + decide_s
+    tokens = sum(r.tokens for r in trained)
+    return {
+        "users": k,
+        "steps_max": settings.max_steps,
+        "steps_mean": statistics.fmean(r.steps for r in trained),
+        "stopped_early": sum(r.stopped_early for r in trained),
+        "tokens": tokens,
+        "seconds": {
+            "data": data_s,
+            "train": train_s,
+            "train_loop": loop_s,
+            "train_setup_and_write": train_s - loop_s,
+            "gate": gate_s,
+            "decide": decide_s,
+            "total": total,
+        },
+        "loop_tokens_per_s": tokens / loop_s if loop_s > 0 else 0.0,
+        "retrains_per_gpu_hour": 3600 * k / total,
+        "train_gpu_mem_gib": train_mem,
+        "gain_vs_current": mean([gain(m, "current") for m in ok]),
+        "gain_vs_base": mean([gain(m, "base") for m in ok]),
+        "promoted": sum(d.passed for d in decisions),
+        "round0_seconds": r0_s,
+    }
+
+
+def plain_peft(
+    base: LoadedBase, users: int, settings: TrainingSettings, device: str, tmp: Path, rules: Any = None
+) -> dict[str, Any]:
+    """A warm plain-peft loop, one user after another: a fresh LoRA (the same r, alpha, targets) added to one peft
+    model, AdamW on it, ``max_steps`` steps of ``batch_size`` examples (HF's own loss), clipping, the adapter saved,
+    then deleted. A first user (not timed) warms every shape; training only, no validation and no gate."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.rank, lora_alpha=settings.alpha, target_modules=settings.targets, lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    pad = encoding.pad_id(base.tokenizer)
+    dev = torch.device(device)
+    times, tokens = [], 0
+    with borrowed(base.model) as model:
+        peft_model = get_peft_model(model, config, adapter_name="warm")
+        for u in range(users + 1):
+            name = f"u{u}"
+            evs = user_events(50_000 + u, 1)
+            encoded = [encode_example(base.tokenizer, e, settings.max_length) for e in examples_from_events(evs)]
+            rng = random.Random(u)
+            sync(device)
+            started = time.perf_counter()
+            peft_model.add_adapter(name, config)
+            peft_model.set_adapter(name)
+            params = [p for n, p in peft_model.named_parameters() if f".{name}." in n]
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=settings.learning_rate)
+            peft_model.train()
+            seen = 0
+            for _ in range(settings.max_steps):
+                batch = encoding.collate(rng.sample(encoded, settings.batch_size), pad, dev)
+                loss = peft_model(**batch, use_cache=False).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                seen += int((batch["labels"][:, 1:] != IGNORE).sum())
+            peft_model.save_pretrained(str(tmp / "plain" / name), selected_adapters=[name])
+            peft_model.set_adapter("warm")
+            peft_model.delete_adapter(name)
+            sync(device)
+            if u:  # the first user warms the shapes
+                times.append(time.perf_counter() - started)
+                tokens += seen
+        peft_model.unload()
+    per_user = statistics.fmean(times)
+    return {
+        "users": users,
+        "seconds_per_user": per_user,
+        "tokens_per_s": tokens / sum(times),
+        "retrains_per_gpu_hour": 3600 / per_user,
+        "note": "training and save only (no validation, no gate)",
+    }
+
+
+def sequential(
+    base: LoadedBase, users: int, settings: TrainingSettings, device: str, tmp: Path, rules: Any
+) -> dict[str, Any]:
+    """The project's sequential path per user: `train_adapter` from its revision (peft on the shared base), then
+    `evaluate` (the single-user gate) and the rules; the first user (not timed) warms the shapes."""
+    probes, general = load_probes(), load_general()
+    times, train_t, gate_t, tokens, gains = [], [], [], 0, []
+    for u in range(users + 1):
+        evs = user_events(60_000 + u, 2)
+        first = [e for e in evs if e.seq < EVENTS_PER_ROUND]
+        parent = tmp / "seq" / f"p{u}"
+        train_adapter(
+            base,
+            examples_from_events(first),
+            parent,
+            settings.model_copy(update={"max_steps": 2}),
+            parent_dir=None,
+            seed=u,
+        )
+        new, replay = select_training_events(
+            evs, parent_last_seq=EVENTS_PER_ROUND - 1, replay_max=settings.replay_max, seed=f"s{u}/r1"
+        )
+        chosen = sorted(new + replay, key=lambda e: e.seq)
+        sync(device)
+        started = time.perf_counter()
+        res = train_adapter(
+            base, examples_from_events(chosen), tmp / "seq" / f"c{u}", settings, parent_dir=parent, seed=u,
+            pairs=training_pairs(chosen),
+        )  # fmt: skip
+        trained = time.perf_counter()
+        m = evaluate(
+            base, candidate_dir=tmp / "seq" / f"c{u}", current_dir=parent,
+            holdout_events=[e for e in evs if e.split == "holdout"], train_events_count=len(chosen),
+            new_events_count=len(new), probes=probes, max_length=settings.max_length,
+            parent_last_seq=EVENTS_PER_ROUND - 1, new_events=new, general=general,
+        )  # fmt: skip
+        decide(rules, m, user_id=f"s{u}", app="bench")
+        sync(device)
+        if u:
+            times.append(time.perf_counter() - started)
+            train_t.append(trained - started)
+            gate_t.append(time.perf_counter() - trained)
+            tokens += res.tokens
+            gains.append(gain(m, "current"))
+    per_user = statistics.fmean(times)
+    return {
+        "users": users,
+        "seconds_per_user": per_user,
+        "train_seconds_per_user": statistics.fmean(train_t),
+        "gate_seconds_per_user": statistics.fmean(gate_t),
+        "tokens_per_s": tokens / sum(train_t),
+        "retrains_per_gpu_hour": 3600 / per_user,
+        "gain_vs_current": mean(gains),
+    }
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+def gpu_check(base: LoadedBase, settings: TrainingSettings, tmp: Path) -> dict[str, Any]:
+    """On the GPU, each fused kernel against the unfused reference, in the base's dtype and shapes: the loss (16k
+    tokens; loss and input gradient, relative L2; forward + backward time and peak memory), the decoder with liger's
+    RMSNorm + SwiGLU (output and input gradient), and 4 users x 5 steps of batched training (adapter weights)."""
+    from pipeline.training.fused import fused_layers, linear_nll
+
+    out: dict[str, Any] = {}
+    model = base.model
+    weight = model.get_output_embeddings().weight
+    gen = torch.Generator("cuda").manual_seed(1)
+    n = 16384
+    hidden = torch.randn(n, weight.shape[1], device="cuda", generator=gen).to(weight.dtype)
+    targets = torch.randint(0, weight.shape[0], (n,), device="cuda", generator=gen)
+    upstream = torch.rand(n, device="cuda", generator=gen) / n
+    loss_out: dict[str, Any] = {}
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None
+    for mode in ("off", "chunked", "liger"):
+        times = []
+        for _ in range(6):
+            h = hidden.clone().requires_grad_(True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = linear_nll(h, weight, targets, mode)
+            (loss * upstream).sum().backward()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        assert h.grad is not None
+        row: dict[str, Any] = {
+            "ms": statistics.median(times[1:]),
+            "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30,  # above the inputs and the base
+        }
+        if ref is None:
+            ref = (loss.detach(), h.grad)
+        else:
+            row["loss_rel_l2"] = _rel(loss.detach(), ref[0])
+            row["grad_rel_l2"] = _rel(h.grad, ref[1])
+        loss_out[mode] = row
+    out["loss"] = {"tokens": n, "vocab": weight.shape[0], "hidden": weight.shape[1], **loss_out}
+
+    decoder = model.get_decoder()
+    ids = torch.randint(3, 250, (64, 96), device="cuda", generator=gen)
+    got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for on in (False, True):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with fused_layers(model, Fused("liger" if on else "off", on)) as patched:
+            last = decoder(inputs_embeds=emb, use_cache=False).last_hidden_state
+            (last.float() * torch.linspace(-1, 1, last.shape[-1], device="cuda")).sum().backward()
+        assert emb.grad is not None
+        got["on" if on else "off"] = (last.detach(), emb.grad)
+        if on:
+            out["layers"] = {
+                "patched_modules": patched,
+                "output_rel_l2": _rel(got["on"][0], got["off"][0]),
+                "grad_rel_l2": _rel(got["on"][1], got["off"][1]),
+            }
+
+    from safetensors.torch import load_file
+
+    five = settings.model_copy(update={"max_steps": 5, "val_fraction": 0.0})
+    weights: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for mode in ("auto", "off"):
+        jobs = [
+            UserJob(examples_from_events(user_events(70_000 + u, 1)), tmp / "check" / mode / str(u), None, 7 + u)
+            for u in range(4)
+        ]
+        res = train_adapters(base, jobs, five.model_copy(update={"fused_kernels": mode}))
+        assert all(isinstance(r, TrainResult) for r in res), res
+        weights[mode] = [load_file(j.out_dir / "adapter_model.safetensors") for j in jobs]
+    diff2 = sum(
+        float((a[key].float() - b[key].float()).pow(2).sum())
+        for a, b in zip(weights["auto"], weights["off"], strict=True)
+        for key in a
+    )
+    norm2 = sum(float(b[key].float().pow(2).sum()) for b in weights["off"] for key in b)
+    out["training"] = {"users": 4, "steps": 5, "weights_rel_l2": (diff2 / norm2) ** 0.5}
+    log.info("gpu check: %s", json.dumps(out))
+    return out
+
+
+#: Kernel-name fragments of each share of the profile (first match wins).
+KINDS = (
+    ("liger / triton (fused loss, RMSNorm, SwiGLU)", ("liger", "triton", "_rms_norm", "swiglu", "cross_entropy")),
+    ("GEMM", ("gemm", "cutlass", "nvjet", "xmma", "sm90", "cublas", "matmul")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("softmax / log-softmax", ("softmax",)),
+    ("reductions", ("reduce",)),
+    ("element-wise, casts, copies", ("elementwise", "vectorized", "unrolled", "copy", "fill", "index", "cat")),
+)
+
+
+def profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
+    """torch.profiler (CUDA kernels) over a K-user batched training of 2 steps: the shares of GPU kernel time by
+    kind, and how busy the GPU was over the training loop."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    two = settings.model_copy(update={"max_steps": 2, "val_fraction": 0.0})
+    jobs = [
+        UserJob(examples_from_events(user_events(80_000 + u, 1)), tmp / "prof" / str(u), None, u) for u in range(k)
+    ]
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        res = train_adapters(base, jobs, two)
+        torch.cuda.synchronize()
+    loop = next(r.seconds for r in res if isinstance(r, TrainResult))
+    events = prof.key_averages()
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    shares: dict[str, float] = {}
+    total = 0.0
+    for e in events:
+        t = float(getattr(e, key))
+        total += t
+        name = e.key.lower()
+        kind = next((label for label, keys in KINDS if any(f in name for f in keys)), "other")
+        shares[kind] = shares.get(kind, 0.0) + t
+    (out / f"profile-{base.ref.model_id}.txt").write_text(
+        events.table(sort_by=key, row_limit=40, max_name_column_width=90)
+    )
+    return {
+        "users": k,
+        "steps": 2,
+        "fused": two.fused_kernels,
+        "loop_seconds": loop,
+        "gpu_kernel_seconds": total / 1e6,
+        "gpu_busy": total / 1e6 / loop if loop else None,
+        "shares": {kind: t / total for kind, t in sorted(shares.items(), key=lambda kv: -kv[1])} if total else {},
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        f"Retrain throughput ({report['model']}, {env['device']}, torch {env['torch']}): a wave of K users, 100 "
+        "events each a round, the default training settings, gate metrics for candidate / current / base, the "
+        "default rules",
+        "",
+        "| path | K | fused | retrains / GPU-hour | data s | train s (loop) | setup + write s | gate s | decide s | "
+        "total s | loop tokens/s | steps (mean) | gain vs current | gain vs base | promoted | train GiB |",
+        "| --- | ---: | --- " + "| ---: " * 13 + "|",
+    ]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    for w in report["waves"]:
+        s = w["seconds"]
+        lines.append(
+            f"| batched wave | {w['users']} | {w['fused']} | {w['retrains_per_gpu_hour']:,.0f} | {s['data']:.2f} | "
+            f"{s['train']:.1f} ({s['train_loop']:.1f}) | {s['train_setup_and_write']:.1f} | {s['gate']:.1f} | "
+            f"{s['decide']:.2f} | {s['total']:.1f} | {w['loop_tokens_per_s']:,.0f} | {w['steps_mean']:.1f} | "
+            f"{pct(w['gain_vs_current'])} | {pct(w['gain_vs_base'])} | {w['promoted']}/{w['users']} | "
+            f"{w['train_gpu_mem_gib']:.1f} |"
+        )
+    for key, label in (("plain_peft", "warm plain-peft loop (train + save)"), ("sequential", "project sequential")):
+        b = report.get(key)
+        if b:
+            lines.append(
+                f"| {label} | 1 x {b['users']} | - | {b['retrains_per_gpu_hour']:,.0f} | - | "
+                f"{b.get('train_seconds_per_user', b['seconds_per_user']):.2f} / user | - | "
+                f"{b['gate_seconds_per_user']:.2f} / user | - | {b['seconds_per_user']:.2f} / user | "
+                if "gate_seconds_per_user" in b
+                else f"| {label} | 1 x {b['users']} | - | {b['retrains_per_gpu_hour']:,.0f} | - | "
+                f"{b['seconds_per_user']:.2f} / user | - | - | - | {b['seconds_per_user']:.2f} / user | "
+            )
+            lines[-1] += f"{b['tokens_per_s']:,.0f} | - | {pct(b.get('gain_vs_current'))} | - | - | - |"
+    for w in report["waves"]:
+        for key in ("plain_peft", "sequential"):
+            b = report.get(key)
+            if b:
+                ratio = w["retrains_per_gpu_hour"] / b["retrains_per_gpu_hour"]
+                lines.append(
+                    f"\nK={w['users']} fused {w['fused']}: {ratio:.1f}x "
+                    f"the {key.replace('_', '-')} path's retrains per GPU-hour (end to end for the wave; "
+                    f"{w['loop_tokens_per_s'] / b['tokens_per_s']:.1f}x its training tokens/s)."
+                )
+    check = report.get("gpu_check")
+    if check and "error" not in check:
+        loss = check["loss"]
+        lines += [
+            "",
+            f"GPU check of the fused kernels ({loss['tokens']:,} tokens, vocabulary {loss['vocab']:,}, hidden "
+            f"{loss['hidden']}, bf16; relative L2 against the unfused path):",
+            "",
+            "| loss path | forward + backward ms | peak GiB (above inputs) | loss rel. L2 | input-gradient rel. L2 |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for mode in ("off", "chunked", "liger"):
+            r = loss[mode]
+            lines.append(
+                f"| {mode} | {r['ms']:.2f} | {r['peak_gib']:.2f} | {r.get('loss_rel_l2', 0):.1e} | "
+                f"{r.get('grad_rel_l2', 0):.1e} |"
+            )
+        lay, tr = check["layers"], check["training"]
+        lines += [
+            "",
+            f"liger RMSNorm + SwiGLU in the decoder ({lay['patched_modules']} modules): output rel. L2 "
+            f"{lay['output_rel_l2']:.1e}, input gradient {lay['grad_rel_l2']:.1e}. Batched training, {tr['users']} "
+            f"users x {tr['steps']} steps, fused vs unfused: adapter weights rel. L2 {tr['weights_rel_l2']:.1e}.",
+        ]
+    prof = report.get("profile")
+    if prof:
+        busy = prof["gpu_busy"]
+        lines += [
+            "",
+            f"Profile (torch.profiler, CUDA kernels) of a K={prof['users']} batched training of {prof['steps']} "
+            f"steps, fused {prof['fused']}: loop {prof['loop_seconds']:.2f} s, kernels "
+            f"{prof['gpu_kernel_seconds']:.2f} s, GPU busy {100 * busy:.0f}% of the loop."
+            if busy is not None
+            else "",
+            "",
+            "| kind of kernel | share of GPU kernel time |",
+            "| --- | ---: |",
+        ]
+        lines += [f"| {kind} | {100 * share:.1f}% |" for kind, share in prof["shares"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--k", type=int, nargs="+", default=[256])
+    parser.add_argument("--fused", default="on,off", help="on, off or on,off: liger/chunked kernels, or unfused")
+    parser.add_argument("--parent-steps", type=int, default=2, help="steps of round 0 (the serving revisions)")
+    parser.add_argument("--baseline-users", type=int, default=3, help="users of each baseline (0 = none)")
+    parser.add_argument("--micro", type=int, default=0, help="micro_batch_tokens (0: the setting's auto value)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
+    parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
+    parser.add_argument("--profile", type=int, default=0, metavar="K", help="last, a profile of K users (fused)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    logging.getLogger("pipeline.training.multi").setLevel(logging.INFO)
+    overrides: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
+    if args.micro:
+        overrides["micro_batch_tokens"] = args.micro
+    base_settings = TrainingSettings(**overrides)
+    rules = load_rules(Path(__file__).parents[1] / "infra" / "gating" / "default_rules.yaml")
+    base = build(args.model, args.device)
+    import peft
+    import transformers
+
+    report: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "bench/retrain_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "model": args.model,
+        "parameters": sum(p.numel() for p in base.model.parameters()),
+        "environment": {
+            "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.machine() + " CPU",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+        "settings": base_settings.model_dump(
+            mode="json",
+            include={
+                "rank",
+                "alpha",
+                "target_modules",
+                "learning_rate",
+                "batch_size",
+                "max_length",
+                "max_steps",
+                "eval_every",
+                "patience",
+                "val_fraction",
+                "replay_max",
+                "micro_batch_tokens",
+                "pair_batch_size",
+            },
+        ),
+        "waves": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        name = f"retrain_throughput-{args.model}"
+        (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / f"{name}.md").write_text(table(report))
+
+    with tempfile.TemporaryDirectory(prefix="retrain-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+
+        def part(key: str, fn: Callable[[], Any]) -> Any:
+            """One part of the run; on the device a failing part is logged and the next one still runs."""
+            try:
+                value = fn()
+            except Exception as e:
+                if args.device != "cuda":
+                    raise
+                log.exception("%s failed", key)
+                value = {"error": repr(e)}
+                torch.cuda.empty_cache()
+            log.info("%s: %s", key, json.dumps(value, default=str))
+            return value
+
+        if args.check and args.device == "cuda":
+            report["gpu_check"] = part("gpu check", lambda: gpu_check(base, base_settings, tmp))
+            save()
+        for k in args.k:
+            for mode in args.fused.split(","):
+                kernels = {"on": "auto", "off": "off"}[mode]
+                settings = base_settings.model_copy(update={"fused_kernels": kernels})
+                path = Fused.resolve(kernels, torch.device(args.device)).describe()
+                w = part(
+                    f"wave K={k} fused {mode}",
+                    lambda k=k, settings=settings, mode=mode: wave(
+                        base, k, settings, args.parent_steps, args.device, tmp / f"k{k}-{mode}", rules
+                    ),
+                )
+                if "error" in w:
+                    report.setdefault("failed", []).append({"wave": f"K={k} fused {mode}", **w})
+                    continue
+                w["fused"] = f"{mode} ({path})"
+                report["waves"].append(w)
+                save()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+        if args.baseline_users:
+            settings = base_settings
+            for key, fn in (("plain_peft", plain_peft), ("sequential", sequential)):
+                value = part(key, lambda fn=fn: fn(base, args.baseline_users, settings, args.device, tmp, rules))
+                if "error" in value:
+                    report.setdefault("failed", []).append({key: value})
+                else:
+                    report[key] = value
+                save()
+        if args.profile and args.device == "cuda":
+            value = part("profile", lambda: profile(base, args.profile, base_settings, tmp, args.out))
+            report["profile" if "error" not in value else "profile_failed"] = value
+            save()
+    print(table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

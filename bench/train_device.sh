@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The training-throughput benchmark (bench/retrain_throughput.py) on one GPU of the device tool, in one call:
+#
+#   bash bench/train_device.sh OUT MODEL [ARGS...]
+#
+# MODEL is smollm2-135m, llama-1b or tiny; ARGS go to retrain_throughput.py (e.g. --k 256 --fused on,off --check
+# --profile 256). The device image has torch, transformers, peft and triton; the project's other dependencies and
+# liger-kernel (the `gpu` extra) travel as wheels in .whl/ (see bench/README.md) and are installed under /tmp/site.
+# Writes OUT/retrain_throughput-MODEL.{md,json}, OUT/profile-MODEL.txt with --profile, OUT/run.log, and all of it
+# packed as OUT/results.tgz (the device tool brings back at most 8 files).
+set -u
+OUT=${1:?usage: train_device.sh OUT MODEL [ARGS...]}
+MODEL=${2:?which model shape}
+shift 2
+mkdir -p "$OUT"
+START=$(date +%s)
+if [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUT/pip.log" 2>&1 && touch /tmp/site/.done
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+python3 -c "import liger_kernel, torch, transformers, peft, triton; print('liger', liger_kernel.__file__, 'torch', \
+torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)" \
+  >>"$OUT/gpu.txt" 2>&1
+python3 bench/retrain_throughput.py --model "$MODEL" --out "$OUT" "$@" >"$OUT/run.log" 2>&1
+echo "rc=$? in $(($(date +%s) - START)) s" | tee -a "$OUT/run.log"
+tar -C "$OUT" -czf "$OUT/results.tgz" --exclude results.tgz .
+cat "$OUT/gpu.txt"
+grep -E "wave K=|plain peft:|sequential:|profile:|gpu check:|Error|error" "$OUT/run.log" | cut -c1-600 | tail -20
+cat "$OUT"/retrain_throughput-*.md 2>/dev/null
