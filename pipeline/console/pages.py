@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 MAX_PROMPT_CHARS = 4000
+TRY_TOKENS = 24  # an answer long enough to compare, short enough for any serving worker (its max_tokens)
 
 
 def safe_next(target: str) -> str:
@@ -367,7 +368,7 @@ class Context:
                     json={
                         "model": model,
                         "messages": [{"role": "user", "content": prompt}],
-                        "max_tokens": 48,
+                        "max_tokens": TRY_TOKENS,
                         "temperature": 0,
                     },
                 )
