@@ -614,7 +614,7 @@ def evaluate_many(
     max_length: int = 128,
     min_preference_pairs: int = 1,
     general: Sequence[Example] | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
 ) -> list[dict[str, Any] | BaseException]:
     """`evaluate` for many candidates at once: per request its result (equal to `evaluate`'s within float rounding,
     see tests/unit/evaluation) or the exception that failed it alone.
@@ -625,7 +625,8 @@ def evaluate_many(
     general answers, probes, the new events under the serving revision) runs in one pass over the base, batched by
     length, each row with its own adapter. The base's probe distributions and general NLL come from the per-base
     cache (`_base_reference`). Adapters whose rank or modules differ from the first request's, or that do not
-    read as plain LoRA, and a lone request, are evaluated one request at a time by `evaluate`.
+    read as plain LoRA, and a lone request, are evaluated one request at a time by `evaluate`. ``batch_size``: rows
+    per forward (None: `STACKED_BATCH` of the base's device type); a batch's numbers reach the host in one copy.
     """
     results: list[dict[str, Any] | BaseException | None] = [None] * len(requests)
     general_examples = list(general) if general is not None else load_general()
@@ -688,6 +689,12 @@ def evaluate_many(
     return [r if r is not None else MetricsError("not evaluated") for r in results]
 
 
+#: Rows per forward of the stacked gate by device type (``evaluate_many``'s ``batch_size=None``): few on the CPU,
+#: enough on a GPU to keep it busy (the fp32 logits and log-probs of 256 rows of ~100 tokens over a 49k vocabulary
+#: are ~10 GiB).
+STACKED_BATCH = {"cpu": 32, "cuda": 256}
+
+
 class _NotStackable(Exception):
     """An adapter the per-row layer does not express: evaluated alone, through peft."""
 
@@ -726,7 +733,7 @@ def _evaluate_stacked(
     general: list[Example],
     max_length: int,
     min_preference_pairs: int,
-    batch_size: int,
+    batch_size: int | None,
 ) -> None:
     from pipeline.models import multilora
 
@@ -788,6 +795,10 @@ def _evaluate_stacked(
     out: dict[tuple[Any, ...], tuple[float, int]] = {}
     pad_id = encoding.pad_id(tok)
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+    if batch_size is None:
+        batch_size = STACKED_BATCH.get(device.type, 32)
+    # The base's probe log-probs, normalised once per call (not once per probe row) on the device.
+    references: dict[int, torch.Tensor] = {}
     # Under the base's lock, borrowed: other users of the shared base wait, and it comes back exactly as it was.
     with base_lock(model), borrowed(model), torch.no_grad():
         with multilora.wrap_linears(model, stacks) as lora, _eval_mode(model):
@@ -797,18 +808,38 @@ def _evaluate_stacked(
                     lora.set_rows(torch.tensor([r[0] for r in chunk], device=device))
                     logits = _forward(model, ids, mask)
                     lora.set_rows(None)
-                    for row, (_, seq, labels, key) in enumerate(chunk):
-                        if labels is None:  # a probe: its KL from the base, summed over positions
-                            got = F.log_softmax(logits[row, : len(seq)], dim=-1).cpu()
-                            ref = F.log_softmax(base_logits[key[3]].float(), dim=-1)
-                            kl = float(F.kl_div(got, ref, log_target=True, reduction="sum").double())
-                            out[key] = (kl, got.shape[0])
-                            continue
-                        lp = F.log_softmax(logits[row, :-1], dim=-1)
-                        lab = torch.tensor(labels[1:], dtype=torch.long, device=device)
-                        keep = lab != IGNORE
-                        picked = lp[: len(lab)].gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                        out[key] = (float(picked[keep].double().sum()), int(keep.sum()))
+                    # Every row's numbers stay on the device until the batch is done: one copy to the host per
+                    # batch, not one wait per row. Labelled rows: the sum of their target tokens' log-probs
+                    # (as `_target_logprobs`); probes: their KL from the base, summed over positions.
+                    width = ids.shape[1]
+                    labels = torch.full((len(chunk), max(width - 1, 0)), IGNORE, dtype=torch.long)
+                    for row, (_, _, row_labels, _) in enumerate(chunk):
+                        if row_labels is not None and len(row_labels) > 1:
+                            labels[row, : len(row_labels) - 1] = torch.tensor(row_labels[1:], dtype=torch.long)
+                    labels = labels.to(device)
+                    keep = labels != IGNORE
+                    lp = F.log_softmax(logits[:, :-1], dim=-1)
+                    picked = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                    sums = torch.where(keep, picked, 0.0).double().sum(1)
+                    row_counts = keep.sum(1)
+                    del lp, picked
+                    kls: list[torch.Tensor] = []
+                    for row, (_, seq, row_labels, key) in enumerate(chunk):
+                        if row_labels is None:
+                            j = key[3]
+                            if j not in references:
+                                references[j] = F.log_softmax(base_logits[j].float(), dim=-1).to(device)
+                            got = F.log_softmax(logits[row, : len(seq)], dim=-1)
+                            kls.append(F.kl_div(got, references[j], log_target=True, reduction="sum").double())
+                    host_sums, host_counts = sums.cpu().tolist(), row_counts.cpu().tolist()
+                    host_kls = torch.stack(kls).cpu().tolist() if kls else []
+                    n_kl = 0
+                    for row, (_, seq, row_labels, key) in enumerate(chunk):
+                        if row_labels is None:
+                            out[key] = (host_kls[n_kl], len(seq))
+                            n_kl += 1
+                        else:
+                            out[key] = (host_sums[row], host_counts[row])
 
     for (i, scored, n_holdout, n_pairs, n_shift), (_, _, cur) in zip(plans, loaded, strict=True):
         req = requests[i]
