@@ -7,7 +7,8 @@
 # --profile 256). The device image has torch, transformers, peft and triton; the project's other dependencies and
 # liger-kernel (the `gpu` extra) travel as wheels in .whl/ (see bench/README.md) and are installed under /tmp/site.
 # Writes OUT/retrain_throughput-MODEL.{md,json}, OUT/profile-MODEL.txt with --profile, OUT/run.log, and all of it
-# packed as OUT/results.tgz (the device tool brings back at most 8 files).
+# packed as OUT/results.tgz (the device tool brings back at most 8 files). The benchmark is stopped after
+# BENCH_LIMIT_S seconds (default 360; what it wrote by then is kept: it saves after each part).
 set -u
 OUT=${1:?usage: train_device.sh OUT MODEL [ARGS...]}
 MODEL=${2:?which model shape}
@@ -23,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,power.draw --form
 python3 -c "import liger_kernel, torch, transformers, peft, triton; print('liger', liger_kernel.__file__, 'torch', \
 torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)" \
   >>"$OUT/gpu.txt" 2>&1
-python3 bench/retrain_throughput.py --model "$MODEL" --out "$OUT" "$@" >"$OUT/run.log" 2>&1
+timeout "${BENCH_LIMIT_S:-360}" python3 bench/retrain_throughput.py --model "$MODEL" --out "$OUT" "$@" >"$OUT/run.log" 2>&1
 echo "rc=$? in $(($(date +%s) - START)) s" | tee -a "$OUT/run.log"
 tar -C "$OUT" -czf "$OUT/results.tgz" --exclude results.tgz .
 cat "$OUT/gpu.txt"
