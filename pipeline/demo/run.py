@@ -100,9 +100,11 @@ def _run(options: DemoOptions, console: Console, settings: Settings | None, star
     with Database(cfg.db, name="persona-demo") as database:
         with database.connection() as conn:
             key_id, key = apps.create_key(conn, APP_ID, "persona demo", scopes=("ingest", "serve"))
+            op_id, op_key = apps.create_key(conn, None, "persona demo: the console login", scopes=("admin",))
         console.print(
             f"      application {APP_ID!r}: API key {key_id} with scopes ingest, serve (only its sha256 is stored)"
         )
+        console.print(f"      operator key {op_id} for the console's login (shown once): {op_key}")
         return _run_processes(options, console, base, cfg, urls, database, key, seed, prefix, started)
 
 
@@ -132,6 +134,7 @@ def _run_processes(
         )
 
     ingest_port, serve_port = free_port(cfg.ingest.port), free_port(cfg.serving.port)
+    console_port = free_port(cfg.console.port)
     overrides = {
         "PERSONA_DB_URL": urls["db_url"],
         "PERSONA_REDIS_URL": urls["redis_url"],
@@ -146,6 +149,10 @@ def _run_processes(
         "PERSONA_MODEL_CACHE_DIR": str(base.model.cache_dir),
         "PERSONA_INGEST_PORT": str(ingest_port),
         "PERSONA_SERVE_PORT": str(serve_port),
+        # The operator console: its try-it box asks this run's serving worker with the demo application's key.
+        "PERSONA_CONSOLE_PORT": str(console_port),
+        "PERSONA_CONSOLE_SERVING_URL": f"http://127.0.0.1:{serve_port}",
+        "PERSONA_CONSOLE_SERVE_KEY": key,
         "PERSONA_CONSUMER_METRICS_PORT": str(free_port(9101)),
         "PERSONA_WORKER_METRICS_PORT": str(free_port(9102)),
         "PERSONA_TRAIN_MAX_STEPS": str(options.steps),
@@ -167,6 +174,7 @@ def _run_processes(
         procs.start("consumer", ["consume"])
         procs.start("worker", ["worker", "--queues", "train,evaluate", "--name", f"demo-{prefix}@%h"])
         procs.start("serving", ["serve"])
+        procs.start("console", ["console"])
         wait_ready(
             "the ingest API",
             lambda: httpx.get(f"{ingest_url}/healthz", timeout=2).is_success,
@@ -174,7 +182,19 @@ def _run_processes(
             procs.log("ingest"),
             60,
         )
+        console_url = f"http://127.0.0.1:{console_port}"
+        wait_ready(
+            "the operator console",
+            lambda: httpx.get(f"{console_url}/healthz", timeout=2).is_success,
+            procs,
+            procs.log("console"),
+            60,
+        )
         console.print(f"      ingest API   {ingest_url}")
+        console.print(
+            f"      operator console {console_url}/users (log in with the operator key above; it runs until the "
+            "demo ends, `persona console` runs one on its own)"
+        )
         console.print(f"      consumer, training worker (train + evaluate queues), serving worker {serve_url}")
 
         people = [UserRun(u.user_id, u.style["register"]) for u in sim.users(options.users, prefix=prefix)]

@@ -25,26 +25,36 @@ STATUSES: Final[tuple[str, ...]] = get_args(Status)
 Sort = Literal["id", "last_event", "last_promotion"]
 SORTS: Final[tuple[str, ...]] = get_args(Sort)
 
-#: The condition of each status filter on a users row ``u`` (each an index probe per user; see module docstring).
-_STATUS_SQL: Final[dict[str, str]] = {
-    "serving": "EXISTS (SELECT 1 FROM aliases x WHERE x.user_id = u.user_id AND x.alias = 'production')",
-    "candidate": "EXISTS (SELECT 1 FROM revisions x WHERE x.user_id = u.user_id AND x.status = 'candidate')",
+#: Ids are compared in the "C" collation (byte order; ids are ASCII): a prefix is then an index range whatever the
+#: database's collation, and the console's indexes of migration 0009 are on ``user_id COLLATE "C"``.
+_C = 'COLLATE "C"'
+
+#: Status filters that few users match: the page is driven by that status's own partial index (in id order), then
+#: joined to users. (serving is driven by the users index and probed per user: most users of a deployment serve.)
+_STATUS_DRIVER: Final[dict[str, tuple[str, str]]] = {
+    "candidate": ("revisions", "x.status = 'candidate'"),
     # the user's latest decision was a rejection
     "rejected": (
-        "EXISTS (SELECT 1 FROM decisions x WHERE x.user_id = u.user_id AND x.outcome = 'rejected'"
-        " AND NOT EXISTS (SELECT 1 FROM decisions y WHERE y.user_id = x.user_id"
-        " AND (y.decided_at, y.id) > (x.decided_at, x.id)))"
+        "decisions",
+        "x.outcome = 'rejected' AND NOT EXISTS (SELECT 1 FROM decisions y WHERE y.user_id = x.user_id"
+        " AND (y.decided_at, y.id) > (x.decided_at, x.id))",
     ),
     # a worker holds the user's training lease now
-    "training": (
-        "EXISTS (SELECT 1 FROM user_state x WHERE x.user_id = u.user_id AND x.lease_revision_id IS NOT NULL"
-        " AND x.lease_expires_at > now())"
-    ),
+    "training": ("user_state", "x.lease_revision_id IS NOT NULL AND x.lease_expires_at > now()"),
     # a training plan that nobody holds: its last attempt failed (lease released) or its worker died (lease lapsed)
     "failing": (
-        "EXISTS (SELECT 1 FROM user_state x WHERE x.user_id = u.user_id AND x.lease_revision_id IS NOT NULL"
-        " AND (x.lease_expires_at IS NULL OR x.lease_expires_at <= now()))"
+        "user_state",
+        "x.lease_revision_id IS NOT NULL AND (x.lease_expires_at IS NULL OR x.lease_expires_at <= now())",
     ),
+}
+
+#: The same statuses as a condition on a users row ``u`` (the time-sorted lists filter their scan with it).
+_STATUS_SQL: Final[dict[str, str]] = {
+    "serving": "EXISTS (SELECT 1 FROM aliases x WHERE x.user_id = u.user_id AND x.alias = 'production')",
+    **{
+        k: f"EXISTS (SELECT 1 FROM {t} x WHERE x.user_id = u.user_id AND {cond})"
+        for k, (t, cond) in _STATUS_DRIVER.items()
+    },
 }
 
 # One row of the list: a few primary-key probes per user of the page.
@@ -98,16 +108,25 @@ class UsersPage:
     next_cursor: str | None  # pass as ``after`` for the next page; None on the last page
 
 
-def _like(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
 def _cursor(after: str) -> tuple[datetime, str]:
     at, _, uid = after.partition("|")
     try:
         return datetime.fromisoformat(at), uid
     except ValueError as e:
         raise InvalidInput(f"the page cursor {after!r} is not one this list made (TIME|USER); start again") from e
+
+
+def _id_range(col: str, prefix: str, after: str) -> tuple[list[str], list[Any]]:
+    """Conditions (in the "C" collation) for ids that start with ``prefix`` and come after ``after``."""
+    where: list[str] = []
+    params: list[Any] = []
+    if prefix:
+        where.append(f"{col} {_C} >= %s AND {col} {_C} < %s")
+        params += [prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)]
+    if after:
+        where.append(f"{col} {_C} > %s")
+        params.append(after)
+    return where, params
 
 
 def list_users(
@@ -128,30 +147,42 @@ def list_users(
         raise InvalidInput(f"unknown sort {sort!r}; allowed: {', '.join(SORTS)}")
     if not 1 <= limit <= 500:
         raise InvalidInput(f"limit {limit} is out of range; allowed: 1..500")
-    where: list[str] = ["u.user_id LIKE %s"]
-    params: list[Any] = [_like(prefix)]
+    where: list[str] = []
+    params: list[Any] = []
     for value in (app, app_filter or None):
         if value is not None:
             where.append("u.app = %s")
             params.append(value)
-    if status:
-        where.append(_STATUS_SQL[status])
-    if sort == "id":
-        if after:
-            where.append("u.user_id > %s")
-            params.append(after)
-        ids_sql = f"SELECT u.user_id, NULL::timestamptz AS k FROM users u WHERE {' AND '.join(where)}"
-        ids_sql += " ORDER BY u.user_id LIMIT %s"
+    if sort == "id" and status in _STATUS_DRIVER:
+        table, cond = _STATUS_DRIVER[status]
+        rng, rng_params = _id_range("x.user_id", prefix, after)
+        conds = " AND ".join([cond, *rng, *where])
+        ids_sql = (
+            f"SELECT DISTINCT x.user_id {_C} AS id, NULL::timestamptz AS k FROM {table} x"
+            f" JOIN users u ON u.user_id = x.user_id WHERE {conds} ORDER BY 1 LIMIT %s"
+        )
+        params = rng_params + params
+    elif sort == "id":
+        rng, rng_params = _id_range("u.user_id", prefix, after)
+        conds = " AND ".join([*rng, *where, *([_STATUS_SQL[status]] if status else [])]) or "true"
+        ids_sql = (
+            f"SELECT u.user_id {_C} AS id, NULL::timestamptz AS k FROM users u WHERE {conds}"
+            f" ORDER BY u.user_id {_C} LIMIT %s"
+        )
+        params = rng_params + params
     else:
         table, col = ("user_state", "last_event_at") if sort == "last_event" else ("aliases", "updated_at")
+        rng, rng_params = _id_range("u.user_id", prefix, "")
+        where = [*rng, *where] + ([_STATUS_SQL[status]] if status else [])
+        params = rng_params + params
         if after:
             at, uid = _cursor(after)
             where.append(f"(t.{col}, t.user_id) < (%s, %s)")
             params += [at, uid]
-        extra = " AND t.alias = 'production'" if table == "aliases" else f" AND t.{col} IS NOT NULL"
+        extra = "t.alias = 'production'" if table == "aliases" else f"t.{col} IS NOT NULL"
         ids_sql = (
             f"SELECT u.user_id, t.{col} AS k FROM {table} t JOIN users u ON u.user_id = t.user_id"
-            f" WHERE {' AND '.join(where)}{extra} ORDER BY t.{col} DESC, t.user_id DESC LIMIT %s"
+            f" WHERE {' AND '.join([extra, *where])} ORDER BY t.{col} DESC, t.user_id DESC LIMIT %s"
         )
     params.append(limit + 1)
     found = conn.execute(ids_sql, params).fetchall()

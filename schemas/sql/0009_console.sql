@@ -15,10 +15,13 @@ CREATE TABLE operator_audit (
 );
 CREATE INDEX operator_audit_user ON operator_audit (user_id, id) WHERE user_id IS NOT NULL;
 
+-- Users list by id, in the "C" collation whatever the database's (ids are ASCII; a prefix is then an index range).
+CREATE INDEX users_id_c ON users ((user_id COLLATE "C"));
 -- Users list: "sort by last event" and "sort by last promotion" walk these in order (keyset on (time, user_id)).
 CREATE INDEX user_state_last_event ON user_state (last_event_at, user_id) WHERE last_event_at IS NOT NULL;
 CREATE INDEX aliases_updated ON aliases (updated_at, user_id);
--- Users list by status: a candidate waiting for the gate; a rejected decision; a training plan (running or failing).
-CREATE INDEX revisions_candidates ON revisions (user_id) WHERE status = 'candidate';
-CREATE INDEX decisions_rejected ON decisions (user_id) WHERE outcome = 'rejected';
-CREATE INDEX user_state_planned ON user_state (user_id) WHERE lease_revision_id IS NOT NULL;
+-- Users list by a status few users have, in id order: a candidate waiting for the gate, a rejected decision, a
+-- training plan (running or failing).
+CREATE INDEX revisions_candidates ON revisions ((user_id COLLATE "C")) WHERE status = 'candidate';
+CREATE INDEX decisions_rejected ON decisions ((user_id COLLATE "C")) WHERE outcome = 'rejected';
+CREATE INDEX user_state_planned ON user_state ((user_id COLLATE "C")) WHERE lease_revision_id IS NOT NULL;

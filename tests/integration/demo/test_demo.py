@@ -69,3 +69,4 @@ def test_reduced_demo_promotes_and_serves_every_user(own_services, test_stack):
     printed = out.getvalue()
     assert "per user: events -> revision -> gate -> serving" in printed
     assert "dead-lettered by the buffer consumer" in printed
+    assert "operator console http://127.0.0.1:" in printed  # started, and answered /healthz, with the run
