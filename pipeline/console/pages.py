@@ -332,7 +332,7 @@ class Context:
             "pending_age": age,
             "audit": audit,
             "kafka": self.kafka_now(),
-            "grafana": grafana + "/d/persona-pipeline/persona",
+            "grafana": grafana + "/d/persona-overview/persona",
             "user_url": user_url,
         }
 
