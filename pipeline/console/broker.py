@@ -131,3 +131,19 @@ def _committed(settings: Settings, topic_partition: Any) -> list[tuple[int, int 
         return [(p, consumer.committed(topic_partition(kafka.topic_events, p))) for p in parts]
     finally:
         consumer.close()
+
+
+def queue_depths(settings: Settings) -> dict[str, Any]:
+    """Tasks waiting in each Celery queue (Redis list lengths), or the error that kept them unread."""
+    import redis
+
+    from pipeline.domain.tasks import QUEUES
+
+    try:
+        client = redis.Redis.from_url(settings.redis.url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return {"depths": [(q, int(client.llen(q))) for q in QUEUES], "error": None}
+        finally:
+            client.close()
+    except redis.RedisError as e:
+        return {"depths": [], "error": f"{type(e).__name__}: {e}"}

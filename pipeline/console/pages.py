@@ -332,6 +332,7 @@ class Context:
             "pending_age": age,
             "audit": audit,
             "kafka": self.kafka_now(),
+            "celery": self.celery_now(),
             "grafana": grafana + "/d/persona-overview/persona",
             "user_url": user_url,
         }
@@ -342,6 +343,11 @@ class Context:
         from pipeline.console.broker import snapshot
 
         return snapshot(self.settings)
+
+    def celery_now(self) -> dict[str, Any]:
+        from pipeline.console.broker import queue_depths
+
+        return queue_depths(self.settings)
 
     # --- try it --------------------------------------------------------------------------------------------------
     async def try_it(self, s: Session, user_id: str, prompt: str, revision: str) -> dict[str, Any]:

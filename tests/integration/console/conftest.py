@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from peft import LoraConfig, get_peft_model
 from psycopg.types.json import Jsonb
 
-from pipeline.config import ConsoleSettings, GateSettings, Settings
+from pipeline import stack
+from pipeline.config import ConsoleSettings, GateSettings, RedisSettings, Settings
 from pipeline.console.app import create_app
 from pipeline.domain.gating import decide, ruleset_digest
 from pipeline.domain.revisions import EventsUsed
@@ -47,13 +48,14 @@ rules:
 
 
 @pytest.fixture(scope="package")
-def console_settings(services, tmp_path_factory):
+def console_settings(services, test_stack, tmp_path_factory):
     rules = tmp_path_factory.mktemp("rules") / "rules.yaml"
     rules.write_text(RULES)
     return Settings(
         services.db,
         services.s3,
         fresh_topics(services.kafka),
+        RedisSettings(url=stack.effective_urls(test_stack)["redis_url"]),
         GateSettings(rules=rules),
         ConsoleSettings(grafana_url="http://grafana.invalid"),
     )

@@ -254,6 +254,7 @@ def test_pipeline_page_shows_trainings_from_the_database(operator, demo_user, se
         row = text.split(f">{demo_user.user_id}</a>", 1)[1].split("</tr>", 1)[0]
         assert "training" in row and "7/20" in row and "1.2500" in row
         assert "Recent decisions" in text and demo_user.revisions[2] in text
+        assert "Celery queue train</th><td>" in text and "Dead-letter topic:" in text  # Redis and Kafka were read
         users = client.get("/users", params={"q": demo_user.user_id, "status": "training"}).text
         assert f">{demo_user.user_id}</a>" in users and "training 7/20" in users
     finally:
