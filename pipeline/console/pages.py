@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import httpx
+from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import Settings
 from pipeline.console.pictures import lineage_picture, metric_panels
@@ -174,6 +175,12 @@ class Context:
             "url": user_url(user_id),
         }
 
+    def visible(self, s: Session, user_id: str) -> None:
+        """NotFound unless ``s`` may see ``user_id`` (another application's user reads as an unknown one)."""
+        with self.db.connection() as conn:
+            if store.user_row(conn, user_id, app=s.app) is None:
+                raise NotFound(f"no user {user_id!r}; search the users list")
+
     # --- actions -------------------------------------------------------------------------------------------------
     def act(self, s: Session, user_id: str, action: str, form: dict[str, str]) -> str:
         """Run ``action`` for ``user_id``; returns where to go next (the user's page, or the list after a forget).
@@ -183,9 +190,7 @@ class Context:
         back = user_url(user_id)
         revision: str | None = None
         try:
-            with self.db.connection() as conn:  # another application's user reads as unknown
-                if store.user_row(conn, user_id, app=s.app) is None:
-                    raise NotFound(f"no user {user_id!r}; search the users list")
+            self.visible(s, user_id)
             if action == "promote":
                 revision = check_revision_id(form.get("revision", "") or "")
                 done = promotion.promote(stores, announcer, user_id, revision, reason="promote", actor=s.actor)
@@ -353,6 +358,7 @@ class Context:
     async def try_it(self, s: Session, user_id: str, prompt: str, revision: str) -> dict[str, Any]:
         """One prompt through the serving API: the base, the production revision and ``revision`` (optional)."""
         check_user_id(user_id)
+        await run_in_threadpool(self.visible, s, user_id)
         key = self.settings.console.serve_key.get_secret_value()
         if not key:
             raise InvalidInput("the try-it box is off: set PERSONA_CONSOLE_SERVE_KEY to an application's serve key")

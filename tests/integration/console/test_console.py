@@ -239,6 +239,16 @@ def test_an_application_admin_key_sees_its_own_users_only(
         page = client.post(f"/users/{demo_user.user_id}/rollback", data={"csrf": csrf}).text
         assert "refused" in page or "no user" in page
         assert production_of(services, demo_user.user_id) == demo_user.revisions[1]
+        r = client.post(f"/users/{demo_user.user_id}/try", data={"csrf": csrf, "prompt": "hi"})
+        assert r.status_code == 404 and "no user" in r.json()["error"]
+
+
+def test_try_it_is_off_without_a_serve_key_and_checks_its_input(operator, demo_user):
+    client, csrf = operator
+    r = client.post(f"/users/{demo_user.user_id}/try", data={"csrf": csrf, "prompt": "hi"})
+    assert r.status_code == 400 and "PERSONA_CONSOLE_SERVE_KEY" in r.json()["error"]
+    r = client.post(f"/users/{demo_user.user_id}/try", data={"csrf": "nope", "prompt": "hi"})
+    assert r.status_code == 403
 
 
 def test_pipeline_page_shows_trainings_from_the_database(operator, demo_user, services):
