@@ -25,8 +25,8 @@ _cache: dict[str, tuple[float, dict[str, Any]]] = {}
 
 
 def snapshot(settings: Settings) -> dict[str, Any]:
-    """The broker's part of the pipeline page (cached ``CACHE_S`` seconds per bootstrap list)."""
-    key = settings.kafka.bootstrap_servers
+    """The broker's part of the pipeline page (cached ``CACHE_S`` seconds per broker and topics)."""
+    key = f"{settings.kafka.bootstrap_servers}|{settings.kafka.topic_dlq}|{settings.kafka.topic_events}"
     with _lock:
         hit = _cache.get(key)
         if hit is not None and time.monotonic() - hit[0] < CACHE_S:

@@ -5,13 +5,16 @@ their actor; escaping of everything a user typed; an application's admin key see
 from __future__ import annotations
 
 import html
+import json
 import re
 from urllib.parse import quote
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from kafka import KafkaProducer
 
+from pipeline.console import broker
 from pipeline.storage import registry
 from tests.integration.console.conftest import RULES, issue_key, login, make_demo_user
 
@@ -205,7 +208,7 @@ def test_what_if_validates_with_lines_and_lists_the_flips_per_rule(operator, dem
     assert "holdout_improves" in rules_page and "rules.yaml" in rules_page
 
 
-def test_nothing_typed_is_rendered_as_markup(operator, demo_user):
+def test_nothing_typed_is_rendered_as_markup(operator, demo_user, console_settings):
     client, csrf = operator
     evil = "<script>alert(1)</script>"
     markup = '"><img src=x onerror=alert(1)>'
@@ -222,6 +225,15 @@ def test_nothing_typed_is_rendered_as_markup(operator, demo_user):
     # and the confirmation text a user typed is echoed escaped
     r = client.post(f"/users/{demo_user.user_id}/forget", data={"csrf": csrf, "confirm": evil})
     assert "<script>" not in r.text and "&lt;script&gt;" in r.text
+    # an event's text in a dead letter's reason, on the pipeline page
+    producer = KafkaProducer(bootstrap_servers=console_settings.kafka.servers)
+    reasons = [{"field": "text", "code": "invalid_value", "message": f"{evil} is not allowed"}]
+    headers = [("persona.dlq.code", b"invalid_value"), ("persona.dlq.reasons", json.dumps(reasons).encode())]
+    producer.send(console_settings.kafka.topic_dlq, key=b"u", value=evil.encode(), headers=headers).get(timeout=30)
+    producer.close()
+    broker._cache.clear()
+    r = client.get("/pipeline")
+    assert "is not allowed" in r.text and "<script>" not in r.text and "&lt;script&gt;" in r.text
     # login's next= stays inside the console
     assert 'value="/users"' in client.get("/login", params={"next": "//evil.example/"}).text
 
