@@ -29,8 +29,8 @@ demo: $(STAMP)  ## bring up the embedded stack and run the main job end to end
 # The programs the tests run, from Debian when missing (root + apt only; no apt call when all are present):
 # nginx-light (the serving pool's router test), docker-compose (parses docker-compose.yml; no engine is installed or
 # needed), prometheus (promtool checks of infra/prometheus; a real Prometheus in the observability test) and chromium
-# (the operator console's browser tests, driven by Playwright). The
-# packages' own daemons are stopped right after they are installed.
+# (the operator console's browser tests, driven by Playwright). The packages' own daemons are stopped right after
+# they are installed.
 TOOLS_PKGS = nginx:nginx-light docker-compose:docker-compose prometheus:prometheus promtool:prometheus chromium:chromium
 
 tools:  ## install the programs the tests need (nginx, docker-compose, prometheus/promtool, chromium) when missing
