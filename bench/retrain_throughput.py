@@ -435,12 +435,12 @@ def gpu_check(base: LoadedBase, settings: TrainingSettings, tmp: Path) -> dict[s
 
     five = settings.model_copy(update={"max_steps": 5, "val_fraction": 0.0})
     weights: dict[str, list[dict[str, torch.Tensor]]] = {}
-    for mode in ("auto", "off"):
+    for mode, branch in (("auto", "base"), ("off", "fp32")):
         jobs = [
             UserJob(examples_from_events(user_events(70_000 + u, 1)), tmp / "check" / mode / str(u), None, 7 + u)
             for u in range(4)
         ]
-        res = train_adapters(base, jobs, five.model_copy(update={"fused_kernels": mode}))
+        res = train_adapters(base, jobs, five.model_copy(update={"fused_kernels": mode, "lora_branch": branch}))
         assert all(isinstance(r, TrainResult) for r in res), res
         weights[mode] = [load_file(j.out_dir / "adapter_model.safetensors") for j in jobs]
     diff2 = sum(
@@ -572,7 +572,8 @@ def table(report: dict[str, Any]) -> str:
             "",
             f"liger RMSNorm + SwiGLU in the decoder ({lay['patched_modules']} modules): output rel. L2 "
             f"{lay['output_rel_l2']:.1e}, input gradient {lay['grad_rel_l2']:.1e}. Batched training, {tr['users']} "
-            f"users x {tr['steps']} steps, fused vs unfused: adapter weights rel. L2 {tr['weights_rel_l2']:.1e}.",
+            f"users x {tr['steps']} steps, fused kernels + bf16 LoRA branch vs unfused + fp32 branch: adapter "
+            f"weights rel. L2 {tr['weights_rel_l2']:.1e}.",
         ]
     prof = report.get("profile")
     if prof:
@@ -599,6 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fused", default="on,off", help="on, off or on,off: liger/chunked kernels, or unfused")
     parser.add_argument("--parent-steps", type=int, default=2, help="steps of round 0 (the serving revisions)")
     parser.add_argument("--baseline-users", type=int, default=3, help="users of each baseline (0 = none)")
+    parser.add_argument("--baselines", default="plain_peft,sequential", help="which baselines run")
     parser.add_argument("--micro", type=int, default=0, help="micro_batch_tokens (0: the setting's auto value)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
@@ -677,9 +679,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save()
         for k in args.k:
             for mode in args.fused.split(","):
-                kernels = {"on": "auto", "off": "off"}[mode]
-                settings = base_settings.model_copy(update={"fused_kernels": kernels})
-                path = Fused.resolve(kernels, torch.device(args.device)).describe()
+                # on: this session's paths (fused kernels, the LoRA branch in the base's dtype); off: the ones before.
+                kernels, branch = {"on": ("auto", "base"), "off": ("off", "fp32")}[mode]
+                settings = base_settings.model_copy(update={"fused_kernels": kernels, "lora_branch": branch})
+                path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                 w = part(
                     f"wave K={k} fused {mode}",
                     lambda k=k, settings=settings, mode=mode: wave(
@@ -697,6 +700,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.baseline_users:
             settings = base_settings
             for key, fn in (("plain_peft", plain_peft), ("sequential", sequential)):
+                if key not in args.baselines.split(","):
+                    continue
                 value = part(key, lambda fn=fn: fn(base, args.baseline_users, settings, args.device, tmp, rules))
                 if "error" in value:
                     report.setdefault("failed", []).append({key: value})

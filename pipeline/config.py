@@ -282,6 +282,12 @@ class TrainingSettings(BaseSettings):
         "and SwiGLU on a CUDA GPU when installed (the gpu extra), else the chunked torch loss; chunked = the loss "
         "computed a chunk of tokens at a time (never the fp32 logits of the whole vocabulary); off = unfused.",
     )
+    lora_branch: Literal["base", "fp32"] = Field(
+        "base",
+        description="dtype of batched training's LoRA branch on a lower-precision base: base = the base's (bf16 on a "
+        "GPU: the add to the base output fused into the second GEMM; fp32 weights and optimizer state); fp32 = "
+        "peft's numerics (the input cast to fp32). The same on an fp32 base.",
+    )
 
     @property
     def targets(self) -> list[str]:

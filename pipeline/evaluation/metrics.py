@@ -615,6 +615,7 @@ def evaluate_many(
     min_preference_pairs: int = 1,
     general: Sequence[Example] | None = None,
     batch_size: int | None = None,
+    native: bool = True,
 ) -> list[dict[str, Any] | BaseException]:
     """`evaluate` for many candidates at once: per request its result (equal to `evaluate`'s within float rounding,
     see tests/unit/evaluation) or the exception that failed it alone.
@@ -627,6 +628,8 @@ def evaluate_many(
     cache (`_base_reference`). Adapters whose rank or modules differ from the first request's, or that do not
     read as plain LoRA, and a lone request, are evaluated one request at a time by `evaluate`. ``batch_size``: rows
     per forward (None: `STACKED_BATCH` of the base's device type); a batch's numbers reach the host in one copy.
+    ``native``: on a bf16 base, the LoRA branch in bf16 (`multilora.wrap_linears`; candidate, current and base
+    rows all measured so, within bf16 rounding of peft's fp32 branch); on an fp32 base it changes nothing.
     """
     results: list[dict[str, Any] | BaseException | None] = [None] * len(requests)
     general_examples = list(general) if general is not None else load_general()
@@ -661,7 +664,16 @@ def evaluate_many(
     if loaded:
         try:
             _evaluate_stacked(
-                base, requests, loaded, results, probes, general_examples, max_length, min_preference_pairs, batch_size
+                base,
+                requests,
+                loaded,
+                results,
+                probes,
+                general_examples,
+                max_length,
+                min_preference_pairs,
+                batch_size,
+                native,
             )
         except Exception as e:  # e.g. out of memory: those requests fail, the others still get their results
             log.exception("batched evaluation of %d candidates failed", len(loaded))
@@ -734,6 +746,7 @@ def _evaluate_stacked(
     max_length: int,
     min_preference_pairs: int,
     batch_size: int | None,
+    native: bool = True,
 ) -> None:
     from pipeline.models import multilora
 
@@ -801,7 +814,7 @@ def _evaluate_stacked(
     references: dict[int, torch.Tensor] = {}
     # Under the base's lock, borrowed: other users of the shared base wait, and it comes back exactly as it was.
     with base_lock(model), borrowed(model), torch.no_grad():
-        with multilora.wrap_linears(model, stacks) as lora, _eval_mode(model):
+        with multilora.wrap_linears(model, stacks, native=native) as lora, _eval_mode(model):
             for start in range(0, len(order), batch_size):
                 chunk = [rows[r] for r in order[start : start + batch_size]]
                 for _, ids, mask in _batches([r[1] for r in chunk], pad_id, len(chunk), device):

@@ -73,10 +73,12 @@ class AdapterFormatError(MultiLoraError):
 
 
 class _Rows:
-    """The stack row of every batch row, shared by every layer of one wrap (set once per forward)."""
+    """The stack row of every batch row, shared by every layer of one wrap (set once per forward), and whether the
+    layers compute the LoRA branch in the input's dtype (`wrap_linears`' ``native``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = False) -> None:
         self.index: torch.Tensor | None = None
+        self.native = native
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,15 @@ class MultiLoraLinear(nn.Module):
         a = self.lora_A[index]  # [B, R, in]
         b = self.lora_B[index]  # [B, out, R]
         s = self.scaling[index]  # [B]
+        if self._rows.native and x.dtype != a.dtype:
+            # The branch in the input's dtype (bf16 on a GPU): x A^T scaled, then B and the add to the base output
+            # in one batched GEMM (fp32 accumulation, one rounding), no fp32 copy of x or of the output. The stacks
+            # stay as they are (fp32 master weights: their gradients come back through the casts).
+            dt = x.dtype
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, in]
+            h = torch.bmm(flat, a.to(dt).transpose(1, 2)) * s.to(dt)[:, None, None]
+            out = torch.baddbmm(result.reshape(x.shape[0], -1, result.shape[-1]), h, b.to(dt).transpose(1, 2))
+            return out.reshape(result.shape)
         # As peft's lora.Linear: the input in the LoRA dtype; A, then B, then scaling; add, then the base's dtype.
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # [B, N, in]
         delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * s[:, None, None]
@@ -218,14 +229,18 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), name
 
 
-def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack]) -> LoraWrap:
+def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack], *, native: bool = False) -> LoraWrap:
     """Replace the ``nn.Linear`` at each module path of ``stacks`` by a `MultiLoraLinear` over its stack, in place.
 
-    All layers share one row index (`LoraWrap.set_rows`). Raises MultiLoraError, changing nothing, when a path is
+    All layers share one row index (`LoraWrap.set_rows`). ``native``: when the input's dtype is not the stacks'
+    (a bf16 base, fp32 LoRA weights), compute the LoRA branch in the input's dtype, its add to the base output fused
+    into the second GEMM, instead of peft's way (the input cast to the LoRA dtype, the sum in it, then cast back):
+    the same function within the input dtype's rounding, far less memory traffic. Without it, or when the dtypes
+    are equal, the layer computes exactly as peft does. Raises MultiLoraError, changing nothing, when a path is
     not an ``nn.Linear`` of ``model`` or a stack does not fit its Linear. ``remove()`` (or leaving the ``with``
     block) puts the Linear modules back.
     """
-    rows = _Rows()
+    rows = _Rows(native)
     layers: dict[str, MultiLoraLinear] = {}
     originals: dict[str, nn.Linear] = {}
     for path, stack in stacks.items():

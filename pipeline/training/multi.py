@@ -404,10 +404,16 @@ def _train_group(
     with (
         base_lock(model),
         borrowed(model),
-        multilora.wrap_linears(model, stacks) as lora,
+        multilora.wrap_linears(model, stacks, native=settings.lora_branch == "base") as lora,
         fused_layers(model, fused) as patched,
     ):
-        log.info("batched training of %d users: %s (%d modules patched)", len(users), fused.describe(), patched)
+        log.info(
+            "batched training of %d users: %s (%d modules patched), LoRA branch in %s",
+            len(users),
+            fused.describe(),
+            patched,
+            settings.lora_branch,
+        )
         best = [p.detach().clone() for p in params]
         start = [p.detach().clone() for p in params] if settings.anchor > 0 else None
 

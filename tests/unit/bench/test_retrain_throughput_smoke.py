@@ -38,7 +38,10 @@ def test_a_tiny_wave_runs_every_part(tmp_path: Path, threads: None) -> None:
     report = bench.main([*argv, "--out", str(tmp_path)])
     data = json.loads((tmp_path / "retrain_throughput-tiny.json").read_text())
     assert data["waves"] == json.loads(json.dumps(report["waves"]))
-    assert [w["fused"] for w in data["waves"]] == ["on (loss chunked)", "off (loss off)"]
+    assert [w["fused"] for w in data["waves"]] == [
+        "on (loss chunked, LoRA branch base)",
+        "off (loss off, LoRA branch fp32)",
+    ]
     on, off = data["waves"]
     for w in (on, off):
         s = w["seconds"]
