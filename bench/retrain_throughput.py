@@ -154,7 +154,14 @@ def mean(values: list[float | None]) -> float | None:
 
 
 def wave(
-    base: LoadedBase, k: int, settings: TrainingSettings, parent_steps: int, device: str, tmp: Path, rules: Any
+    base: LoadedBase,
+    k: int,
+    settings: TrainingSettings,
+    parent_steps: int,
+    device: str,
+    tmp: Path,
+    rules: Any,
+    gate_profile: int = 0,
 ) -> dict[str, Any]:
     """Round 0 (the users' serving revisions, not timed), then the timed round 1 (module docstring)."""
     probes, general = load_probes(), load_general()
@@ -227,7 +234,11 @@ def wave(
     )
     total = data_s + train_s + gate_s + decide_s
     tokens = sum(r.tokens for r in trained)
+    extra: dict[str, Any] = {}
+    if gate_profile and device == "cuda":  # after the timed parts: a profiled gate of the first requests
+        extra["gate_profile"] = profile_gate(base, requests[:gate_profile], settings.max_length)
     return {
+        **extra,
         "users": k,
         "steps_max": settings.max_steps,
         "steps_mean": statistics.fmean(r.steps for r in trained),
@@ -465,6 +476,38 @@ KINDS = (
 )
 
 
+def _kernel_shares(prof: Any) -> tuple[float, dict[str, float], Any, str]:
+    """(GPU kernel seconds, shares by kind, the events, the time key) of a torch.profiler run."""
+    events = prof.key_averages()
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    shares: dict[str, float] = {}
+    total = 0.0
+    for e in events:
+        t = float(getattr(e, key))
+        total += t
+        name = e.key.lower()
+        kind = next((label for label, keys in KINDS if any(f in name for f in keys)), "other")
+        shares[kind] = shares.get(kind, 0.0) + t
+    ordered = {kind: t / total for kind, t in sorted(shares.items(), key=lambda kv: -kv[1])} if total else {}
+    return total / 1e6, ordered, events, key
+
+
+def profile_gate(base: LoadedBase, requests: list[EvalRequest], max_length: int) -> dict[str, Any]:
+    """torch.profiler (CUDA kernels) over the batched gate of ``requests``: GPU busy share and kernel kinds."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    probes, general = load_probes(), load_general()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        evaluate_many(base, requests, probes=probes, general=general, max_length=max_length)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    kernels, shares, _, _ = _kernel_shares(prof)
+    return {"requests": len(requests), "wall_seconds": wall, "gpu_kernel_seconds": kernels, "shares": shares}
+
+
 def profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
     """torch.profiler (CUDA kernels) over a K-user batched training of 2 steps: the shares of GPU kernel time by
     kind, and how busy the GPU was over the training loop."""
@@ -480,16 +523,7 @@ def profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out
         res = train_adapters(base, jobs, two)
         torch.cuda.synchronize()
     loop = next(r.seconds for r in res if isinstance(r, TrainResult))
-    events = prof.key_averages()
-    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    shares: dict[str, float] = {}
-    total = 0.0
-    for e in events:
-        t = float(getattr(e, key))
-        total += t
-        name = e.key.lower()
-        kind = next((label for label, keys in KINDS if any(f in name for f in keys)), "other")
-        shares[kind] = shares.get(kind, 0.0) + t
+    kernels, shares, events, key = _kernel_shares(prof)
     (out / f"profile-{base.ref.model_id}.txt").write_text(
         events.table(sort_by=key, row_limit=40, max_name_column_width=90)
     )
@@ -498,9 +532,9 @@ def profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out
         "steps": 2,
         "fused": two.fused_kernels,
         "loop_seconds": loop,
-        "gpu_kernel_seconds": total / 1e6,
-        "gpu_busy": total / 1e6 / loop if loop else None,
-        "shares": {kind: t / total for kind, t in sorted(shares.items(), key=lambda kv: -kv[1])} if total else {},
+        "gpu_kernel_seconds": kernels,
+        "gpu_busy": kernels / loop if loop else None,
+        "shares": shares,
     }
 
 
@@ -575,6 +609,17 @@ def table(report: dict[str, Any]) -> str:
             f"users x {tr['steps']} steps, fused kernels + bf16 LoRA branch vs unfused + fp32 branch: adapter "
             f"weights rel. L2 {tr['weights_rel_l2']:.1e}.",
         ]
+    for w in report["waves"]:
+        gp = w.get("gate_profile")
+        if gp:
+            lines += [
+                "",
+                f"Gate profile (K={w['users']}, fused {w['fused']}; the batched gate of {gp['requests']} of its "
+                f"candidates again, under torch.profiler): wall {gp['wall_seconds']:.2f} s, GPU kernels "
+                f"{gp['gpu_kernel_seconds']:.2f} s ("
+                + ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in gp["shares"].items())
+                + ").",
+            ]
     prof = report.get("profile")
     if prof:
         busy = prof["gpu_busy"]
@@ -605,6 +650,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="last, a profile of K users (fused)")
+    parser.add_argument("--gate-profile", type=int, default=0, metavar="N", help="profile the gate of N users")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -686,7 +732,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 w = part(
                     f"wave K={k} fused {mode}",
                     lambda k=k, settings=settings, mode=mode: wave(
-                        base, k, settings, args.parent_steps, args.device, tmp / f"k{k}-{mode}", rules
+                        base,
+                        k,
+                        settings,
+                        args.parent_steps,
+                        args.device,
+                        tmp / f"k{k}-{mode}",
+                        rules,
+                        args.gate_profile,
                     ),
                 )
                 if "error" in w:
