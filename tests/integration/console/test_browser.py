@@ -9,13 +9,16 @@ to the test's temporary folder.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
+from kafka import KafkaProducer
 
 from pipeline.config import ConsoleSettings, GateSettings, Settings
 from pipeline.console.app import create_app
@@ -75,6 +78,25 @@ def test_an_operator_finds_a_user_acts_and_sees_the_serving_follow(
         )
         user = make_demo_user(settings, stores, world.announcer, tmp, app=APP, prefix="e2e")
         r1, r2, _, _ = user.revisions
+        # two more users, one of them training now, and a dead letter: what the pipeline page shows
+        busy = make_demo_user(settings, stores, world.announcer, tmp, app=APP, prefix="e2e").user_id
+        make_demo_user(settings, stores, world.announcer, tmp, app=APP, prefix="e2e")
+        with psycopg.connect(services.db.url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE user_state SET lease_revision_id = %s, lease_owner = 'worker-1', lease_expires_at = now()"
+                " + interval '1 minute', lease_step = 7, lease_max_steps = 20, lease_loss = 1.84, queued_at = now()"
+                " WHERE user_id = %s",
+                ("01JABCDEFGHJKMNPQRSTVWXYZ9", busy),
+            )
+        reasons = [{"field": "kind", "code": "unknown_kind", "message": "'click' is not an event kind"}]
+        producer = KafkaProducer(bootstrap_servers=world.kafka.servers)
+        producer.send(
+            world.kafka.topic_dlq,
+            key=busy.encode(),
+            value=b'{"kind": "click"}',
+            headers=[("persona.dlq.code", b"unknown_kind"), ("persona.dlq.reasons", json.dumps(reasons).encode())],
+        ).get(timeout=30)
+        producer.close()
         assert wait_served(world, user.user_id, r2) == r2
         with on_socket(create_app(settings, stores=stores, announcer=world.announcer)) as url:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -125,6 +147,8 @@ def test_an_operator_finds_a_user_acts_and_sees_the_serving_follow(
             page.screenshot(path=str(shots / "rules.png"), full_page=True)
             page.click("nav a:text('Pipeline now')")
             page.wait_for_selector("#recent")
+            assert "7/20" in page.inner_text(f"#trainings tr:has-text('{busy}')")
+            assert "'click' is not an event kind" in page.inner_text("#dlq")
             page.screenshot(path=str(shots / "pipeline.png"), full_page=True)
             # forget, with the typed confirmation
             page.goto(f"{url}/users/{user.user_id}")
