@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 MAX_FORM_BYTES = 512 * 1024
+MAX_LOGIN_FAILURES = 20  # per client address and minute; keys are 256-bit random, this only bounds the load
 
 
 class NeedLogin(Exception):
@@ -160,10 +162,27 @@ def create_app(settings: Settings, *, stores: Stores | None = None, announcer: A
     def login_page(next: str = "/users") -> HTMLResponse:
         return render("login.html", session=None, flash=[], next=pages.safe_next(next), error=None)
 
+    failures: dict[str, deque[float]] = {}
+
+    def too_many(who: str) -> bool:
+        """Whether ``who`` (a client address) failed MAX_LOGIN_FAILURES logins within the last minute."""
+        now = time.monotonic()
+        seen = failures.setdefault(who, deque())
+        while seen and seen[0] < now - 60:
+            seen.popleft()
+        if len(failures) > 10_000:  # bounded: forget the quiet addresses
+            for k in [k for k, v in failures.items() if not v]:
+                del failures[k]
+        return len(seen) >= MAX_LOGIN_FAILURES
+
     @app.post("/login")
     async def login(request: Request) -> Response:
         form = await read_form(request)
         key, nxt = form.get("key", "").strip(), pages.safe_next(form.get("next", "/users"))
+        who = request.client.host if request.client else "?"
+        if too_many(who):
+            refused = f"too many failed logins from {who}: wait a minute"
+            return render("login.html", 429, session=None, flash=[], next=nxt, error=refused)
 
         def check() -> tuple[str | None, Any]:
             if not key:
@@ -187,6 +206,7 @@ def create_app(settings: Settings, *, stores: Stores | None = None, announcer: A
 
         error, principal = await run_in_threadpool(check)
         if error is not None:
+            failures.setdefault(who, deque()).append(time.monotonic())
             return render("login.html", 401, session=None, flash=[], next=nxt, error=error)
         token, _ = sessions.create(principal)
         response = RedirectResponse(nxt, status_code=303)

@@ -56,6 +56,16 @@ def test_login_refuses_bad_keys_and_keys_without_admin(console_app, services):
         assert r.status_code == 400 and "x-www-form-urlencoded" in r.text
 
 
+def test_failed_logins_are_limited_per_client(console_app, operator_key):
+    with TestClient(console_app, client=("10.9.8.7", 5000)) as client:
+        codes = [client.post("/login", data={"key": "nope"}).status_code for _ in range(21)]
+        assert codes[:20] == [401] * 20 and codes[20] == 429
+        r = client.post("/login", data={"key": operator_key}, follow_redirects=False)
+        assert r.status_code == 429 and "too many failed logins" in r.text  # even a good key, for a minute
+    with TestClient(console_app, client=("10.9.8.8", 5000)) as other:
+        assert other.post("/login", data={"key": operator_key}, follow_redirects=False).status_code == 303
+
+
 def test_a_revoked_key_ends_its_sessions(console_app, services):
     key = issue_key(services, None, ("admin",))
     with TestClient(console_app) as client:
