@@ -48,6 +48,15 @@ class Edge:
     x2: int
     y2: int
 
+    @property
+    def d(self) -> str:
+        """The SVG path: straight along a lane; to another lane, a curve that leaves its parent downwards at once
+        (so it never runs under the parent's next child on the parent's lane)."""
+        if self.y1 == self.y2:
+            return f"M{self.x1},{self.y1} L{self.x2},{self.y2}"
+        half = STEP_X // 2
+        return f"M{self.x1},{self.y1} C{self.x1 + half},{self.y2} {self.x2 - half},{self.y2} {self.x2},{self.y2}"
+
 
 @dataclass(frozen=True)
 class Lineage:

@@ -72,3 +72,12 @@ def test_metric_panels_scale_each_metric_and_skip_missing_values():
     assert nll.points[1].y == top and nll.points[2].y == bottom  # 3.0 highest, 1.0 lowest
     assert nll.points[1].outcome == "rejected" and "r2: holdout_nll 3" in nll.points[1].title
     assert drift.points == [] and acc.points == []  # NaN and booleans are not measurements
+
+
+def test_an_edge_to_another_lane_leaves_its_parent_downwards():
+    revs = [rev(0, None), rev(1, 0), rev(2, 0)]
+    pic = lineage_picture(revs, None, [])
+    straight, branch = pic.edges
+    assert straight.d == f"M{straight.x1},{straight.y1} L{straight.x2},{straight.y2}"
+    # the first control point is already on the child's lane, half a step to the right of the parent
+    assert branch.d.split(" C")[1].split(" ")[0] == f"{branch.x1 + STEP_X // 2},{branch.y2}"
