@@ -117,6 +117,28 @@ def test_users_pages_are_keyset_pages_without_overlap(operator, services):
     assert seen == [f"page-{i:04d}" for i in range(120)]
 
 
+def test_pages_by_last_event_are_keyset_pages_with_ties(operator, services):
+    client, _ = operator
+    with psycopg.connect(services.db.url, autocommit=True) as conn:
+        for i in range(120):  # groups of 7 users share one last-event time: the cursor breaks ties by id
+            uid = f"tpage-{i:04d}"
+            conn.execute("INSERT INTO users (user_id, app) VALUES (%s, 'test') ON CONFLICT DO NOTHING", (uid,))
+            conn.execute(
+                "INSERT INTO user_state (user_id, total_events, last_event_at) VALUES"
+                " (%s, 1, '2026-01-01T00:00:00Z'::timestamptz + make_interval(mins => %s)) ON CONFLICT DO NOTHING",
+                (uid, i // 7),
+            )
+    seen: list[str] = []
+    url = "/users?q=tpage-&sort=last_event"
+    while url:
+        text = client.get(url).text
+        seen += re.findall(r">(tpage-\d{4})</a>", text)
+        nxt = re.search(r'href="([^"]+)" rel="next"', text)
+        url = html.unescape(nxt.group(1)) if nxt else None
+    want = sorted((f"tpage-{i:04d}" for i in range(120)), key=lambda u: (int(u[-4:]) // 7, u), reverse=True)
+    assert seen == want
+
+
 def test_user_page_shows_lineage_decisions_manifests_and_events(operator, demo_user, console_settings):
     client, _ = operator
     r1, r2, r3, r4 = demo_user.revisions
