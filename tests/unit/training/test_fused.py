@@ -178,3 +178,31 @@ def test_the_lora_branch_in_the_base_dtype() -> None:
     for got, want in zip(native, peft_like, strict=True):
         assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
     assert not torch.equal(native[0], peft_like[0])  # the native path did run
+
+
+def test_batched_directories_load_in_stock_peft_with_equal_tensors(tmp_path: Path) -> None:
+    """What `train_adapters` writes straight from its stacked tensors (no PeftModel on the way) is a standard PEFT
+    directory: stock ``PeftModel.from_pretrained`` loads it on a fresh base, with the saved tensors bit for bit, for
+    a fresh user and one continued from a parent."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from pipeline.models.base import tiny_random
+
+    base = load_base("tiny-random")
+    cfg = settings(max_steps=3, save_dtype="bfloat16")
+    first = train_adapters(base, [UserJob(user_examples(0, 12), tmp_path / "parent", None, 5)], cfg)
+    assert isinstance(first[0], TrainResult)
+    jobs = [
+        UserJob(user_examples(1, 12), tmp_path / "fresh", None, 6),
+        UserJob(user_examples(0, 12), tmp_path / "child", tmp_path / "parent", 7),
+    ]
+    assert all(isinstance(r, TrainResult) for r in train_adapters(base, jobs, cfg))
+    for name in ("fresh", "child"):
+        saved = load_file(tmp_path / name / "adapter_model.safetensors")
+        assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+        assert any(float(t.abs().max()) > 0 for k, t in saved.items() if "lora_B" in k)  # it trained
+        loaded = get_peft_model_state_dict(PeftModel.from_pretrained(tiny_random(), tmp_path / name))
+        assert loaded.keys() == saved.keys()
+        for key, tensor in saved.items():
+            assert torch.equal(loaded[key].float(), tensor.float()), key
