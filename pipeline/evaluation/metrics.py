@@ -812,47 +812,59 @@ def _evaluate_stacked(
         batch_size = STACKED_BATCH.get(device.type, 32)
     # The base's probe log-probs, normalised once per call (not once per probe row) on the device.
     references: dict[int, torch.Tensor] = {}
+    cuda = device.type == "cuda"
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        # Pinned and non-blocking: a plain copy from pageable memory would wait for all the work queued before it.
+        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+    # Per batch, its rows and their numbers, left on the device until every batch is queued: the host builds the
+    # next batch while the device runs this one, and waits once at the end.
+    pending: list[tuple[list[Any], torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     # Under the base's lock, borrowed: other users of the shared base wait, and it comes back exactly as it was.
     with base_lock(model), borrowed(model), torch.no_grad():
         with multilora.wrap_linears(model, stacks, native=native) as lora, _eval_mode(model):
             for start in range(0, len(order), batch_size):
                 chunk = [rows[r] for r in order[start : start + batch_size]]
-                for _, ids, mask in _batches([r[1] for r in chunk], pad_id, len(chunk), device):
-                    lora.set_rows(torch.tensor([r[0] for r in chunk], device=device))
-                    logits = _forward(model, ids, mask)
-                    lora.set_rows(None)
-                    # Every row's numbers stay on the device until the batch is done: one copy to the host per
-                    # batch, not one wait per row. Labelled rows: the sum of their target tokens' log-probs
-                    # (as `_target_logprobs`); probes: their KL from the base, summed over positions.
-                    width = ids.shape[1]
-                    labels = torch.full((len(chunk), max(width - 1, 0)), IGNORE, dtype=torch.long)
-                    for row, (_, _, row_labels, _) in enumerate(chunk):
-                        if row_labels is not None and len(row_labels) > 1:
-                            labels[row, : len(row_labels) - 1] = torch.tensor(row_labels[1:], dtype=torch.long)
-                    labels = labels.to(device)
-                    keep = labels != IGNORE
-                    lp = F.log_softmax(logits[:, :-1], dim=-1)
-                    picked = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                    sums = torch.where(keep, picked, 0.0).double().sum(1)
-                    row_counts = keep.sum(1)
-                    del lp, picked
-                    kls: list[torch.Tensor] = []
-                    for row, (_, seq, row_labels, key) in enumerate(chunk):
-                        if row_labels is None:
-                            j = key[3]
-                            if j not in references:
-                                references[j] = F.log_softmax(base_logits[j].float(), dim=-1).to(device)
-                            got = F.log_softmax(logits[row, : len(seq)], dim=-1)
-                            kls.append(F.kl_div(got, references[j], log_target=True, reduction="sum").double())
-                    host_sums, host_counts = sums.cpu().tolist(), row_counts.cpu().tolist()
-                    host_kls = torch.stack(kls).cpu().tolist() if kls else []
-                    n_kl = 0
-                    for row, (_, seq, row_labels, key) in enumerate(chunk):
-                        if row_labels is None:
-                            out[key] = (host_kls[n_kl], len(seq))
-                            n_kl += 1
-                        else:
-                            out[key] = (host_sums[row], host_counts[row])
+                width = max(len(r[1]) for r in chunk)
+                ids = to_device(torch.tensor([r[1] + [pad_id] * (width - len(r[1])) for r in chunk], dtype=torch.long))
+                mask = to_device(
+                    torch.tensor([[1] * len(r[1]) + [0] * (width - len(r[1])) for r in chunk], dtype=torch.long)
+                )
+                # Labelled rows: the sum of their target tokens' log-probs (as `_target_logprobs`); probes (no
+                # labels): their KL from the base, summed over positions.
+                row_targets = [(r[2] or [])[1:] for r in chunk]
+                labels = to_device(
+                    torch.tensor([lab + [IGNORE] * (width - 1 - len(lab)) for lab in row_targets], dtype=torch.long)
+                )
+                lora.set_rows(to_device(torch.tensor([r[0] for r in chunk], dtype=torch.long)))
+                logits = _forward(model, ids, mask)
+                lora.set_rows(None)
+                keep = labels != IGNORE
+                lp = F.log_softmax(logits[:, :-1], dim=-1)
+                picked = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                sums = torch.where(keep, picked, 0.0).double().sum(1)
+                del lp, picked
+                kls: list[torch.Tensor] = []
+                for row, (_, seq, row_labels, key) in enumerate(chunk):
+                    if row_labels is None:
+                        j = key[3]
+                        if j not in references:
+                            references[j] = F.log_softmax(base_logits[j].float(), dim=-1).to(device)
+                        got = F.log_softmax(logits[row, : len(seq)], dim=-1)
+                        kls.append(F.kl_div(got, references[j], log_target=True, reduction="sum").double())
+                del logits
+                pending.append((chunk, sums, keep.sum(1), torch.stack(kls) if kls else None))
+            for chunk, sums, row_counts, kl in pending:
+                host_sums, host_counts = sums.cpu().tolist(), row_counts.cpu().tolist()
+                host_kls = kl.cpu().tolist() if kl is not None else []
+                n_kl = 0
+                for row, (_, seq, row_labels, key) in enumerate(chunk):
+                    if row_labels is None:
+                        out[key] = (host_kls[n_kl], len(seq))
+                        n_kl += 1
+                    else:
+                        out[key] = (host_sums[row], host_counts[row])
 
     for (i, scored, n_holdout, n_pairs, n_shift), (_, _, cur) in zip(plans, loaded, strict=True):
         req = requests[i]
