@@ -373,11 +373,99 @@ def inmemory_server(settings: Any, base: Any, spec: dict) -> Any:
     def registered(key: AdapterKey) -> bool:
         return index.get(key.user_id) == (key.revision_id, key.sha256)
 
+    if os.environ.get("LOAD_PHASES"):
+        InMemoryServer = _phased(InMemoryServer)
     server = InMemoryServer(settings, base)
     server.stores.close()  # opened by Server.__init__ (without waiting); nothing here reads PostgreSQL or S3
     server.cache.fetch = fetch
     server.cache.registered = registered
+    if os.environ.get("LOAD_PHASES"):
+        server.cache._host_get = _timed(server.cache._host_get, "acquire miss: host tier (disk/store, pack)")
+        server.cache.loader.load = _timed(server.cache.loader.load, "acquire miss: slot load")
     return server
+
+
+def _timed(fn: Any, phase: str) -> Any:
+    def timed(*args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            PHASES.add(phase, time.perf_counter() - t0)
+
+    return timed
+
+
+class PhaseTimes:
+    """``LOAD_PHASES=1``: where a request's time to first token goes on the server: the model's resolution, the
+    adapter's acquisition (through the tiers; tokenizing and queueing for the thread pool before it), and from the
+    engine's queue to the first token delivered to the request's event loop. Written next to the worker's status
+    file (``phases.txt``) when the worker stops."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        phases = ("resolve", "acquire hit", "acquire miss", "acquire miss: host tier (disk/store, pack)",
+                  "acquire miss: slot load", "submit -> first token (adapter)",
+                  "submit -> first token (base)", "first token handed over")  # fmt: skip
+        self.samples: dict[str, list[float]] = {p: [] for p in phases}
+        self.submitted: dict[int, tuple[float, str]] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self.lock:
+            self.samples[phase].append(seconds)
+
+    def write(self, path: Path) -> None:
+        lines = ["phase | n | p50 ms | p90 ms | p99 ms | max ms", "--- | ---: | ---: | ---: | ---: | ---:"]
+        for phase, xs in self.samples.items():
+            xs = sorted(xs)
+            if xs:
+                q = [1e3 * xs[min(len(xs) - 1, int(len(xs) * f))] for f in (0.5, 0.9, 0.99)]
+                lines.append(f"{phase} | {len(xs)} | {q[0]:.2f} | {q[1]:.2f} | {q[2]:.2f} | {1e3 * xs[-1]:.2f}")
+        path.write_text("\n".join(lines) + "\n")
+
+
+PHASES = PhaseTimes()
+
+
+def _phased(cls: Any) -> Any:
+    """``cls`` with `PHASES` recorded around resolution, acquisition and the first token's delivery."""
+
+    class Phased(cls):  # type: ignore[misc,valid-type]
+        def resolve(self, model: str, principal: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return super().resolve(model, principal)
+            finally:
+                PHASES.add("resolve", time.perf_counter() - t0)
+
+        def _acquire(self, target: Any) -> int:
+            if target.key is None:
+                return super()._acquire(target)
+            hit = target.key in self.cache._slot_of
+            t0 = time.perf_counter()
+            try:
+                return super()._acquire(target)
+            finally:
+                PHASES.add("acquire hit" if hit else "acquire miss", time.perf_counter() - t0)
+
+        def _start(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+            gen = super()._start(target, *args, **kwargs)
+            phase = "submit -> first token (base)" if target.key is None else "submit -> first token (adapter)"
+            with PHASES.lock:
+                PHASES.submitted.setdefault(gen.id, (time.perf_counter(), phase))
+            return gen
+
+        def _deliver(self, items: list[tuple[int, int | None, bool]]) -> None:
+            now = time.perf_counter()
+            with PHASES.lock:
+                firsts = [PHASES.submitted.pop(gid) for gid, _, _ in items if gid in PHASES.submitted]
+                for t, phase in firsts:
+                    PHASES.samples[phase].append(now - t)
+            super()._deliver(items)
+            if firsts:
+                PHASES.add("first token handed over", time.perf_counter() - now)
+
+    return Phased
 
 
 def worker_main(spec_path: str) -> None:
@@ -410,6 +498,8 @@ def worker_main(spec_path: str) -> None:
     finally:
         if sampler is not None:
             sampler.stop(server)
+        if os.environ.get("LOAD_PHASES"):
+            PHASES.write(Path(spec["status_file"]).with_name("phases.txt"))
         server.close()
 
 

@@ -147,7 +147,9 @@ class FastEngine(FastLlama, GenerationLoop):
         self._buckets = _token_buckets(self.step_tokens)
         self._graphs: dict[tuple[int, bool, int, bool], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self._load_stream = torch.cuda.Stream(self.device) if cuda else None
+        # Slot loads run beside the steps; at the steps' priority their few kernels queued behind a busy main stream
+        # (the next step is always launched before the current one is read back), tens of ms under load.
+        self._load_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         # Pinned staging buffers for adapter loads (a slot's worth each), allocated once: loads run in parallel
         # from several threads, each taking one buffer for the time of its copy.
         self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
