@@ -261,6 +261,7 @@ class FastLlama:
         self.lora = torch.zeros(self.slots + 1, off, dtype=dt, device=dev)
         self.ranks = torch.zeros(self.slots + 1, dtype=torch.int32, device=dev)
         self._slot_maps: dict[int, torch.Tensor] = {}
+        self._slot_maps_lock = threading.Lock()
         self._byte_plans: dict[tuple[Any, ...], _BytePlan] = {}  # pack_adapter_bytes
         self._byte_plans_lock = threading.Lock()
         for i, g, mods, k, seg, a_off, b_off in plan:
@@ -440,16 +441,23 @@ class FastLlama:
     def _slot_index(self, r: int) -> torch.Tensor:
         """Where each value of a compact rank-``r`` adapter goes in a slot row (device, cached per rank)."""
         index = self._slot_maps.get(r)
-        if index is None:
-            pieces = []
-            big_r = self.max_rank
-            for layer in self.layers:
-                for grp in layer.groups.values():
-                    nseg, k, n = len(grp.seg) - 1, grp.k, grp.seg[-1]
-                    rows = torch.tensor([j * big_r + q for j in range(nseg) for q in range(r)], dtype=torch.long)
-                    pieces.append((grp.a_off + rows[:, None] * k + torch.arange(k)).flatten())
-                    pieces.append((grp.b_off + torch.arange(r)[:, None] * n + torch.arange(n)).flatten())
-            index = self._slot_maps[r] = torch.cat(pieces).to(self.device)
+        if index is not None:
+            return index
+        # Built once per rank, by one thread (the first loads of a rank arrive together); in numpy, whose small
+        # operations keep the GIL: a few hundred torch calls each gave it away and waited for it under load.
+        with self._slot_maps_lock:
+            index = self._slot_maps.get(r)
+            if index is None:
+                pieces = []
+                big_r = self.max_rank
+                for layer in self.layers:
+                    for grp in layer.groups.values():
+                        nseg, k, n = len(grp.seg) - 1, grp.k, grp.seg[-1]
+                        rows = (np.arange(nseg)[:, None] * big_r + np.arange(r)).reshape(-1)
+                        pieces.append((grp.a_off + rows[:, None] * k + np.arange(k)).reshape(-1))
+                        pieces.append((grp.b_off + np.arange(r)[:, None] * n + np.arange(n)).reshape(-1))
+                index = torch.from_numpy(np.concatenate(pieces).astype(np.int64)).to(self.device)
+                self._slot_maps[r] = index
         return index
 
     # -- forward passes ---------------------------------------------------------------------------------------

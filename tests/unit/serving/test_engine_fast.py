@@ -324,6 +324,31 @@ def test_a_packed_adapter_takes_what_its_rank_needs_and_loads_like_the_unpacked_
     assert not grp.bt[5, 4:].any() and int(eng.ranks[5]) == 4 and row.any()
 
 
+def test_slot_maps_are_built_once_per_rank_and_place_every_value(adapter_dirs):
+    """The map from a compact rank-r adapter to a slot row: each group's first r rows of A per module (row stride
+    max_rank), then B^T's first r rows, with no position twice; threads missing together share one build."""
+    import threading
+
+    eng = _fast([])
+    for r in (1, 3, 8):
+        index = eng._slot_index(r).cpu()
+        want = []
+        for layer in eng.layers:
+            for grp in layer.groups.values():
+                nseg, k, n = len(grp.seg) - 1, grp.k, grp.seg[-1]
+                want += [grp.a_off + (j * 8 + q) * k + c for j in range(nseg) for q in range(r) for c in range(k)]
+                want += [grp.b_off + q * n + c for q in range(r) for c in range(n)]
+        assert index.tolist() == want and len(set(want)) == len(want)
+        assert index.numel() == eng._compact_layout(r)[1]
+    got: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: got.append(eng._slot_index(5))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and all(x is got[0] for x in got)
+
+
 @pytest.mark.parametrize("engine_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_packing_from_the_file_bytes_equals_packing_the_parsed_tensors(adapter_dirs, engine_dtype):
     """`pack_adapter_bytes` (header + one gather map per layout, numpy) gives the very bits `pack_adapter` gives, for
