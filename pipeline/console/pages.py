@@ -18,6 +18,7 @@ import httpx
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.config import Settings
+from pipeline.console import broker
 from pipeline.console.pictures import lineage_picture, metric_panels
 from pipeline.console.sessions import Session, Sessions
 from pipeline.domain.errors import InvalidInput, NotFound, PersonaError
@@ -337,6 +338,8 @@ class Context:
             "pending_age": age,
             "audit": audit,
             "kafka": self.kafka_now(),
+            "max_records": f"{broker.MAX_RECORDS:,}",
+            "read_s": broker.READ_S,
             "celery": self.celery_now(),
             "grafana": grafana + "/d/persona-overview/persona",
             "user_url": user_url,

@@ -318,3 +318,32 @@ def test_pipeline_page_shows_trainings_from_the_database(operator, demo_user, se
                 " lease_step = NULL, lease_max_steps = NULL, lease_loss = NULL, queued_at = NULL WHERE user_id = %s",
                 (demo_user.user_id,),
             )
+
+
+def test_pipeline_page_counts_the_consumer_lag_from_the_committed_offsets(operator, console_settings):
+    """The lag is the records after the buffer consumer group's committed offset of each partition, counted by
+    reading them (the embedded broker's end offsets are wrong): 5 + 3 produced, 2 of partition 0 committed."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    client, _ = operator
+    topic = console_settings.kafka.topic_events
+    producer = KafkaProducer(bootstrap_servers=console_settings.kafka.servers)
+    for i in range(8):
+        producer.send(topic, key=b"u", value=b"{}", partition=0 if i < 5 else 1).get(timeout=30)
+    producer.close()
+    group = KafkaConsumer(
+        bootstrap_servers=console_settings.kafka.servers,
+        group_id=console_settings.consumer.group_id,
+        enable_auto_commit=False,
+    )
+    try:
+        group.commit({TopicPartition(topic, 0): OffsetAndMetadata(2, "", -1)})
+    finally:
+        group.close()
+    broker._cache.clear()
+    text = client.get("/pipeline").text
+    assert '<strong id="lag">6</strong>' in text  # 3 after offset 2 of partition 0, all 3 of partition 1
+    rows = text.split('id="partitions"', 1)[1].split("</table>", 1)[0]
+    assert "<td>0</td><td>2</td><td>3</td>" in rows
+    assert "<td>1</td><td>none (from the start)</td><td>3</td>" in rows
