@@ -85,6 +85,42 @@ class _Counters:
     evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
 
 
+class _SizedLRU(OrderedDict):
+    """An LRU tier (oldest first) that keeps the sum of its entries' sizes as they come and go: a miss's bookkeeping
+    (making room, the gauges) then costs what it evicts, not a pass over every entry (10,000 host and disk entries
+    made each miss a few milliseconds of Python under the cache's lock)."""
+
+    def __init__(self, size: Callable[[Any], int]) -> None:
+        super().__init__()
+        self.size = size
+        self.total = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        old = super().get(key)
+        if old is not None:
+            self.total -= self.size(old)
+        super().__setitem__(key, value)
+        self.total += self.size(value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.total -= self.size(self[key])
+        super().__delitem__(key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key in self:
+            value = super().pop(key)
+            self.total -= self.size(value)
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def popitem(self, last: bool = True) -> tuple[Any, Any]:
+        key, value = super().popitem(last=last)
+        self.total -= self.size(value)
+        return key, value
+
+
 class _CorruptCopy(Exception):
     """A disk copy is incomplete or does not match its digests."""
 
@@ -121,8 +157,8 @@ class AdapterCache:
         self._slots: list[AdapterKey | None] = [None] * slots
         self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
         self._slot_bytes: dict[AdapterKey, int] = {}
-        self._host: OrderedDict[AdapterKey, _Host] = OrderedDict()
-        self._disk: OrderedDict[str, int] = OrderedDict()  # sha256 -> bytes on disk
+        self._host: _SizedLRU = _SizedLRU(lambda h: h.nbytes)  # AdapterKey -> _Host
+        self._disk: _SizedLRU = _SizedLRU(int)  # sha256 -> bytes on disk
         self._refs: dict[AdapterKey, int] = {}  # acquired and not yet released
         self._stale: set[AdapterKey] = set()  # invalidated while in use: dropped on release
         self._counters = _Counters()
@@ -255,8 +291,8 @@ class AdapterCache:
                 resident={SLOT: len(self._slot_of), HOST: len(self._host), DISK: len(self._disk)},
                 resident_bytes={
                     SLOT: sum(self._slot_bytes.values()),
-                    HOST: sum(h.nbytes for h in self._host.values()),
-                    DISK: sum(self._disk.values()),
+                    HOST: self._host.total,
+                    DISK: self._disk.total,
                 },
                 hits=dict(self._counters.hits),
                 misses=dict(self._counters.misses),
@@ -407,7 +443,7 @@ class AdapterCache:
             entries.append(((d / _DIGESTS).stat().st_mtime, d.name, size))
         for _, name, size in sorted(entries):
             self._disk[name] = size
-        while sum(self._disk.values()) > self.disk_bytes and self._disk:
+        while self._disk.total > self.disk_bytes and self._disk:
             name, _ = self._disk.popitem(last=False)
             shutil.rmtree(self.disk_dir / name, ignore_errors=True)
 
@@ -450,36 +486,44 @@ class AdapterCache:
         self._gauges()
 
     def _make_room_host(self, nbytes: int) -> bool:
-        return self._make_room(self._host, lambda h: h.nbytes, nbytes, self.host_bytes, HOST, self._held)
+        return self._make_room(self._host, nbytes, self.host_bytes, HOST, self._held)
 
     def _make_room_disk(self, nbytes: int) -> bool:
+        if self._disk.total + nbytes <= self.disk_bytes:
+            return True
         held = {k.sha256 for k in self._refs}
 
         def evict(sha: str) -> None:
             shutil.rmtree(self.disk_dir / sha, ignore_errors=True)
 
-        return self._make_room(self._disk, lambda n: n, nbytes, self.disk_bytes, DISK, held.__contains__, evict)
+        return self._make_room(self._disk, nbytes, self.disk_bytes, DISK, held.__contains__, evict)
 
     def _make_room(
         self,
-        tier: OrderedDict,
-        size: Callable[[Any], int],
+        tier: _SizedLRU,
         nbytes: int,
         capacity: int,
         name: str,
         held: Callable[[Any], bool],
         on_evict: Callable[[Any], None] | None = None,
     ) -> bool:
-        """Evict unheld entries, oldest first, until ``nbytes`` more fit; False (nothing evicted) if they cannot."""
-        used = sum(size(v) for v in tier.values())
-        evictable = [k for k in tier if not held(k)]
-        free_able = sum(size(tier[k]) for k in evictable)
-        if nbytes > capacity - used + free_able:
-            return False
-        for k in evictable:
-            if used + nbytes <= capacity:
+        """Evict unheld entries, oldest first, until ``nbytes`` more fit; False (nothing evicted) if they cannot.
+        Walks from the oldest entry only as far as the room it needs."""
+        need = tier.total + nbytes - capacity
+        if need <= 0:
+            return True
+        victims, freed = [], 0
+        for k in tier:
+            if held(k):
+                continue
+            victims.append(k)
+            freed += tier.size(tier[k])
+            if freed >= need:
                 break
-            used -= size(tier.pop(k))
+        else:
+            return False
+        for k in victims:
+            tier.pop(k)
             if on_evict:
                 on_evict(k)
             self._evicted(name)
@@ -510,8 +554,8 @@ class AdapterCache:
         # Gauges are process-wide: one cache per serving process.
         for tier, n, b in (
             (SLOT, len(self._slot_of), sum(self._slot_bytes.values())),
-            (HOST, len(self._host), sum(h.nbytes for h in self._host.values())),
-            (DISK, len(self._disk), sum(self._disk.values())),
+            (HOST, len(self._host), self._host.total),
+            (DISK, len(self._disk), self._disk.total),
         ):
             m.ADAPTER_CACHE_RESIDENT.labels(tier).set(n)
             m.ADAPTER_CACHE_RESIDENT_BYTES.labels(tier).set(b)

@@ -380,3 +380,30 @@ def test_engine_slots_load_a_cached_adapter_into_the_real_engine(store, tmp_path
             want = peft_model(input_ids=ids).logits
         assert torch.allclose(got, want, atol=1e-4)
     cache.close()
+
+
+def test_sized_lru_keeps_its_total_through_every_change():
+    """The tiers' byte totals are kept as entries come and go (no pass over the tier per miss): set, replace, pop
+    (with and without a default), del, popitem from either end; equal to the sum at every point."""
+    import random
+
+    from pipeline.serving.cache import _SizedLRU
+
+    tier = _SizedLRU(int)
+    rng = random.Random(0)
+    for _ in range(2000):
+        op = rng.randrange(5)
+        k = rng.randrange(30)
+        if op == 0 or not tier:
+            tier[k] = rng.randrange(1000)
+        elif op == 1:
+            tier.pop(k, None)
+        elif op == 2 and k in tier:
+            del tier[k]
+        elif op == 3:
+            tier.popitem(last=rng.random() < 0.5)
+        else:
+            tier.move_to_end(next(iter(tier)))
+        assert tier.total == sum(tier.values())
+    with pytest.raises(KeyError):
+        tier.pop("absent")
