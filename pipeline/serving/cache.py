@@ -13,7 +13,10 @@ acquired adapter (a request in flight) is pinned until released: it is never evi
 Thread-safety: one lock guards the bookkeeping; fetching, reading, parsing, packing and loading happen outside it (a
 slow fetch of one adapter does not block hits of others), and a per-adapter lock makes concurrent requests of one
 adapter load it once. A slot load needs no engine lock: a slot being loaded is reserved for the loading adapter and
-one being cleared is held by none, so no queued or running request uses it (the `SlotLoader` contract).
+one being cleared is held by none, so no queued or running request uses it (the `SlotLoader` contract). With
+``write_behind`` (a serving worker), the disk copy of a fetched adapter is written by a thread of its own while the
+request goes on; a copy appears only while its reservation in the disk tier stands, so a forget or an eviction that
+comes while it is being written leaves nothing behind.
 
 Metrics (``persona_adapter_load_seconds`` by tier): store = fetch + verify, disk = read + verify, host = parse +
 limit checks + pack, slot = the copy of the packed adapter into its slot.
@@ -140,6 +143,7 @@ class AdapterCache:
         loader: SlotLoader,
         prefetch_workers: int = 2,
         registered: Callable[[AdapterKey], bool] | None = None,
+        write_behind: bool = False,
     ) -> None:
         if slots < 1 or disk_bytes < 0 or host_bytes < 0:
             raise ValueError(f"slots must be >= 1 and capacities >= 0 (got {slots}, {disk_bytes}, {host_bytes})")
@@ -163,6 +167,11 @@ class AdapterCache:
         self._stale: set[AdapterKey] = set()  # invalidated while in use: dropped on release
         self._counters = _Counters()
         self._executor = ThreadPoolExecutor(max_workers=prefetch_workers, thread_name_prefix="adapter-prefetch")
+        #: ``write_behind``: the disk copy of an adapter fetched from the object store is written by this thread,
+        #: not on the request's path (`close` waits for the writes queued).
+        self._writer = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-disk-write") if write_behind else None
+        )
         self._scan_disk()
         self._gauges()
 
@@ -301,8 +310,10 @@ class AdapterCache:
             )
 
     def close(self) -> None:
-        """Stop the prefetch threads (waits for those running)."""
+        """Stop the prefetch threads (waits for those running) and finish the disk copies queued for writing."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
 
     # --- tiers ---
     def _prefetch(self, key: AdapterKey) -> bool:
@@ -388,7 +399,11 @@ class AdapterCache:
         m.ADAPTER_LOAD_SECONDS.labels(STORE).observe(time.perf_counter() - start)
         with self._lock:
             self._count(STORE, hit=True)
-        self._write_disk(key.sha256, files)
+        if self._reserve_disk(key.sha256, files):
+            if self._writer is not None:  # write behind: the request goes on with the bytes it has
+                self._writer.submit(self._write_disk, key.sha256, files)
+            else:
+                self._write_disk(key.sha256, files)
         return files
 
     def _read_disk(self, entry: Path, sha256: str) -> dict[str, bytes]:
@@ -404,25 +419,37 @@ class AdapterCache:
             raise _CorruptCopy(f"{_WEIGHTS} is not the one of sha256 {sha256}")
         return files
 
-    def _write_disk(self, sha256: str, files: dict[str, bytes]) -> None:
+    def _reserve_disk(self, sha256: str, files: dict[str, bytes]) -> bool:
+        """Room for a copy of ``files`` on the disk tier, reserved now (True) for `_write_disk`; False when a copy is
+        there or reserved already, or it does not fit. A reader of a copy not yet written refetches it."""
         size = sum(len(files[n]) for n in ADAPTER_FILES)
         with self._lock:
             if sha256 in self._disk:
-                return
+                return False
             fits = self._make_room_disk(size)
             if fits:
-                self._disk[sha256] = size  # reserved now; written below (a reader of a half-written copy refetches)
+                self._disk[sha256] = size
         if not fits:
             log.info("adapter %s (%d bytes) does not fit the disk cache now; not kept there", sha256[:12], size)
-            return
+        return fits
+
+    def _write_disk(self, sha256: str, files: dict[str, bytes]) -> None:
+        """Write the copy `_reserve_disk` reserved room for."""
         tmp = self.disk_dir / f".tmp-{uuid.uuid4().hex}"
         try:
             tmp.mkdir(parents=True)
             for name in ADAPTER_FILES:
                 (tmp / name).write_bytes(files[name])
             (tmp / _DIGESTS).write_bytes(orjson.dumps({n: sha256_hex(files[n]) for n in ADAPTER_FILES}))
-            shutil.rmtree(self.disk_dir / sha256, ignore_errors=True)
-            tmp.rename(self.disk_dir / sha256)
+            # The copy appears only while its reservation stands: a forget (or an eviction) that came meanwhile
+            # removed the reservation, and the copy must not outlive it. The check and the rename are one step.
+            with self._lock:
+                entry = self.disk_dir / sha256
+                placed = sha256 in self._disk and not entry.exists()
+                if placed:
+                    tmp.rename(entry)
+            if not placed:
+                shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             log.warning("could not write the disk copy of %s", sha256[:12], exc_info=True)
             shutil.rmtree(tmp, ignore_errors=True)

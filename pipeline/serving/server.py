@@ -121,6 +121,7 @@ class Server:
             limits=AdapterLimits(cfg.max_rank, frozenset(cfg.targets)),
             loader=engine_slots(self.engine, self.lock),
             registered=registry_check(self.stores),
+            write_behind=True,
         )
         self.keys = KeyCache(self._authenticate, ttl_s=cfg.key_cache_ttl_s, max_entries=cfg.key_cache_size)
         self._models: dict[str, tuple[float, list[tuple[str, int]]]] = {}  # app -> (when, its listed models)

@@ -407,3 +407,30 @@ def test_sized_lru_keeps_its_total_through_every_change():
         assert tier.total == sum(tier.values())
     with pytest.raises(KeyError):
         tier.pop("absent")
+
+
+def test_write_behind_copies_reach_disk_and_a_forget_meanwhile_leaves_none(make, store, tmp_path):
+    """write_behind: the request does not wait for the disk copy (the writer is held here until the forget came); a
+    copy whose reservation a forget removed while it was being written never appears; others are written and adopted
+    by the next cache over the same directory."""
+    import threading
+
+    cache = make(write_behind=True)
+    gate = threading.Event()
+    cache._writer.submit(gate.wait, 30)  # the writer is busy: the next copies queue behind this
+    try:
+        gone, kept = store.add("gone", 1), store.add("kept", 2)
+        for key in (gone, kept):
+            cache.acquire(key)  # returns while its copy waits to be written
+            cache.release(key)
+        assert not (cache.disk_dir / gone.sha256).exists() and not (cache.disk_dir / kept.sha256).exists()
+        cache.forget("gone", [gone.sha256])  # nothing on disk yet: its reservation goes
+        assert cache.disk_entries() == [kept.sha256]
+    finally:
+        gate.set()
+    cache.close()  # waits for the queued writes
+    assert not (cache.disk_dir / gone.sha256).exists()
+    assert (cache.disk_dir / kept.sha256).is_dir()
+    assert not [p for p in cache.disk_dir.iterdir() if p.name.startswith(".tmp-")]
+    again = make()
+    assert again.disk_entries() == [kept.sha256]
