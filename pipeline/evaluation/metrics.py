@@ -55,7 +55,7 @@ from pipeline.domain.examples import Example, TrainingEvent, example_of, prefere
 from pipeline.models import encoding
 from pipeline.models.attach import attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase
-from pipeline.models.encoding import IGNORE, EncodedExample, encode_example
+from pipeline.models.encoding import IGNORE, EncodedExample, encode_examples
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def score_model(
     pad_id = encoding.pad_id(tokenizer)
     with _eval_mode(model):
         scored_events = [(e, x) for e, x in ((e, example_of(e)) for e in holdout_events) if x is not None]
-        encoded = [encode_example(tokenizer, x, max_length) for _, x in scored_events]
+        encoded = encode_examples(tokenizer, [x for _, x in scored_events], max_length)
         scored = _target_logprobs(model, encoded, pad_id, batch_size) if encoded else []
         prior = [parent_last_seq is not None and e.seq <= parent_last_seq for e, _ in scored_events]
         per_example = tuple((s, n, p) for (s, n), p in zip(scored, prior, strict=True))
@@ -289,20 +289,18 @@ def score_model(
         pairs = preference_pairs(holdout_events)
         preference_accuracy = None
         if pairs:
-            answers = [
-                encode_example(tokenizer, Example(p.prompt, answer, p.event_id), max_length)
-                for p in pairs
-                for answer in (p.chosen, p.rejected)
-            ]
+            answers = encode_examples(
+                tokenizer,
+                [Example(p.prompt, answer, p.event_id) for p in pairs for answer in (p.chosen, p.rejected)],
+                max_length,
+            )
             per_token = [s / n if n else -math.inf for s, n in _target_logprobs(model, answers, pad_id, batch_size)]
             wins = sum(per_token[2 * i] > per_token[2 * i + 1] for i in range(len(pairs)))
             preference_accuracy = wins / len(pairs)
 
         general_nll, general_tokens = None, 0
         if general:
-            got = _target_logprobs(
-                model, [encode_example(tokenizer, g, max_length) for g in general], pad_id, batch_size
-            )
+            got = _target_logprobs(model, encode_examples(tokenizer, general, max_length), pad_id, batch_size)
             general_tokens = sum(n for _, n in got)
             general_nll = -sum(s for s, _ in got) / general_tokens if general_tokens else None
 
@@ -578,7 +576,7 @@ def _new_shift(
     if prior is None or prior <= 0 or not examples or current_dir is None:
         return None
     with attached(base, Path(current_dir)) as model, _eval_mode(model):
-        encoded = [encode_example(base.tokenizer, x, max_length) for x in examples]
+        encoded = encode_examples(base.tokenizer, examples, max_length)
         got = _target_logprobs(model, encoded, encoding.pad_id(base.tokenizer), 8)
     tokens = sum(n for _, n in got)
     if not tokens:
@@ -755,7 +753,7 @@ def _evaluate_stacked(
     device = next(model.parameters()).device
     base_logits, general_nll, general_tokens = _base_reference(base, probes, general, max_length)
     probe_seqs = probe_ids(tok, probes, max_length) if probes else []
-    general_encoded = [encode_example(tok, g, max_length) for g in general]
+    general_encoded = encode_examples(tok, general, max_length)
     # slots: 0 = the base (a zero adapter), then each request's candidate and (when it has one) current
     adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = []
     slots: list[tuple[int, int | None]] = []
@@ -780,15 +778,17 @@ def _evaluate_stacked(
     for (i, _, _), (c_slot, cur_slot) in zip(loaded, slots, strict=True):
         req = requests[i]
         scored = [(e, x) for e, x in ((e, example_of(e)) for e in req.holdout_events) if x is not None]
-        holdout = [encode_example(tok, x, max_length) for _, x in scored]
         pairs = preference_pairs(req.holdout_events)
-        answers = [
-            encode_example(tok, Example(p.prompt, answer, p.event_id), max_length)
-            for p in pairs
-            for answer in (p.chosen, p.rejected)
-        ]
-        new_examples = [x for x in (example_of(e) for e in req.new_events) if x is not None]
-        shifted = [encode_example(tok, x, max_length) for x in new_examples] if cur_slot is not None else []
+        new_examples = (
+            [x for x in (example_of(e) for e in req.new_events) if x is not None] if cur_slot is not None else []
+        )
+        # One encoding call for the request's three parts (shared user turns, batched tokenizer calls).
+        parts = [x for _, x in scored]
+        parts += [Example(p.prompt, answer, p.event_id) for p in pairs for answer in (p.chosen, p.rejected)]
+        encoded = encode_examples(tok, parts + new_examples, max_length)
+        holdout = encoded[: len(scored)]
+        answers = encoded[len(scored) : len(parts)]
+        shifted = encoded[len(parts) :]
         models = [("base", 0), ("candidate", c_slot)] + ([("current", cur_slot)] if cur_slot is not None else [])
         for name, slot in models:
             for j, e in enumerate(holdout):

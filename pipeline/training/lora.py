@@ -54,7 +54,7 @@ from pipeline.domain.examples import Example, PreferencePair
 from pipeline.models import encoding
 from pipeline.models.attach import AttachError, attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase
-from pipeline.models.encoding import IGNORE, EncodedExample, encode_example
+from pipeline.models.encoding import IGNORE, EncodedExample, encode_examples
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def mean_nll(
     batch_size: int = 8,
 ) -> float:
     """Mean negative log-likelihood per target token of ``examples`` under ``model`` (eval mode, no gradients)."""
-    encoded = [encode_example(tokenizer, e, max_length) for e in examples]
+    encoded = encode_examples(tokenizer, examples, max_length)
     return _mean_nll(model, encoded, encoding.pad_id(tokenizer), batch_size)
 
 
@@ -153,8 +153,8 @@ def split_examples(
     n_val = 0
     if len(examples) >= 10 and settings.val_fraction > 0:
         n_val = max(1, round(settings.val_fraction * len(examples)))
-    val = [encode_example(tokenizer, examples[i], settings.max_length) for i in order[:n_val]]
-    train = [encode_example(tokenizer, examples[i], settings.max_length) for i in order[n_val:]]
+    encoded = encode_examples(tokenizer, [examples[i] for i in order], settings.max_length)
+    val, train = encoded[:n_val], encoded[n_val:]
     train = [e for e in train if any(label != IGNORE for label in e.labels[1:])]
     if not train:
         raise TrainingError(f"none of the {len(examples)} examples has a target token to train on")
@@ -169,12 +169,10 @@ def encode_pairs(
     (e.g. truncated to the same tokens): it carries no preference. None at all when ``preference_weight`` is 0."""
     if settings.preference_weight == 0:
         return []
+    sides = [Example(p.prompt, answer, p.event_id) for p in pairs for answer in (p.chosen, p.rejected)]
+    encoded = encode_examples(tokenizer, sides, settings.max_length)
     out = []
-    for p in pairs:
-        chosen, rejected = (
-            encode_example(tokenizer, Example(p.prompt, answer, p.event_id), settings.max_length)
-            for answer in (p.chosen, p.rejected)
-        )
+    for chosen, rejected in zip(encoded[0::2], encoded[1::2], strict=True):
         if chosen != rejected and all(any(t != IGNORE for t in e.labels[1:]) for e in (chosen, rejected)):
             out.append((chosen, rejected))
     return out

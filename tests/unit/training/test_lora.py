@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,37 @@ def test_encoding_masks_the_prompt_and_keeps_the_target_when_truncating() -> Non
     assert plain.labels == plain.input_ids and plain.input_ids.count(tok.eos_token_id) == 1
     long = encode_example(tok, Example("p" * 500, "t" * 20, "e"), 64)
     assert len(long.input_ids) == 64 and sum(t != IGNORE for t in long.labels) == 22  # 20 + newline + EOS
+
+
+def test_encoding_many_equals_encoding_one_by_one() -> None:
+    """`encode_examples` (shared user turns, batched tokenizer calls) gives exactly `encode_example`'s ids and labels:
+    the tiny byte-level tokenizer with and without a chat template, and SmolLM2's BPE tokenizer with its own template
+    (prompts and none, repeated prompts, unicode, empty targets, truncation at both ends)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import ModelSettings
+    from pipeline.models import prepare as prep
+    from pipeline.models.encoding import encode_examples
+
+    tiny = load_base("tiny-random").tokenizer
+    no_template = copy.deepcopy(tiny)
+    no_template.chat_template = None
+    settings = ModelSettings()
+    if prep.read_prepared(prep.prepared_dir(settings.cache_dir), prep.SMOLLM2_ID) is None:
+        prep.prepare(settings)
+    smol = AutoTokenizer.from_pretrained(prep.prepared_dir(settings.cache_dir))
+    rng = random.Random(5)
+    words = ["hello", "Grüße", "ok", "the", "日本", "?", "don't", "  spaces", "\n", "emoji 🙂"]
+    examples = []
+    for i in range(120):
+        prompt = None if i % 3 == 0 else rng.choice(["ask", "what now?", "", "p" * rng.randrange(1, 300)])
+        target = " ".join(rng.choice(words) for _ in range(rng.randrange(0, 40)))
+        examples.append(Example(prompt, target, f"e{i}"))
+    for tok in (tiny, no_template, smol):
+        for max_length in (16, 64, 512):
+            one = [encode_example(tok, x, max_length) for x in examples]
+            assert encode_examples(tok, examples, max_length) == one
+    assert encode_examples(smol, [], 64) == []
 
 
 # ---- LoRA training ----------------------------------------------------------------------------------------------
