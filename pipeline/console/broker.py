@@ -69,39 +69,26 @@ def _read(settings: Settings) -> dict[str, Any]:
         if tps:
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
-            deadline = time.monotonic() + READ_S
-            while time.monotonic() < deadline:
-                got = consumer.poll(timeout_ms=300, max_records=2000)
-                if not got:
-                    break
-                for records in got.values():
-                    for rec in records:
-                        n += 1
-                        code = _header(rec.headers, "persona.dlq.code") or "unknown"
-                        by_code[code] = by_code.get(code, 0) + 1
-                        try:
-                            reasons = orjson.loads(_header(rec.headers, "persona.dlq.reasons") or "[]")
-                        except orjson.JSONDecodeError:
-                            reasons = []
-                        latest.append(
-                            {
-                                "at": _header(rec.headers, "persona.dlq.at"),
-                                "code": code,
-                                "reasons": "; ".join(
-                                    f"{r.get('field', '?')}: {r.get('message', '')}"
-                                    for r in reasons
-                                    if isinstance(r, dict)
-                                ),
-                                "where": f"{rec.partition}:{rec.offset}",
-                            }
-                        )
-                        latest = latest[-10:]
-                if n >= MAX_RECORDS:
-                    break
-            else:
-                complete = False
-            if n >= MAX_RECORDS:
-                complete = False
+            records, complete = _read_to_end(consumer, tps)
+            for rec in records:
+                n += 1
+                code = _header(rec.headers, "persona.dlq.code") or "unknown"
+                by_code[code] = by_code.get(code, 0) + 1
+                try:
+                    reasons = orjson.loads(_header(rec.headers, "persona.dlq.reasons") or "[]")
+                except orjson.JSONDecodeError:
+                    reasons = []
+                latest.append(
+                    {
+                        "at": _header(rec.headers, "persona.dlq.at"),
+                        "code": code,
+                        "reasons": "; ".join(
+                            f"{r.get('field', '?')}: {r.get('message', '')}" for r in reasons if isinstance(r, dict)
+                        ),
+                        "where": f"{rec.partition}:{rec.offset}",
+                    }
+                )
+                latest = latest[-10:]
         committed, lag_complete = _lag(settings, TopicPartition)
         return {
             "dlq_read": n,
@@ -115,6 +102,27 @@ def _read(settings: Settings) -> dict[str, Any]:
         }
     finally:
         consumer.close()
+
+
+def _read_to_end(consumer: Any, tps: list[Any]) -> tuple[list[Any], bool]:
+    """The records of the assigned partitions from their positions on, and whether they were read to the end (within
+    ``READ_S`` and ``MAX_RECORDS``). The end: a poll that brings nothing once every partition has had a fetch answered
+    (its high watermark is known), or three empty polls in a row where the broker reports none; an empty first poll
+    alone means nothing (the fetches may still be under way, more so on a busy machine)."""
+    records: list[Any] = []
+    empty = 0
+    deadline = time.monotonic() + READ_S
+    while time.monotonic() < deadline and len(records) < MAX_RECORDS:
+        got = consumer.poll(timeout_ms=300, max_records=2000)
+        if got:
+            empty = 0
+            for batch in got.values():
+                records.extend(batch)
+            continue
+        empty += 1
+        if empty >= 3 or all(consumer.highwater(tp) is not None for tp in tps):
+            return records, True
+    return records, False
 
 
 def _lag(settings: Settings, topic_partition: Any) -> tuple[list[tuple[int, int | None, int]], bool]:
@@ -154,18 +162,9 @@ def _lag(settings: Settings, topic_partition: Any) -> tuple[list[tuple[int, int 
                     reader.seek_to_beginning(tp)
                 else:
                     reader.seek(tp, offset)
-            deadline = time.monotonic() + READ_S
-            read = 0
-            while True:
-                if time.monotonic() >= deadline or read >= MAX_RECORDS:
-                    complete = False
-                    break
-                got = reader.poll(timeout_ms=300, max_records=2000)
-                if not got:
-                    break
-                for tp, records in got.items():
-                    behind[tp] += len(records)
-                    read += len(records)
+            records, complete = _read_to_end(reader, tps)
+            for rec in records:
+                behind[topic_partition(rec.topic, rec.partition)] += 1
         finally:
             reader.close()
     return [(tp.partition, committed[tp], behind[tp]) for tp in tps], complete

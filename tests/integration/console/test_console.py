@@ -343,7 +343,8 @@ def test_pipeline_page_counts_the_consumer_lag_from_the_committed_offsets(operat
         group.close()
     broker._cache.clear()
     text = client.get("/pipeline").text
-    assert '<strong id="lag">6</strong>' in text  # 3 after offset 2 of partition 0, all 3 of partition 1
+    kafka_part = text.split("<h2>Kafka</h2>", 1)[1].split("</div>", 1)[0]
+    assert '<strong id="lag">6</strong>' in text, kafka_part  # 3 after offset 2 of partition 0, all 3 of partition 1
     rows = text.split('id="partitions"', 1)[1].split("</table>", 1)[0]
     assert "<td>0</td><td>2</td><td>3</td>" in rows
     assert "<td>1</td><td>none (from the start)</td><td>3</td>" in rows
