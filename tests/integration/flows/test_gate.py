@@ -96,13 +96,20 @@ def add_events(settings, user_id: str, style: int, n: int = 60, seed: int = 0) -
 @pytest.fixture(scope="module")
 def promoted_user(settings, rules, judge, retrain_one):
     def make(style: int = 0) -> tuple[str, str]:
-        """A user whose first revision (trained on their own events) passed the gate."""
-        u = f"gate-{uuid.uuid4().hex[:6]}"
-        add_events(settings, u, style)
-        rev = retrain_one(u).revision_id
-        result = judge(rev, rules)
-        assert result.outcome == "promoted", result.reason
-        return u, rev
+        """A user whose first revision (trained on their own events) passed the gate. This is the tests' starting
+        point, not what they check: a user's holdout split follows from their random id, and with about 12 holdout
+        events the improvement's bootstrap bound is sometimes borderline, so up to three users are tried; that none
+        of three passes fails the test."""
+        reasons = []
+        for _ in range(3):
+            u = f"gate-{uuid.uuid4().hex[:6]}"
+            add_events(settings, u, style)
+            rev = retrain_one(u).revision_id
+            result = judge(rev, rules)
+            if result.outcome == "promoted":
+                return u, rev
+            reasons.append(result.reason)
+        raise AssertionError(f"no first revision of three users passed the gate: {reasons}")
 
     return make
 
