@@ -280,29 +280,16 @@ def score_model(
         encoded = encode_examples(tokenizer, [x for _, x in scored_events], max_length)
         scored = _target_logprobs(model, encoded, pad_id, batch_size) if encoded else []
         prior = [parent_last_seq is not None and e.seq <= parent_last_seq for e, _ in scored_events]
-        per_example = tuple((s, n, p) for (s, n), p in zip(scored, prior, strict=True))
-        tokens = sum(n for _, n in scored)
-        holdout_nll = _mean_nll_of(per_example)
-        prior_nll = _mean_nll_of([x for x in per_example if x[2]]) if parent_last_seq is not None else None
-        new_nll = _mean_nll_of([x for x in per_example if not x[2]])
 
         pairs = preference_pairs(holdout_events)
-        preference_accuracy = None
+        answers: list[tuple[float, int]] = []
         if pairs:
-            answers = encode_examples(
-                tokenizer,
-                [Example(p.prompt, answer, p.event_id) for p in pairs for answer in (p.chosen, p.rejected)],
-                max_length,
-            )
-            per_token = [s / n if n else -math.inf for s, n in _target_logprobs(model, answers, pad_id, batch_size)]
-            wins = sum(per_token[2 * i] > per_token[2 * i + 1] for i in range(len(pairs)))
-            preference_accuracy = wins / len(pairs)
+            sides = [Example(p.prompt, answer, p.event_id) for p in pairs for answer in (p.chosen, p.rejected)]
+            answers = _target_logprobs(model, encode_examples(tokenizer, sides, max_length), pad_id, batch_size)
 
-        general_nll, general_tokens = None, 0
+        general_rows: list[tuple[float, int]] = []
         if general:
-            got = _target_logprobs(model, encode_examples(tokenizer, general, max_length), pad_id, batch_size)
-            general_tokens = sum(n for _, n in got)
-            general_nll = -sum(s for s, _ in got) / general_tokens if general_tokens else None
+            general_rows = _target_logprobs(model, encode_examples(tokenizer, general, max_length), pad_id, batch_size)
 
         drift_kl, probe_tokens = None, 0
         if base_logits is not None and probes:
@@ -316,20 +303,48 @@ def score_model(
                 probe_tokens += got_lp.shape[0]
             drift_kl = max(total / probe_tokens, 0.0) if probe_tokens else None
 
+    return _scores(
+        scored, prior, parent_last_seq is not None, answers, _nll_of(general_rows), (drift_kl, probe_tokens)
+    )
+
+
+def _scores(
+    holdout: Sequence[tuple[float, int]],
+    prior: Sequence[bool],
+    with_prior: bool,
+    answers: Sequence[tuple[float, int]],
+    general: tuple[float | None, int],
+    drift: tuple[float | None, int],
+) -> ModelScores:
+    """One model's scores from its rows, as `score_model` and the stacked gate both end: each holdout example's (sum
+    of target log-probs, target tokens) and whether it is prior to the parent, the preference answers' rows in
+    (chosen, rejected) order, the general NLL and tokens, the drift and probe tokens."""
+    per_example = tuple((lp, n, p) for (lp, n), p in zip(holdout, prior, strict=True))
+    n_pairs = len(answers) // 2
+    accuracy = None
+    if n_pairs:
+        per_token = [lp / n if n else -math.inf for lp, n in answers]
+        accuracy = sum(per_token[2 * k] > per_token[2 * k + 1] for k in range(n_pairs)) / n_pairs
     return ModelScores(
-        holdout_nll=holdout_nll,
-        holdout_examples=len(encoded),
-        holdout_tokens=tokens,
-        preference_accuracy=preference_accuracy,
-        preference_pairs=len(pairs),
-        drift_kl=drift_kl,
-        probe_tokens=probe_tokens,
-        holdout_nll_prior=prior_nll,
-        holdout_nll_new=new_nll,
-        general_nll=general_nll,
-        general_tokens=general_tokens,
+        holdout_nll=_mean_nll_of(per_example),
+        holdout_examples=len(holdout),
+        holdout_tokens=sum(n for _, n in holdout),
+        preference_accuracy=accuracy,
+        preference_pairs=n_pairs,
+        drift_kl=drift[0],
+        probe_tokens=drift[1],
+        holdout_nll_prior=_mean_nll_of([x for x in per_example if x[2]]) if with_prior else None,
+        holdout_nll_new=_mean_nll_of([x for x in per_example if not x[2]]),
+        general_nll=general[0],
+        general_tokens=general[1],
         per_example=per_example,
     )
+
+
+def _nll_of(rows: Sequence[tuple[float, int]]) -> tuple[float | None, int]:
+    """(mean NLL per target token or None without tokens, target tokens) of (sum of log-probs, tokens) rows."""
+    tokens = sum(n for _, n in rows)
+    return (-sum(lp for lp, _ in rows) / tokens if tokens else None), tokens
 
 
 def _mean_nll_of(rows: Sequence[tuple[float, int, bool]]) -> float | None:
@@ -912,36 +927,16 @@ def _stacked_scores(
     n_holdout, n_pairs, n_general, n_probes = counts
     got = [out[(i, name, "holdout", j)] for j in range(n_holdout)]
     prior = [req.parent_last_seq is not None and e.seq <= req.parent_last_seq for e, _ in scored]
-    per_example = tuple((lp, n, p) for (lp, n), p in zip(got, prior, strict=True))
-    accuracy = None
-    if n_pairs:
-        answers = [out[(i, name, "pair", j)] for j in range(2 * n_pairs)]
-        per_token = [lp / n if n else -math.inf for lp, n in answers]
-        accuracy = sum(per_token[2 * k] > per_token[2 * k + 1] for k in range(n_pairs)) / n_pairs
-    general_nll, general_tokens = reference
-    drift, probe_tokens = None, 0
+    answers = [out[(i, name, "pair", j)] for j in range(2 * n_pairs)]
+    general = reference
+    drift: tuple[float | None, int] = (None, 0)
     if name != "base":
-        general = [out[(i, name, "general", j)] for j in range(n_general)]
-        general_tokens = sum(n for _, n in general)
-        general_nll = -sum(lp for lp, _ in general) / general_tokens if general_tokens else None
+        general = _nll_of([out[(i, name, "general", j)] for j in range(n_general)])
         if n_probes:
             kls = [out[(i, name, "probe", j)] for j in range(n_probes)]
             probe_tokens = sum(n for _, n in kls)
             total = 0.0
             for kl, _ in kls:
                 total += kl
-            drift = max(total / probe_tokens, 0.0) if probe_tokens else None
-    return ModelScores(
-        holdout_nll=_mean_nll_of(per_example),
-        holdout_examples=n_holdout,
-        holdout_tokens=sum(n for _, n in got),
-        preference_accuracy=accuracy,
-        preference_pairs=n_pairs,
-        drift_kl=drift,
-        probe_tokens=probe_tokens,
-        holdout_nll_prior=_mean_nll_of([x for x in per_example if x[2]]) if req.parent_last_seq is not None else None,
-        holdout_nll_new=_mean_nll_of([x for x in per_example if not x[2]]),
-        general_nll=general_nll,
-        general_tokens=general_tokens,
-        per_example=per_example,
-    )
+            drift = (max(total / probe_tokens, 0.0) if probe_tokens else None, probe_tokens)
+    return _scores(got, prior, req.parent_last_seq is not None, answers, general, drift)
