@@ -190,6 +190,20 @@ class Context:
         stores, announcer = self.state["stores"], self.state["announcer"]
         back = user_url(user_id)
         revision: str | None = None
+
+        def audit(outcome: str, message: str, *, keep_user_id: bool = True) -> None:
+            with self.db.connection() as conn:
+                store.add_audit(
+                    conn,
+                    actor=s.actor,
+                    action=action,
+                    user_id=user_id,
+                    revision_id=revision,
+                    outcome=outcome,
+                    message=message,
+                    keep_user_id=keep_user_id,
+                )
+
         try:
             self.visible(s, user_id)
             if action == "promote":
@@ -216,46 +230,16 @@ class Context:
                 message = f"forgot {user_id}: {n_rows} row(s), {len(report.objects)} object(s) removed" + (
                     "" if report.announced else f"; {report.warning}"
                 )
-                with self.db.connection() as conn:
-                    store.add_audit(
-                        conn,
-                        actor=s.actor,
-                        action="forget",
-                        user_id=user_id,
-                        revision_id=None,
-                        outcome="ok",
-                        message=f"{n_rows} rows, {len(report.objects)} objects",
-                        keep_user_id=False,
-                    )
+                audit("ok", f"{n_rows} rows, {len(report.objects)} objects", keep_user_id=False)
                 s.flash.append(("ok", message))
                 return "/users"
             else:  # pragma: no cover - the routes name the actions
                 raise InvalidInput(f"unknown action {action!r}")
         except PersonaError as e:
-            outcome = "error" if e.http_status >= 500 else "refused"
-            with self.db.connection() as conn:
-                store.add_audit(
-                    conn,
-                    actor=s.actor,
-                    action=action,
-                    user_id=user_id,
-                    revision_id=revision,
-                    outcome=outcome,
-                    message=str(e),
-                    keep_user_id=action != "forget",
-                )
+            audit("error" if e.http_status >= 500 else "refused", str(e), keep_user_id=action != "forget")
             s.flash.append(("error", f"{action} refused: {e}"))
             return back
-        with self.db.connection() as conn:
-            store.add_audit(
-                conn,
-                actor=s.actor,
-                action=action,
-                user_id=user_id,
-                revision_id=revision,
-                outcome="ok",
-                message=message,
-            )
+        audit("ok", message)
         s.flash.append(("ok", message))
         return back
 
