@@ -162,11 +162,15 @@ def wave(
     tmp: Path,
     rules: Any,
     gate_profile: int = 0,
+    first_user: int = 0,
 ) -> dict[str, Any]:
-    """Round 0 (the users' serving revisions, not timed), then the timed round 1 (module docstring)."""
+    """Round 0 (the users' serving revisions, not timed), then the timed round 1 (module docstring). The users are
+    numbers ``first_user`` .. ``first_user + k - 1`` (each one's events seeded by its number); the result's
+    ``timed_window`` is round 1's start and end in wall-clock seconds (`time.time`), for runs of several workers."""
     probes, general = load_probes(), load_general()
-    users = [f"user-{u:05d}" for u in range(k)]
-    events = {u: user_events(i, 2) for i, u in enumerate(users)}
+    numbers = range(first_user, first_user + k)
+    users = [f"user-{u:05d}" for u in numbers]
+    events = {u: user_events(n, 2) for n, u in zip(numbers, users, strict=True)}
     first = {u: [e for e in evs if e.seq < EVENTS_PER_ROUND] for u, evs in events.items()}
     parent_settings = settings.model_copy(update={"max_steps": parent_steps})
     jobs0 = [
@@ -211,6 +215,8 @@ def wave(
             )
         return jobs, requests
 
+    sync(device)
+    window_start = time.time()
     (jobs, requests), data_s = timed(device, data)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -232,6 +238,7 @@ def wave(
     decisions, decide_s = timed(
         "cpu", lambda: [decide(rules, m, user_id=u, app="bench") for u, m in zip(users, ok, strict=True)]
     )
+    window_end = time.time()
     total = data_s + train_s + gate_s + decide_s
     tokens = sum(r.tokens for r in trained)
     extra: dict[str, Any] = {}
@@ -260,6 +267,7 @@ def wave(
         "gain_vs_base": mean([gain(m, "base") for m in ok]),
         "promoted": sum(d.passed for d in decisions),
         "round0_seconds": r0_s,
+        "timed_window": [window_start, window_end],
     }
 
 

