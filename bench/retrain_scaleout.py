@@ -58,9 +58,9 @@ _bases: dict[str, Any] = {}
 @app.task(name=TASK)
 def wave_task(model: str, k: int, first_user: int, overrides: dict[str, Any], parent_steps: int) -> dict[str, Any]:
     """One wave of users ``first_user`` .. ``first_user + k - 1`` on this worker's device."""
+    import retrain_throughput as rt
     import torch
 
-    import retrain_throughput as rt
     from pipeline.config import TrainingSettings
     from pipeline.evaluation.rules import load_rules
 
