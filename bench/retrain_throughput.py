@@ -546,6 +546,47 @@ def profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out
     }
 
 
+def host_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
+    """cProfile (the host's Python) over a K-user batched training from fresh LoRAs, 3 steps with a validation,
+    and the batched gate of those K candidates: where the host's time goes while the device waits. Writes the top
+    functions by own and by cumulative time to ``out/host-profile-MODEL.txt``."""
+    import cProfile
+    import io
+    import pstats
+
+    three = settings.model_copy(update={"max_steps": 3, "eval_every": 3})
+    users = [user_events(90_000 + u, 1) for u in range(k)]
+    jobs = [
+        UserJob(examples_from_events(evs), tmp / "hprof" / str(u), None, u, training_pairs(evs))
+        for u, evs in enumerate(users)
+    ]
+    requests = [
+        EvalRequest(tmp / "hprof" / str(u), None, [e for e in evs if e.split == "holdout"], 80, 80)
+        for u, evs in enumerate(users)
+    ]
+    probes, general, length = load_probes(), load_general(), settings.max_length
+    device = next(base.model.parameters()).device.type
+    report: dict[str, Any] = {"users": k}
+    text = io.StringIO()
+    for name, fn in (
+        ("train", lambda: train_adapters(base, jobs, three)),
+        ("gate", lambda: evaluate_many(base, requests, probes=probes, general=general, max_length=length)),
+    ):
+        sync(device)
+        prof = cProfile.Profile()
+        started = time.perf_counter()
+        prof.enable()
+        fn()
+        sync(device)
+        prof.disable()
+        report[f"{name}_seconds_profiled"] = time.perf_counter() - started
+        for key in ("tottime", "cumulative"):
+            text.write(f"==== {name} ({report[f'{name}_seconds_profiled']:.1f} s under cProfile), by {key}\n")
+            pstats.Stats(prof, stream=text).sort_stats(key).print_stats(35)
+    (out / f"host-profile-{base.ref.model_id}.txt").write_text(text.getvalue())
+    return report
+
+
 def table(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
@@ -659,6 +700,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="last, a profile of K users (fused)")
     parser.add_argument("--gate-profile", type=int, default=0, metavar="N", help="profile the gate of N users")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="K", help="cProfile training + gate of K users")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -769,6 +811,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 else:
                     report[key] = value
                 save()
+        if args.host_profile and args.device == "cuda":
+            value = part("host profile", lambda: host_profile(base, args.host_profile, base_settings, tmp, args.out))
+            report["host_profile"] = value
+            save()
         if args.profile and args.device == "cuda":
             value = part("profile", lambda: profile(base, args.profile, base_settings, tmp, args.out))
             report["profile" if "error" not in value else "profile_failed"] = value
