@@ -636,11 +636,14 @@ def evaluate_many(
     Every adapter of the requests (candidates, and the revisions serving now) goes into one stack of per-row LoRA
     layers on the shared base (`pipeline.models.multilora.wrap_linears`, the layer batched training uses; slot 0 is
     the base itself, a zero adapter), and every row any of them must score (holdout examples, preference answers,
-    general answers, probes, the new events under the serving revision) runs in one pass over the base, batched by
-    length, each row with its own adapter. The base's probe distributions and general NLL come from the per-base
-    cache (`_base_reference`). Adapters whose rank or modules differ from the first request's, or that do not
-    read as plain LoRA, and a lone request, are evaluated one request at a time by `evaluate`. ``batch_size``: rows
-    per forward (None: `STACKED_BATCH` of the base's device type); a batch's numbers reach the host in one copy.
+    general answers, probes, the new events under the serving revision) runs in one pass over the base, each row
+    with its own adapter: labelled rows batched by length, the LM head applied to their target positions only (in
+    chunks, when the model's logits are the plain head of its decoder: `_split_head`; else the full logits), probe
+    rows in batches of one probe, their KL from the base taken per batch. The base's probe distributions and general
+    NLL come from the per-base cache (`_base_reference`). Adapters whose rank or modules differ from the first
+    request's, or that do not read as plain LoRA, and a lone request, are evaluated one request at a time by
+    `evaluate`. ``batch_size``: rows per forward (None: `STACKED_BATCH` of the base's device type); a batch's numbers
+    reach the host in one copy.
     ``native``: on a bf16 base, the LoRA branch in bf16 (`multilora.wrap_linears`; candidate, current and base
     rows all measured so, within bf16 rounding of peft's fp32 branch); on an fp32 base it changes nothing.
     """
@@ -715,9 +718,71 @@ def evaluate_many(
 
 
 #: Rows per forward of the stacked gate by device type (``evaluate_many``'s ``batch_size=None``): few on the CPU,
-#: enough on a GPU to keep it busy (the fp32 logits and log-probs of 256 rows of ~100 tokens over a 49k vocabulary
-#: are ~10 GiB).
+#: enough on a GPU to keep it busy (a batch of 256 probe rows of ~100 tokens has ~5 GiB of fp32 logits over a 49k
+#: vocabulary; labelled rows only take the logits of `HEAD_CHUNK` target tokens at a time).
 STACKED_BATCH = {"cpu": 32, "cuda": 256}
+#: Target tokens per LM-head GEMM of the stacked gate's labelled rows (their fp32 logits exist one chunk at a time).
+HEAD_CHUNK = 8192
+#: Model types whose causal LM's logits are ``lm_head(decoder(...).last_hidden_state)`` and nothing more: the stacked
+#: gate runs their decoder and applies the head to the labelled positions only (`_split_head`).
+_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"})
+#: Config attributes of a final processing of the logits (soft-capping, scaling): present, the full forward is used.
+_LOGIT_PROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder, LM head) of a causal LM (plain or PEFT-wrapped) whose logits are exactly the head applied to the
+    decoder's last hidden state, so that a caller can apply the head to chosen positions only; None otherwise (an
+    unknown model type, final logit processing, a head that is not a plain Linear, e.g. one with LoRA on it)."""
+    unwrap = getattr(model, "get_base_model", None)  # a PeftModel: the causal LM inside
+    inner: torch.nn.Module = unwrap() if callable(unwrap) else model
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _PLAIN_HEAD:
+        return None
+    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_PROCESSING):
+        return None
+    get_decoder, get_head = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
+    if not callable(get_decoder) or not callable(get_head):
+        return None
+    body, head = get_decoder(), get_head()
+    if body is inner or not isinstance(body, torch.nn.Module) or type(head) is not torch.nn.Linear:
+        return None
+    return body, head
+
+
+def _label_sums_full(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the float64 sum of the log-probs of its labels ``[B, T-1]`` (IGNORE: not counted) under the full
+    logits ``[B, T, V]`` (position t predicts label t)."""
+    keep = labels != IGNORE
+    lp = F.log_softmax(logits[:, :-1], dim=-1)
+    picked = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, picked, 0.0).double().sum(1)
+
+
+def _label_sums_split(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """Per row, the float64 sum of the log-probs of its target tokens: ``hidden [N, H]`` the hidden states that
+    predict ``targets [N]``, ``owner [N]`` their rows (of ``rows``). Each token's log-prob through ``head`` in fp32,
+    `HEAD_CHUNK` tokens at a time (the logits of one chunk only); ``cross_entropy`` is one fused log-softmax pass
+    (``logit - logsumexp`` in separate ops reads and writes the chunk several times)."""
+    lp = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(targets), HEAD_CHUNK):
+        logits = head(hidden[start : start + HEAD_CHUNK]).float()
+        lp[start : start + HEAD_CHUNK] = F.cross_entropy(logits, targets[start : start + HEAD_CHUNK], reduction="none")
+        del logits
+    lp.neg_()
+    return torch.zeros(rows, dtype=torch.float64, device=hidden.device).index_add_(0, owner, lp.double())
+
+
+def _kl_rows(logits: torch.Tensor, ref_lp: torch.Tensor, ref_p: torch.Tensor) -> torch.Tensor:
+    """Per row of ``logits [n, L, V]`` (fp32), KL(p_ref || p_row) summed over the L positions, as float64 (what
+    ``F.kl_div(log_softmax(row), ref_lp, log_target=True, reduction="sum")`` gives each row): ``ref_lp [L, V]`` the
+    reference's log-probs, ``ref_p`` their exp, broadcast over the rows; one [n, L, V] buffer besides the logits."""
+    terms = F.log_softmax(logits, dim=-1)
+    torch.sub(ref_lp, terms, out=terms)
+    terms *= ref_p
+    return terms.sum(dim=(1, 2)).double()
 
 
 class _NotStackable(Exception):
@@ -822,64 +887,91 @@ def _evaluate_stacked(
 
     out: dict[tuple[Any, ...], tuple[float, int]] = {}
     pad_id = encoding.pad_id(tok)
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
     if batch_size is None:
         batch_size = STACKED_BATCH.get(device.type, 32)
-    # The base's probe log-probs, normalised once per call (not once per probe row) on the device.
-    references: dict[int, torch.Tensor] = {}
+    # Labelled rows batched by length (little padding); probe rows in batches of one probe each (the same ids).
+    labelled = sorted((r for r in range(len(rows)) if rows[r][2] is not None), key=lambda r: len(rows[r][1]))
+    by_probe: dict[int, list[int]] = {}
+    for r, row in enumerate(rows):
+        if row[2] is None:
+            by_probe.setdefault(row[3][3], []).append(r)
+    batches: list[tuple[list[int], int | None]] = [
+        (labelled[s : s + batch_size], None) for s in range(0, len(labelled), batch_size)
+    ]
+    for j, members in sorted(by_probe.items()):
+        batches += [(members[s : s + batch_size], j) for s in range(0, len(members), batch_size)]
+    # The base's probe log-probs (and probabilities), normalised once per call on the device.
+    references: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     cuda = device.type == "cuda"
 
     def to_device(t: torch.Tensor) -> torch.Tensor:
         # Pinned and non-blocking: a plain copy from pageable memory would wait for all the work queued before it.
         return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
-    # Per batch, its rows and their numbers, left on the device until every batch is queued: the host builds the
-    # next batch while the device runs this one, and waits once at the end.
-    pending: list[tuple[list[Any], torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    # Per batch, its rows' keys, their numbers (left on the device until every batch is queued: the host builds the
+    # next batch while the device runs this one, and waits once at the end) and their token counts (known here).
+    pending: list[tuple[list[tuple[Any, ...]], torch.Tensor, list[int]]] = []
     # Under the base's lock, borrowed: other users of the shared base wait, and it comes back exactly as it was.
     with base_lock(model), borrowed(model), torch.no_grad():
         with multilora.wrap_linears(model, stacks, native=native) as lora, _eval_mode(model):
-            for start in range(0, len(order), batch_size):
-                chunk = [rows[r] for r in order[start : start + batch_size]]
+            split = _split_head(model)  # after the wrap: a head with LoRA on it is no plain Linear any more
+            for members, probe_j in batches:
+                chunk = [rows[r] for r in members]
+                keys = [r[3] for r in chunk]
                 width = max(len(r[1]) for r in chunk)
+                if probe_j is None:
+                    # Labelled rows: the sum of their target tokens' log-probs (as `_target_logprobs`).
+                    targets = [(r[2] or [])[1:] for r in chunk]
+                    host_labels = torch.tensor(
+                        [lab + [IGNORE] * (width - 1 - len(lab)) for lab in targets], dtype=torch.long
+                    ).reshape(len(chunk), width - 1)
+                    keep = host_labels != IGNORE
+                    row_tokens = keep.sum(1).tolist()
+                    if not any(row_tokens):  # nothing to score: no forward
+                        pending.append((keys, torch.zeros(len(chunk), dtype=torch.float64, device=device), row_tokens))
+                        continue
                 ids = to_device(torch.tensor([r[1] + [pad_id] * (width - len(r[1])) for r in chunk], dtype=torch.long))
                 mask = to_device(
                     torch.tensor([[1] * len(r[1]) + [0] * (width - len(r[1])) for r in chunk], dtype=torch.long)
                 )
-                # Labelled rows: the sum of their target tokens' log-probs (as `_target_logprobs`); probes (no
-                # labels): their KL from the base, summed over positions.
-                row_targets = [(r[2] or [])[1:] for r in chunk]
-                labels = to_device(
-                    torch.tensor([lab + [IGNORE] * (width - 1 - len(lab)) for lab in row_targets], dtype=torch.long)
-                )
                 lora.set_rows(to_device(torch.tensor([r[0] for r in chunk], dtype=torch.long)))
-                logits = _forward(model, ids, mask)
-                lora.set_rows(None)
-                keep = labels != IGNORE
-                lp = F.log_softmax(logits[:, :-1], dim=-1)
-                picked = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                sums = torch.where(keep, picked, 0.0).double().sum(1)
-                del lp, picked
-                kls: list[torch.Tensor] = []
-                for row, (_, seq, row_labels, key) in enumerate(chunk):
-                    if row_labels is None:
-                        j = key[3]
-                        if j not in references:
-                            references[j] = F.log_softmax(base_logits[j].float(), dim=-1).to(device)
-                        got = F.log_softmax(logits[row, : len(seq)], dim=-1)
-                        kls.append(F.kl_div(got, references[j], log_target=True, reduction="sum").double())
-                del logits
-                pending.append((chunk, sums, keep.sum(1), torch.stack(kls) if kls else None))
-            for chunk, sums, row_counts, kl in pending:
-                host_sums, host_counts = sums.cpu().tolist(), row_counts.cpu().tolist()
-                host_kls = kl.cpu().tolist() if kl is not None else []
-                n_kl = 0
-                for row, (_, seq, row_labels, key) in enumerate(chunk):
-                    if row_labels is None:
-                        out[key] = (host_kls[n_kl], len(seq))
-                        n_kl += 1
-                    else:
-                        out[key] = (host_sums[row], host_counts[row])
+                if probe_j is not None:
+                    # One probe's rows (same ids, no padding): their KL from the base, summed over positions.
+                    if probe_j not in references:
+                        ref_lp = F.log_softmax(base_logits[probe_j].float(), dim=-1).to(device)
+                        references[probe_j] = (ref_lp, ref_lp.exp())
+                    ref_lp, ref_p = references[probe_j]
+                    logits = _forward(model, ids, mask)
+                    lora.set_rows(None)
+                    pending.append((keys, _kl_rows(logits, ref_lp, ref_p), [width] * len(chunk)))
+                    del logits
+                    continue
+                if split is None:
+                    logits = _forward(model, ids, mask)
+                    lora.set_rows(None)
+                    sums = _label_sums_full(logits, to_device(host_labels))
+                    del logits
+                else:
+                    body, head = split
+                    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    lora.set_rows(None)
+                    # The labelled positions, found on the host (no device sync): flat position t of row b in
+                    # [B, T-1] predicts label t + 1, from hidden state b * T + t.
+                    flat = keep.flatten().nonzero().squeeze(1)
+                    owner = flat // (width - 1)
+                    picked = to_device(owner * width + flat % (width - 1))
+                    sums = _label_sums_split(
+                        head,
+                        hidden.reshape(-1, hidden.shape[-1]).index_select(0, picked),
+                        to_device(host_labels.flatten()[flat]),
+                        to_device(owner),
+                        len(chunk),
+                    )
+                    del hidden
+                pending.append((keys, sums, row_tokens))
+            for keys, values, tokens_of in pending:
+                for key, value, n in zip(keys, values.cpu().tolist(), tokens_of, strict=True):
+                    out[key] = (value, n)
 
     for (i, scored, n_holdout, n_pairs, n_shift), (_, _, cur) in zip(plans, loaded, strict=True):
         req = requests[i]

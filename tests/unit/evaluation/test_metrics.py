@@ -456,3 +456,82 @@ def _assert_close_tree(a: Any, b: Any, path: str = "") -> None:
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (path, a, b)
     else:
         assert a == b, (path, a, b)
+
+
+def test_evaluate_many_head_on_labelled_positions_equals_the_full_logits(
+    world: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacked gate applies the LM head to the labelled positions only (`_split_head`: the tiny Llama qualifies)
+    and scores probe rows in batches of one probe: the same results as the full-logits path within float rounding,
+    whatever the batching (3 rows: probe batches of 3 and of 1 row, labelled batches of rows of different lengths)."""
+    from pipeline.evaluation import metrics
+    from pipeline.evaluation.metrics import EvalRequest, evaluate_many
+
+    assert metrics._split_head(world.base.model) is not None
+    events = world.events_a
+    cut = events[len(events) // 2].seq
+    again = [TrainingEvent(f"x{e.event_id}", e.seq, e.kind, "train", e.payload) for e in holdout(events)[:3]]
+    requests = [
+        EvalRequest(world.dir_a, world.dir_b, holdout(events), 30, 12, parent_last_seq=cut, new_events=again),
+        EvalRequest(world.dir_b, None, holdout(events), 30, 12),
+    ]
+    split = evaluate_many(world.base, requests, probes=world.probes[:3], batch_size=3)
+    monkeypatch.setattr(metrics, "_split_head", lambda model: None)
+    full = evaluate_many(world.base, requests, probes=world.probes[:3], batch_size=7)
+    for got, want in zip(split, full, strict=True):
+        assert isinstance(got, dict) and isinstance(want, dict), (got, want)
+        _assert_close_tree(got, want)
+
+
+def test_stacked_row_sums_and_probe_kl_equal_the_per_row_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stacked gate's arithmetic on crafted tensors: labelled rows of different lengths and one with no target
+    token (sum 0) through the head in chunks of 2 tokens equal the full log-softmax; a batch of one probe's rows
+    gives each row `F.kl_div` of its log-probs against the reference."""
+    import torch.nn.functional as F
+
+    from pipeline.evaluation import metrics
+    from pipeline.models.encoding import IGNORE
+
+    torch.manual_seed(0)
+    rows, width, hidden_size, vocab = 3, 6, 5, 11
+    head = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(rows, width, hidden_size)
+    labels = torch.randint(vocab, (rows, width - 1))
+    labels[0, :2] = IGNORE  # a prompt
+    labels[1, 3:] = IGNORE  # a shorter row: padding
+    labels[2] = IGNORE  # no target token
+    want = metrics._label_sums_full(head(hidden), labels)
+    keep = labels != IGNORE
+    flat = keep.flatten().nonzero().squeeze(1)
+    owner = flat // (width - 1)
+    picked = owner * width + flat % (width - 1)
+    monkeypatch.setattr(metrics, "HEAD_CHUNK", 2)
+    got = metrics._label_sums_split(head, hidden.reshape(-1, hidden_size)[picked], labels.flatten()[flat], owner, rows)
+    assert got.dtype == torch.float64 and float(got[2]) == 0.0
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got, want)
+
+    logits, ref = torch.randn(4, 3, vocab), torch.randn(3, vocab)
+    ref_lp = F.log_softmax(ref, dim=-1)
+    kl = metrics._kl_rows(logits, ref_lp, ref_lp.exp())
+    each = torch.stack(
+        [F.kl_div(F.log_softmax(row, dim=-1), ref_lp, log_target=True, reduction="sum") for row in logits]
+    )
+    assert kl.dtype == torch.float64 and torch.allclose(kl, each.double(), rtol=1e-5, atol=1e-7), (kl, each)
+
+
+def test_split_head_refuses_final_logit_processing() -> None:
+    """A model whose logits are more than ``lm_head(hidden)`` (soft-capping, a scale, LoRA on the head) keeps the
+    full forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.evaluation.metrics import _split_head
+    from pipeline.models import multilora
+
+    shape = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=16, **shape))
+    assert _split_head(plain) is not None
+    with multilora.wrap_linears(plain, {"lm_head": multilora.LoraStack.zeros(plain.lm_head, 2, 1)}):
+        assert _split_head(plain) is None  # LoRA on the head: the head is no plain Linear
+    assert _split_head(plain) is not None
+    for extra in ({"final_logit_softcapping": 30.0}, {"logit_scale": 0.5}):
+        assert _split_head(LlamaForCausalLM(LlamaConfig(vocab_size=16, **shape, **extra))) is None, extra
