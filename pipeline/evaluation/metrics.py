@@ -721,6 +721,9 @@ def evaluate_many(
 #: enough on a GPU to keep it busy (a batch of 256 probe rows of ~100 tokens has ~5 GiB of fp32 logits over a 49k
 #: vocabulary; labelled rows only take the logits of `HEAD_CHUNK` target tokens at a time).
 STACKED_BATCH = {"cpu": 32, "cuda": 256}
+#: Labelled rows per forward when the head is applied to their target positions only (`_split_head`): their memory
+#: is the decoder's activations (1024 rows of ~100 tokens: ~0.4 GiB a hidden-state tensor at width 2048, bf16).
+SPLIT_BATCH = {"cpu": 32, "cuda": 1024}
 #: Target tokens per LM-head GEMM of the stacked gate's labelled rows (their fp32 logits exist one chunk at a time).
 HEAD_CHUNK = 8192
 #: Model types whose causal LM's logits are ``lm_head(decoder(...).last_hidden_state)`` and nothing more: the stacked
@@ -887,6 +890,7 @@ def _evaluate_stacked(
 
     out: dict[tuple[Any, ...], tuple[float, int]] = {}
     pad_id = encoding.pad_id(tok)
+    explicit = batch_size is not None
     if batch_size is None:
         batch_size = STACKED_BATCH.get(device.type, 32)
     # Labelled rows batched by length (little padding); probe rows in batches of one probe each (the same ids).
@@ -895,11 +899,15 @@ def _evaluate_stacked(
     for r, row in enumerate(rows):
         if row[2] is None:
             by_probe.setdefault(row[3][3], []).append(r)
-    batches: list[tuple[list[int], int | None]] = [
-        (labelled[s : s + batch_size], None) for s in range(0, len(labelled), batch_size)
-    ]
-    for j, members in sorted(by_probe.items()):
-        batches += [(members[s : s + batch_size], j) for s in range(0, len(members), batch_size)]
+
+    def plan_batches(labelled_size: int) -> list[tuple[list[int], int | None]]:
+        batches: list[tuple[list[int], int | None]] = [
+            (labelled[s : s + labelled_size], None) for s in range(0, len(labelled), labelled_size)
+        ]
+        for j, members in sorted(by_probe.items()):
+            batches += [(members[s : s + batch_size], j) for s in range(0, len(members), batch_size)]
+        return batches
+
     # The base's probe log-probs (and probabilities), normalised once per call on the device.
     references: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     cuda = device.type == "cuda"
@@ -915,6 +923,9 @@ def _evaluate_stacked(
     with base_lock(model), borrowed(model), torch.no_grad():
         with multilora.wrap_linears(model, stacks, native=native) as lora, _eval_mode(model):
             split = _split_head(model)  # after the wrap: a head with LoRA on it is no plain Linear any more
+            # Labelled rows through the split head hold no full logits: more of them per forward (fewer launches).
+            labelled_size = batch_size if explicit or split is None else SPLIT_BATCH.get(device.type, batch_size)
+            batches = plan_batches(labelled_size)
             for members, probe_j in batches:
                 chunk = [rows[r] for r in members]
                 keys = [r[3] for r in chunk]
