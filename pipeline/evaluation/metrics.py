@@ -165,7 +165,7 @@ def _batches(
         yield start, ids.to(device), mask.to(device)
 
 
-def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
 
 
@@ -942,9 +942,10 @@ def _evaluate_stacked(
                         pending.append((keys, torch.zeros(len(chunk), dtype=torch.float64, device=device), row_tokens))
                         continue
                 ids = to_device(torch.tensor([r[1] + [pad_id] * (width - len(r[1])) for r in chunk], dtype=torch.long))
-                mask = to_device(
-                    torch.tensor([[1] * len(r[1]) + [0] * (width - len(r[1])) for r in chunk], dtype=torch.long)
-                )
+                # No attention mask: rows are right-padded and attention is causal, so a real token never sees a pad
+                # and only real positions are read. (A padding mask costs a device sync per forward: transformers
+                # asks `mask.all()` to choose its SDPA path, and the host could not queue the next batch meanwhile.)
+                mask = None
                 lora.set_rows(to_device(torch.tensor([r[0] for r in chunk], dtype=torch.long)))
                 if probe_j is not None:
                     # One probe's rows (same ids, no padding): their KL from the base, summed over positions.

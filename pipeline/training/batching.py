@@ -141,7 +141,6 @@ class _Batch:
 
     rows: int
     width: int
-    padded: bool
     packed: torch.Tensor
     picked: torch.Tensor
     paired: torch.Tensor
@@ -172,10 +171,9 @@ def _prepare(chunk: list[_Unit], *, pad_id: int, pin: bool) -> _Batch:
             pair_rows.append((unit.slot, r - 2, r - 1, _targets(chosen_row), _targets(rejected_row)))
     picked = torch.tensor(flat, dtype=torch.long).reshape(-1, 5)
     paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
-    padded = any(len(e.input_ids) < width for _, e in rows)
     if pin:  # pinned: the copy does not wait for the GPU work queued before it
         host, picked, paired = host.pin_memory(), picked.pin_memory(), paired.pin_memory()
-    return _Batch(len(rows), width, padded, host, picked, paired)
+    return _Batch(len(rows), width, host, picked, paired)
 
 
 _T = TypeVar("_T")
@@ -244,7 +242,10 @@ def _forward_backward(
     picked = batch.picked.to(device, non_blocking=cuda)
     paired = batch.paired.to(device, non_blocking=cuda)
     slots, ids = packed[:, 0], packed[:, 2 : width + 2]
-    mask = (torch.arange(width, device=device)[None, :] < (width - packed[:, 1:2])).long() if batch.padded else None
+    # No attention mask: rows are right-padded and attention is causal, so a real token never attends to a pad, and
+    # only labelled (real) positions carry a loss. A padding mask would cost a device sync per micro-batch
+    # (transformers asks `mask.all()` to choose its SDPA path) and the flash kernel.
+    mask = None
     positions, targets, token_slots = picked[:, 0], picked[:, 1], picked[:, 2]
     example = picked[:, 4].bool()
     has_pairs = batch.paired.shape[0] > 0
