@@ -129,6 +129,7 @@ def run_workers(
         env.update(
             SCALEOUT_BROKER=broker,
             OMP_NUM_THREADS=str(threads),
+            RAYON_NUM_THREADS=str(threads),  # the Rust tokenizer's batch pool: the worker's share of the cores
             PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")]),
         )
         if gpus:
