@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=256, help="users a wave (a task)")
     parser.add_argument("--workers", default="1,2", help="comma-separated numbers of workers to run in turn")
     parser.add_argument("--waves", type=int, default=1, help="waves per worker")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads a worker (0: cores / largest N)")
     parser.add_argument("--gpus", default=None, help="GPU ids for the workers (default: all that torch sees)")
     parser.add_argument("--parent-steps", type=int, default=2)
     parser.add_argument("--micro", type=int, default=65536, help="micro_batch_tokens")
@@ -272,10 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="scaleout-broker-") as tmp:
         broker, keep = start_broker(args.broker, Path(tmp))
         first_user = 0
-        for n in (int(x) for x in args.workers.split(",")):
+        counts = [int(x) for x in args.workers.split(",")]
+        for n in counts:
             if gpus and n > len(gpus):
                 log.warning("%d workers on %d GPU(s): some share one", n, len(gpus))
-            threads = max(1, cores // n)
+            # The same worker for every N: its share of the cores at the largest N (a lone worker with all of them
+            # oversubscribes: torch's pool, the tokenizer's and the micro-batch thread).
+            threads = args.threads or max(1, cores // max(counts))
             log.info("N=%d workers, %d threads each", n, threads)
             run = run_workers(n, args, broker, gpus, threads, first_user)
             first_user += run["users"]
