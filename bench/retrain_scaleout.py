@@ -168,17 +168,37 @@ def run_workers(
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    all_results = results
+    if args.skip_first:  # each worker's first wave warms it: not counted
+        seen: set[str] = set()
+        kept = []
+        for r in sorted(results, key=lambda r: r["timed_window"][0]):
+            if r["worker"] in seen:
+                kept.append(r)
+            seen.add(r["worker"])
+        results = kept or results
     starts = [r["timed_window"][0] for r in results]
     ends = [r["timed_window"][1] for r in results]
     users = sum(r["users"] for r in results)
     span = max(ends) - min(starts)
-    per_hour = 3600 * users / span
+    # With one wave a worker: users / the span of the timed rounds. With more, a worker's later waves also run an
+    # untimed round 0 between timed rounds, so the rate is the sum over workers of their users / their timed seconds.
+    by_worker: dict[str, list[float]] = {}
+    for r in results:
+        by_worker.setdefault(r["worker"], [0.0, 0.0])
+        by_worker[r["worker"]][0] += r["users"]
+        by_worker[r["worker"]][1] += r["timed_window"][1] - r["timed_window"][0]
+    per_hour = (
+        3600 * users / span if len(results) == len(by_worker) else sum(3600 * u / t for u, t in by_worker.values())
+    )
     return {
         "workers": n,
         "waves": len(results),
+        "waves_not_counted": len(all_results) - len(results),
+        "users_sent": sum(r["users"] for r in all_results),
         "users": users,
         "timed_span_s": span,
-        "wall_s_from_send": max(r["task_window"][1] for r in results) - sent,
+        "wall_s_from_send": max(r["task_window"][1] for r in all_results) - sent,
         "retrains_per_hour": per_hour,
         "retrains_per_gpu_hour": per_hour / n,
         "per_wave": [
@@ -230,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=256, help="users a wave (a task)")
     parser.add_argument("--workers", default="1,2", help="comma-separated numbers of workers to run in turn")
     parser.add_argument("--waves", type=int, default=1, help="waves per worker")
+    parser.add_argument("--skip-first", action="store_true", help="each worker's first wave not counted")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads a worker (0: cores / largest N)")
     parser.add_argument("--gpus", default=None, help="GPU ids for the workers (default: all that torch sees)")
     parser.add_argument("--parent-steps", type=int, default=2)
@@ -282,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             threads = args.threads or max(1, cores // max(counts))
             log.info("N=%d workers, %d threads each", n, threads)
             run = run_workers(n, args, broker, gpus, threads, first_user)
-            first_user += run["users"]
+            first_user += run["users_sent"]
             report["runs"].append(run)
             log.info("N=%d: %s", n, json.dumps({k: v for k, v in run.items() if k != "per_wave"}))
             (args.out / f"retrain_scaleout-{args.model}.json").write_text(json.dumps(report, indent=2) + "\n")
