@@ -847,13 +847,17 @@ def _evaluate_stacked(
             adapters.append(cur)
         slots.append((c, len(adapters) if cur is not None else None))
     first = adapters[0]
+    # On a half-precision base with the native branch, the stacks are kept in the base's dtype: the branch casts
+    # every gathered row to it anyway (cast then gather = gather then cast), and three casts a layer per forward go.
+    base_dtype = next(model.parameters()).dtype
+    dtype = base_dtype if native and base_dtype in (torch.bfloat16, torch.float16) else torch.float32
     stacks = {}
     for path, (a, b, _) in first.items():
         a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
         stacks[path] = multilora.LoraStack(
-            torch.stack([a0] + [ad[path][0] for ad in adapters]).to(device),
-            torch.stack([b0] + [ad[path][1] for ad in adapters]).to(device),
-            torch.tensor([0.0] + [ad[path][2] for ad in adapters], dtype=torch.float32, device=device),
+            torch.stack([a0] + [ad[path][0] for ad in adapters]).to(device, dtype),
+            torch.stack([b0] + [ad[path][1] for ad in adapters]).to(device, dtype),
+            torch.tensor([0.0] + [ad[path][2] for ad in adapters], dtype=torch.float32).to(device, dtype),
         )
     # Rows: (slot, input ids, labels or None for a probe, key); key = (request, model, part, index)
     rows: list[tuple[int, list[int], list[int] | None, tuple[Any, ...]]] = []

@@ -173,7 +173,7 @@ class MultiLoraLinear(nn.Module):
         a = self.lora_A[index]  # [B, R, in]
         b = self.lora_B[index]  # [B, out, R]
         s = self.scaling[index]  # [B]
-        if self._rows.native and x.dtype != a.dtype:
+        if self._rows.native and (x.dtype != a.dtype or x.dtype in _HALF):
             # The branch in the input's dtype (bf16 on a GPU): x A^T scaled, then B and the add to the base output
             # in one batched GEMM (fp32 accumulation, one rounding), no fp32 copy of x or of the output. The stacks
             # stay as they are (fp32 master weights: their gradients come back through the casts).
@@ -229,16 +229,21 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), name
 
 
+#: Input dtypes of the ``native`` branch even when the stacks have the same dtype.
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack], *, native: bool = False) -> LoraWrap:
     """Replace the ``nn.Linear`` at each module path of ``stacks`` by a `MultiLoraLinear` over its stack, in place.
 
     All layers share one row index (`LoraWrap.set_rows`). ``native``: when the input's dtype is not the stacks'
     (a bf16 base, fp32 LoRA weights), compute the LoRA branch in the input's dtype, its add to the base output fused
     into the second GEMM, instead of peft's way (the input cast to the LoRA dtype, the sum in it, then cast back):
-    the same function within the input dtype's rounding, far less memory traffic. Without it, or when the dtypes
-    are equal, the layer computes exactly as peft does. Raises MultiLoraError, changing nothing, when a path is
-    not an ``nn.Linear`` of ``model`` or a stack does not fit its Linear. ``remove()`` (or leaving the ``with``
-    block) puts the Linear modules back.
+    the same function within the input dtype's rounding, far less memory traffic; stacks already in the input's
+    half dtype (the gate's, which need no fp32 masters) take that path with no cast per forward. Without it, or when
+    input and stacks are both fp32, the layer computes exactly as peft does. Raises MultiLoraError, changing
+    nothing, when a path is not an ``nn.Linear`` of ``model`` or a stack does not fit its Linear. ``remove()`` (or
+    leaving the ``with`` block) puts the Linear modules back.
     """
     rows = _Rows(native)
     layers: dict[str, MultiLoraLinear] = {}

@@ -180,6 +180,27 @@ def test_the_lora_branch_in_the_base_dtype() -> None:
     assert not torch.equal(native[0], peft_like[0])  # the native path did run
 
 
+def test_native_branch_over_half_stacks_equals_it_over_fp32_stacks() -> None:
+    """The gate keeps its (no-grad) stacks in the base's bf16: the native branch then casts nothing per forward and
+    gives bit for bit what it gives over fp32 stacks of the same values (cast then gather = gather then cast)."""
+    from pipeline.models.multilora import LoraStack, wrap_linears
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False)).to(torch.bfloat16).requires_grad_(False)
+    a = (torch.randn(3, 4, 32, generator=gen) / 8).to(torch.bfloat16)
+    b = (torch.randn(3, 48, 4, generator=gen) / 8).to(torch.bfloat16)
+    s = torch.tensor([2.0, 0.5, 1.0])
+    x = torch.randn(5, 7, 32, generator=gen).to(torch.bfloat16)
+    outs = []
+    for stack in (LoraStack(a.float(), b.float(), s), LoraStack(a, b, s.to(torch.bfloat16))):
+        with torch.no_grad(), wrap_linears(model, {"0": stack}, native=True) as lora:
+            lora.set_rows(torch.tensor([0, 2, 1, 0, 2]))
+            outs.append(model(x))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_batched_directories_load_in_stock_peft_with_equal_tensors(tmp_path: Path) -> None:
     """What `train_adapters` writes straight from its stacked tensors (no PeftModel on the way) is a standard PEFT
     directory: stock ``PeftModel.from_pretrained`` loads it on a fresh base, with the saved tensors bit for bit, for
