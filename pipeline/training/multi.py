@@ -503,6 +503,7 @@ def _train_group(
             "best": [p.detach().to("cpu", dtype) for p in best] if any(u.val for u in users) else [],
             "last": [p.detach().to("cpu", dtype) for p in params] if any(not u.val for u in users) else [],
         }
+        position = {path: i for i, path in enumerate(paths)}
         out: list[TrainResult | BaseException] = []
         total_tokens = sum(u.tokens for u in users)
         for slot, u in enumerate(users):
@@ -515,7 +516,7 @@ def _train_group(
                     u.best_step = u.step
                 tensors = {}
                 for key, (path, kind) in u.start.keys.items():
-                    a_or_b = source[paths.index(path) * 2 + (0 if kind == "A" else 1)]
+                    a_or_b = source[position[path] * 2 + (0 if kind == "A" else 1)]
                     tensors[key] = a_or_b[slot].clone()  # its own storage (a view would share the stack's)
                 out_dir = Path(u.job.out_dir)
                 out_dir.mkdir(parents=True, exist_ok=True)
