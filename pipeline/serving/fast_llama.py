@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,8 +261,9 @@ class FastLlama:
         self.lora = torch.zeros(self.slots + 1, off, dtype=dt, device=dev)
         self.ranks = torch.zeros(self.slots + 1, dtype=torch.int32, device=dev)
         self._slot_maps: dict[int, torch.Tensor] = {}
+        self._layouts: dict[int, tuple[dict[tuple[int, str], tuple[int, int]], int]] = {}  # _compact_layout
         self._slot_maps_lock = threading.Lock()
-        self._byte_plans: dict[tuple[Any, ...], _BytePlan] = {}  # pack_adapter_bytes
+        self._byte_plans: dict[tuple[bytes, int], _BytePlan] = {}  # pack_adapter_bytes
         self._byte_plans_lock = threading.Lock()
         for i, g, mods, k, seg, a_off, b_off in plan:
             a = self.lora[:, a_off : a_off + len(mods) * r * k].unflatten(1, (len(mods) * r, k))
@@ -324,17 +325,17 @@ class FastLlama:
         SmolLM2) each gave the GIL away and waited to get it back, tens of milliseconds to seconds per adapter
         under load. Files mixing dtypes, or of dtypes other than BF16/F16/F32, take the `pack_adapter` path.
         """
-        from pipeline.serving.adapters import safetensors_header
+        from pipeline.serving.adapters import header_key, safetensors_header
 
         multilora.check_lora_config(config)
-        entries, data = safetensors_header(weights)
+        entries, data = safetensors_header(weights)  # parsed once per layout (kept by its header bytes)
         dtypes = {e.dtype for e in entries.values()}
         src = _NP_SOURCE.get(next(iter(dtypes))) if len(dtypes) == 1 else None
         if src is None or self.dtype not in _NP_TARGET:
             from safetensors.torch import load as load_safetensors
 
             return self.pack_adapter(load_safetensors(weights), config)
-        signature = (*sorted((k, e.shape, e.start, e.end) for k, e in entries.items()), src.itemsize)
+        signature = (header_key(weights), src.itemsize)  # equal headers: equal names, shapes and offsets
         with self._byte_plans_lock:
             plan = self._byte_plans.get(signature)
         if plan is None:
@@ -360,7 +361,7 @@ class FastLlama:
         packed[b_index] *= scale
         return PackedAdapter(_np_to_torch(packed, self.dtype), rank)
 
-    def _byte_plan(self, entries: dict[str, Any], itemsize: int) -> _BytePlan:
+    def _byte_plan(self, entries: Mapping[str, Any], itemsize: int) -> _BytePlan:
         """(rank, values in the file, gather, absent, b_index) for one header layout: packed[i] = data[gather[i]],
         but zero at ``absent`` (modules the adapter does not have), and the packed positions of B values (scaled)."""
         rank, placed = self._placement({k: e.shape for k, e in entries.items()})
@@ -428,7 +429,14 @@ class FastLlama:
         return rank, placed
 
     def _compact_layout(self, r: int) -> tuple[dict[tuple[int, str], tuple[int, int]], int]:
-        """Offsets of each (layer, group)'s A and B parts in a compact rank-``r`` adapter, and its length."""
+        """Offsets of each (layer, group)'s A and B parts in a compact rank-``r`` adapter, and its length (kept per
+        rank: every slot load checks its length). Read only."""
+        hit = self._layouts.get(r)
+        if hit is None:
+            hit = self._layouts[r] = self._build_layout(r)
+        return hit
+
+    def _build_layout(self, r: int) -> tuple[dict[tuple[int, str], tuple[int, int]], int]:
         offsets: dict[tuple[int, str], tuple[int, int]] = {}
         off = 0
         for i, layer in enumerate(self.layers):

@@ -256,6 +256,41 @@ def test_a_config_that_understates_the_rank_is_refused_by_the_tensors(make, stor
     assert slots.calls == []
 
 
+def test_a_header_layout_is_parsed_once_and_still_checked_against_each_file(make, store, slots, monkeypatch):
+    """Adapters of one layout share one parse of the safetensors header and one tensor check (each took
+    milliseconds of Python under the GIL per miss); a file that shares a whole file's header but is cut short is still
+    refused, and a layout over the limits is refused every time it comes (a refusal is not remembered as a pass)."""
+    from pipeline.serving import adapters
+
+    parsed = []
+    real = adapters._parse_header
+    monkeypatch.setattr(adapters, "_parse_header", lambda head: parsed.append(head) or real(head))
+    adapters._HEADERS.clear()
+    cache = make(slots=3)
+    keys = [store.add(f"u{i}", i) for i in range(3)]
+    for key in keys:
+        with cache.use(key):
+            pass
+    assert len(parsed) == 1 and len(slots.packs) == 3
+    assert [torch.equal(slots.held[i]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+                        load(store.files[k]["adapter_model.safetensors"])[
+                            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+            for i, k in enumerate(keys)] == [True] * 3  # fmt: skip
+    whole = lora_files(7)["adapter_model.safetensors"]
+    cut = whole[:-8]
+    key = AdapterKey("u-cut", "rev-cut", hashlib.sha256(cut).hexdigest())
+    store.files[key] = {"adapter_config.json": lora_files(7)["adapter_config.json"], "adapter_model.safetensors": cut}
+    with pytest.raises(AdapterLimitError, match="lies outside the file"):
+        cache.acquire(key)
+    assert len(parsed) == 1  # the same header: not parsed again, but checked against this file's length
+    over = [store.add(f"v{i}", 10 + i, r=16) for i in range(2)]
+    for key in over:
+        store.files[key] = {**store.files[key], "adapter_config.json": orjson.dumps({"r": 4, "target_modules": []})}
+        with pytest.raises(AdapterLimitError, match="rank 16; the maximum rank is 8"):
+            cache.acquire(key)
+    assert len(parsed) == 2 and len(slots.packs) == 3
+
+
 def test_invalidate_drops_a_users_adapters_now_or_when_released(make, store, slots):
     cache = make(slots=3)
     old, other, busy = store.add("u1", 1), store.add("u2", 2), store.add("u1", 3)
