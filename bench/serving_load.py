@@ -1293,14 +1293,7 @@ def saturation(ctx: Context, run: Callable[[float, float, str], dict]) -> tuple[
         p = run(rate, args.probe_duration, "probe")
         probes.append(p)
         first_ttft = first_ttft or p["ttft_p99_ms"]
-        why = []
-        arrived = p["offered_rps_actual"]  # the window's own arrivals: Poisson noise is not saturation
-        if p["achieved_rps"] < 0.85 * arrived:
-            why.append(f"completed {p['achieved_rps']:.2f} < 85% of the {arrived:.2f} req/s that arrived")
-        if p["ttft_p99_ms"] > max(1000.0, 10 * first_ttft):
-            why.append(f"TTFT p99 {p['ttft_p99_ms']:.0f} ms > max(1 s, 10x the first probe's)")
-        if p["error_fraction"] > 0.05:
-            why.append(f"{p['error_fraction']:.0%} errors")
+        why = saturated(p, first_ttft)
         if len(probes) >= 2 and p["out_tokens_per_s"] < 1.1 * probes[-2]["out_tokens_per_s"]:
             why.append("output tokens/s grew < 10% on doubling the rate")
         if why:
@@ -1316,8 +1309,22 @@ def saturation(ctx: Context, run: Callable[[float, float, str], dict]) -> tuple[
         "capacity_rps": best["achieved_rps"] if best else None,
         "at_offered_rps": best["offered_rps"] if best else None,
         "stopped_because": reason,
+        "first_ttft_p99_ms": first_ttft,
     }
     return sat, probes
+
+
+def saturated(p: dict, first_ttft_ms: float) -> list[str]:
+    """Why point ``p`` shows a worker that no longer keeps up (empty: it kept up)."""
+    why = []
+    arrived = p["offered_rps_actual"]  # the window's own arrivals: Poisson noise is not saturation
+    if p["achieved_rps"] < 0.85 * arrived:
+        why.append(f"completed {p['achieved_rps']:.2f} < 85% of the {arrived:.2f} req/s that arrived")
+    if p["ttft_p99_ms"] > max(1000.0, 10 * first_ttft_ms):
+        why.append(f"TTFT p99 {p['ttft_p99_ms']:.0f} ms > max(1 s, 10x the first probe's)")
+    if p["error_fraction"] > 0.05:
+        why.append(f"{p['error_fraction']:.0%} errors")
+    return why
 
 
 def run_series(ctx: Context, traffic: Traffic, name: str, start: Callable[[Path], Worker], key: str) -> dict:
@@ -1357,11 +1364,29 @@ def run_series(ctx: Context, traffic: Traffic, name: str, start: Callable[[Path]
             series["saturation"] = sat
             note(f"   saturation: {sat}")
             rates = [f * sat["capacity_rps"] for f in args.fractions] if sat["capacity_rps"] else []
+        last = None
         for rate in rates:
             if time_left(ctx) < point_cost(ctx, args.duration):
                 series.setdefault("skipped_rates", []).append(rate)
                 continue
-            run(rate, args.duration, "measure")
+            last = run(rate, args.duration, "measure")
+        # The probes run first, on the coldest tiers, and double the rate: the capacity they find can lie well under
+        # what the warm worker sustains (its 1.0 point then keeps up easily). Climb until a point shows saturation.
+        climbed = 0
+        while (
+            not args.rates and last is not None and climbed < args.climb
+            and time_left(ctx) > point_cost(ctx, args.duration)
+        ):  # fmt: skip
+            why = saturated(last, series["saturation"]["first_ttft_p99_ms"])
+            if why:
+                series["climb_stopped_because"] = "; ".join(why)
+                break
+            prev = last
+            last = run(last["offered_rps"] * args.climb_step, args.duration, "climb")
+            climbed += 1
+            if last["out_tokens_per_s"] < 1.03 * prev["out_tokens_per_s"]:
+                series["climb_stopped_because"] = f"output tokens/s grew < 3% on {args.climb_step}x the rate"
+                break
     finally:
         worker.stop()
     pts = series["points"]
@@ -1469,6 +1494,12 @@ def summary_lines(res: dict) -> list[str]:
                 f"- {s['name']}: saturation at {sat['capacity_rps'] or 0:.2f} req/s achieved (offered "
                 f"{sat['at_offered_rps'] or 0:.2f}); stopped because {sat['stopped_because']}"
                 + (f"; peak {peak['out_tokens_per_s']:,.0f} out tok/s" if peak else "")
+                + (
+                    f" at {peak['achieved_rps']:.2f} req/s; climbing above the capacity stopped because "
+                    f"{s['climb_stopped_because']}"
+                    if peak and s.get("climb_stopped_because")
+                    else ""
+                )
             )
         elif peak:
             out.append(
@@ -1523,6 +1554,14 @@ def method_text(res: dict) -> str:
         "completions < 85% of the window's arrivals, TTFT p99 > max(1 s, 10x the first probe's), > 5% errors, or "
         f"output tokens/s grew < 10% on doubling; capacity = best achieved req/s), then {c['duration']} s at "
         f"{c['fractions']} of capacity"
+        + (
+            f", then (`climb`) {c['climb_step']}x the last rate while the last point kept up (completions >= 85% of "
+            f"arrivals, TTFT p99 <= max(1 s, 10x the first probe's), <= 5% errors), at most {c['climb']} points, "
+            "stopping also when output tokens/s grew < 3%: the probes run on the coldest tiers, so the capacity they "
+            "find can lie under what the warm worker sustains"
+            if c.get("climb")
+            else ""
+        )
     )
     return "\n".join(
         [
@@ -1662,6 +1701,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--base-only", action="store_true", help="only the base-only series (= --kinds base)")
     ap.add_argument("--rates", type=floats, help="offered req/s (comma-separated); default: saturation search")
     ap.add_argument("--fractions", type=floats, default=[0.3, 0.5, 0.7, 0.9, 1.0], help="of the saturation rate")
+    ap.add_argument(
+        "--climb", type=int, default=4, help="measured points above the capacity found (--climb-step x each) while "
+        "the last one kept up; 0: none",
+    )  # fmt: skip
+    ap.add_argument("--climb-step", type=float, default=1.25)
     ap.add_argument("--start-rate", type=float, default=1.0, help="first rate of the saturation search")
     ap.add_argument("--max-rate", type=float, default=4096.0)
     ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per rate")
