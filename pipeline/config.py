@@ -326,6 +326,13 @@ class WorkerSettings(BaseSettings):
         "127.0.0.1",
         description="Address the metrics endpoints of workers and `persona beat` listen on (0.0.0.0 in containers).",
     )
+    io_threads: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Users of a training batch whose PostgreSQL and S3 work (leases, event reads, parent downloads, "
+        "candidate writes) runs at once, each on one pooled connection; at most PERSONA_DB_POOL_MAX.",
+    )
 
 
 class GateSettings(BaseSettings):

@@ -27,17 +27,26 @@ A user forgotten while its training runs gets the outcome ``forgotten`` and noth
 the lease with the user's rows (the next renewal finds it gone), and the candidate write checks in its transaction
 that the user is alive and was not forgotten since the plan was made (objects it uploaded are deleted again).
 Between the upload and that transaction the failpoint `failpoints.BEFORE_CANDIDATE_COMMIT` fires.
+
+The database and object-store work of a batch (steps 1-2 and the reads of step 3, the parents' downloads, the
+candidates' writes) runs for ``RetrainConfig.io_threads`` users at a time, each user's on one thread with one pooled
+connection at a time: it is round trips, not computation, and a batch of 256 users did it one user after another.
+Whatever the order the threads finish in, outcomes come back in the order of the users given and ``on_candidate``
+is called in that order too (resumed revisions first, then the candidates written).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline.config import ModelSettings, TrainingSettings
 from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
@@ -62,6 +71,9 @@ from pipeline.training.lora import TrainResult
 from pipeline.training.multi import UserJob, train_adapters
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class LeaseBusy(Conflict):
@@ -92,11 +104,14 @@ class Outcome:
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    """What a retrain needs besides the stores: the base model, the training settings and the lease length."""
+    """What a retrain needs besides the stores: the base model, the training settings and the lease length; how many
+    users' database and object-store work runs at once (the module docstring; a worker takes
+    `WorkerSettings.io_threads`)."""
 
     model: ModelSettings
     training: TrainingSettings
     lease_s: float
+    io_threads: int = 1
 
 
 def seed_for(base_seed: int, user_id: str, revision_id: str) -> int:
@@ -149,14 +164,11 @@ def retrain_batch(
     run = _Run(stores, config, owner, on_candidate, time.monotonic())
     out: list[Outcome | BaseException | None] = [None] * len(user_ids)
     plans: list[tuple[int, _Plan]] = []
-    for i, user_id in enumerate(user_ids):
-        try:
-            prepared = run.prepare(user_id)
-        except Exception as e:
-            out[i] = e
-            continue
-        if isinstance(prepared, Outcome):
+    for i, prepared in enumerate(_each(config.io_threads, list(user_ids), run.prepare)):
+        if isinstance(prepared, (Outcome, BaseException)):
             out[i] = prepared
+            if isinstance(prepared, Outcome) and prepared.outcome == "resumed" and on_candidate is not None:
+                on_candidate(prepared.revision_id or "")  # a resumed outcome always names its revision
         else:
             plans.append((i, prepared))
     if plans:
@@ -198,8 +210,6 @@ class _Run:
                         user_id,
                         existing.revision_id,
                     )
-                    if self.on_candidate is not None:
-                        self.on_candidate(existing.revision_id)
                     return Outcome(user_id, "resumed", existing.revision_id, existing.parent_id)
                 events = training.training_events(conn, user_id, lease.snapshot_seq)
                 parent = registry.get_revision(conn, lease.parent_id) if lease.parent_id else None
@@ -281,14 +291,19 @@ class _Run:
             plan.general = general_mix(general, len(plan.examples), cfg.general_share, f"{plan.seed}:general")
         reg = self.stores.registry
         with tempfile.TemporaryDirectory(prefix="persona-train-") as tmp:
+
+            def download(i: int) -> Path | None:
+                parent = plans[i].parent
+                return (
+                    None if parent is None else reg.download(parent, Path(tmp) / f"{i}" / "parent")
+                )  # sha256 checked
+
+            parents = _each(self.config.io_threads, list(range(len(plans))), download)
             jobs: list[tuple[int, UserJob]] = []
             for i, plan in enumerate(plans):
-                try:
-                    parent_dir = None
-                    if plan.parent is not None:
-                        parent_dir = reg.download(plan.parent, Path(tmp) / f"{i}" / "parent")  # sha256 verified
-                except Exception as e:
-                    results[i] = failed(i, e)
+                parent_dir = parents[i]
+                if isinstance(parent_dir, BaseException):
+                    results[i] = failed(i, parent_dir)
                     continue
                 out_dir = Path(tmp) / f"{i}" / "candidate"
                 examples = [*plan.examples, *plan.general]
@@ -322,29 +337,48 @@ class _Run:
                     log.info("%s: step %d/%d, loss %.4f", plans[i].user_id, step, cfg.max_steps, loss)
 
             trained = train_adapters(base, [job for _, job in jobs], cfg, progress=progress, heartbeat=heartbeat)
-            for (i, job), result in zip(jobs, trained, strict=True):
+
+            def write(j: int) -> Outcome | BaseException:
+                (i, job), result = jobs[j], trained[j]
                 if isinstance(result, BaseException):
-                    results[i] = failed(i, leases.lost.get(i, result))
-                    continue
+                    return failed(i, leases.lost.get(i, result))
                 try:
                     leases.check(i)
                 except Exception as e:
-                    results[i] = failed(i, e)
-                    continue
+                    return failed(i, e)
                 try:
                     outcome = _write(plans[i], job, result, base.ref, reg, self.started)
-                    leases.drop(i)
                 except Forgotten as e:
                     leases.drop(i)
-                    results[i] = _forgotten(plans[i].lease, "candidate", e)
-                    continue
+                    return _forgotten(plans[i].lease, "candidate", e)
                 except Exception as e:
-                    results[i] = failed(i, e)
-                    continue
-                results[i] = outcome
-                if self.on_candidate is not None and outcome.revision_id is not None:
-                    self.on_candidate(outcome.revision_id)
+                    return failed(i, e)
+                leases.drop(i)
+                return outcome
+
+            for (i, _), written in zip(
+                jobs, _each(self.config.io_threads, list(range(len(jobs))), write), strict=True
+            ):
+                results[i] = written
+                if isinstance(written, Outcome) and written.revision_id is not None and self.on_candidate is not None:
+                    self.on_candidate(written.revision_id)
         return [r if r is not None else PersonaError("no outcome") for r in results]
+
+
+def _each(threads: int, items: list[T], fn: Callable[[T], R]) -> list[R | BaseException]:
+    """``fn`` of each item, ``threads`` items at a time, in the items' order; an item whose call raised gets its
+    exception as its result (the others go on)."""
+
+    def one(item: T) -> R | BaseException:
+        try:
+            return fn(item)
+        except Exception as e:
+            return e
+
+    if threads <= 1 or len(items) <= 1:
+        return [one(item) for item in items]
+    with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="retrain-io") as pool:
+        return list(pool.map(one, items))
 
 
 def _write(
@@ -422,9 +456,11 @@ class _Leases:
         self.lost: dict[int, LeaseLost | Forgotten] = {}
         self.progress: dict[int, training.Progress] = {}
         self.last = time.monotonic()
+        self._lock = threading.Lock()  # candidates are written from several threads (`RetrainConfig.io_threads`)
 
     def drop(self, i: int) -> None:
-        self.live.pop(i, None)
+        with self._lock:
+            self.live.pop(i, None)
 
     def step(self, i: int, step: int, loss: float) -> None:
         """Note user ``i``'s progress; it is written with the next renewal."""
@@ -432,6 +468,11 @@ class _Leases:
 
     def renew(self) -> bool:
         """Renew the live leases if it is time; True when some lease is lost (now or before)."""
+        with self._lock:
+            self._renew()
+        return bool(self.lost)
+
+    def _renew(self) -> None:
         if self.live and time.monotonic() - self.last >= min(self.lease_s / 3, _RENEW_EVERY_S):
             progress = {self.live[i].user_id: p for i, p in self.progress.items() if i in self.live}
             with self.stores.db.connection() as conn:
@@ -446,7 +487,6 @@ class _Leases:
                             self.lost[i] = LeaseLost(f"{lease.user_id}: lease of {lease.revision_id} lost")
                         self.live.pop(i)
             self.last = time.monotonic()
-        return bool(self.lost)
 
     def check(self, i: int) -> None:
         """Renew if it is time; raise LeaseLost (or Forgotten) when user ``i``'s lease is lost."""

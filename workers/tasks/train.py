@@ -35,7 +35,8 @@ def _backoff(retries: int) -> float:
 
 def _config() -> RetrainConfig:
     s = settings()
-    return RetrainConfig(model=s.model, training=s.training, lease_s=s.policy.lease_s)
+    io_threads = min(s.worker.io_threads, s.db.pool_max)  # one pooled connection each
+    return RetrainConfig(model=s.model, training=s.training, lease_s=s.policy.lease_s, io_threads=io_threads)
 
 
 def _chain_gate(revision_id: str) -> None:
