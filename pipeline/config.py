@@ -330,8 +330,9 @@ class WorkerSettings(BaseSettings):
         8,
         ge=1,
         le=64,
-        description="Users of a training batch whose PostgreSQL and S3 work (leases, event reads, parent downloads, "
-        "candidate writes) runs at once, each on one pooled connection; at most PERSONA_DB_POOL_MAX.",
+        description="Users of a training batch (or candidates of a gate batch) whose PostgreSQL and S3 work (leases, "
+        "event reads, adapter downloads, candidate and decision writes) runs at once, each on one pooled connection; "
+        "at most PERSONA_DB_POOL_MAX.",
     )
 
 

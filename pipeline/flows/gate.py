@@ -36,6 +36,7 @@ from pipeline.domain.gating import Decision, RuleSet, decide, ruleset_digest
 from pipeline.domain.revisions import Revision
 from pipeline.evaluation.metrics import EvalRequest, evaluate_many, load_general, load_probes
 from pipeline.flows import failpoints
+from pipeline.flows.concurrency import each
 from pipeline.flows.promotion import announce_serving
 from pipeline.models.base import load_configured
 from pipeline.observability import metrics as prom
@@ -54,6 +55,7 @@ class GateConfig:
     probes: Path
     min_preference_pairs: int
     max_length: int
+    io_threads: int = 1  # candidates whose database and object-store work runs at once (`judge_many`)
 
 
 @dataclass(frozen=True)
@@ -99,42 +101,50 @@ def judge_many(
 ) -> list[GateResult | BaseException]:
     """`judge` for several candidates (e.g. those of one training batch), their metrics computed together in one
     pass over the base (`pipeline.evaluation.metrics.evaluate_many`); each candidate's steps 1, 2, 4 and 5 are its
-    own, and so is its failure: per candidate in order, its GateResult or the exception that failed it."""
+    own, and so is its failure: per candidate in order, its GateResult or the exception that failed it.
+
+    The candidates' database and object-store work (steps 1 and 2, the downloads, the decisions' writes) runs for
+    ``config.io_threads`` candidates at a time (one at a time when two candidates are of one user)."""
     started = time.monotonic()
     out: list[GateResult | BaseException | None] = [None] * len(revision_ids)
     pending: list[tuple[int, _Pending]] = []
     digest = ruleset_digest(rules)
-    for i, revision_id in enumerate(revision_ids):
-        try:
-            step = _prepare(revision_id, stores, announcer, rules_source, digest, started)
-        except Exception as e:
-            out[i] = e
-            continue
-        if isinstance(step, GateResult):
+    threads = config.io_threads if len(set(revision_ids)) == len(revision_ids) else 1
+
+    def prepare(revision_id: str) -> GateResult | _Pending:
+        return _prepare(revision_id, stores, announcer, rules_source, digest, started)
+
+    for i, step in enumerate(each(threads, list(revision_ids), prepare)):
+        if isinstance(step, (GateResult, BaseException)):
             out[i] = step
         else:
             pending.append((i, step))
+    if len({p.cand.user_id for _, p in pending}) < len(pending):
+        threads = 1  # two candidates of one user: their decisions are written in the order given
     if pending:
         base = load_configured(config.model)
         with tempfile.TemporaryDirectory(prefix="persona-gate-") as tmp:
             ready: list[tuple[int, _Pending, EvalRequest]] = []
             reg = stores.registry
-            for i, p in pending:
+
+            def download(p: _Pending) -> EvalRequest:
                 try:
-                    try:
-                        cand_dir = reg.download(p.cand, Path(tmp) / p.cand.revision_id / "candidate")
-                        cur_dir = (
-                            reg.download(p.current, Path(tmp) / p.cand.revision_id / "current")
-                            if p.current is not None
-                            else None
-                        )
-                    except NotFound as e:  # the objects went with a forget, or the store lost them
-                        _raise_if_forgotten(stores, p.cand)
-                        raise e
-                except Exception as e:
-                    out[i] = e
-                    continue
-                ready.append((i, p, p.request(cand_dir, cur_dir)))
+                    cand_dir = reg.download(p.cand, Path(tmp) / p.cand.revision_id / "candidate")
+                    cur_dir = (
+                        reg.download(p.current, Path(tmp) / p.cand.revision_id / "current")
+                        if p.current is not None
+                        else None
+                    )
+                except NotFound as e:  # the objects went with a forget, or the store lost them
+                    _raise_if_forgotten(stores, p.cand)
+                    raise e
+                return p.request(cand_dir, cur_dir)
+
+            for (i, p), request in zip(pending, each(threads, [p for _, p in pending], download), strict=True):
+                if isinstance(request, BaseException):
+                    out[i] = request
+                else:
+                    ready.append((i, p, request))
             measured = evaluate_many(
                 base,
                 [r for _, _, r in ready],
@@ -143,19 +153,21 @@ def judge_many(
                 max_length=config.max_length,
                 general=load_general(config.probes),
             )
-        for (i, p, _), m in zip(ready, measured, strict=True):
+
+        def record(k: int) -> GateResult | BaseException:
+            _, p, _ = ready[k]
+            m = measured[k]
             if isinstance(m, BaseException):
-                out[i] = m
-                continue
-            try:
-                decision = decide(rules, m, user_id=p.cand.user_id, app=p.record.app)
-                for r in decision.results:
-                    prom.GATE_RULE_OUTCOMES.labels(r.name, r.outcome).inc()
-                outcome = "promoted" if decision.passed else "rejected"
-                failpoints.fire(failpoints.BEFORE_DECISION, user_id=p.cand.user_id, revision_id=p.cand.revision_id)
-                out[i] = p.record(outcome, decision.passed, decision.reason, m, decision.to_dict(), digest, started)
-            except Exception as e:
-                out[i] = e
+                return m
+            decision = decide(rules, m, user_id=p.cand.user_id, app=p.record.app)
+            for r in decision.results:
+                prom.GATE_RULE_OUTCOMES.labels(r.name, r.outcome).inc()
+            outcome = "promoted" if decision.passed else "rejected"
+            failpoints.fire(failpoints.BEFORE_DECISION, user_id=p.cand.user_id, revision_id=p.cand.revision_id)
+            return p.record(outcome, decision.passed, decision.reason, m, decision.to_dict(), digest, started)
+
+        for (i, _, _), result in zip(ready, each(threads, list(range(len(ready))), record), strict=True):
+            out[i] = result
     return [r if r is not None else PersonaError("not judged") for r in out]
 
 

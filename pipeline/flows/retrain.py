@@ -43,10 +43,8 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from pipeline.config import ModelSettings, TrainingSettings
 from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
@@ -61,6 +59,7 @@ from pipeline.domain.examples import (
 )
 from pipeline.domain.revisions import BaseModelRef, EventsUsed, Revision
 from pipeline.flows import failpoints
+from pipeline.flows.concurrency import each
 from pipeline.models.base import LoadedBase, load_configured
 from pipeline.models.general import base_answers
 from pipeline.observability import metrics
@@ -71,9 +70,6 @@ from pipeline.training.lora import TrainResult
 from pipeline.training.multi import UserJob, train_adapters
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class LeaseBusy(Conflict):
@@ -164,7 +160,8 @@ def retrain_batch(
     run = _Run(stores, config, owner, on_candidate, time.monotonic())
     out: list[Outcome | BaseException | None] = [None] * len(user_ids)
     plans: list[tuple[int, _Plan]] = []
-    for i, prepared in enumerate(_each(config.io_threads, list(user_ids), run.prepare)):
+    threads = config.io_threads if len(set(user_ids)) == len(user_ids) else 1  # one user: one lease at a time
+    for i, prepared in enumerate(each(threads, list(user_ids), run.prepare)):
         if isinstance(prepared, (Outcome, BaseException)):
             out[i] = prepared
             if isinstance(prepared, Outcome) and prepared.outcome == "resumed" and on_candidate is not None:
@@ -298,7 +295,7 @@ class _Run:
                     None if parent is None else reg.download(parent, Path(tmp) / f"{i}" / "parent")
                 )  # sha256 checked
 
-            parents = _each(self.config.io_threads, list(range(len(plans))), download)
+            parents = each(self.config.io_threads, list(range(len(plans))), download)
             jobs: list[tuple[int, UserJob]] = []
             for i, plan in enumerate(plans):
                 parent_dir = parents[i]
@@ -356,29 +353,11 @@ class _Run:
                 leases.drop(i)
                 return outcome
 
-            for (i, _), written in zip(
-                jobs, _each(self.config.io_threads, list(range(len(jobs))), write), strict=True
-            ):
+            for (i, _), written in zip(jobs, each(self.config.io_threads, list(range(len(jobs))), write), strict=True):
                 results[i] = written
                 if isinstance(written, Outcome) and written.revision_id is not None and self.on_candidate is not None:
                     self.on_candidate(written.revision_id)
         return [r if r is not None else PersonaError("no outcome") for r in results]
-
-
-def _each(threads: int, items: list[T], fn: Callable[[T], R]) -> list[R | BaseException]:
-    """``fn`` of each item, ``threads`` items at a time, in the items' order; an item whose call raised gets its
-    exception as its result (the others go on)."""
-
-    def one(item: T) -> R | BaseException:
-        try:
-            return fn(item)
-        except Exception as e:
-            return e
-
-    if threads <= 1 or len(items) <= 1:
-        return [one(item) for item in items]
-    with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="retrain-io") as pool:
-        return list(pool.map(one, items))
 
 
 def _write(

@@ -116,4 +116,5 @@ def _config() -> GateConfig:
         probes=s.gate.probes,
         min_preference_pairs=s.gate.min_preference_pairs,
         max_length=s.training.max_length,
+        io_threads=min(s.worker.io_threads, s.db.pool_max),  # one pooled connection each
     )

@@ -244,7 +244,8 @@ def test_candidates_judged_together_get_the_decisions_they_get_alone(
     """`judge_many` (one stacked pass over the base for a training batch's candidates): another user's style is
     rejected, a second child of production is stale once the first is promoted, an unknown id fails alone; each
     decision's metrics equal, within 1e-5, what the single-candidate gate computes for it (`evaluate`, peft's path),
-    and the rules decide those metrics as they decided the candidate."""
+    and the rules decide those metrics as they decided the candidate. With several I/O threads, the two candidates of
+    one user are still decided in the order given."""
     from pipeline.domain.gating import decide
     from pipeline.domain.revisions import new_revision_id
     from pipeline.evaluation.metrics import evaluate, load_general, load_probes
@@ -255,6 +256,7 @@ def test_candidates_judged_together_get_the_decisions_they_get_alone(
         probes=settings.gate.probes,
         min_preference_pairs=settings.gate.min_preference_pairs,
         max_length=settings.training.max_length,
+        io_threads=4,
     )
     users = [promoted_user(style=0) for _ in range(3)]
     with psycopg.connect(settings.db.url) as conn:

@@ -1,4 +1,4 @@
-"""`pipeline.flows.retrain._each`: a batch's per-user database and object-store work, several users at a time."""
+"""`pipeline.flows.concurrency.each`: a batch's per-user database and object-store work, several users at a time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.flows.retrain import _each
+from pipeline.flows.concurrency import each
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -23,7 +23,7 @@ def test_results_come_back_in_the_items_order_and_a_failure_is_that_items_alone(
             raise ValueError("user 3 is bad")
         return i * 10
 
-    out = _each(threads, list(range(8)), work)
+    out = each(threads, list(range(8)), work)
     assert [r for i, r in enumerate(out) if i != 3] == [0, 10, 20, 40, 50, 60, 70]
     assert isinstance(out[3], ValueError) and str(out[3]) == "user 3 is bad"
     assert len(seen) == (1 if threads == 1 else 4)  # the users' work ran on that many threads
@@ -36,4 +36,4 @@ def test_a_base_exception_is_not_swallowed():
         return i
 
     with pytest.raises(KeyboardInterrupt):
-        _each(2, [0, 1, 2], work)
+        each(2, [0, 1, 2], work)
