@@ -3,8 +3,10 @@
 `pipeline.flows.retrain.retrain_batch` for K users of 100 simulated events each, on the configured stack (`persona
 stack up`; a fresh database ``persona_bench_io``), with the tiny model and 2 training steps, so that what is left
 around the training is the flow's own work: leases, event reads, parent downloads (sha256 verified), candidate
-writes (objects put and read back, then the row). Round ``first`` trains from scratch; then every candidate is
-promoted, 100 more events arrive, and round ``continual`` trains from those parents (downloads included).
+writes (objects put and read back, then the row); then the gate of the wave's candidates (`judge_many`: reads,
+candidate and serving adapters downloaded, decisions written and promotions announced around one measuring pass).
+Round ``first`` trains from scratch; 100 more events arrive, and round ``continual`` trains from what the gate
+promoted (downloads included).
 
 The object store can be put behind a TCP proxy that delays what the client sends by ``--s3-latency-ms`` (one way,
 each chunk; replies are not delayed), a stand-in for an object store across a network: on one machine PostgreSQL,
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline import stack  # noqa: E402
 from pipeline.config import ModelSettings, Settings, TrainingSettings  # noqa: E402
 from pipeline.demo import sim  # noqa: E402
-from pipeline.flows import promotion  # noqa: E402
+from pipeline.evaluation.rules import load_rules  # noqa: E402
+from pipeline.flows import gate  # noqa: E402
 from pipeline.flows import retrain as flow  # noqa: E402
 from pipeline.serving.promotions import Announcer  # noqa: E402
 from pipeline.storage import db  # noqa: E402
@@ -109,60 +113,91 @@ class DelayProxy:
         self.thread.join(10)
 
 
+class Timed:
+    """``module.name`` replaced by a wrapper that adds its seconds to ``seconds`` (restored by ``restore``)."""
+
+    def __init__(self, module: Any, name: str) -> None:
+        self.module, self.name, self.real = module, name, getattr(module, name)
+        self.seconds = 0.0
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return self.real(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        setattr(module, name, timed)
+
+    def restore(self) -> None:
+        setattr(self.module, self.name, self.real)
+
+
 def run(settings: Settings, users: int, io_threads: int, steps: int, tag: str) -> list[dict[str, Any]]:
-    """Two rounds (first, continual) of one wave of ``users``; per round its wall time and training time."""
+    """Two rounds (first, continual) of one wave of ``users``: its retrain, then the gate of its candidates; per
+    step its wall time and compute time (training, or the gate's measuring)."""
     cfg = flow.RetrainConfig(
         ModelSettings(base="tiny-random"),
         TrainingSettings(max_steps=steps, eval_every=steps, threads=1),
         600,
         io_threads=io_threads,
     )
+    gate_cfg = gate.GateConfig(
+        model=ModelSettings(base="tiny-random"),
+        probes=settings.gate.probes,
+        min_preference_pairs=settings.gate.min_preference_pairs,
+        max_length=cfg.training.max_length,
+        io_threads=io_threads,
+    )
     people = [sim.SimUser(f"io-{tag}-{i}", sim.users(6)[i % 6].style) for i in range(users)]
-    trained = {"s": 0.0}
-    real = flow.train_adapters
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            trained["s"] += time.perf_counter() - t0
-
     rows = []
-    flow.train_adapters = timed  # type: ignore[assignment]
+    training = Timed(flow, "train_adapters")
+    measuring = Timed(gate, "evaluate_many")
     announcer = Announcer(settings.kafka)
+
+    def row(round_name: str, step: str, wall: float, compute: float) -> None:
+        rows.append(
+            {"round": round_name, "step": step, "users": users, "io_threads": io_threads, "wall_s": wall,
+             "compute_s": compute, "rest_s": wall - compute}
+        )  # fmt: skip
+        print(
+            f"  {round_name:9s} {step:7s} io_threads {io_threads}: {wall:.2f} s, compute {compute:.2f} s, "
+            f"the rest {wall - compute:.2f} s",
+            flush=True,
+        )
+
     try:
         with Stores.open(settings.db, settings.s3, name=f"persona-bench-io-{tag}") as stores:
             for round_name, seed in (("first", 1), ("continual", 2)):
                 for person in people:
                     add_events(settings.db, person, 100, seed)
-                trained["s"] = 0.0
+                training.seconds = measuring.seconds = 0.0
                 t0 = time.perf_counter()
                 out = flow.retrain_batch([p.user_id for p in people], stores=stores, config=cfg, owner="bench-io")
-                wall = time.perf_counter() - t0
+                row(round_name, "retrain", time.perf_counter() - t0, training.seconds)
                 failed = [o for o in out if isinstance(o, BaseException)]
                 if failed:
                     raise RuntimeError(f"{len(failed)} of {users} users failed, e.g. {failed[0]!r}")
-                rows.append(
-                    {
-                        "round": round_name,
-                        "users": users,
-                        "io_threads": io_threads,
-                        "wall_s": wall,
-                        "train_s": trained["s"],
-                        "rest_s": wall - trained["s"],
-                    }
+                made = [o for o in out if isinstance(o, flow.Outcome) and o.revision_id]
+                t0 = time.perf_counter()
+                judged = gate.judge_many(
+                    [o.revision_id or "" for o in made],
+                    stores=stores,
+                    announcer=announcer,
+                    config=gate_cfg,
+                    rules=load_rules(settings.gate.rules),
+                    rules_source=str(settings.gate.rules),
                 )
-                print(
-                    f"  {round_name:9s} io_threads {io_threads}: {wall:.2f} s, training {trained['s']:.2f} s, "
-                    f"the rest {wall - trained['s']:.2f} s",
-                    flush=True,
-                )
-                for o in out:
-                    if isinstance(o, flow.Outcome) and o.revision_id:
-                        promotion.promote(stores, announcer, o.user_id, o.revision_id, actor="bench-io")
+                row(round_name, "gate", time.perf_counter() - t0, measuring.seconds)
+                bad = [j for j in judged if not isinstance(j, gate.GateResult)]
+                if bad:
+                    raise RuntimeError(f"{len(bad)} of {len(made)} candidates were not judged, e.g. {bad[0]!r}")
+                outcomes = Counter(j.outcome for j in judged if isinstance(j, gate.GateResult))
+                rows[-1]["outcomes"] = dict(outcomes)
+                print(f"  gate outcomes: {dict(outcomes)}", flush=True)  # the promoted are the next round's parents
     finally:
-        flow.train_adapters = real  # type: ignore[assignment]
+        training.restore()
+        measuring.restore()
         announcer.close()
     return rows
 
@@ -210,14 +245,14 @@ def main() -> None:
         f"retrain I/O ({platform.machine()}, {len(os.sched_getaffinity(0))} cores; "
         f"{datetime.now(UTC).isoformat(timespec='seconds')}): tiny model, {args.steps} steps, 100 events a user",
         "",
-        "| S3 latency ms (one way) | io_threads | round | users | wall s | training s | the rest s "
+        "| S3 latency ms (one way) | io_threads | round | step | users | wall s | compute s | the rest s "
         "| the rest ms/user |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['s3_latency_ms']:g} | {r['io_threads']} | {r['round']} | {r['users']} | {r['wall_s']:.2f} | "
-            f"{r['train_s']:.2f} | {r['rest_s']:.2f} | {1e3 * r['rest_s'] / r['users']:.1f} |"
+            f"| {r['s3_latency_ms']:g} | {r['io_threads']} | {r['round']} | {r['step']} | {r['users']} | "
+            f"{r['wall_s']:.2f} | {r['compute_s']:.2f} | {r['rest_s']:.2f} | {1e3 * r['rest_s'] / r['users']:.1f} |"
         )
     text = "\n".join(lines)
     print(text)
