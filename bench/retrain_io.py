@@ -75,6 +75,12 @@ class DelayProxy:
         ready.wait(10)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._relay(reader, writer)
+        except asyncio.CancelledError:  # `close`: the connection ends with the proxy
+            writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
