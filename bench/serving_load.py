@@ -65,6 +65,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -468,6 +469,75 @@ def _phased(cls: Any) -> Any:
     return Phased
 
 
+class StubEngine:
+    """``--stub-engine-ms MS``: the serving engine's interface without a model, to measure what the worker costs
+    around the engine (HTTP, streaming, the engine thread's hand-over). Each step sleeps MS (the GIL released, as a
+    wait on the GPU) and gives every running request one token (prompts are not prefilled: the first token comes
+    at the first step after admission); no EOS, so each request runs to its max_tokens. Base-only traffic."""
+
+    def __init__(self, tokenizer: Any, slots: int, max_batch: int, step_ms: float, max_positions: int) -> None:
+        from pipeline.serving.engine import GenerationLoop
+
+        class Loop(GenerationLoop):
+            pass
+
+        self._loop = Loop()
+        self._loop.tokenizer = tokenizer
+        self._loop.slots = slots
+        self._loop.max_positions = max_positions
+        self._loop.eos_token_id = None
+        self._loop._ids = itertools.count()
+        from collections import deque
+
+        self._loop._waiting = deque()
+        self.max_positions = max_positions
+        self.max_batch = max_batch
+        self.step_s = step_ms / 1e3
+        self._running: list[Any] = []
+        # Word-like tokens, so the detokenizer does its usual work.
+        self._tokens = [t for t in (tokenizer.convert_tokens_to_ids(w) for w in ("Ġthe", "Ġof", "Ġand", "Ġa")) if t]
+        self._tokens = self._tokens or [100, 101, 102, 103]
+        self.counters: dict[str, float] = {"steps": 0}
+
+    def submit(self, request: Any) -> Any:
+        if request.slot != -1:
+            raise RuntimeError("the stub engine serves base-only traffic")
+        return self._loop.submit(request)
+
+    def cancel(self, gen: Any) -> None:
+        gen.cancelled = True
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self._loop.decode_text(ids)
+
+    def has_work(self) -> bool:
+        return bool(self._loop._waiting or self._running)
+
+    def step(self) -> list[Any]:
+        waiting = self._loop._waiting
+        while waiting and len(self._running) < self.max_batch:
+            self._running.append(waiting.popleft())
+        time.sleep(self.step_s)
+        outs = []
+        for i, gen in enumerate(self._running):
+            tok = self._tokens[(len(gen.output_ids) + i) % len(self._tokens)]
+            outs.append(self._loop._emit(gen, tok, len(gen.request.prompt_ids) + len(gen.output_ids)))
+        self._running = [g for g in self._running if not g.done]
+        self.counters["steps"] += 1
+        return outs
+
+    def abort_all(self) -> list[Any]:
+        gens = self._running + list(self._loop._waiting)
+        self._running = []
+        self._loop._waiting.clear()
+        for g in gens:
+            g.finish_reason = g.finish_reason or "error"
+        return gens
+
+    def close(self) -> None:
+        self.abort_all()
+
+
 def worker_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -484,6 +554,13 @@ def worker_main(spec_path: str) -> None:
         DatabaseSettings(url=UNREACHABLE_DB, connect_timeout_s=1), S3Settings(endpoint="127.0.0.1:9"), serving
     )
     base = build_worker_base(BaseSpec(**spec["base"]), serving.device)
+    if spec.get("stub_engine_ms"):
+        import pipeline.serving.server as server_module
+
+        def stub(base: Any, cfg: Any) -> StubEngine:
+            return StubEngine(base.tokenizer, cfg.slots, cfg.max_batch, spec["stub_engine_ms"], cfg.max_seq)
+
+        server_module.make_engine = stub  # type: ignore[assignment]
     server = inmemory_server(settings, base, spec)
     api, _ = uvicorn_servers(server)  # admin_port 0: /metrics on the API port
     Path(spec["status_file"]).write_text(
@@ -767,6 +844,7 @@ def start_worker(
             "key_id": key[0],
             "key": key[1],
             "store_latency_ms": args.store_latency_ms,
+            "stub_engine_ms": args.stub_engine_ms,
             "status_file": str(status),
         }
         spec_file = run_dir / "worker-spec.json"
@@ -809,7 +887,7 @@ def start_worker(
     return Worker(proc, url, log_file, engine, time.perf_counter() - t0)
 
 
-ENGINE_NAMES = {"FastEngine": "fast", "Engine": "reference"}
+ENGINE_NAMES = {"FastEngine": "fast", "Engine": "reference", "StubEngine": "stub (no model)"}
 
 
 def _engine_from_log(log_file: Path) -> str:
@@ -1025,6 +1103,17 @@ async def drive(client: Client, path: str, reqs: list[Req], drain_s: float) -> d
     sem = asyncio.Semaphore(client.cap)
     t0 = time.perf_counter() + 0.1
     lags: list[float] = []
+    stalls: list[float] = []
+    running = True
+
+    async def watch() -> None:
+        """The client's own event-loop stalls (a 1 ms sleep that wakes late): they would count as server latency."""
+        while running:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            stalls.append(time.perf_counter() - t - 0.001)
+
+    watcher = asyncio.create_task(watch())
 
     async def one(rec: Req) -> None:
         if sem.locked():
@@ -1061,12 +1150,16 @@ async def drive(client: Client, path: str, reqs: list[Req], drain_s: float) -> d
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=10)
+    running = False
+    await watcher
     return {
         "t0": t0,
         "arrivals_end": last,
         "drained_s": time.perf_counter() - last,
         "unfinished": unfinished,
         "dispatch_lag_p99_ms": 1e3 * pct(lags, 0.99) if lags else 0.0,
+        "client_stall_p99_ms": 1e3 * pct(stalls, 0.99) if stalls else 0.0,
+        "client_stall_max_ms": 1e3 * max(stalls, default=0.0),
     }
 
 
@@ -1203,6 +1296,12 @@ def run_point(
     server_proc = psutil.Process(worker.proc.pid)
 
     async def go() -> tuple[dict, dict, dict, dict]:
+        # The client's garbage: what lives now (tokenizer, torch, earlier points) is frozen out of the collector's
+        # passes, and no pass runs during the point (a full one over torch's objects stalled this client's loop by
+        # 100-300 ms, counted as TTFT of the requests due meanwhile); one collection after it.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         before = parse_metrics((await client.get("/metrics"))[1].decode())
         cpu0 = server_proc.cpu_times()
         c0, w0 = time.process_time(), time.perf_counter()
@@ -1216,7 +1315,11 @@ def run_point(
         after = parse_metrics((await client.get("/metrics"))[1].decode())
         return timing, before, after, cpu
 
-    timing, before, after, cpu = asyncio.run(_with_client(client, go))
+    try:
+        timing, before, after, cpu = asyncio.run(_with_client(client, go))
+    finally:
+        gc.enable()
+        gc.unfreeze()
     point = summarize(reqs, timing, args.warmup, duration, before, after, cpu)
     point.update(
         {
@@ -1271,6 +1374,7 @@ def short(p: dict) -> str:
         f"{p['ttft_p50_ms']:.0f}/{p['ttft_p99_ms']:.0f} ms, ITL p50/p99 {p['itl_p50_ms']:.1f}/{p['itl_p99_ms']:.1f} "
         "ms, "
         f"ok {p['ok']}/{p['requests_measured']}, errors {p['errors'] or '-'}, client CPU {p['client_cpu_cores']:.2f}"
+        f", server CPU {p['server_cpu_cores']:.2f}, client stall max {p.get('client_stall_max_ms', 0):.0f} ms"
     )
 
 
@@ -1539,6 +1643,14 @@ def summary_lines(res: dict) -> list[str]:
     ]
     if client_bound:
         out.append(f"- the client process used > 80% of a core (it may bound these points): {', '.join(client_bound)}")
+    stalled = [
+        f"{s['name']} @ {p['offered_rps']:.2f} ({p['client_stall_max_ms']:.0f} ms)"
+        for s in res["series"]
+        for p in s["points"]
+        if p.get("client_stall_max_ms", 0) > 20
+    ]
+    if stalled:
+        out.append(f"- the client's event loop stalled > 20 ms (counted as latency): {', '.join(stalled)}")
     return out
 
 
@@ -1722,6 +1834,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--targets", default=",".join(ALL_TARGETS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--engine", choices=["auto", "fast", "reference"], help="default: PERSONA_SERVE_ENGINE or auto")
+    ap.add_argument(
+        "--stub-engine-ms", type=float, default=0.0, help="inmemory, base only: a stub engine whose steps sleep MS "
+        "(no model): what the worker costs around the engine",
+    )  # fmt: skip
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-seq", type=int, default=2048)

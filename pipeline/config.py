@@ -433,6 +433,13 @@ class ServingSettings(BaseSettings):
         "time; 0 checks every request against the database.",
     )
     key_cache_size: int = Field(10_000, ge=1, le=1_000_000, description="API keys remembered at most (LRU).")
+    api_threads: int = Field(
+        40,
+        ge=1,
+        le=1024,
+        description="Threads for the request handlers' blocking work: resolving the model (PostgreSQL), tokenizing, "
+        "acquiring the adapter (disk, object store) and scoring. A request waiting on a slow object store holds one.",
+    )
     max_request_bytes: int = Field(
         1 << 20,
         ge=1024,

@@ -230,7 +230,9 @@ class GenerationLoop:
     def decode_text(self, ids: list[int]) -> str:
         # A model's vocabulary may be larger than its tokenizer's (padded embeddings, the tiny test model): ids
         # without a token have no text.
-        known = len(self.tokenizer)
+        known = self.__dict__.get("_vocab")
+        if known is None:  # a tokenizer's len() builds its whole vocabulary: once
+            known = self.__dict__["_vocab"] = len(self.tokenizer)
         return self.tokenizer.decode([i for i in ids if 0 <= i < known], skip_special_tokens=True)
 
     def _emit(self, gen: Generation, token: int, length: int) -> StepOutput:

@@ -37,7 +37,7 @@ import queue
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,7 +45,7 @@ import torch
 
 from pipeline.models.multilora import ALL_TARGETS, BASE_SLOT, AdapterLimitError
 from pipeline.serving.engine import BaseLike, Engine, EngineError, Generation, GenerationLoop, StepOutput
-from pipeline.serving.fast_llama import BLOCK, FastLlama, PackedAdapter
+from pipeline.serving.fast_llama import BLOCK, FastLlama, PackedAdapter, StepInputs
 
 if TYPE_CHECKING:
     from pipeline.config import ServingSettings
@@ -136,10 +136,11 @@ class FastEngine(FastLlama, GenerationLoop):
         self._table_np = np.zeros(tuple(self.block_table.shape), dtype=np.int32)
         # Block table entries set since the last step (row, column, block), sent to the device with the step.
         self._table_new: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        cap = 2 * self.max_batch + self.step_tokens // BLOCK + 1
-        self._upd_host = [torch.zeros(3, cap, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self._upd_dev = torch.zeros(3, cap, dtype=torch.long, device=self.device)
         self._inflight: _Launch | None = None
+        # numpy views of the pinned step-input buffers' regions (seq, pos, src, slot, loc, out_tok, out_seq, upd).
+        self._meta_views = [
+            [getattr(self._regions(b), f.name).numpy() for f in fields(StepInputs)] for b in self._meta_host
+        ]
         # Step-done events, reused in turn (at most two steps are in flight): one torch call a step fewer, and each
         # call gives the GIL away (`ServingSettings.gil_switch_interval_ms`).
         self._events = [torch.cuda.Event() for _ in range(3)] if cuda else []
@@ -251,6 +252,8 @@ class FastEngine(FastLlama, GenerationLoop):
         for region, pad in ((inp.seq, self.max_batch), (inp.pos, 0), (inp.src, 0), (inp.slot, self.slots),
                             (inp.loc, 0), (inp.out_tok, 0), (inp.out_seq, self.max_batch)):  # fmt: skip
             region.fill_(pad)  # padding only: the sink row, the base, the scratch block
+        inp.upd[0].fill_(self.max_batch)  # no block table update: the sink row's column 0 keeps block 0
+        inp.upd[1:].fill_(0)
         with torch.no_grad():
             for lora in (False, True):
                 for bucket in self._buckets:
@@ -453,9 +456,8 @@ class FastEngine(FastLlama, GenerationLoop):
         no = min(bucket, self.max_batch)
         nout = len(out_tok)
         buf = self._meta_host[self._meta_flip]
+        host = self._meta_views[self._meta_flip]
         self._meta_flip ^= 1
-        inp = self._regions(buf)
-        host = [x.numpy() for x in (inp.seq, inp.pos, inp.src, inp.slot, inp.loc, inp.out_tok, inp.out_seq)]
         pads = (self.max_batch, 0, 0, self.slots, 0)
         for dst, val, pad in zip(host[:5], (seq, pos, src, slot, loc), pads, strict=True):
             dst[:nt] = val
@@ -466,7 +468,7 @@ class FastEngine(FastLlama, GenerationLoop):
         host[6][nout:no] = self.max_batch
         seqs = [self._row_seq[r] for r in out_row.tolist()]
         lengths = (self._filled[out_row]).tolist()
-        self._sync_table(self._meta_flip)
+        self._table_updates(host[7])
         self._meta.copy_(buf, non_blocking=True)
         greedy = bool(self._greedy[out_row].all())
         ctx = 0 if self.triton_attention else -(-int(pos.max() + 1) // BLOCK) * BLOCK
@@ -485,18 +487,19 @@ class FastEngine(FastLlama, GenerationLoop):
         self.counters["steps"] += 1
         return _Launch(seqs, lengths, out, None if greedy else logits, event)
 
-    def _sync_table(self, flip: int) -> None:
-        """Send the block table entries set since the last step to the device (one pinned, asynchronous copy)."""
-        if not self._table_new:
-            return
-        upd = np.concatenate([np.stack(t) for t in self._table_new], axis=1)
+    def _table_updates(self, upd: np.ndarray) -> None:
+        """The block table entries set since the last step, into the step's inputs (the step sets them on the device;
+        the rest of the region is padding: the sink row's column 0, block 0)."""
+        n = 0
+        for rows, cols, blocks in self._table_new:
+            k = len(rows)
+            if n + k > upd.shape[1]:
+                raise EngineError(f"a step carries at most {upd.shape[1]} block table updates")  # never: see FastLlama
+            upd[0, n : n + k], upd[1, n : n + k], upd[2, n : n + k] = rows, cols, blocks
+            n += k
         self._table_new.clear()
-        n = upd.shape[1]
-        host = self._upd_host[flip]
-        host.numpy()[:, :n] = upd
-        dev = self._upd_dev[:, :n]
-        dev.copy_(host[:, :n], non_blocking=True)
-        self.block_table.index_put_((dev[0], dev[1]), dev[2].to(self.block_table.dtype))
+        upd[0, n:] = self.max_batch
+        upd[1:, n:] = 0
 
     def _run_step(self, nt: int, lora: bool, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graphs:

@@ -105,6 +105,8 @@ class StepInputs:
     loc: torch.Tensor
     out_tok: torch.Tensor
     out_seq: torch.Tensor
+    #: Block table entries to set before the step (row, column, block; padding: the sink row's column 0, block 0).
+    upd: torch.Tensor
 
 
 @dataclass
@@ -278,7 +280,10 @@ class FastLlama:
         self._tok = torch.zeros(self.max_batch + 1, dtype=torch.long, device=dev)
         # The step's inputs: one int64 buffer of regions (see `StepInputs`), filled from pinned host copies.
         t, o = self.step_tokens, self.max_batch
-        self._meta_len = 5 * t + 2 * o
+        #: Block table updates a step carries at most: a new block for each decoding row, the blocks of the step's
+        #: prompt chunks (one partial block per chunk at most beyond step_tokens / BLOCK).
+        self.table_updates = 2 * o + t // BLOCK + 1
+        self._meta_len = 5 * t + 2 * o + 3 * self.table_updates
         self._meta = torch.zeros(self._meta_len, dtype=torch.long, device=dev)
         cuda = dev.type == "cuda"
         self._meta_host = [torch.zeros(self._meta_len, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
@@ -287,7 +292,9 @@ class FastLlama:
     def _regions(self, buf: torch.Tensor) -> StepInputs:
         t, o = self.step_tokens, self.max_batch
         seq, pos, src, slot, loc = (buf[i * t : (i + 1) * t] for i in range(5))
-        return StepInputs(seq, pos, src, slot, loc, buf[5 * t : 5 * t + o], buf[5 * t + o :])
+        u = 5 * t + 2 * o
+        upd = buf[u:].view(3, self.table_updates)
+        return StepInputs(seq, pos, src, slot, loc, buf[5 * t : 5 * t + o], buf[5 * t + o : u], upd)
 
     # -- adapters ---------------------------------------------------------------------------------------------
 
@@ -509,6 +516,9 @@ class FastLlama:
         rope_cache = fused_ops.rope_cache if tri else fused_ops.rope_cache_torch
         silu_mul = fused_ops.silu_mul if tri else fused_ops.silu_mul_torch
         inp = self._regions(self._meta)
+        # The block table entries set since the last step, in the step itself (no eager copies and kernels a step
+        # on the host: each torch call there gives the GIL away).
+        self.block_table.index_put_((inp.upd[0], inp.upd[1]), inp.upd[2].to(self.block_table.dtype))
         seq, pos, loc = inp.seq[:nt], inp.pos[:nt], inp.loc[:nt]
         idx = inp.slot[:nt] if lora else None
         src = inp.src[:nt]

@@ -20,14 +20,17 @@ not heard the forget yet.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -55,6 +58,7 @@ from pipeline.storage import apps, registry, tenancy
 from pipeline.storage.stores import Stores
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ModelNotFound(NotFound):
@@ -126,6 +130,8 @@ class Server:
         self.keys = KeyCache(self._authenticate, ttl_s=cfg.key_cache_ttl_s, max_entries=cfg.key_cache_size)
         self._models: dict[str, tuple[float, list[tuple[str, int]]]] = {}  # app -> (when, its listed models)
         self._models_lock = threading.Lock()
+        #: The request handlers' blocking work (resolution, tokenizing, acquisition, scoring): `offload`.
+        self.pool = ThreadPoolExecutor(max_workers=cfg.api_threads, thread_name_prefix="persona-api")
         self._stop = threading.Event()
         #: Set once the disk copies of revisions the registry no longer has were deleted (at start).
         self.pruned = threading.Event()
@@ -156,12 +162,12 @@ class Server:
     def _deliver(self, items: list[tuple[int, int | None, bool]]) -> None:
         """Hand a step's tokens to their requests: one call per event loop (one wake-up of the loop per step,
         whatever the number of its streams)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[int | None], int | None, bool]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Tokens, int | None, bool]]] = {}
         with self._streams_lock:
             sinks = [self.streams.get(gen_id) for gen_id, _, _ in items]
         for (_, token, finished), sink in zip(items, sinks, strict=True):
             if sink is not None:
-                by_loop.setdefault(sink.loop, []).append((sink.queue, token, finished))
+                by_loop.setdefault(sink.loop, []).append((sink.tokens, token, finished))
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
@@ -189,8 +195,14 @@ class Server:
             break
         self.pruned.set()
 
+    def offload(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` in the request handlers' thread pool, awaited on the running event loop (one hand-over each
+        way: lighter than anyio's ``to_thread``, which the event loop, shared by every stream, paid per request)."""
+        return asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+
     def close(self) -> None:
         self._stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self._thread.join(timeout=10)
         self._pruner.join(timeout=10)
         self.cache.close()
@@ -309,9 +321,9 @@ class Server:
         engine step), so a waiting request holds no thread. The adapter is acquired now (its errors raise here,
         before a response starts) and stays pinned in its slot until the stream ends or is closed. Call from any
         thread (acquiring may read disk)."""
-        sink = _LoopSink(loop, asyncio.Queue())
+        sink = _LoopSink(loop, _Tokens(loop))
         gen = self._start(target, prompt_ids, body, max_tokens, sink)
-        return AsyncTokenStream(lambda: self._end(target, gen), sink.queue, gen)
+        return AsyncTokenStream(lambda: self._end(target, gen), sink.tokens, gen)
 
     def score(self, target: Target, prompt: str | None, text: str) -> dict[str, Any]:
         """Per-token log-likelihood of ``text`` (after ``prompt``, if given) under the target."""
@@ -340,54 +352,102 @@ class Server:
         }
 
 
+class _Tokens:
+    """One generation's tokens on its consumer's event loop: put there by `_put_all` (one call per engine step for
+    all of that loop's streams), taken in runs by the one consumer. Lighter than an `asyncio.Queue` (no task
+    accounting, one waiter): the event loop does this for every token of every stream. ``None`` ends the tokens; an
+    exception is raised to the consumer."""
+
+    __slots__ = ("items", "loop", "received", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: collections.deque[int | BaseException | None] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.received = 0
+
+    def put(self, item: int | BaseException | None) -> None:
+        self.items.append(item)
+        self.received += 1
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[int | BaseException | None]:
+        """What arrived (waiting for at least one item)."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        taken = list(self.items)
+        self.items.clear()
+        return taken
+
+
 @dataclass(frozen=True)
 class _LoopSink:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[int | None]
+    tokens: _Tokens
 
 
-def _put_all(batch: list[tuple[asyncio.Queue[int | None], int | None, bool]]) -> None:
-    for q, token, finished in batch:
+def _put_all(batch: list[tuple[_Tokens, int | None, bool]]) -> None:
+    for tokens, token, finished in batch:
         if token is not None:
-            q.put_nowait(token)
+            tokens.put(token)
         if finished:
-            q.put_nowait(None)
+            tokens.put(None)
 
 
 class AsyncTokenStream:
     """The tokens of one generation on an event loop, in runs (what arrived together); closing it (or its
     consumer going away) releases the adapter and cancels the generation if it is still running."""
 
-    def __init__(self, release: Callable[[], None], tokens: asyncio.Queue[int | None], generation: Generation) -> None:
+    def __init__(self, release: Callable[[], None], tokens: _Tokens, generation: Generation) -> None:
         self._release: Callable[[], None] | None = release
         self._tokens = tokens
         #: The generation's live state: ``finish_reason`` says how it ended once the iteration is over.
         self.generation = generation
 
     async def runs(self, timeout_s: float = 300.0) -> AsyncIterator[list[int]]:
-        """Lists of token ids, each what had arrived when the consumer got to it (one or more tokens)."""
+        """Lists of token ids, each what had arrived when the consumer got to it (one or more tokens). TimeoutError
+        when no token came for ``timeout_s`` (checked by a timer every ``timeout_s``: between one and two periods;
+        a timeout context per wait cost the event loop ~5% of its time)."""
+        tokens = self._tokens
+        seen = -1
+        timer: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            nonlocal seen, timer
+            if tokens.received == seen:
+                tokens.put(TimeoutError(f"no token for {timeout_s:.0f} s"))
+                return
+            seen = tokens.received
+            timer = tokens.loop.call_later(timeout_s, watch)
+
+        watch()
         try:
             while True:
-                if self._tokens.empty():  # a timeout context only when there is a wait (asyncio.wait_for made a task)
-                    async with asyncio.timeout(timeout_s):
-                        token = await self._tokens.get()
-                else:
-                    token = self._tokens.get_nowait()
-                if token is None:
-                    return
-                run = [token]
-                ended = False
-                while not self._tokens.empty():
-                    more = self._tokens.get_nowait()
-                    if more is None:
-                        ended = True
-                        break
-                    run.append(more)
+                items = await tokens.take()
+                run: list[int] = []
+                for item in items:
+                    if item is None:
+                        if run:
+                            yield run
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    run.append(item)
                 yield run
-                if ended:
-                    return
         finally:
+            if timer is not None:
+                timer.cancel()
             self.close()
+
+    def disconnect(self) -> None:
+        """The consumer went away: the tokens end now (`runs` returns; closing then cancels the generation)."""
+        self._tokens.put(None)
 
     def close(self) -> None:
         release, self._release = self._release, None
