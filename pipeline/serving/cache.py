@@ -25,11 +25,13 @@ limit checks + pack, slot = the copy of the packed adapter into its slot.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
+import os
 import shutil
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -129,6 +131,35 @@ class _CorruptCopy(Exception):
     """A disk copy is incomplete or does not match its digests."""
 
 
+_TMP_IDS = itertools.count()
+
+
+@functools.cache
+def _series(metric: Any, tier: str) -> Any:
+    """The tier's series of a labelled metric, looked up once (``labels`` costs microseconds under the GIL; the cache
+    touches a few series on every request and more on every miss)."""
+    return metric.labels(tier)
+
+
+class _Tally(dict[AdapterKey, int]):
+    """A dict of sizes that keeps their total (the gauges read it on every load and eviction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __setitem__(self, key: AdapterKey, value: int) -> None:
+        self.total += value - self.get(key, 0)
+        super().__setitem__(key, value)
+
+    def pop(self, key: AdapterKey, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        value = super().pop(key)
+        self.total -= value
+        return value
+
+
 class AdapterCache:
     """Adapters of many users on a few device slots, through host memory and local disk (see the module doc)."""
 
@@ -161,7 +192,7 @@ class AdapterCache:
         self._key_locks: dict[AdapterKey, list[Any]] = {}  # key -> [lock, users]
         self._slots: list[AdapterKey | None] = [None] * slots
         self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
-        self._slot_bytes: dict[AdapterKey, int] = {}
+        self._slot_bytes: _Tally = _Tally()  # key -> packed bytes in its slot (and their total)
         self._host: _SizedLRU = _SizedLRU(lambda h: h.nbytes)  # AdapterKey -> _Host
         self._disk: _SizedLRU = _SizedLRU(int)  # sha256 -> bytes on disk
         self._refs: dict[AdapterKey, int] = {}  # acquired and not yet released
@@ -203,7 +234,7 @@ class AdapterCache:
                 with self._lock:
                     self._free_slot(slot)
                 raise
-            m.ADAPTER_LOAD_SECONDS.labels(SLOT).observe(time.perf_counter() - start)
+            _series(m.ADAPTER_LOAD_SECONDS, SLOT).observe(time.perf_counter() - start)
             with self._lock:
                 self._slot_bytes[key] = host.nbytes
                 self._gauges()
@@ -301,7 +332,7 @@ class AdapterCache:
             return CacheStats(
                 resident={SLOT: len(self._slot_of), HOST: len(self._host), DISK: len(self._disk)},
                 resident_bytes={
-                    SLOT: sum(self._slot_bytes.values()),
+                    SLOT: self._slot_bytes.total,
                     HOST: self._host.total,
                     DISK: self._disk.total,
                 },
@@ -350,7 +381,7 @@ class AdapterCache:
         self._check_tensors(weights)
         packed = self.loader.pack(weights, config)  # AdapterLimitError for the engine's own checks; no slot touched
         host = _Host(packed, int(packed.nbytes))
-        m.ADAPTER_LOAD_SECONDS.labels(HOST).observe(time.perf_counter() - start)
+        _series(m.ADAPTER_LOAD_SECONDS, HOST).observe(time.perf_counter() - start)
         with self._lock:
             if self._make_room_host(host.nbytes):
                 self._host[key] = host
@@ -396,7 +427,7 @@ class AdapterCache:
                     self._disk.pop(key.sha256, None)
                 shutil.rmtree(entry, ignore_errors=True)
             else:
-                m.ADAPTER_LOAD_SECONDS.labels(DISK).observe(time.perf_counter() - start)
+                _series(m.ADAPTER_LOAD_SECONDS, DISK).observe(time.perf_counter() - start)
                 with self._lock:
                     self._count(DISK, hit=True)
                     if key.sha256 in self._disk:
@@ -413,7 +444,7 @@ class AdapterCache:
             raise
         if sha256_hex(files.get(_WEIGHTS, b"")) != key.sha256:  # the fetch verifies; this guards a fetch that does not
             raise CorruptObject(f"{key}: the fetched adapter_model.safetensors does not have sha256 {key.sha256}")
-        m.ADAPTER_LOAD_SECONDS.labels(STORE).observe(time.perf_counter() - start)
+        _series(m.ADAPTER_LOAD_SECONDS, STORE).observe(time.perf_counter() - start)
         with self._lock:
             self._count(STORE, hit=True)
         if self._reserve_disk(key.sha256, files):
@@ -452,12 +483,14 @@ class AdapterCache:
 
     def _write_disk(self, sha256: str, files: dict[str, bytes]) -> None:
         """Write the copy `_reserve_disk` reserved room for."""
-        tmp = self.disk_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp = self.disk_dir / f".tmp-{os.getpid()}-{next(_TMP_IDS)}"  # unique on this host (uuid4 cost ~0.1 ms here)
         try:
             tmp.mkdir(parents=True)
             for name in ADAPTER_FILES:
                 (tmp / name).write_bytes(files[name])
-            (tmp / _DIGESTS).write_bytes(orjson.dumps({n: sha256_hex(files[n]) for n in ADAPTER_FILES}))
+            # The weights were checked against ``sha256`` when fetched: only the other files are hashed here.
+            digests = {n: sha256 if n == _WEIGHTS else sha256_hex(files[n]) for n in ADAPTER_FILES}
+            (tmp / _DIGESTS).write_bytes(orjson.dumps(digests))
             # The copy appears only while its reservation stands: a forget (or an eviction) that came meanwhile
             # removed the reservation, and the copy must not outlive it. The check and the rename are one step.
             with self._lock:
@@ -584,25 +617,25 @@ class AdapterCache:
 
     def _evicted(self, tier: str) -> None:
         self._counters.evictions[tier] += 1
-        m.ADAPTER_CACHE_EVICTIONS.labels(tier).inc()
+        _series(m.ADAPTER_CACHE_EVICTIONS, tier).inc()
 
     def _count(self, tier: str, *, hit: bool) -> None:
         if hit:
             self._counters.hits[tier] += 1
-            m.ADAPTER_CACHE_HITS.labels(tier).inc()
+            _series(m.ADAPTER_CACHE_HITS, tier).inc()
         else:
             self._counters.misses[tier] += 1
-            m.ADAPTER_CACHE_MISSES.labels(tier).inc()
+            _series(m.ADAPTER_CACHE_MISSES, tier).inc()
 
     def _gauges(self) -> None:
         # Gauges are process-wide: one cache per serving process.
         for tier, n, b in (
-            (SLOT, len(self._slot_of), sum(self._slot_bytes.values())),
+            (SLOT, len(self._slot_of), self._slot_bytes.total),
             (HOST, len(self._host), self._host.total),
             (DISK, len(self._disk), self._disk.total),
         ):
-            m.ADAPTER_CACHE_RESIDENT.labels(tier).set(n)
-            m.ADAPTER_CACHE_RESIDENT_BYTES.labels(tier).set(b)
+            _series(m.ADAPTER_CACHE_RESIDENT, tier).set(n)
+            _series(m.ADAPTER_CACHE_RESIDENT_BYTES, tier).set(b)
 
     @contextlib.contextmanager
     def _key_lock(self, key: AdapterKey) -> Iterator[None]:

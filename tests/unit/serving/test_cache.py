@@ -188,6 +188,11 @@ def test_slots_evict_the_least_recently_used(make, store, slots):
     assert cache.acquire(c) == sb
     cache.release(c)
     assert cache.stats().slots[sa] == a and cache.stats().slots[sb] == c
+    # The slots' bytes are a running total: through loads, an eviction and an invalidation.
+    assert cache.stats().resident_bytes["slot"] == 2 * TENSOR_BYTES
+    cache.invalidate("u0")
+    assert cache.stats().resident_bytes["slot"] == TENSOR_BYTES
+    assert REGISTRY.get_sample_value("persona_adapter_cache_resident_bytes", {"tier": "slot"}) == TENSOR_BYTES
 
 
 def test_acquired_adapters_are_never_evicted(make, store):
