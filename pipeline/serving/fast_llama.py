@@ -282,8 +282,8 @@ class FastLlama:
         t, o = self.step_tokens, self.max_batch
         #: Block table updates a step carries at most: a new block for each decoding row, the blocks of the step's
         #: prompt chunks (one partial block per chunk at most beyond step_tokens / BLOCK).
-        self.table_updates = 2 * o + t // BLOCK + 1
-        self._meta_len = 5 * t + 2 * o + 3 * self.table_updates
+        self.max_table_updates = 2 * o + t // BLOCK + 1
+        self._meta_len = 5 * t + 2 * o + 3 * self.max_table_updates
         self._meta = torch.zeros(self._meta_len, dtype=torch.long, device=dev)
         cuda = dev.type == "cuda"
         self._meta_host = [torch.zeros(self._meta_len, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
@@ -293,7 +293,7 @@ class FastLlama:
         t, o = self.step_tokens, self.max_batch
         seq, pos, src, slot, loc = (buf[i * t : (i + 1) * t] for i in range(5))
         u = 5 * t + 2 * o
-        upd = buf[u:].view(3, self.table_updates)
+        upd = buf[u:].view(3, self.max_table_updates)
         return StepInputs(seq, pos, src, slot, loc, buf[5 * t : 5 * t + o], buf[5 * t + o : u], upd)
 
     # -- adapters ---------------------------------------------------------------------------------------------
