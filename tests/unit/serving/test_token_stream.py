@@ -24,7 +24,8 @@ def test_tokens_from_another_thread_arrive_in_order_in_runs_and_the_end_releases
 
         def engine() -> None:  # as `Server._deliver`: one call_soon_threadsafe per step
             for step in range(5):
-                loop.call_soon_threadsafe(_put_all, [(tokens, 10 + step, step == 4)])
+                batch: list[tuple[_Tokens, int | None, bool]] = [(tokens, 10 + step, step == 4)]
+                loop.call_soon_threadsafe(_put_all, batch)
 
         threading.Thread(target=engine).start()
         runs = [run async for run in stream.runs()]
