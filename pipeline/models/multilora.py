@@ -170,9 +170,14 @@ class MultiLoraLinear(nn.Module):
             return result
         if index.shape[0] != x.shape[0]:
             raise AdapterLimitError(f"row index has {index.shape[0]} rows but the batch has {x.shape[0]}")
-        a = self.lora_A[index]  # [B, R, in]
-        b = self.lora_B[index]  # [B, out, R]
-        s = self.scaling[index]  # [B]
+        if self.lora_A.requires_grad:
+            # Training (rows are never negative there): index_select, whose backward is one index_add into the
+            # stack, where advanced indexing's is a sorted index_put (several kernels a stack, every layer).
+            a = self.lora_A.index_select(0, index)  # [B, R, in]
+            b = self.lora_B.index_select(0, index)  # [B, out, R]
+            s = self.scaling.index_select(0, index)  # [B]
+        else:
+            a, b, s = self.lora_A[index], self.lora_B[index], self.scaling[index]
         if self._rows.native and (x.dtype != a.dtype or x.dtype in _HALF):
             # The branch in the input's dtype (bf16 on a GPU): x A^T scaled, then B and the add to the base output
             # in one batched GEMM (fp32 accumulation, one rounding), no fp32 copy of x or of the output. The stacks
