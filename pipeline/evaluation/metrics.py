@@ -38,6 +38,7 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -648,6 +649,7 @@ def evaluate_many(
     rows all measured so, within bf16 rounding of peft's fp32 branch); on an fp32 base it changes nothing.
     """
     results: list[dict[str, Any] | BaseException | None] = [None] * len(requests)
+    started = time.perf_counter()
     general_examples = list(general) if general is not None else load_general()
     loaded: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None, Any]] = []
     signature: tuple[Any, ...] | None = None
@@ -678,6 +680,7 @@ def evaluate_many(
     if len(loaded) == 1:  # one candidate: peft's own path, as the single-user gate always measured it
         alone.append(loaded.pop()[0])
     if loaded:
+        log.info("gate: %d adapter pairs read in %.2f s", len(loaded), time.perf_counter() - started)
         try:
             _evaluate_stacked(
                 base,
@@ -834,6 +837,7 @@ def _evaluate_stacked(
     tok = base.tokenizer
     model = base.model
     device = next(model.parameters()).device
+    started = time.perf_counter()
     base_logits, general_nll, general_tokens = _base_reference(base, probes, general, max_length)
     probe_seqs = probe_ids(tok, probes, max_length) if probes else []
     general_encoded = encode_examples(tok, general, max_length)
@@ -892,6 +896,7 @@ def _evaluate_stacked(
             rows.append((cur_slot or 0, e.input_ids, e.labels, (i, "current", "shift", j)))
         plans.append((i, scored, len(holdout), len(pairs), len(shifted)))
 
+    prepared = time.perf_counter()
     out: dict[tuple[Any, ...], tuple[float, int]] = {}
     pad_id = encoding.pad_id(tok)
     explicit = batch_size is not None
@@ -985,9 +990,20 @@ def _evaluate_stacked(
                     )
                     del hidden
                 pending.append((keys, sums, row_tokens))
+            queued = time.perf_counter()
             for keys, values, tokens_of in pending:
                 for key, value, n in zip(keys, values.cpu().tolist(), tokens_of, strict=True):
                     out[key] = (value, n)
+    log.info(
+        "gate: %d candidates, %d rows in %d forwards: stacks and rows built in %.2f s, forwards queued in %.2f s, "
+        "then waited %.2f s for the device",
+        len(loaded),
+        len(rows),
+        len(batches),
+        prepared - started,
+        queued - prepared,
+        time.perf_counter() - queued,
+    )
 
     for (i, scored, n_holdout, n_pairs, n_shift), (_, _, cur) in zip(plans, loaded, strict=True):
         req = requests[i]
