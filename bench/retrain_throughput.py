@@ -550,6 +550,61 @@ def profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out
     }
 
 
+def step_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
+    """torch.profiler with host and device activity over a K-user batched training of 2 steps (fresh LoRAs, no
+    validation) and the batched gate of min(K, 64) of those candidates: per part the wall time, the GPU kernel time
+    and launches, the host ops, and the top ops by own host time and by own device time
+    (``out/step-profile-MODEL.txt``). A part whose kernels take much less than its wall is bound by the host."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    two = settings.model_copy(update={"max_steps": 2, "val_fraction": 0.0})
+    users = [user_events(85_000 + u, 1) for u in range(k)]
+    jobs = [
+        UserJob(examples_from_events(evs), tmp / "sprof" / str(u), None, u, training_pairs(evs))
+        for u, evs in enumerate(users)
+    ]
+    requests = [
+        EvalRequest(tmp / "sprof" / str(u), None, [e for e in evs if e.split == "holdout"], 80, 80)
+        for u, evs in enumerate(users[:64])
+    ]
+    probes, general, length = load_probes(), load_general(), settings.max_length
+    train_adapters(base, jobs[:8], two)  # every kernel of this path seen once
+    report: dict[str, Any] = {"users": k}
+    text = []
+    for name, fn in (
+        ("train", lambda: train_adapters(base, jobs, two)),
+        ("gate", lambda: evaluate_many(base, requests, probes=probes, general=general, max_length=length)),
+    ):
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            started = time.perf_counter()
+            res = fn()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+        events = prof.key_averages()
+        cuda = [e for e in events if e.device_type == DeviceType.CUDA]
+        host = [e for e in events if e.device_type == DeviceType.CPU]
+        kernel_s = sum(e.self_device_time_total for e in cuda) / 1e6
+        part = {
+            "wall_seconds": wall,
+            "gpu_kernel_seconds": kernel_s,
+            "gpu_busy": kernel_s / wall if wall else None,
+            "kernel_launches": sum(e.count for e in cuda),
+            "host_ops": sum(e.count for e in host),
+        }
+        if name == "train":
+            part["loop_seconds"] = next(r.seconds for r in res if isinstance(r, TrainResult))
+        report[name] = part
+        text.append(f"==== {name}: {json.dumps(part)}\n")
+        for key in ("self_cpu_time_total", "self_device_time_total"):
+            text.append(f"---- by {key}\n")
+            text.append(events.table(sort_by=key, row_limit=45, max_name_column_width=70) + "\n")
+    (out / f"step-profile-{base.ref.model_id}.txt").write_text("".join(text))
+    return report
+
+
 def host_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
     """cProfile (the host's Python) over a K-user batched training from fresh LoRAs, 3 steps with a validation,
     and the batched gate of those K candidates: where the host's time goes while the device waits. Writes the top
@@ -609,7 +664,8 @@ def table(report: dict[str, Any]) -> str:
     for w in report["waves"]:
         s = w["seconds"]
         lines.append(
-            f"| batched wave | {w['users']} | {w['fused']} | {w['retrains_per_gpu_hour']:,.0f} | {s['data']:.2f} | "
+            f"| batched wave | {w['users']} | {w['fused']}{'; ' + w['variant'] if 'variant' in w else ''} | "
+            f"{w['retrains_per_gpu_hour']:,.0f} | {s['data']:.2f} | "
             f"{s['train']:.1f} ({s['train_loop']:.1f}) | {s['train_setup_and_write']:.1f} | {s['gate']:.1f} | "
             f"{s['decide']:.2f} | {s['total']:.1f} | {w['loop_tokens_per_s']:,.0f} | {w['steps_mean']:.1f} | "
             f"{pct(w['gain_vs_current'])} | {pct(w['gain_vs_base'])} | {w['promoted']}/{w['users']} | "
@@ -673,6 +729,22 @@ def table(report: dict[str, Any]) -> str:
                 + ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in gp["shares"].items())
                 + ").",
             ]
+    sp = report.get("step_profile")
+    if sp and "error" not in sp:
+        lines += [
+            "",
+            f"Host + device profile (torch.profiler) of a K={sp['users']} training of 2 steps and the gate of "
+            f"min(K, 64) of its candidates:",
+            "",
+            "| part | wall s | GPU kernel s | GPU busy | kernel launches | host ops |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name in ("train", "gate"):
+            p = sp[name]
+            lines.append(
+                f"| {name} | {p['wall_seconds']:.2f} | {p['gpu_kernel_seconds']:.2f} | "
+                f"{100 * (p['gpu_busy'] or 0):.0f}% | {p['kernel_launches']:,} | {p['host_ops']:,} |"
+            )
     prof = report.get("profile")
     if prof:
         busy = prof["gpu_busy"]
@@ -699,12 +771,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parent-steps", type=int, default=2, help="steps of round 0 (the serving revisions)")
     parser.add_argument("--baseline-users", type=int, default=3, help="users of each baseline (0 = none)")
     parser.add_argument("--baselines", default="plain_peft,sequential", help="which baselines run")
-    parser.add_argument("--micro", type=int, default=0, help="micro_batch_tokens (0: the setting's auto value)")
+    parser.add_argument(
+        "--micro", default="0", help="micro_batch_tokens, a comma list: one wave each (0: the setting's auto value)"
+    )
+    parser.add_argument(
+        "--gate-rows",
+        default="",
+        help="rows per forward of the stacked gate, a comma list paired with --micro: LABELLED[:PROBE] (default: "
+        "metrics.SPLIT_BATCH / STACKED_BATCH)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="last, a profile of K users (fused)")
     parser.add_argument("--gate-profile", type=int, default=0, metavar="N", help="profile the gate of N users")
     parser.add_argument("--host-profile", type=int, default=0, metavar="K", help="cProfile training + gate of K users")
+    parser.add_argument(
+        "--step-profile", type=int, default=0, metavar="K", help="host + device profile of training and gate, K users"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the byte-level tiny one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -713,8 +796,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     logging.getLogger("pipeline.training.multi").setLevel(logging.INFO)
     overrides: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
-    if args.micro:
-        overrides["micro_batch_tokens"] = args.micro
+    micros = [int(m) for m in args.micro.split(",")]
+    gate_rows = [g for g in args.gate_rows.split(",") if g] or [""]
+    if len(gate_rows) == 1:
+        gate_rows *= len(micros)
+    if len(micros) == 1:
+        micros *= len(gate_rows)
+    if len(micros) != len(gate_rows):
+        raise SystemExit("--micro and --gate-rows: lists of the same length (or one value)")
+    if micros[0]:
+        overrides["micro_batch_tokens"] = micros[0]
     base_settings = TrainingSettings(**overrides)
     rules = load_rules(Path(__file__).parents[1] / "infra" / "gating" / "default_rules.yaml")
     base = build(args.model, args.device, args.tokenizer)
@@ -779,33 +870,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.check and args.device == "cuda":
             report["gpu_check"] = part("gpu check", lambda: gpu_check(base, base_settings, tmp))
             save()
+        from pipeline.evaluation import metrics
+
+        default_rows = (dict(metrics.SPLIT_BATCH), dict(metrics.STACKED_BATCH))
         for k in args.k:
             for mode in args.fused.split(","):
-                # on: this session's paths (fused kernels, the LoRA branch in the base's dtype); off: the ones before.
-                kernels, branch = {"on": ("auto", "base"), "off": ("off", "fp32")}[mode]
-                settings = base_settings.model_copy(update={"fused_kernels": kernels, "lora_branch": branch})
-                path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
-                w = part(
-                    f"wave K={k} fused {mode}",
-                    lambda k=k, settings=settings, mode=mode: wave(
-                        base,
-                        k,
-                        settings,
-                        args.parent_steps,
-                        args.device,
-                        tmp / f"k{k}-{mode}",
-                        rules,
-                        args.gate_profile,
-                    ),
-                )
-                if "error" in w:
-                    report.setdefault("failed", []).append({"wave": f"K={k} fused {mode}", **w})
-                    continue
-                w["fused"] = f"{mode} ({path})"
-                report["waves"].append(w)
-                save()
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
+                for v, (micro, rows) in enumerate(zip(micros, gate_rows, strict=True)):
+                    # on: this session's paths (fused kernels, the LoRA branch in the base's dtype); off: before.
+                    kernels, branch = {"on": ("auto", "base"), "off": ("off", "fp32")}[mode]
+                    update: dict[str, Any] = {"fused_kernels": kernels, "lora_branch": branch}
+                    if micro:
+                        update["micro_batch_tokens"] = micro
+                    settings = base_settings.model_copy(update=update)
+                    metrics.SPLIT_BATCH.clear(), metrics.STACKED_BATCH.clear()
+                    metrics.SPLIT_BATCH.update(default_rows[0]), metrics.STACKED_BATCH.update(default_rows[1])
+                    if rows:
+                        labelled, _, probe = rows.partition(":")
+                        metrics.SPLIT_BATCH[args.device] = int(labelled)
+                        if probe:
+                            metrics.STACKED_BATCH[args.device] = int(probe)
+                    label = (
+                        f"micro {settings.micro_batch_budget(args.device)}, gate rows "
+                        f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}"
+                    )
+                    path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
+                    w = part(
+                        f"wave K={k} fused {mode} {label}",
+                        lambda k=k, settings=settings, mode=mode, v=v: wave(
+                            base,
+                            k,
+                            settings,
+                            args.parent_steps,
+                            args.device,
+                            tmp / f"k{k}-{mode}-{v}",
+                            rules,
+                            args.gate_profile,
+                        ),
+                    )
+                    if "error" in w:
+                        report.setdefault("failed", []).append({"wave": f"K={k} fused {mode} {label}", **w})
+                        continue
+                    w["fused"], w["variant"] = f"{mode} ({path})", label
+                    report["waves"].append(w)
+                    save()
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
         if args.baseline_users:
             settings = base_settings
             for key, fn in (("plain_peft", plain_peft), ("sequential", sequential)):
@@ -820,6 +929,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.host_profile and args.device == "cuda":
             value = part("host profile", lambda: host_profile(base, args.host_profile, base_settings, tmp, args.out))
             report["host_profile"] = value
+            save()
+        if args.step_profile and args.device == "cuda":
+            value = part("step profile", lambda: step_profile(base, args.step_profile, base_settings, tmp, args.out))
+            report["step_profile"] = value
             save()
         if args.profile and args.device == "cuda":
             value = part("profile", lambda: profile(base, args.profile, base_settings, tmp, args.out))
