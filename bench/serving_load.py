@@ -1301,6 +1301,16 @@ def run_point(
     import psutil
 
     server_proc = psutil.Process(worker.proc.pid)
+    spy = None
+    if os.environ.get("LOAD_PYSPY") and args.out and role != "probe":
+        # LOAD_PYSPY=1: py-spy samples the worker's threads that hold the GIL over the point (warm-up and window).
+        exe = shutil.which("py-spy") or str(Path(sys.prefix) / "bin" / "py-spy")
+        name = f"pyspy-{traffic.kind}-{traffic.adapters}-{rate:.0f}.txt"
+        spy = subprocess.Popen(
+            [exe, "record", "--pid", str(worker.proc.pid), "--gil", "--rate", "250", "--format", "raw",
+             "--duration", str(int(args.warmup + duration)), "--nonblocking", "-o", str(args.out / name)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
 
     async def go() -> tuple[dict, dict, dict, dict]:
         # The client's garbage: what lives now (tokenizer, torch, earlier points) is frozen out of the collector's
@@ -1327,6 +1337,9 @@ def run_point(
     finally:
         gc.enable()
         gc.unfreeze()
+        if spy is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(timeout=30)
     point = summarize(reqs, timing, args.warmup, duration, before, after, cpu)
     point.update(
         {
