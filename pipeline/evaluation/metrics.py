@@ -55,7 +55,7 @@ from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import Example, TrainingEvent, example_of, preference_pairs
 from pipeline.models import encoding
 from pipeline.models.attach import attached, base_lock, borrowed
-from pipeline.models.base import LoadedBase
+from pipeline.models.base import LoadedBase, varied_shape_attention
 from pipeline.models.encoding import IGNORE, EncodedExample, encode_examples
 
 log = logging.getLogger(__name__)
@@ -929,7 +929,7 @@ def _evaluate_stacked(
     # next batch while the device runs this one, and waits once at the end) and their token counts (known here).
     pending: list[tuple[list[tuple[Any, ...]], torch.Tensor, list[int]]] = []
     # Under the base's lock, borrowed: other users of the shared base wait, and it comes back exactly as it was.
-    with base_lock(model), borrowed(model), torch.no_grad():
+    with base_lock(model), borrowed(model), torch.no_grad(), varied_shape_attention():
         with multilora.wrap_linears(model, stacks, native=native) as lora, _eval_mode(model):
             split = _split_head(model)  # after the wrap: a head with LoRA on it is no plain Linear any more
             # Labelled rows through the split head hold no full logits: more of them per forward (fewer launches).

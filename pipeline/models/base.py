@@ -14,8 +14,10 @@ Every base is loaded in float32, in eval mode with gradients off, and never modi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,3 +203,21 @@ __all__ = [
     "tiny_tokenizer",
     "weights_sha256",
 ]
+
+
+@contextlib.contextmanager
+def varied_shape_attention() -> Iterator[None]:
+    """Attention (``scaled_dot_product_attention``) without its cuDNN backend, for work whose batch shapes change
+    from one forward to the next (batched training's micro-batches, the stacked gate's batches).
+
+    On Hopper, torch picks cuDNN attention first; cuDNN builds an execution plan per input shape, and on an H200 that
+    cost 4.7 ms of host time per forward and 5.3 ms per backward on average over a K=256 training step (issue 18's
+    profile: more than the rest of the step's host work, while the GPU idled). Flash and memory-efficient
+    attention launch their kernels directly; the math backend stays as the fallback (and the CPU's). Sets torch's
+    process-wide backend flags for the block: callers hold the base's lock, so no other user of the base runs
+    meanwhile.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield

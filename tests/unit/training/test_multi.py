@@ -252,3 +252,32 @@ def test_a_users_start_without_peft_equals_peft_fresh_and_from_a_parent(tmp_path
         _start(base, settings(**overrides, dropout=0.1), None, 0)
     with pytest.raises(TrainingError, match="parent"):
         _start(base, cfg, tmp_path / "missing", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_users_file_is_what_safetensors_writes(tmp_path, dtype):
+    """The batched trainer writes each user's adapter_model.safetensors from one table of the group (`_Files`):
+    byte for byte the file safetensors' own save_file makes of that user's tensors."""
+    from safetensors.torch import save_file
+
+    from pipeline.training.multi import _Files
+
+    torch.manual_seed(0)
+    users = 3
+    stacks = [torch.randn(users, 2, 5), torch.randn(users, 7, 2), torch.randn(users, 2, 3), torch.randn(users, 4, 2)]
+    keys = {
+        "base_model.model.m.q.lora_A.weight": ("m.q", "A"),
+        "base_model.model.m.q.lora_B.weight": ("m.q", "B"),
+        "base_model.model.m.v.lora_A.weight": ("m.v", "A"),
+        "base_model.model.m.v.lora_B.weight": ("m.v", "B"),
+    }
+    position = {"m.q": 0, "m.v": 1}
+    files = _Files(stacks, keys, position, dtype)
+    for slot in range(users):
+        files.write(slot, tmp_path / f"ours-{slot}.safetensors")
+        theirs = {k: stacks[position[p] * 2 + (kind == "B")][slot].to(dtype).clone() for k, (p, kind) in keys.items()}
+        save_file(theirs, str(tmp_path / f"theirs-{slot}.safetensors"), metadata={"format": "pt"})
+        ours = (tmp_path / f"ours-{slot}.safetensors").read_bytes()
+        assert ours == (tmp_path / f"theirs-{slot}.safetensors").read_bytes()
+        loaded = load_file(tmp_path / f"ours-{slot}.safetensors")
+        assert all(torch.equal(loaded[k], v) for k, v in theirs.items())
