@@ -795,6 +795,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     logging.getLogger("pipeline.training.multi").setLevel(logging.INFO)
+    logging.getLogger("pipeline.evaluation.metrics").setLevel(logging.INFO)
     overrides: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
     micros = [int(m) for m in args.micro.split(",")]
     gate_rows = [g for g in args.gate_rows.split(",") if g] or [""]
