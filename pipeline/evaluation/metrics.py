@@ -799,7 +799,7 @@ def _read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.T
     """(module path -> (A, B, scaling), its signature: paths and rank) of a PEFT LoRA directory."""
     from pipeline.models import multilora
 
-    state, config = multilora.read_adapter_dir(adapter_dir)
+    state, config = multilora.read_adapter_dir(adapter_dir, torch.float32)
     try:
         multilora.check_lora_config(config)
     except multilora.AdapterLimitError as e:
@@ -941,16 +941,13 @@ def _evaluate_stacked(
                 width = max(len(r[1]) for r in chunk)
                 if probe_j is None:
                     # Labelled rows: the sum of their target tokens' log-probs (as `_target_logprobs`).
-                    targets = [(r[2] or [])[1:] for r in chunk]
-                    host_labels = torch.tensor(
-                        [lab + [IGNORE] * (width - 1 - len(lab)) for lab in targets], dtype=torch.long
-                    ).reshape(len(chunk), width - 1)
+                    host_labels = encoding.padded([(r[2] or [])[1:] for r in chunk], width - 1, IGNORE)
                     keep = host_labels != IGNORE
                     row_tokens = keep.sum(1).tolist()
                     if not any(row_tokens):  # nothing to score: no forward
                         pending.append((keys, torch.zeros(len(chunk), dtype=torch.float64, device=device), row_tokens))
                         continue
-                ids = to_device(torch.tensor([r[1] + [pad_id] * (width - len(r[1])) for r in chunk], dtype=torch.long))
+                ids = to_device(encoding.padded([r[1] for r in chunk], width, pad_id))
                 # No attention mask: rows are right-padded and attention is causal, so a real token never sees a pad
                 # and only real positions are read. (A padding mask costs a device sync per forward: transformers
                 # asks `mask.all()` to choose its SDPA path, and the host could not queue the next batch meanwhile.)

@@ -25,11 +25,13 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import TrainingSettings
+from pipeline.models import encoding
 from pipeline.models.encoding import IGNORE, EncodedExample
 from pipeline.models.multilora import LoraWrap
 from pipeline.training.fused import Fused, linear_nll
@@ -147,29 +149,31 @@ class _Batch:
 
 
 def _prepare(chunk: list[_Unit], *, pad_id: int, pin: bool) -> _Batch:
-    """A micro-batch's tensors, built on the host (by `built_ahead`'s thread, while the GPU runs the one before)."""
+    """A micro-batch's tensors, built on the host (by `built_ahead`'s thread, while the GPU runs the one before),
+    with numpy over all of its values at once (a Python tuple per labelled token held the GIL that the thread
+    queueing the GPU work needs)."""
     rows = [(u.slot, e) for u in chunk for e in u.rows]
     width = max(len(e.input_ids) for _, e in rows)
-    host = torch.tensor([_packed_row(slot, e, width, pad_id) for slot, e in rows])
-    # The labelled positions (flat in [rows, width - 1]), their targets, users, rows and whether they are an
-    # example's (1, else a pair's), found here on the host: a boolean mask on the GPU would make the host wait
-    # for the forward before it could queue anything else. Per pair: user, chosen row, rejected row, and their
-    # target-token counts.
-    flat: list[tuple[int, int, int, int, int]] = []
+    slots = np.fromiter((slot for slot, _ in rows), dtype=np.int64, count=len(rows))
+    ids = encoding.padded([e.input_ids for _, e in rows], width, pad_id).numpy()
+    lengths = np.fromiter((len(e.input_ids) for _, e in rows), dtype=np.int64, count=len(rows))
+    host = torch.from_numpy(np.concatenate([slots[:, None], (width - lengths)[:, None], ids], axis=1))
+    # The labelled positions (flat in [rows, width - 1], row by row), their targets, users, rows and whether they
+    # are an example's (1, else a pair's), found here on the host: a boolean mask on the GPU would make the host
+    # wait for the forward before it could queue anything else. Per pair: user, chosen row, rejected row, and
+    # their target-token counts.
+    labels = encoding.padded([e.labels[1:] for _, e in rows], width - 1, IGNORE).numpy().reshape(-1)
+    flat = np.flatnonzero(labels != IGNORE)
+    row = flat // (width - 1)
+    example = np.fromiter((0 if u.pair else 1 for u in chunk for _ in u.rows), dtype=np.int64, count=len(rows))
+    picked = torch.from_numpy(np.stack([flat, labels[flat], slots[row], row, example[row]], axis=1))
+    counts = np.bincount(row, minlength=len(rows))
     pair_rows: list[tuple[int, int, int, int, int]] = []
     r = 0
     for unit in chunk:
-        for e in unit.rows:
-            flat.extend(
-                (r * (width - 1) + t, label, unit.slot, r, 0 if unit.pair else 1)
-                for t, label in enumerate(e.labels[1:])
-                if label != IGNORE
-            )
-            r += 1
+        r += len(unit.rows)
         if unit.pair:
-            chosen_row, rejected_row = unit.rows
-            pair_rows.append((unit.slot, r - 2, r - 1, _targets(chosen_row), _targets(rejected_row)))
-    picked = torch.tensor(flat, dtype=torch.long).reshape(-1, 5)
+            pair_rows.append((unit.slot, r - 2, r - 1, int(counts[r - 2]), int(counts[r - 1])))
     paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
     if pin:  # pinned: the copy does not wait for the GPU work queued before it
         host, picked, paired = host.pin_memory(), picked.pin_memory(), paired.pin_memory()
@@ -275,12 +279,6 @@ def _forward_backward(
     sums.index_add_(0, token_slots, example_nll.detach().double())
     if pair_loss is not None:
         pair_sums.index_add_(0, paired[:, 0], pair_loss.detach().double())
-
-
-def _packed_row(slot: int, e: EncodedExample, width: int, pad_id: int) -> list[int]:
-    """One row of a micro-batch as one list (one host-to-device copy): slot, padding, ids."""
-    n = width - len(e.input_ids)
-    return [slot, n, *e.input_ids, *[pad_id] * n]
 
 
 def _targets(e: EncodedExample) -> int:

@@ -256,7 +256,7 @@ def _start_direct(base: LoadedBase, settings: TrainingSettings, parent_dir: Path
     if parent_dir is not None:
         try:
             config = LoraConfig.from_pretrained(str(parent_dir))
-            state, _ = multilora.read_adapter_dir(parent_dir)
+            state, _ = multilora.read_adapter_dir(parent_dir, torch.float32)
         except (OSError, ValueError, TypeError, multilora.AdapterFormatError) as e:
             raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
         config.inference_mode = False
