@@ -1309,7 +1309,7 @@ def run_point(
         spy = subprocess.Popen(
             [exe, "record", "--pid", str(worker.proc.pid), "--gil", "--rate", "250", "--format", "raw",
              "--duration", str(int(args.warmup + duration)), "--nonblocking", "-o", str(args.out / name)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=open(args.out / f"{name}.err", "w"),
         )  # fmt: skip
 
     async def go() -> tuple[dict, dict, dict, dict]:
