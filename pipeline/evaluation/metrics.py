@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -651,7 +652,7 @@ def evaluate_many(
     results: list[dict[str, Any] | BaseException | None] = [None] * len(requests)
     started = time.perf_counter()
     general_examples = list(general) if general is not None else load_general()
-    loaded: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None, Any]] = []
+    loaded: list[tuple[int, _Lora, _Lora | None]] = []
     signature: tuple[Any, ...] | None = None
     alone: list[int] = []
     for i, req in enumerate(requests):
@@ -669,13 +670,13 @@ def evaluate_many(
         except Exception as e:
             results[i] = e
             continue
-        sig = cand[1]
+        sig = cand.signature
         if signature is None:
             signature = sig
-        if sig != signature or (cur is not None and cur[1] != signature):
+        if sig != signature or (cur is not None and cur.signature != signature):
             alone.append(i)
             continue
-        loaded.append((i, cand[0], cur[0] if cur is not None else None))
+        loaded.append((i, cand, cur))
 
     if len(loaded) == 1:  # one candidate: peft's own path, as the single-user gate always measured it
         alone.append(loaded.pop()[0])
@@ -795,29 +796,57 @@ class _NotStackable(Exception):
     """An adapter the per-row layer does not express: evaluated alone, through peft."""
 
 
-def _read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], tuple[Any, ...]]:
-    """(module path -> (A, B, scaling), its signature: paths and rank) of a PEFT LoRA directory."""
+@dataclass(frozen=True)
+class _Lora:
+    """An adapter read for the stacked gate: its weights as one vector (`multilora.AdapterTable`), its scaling,
+    and its signature (module paths and rank: adapters stack when theirs are equal)."""
+
+    table: Any  # multilora.AdapterTable
+    scaling: float
+    signature: tuple[Any, ...]
+
+    @property
+    def plan(self) -> tuple[tuple[str, int, tuple[int, ...], int, tuple[int, ...]], ...]:
+        return _lora_plan(self.table.layout)[2]
+
+
+@functools.lru_cache(maxsize=64)
+def _lora_plan(
+    layout: tuple[tuple[str, int, tuple[int, ...]], ...],
+) -> tuple[tuple[str, ...], int, tuple[tuple[str, int, tuple[int, ...], int, tuple[int, ...]], ...]]:
+    """(module paths, rank, per path (path, A's first value, A's shape, B's first value, B's shape)) of a
+    layout, checked once per layout: every module has A and B, one rank. Raises _NotStackable."""
+    where = {key: (at, shape) for key, at, shape in layout}
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in where})
+    plan = []
+    for path in paths:
+        a, b = where.get(f"{path}.lora_A.weight"), where.get(f"{path}.lora_B.weight")
+        if a is None or b is None:
+            raise _NotStackable(f"{path} lacks lora_A or lora_B")
+        if len(a[1]) != 2 or len(b[1]) != 2:
+            raise _NotStackable(f"{path}: LoRA weights are not matrices")
+        plan.append((path, a[0], a[1], b[0], b[1]))
+    ranks = {a_shape[0] for _, _, a_shape, _, _ in plan}
+    if len(ranks) > 1:
+        raise _NotStackable("modules of different ranks")
+    rank = next(iter(ranks), 0)
+    return tuple(paths), rank, tuple(plan)
+
+
+def _read_lora(adapter_dir: Path) -> _Lora:
+    """A PEFT LoRA directory for the stacked gate (float32 values; `_Lora`)."""
     from pipeline.models import multilora
 
-    state, config = multilora.read_adapter_dir(adapter_dir, torch.float32)
+    table = multilora.read_adapter_table(adapter_dir, torch.float32)
+    config = table.config
     try:
         multilora.check_lora_config(config)
     except multilora.AdapterLimitError as e:
         raise _NotStackable(str(e)) from e
     if config.get("fan_in_fan_out") or config.get("lora_dropout") or config.get("use_dora"):
         raise _NotStackable("fan_in_fan_out, dropout or DoRA")
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    paths = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-    rank = 0
-    for path in paths:
-        a, b = state.get(f"{path}.lora_A.weight"), state.get(f"{path}.lora_B.weight")
-        if a is None or b is None:
-            raise _NotStackable(f"{path} lacks lora_A or lora_B")
-        rank = int(a.shape[0])
-        modules[path] = (a.float(), b.float(), multilora.lora_scaling(config, rank))
-    if len({m[0].shape[0] for m in modules.values()}) != 1:
-        raise _NotStackable("modules of different ranks")
-    return modules, (tuple(paths), rank)
+    paths, rank, _ = _lora_plan(table.layout)
+    return _Lora(table, multilora.lora_scaling(config, rank), (paths, rank))
 
 
 def _evaluate_stacked(
@@ -842,7 +871,7 @@ def _evaluate_stacked(
     probe_seqs = probe_ids(tok, probes, max_length) if probes else []
     general_encoded = encode_examples(tok, general, max_length)
     # slots: 0 = the base (a zero adapter), then each request's candidate and (when it has one) current
-    adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = []
+    adapters: list[_Lora] = []
     slots: list[tuple[int, int | None]] = []
     for _, cand, cur in loaded:
         adapters.append(cand)
@@ -850,19 +879,38 @@ def _evaluate_stacked(
         if cur is not None:
             adapters.append(cur)
         slots.append((c, len(adapters) if cur is not None else None))
-    first = adapters[0]
     # On a half-precision base with the native branch, the stacks are kept in the base's dtype: the branch casts
     # every gathered row to it anyway (cast then gather = gather then cast), and three casts a layer per forward go.
     base_dtype = next(model.parameters()).dtype
     dtype = base_dtype if native and base_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    scaling = torch.tensor([0.0] + [ad.scaling for ad in adapters], dtype=torch.float32).to(device, dtype)
     stacks = {}
-    for path, (a, b, _) in first.items():
-        a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
-        stacks[path] = multilora.LoraStack(
-            torch.stack([a0] + [ad[path][0] for ad in adapters]).to(device, dtype),
-            torch.stack([b0] + [ad[path][1] for ad in adapters]).to(device, dtype),
-            torch.tensor([0.0] + [ad[path][2] for ad in adapters], dtype=torch.float32).to(device, dtype),
-        )
+    layout = adapters[0].table.layout
+    if all(ad.table.layout == layout for ad in adapters):
+        # One layout (what one trainer writes): every adapter's vector is a row of one table (row 0: the base, zero),
+        # copied to the device once; each module's stacked A and B are views of its columns.
+        table = torch.stack([torch.zeros_like(adapters[0].table.values)] + [ad.table.values for ad in adapters])
+        table = table.to(device, dtype)
+        for path, a_at, a_shape, b_at, b_shape in adapters[0].plan:
+            stacks[path] = multilora.LoraStack(
+                table[:, a_at : a_at + math.prod(a_shape)].view(-1, *a_shape),
+                table[:, b_at : b_at + math.prod(b_shape)].view(-1, *b_shape),
+                scaling,
+            )
+    else:  # layouts differ (same modules and rank): per module, each adapter's A and B from its own layout
+        where = [{p: (a, sa, b, sb) for p, a, sa, b, sb in ad.plan} for ad in adapters]
+        for path, _, a_shape, _, b_shape in adapters[0].plan:
+            a_rows = [torch.zeros(a_shape)] + [
+                ad.table.values[w[path][0] : w[path][0] + math.prod(a_shape)].view(a_shape)
+                for ad, w in zip(adapters, where, strict=True)
+            ]
+            b_rows = [torch.zeros(b_shape)] + [
+                ad.table.values[w[path][2] : w[path][2] + math.prod(b_shape)].view(b_shape)
+                for ad, w in zip(adapters, where, strict=True)
+            ]
+            stacks[path] = multilora.LoraStack(
+                torch.stack(a_rows).to(device, dtype), torch.stack(b_rows).to(device, dtype), scaling
+            )
     # Rows: (slot, input ids, labels or None for a probe, key); key = (request, model, part, index)
     rows: list[tuple[int, list[int], list[int] | None, tuple[Any, ...]]] = []
     plans = []

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,7 +535,12 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
     return tensors
 
 
-def _parse_safetensors(data: bytearray, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+_Entry = tuple[int, int, str, torch.dtype, list[int]]  # (start, end, name, dtype, shape), bytes in the data section
+
+
+def _safetensors_layout(data: bytearray) -> tuple[list[_Entry], int] | None:
+    """(the tensors in data order, where the data starts) of a safetensors file whose tensors tile its data
+    exactly, with known dtypes, each aligned to its dtype; None for anything else."""
     if len(data) < 8:
         return None
     n = int.from_bytes(data[:8], "little")
@@ -547,7 +553,7 @@ def _parse_safetensors(data: bytearray, dtype: torch.dtype | None = None) -> dic
     if not isinstance(header, dict):
         return None
     size = len(data) - 8 - n
-    entries = []
+    entries: list[_Entry] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -568,7 +574,16 @@ def _parse_safetensors(data: bytearray, dtype: torch.dtype | None = None) -> dic
         position = end
     if position != size:
         return None
-    body = torch.frombuffer(data, dtype=torch.uint8, offset=8 + n) if size else torch.empty(0, dtype=torch.uint8)
+    return entries, 8 + n
+
+
+def _parse_safetensors(data: bytearray, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    layout = _safetensors_layout(data)
+    if layout is None:
+        return None
+    entries, offset = layout
+    size = len(data) - offset
+    body = torch.frombuffer(data, dtype=torch.uint8, offset=offset) if size else torch.empty(0, dtype=torch.uint8)
     kinds = {kind for *_, kind, _ in entries}
     if len(kinds) == 1:  # one dtype (an adapter's usual case): one typed view, or one conversion, of the whole body
         (kind,) = kinds
@@ -582,3 +597,78 @@ def _parse_safetensors(data: bytearray, dtype: torch.dtype | None = None) -> dic
         tensor = body[start:end].view(kind).view(shape)
         tensors[name] = tensor.to(dtype) if dtype is not None and kind.is_floating_point else tensor
     return tensors
+
+
+@dataclass(frozen=True)
+class AdapterTable:
+    """A PEFT LoRA directory read as one vector: ``values`` (1-D, in ``dtype``) holds every tensor of
+    ``adapter_model.safetensors`` in the file's data order; ``layout`` says where: (key without peft's prefix, first
+    element, shape) per tensor. Many adapters of one layout stack into one ``[n, values]`` table, from which each
+    module's stacked A or B is a view (`read_adapter_table`)."""
+
+    config: dict[str, Any]
+    layout: tuple[tuple[str, int, tuple[int, ...]], ...]
+    values: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors by key, as `read_adapter_dir` gives them (views of ``values``)."""
+        return {k: self.values[at : at + math.prod(shape)].view(shape) for k, at, shape in self.layout}
+
+
+def read_adapter_table(path: Path | str, dtype: torch.dtype = torch.float32) -> AdapterTable:
+    """A PEFT LoRA directory as an `AdapterTable` of ``dtype`` values: one read and one conversion of the weights,
+    no Python work per tensor beyond its header entry (the same layout's headers are parsed once: a 256-user gate
+    reads 512 adapters of one layout). Raises AdapterFormatError as `read_adapter_dir` does; a file whose tensors
+    do not share one floating dtype, or that `read_safetensors` would hand to the library, is read by
+    `read_adapter_dir` and flattened."""
+    path = Path(path)
+    try:
+        config = json.loads((path / _CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterFormatError(f"cannot read {str(path / _CONFIG_FILE)!r}: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{str(path / _CONFIG_FILE)!r} is not a JSON object")
+    try:
+        with open(path / _WEIGHTS_FILE, "rb") as f:
+            data = bytearray(f.read())
+    except OSError as e:
+        raise AdapterFormatError(f"cannot read {str(path / _WEIGHTS_FILE)!r}: {e}") from e
+    head = bytes(data[: 8 + int.from_bytes(data[:8], "little")]) if len(data) >= 8 else b""
+    with _TABLE_LAYOUTS_LOCK:
+        known = _TABLE_LAYOUTS.get(head)
+    if known is None:
+        parsed = _safetensors_layout(data)
+        kinds = {e[3] for e in parsed[0]} if parsed is not None else set()
+        if parsed is not None and len(kinds) == 1 and next(iter(kinds)).is_floating_point:
+            entries, offset = parsed
+            kind = next(iter(kinds))
+            layout = tuple(
+                (name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name, start // kind.itemsize,
+                 tuple(shape))
+                for start, _, name, _, shape in entries
+            )  # fmt: skip
+            known = (layout, kind, offset, len(data) - offset)
+            with _TABLE_LAYOUTS_LOCK:
+                _TABLE_LAYOUTS[head] = known
+                while len(_TABLE_LAYOUTS) > 64:
+                    _TABLE_LAYOUTS.pop(next(iter(_TABLE_LAYOUTS)))
+    if known is not None and len(data) - known[2] != known[3]:  # a known header on a file of another size
+        known = None
+    if known is None:  # mixed dtypes, or what the library must judge
+        state, _ = read_adapter_dir(path, dtype)
+        keys = sorted(state)
+        values = torch.cat([state[k].reshape(-1).to(dtype) for k in keys]) if keys else torch.empty(0, dtype=dtype)
+        flat: list[tuple[str, int, tuple[int, ...]]] = []
+        at = 0
+        for k in keys:
+            flat.append((k, at, tuple(state[k].shape)))
+            at += state[k].numel()
+        return AdapterTable(config, tuple(flat), values)
+    layout, kind, offset, _ = known
+    raw = torch.frombuffer(data, dtype=torch.uint8, offset=offset) if len(data) > offset else None
+    values = raw.view(kind).to(dtype) if raw is not None else torch.empty(0, dtype=dtype)
+    return AdapterTable(config, layout, values)
+
+
+_TABLE_LAYOUTS: dict[bytes, tuple[tuple[tuple[str, int, tuple[int, ...]], ...], torch.dtype, int, int]] = {}
+_TABLE_LAYOUTS_LOCK = threading.Lock()

@@ -161,3 +161,41 @@ def test_read_safetensors_equals_the_library(tmp_path):
     cut.write_bytes((tmp_path / "adapter.safetensors").read_bytes()[:40])
     with pytest.raises(SafetensorError):
         read_safetensors(cut)
+
+
+def test_adapter_table_holds_the_adapter_dir_tensors(tmp_path):
+    """`read_adapter_table` (one vector per adapter, the layout parsed once per header) gives the tensors
+    `read_adapter_dir` gives, for an adapter of one dtype and for one the library must read; a file cut short
+    under a header already seen is an AdapterFormatError, not a short table."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from pipeline.models.multilora import AdapterFormatError, read_adapter_dir, read_adapter_table
+
+    torch.manual_seed(1)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    cases = {
+        "one": {"base_model.model.m.q_proj.lora_A.weight": torch.randn(2, 8).bfloat16(),
+                "base_model.model.m.q_proj.lora_B.weight": torch.randn(6, 2).bfloat16()},
+        "mixed": {"base_model.model.m.q_proj.lora_A.weight": torch.randn(2, 8),
+                  "base_model.model.m.q_proj.lora_B.weight": torch.randn(6, 2).bfloat16()},
+    }  # fmt: skip
+    for name, tensors in cases.items():
+        for copy in ("a", "b"):  # the second read of a layout comes from the parsed-header cache
+            folder = tmp_path / f"{name}-{copy}"
+            folder.mkdir()
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+            save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+            table = read_adapter_table(folder, torch.float32)
+            want, _ = read_adapter_dir(folder, torch.float32)
+            got = table.tensors()
+            assert table.config == config and set(got) == set(want)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "adapter_config.json").write_text(json.dumps(config))
+    whole = (tmp_path / "one-a" / "adapter_model.safetensors").read_bytes()
+    (cut / "adapter_model.safetensors").write_bytes(whole[:-4])
+    with pytest.raises(AdapterFormatError):
+        read_adapter_table(cut)
