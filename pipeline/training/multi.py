@@ -376,7 +376,7 @@ class _Files:
 
     def __init__(
         self,
-        stacks: list[torch.Tensor],
+        stacks: Sequence[torch.Tensor],
         keys: dict[str, tuple[str, str]],
         position: dict[str, int],
         dtype: torch.dtype,
