@@ -265,7 +265,7 @@ class FastLlama:
         self._slot_maps: dict[int, torch.Tensor] = {}
         self._layouts: dict[int, tuple[dict[tuple[int, str], tuple[int, int]], int]] = {}  # _compact_layout
         self._slot_maps_lock = threading.Lock()
-        self._byte_plans: dict[tuple[bytes, int], _BytePlan] = {}  # pack_adapter_bytes
+        self._byte_plans: dict[bytes, tuple[Any, _BytePlan | None]] = {}  # pack_adapter_bytes, by header
         self._byte_plans_lock = threading.Lock()
         for i, g, mods, k, seg, a_off, b_off in plan:
             a = self.lora[:, a_off : a_off + len(mods) * r * k].unflatten(1, (len(mods) * r, k))
@@ -336,22 +336,25 @@ class FastLlama:
 
         multilora.check_lora_config(config)
         entries, data = safetensors_header(weights)  # parsed once per layout (kept by its header bytes)
-        dtypes = {e.dtype for e in entries.values()}
-        src = _NP_SOURCE.get(next(iter(dtypes))) if len(dtypes) == 1 else None
-        if src is None or self.dtype not in _NP_TARGET:
+        head = header_key(weights)  # equal headers: equal names, shapes, offsets and dtypes
+        with self._byte_plans_lock:
+            # Made under the lock: when a cold worker meets a layout, its first dozens of misses arrive together, and
+            # each made the same plan (numpy over every module, holding the GIL: 5% of a Zipf run's GIL time). The
+            # file's dtype is judged once per layout too (a pass over its ~420 entries, on every miss before).
+            known = self._byte_plans.get(head)
+            if known is None:
+                dtypes = {e.dtype for e in entries.values()}
+                src = _NP_SOURCE.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+                usable = src is not None and self.dtype in _NP_TARGET
+                known = (src, self._byte_plan(entries, src.itemsize) if usable and src is not None else None)
+                if len(self._byte_plans) >= 64:  # layouts seen: one per trainer configuration, in practice
+                    self._byte_plans.pop(next(iter(self._byte_plans)))
+                self._byte_plans[head] = known
+        src, plan = known
+        if src is None or plan is None:
             from safetensors.torch import load as load_safetensors
 
             return self.pack_adapter(load_safetensors(weights), config)
-        signature = (header_key(weights), src.itemsize)  # equal headers: equal names, shapes and offsets
-        with self._byte_plans_lock:
-            # Made under the lock: when a cold worker meets a layout, its first dozens of misses arrive together, and
-            # each made the same plan (numpy over every module, holding the GIL: 5% of a Zipf run's GIL time).
-            plan = self._byte_plans.get(signature)
-            if plan is None:
-                plan = self._byte_plan(entries, src.itemsize)
-                if len(self._byte_plans) >= 64:  # layouts seen: one per trainer configuration, in practice
-                    self._byte_plans.pop(next(iter(self._byte_plans)))
-                self._byte_plans[signature] = plan
         rank, count, gather, absent, b_index = plan
         raw = np.frombuffer(weights, dtype=src, count=count, offset=data)
         scale = np.float32(multilora.lora_scaling(config, rank))
