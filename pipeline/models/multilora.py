@@ -486,18 +486,24 @@ def load_slot(
     write_slot(handle, slot, pack_adapter(handle, adapter_state, config))
 
 
-def read_adapter_dir(
-    path: Path | str, dtype: torch.dtype | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors keyed by module path + ``.lora_A.weight``/``.lora_B.weight``, config dict) of a PEFT directory;
-    with ``dtype``, the floating-point tensors converted to it (`read_safetensors`)."""
-    path = Path(path)
+def _read_config(path: Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT directory, as a dict (AdapterFormatError otherwise)."""
     try:
         config = json.loads((path / _CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
         raise AdapterFormatError(f"cannot read {str(path / _CONFIG_FILE)!r}: {e}") from e
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{str(path / _CONFIG_FILE)!r} is not a JSON object")
+    return config
+
+
+def read_adapter_dir(
+    path: Path | str, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors keyed by module path + ``.lora_A.weight``/``.lora_B.weight``, config dict) of a PEFT directory;
+    with ``dtype``, the floating-point tensors converted to it (`read_safetensors`)."""
+    path = Path(path)
+    config = _read_config(path)
     try:
         raw = read_safetensors(path / _WEIGHTS_FILE, dtype)
     except (OSError, SafetensorError) as e:
@@ -622,12 +628,7 @@ def read_adapter_table(path: Path | str, dtype: torch.dtype = torch.float32) -> 
     do not share one floating dtype, or that `read_safetensors` would hand to the library, is read by
     `read_adapter_dir` and flattened."""
     path = Path(path)
-    try:
-        config = json.loads((path / _CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterFormatError(f"cannot read {str(path / _CONFIG_FILE)!r}: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{str(path / _CONFIG_FILE)!r} is not a JSON object")
+    config = _read_config(path)
     try:
         with open(path / _WEIGHTS_FILE, "rb") as f:
             data = bytearray(f.read())
