@@ -352,6 +352,19 @@ class GateSettings(BaseSettings):
         ROOT / "infra" / "gating" / "probes.yaml",
         description="Probe prompts for the drift of an adapter from the base.",
     )
+    rows_per_forward: int = Field(
+        0,
+        ge=0,
+        description="Labelled rows (holdout examples, answers) per forward of the batched gate; 0 = auto: 32 on the "
+        "CPU, 1,024 on a GPU. More means fewer forwards and more activation memory (4,096 took 4 s off a "
+        "256-candidate gate of SmolLM2-135M on an H200: bench/results/retrain_throughput.md).",
+    )
+    probe_rows_per_forward: int = Field(
+        0,
+        ge=0,
+        description="Probe rows per forward of the batched gate (each holds its full-vocabulary logits in fp32); "
+        "0 = auto: 32 on the CPU, 256 on a GPU (512 in the measurement above).",
+    )
 
 
 class ServingSettings(BaseSettings):

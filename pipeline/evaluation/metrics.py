@@ -631,6 +631,7 @@ def evaluate_many(
     general: Sequence[Example] | None = None,
     batch_size: int | None = None,
     native: bool = True,
+    labelled_batch: int | None = None,
 ) -> list[dict[str, Any] | BaseException]:
     """`evaluate` for many candidates at once: per request its result (equal to `evaluate`'s within float rounding,
     see tests/unit/evaluation) or the exception that failed it alone.
@@ -645,7 +646,8 @@ def evaluate_many(
     NLL come from the per-base cache (`_base_reference`). Adapters whose rank or modules differ from the first
     request's, or that do not read as plain LoRA, and a lone request, are evaluated one request at a time by
     `evaluate`. ``batch_size``: rows per forward (None: `STACKED_BATCH` of the base's device type); a batch's numbers
-    reach the host in one copy.
+    reach the host in one copy. ``labelled_batch``: labelled rows per forward when the head is applied to their
+    target positions only (None: ``batch_size`` when given, else `SPLIT_BATCH` of the device type).
     ``native``: on a bf16 base, the LoRA branch in bf16 (`multilora.wrap_linears`; candidate, current and base
     rows all measured so, within bf16 rounding of peft's fp32 branch); on an fp32 base it changes nothing.
     """
@@ -694,6 +696,7 @@ def evaluate_many(
                 min_preference_pairs,
                 batch_size,
                 native,
+                labelled_batch,
             )
         except Exception as e:  # e.g. out of memory: those requests fail, the others still get their results
             log.exception("batched evaluation of %d candidates failed", len(loaded))
@@ -860,6 +863,7 @@ def _evaluate_stacked(
     min_preference_pairs: int,
     batch_size: int | None,
     native: bool = True,
+    labelled_batch: int | None = None,
 ) -> None:
     from pipeline.models import multilora
 
@@ -981,7 +985,12 @@ def _evaluate_stacked(
         with multilora.wrap_linears(model, stacks, native=native) as lora, _eval_mode(model):
             split = _split_head(model)  # after the wrap: a head with LoRA on it is no plain Linear any more
             # Labelled rows through the split head hold no full logits: more of them per forward (fewer launches).
-            labelled_size = batch_size if explicit or split is None else SPLIT_BATCH.get(device.type, batch_size)
+            if split is None:  # full logits per labelled row: as many rows as a probe batch
+                labelled_size = batch_size
+            elif labelled_batch:
+                labelled_size = labelled_batch
+            else:
+                labelled_size = batch_size if explicit else SPLIT_BATCH.get(device.type, batch_size)
             batches = plan_batches(labelled_size)
             for members, probe_j in batches:
                 chunk = [rows[r] for r in members]

@@ -34,11 +34,11 @@ from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
 from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.gating import Decision, RuleSet, decide, ruleset_digest
 from pipeline.domain.revisions import Revision
-from pipeline.evaluation.metrics import EvalRequest, evaluate_many, load_general, load_probes
+from pipeline.evaluation.metrics import SPLIT_BATCH, EvalRequest, evaluate_many, load_general, load_probes
 from pipeline.flows import failpoints
 from pipeline.flows.concurrency import each
 from pipeline.flows.promotion import announce_serving
-from pipeline.models.base import load_configured
+from pipeline.models.base import LoadedBase, load_configured
 from pipeline.observability import metrics as prom
 from pipeline.serving.promotions import Announcer
 from pipeline.storage import decisions, registry, training
@@ -56,6 +56,15 @@ class GateConfig:
     min_preference_pairs: int
     max_length: int
     io_threads: int = 1  # candidates whose database and object-store work runs at once (`judge_many`)
+    rows_per_forward: int = 0  # labelled rows per forward of the batched gate (0: its device's default)
+    probe_rows_per_forward: int = 0  # probe rows per forward (0: its device's default)
+
+
+def _split_batch(base: LoadedBase) -> int | None:
+    """The device's default labelled rows per forward: given explicitly, so that setting only the probe rows
+    (`evaluate_many`'s ``batch_size``) does not change them."""
+    device = next(base.model.parameters()).device.type
+    return SPLIT_BATCH.get(device)
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,8 @@ def judge_many(
                 min_preference_pairs=config.min_preference_pairs,
                 max_length=config.max_length,
                 general=load_general(config.probes),
+                batch_size=config.probe_rows_per_forward or None,
+                labelled_batch=config.rows_per_forward or _split_batch(base),
             )
 
         def record(k: int) -> GateResult | BaseException:

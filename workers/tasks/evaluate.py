@@ -117,4 +117,6 @@ def _config() -> GateConfig:
         min_preference_pairs=s.gate.min_preference_pairs,
         max_length=s.training.max_length,
         io_threads=min(s.worker.io_threads, s.db.pool_max),  # one pooled connection each
+        rows_per_forward=s.gate.rows_per_forward,
+        probe_rows_per_forward=s.gate.probe_rows_per_forward,
     )

@@ -476,11 +476,14 @@ def test_evaluate_many_head_on_labelled_positions_equals_the_full_logits(
         EvalRequest(world.dir_b, None, holdout(events), 30, 12),
     ]
     split = evaluate_many(world.base, requests, probes=world.probes[:3], batch_size=3)
+    # labelled rows batched apart from probe rows (PERSONA_GATE_ROWS_PER_FORWARD): 2 labelled, 3 probe rows a batch
+    apart = evaluate_many(world.base, requests, probes=world.probes[:3], batch_size=3, labelled_batch=2)
     monkeypatch.setattr(metrics, "_split_head", lambda model: None)
     full = evaluate_many(world.base, requests, probes=world.probes[:3], batch_size=7)
-    for got, want in zip(split, full, strict=True):
-        assert isinstance(got, dict) and isinstance(want, dict), (got, want)
+    for got, other, want in zip(split, apart, full, strict=True):
+        assert isinstance(got, dict) and isinstance(other, dict) and isinstance(want, dict), (got, want)
         _assert_close_tree(got, want)
+        _assert_close_tree(other, want)
 
 
 def test_stacked_row_sums_and_probe_kl_equal_the_per_row_computation(monkeypatch: pytest.MonkeyPatch) -> None:
