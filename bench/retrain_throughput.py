@@ -550,6 +550,21 @@ def profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out
     }
 
 
+def fresh_users(k: int, first: int, folder: Path) -> tuple[list[UserJob], list[EvalRequest]]:
+    """K users numbered from ``first``, one round of events each: their training jobs from fresh LoRAs (candidates
+    written to ``folder/N``) and the gate's requests for those candidates (no serving revision)."""
+    users = [user_events(first + u, 1) for u in range(k)]
+    jobs = [
+        UserJob(examples_from_events(evs), folder / str(u), None, u, training_pairs(evs))
+        for u, evs in enumerate(users)
+    ]
+    requests = [
+        EvalRequest(folder / str(u), None, [e for e in evs if e.split == "holdout"], 80, 80)
+        for u, evs in enumerate(users)
+    ]
+    return jobs, requests
+
+
 def step_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
     """torch.profiler with host and device activity over a K-user batched training of 2 steps (fresh LoRAs, no
     validation) and the batched gate of min(K, 64) of those candidates: per part the wall time, the GPU kernel time
@@ -560,15 +575,8 @@ def step_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path
     from torch.profiler import profile as torch_profile
 
     two = settings.model_copy(update={"max_steps": 2, "val_fraction": 0.0})
-    users = [user_events(85_000 + u, 1) for u in range(k)]
-    jobs = [
-        UserJob(examples_from_events(evs), tmp / "sprof" / str(u), None, u, training_pairs(evs))
-        for u, evs in enumerate(users)
-    ]
-    requests = [
-        EvalRequest(tmp / "sprof" / str(u), None, [e for e in evs if e.split == "holdout"], 80, 80)
-        for u, evs in enumerate(users[:64])
-    ]
+    jobs, requests = fresh_users(k, 85_000, tmp / "sprof")
+    requests = requests[:64]
     probes, general, length = load_probes(), load_general(), settings.max_length
     train_adapters(base, jobs[:8], two)  # every kernel of this path seen once
     report: dict[str, Any] = {"users": k}
@@ -614,15 +622,7 @@ def host_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path
     import pstats
 
     three = settings.model_copy(update={"max_steps": 3, "eval_every": 3})
-    users = [user_events(90_000 + u, 1) for u in range(k)]
-    jobs = [
-        UserJob(examples_from_events(evs), tmp / "hprof" / str(u), None, u, training_pairs(evs))
-        for u, evs in enumerate(users)
-    ]
-    requests = [
-        EvalRequest(tmp / "hprof" / str(u), None, [e for e in evs if e.split == "holdout"], 80, 80)
-        for u, evs in enumerate(users)
-    ]
+    jobs, requests = fresh_users(k, 90_000, tmp / "hprof")
     probes, general, length = load_probes(), load_general(), settings.max_length
     device = next(base.model.parameters()).device.type
     report: dict[str, Any] = {"users": k}
