@@ -780,6 +780,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="rows per forward of the stacked gate, a comma list paired with --micro: LABELLED[:PROBE] (default: "
         "metrics.SPLIT_BATCH / STACKED_BATCH)",
     )
+    parser.add_argument(
+        "--rms-backward",
+        default="row",
+        help="the fused RMSNorm's backward, a comma list paired with --micro: row (one program per row, the "
+        "trainer's) or liger (liger's own, one program per SM)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="last, a profile of K users (fused)")
@@ -799,12 +805,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
     micros = [int(m) for m in args.micro.split(",")]
     gate_rows = [g for g in args.gate_rows.split(",") if g] or [""]
-    if len(gate_rows) == 1:
-        gate_rows *= len(micros)
-    if len(micros) == 1:
-        micros *= len(gate_rows)
-    if len(micros) != len(gate_rows):
-        raise SystemExit("--micro and --gate-rows: lists of the same length (or one value)")
+    rms = [r for r in args.rms_backward.split(",") if r] or ["row"]
+    if set(rms) - {"row", "liger"}:
+        raise SystemExit(f"--rms-backward: row or liger, got {args.rms_backward!r}")
+    n_waves = max(len(micros), len(gate_rows), len(rms))
+    micros, gate_rows, rms = (x * n_waves if len(x) == 1 else x for x in (micros, gate_rows, rms))
+    if not len(micros) == len(gate_rows) == len(rms):
+        raise SystemExit("--micro, --gate-rows and --rms-backward: lists of the same length (or one value)")
     if micros[0]:
         overrides["micro_batch_tokens"] = micros[0]
     base_settings = TrainingSettings(**overrides)
@@ -872,11 +879,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["gpu_check"] = part("gpu check", lambda: gpu_check(base, base_settings, tmp))
             save()
         from pipeline.evaluation import metrics
+        from pipeline.training import fused as fused_ops
 
         default_rows = (dict(metrics.SPLIT_BATCH), dict(metrics.STACKED_BATCH))
         for k in args.k:
             for mode in args.fused.split(","):
-                for v, (micro, rows) in enumerate(zip(micros, gate_rows, strict=True)):
+                for v, (micro, rows, rms_backward) in enumerate(zip(micros, gate_rows, rms, strict=True)):
+                    fused_ops.ROW_BACKWARD = rms_backward == "row"
                     # on: this session's paths (fused kernels, the LoRA branch in the base's dtype); off: before.
                     kernels, branch = {"on": ("auto", "base"), "off": ("off", "fp32")}[mode]
                     update: dict[str, Any] = {"fused_kernels": kernels, "lora_branch": branch}
@@ -892,7 +901,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             metrics.STACKED_BATCH[args.device] = int(probe)
                     label = (
                         f"micro {settings.micro_batch_budget(args.device)}, gate rows "
-                        f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}"
+                        f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}, "
+                        f"RMSNorm backward {rms_backward}"
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(

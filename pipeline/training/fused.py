@@ -45,6 +45,9 @@ from pipeline.models.encoding import IGNORE
 
 log = logging.getLogger(__name__)
 
+#: The fused RMSNorm's backward without a weight gradient: one program per row (`_row_backward_rms_norm`), or False:
+#: liger's own launch (the benchmark compares the two).
+ROW_BACKWARD = True
 #: Elements of one chunk's logits in the chunked path (2^26 = 256 MiB in fp32: 1,365 tokens of a 49k vocabulary).
 CHUNK_ELEMENTS = 1 << 26
 
@@ -60,8 +63,45 @@ def _liger() -> Any:
         log.info("liger-kernel not available (%s): chunked torch loss", e)
         return None
     return types.SimpleNamespace(
-        flce=LigerFusedLinearCrossEntropyFunction, rms_norm=LigerRMSNormFunction, silu_mul=LigerSiLUMulFunction
+        flce=LigerFusedLinearCrossEntropyFunction,
+        rms_norm=_row_backward_rms_norm(LigerRMSNormFunction),
+        silu_mul=LigerSiLUMulFunction,
     )
+
+
+def _row_backward_rms_norm(liger_rms_norm: Any) -> Any:
+    """liger's RMSNorm whose backward, when the weight takes no gradient (the frozen base's norms), runs liger's own
+    row kernel with one program per row instead of one per SM.
+
+    For rows wider than 256 (SmolLM2: 576) liger 0.8.5's backward launches one program per SM (132 on an H200), and
+    each walks its ~1,000 rows of a 131k-token micro-batch one after the other, accumulating the weight's gradient
+    as it goes: 583 us a call in the profile of a K=256 training step, 7x its forward (86 us, one program per row).
+    Without a weight gradient nothing needs accumulating, so every row is a program of its own. Same kernel, same
+    arithmetic per row (dX equal bit for bit: bench/retrain_kernels.py checks it on the device)."""
+    from liger_kernel.ops.rms_norm import _rms_norm_backward_kernel
+    from liger_kernel.ops.utils import torch_to_triton_dtype
+
+    class RowBackwardRMSNorm(liger_rms_norm):
+        @staticmethod
+        def backward(ctx: Any, dY: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            if ctx.needs_input_grad[1] or not ctx.elementwise_affine or not dY.is_cuda or not ROW_BACKWARD:
+                out: tuple[torch.Tensor | None, ...] = liger_rms_norm.backward(ctx, dY)
+                return out
+            X, W, RSTD = ctx.saved_tensors
+            shape = dY.shape
+            dY = dY.contiguous().view(-1, shape[-1])
+            n_rows, n_cols = dY.shape
+            dX = dY if ctx.in_place else torch.empty_like(dY)
+            with torch.cuda.device(dY.device):
+                _rms_norm_backward_kernel[(n_rows,)](
+                    dY, dY.stride(0), dX, dX.stride(0), X, X.stride(0), torch_to_triton_dtype[X.dtype],
+                    W, W.stride(0), RSTD, RSTD.stride(0), None, 0, n_rows, n_cols, ctx.offset, 1,
+                    ctx.casting_mode, elementwise_affine=True, BLOCK_SIZE=ctx.BLOCK_SIZE, COMPUTE_DW=False,
+                    num_warps=ctx.num_warps,
+                )  # fmt: skip
+            return dX.view(*shape), None, None, None, None, None, None
+
+    return RowBackwardRMSNorm
 
 
 @dataclass(frozen=True)

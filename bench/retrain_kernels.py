@@ -1,0 +1,224 @@
+"""Kernels of a batched-training step, one at a time, on a GPU: equality with the reference and time per call.
+
+    python bench/retrain_kernels.py [--tokens 131072] [--users 256] [--out bench/results]
+
+1. The fused RMSNorm's backward when the weight takes no gradient (the frozen base's norms):
+   `pipeline.training.fused`'s row launch (one program per row) against liger-kernel's own (one program per SM),
+   dX compared bit for bit.
+2. The per-row LoRA branch of `pipeline.models.multilora.MultiLoraLinear` in training (r=1, K users, bf16 branch,
+   fp32 stacks), forward + backward, per projection shape of SmolLM2-135M, against two other ways to compute it, to
+   see what a replacement could gain: ``dense``, every user's shrink for every token as one GEMM ([T, in] x
+   [in, K*r]), the other users' columns masked to zero, and the expand as one GEMM onto the base output (all dense
+   tensor-core GEMMs, K*r/in more FLOPs); ``gather``, the shrink as a per-token dot product with the row's A
+   (element-wise multiply and sum) and the expand as an element-wise add. Their gradients are compared with the
+   layer's (relative error of dA, dB, dx).
+
+Prints a table and writes retrain_kernels.json to --out. Times: CUDA events over 20 calls after 3 warm-up calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.models import multilora
+from pipeline.training import fused
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn: Any, warm: int = 3, n: int = 20) -> float:
+    """Mean milliseconds of ``fn()`` on the current stream."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def rms_norm(tokens: int, width: int) -> dict[str, Any]:
+    liger = fused._liger()
+    if liger is None:
+        return {"error": "liger-kernel not importable"}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = (1 + 0.1 * torch.randn(width, device="cuda", generator=gen)).to(torch.bfloat16)
+    dy = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+    out: dict[str, Any] = {"tokens": tokens, "width": width}
+    grads = {}
+    for mode in ("liger", "row"):
+        fused.ROW_BACKWARD = mode == "row"
+        xi = x.clone().requires_grad_(True)
+        y = liger.rms_norm.apply(xi, w, 1e-5, 0.0, "llama", False)
+
+        def back(y: torch.Tensor = y, xi: torch.Tensor = xi) -> None:
+            xi.grad = None
+            y.backward(dy, retain_graph=True)
+
+        back()
+        grads[mode] = xi.grad.clone()
+        out[f"{mode}_backward_ms"] = timed(back)
+    fused.ROW_BACKWARD = True
+    out["forward_ms"] = timed(lambda: liger.rms_norm.apply(x, w, 1e-5, 0.0, "llama", False))
+    out["dx_equal"] = bool(torch.equal(grads["liger"], grads["row"]))
+    out["dx_max_abs_diff"] = float((grads["liger"].float() - grads["row"].float()).abs().max())
+    # The floor: read X and dY, write dX (bf16), at the copy speed of this device.
+    buf = torch.empty(tokens * width * 3, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(buf)
+    out["copy_same_bytes_ms"] = timed(lambda: dst.copy_(buf)) / 2  # a copy reads and writes: half is one pass
+    return out
+
+
+class Dense(torch.autograd.Function):
+    """result + per-token LoRA delta with every user's shrink for every token (the others' masked)."""
+
+    @staticmethod
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                s: torch.Tensor, user: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        k, r, _ = a.shape
+        a2 = a.reshape(k * r, -1).to(x.dtype)  # [Kr, in]
+        b2 = b.permute(1, 0, 2).reshape(b.shape[1], k * r).to(x.dtype)  # [out, Kr]
+        h = (x @ a2.t()).view(-1, k, r)  # [T, K, r]
+        mask = torch.zeros(x.shape[0], k, 1, device=x.device, dtype=x.dtype)
+        mask.scatter_(1, user[:, None, None], s.to(x.dtype)[user][:, None, None])
+        hm = (h * mask).view(-1, k * r)
+        ctx.save_for_backward(x, a2, b2, hm, mask)
+        ctx.shapes = (k, r)
+        return torch.addmm(result, hm, b2.t())
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, a2, b2, hm, mask = ctx.saved_tensors
+        k, r = ctx.shapes
+        dhm = (dy @ b2).view(-1, k, r) * mask
+        db = (dy.t() @ hm).view(-1, k, r).permute(1, 0, 2).float()
+        dh = dhm.view(-1, k * r)
+        dx = dh @ a2
+        da = (dh.t() @ x).view(k, r, -1).float()
+        return dy, dx, da, db, None, None
+
+
+class Gather(torch.autograd.Function):
+    """result + per-token LoRA delta at r=1 as element-wise work: h = sum(x * a[user]), out = result + s h b[user]."""
+
+    @staticmethod
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                s: torch.Tensor, user: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        ar = a[:, 0].to(x.dtype)[user]  # [T, in]
+        br = b[:, :, 0].to(x.dtype)[user]  # [T, out]
+        h = (x * ar).sum(-1, keepdim=True) * s.to(x.dtype)[user][:, None]  # [T, 1]
+        ctx.save_for_backward(x, ar, br, h, s, user)
+        ctx.k = a.shape[0]
+        return torch.addcmul(result, h, br)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, ar, br, h, s, user = ctx.saved_tensors
+        k = ctx.k
+        dh = (dy * br).sum(-1, keepdim=True) * s.to(dy.dtype)[user][:, None]  # [T, 1]
+        db = torch.zeros(k, dy.shape[1], device=dy.device, dtype=torch.float32)
+        db.index_add_(0, user, (dy * h).float())
+        da = torch.zeros(k, x.shape[1], device=x.device, dtype=torch.float32)
+        da.index_add_(0, user, (x * dh).float())
+        return dy, dh * ar, da[:, None], db[:, :, None], None, None
+
+
+def lora(tokens: int, users: int, rows: int, shapes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    return [lora_shape(tokens, users, rows, d_in, d_out, gen) for d_in, d_out in shapes]
+
+
+def lora_shape(tokens: int, users: int, rows: int, d_in: int, d_out: int, gen: torch.Generator) -> dict[str, Any]:
+    n = tokens // rows
+    base = nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    a = nn.Parameter(torch.randn(users, 1, d_in, device="cuda", generator=gen) / d_in**0.5)
+    b = nn.Parameter(torch.randn(users, d_out, 1, device="cuda", generator=gen) * 0.02)
+    s = torch.full((users,), 2.0, device="cuda")
+    index = torch.randint(0, users, (rows,), device="cuda", generator=gen)
+    x = torch.randn(rows, n, d_in, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    dy = torch.randn(rows, n, d_out, device="cuda", dtype=torch.bfloat16, generator=gen).view(-1, d_out)
+    wrap = multilora._Rows(native=True)
+    wrap.index = index
+    layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, s), wrap)
+    user = index.repeat_interleave(n)
+    ways = {
+        "layer": lambda: layer(x),
+        "dense": lambda: Dense.apply(base(x).view(-1, d_out), x.view(-1, d_in), a, b, s, user),
+        "gather": lambda: Gather.apply(base(x).view(-1, d_out), x.view(-1, d_in), a, b, s, user),
+    }
+    row: dict[str, Any] = {"in": d_in, "out": d_out, "tokens": rows * n, "users": users}
+    row["base_linear_fwd_bwd_ms"] = timed(lambda: base(x).view(-1, d_out).backward(dy))
+    ref = None
+    for name, fn in ways.items():
+
+        def step(fn: Any = fn) -> None:
+            a.grad = b.grad = x.grad = None
+            fn().reshape(-1, d_out).backward(dy)
+
+        step()
+        assert a.grad is not None and b.grad is not None and x.grad is not None
+        got = (a.grad.clone(), b.grad.clone(), x.grad.clone())
+        if ref is None:
+            ref = got
+        else:
+            row[f"{name}_rel_err"] = max(
+                float((g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30))
+                for g, r in zip(got, ref, strict=True)
+            )
+        row[f"{name}_fwd_bwd_ms"] = timed(step)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--users", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=1024, help="sequences of the micro-batch (tokens / rows each)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("retrain_kernels.py needs a CUDA device")
+    started = time.perf_counter()
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["rms_norm"] = rms_norm(args.tokens, 576)
+    print(json.dumps(report["rms_norm"]), flush=True)
+    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+    report["lora"] = lora(args.tokens, args.users, args.rows, shapes)
+    report["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "retrain_kernels.json").write_text(json.dumps(report, indent=1))
+    r = report["rms_norm"]
+    print(f"\nRMSNorm backward, {r['tokens']} x {r['width']} bf16 ({report['device']}):")
+    print(
+        "| liger (program per SM) ms | row (program per row) ms | forward ms | one pass of the bytes ms | dX equal |"
+    )
+    print("| ---: | ---: | ---: | ---: | --- |")
+    print(f"| {r['liger_backward_ms']:.3f} | {r['row_backward_ms']:.3f} | {r['forward_ms']:.3f} | "
+          f"{r['copy_same_bytes_ms']:.3f} | {r['dx_equal']} |")  # fmt: skip
+    print(f"\nLoRA branch r=1, K={args.users}, forward + backward (base Linear's own fwd+bwd for scale):")
+    print("| in -> out | tokens | base Linear ms | layer ms | dense ms (rel err) | gather ms (rel err) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for row in report["lora"]:
+        print(
+            f"| {row['in']} -> {row['out']} | {row['tokens']} | {row['base_linear_fwd_bwd_ms']:.3f} | "
+            f"{row['layer_fwd_bwd_ms']:.3f} | {row['dense_fwd_bwd_ms']:.3f} ({row['dense_rel_err']:.1e}) | "
+            f"{row['gather_fwd_bwd_ms']:.3f} ({row['gather_rel_err']:.1e}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
