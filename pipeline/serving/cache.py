@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import itertools
 import logging
 import os
@@ -191,6 +192,8 @@ class AdapterCache:
         self._lock = threading.Lock()
         self._key_locks: dict[AdapterKey, list[Any]] = {}  # key -> [lock, users]
         self._slots: list[AdapterKey | None] = [None] * slots
+        # Empty slots, lowest first (a heap): found in O(log n), not by a scan of every slot on each miss.
+        self._empty: list[int] = list(range(slots))
         self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
         self._slot_bytes: _Tally = _Tally()  # key -> packed bytes in its slot (and their total)
         self._host: _SizedLRU = _SizedLRU(lambda h: h.nbytes)  # AdapterKey -> _Host
@@ -529,8 +532,8 @@ class AdapterCache:
         return self._refs.get(key, 0) > 0
 
     def _reserve_slot(self, key: AdapterKey) -> int:
-        if None in self._slots:
-            slot = self._slots.index(None)
+        if self._empty:
+            slot = heapq.heappop(self._empty)
         else:
             victim = next((k for k in self._slot_of if not self._held(k)), None)
             if victim is None:
@@ -551,6 +554,7 @@ class AdapterCache:
         key = self._slots[slot]
         self._slots[slot] = None
         if key is not None:
+            heapq.heappush(self._empty, slot)
             self._slot_of.pop(key, None)
             self._slot_bytes.pop(key, None)
             n = self._refs.get(key, 0) - 1
@@ -611,6 +615,7 @@ class AdapterCache:
         slot = self._slot_of.pop(key, None)
         if slot is not None:
             self._slots[slot] = None
+            heapq.heappush(self._empty, slot)
             self._slot_bytes.pop(key, None)
             self.loader.clear(slot)
         self._gauges()
