@@ -3,15 +3,16 @@
     python bench/retrain_kernels.py [--tokens 131072] [--users 256] [--out bench/results]
 
 1. The fused RMSNorm's backward when the weight takes no gradient (the frozen base's norms):
-   `pipeline.training.fused`'s row launch (one program per row) against liger-kernel's own (one program per SM),
+   `pipeline.models.fused_layers`' row launch (one program per row) against liger-kernel's own (one program per SM),
    dX compared bit for bit.
 2. The per-row LoRA branch of `pipeline.models.multilora.MultiLoraLinear` in training (r=1, K users, bf16 branch,
-   fp32 stacks), forward + backward, per projection shape of SmolLM2-135M, against two other ways to compute it, to
-   see what a replacement could gain: ``dense``, every user's shrink for every token as one GEMM ([T, in] x
-   [in, K*r]), the other users' columns masked to zero, and the expand as one GEMM onto the base output (all dense
-   tensor-core GEMMs, K*r/in more FLOPs); ``gather``, the shrink as a per-token dot product with the row's A
-   (element-wise multiply and sum) and the expand as an element-wise add. Their gradients are compared with the
-   layer's (relative error of dA, dB, dx).
+   fp32 stacks), forward + backward, per projection shape of SmolLM2-135M: as one autograd node (the trainer's),
+   as plain autograd ops (``ops``, before), and two other ways to compute it, to see what a replacement could
+   gain: ``dense``, every user's shrink for every token as one GEMM ([T, in] x [in, K*r]), the other users'
+   columns masked to zero, and the expand as one GEMM onto the base output (all dense tensor-core GEMMs, K*r/in
+   more FLOPs); ``gather``, the shrink as a per-token dot product with the row's A (element-wise multiply and sum)
+   and the expand as an element-wise add. Their gradients are compared with the layer's (relative error of dA,
+   dB, dx).
 
 Prints a table and writes retrain_kernels.json to --out. Times: CUDA events over 20 calls after 3 warm-up calls.
 """
@@ -30,8 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.models import multilora
-from pipeline.training import fused
+from pipeline.models import fused_layers, multilora
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,7 +51,7 @@ def timed(fn: Any, warm: int = 3, n: int = 20) -> float:
 
 
 def rms_norm(tokens: int, width: int) -> dict[str, Any]:
-    liger = fused._liger()
+    liger = fused_layers.liger()
     if liger is None:
         return {"error": "liger-kernel not importable"}
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -61,7 +61,7 @@ def rms_norm(tokens: int, width: int) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens": tokens, "width": width}
     grads = {}
     for mode in ("liger", "row"):
-        fused.ROW_BACKWARD = mode == "row"
+        fused_layers.ROW_BACKWARD = mode == "row"
         xi = x.clone().requires_grad_(True)
         y = liger.rms_norm.apply(xi, w, 1e-5, 0.0, "llama", False)
 
@@ -72,7 +72,7 @@ def rms_norm(tokens: int, width: int) -> dict[str, Any]:
         back()
         grads[mode] = xi.grad.clone()
         out[f"{mode}_backward_ms"] = timed(back)
-    fused.ROW_BACKWARD = True
+    fused_layers.ROW_BACKWARD = True
     out["forward_ms"] = timed(lambda: liger.rms_norm.apply(x, w, 1e-5, 0.0, "llama", False))
     out["dx_equal"] = bool(torch.equal(grads["liger"], grads["row"]))
     out["dx_max_abs_diff"] = float((grads["liger"].float() - grads["row"].float()).abs().max())
@@ -155,8 +155,17 @@ def lora_shape(tokens: int, users: int, rows: int, d_in: int, d_out: int, gen: t
     wrap.index = index
     layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, s), wrap)
     user = index.repeat_interleave(n)
+
+    def ops() -> torch.Tensor:
+        multilora.TRAIN_BRANCH = False
+        try:
+            return layer(x)
+        finally:
+            multilora.TRAIN_BRANCH = True
+
     ways = {
         "layer": lambda: layer(x),
+        "ops": ops,
         "dense": lambda: Dense.apply(base(x).view(-1, d_out), x.view(-1, d_in), a, b, s, user),
         "gather": lambda: Gather.apply(base(x).view(-1, d_out), x.view(-1, d_in), a, b, s, user),
     }
@@ -210,12 +219,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {r['liger_backward_ms']:.3f} | {r['row_backward_ms']:.3f} | {r['forward_ms']:.3f} | "
           f"{r['copy_same_bytes_ms']:.3f} | {r['dx_equal']} |")  # fmt: skip
     print(f"\nLoRA branch r=1, K={args.users}, forward + backward (base Linear's own fwd+bwd for scale):")
-    print("| in -> out | tokens | base Linear ms | layer ms | dense ms (rel err) | gather ms (rel err) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| in -> out | tokens | base Linear ms | layer (one node) ms | layer (autograd ops) ms (rel err) | "
+        "dense ms (rel err) | gather ms (rel err) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in report["lora"]:
         print(
             f"| {row['in']} -> {row['out']} | {row['tokens']} | {row['base_linear_fwd_bwd_ms']:.3f} | "
-            f"{row['layer_fwd_bwd_ms']:.3f} | {row['dense_fwd_bwd_ms']:.3f} ({row['dense_rel_err']:.1e}) | "
+            f"{row['layer_fwd_bwd_ms']:.3f} | {row['ops_fwd_bwd_ms']:.3f} ({row['ops_rel_err']:.1e}) | "
+            f"{row['dense_fwd_bwd_ms']:.3f} ({row['dense_rel_err']:.1e}) | "
             f"{row['gather_fwd_bwd_ms']:.3f} ({row['gather_rel_err']:.1e}) |"
         )
 

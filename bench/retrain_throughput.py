@@ -786,6 +786,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="the fused RMSNorm's backward, a comma list paired with --micro: row (one program per row, the "
         "trainer's) or liger (liger's own, one program per SM)",
     )
+    parser.add_argument(
+        "--gate-kernels",
+        default="fused",
+        help="the stacked gate's norm and MLP kernels, a comma list paired with --micro: fused (liger's, where "
+        "available: metrics.FUSED_LAYERS) or hf (the model's own modules)",
+    )
+    parser.add_argument(
+        "--train-branch",
+        default="node",
+        help="batched training's LoRA layers, a comma list paired with --micro: node (one autograd node, "
+        "multilora.TRAIN_BRANCH) or ops (plain autograd ops)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="last, a profile of K users (fused)")
@@ -808,10 +820,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rms = [r for r in args.rms_backward.split(",") if r] or ["row"]
     if set(rms) - {"row", "liger"}:
         raise SystemExit(f"--rms-backward: row or liger, got {args.rms_backward!r}")
-    n_waves = max(len(micros), len(gate_rows), len(rms))
-    micros, gate_rows, rms = (x * n_waves if len(x) == 1 else x for x in (micros, gate_rows, rms))
-    if not len(micros) == len(gate_rows) == len(rms):
-        raise SystemExit("--micro, --gate-rows and --rms-backward: lists of the same length (or one value)")
+    gate_kernels = [g for g in args.gate_kernels.split(",") if g] or ["fused"]
+    if set(gate_kernels) - {"fused", "hf"}:
+        raise SystemExit(f"--gate-kernels: fused or hf, got {args.gate_kernels!r}")
+    branches = [b for b in args.train_branch.split(",") if b] or ["node"]
+    if set(branches) - {"node", "ops"}:
+        raise SystemExit(f"--train-branch: node or ops, got {args.train_branch!r}")
+    lists = [micros, gate_rows, rms, gate_kernels, branches]
+    n_waves = max(len(x) for x in lists)
+    micros, gate_rows, rms, gate_kernels, branches = (x * n_waves if len(x) == 1 else x for x in lists)
+    if len({len(x) for x in (micros, gate_rows, rms, gate_kernels, branches)}) != 1:
+        raise SystemExit(
+            "--micro, --gate-rows, --rms-backward, --gate-kernels and --train-branch: lists of one length (or one "
+            "value)"
+        )
     if micros[0]:
         overrides["micro_batch_tokens"] = micros[0]
     base_settings = TrainingSettings(**overrides)
@@ -879,13 +901,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["gpu_check"] = part("gpu check", lambda: gpu_check(base, base_settings, tmp))
             save()
         from pipeline.evaluation import metrics
-        from pipeline.training import fused as fused_ops
+        from pipeline.models import fused_layers as fused_ops
+        from pipeline.models import multilora
 
         default_rows = (dict(metrics.SPLIT_BATCH), dict(metrics.STACKED_BATCH))
         for k in args.k:
             for mode in args.fused.split(","):
-                for v, (micro, rows, rms_backward) in enumerate(zip(micros, gate_rows, rms, strict=True)):
+                variants = zip(micros, gate_rows, rms, gate_kernels, branches, strict=True)
+                for v, (micro, rows, rms_backward, gate_k, branch_k) in enumerate(variants):
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
+                    multilora.TRAIN_BRANCH = branch_k == "node"
+                    metrics.FUSED_LAYERS = gate_k == "fused"
                     # on: this session's paths (fused kernels, the LoRA branch in the base's dtype); off: before.
                     kernels, branch = {"on": ("auto", "base"), "off": ("off", "fp32")}[mode]
                     update: dict[str, Any] = {"fused_kernels": kernels, "lora_branch": branch}
@@ -902,7 +928,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     label = (
                         f"micro {settings.micro_batch_budget(args.device)}, gate rows "
                         f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}, "
-                        f"RMSNorm backward {rms_backward}"
+                        f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}"
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(

@@ -165,12 +165,19 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus each row's adapter delta."""
-        result = self.base(x)
         index = self._rows.index
         if index is None:
-            return result
+            return self.base(x)
         if index.shape[0] != x.shape[0]:
             raise AdapterLimitError(f"row index has {index.shape[0]} rows but the batch has {x.shape[0]}")
+        frozen = not any(t is not None and t.requires_grad for t in (self.base.weight, self.base.bias, self.scaling))
+        if TRAIN_BRANCH and self.lora_A.requires_grad and self._rows.native and x.dtype in _HALF and frozen:
+            # Training on a GPU: the base and the branch in one autograd node (`_TrainBranch`).
+            out: torch.Tensor = _TrainBranch.apply(
+                x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, index
+            )
+            return out
+        result = self.base(x)
         if self.lora_A.requires_grad:
             # Training (rows are never negative there): index_select, whose backward is one index_add into the
             # stack, where advanced indexing's is a sorted index_put (several kernels a stack, every layer).
@@ -192,6 +199,61 @@ class MultiLoraLinear(nn.Module):
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # [B, N, in]
         delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * s[:, None, None]
         return (result + delta.reshape(*x.shape[:-1], -1)).to(result.dtype)
+
+
+class _TrainBranch(torch.autograd.Function):
+    """`MultiLoraLinear`'s training forward in the input's dtype over a frozen base, as one autograd node.
+
+    The same arithmetic as the native branch (``y = x W^T + b``, then ``y += ((x A[s]^T) * scaling[s]) B[s]^T`` in one
+    batched GEMM with fp32 accumulation), but the backward adds the branch's input gradient into the base's in
+    place (``dx = dy W``, then ``dx += dh A[s]`` as one ``baddbmm_``) where autograd computed the two apart and summed
+    them: one pass over ``[tokens, in]`` less per projection, three for the 1536-wide ``down_proj`` input. Each row's
+    A and B gradients are summed into its stack row with ``index_add_`` (what ``index_select``'s backward does).
+    Equal to the autograd path within bf16 rounding (tests/unit/models/test_multilora.py, on the CPU in bf16)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: torch.Tensor,
+        index: torch.Tensor,
+    ) -> torch.Tensor:
+        dt = x.dtype
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, in]
+        a = lora_a.index_select(0, index).to(dt)  # [B, R, in]
+        b = lora_b.index_select(0, index).to(dt)  # [B, out, R]
+        s = scaling.index_select(0, index).to(dt)[:, None, None]  # [B, 1, 1]
+        y = torch.nn.functional.linear(flat, weight, bias)  # [B, N, out], a new tensor: the add goes in place
+        h = torch.bmm(flat, a.transpose(1, 2)) * s  # [B, N, R]
+        y.baddbmm_(h, b.transpose(1, 2))
+        ctx.save_for_backward(flat, weight, a, b, s, h, index)
+        ctx.x_shape = x.shape
+        ctx.stack_dtypes = (lora_a.shape, lora_a.dtype, lora_b.shape, lora_b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, weight, a, b, s, h, index = ctx.saved_tensors
+        a_shape, a_dtype, b_shape, b_dtype = ctx.stack_dtypes
+        dy = dy.reshape(flat.shape[0], -1, dy.shape[-1])  # [B, N, out]
+        dh = torch.bmm(dy, b) * s  # [B, N, R]: the gradient of x A^T
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.matmul(dy, weight)  # [B, N, in]
+            dx.baddbmm_(dh, a)
+            dx = dx.view(ctx.x_shape)
+        da = db = None
+        if ctx.needs_input_grad[3]:
+            da = torch.zeros(a_shape, dtype=a_dtype, device=a.device)
+            da.index_add_(0, index, torch.bmm(dh.transpose(1, 2), flat).to(a_dtype))
+        if ctx.needs_input_grad[4]:
+            db = torch.zeros(b_shape, dtype=b_dtype, device=b.device)
+            db.index_add_(0, index, torch.bmm(dy.transpose(1, 2), h).to(b_dtype))
+        return dx, None, None, da, db, None, None
 
 
 @dataclass(eq=False)
@@ -237,6 +299,9 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 #: Input dtypes of the ``native`` branch even when the stacks have the same dtype.
 _HALF = (torch.bfloat16, torch.float16)
+#: Batched training's layers in the input's half dtype run as one autograd node (`_TrainBranch`); False: the plain
+#: autograd ops (the benchmark and the tests compare the two).
+TRAIN_BRANCH = True
 
 
 def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack], *, native: bool = False) -> LoraWrap:

@@ -16,11 +16,8 @@ same function as ``F.cross_entropy(F.linear(h, W).float(), targets, reduction="n
   of ``logits.float()``), times the weight. Equal to the reference within float rounding
   (tests/unit/training/test_fused.py: float32, relative 1e-6 on losses and gradients).
 
-`fused_layers` puts liger's RMSNorm (``casting_mode="llama"``: HF's numerics, the inverse RMS in fp32) and SiLU-mul
-(SwiGLU) into a Llama-like model's norm and MLP modules for the block's duration (instance ``forward``s, taken
-out afterwards; the classes and every other user of the model are untouched). Rotary stays transformers' own: it
-is a module-level function of ``modeling_llama`` that the serving engine calls too, and patching it would reach
-every thread of the process.
+`fused_layers` puts liger's RMSNorm and SiLU-mul (SwiGLU) into a Llama-like model's norm and MLP modules for the
+block's duration (`pipeline.models.fused_layers`, which the stacked gate uses too).
 
 Which path a run takes (`Fused.resolve`): ``TrainingSettings.fused_kernels`` ``auto`` = liger on CUDA when the
 package imports (the ``gpu`` extra), else ``chunked``; ``chunked`` = plain torch everywhere; ``off`` = the
@@ -30,9 +27,7 @@ unfused reference. The trainer logs the path it used.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,66 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.encoding import IGNORE
+from pipeline.models.fused_layers import liger as _liger
+from pipeline.models.fused_layers import patched
 
 log = logging.getLogger(__name__)
 
-#: The fused RMSNorm's backward without a weight gradient: one program per row (`_row_backward_rms_norm`), or False:
-#: liger's own launch (the benchmark compares the two).
-ROW_BACKWARD = True
 #: Elements of one chunk's logits in the chunked path (2^26 = 256 MiB in fp32: 1,365 tokens of a 49k vocabulary).
 CHUNK_ELEMENTS = 1 << 26
-
-
-@functools.cache
-def _liger() -> Any:
-    """liger-kernel's fused linear cross-entropy, RMSNorm and SiLU-mul functions, or None when not installed."""
-    try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except Exception as e:  # not installed, or no triton / no GPU backend
-        log.info("liger-kernel not available (%s): chunked torch loss", e)
-        return None
-    return types.SimpleNamespace(
-        flce=LigerFusedLinearCrossEntropyFunction,
-        rms_norm=_row_backward_rms_norm(LigerRMSNormFunction),
-        silu_mul=LigerSiLUMulFunction,
-    )
-
-
-def _row_backward_rms_norm(liger_rms_norm: Any) -> Any:
-    """liger's RMSNorm whose backward, when the weight takes no gradient (the frozen base's norms), runs liger's own
-    row kernel with one program per row instead of one per SM.
-
-    For rows wider than 256 (SmolLM2: 576) liger 0.8.5's backward launches one program per SM (132 on an H200), and
-    each walks its ~1,000 rows of a 131k-token micro-batch one after the other, accumulating the weight's gradient
-    as it goes: 583 us a call in the profile of a K=256 training step, 7x its forward (86 us, one program per row).
-    Without a weight gradient nothing needs accumulating, so every row is a program of its own. Same kernel, same
-    arithmetic per row (dX equal bit for bit: bench/retrain_kernels.py checks it on the device)."""
-    from liger_kernel.ops.rms_norm import _rms_norm_backward_kernel
-    from liger_kernel.ops.utils import torch_to_triton_dtype
-
-    class RowBackwardRMSNorm(liger_rms_norm):
-        @staticmethod
-        def backward(ctx: Any, dY: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            if ctx.needs_input_grad[1] or not ctx.elementwise_affine or not dY.is_cuda or not ROW_BACKWARD:
-                out: tuple[torch.Tensor | None, ...] = liger_rms_norm.backward(ctx, dY)
-                return out
-            X, W, RSTD = ctx.saved_tensors
-            shape = dY.shape
-            dY = dY.contiguous().view(-1, shape[-1])
-            n_rows, n_cols = dY.shape
-            dX = dY if ctx.in_place else torch.empty_like(dY)
-            with torch.cuda.device(dY.device):
-                _rms_norm_backward_kernel[(n_rows,)](
-                    dY, dY.stride(0), dX, dX.stride(0), X, X.stride(0), torch_to_triton_dtype[X.dtype],
-                    W, W.stride(0), RSTD, RSTD.stride(0), None, 0, n_rows, n_cols, ctx.offset, 1,
-                    ctx.casting_mode, elementwise_affine=True, BLOCK_SIZE=ctx.BLOCK_SIZE, COMPUTE_DW=False,
-                    num_warps=ctx.num_warps,
-                )  # fmt: skip
-            return dX.view(*shape), None, None, None, None, None, None
-
-    return RowBackwardRMSNorm
 
 
 @dataclass(frozen=True)
@@ -200,35 +142,7 @@ class ChunkedLinearNLL(torch.autograd.Function):
 
 @contextlib.contextmanager
 def fused_layers(model: nn.Module, fused: Fused) -> Iterator[int]:
-    """With ``fused.layers``: liger's RMSNorm and SiLU-mul in place of the forward of every Llama-style RMSNorm
-    and gated MLP of ``model`` until the block ends (module docstring). Yields how many modules were patched."""
-    if not fused.layers:
-        yield 0
-        return
-    liger = _liger()
-    patched: list[nn.Module] = []
-
-    def rms_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = liger.rms_norm.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", True)
-        return out
-
-    def mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(liger.silu_mul.apply(self.gate_proj(x), self.up_proj(x)))
-
-    try:
-        for module in model.modules():
-            kind = type(module).__name__
-            if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and kind.startswith("Llama"):
-                module.forward = types.MethodType(rms_forward, module)
-                patched.append(module)
-            elif (
-                kind == "LlamaMLP"
-                and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish")
-                and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))
-            ):
-                module.forward = types.MethodType(mlp_forward, module)
-                patched.append(module)
-        yield len(patched)
-    finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
+    """With ``fused.layers``: liger's RMSNorm and SiLU-mul in the model's norm and MLP modules until the block ends
+    (`pipeline.models.fused_layers.patched`). Yields how many modules were patched."""
+    with patched(model, fused.layers) as n:
+        yield n

@@ -199,3 +199,36 @@ def test_adapter_table_holds_the_adapter_dir_tensors(tmp_path):
     (cut / "adapter_model.safetensors").write_bytes(whole[:-4])
     with pytest.raises(AdapterFormatError):
         read_adapter_table(cut)
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_training_node_equals_the_autograd_ops_in_bf16(rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batched training's layer in bf16 over fp32 stacks (`_TrainBranch`, one autograd node that adds the branch's
+    input gradient into the base's in place) gives the output and gradients of the plain autograd ops."""
+    torch.manual_seed(0)
+    users, rows, tokens, d_in, d_out = 5, 7, 6, 24, 40
+    base = nn.Linear(d_in, d_out, bias=False).to(torch.bfloat16).requires_grad_(False)
+    a = nn.Parameter(torch.randn(users, rank, d_in) / d_in**0.5)
+    b = nn.Parameter(torch.randn(users, d_out, rank) * 0.1)
+    scaling = torch.rand(users) + 0.5
+    index = torch.randint(0, users, (rows,))
+    x = torch.randn(rows, tokens, d_in).to(torch.bfloat16)
+    upstream = torch.randn(rows, tokens, d_out).to(torch.bfloat16)
+    wrap = multilora._Rows(native=True)
+    wrap.index = index
+    layer = MultiLoraLinear.over(base, multilora.LoraStack(a, b, scaling), wrap)
+    got = {}
+    for node in (True, False):
+        monkeypatch.setattr(multilora, "TRAIN_BRANCH", node)
+        a.grad = b.grad = None
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        (out.float() * upstream.float()).sum().backward()
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, tokens, d_out)
+        got[node] = (out.detach().float(), xi.grad.float(), a.grad.clone(), b.grad.clone())
+    for mine, ref in zip(got[True], got[False], strict=True):
+        assert (mine - ref).norm() / ref.norm() < 1e-2
+    # Users without rows get no gradient; every user with rows gets one.
+    seen = set(index.tolist())
+    for user in range(users):
+        assert bool(got[True][2][user].abs().sum() > 0) == (user in seen)
