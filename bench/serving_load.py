@@ -65,6 +65,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import functools
 import gc
 import hashlib
 import itertools
@@ -253,7 +254,20 @@ def adapter_files(shapes: list[tuple[str, int, int]], rank: int, targets: list[s
 
     Built with numpy straight into the safetensors format (header + raw bfloat16 bits, rounded to nearest even as
     torch rounds): 10,000 adapters are made at the start of a run, and one torch call per tensor made that take
-    minutes."""
+    minutes. The header and the per-value scales depend on the layout only and are made once (`_layout`)."""
+    import numpy as np
+
+    head, scales, config = _layout(tuple(shapes), rank, tuple(sorted(targets)))
+    values = np.random.default_rng(seed).standard_normal(scales.shape[0], dtype=np.float32)
+    values *= scales
+    bits = values.view(np.uint32)
+    bf16 = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype("<u2")
+    return {"adapter_config.json": config, "adapter_model.safetensors": head + bf16.tobytes()}
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(shapes: tuple[tuple[str, int, int], ...], rank: int, targets: tuple[str, ...]) -> tuple[bytes, Any, bytes]:
+    """(length + header bytes, scale of each value, adapter_config.json bytes) of `adapter_files`' adapters."""
     import numpy as np
 
     header: dict[str, Any] = {}
@@ -267,26 +281,22 @@ def adapter_files(shapes: list[tuple[str, int, int]], rank: int, targets: list[s
             }  # fmt: skip
             scales.append(np.full(size, scale, dtype=np.float32))
             at += size
-    values = np.random.default_rng(seed).standard_normal(at, dtype=np.float32) * np.concatenate(scales)
-    bits = values.view(np.uint32)
-    bf16 = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype("<u2")
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    weights = len(head).to_bytes(8, "little") + head + bf16.tobytes()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": rank,
         "lora_alpha": 2 * rank,
         "lora_dropout": 0.0,
-        "target_modules": sorted(targets),
+        "target_modules": list(targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
         "base_model_name_or_path": None,
         "persona_dtype": "bfloat16",
     }
-    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": weights}
+    return len(head).to_bytes(8, "little") + head, np.concatenate(scales), json.dumps(config).encode()
 
 
 def user_id(i: int) -> str:
