@@ -732,9 +732,9 @@ STACKED_BATCH = {"cpu": 32, "cuda": 256}
 #: is the decoder's activations (1024 rows of ~100 tokens: ~0.4 GiB a hidden-state tensor at width 2048, bf16).
 SPLIT_BATCH = {"cpu": 32, "cuda": 1024}
 #: The stacked gate's forwards through liger's RMSNorm and SwiGLU kernels where they are available (CUDA, the ``gpu``
-#: extra; `pipeline.models.fused_layers`): one kernel each instead of HF's ~7 and 2, which were about a third of the
-#: gate's GPU time on an H200. Candidate, current and base rows are all measured so (within bf16 rounding of HF's
-#: modules); False: HF's own modules.
+#: extra; `pipeline.models.fused_layers`), and rotary through liger's: one kernel each instead of HF's ~7, 2 and ~8
+#: (on an H200, a K=256 gate took 11.8-13.0 s instead of 16.5 s; bench/results/retrain_throughput.md). Candidate,
+#: current and base rows are all measured so (within bf16 rounding of HF's modules); False: HF's own modules.
 FUSED_LAYERS = True
 #: Target tokens per LM-head GEMM of the stacked gate's labelled rows (their fp32 logits exist one chunk at a time).
 HEAD_CHUNK = 8192
