@@ -167,6 +167,7 @@ def wave(
     rules: Any,
     gate_profile: int = 0,
     first_user: int = 0,
+    gate_reuse: bool = False,
 ) -> dict[str, Any]:
     """Round 0 (the users' serving revisions, not timed), then the timed round 1 (module docstring). The users are
     numbers ``first_user`` .. ``first_user + k - 1`` (each one's events seeded by its number); the result's
@@ -185,10 +186,12 @@ def wave(
     bad = [r for r in r0 if not isinstance(r, TrainResult)]
     if bad:
         raise RuntimeError(f"round 0: {len(bad)} users failed: {bad[0]!r}")
-    warm = [
-        EvalRequest(tmp / "r0" / u, None, [e for e in first[u] if e.split == "holdout"], 80, 80) for u in users[:4]
-    ]
-    evaluate_many(base, warm, probes=probes, general=general, max_length=settings.max_length)
+    # Round 0's gate: of every user when round 1 reuses its rows (as a worker's gate of the serving revisions did),
+    # else of 4 users (a warm-up).
+    judged0 = users if gate_reuse else users[:4]
+    warm = [EvalRequest(tmp / "r0" / u, None, [e for e in first[u] if e.split == "holdout"], 80, 80) for u in judged0]
+    gated0 = evaluate_many(base, warm, probes=probes, general=general, max_length=settings.max_length)
+    known = {u: m.get("scores") for u, m in zip(judged0, gated0, strict=True) if gate_reuse and isinstance(m, dict)}
     log.info("round 0: %d users, %d steps, %.1f s", k, parent_steps, r0_s)
 
     # Round 1, timed.
@@ -215,6 +218,7 @@ def wave(
                     new_events_count=len(new),
                     parent_last_seq=EVENTS_PER_ROUND - 1,
                     new_events=new,
+                    known=known.get(u),
                 )
             )
         return jobs, requests
@@ -270,6 +274,7 @@ def wave(
         "gain_vs_current": mean([gain(m, "current") for m in ok]),
         "gain_vs_base": mean([gain(m, "base") for m in ok]),
         "promoted": sum(d.passed for d in decisions),
+        "gate_rows_reused": sum(int((m.get("scores") or {}).get("reused", 0)) for m in ok),
         "round0_seconds": r0_s,
         "timed_window": [window_start, window_end],
     }
@@ -798,6 +803,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="batched training's LoRA layers, a comma list paired with --micro: node (one autograd node, "
         "multilora.TRAIN_BRANCH) or ops (plain autograd ops)",
     )
+    parser.add_argument(
+        "--gate-reuse",
+        default="off",
+        help="a comma list paired with --micro: on (round 0 gated for every user, round 1's gate reusing those "
+        "rows, as a worker's next gate does) or off (round 1's gate runs every row)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="last, a profile of K users (fused)")
@@ -826,13 +837,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     branches = [b for b in args.train_branch.split(",") if b] or ["node"]
     if set(branches) - {"node", "ops"}:
         raise SystemExit(f"--train-branch: node or ops, got {args.train_branch!r}")
-    lists = [micros, gate_rows, rms, gate_kernels, branches]
+    reuses = [r for r in args.gate_reuse.split(",") if r] or ["off"]
+    if set(reuses) - {"on", "off"}:
+        raise SystemExit(f"--gate-reuse: on or off, got {args.gate_reuse!r}")
+    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses]
     n_waves = max(len(x) for x in lists)
-    micros, gate_rows, rms, gate_kernels, branches = (x * n_waves if len(x) == 1 else x for x in lists)
-    if len({len(x) for x in (micros, gate_rows, rms, gate_kernels, branches)}) != 1:
+    micros, gate_rows, rms, gate_kernels, branches, reuses = (x * n_waves if len(x) == 1 else x for x in lists)
+    if len({len(x) for x in (micros, gate_rows, rms, gate_kernels, branches, reuses)}) != 1:
         raise SystemExit(
-            "--micro, --gate-rows, --rms-backward, --gate-kernels and --train-branch: lists of one length (or one "
-            "value)"
+            "--micro, --gate-rows, --rms-backward, --gate-kernels, --train-branch and --gate-reuse: lists of one "
+            "length (or one value)"
         )
     if micros[0]:
         overrides["micro_batch_tokens"] = micros[0]
@@ -907,8 +921,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default_rows = (dict(metrics.SPLIT_BATCH), dict(metrics.STACKED_BATCH))
         for k in args.k:
             for mode in args.fused.split(","):
-                variants = zip(micros, gate_rows, rms, gate_kernels, branches, strict=True)
-                for v, (micro, rows, rms_backward, gate_k, branch_k) in enumerate(variants):
+                variants = zip(micros, gate_rows, rms, gate_kernels, branches, reuses, strict=True)
+                for v, (micro, rows, rms_backward, gate_k, branch_k, reuse) in enumerate(variants):
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
                     multilora.TRAIN_BRANCH = branch_k == "node"
                     metrics.FUSED_LAYERS = gate_k == "fused"
@@ -928,12 +942,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     label = (
                         f"micro {settings.micro_batch_budget(args.device)}, gate rows "
                         f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}, "
-                        f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}"
+                        f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}, "
+                        f"gate reuse {reuse}"
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(
                         f"wave K={k} fused {mode} {label}",
-                        lambda k=k, settings=settings, mode=mode, v=v: wave(
+                        lambda k=k, settings=settings, mode=mode, v=v, reuse=reuse: wave(
                             base,
                             k,
                             settings,
@@ -942,6 +957,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             tmp / f"k{k}-{mode}-{v}",
                             rules,
                             args.gate_profile,
+                            gate_reuse=reuse == "on",
                         ),
                     )
                     if "error" in w:

@@ -36,12 +36,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -619,6 +621,57 @@ class EvalRequest:
     new_events_count: int
     parent_last_seq: int | None = None
     new_events: Sequence[TrainingEvent] = ()
+    #: The ``scores`` of the serving revision's own gate (its result's ``scores`` when it was the candidate): under
+    #: an equal fingerprint its candidate rows are this request's current rows and its base rows the base's, and
+    #: rows found there are not run again (`evaluate_many`).
+    known: Mapping[str, Any] | None = None
+
+
+#: The parts of a request's rows that the base runs (its general and probe numbers come from `_base_reference`).
+_BASE_PARTS = ("holdout", "pair")
+#: Version of the per-row scores a stacked gate leaves in each result (``scores``) for the next round to reuse.
+SCORES_VERSION = 1
+
+
+def scores_fingerprint(
+    base: LoadedBase, probes: Sequence[str], general: Sequence[Example], max_length: int, native: bool
+) -> str:
+    """What a row's score depends on besides its adapter and its text: the base's weights, dtype and device type,
+    the probe prompts and general answers, the encoding's length limit, the LoRA branch's dtype path and the gate's
+    kernels. Scores are reused only under an equal fingerprint."""
+    param = next(base.model.parameters())
+    blob = json.dumps(
+        [
+            SCORES_VERSION,
+            base.ref.sha256,
+            str(param.dtype),
+            param.device.type,
+            list(probes),
+            [[g.prompt, g.target] for g in general],
+            max_length,
+            bool(native),
+            bool(FUSED_LAYERS and fused_layers.available(param.device)),
+        ]
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _known_rows(known: Mapping[str, Any] | None, fingerprint: str) -> dict[str, dict[str, tuple[float, int]]]:
+    """``known``'s rows by model of this request (its candidate's are this request's current's), or nothing when
+    there are none, they are of another version or fingerprint, or they do not read as rows."""
+    if not known:
+        return {}
+    if known.get("version") != SCORES_VERSION or known.get("fingerprint") != fingerprint:
+        log.info("gate: the serving revision's scores are of another base, probe set or setting; not reused")
+        return {}
+    rows: dict[str, dict[str, tuple[float, int]]] = {}
+    try:
+        for theirs, ours in (("candidate", "current"), ("base", "base")):
+            rows[ours] = {str(k): (float(v[0]), int(v[1])) for k, v in dict(known.get(theirs) or {}).items()}
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        log.warning("gate: the serving revision's scores do not read as rows (%s); not reused", e)
+        return {}
+    return rows
 
 
 def evaluate_many(
@@ -920,11 +973,16 @@ def _evaluate_stacked(
             stacks[path] = multilora.LoraStack(
                 torch.stack(a_rows).to(device, dtype), torch.stack(b_rows).to(device, dtype), scaling
             )
-    # Rows: (slot, input ids, labels or None for a probe, key); key = (request, model, part, index)
+    # Rows: (slot, input ids, labels or None for a probe, key); key = (request, model, part, index). A row's score
+    # (log-prob sum or KL sum, tokens) goes to ``out`` under its key: run here, or taken from ``known``.
     rows: list[tuple[int, list[int], list[int] | None, tuple[Any, ...]]] = []
+    out: dict[tuple[Any, ...], tuple[float, int]] = {}
     plans = []
+    fingerprint = scores_fingerprint(base, probes, general, max_length, native)
+    reused: Counter[int] = Counter()  # rows taken from earlier gates, by request
     for (i, _, _), (c_slot, cur_slot) in zip(loaded, slots, strict=True):
         req = requests[i]
+        known = _known_rows(req.known, fingerprint) if cur_slot is not None else {}
         scored = [(e, x) for e, x in ((e, example_of(e)) for e in req.holdout_events) if x is not None]
         pairs = preference_pairs(req.holdout_events)
         new_examples = (
@@ -937,24 +995,29 @@ def _evaluate_stacked(
         holdout = encoded[: len(scored)]
         answers = encoded[len(scored) : len(parts)]
         shifted = encoded[len(parts) :]
+        names = _row_ids(scored, pairs, len(general_encoded), len(probe_seqs))
         models = [("base", 0), ("candidate", c_slot)] + ([("current", cur_slot)] if cur_slot is not None else [])
         for name, slot in models:
-            for j, e in enumerate(holdout):
-                rows.append((slot, e.input_ids, e.labels, (i, name, "holdout", j)))
-            for j, e in enumerate(answers):
-                rows.append((slot, e.input_ids, e.labels, (i, name, "pair", j)))
-            if name == "base":
-                continue
-            for j, e in enumerate(general_encoded):
-                rows.append((slot, e.input_ids, e.labels, (i, name, "general", j)))
-            for j, probe in enumerate(probe_seqs):
-                rows.append((slot, probe, None, (i, name, "probe", j)))
+            have = known.get(name, {})
+            kinds: list[tuple[str, Sequence[Any], bool]] = [("holdout", holdout, True), ("pair", answers, True)]
+            if name != "base":
+                kinds += [("general", general_encoded, True), ("probe", probe_seqs, False)]
+            for part, items, has_labels in kinds:
+                for j, item in enumerate(items):
+                    key = (i, name, part, j)
+                    hit = have.get(names[(part, j)])
+                    if hit is not None:
+                        out[key] = hit
+                        reused[i] += 1
+                    elif has_labels:
+                        rows.append((slot, item.input_ids, item.labels, key))
+                    else:
+                        rows.append((slot, item, None, key))
         for j, e in enumerate(shifted):
             rows.append((cur_slot or 0, e.input_ids, e.labels, (i, "current", "shift", j)))
-        plans.append((i, scored, len(holdout), len(pairs), len(shifted)))
+        plans.append((i, scored, len(holdout), len(pairs), len(shifted), names))
 
     prepared = time.perf_counter()
-    out: dict[tuple[Any, ...], tuple[float, int]] = {}
     pad_id = encoding.pad_id(tok)
     explicit = batch_size is not None
     if batch_size is None:
@@ -1059,17 +1122,18 @@ def _evaluate_stacked(
                 for key, value, n in zip(keys, values.cpu().tolist(), tokens_of, strict=True):
                     out[key] = (value, n)
     log.info(
-        "gate: %d candidates, %d rows in %d forwards: stacks and rows built in %.2f s, forwards queued in %.2f s, "
-        "then waited %.2f s for the device",
+        "gate: %d candidates, %d rows in %d forwards (%d more reused from earlier gates): stacks and rows built in "
+        "%.2f s, forwards queued in %.2f s, then waited %.2f s for the device",
         len(loaded),
         len(rows),
         len(batches),
+        sum(reused.values()),
         prepared - started,
         queued - prepared,
         time.perf_counter() - queued,
     )
 
-    for (i, scored, n_holdout, n_pairs, n_shift), (_, _, cur) in zip(plans, loaded, strict=True):
+    for (i, scored, n_holdout, n_pairs, n_shift, names), (_, _, cur) in zip(plans, loaded, strict=True):
         req = requests[i]
         counts = (n_holdout, n_pairs, len(general_encoded), len(probe_seqs))
         try:
@@ -1085,7 +1149,7 @@ def _evaluate_stacked(
                     new_shift = (-sum(lp for lp, _ in shift_rows) / tokens) / prior - 1.0
                     if not math.isfinite(new_shift):
                         raise MetricsError(f"the new events' shift is not finite: {new_shift}")
-            results[i] = _assemble(
+            result = _assemble(
                 candidate,
                 current,
                 _stacked_scores(out, i, "base", req, scored, counts, reference),
@@ -1096,8 +1160,33 @@ def _evaluate_stacked(
                 new_events_count=req.new_events_count,
                 min_preference_pairs=min_preference_pairs,
             )
+            # What a later gate may reuse when this candidate serves (`EvalRequest.known`), and how many of this
+            # request's rows came from an earlier gate.
+            result["scores"] = {
+                "version": SCORES_VERSION,
+                "fingerprint": fingerprint,
+                "candidate": {rid: list(out[(i, "candidate", *at)]) for at, rid in names.items()},
+                "base": {
+                    rid: list(out[(i, "base", *at)]) for at, rid in names.items() if at[0] in ("holdout", "pair")
+                },
+                "reused": reused.get(i, 0),
+            }
+            results[i] = result
         except Exception as e:
             results[i] = e
+
+
+def _row_ids(
+    scored: Sequence[tuple[TrainingEvent, Example]], pairs: Sequence[Any], n_general: int, n_probes: int
+) -> dict[tuple[str, int], str]:
+    """The name under which a request's row is kept for later gates, by (part, index): ``h:EVENT`` (a holdout
+    event), ``p:EVENT:0|1`` (a pair's chosen or rejected answer), ``g:J`` and ``q:J`` (the J-th general answer and
+    probe of the fingerprinted sets)."""
+    ids = {("holdout", j): f"h:{e.event_id}" for j, (e, _) in enumerate(scored)}
+    ids.update({("pair", 2 * j + k): f"p:{p.event_id}:{k}" for j, p in enumerate(pairs) for k in (0, 1)})
+    ids.update({("general", j): f"g:{j}" for j in range(n_general)})
+    ids.update({("probe", j): f"q:{j}" for j in range(n_probes)})
+    return ids
 
 
 def _stacked_scores(

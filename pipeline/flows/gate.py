@@ -193,6 +193,7 @@ class _Pending:
     train_count: int
     parent_last: int | None
     new_events: list[TrainingEvent]
+    known: dict[str, Any] | None = None
 
     def request(self, cand_dir: Path, cur_dir: Path | None) -> EvalRequest:
         return EvalRequest(
@@ -203,6 +204,7 @@ class _Pending:
             new_events_count=int(self.cand.manifest["training"].get("new_events", 0)),
             parent_last_seq=self.parent_last,
             new_events=self.new_events,
+            known=self.known if cur_dir is not None else None,
         )
 
 
@@ -221,6 +223,9 @@ def _prepare(
         user = registry.get_user(conn, cand.user_id)
         current = registry.production(conn, cand.user_id)
         events = training.training_events(conn, cand.user_id, 2**62)
+        # The serving revision's rows from its own gate (and the base's): reused where their fingerprint matches.
+        judged = decisions.get(conn, current.revision_id) if current is not None else None
+    known = (judged.metrics or {}).get("scores") if judged is not None else None
     holdout, train_count = _holdout(events)
     # This round: the events after the parent's last one, up to the candidate's (the training's new events).
     parent_last = current.manifest["events"]["last_seq"] if current is not None else None
@@ -237,7 +242,7 @@ def _prepare(
         reason = f"stale: its parent {cand.parent_id or 'none'} is not production ({record.current_id or 'none'} is)"
         decision = Decision(passed=False, reason=reason, results=(), rules_digest=digest)
         return record("stale", False, reason, {}, decision.to_dict(), digest, started)
-    return _Pending(cand, current, record, holdout, train_count, parent_last, new_events)
+    return _Pending(cand, current, record, holdout, train_count, parent_last, new_events, known)
 
 
 def _raise_if_forgotten(stores: Stores, cand: Revision) -> None:

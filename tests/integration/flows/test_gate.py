@@ -308,9 +308,59 @@ def test_candidates_judged_together_get_the_decisions_they_get_alone(
             stored = decisions.get(conn, rev)
             user = registry.get_user(conn, registry.get_revision(conn, rev).user_id)
         assert stored is not None and stored.outcome == result.outcome
-        _close(stored.metrics, want[rev])
+        assert stored.metrics["scores"]["reused"] == 0  # production's own gate was the single path: nothing kept
+        _close({k: v for k, v in stored.metrics.items() if k != "scores"}, want[rev])
         alone = decide(rules, want[rev], user_id=user.user_id, app=user.app)
         assert result.outcome == ("promoted" if alone.passed else "rejected"), (result.reason, alone.reason)
+
+
+def test_a_later_gate_reuses_the_rows_the_serving_revisions_own_gate_kept(
+    settings, rules, stores, gate_announcer, retrain_one, tmp_path
+):
+    """First revisions judged together keep their rows (and the base's) in their decisions; when a next candidate
+    of such a user is judged, the serving revision's and the base's rows on the events they scored are taken from
+    that decision, not run again, and the decision says how many."""
+    from pipeline.flows.gate import judge_many
+
+    config = GateConfig(
+        model=settings.model,
+        probes=settings.gate.probes,
+        min_preference_pairs=settings.gate.min_preference_pairs,
+        max_length=settings.training.max_length,
+    )
+
+    def judged(revision_ids: list[str]) -> list[GateResult]:
+        results = judge_many(
+            revision_ids, stores=stores, announcer=gate_announcer, config=config, rules=rules, rules_source="default"
+        )
+        assert all(isinstance(r, GateResult) for r in results), results
+        return results  # type: ignore[return-value]
+
+    users = [f"reuse-{uuid.uuid4().hex[:6]}" for _ in range(4)]
+    for u in users:
+        add_events(settings, u, style=0)
+    first = judged([retrain_one(u).revision_id for u in users])
+    serving = [(u, r) for u, r in zip(users, first, strict=True) if r.outcome == "promoted"]
+    assert serving, f"no first revision of four users passed the gate: {[r.reason for r in first]}"
+    with psycopg.connect(settings.db.url) as conn:
+        kept = decisions.get(conn, serving[0][1].revision_id).metrics["scores"]
+    assert kept["reused"] == 0 and kept["candidate"] and kept["base"]
+
+    user = serving[0][0]
+    with psycopg.connect(settings.db.url) as conn:
+        own = examples_from_events(training.training_events(conn, user, 2**62))
+    later = candidate_from(settings, stores, user, own[:30], tmp_path, seed=31)
+    other = f"reuse-{uuid.uuid4().hex[:6]}"  # a second candidate (a new user's first): the stacked path
+    add_events(settings, other, style=0)
+    judged([later, retrain_one(other).revision_id])
+    with psycopg.connect(settings.db.url) as conn:
+        stored = decisions.get(conn, later)
+    # All of the serving revision's holdout, pair, general and probe rows, and the base's on the same events.
+    assert stored is not None and stored.metrics["scores"]["reused"] == len(kept["candidate"]) + len(kept["base"])
+    # Its general NLL is the one it got as a candidate, not measured again.
+    with psycopg.connect(settings.db.url) as conn:
+        was = decisions.get(conn, serving[0][1].revision_id)
+    assert stored.metrics["current"]["general_nll"] == was.metrics["candidate"]["general_nll"]
 
 
 def _close(a, b, path=""):

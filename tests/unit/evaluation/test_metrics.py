@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -18,7 +19,7 @@ import torch
 from pipeline.config import TrainingSettings
 from pipeline.demo import sim
 from pipeline.domain.errors import PersonaError
-from pipeline.domain.examples import TrainingEvent, example_of, examples_from_events
+from pipeline.domain.examples import TrainingEvent, example_of, examples_from_events, preference_pairs
 from pipeline.evaluation.metrics import (
     METRIC_KEYS,
     PAIRED,
@@ -443,6 +444,8 @@ def test_evaluate_many_equals_evaluate_per_request(world: SimpleNamespace, tmp_p
             new_events=req.new_events,
         )
         assert isinstance(result, dict), result
+        scores = result.pop("scores", None)  # the stacked path's rows for later gates (checked below)
+        assert scores is None or (scores["reused"] == 0 and scores["candidate"])
         _assert_close_tree(result, want)
     assert got[1]["candidate"]["new_shift"] is not None and got[1]["current"] is not None
 
@@ -452,6 +455,9 @@ def _assert_close_tree(a: Any, b: Any, path: str = "") -> None:
         assert isinstance(a, dict) and a.keys() == b.keys(), path
         for k in b:
             _assert_close_tree(a[k], b[k], f"{path}.{k}")
+    elif isinstance(b, list) and isinstance(a, list) and len(a) == len(b):
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close_tree(x, y, f"{path}[{k}]")
     elif isinstance(b, float) and isinstance(a, float):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (path, a, b)
     else:
@@ -538,3 +544,44 @@ def test_split_head_refuses_final_logit_processing() -> None:
     assert _split_head(plain) is not None
     for extra in ({"final_logit_softcapping": 30.0}, {"logit_scale": 0.5}):
         assert _split_head(LlamaForCausalLM(LlamaConfig(vocab_size=16, **shape, **extra))) is None, extra
+
+
+def test_a_later_gate_reuses_the_serving_revisions_rows(world: SimpleNamespace) -> None:
+    """The stacked gate leaves each candidate's rows (and the base's) in its result's ``scores``; the next round,
+    given them as ``known``, runs only the rows they do not hold (the serving revision's holdout, pair, general and
+    probe rows and the base's rows of the same events) and gives the same result within float rounding. Scores of
+    another fingerprint, or that do not read as rows, are not used."""
+    from pipeline.evaluation.metrics import EvalRequest, evaluate_many
+
+    events = holdout(world.events_a)
+    cut = events[len(events) // 2].seq
+    companion = EvalRequest(world.dir_a, None, events, 32, 32)  # two requests: the stacked path
+
+    def gate(req: EvalRequest) -> dict[str, Any]:
+        result = evaluate_many(world.base, [req, companion], probes=world.probes, batch_size=5)[0]
+        assert isinstance(result, dict), result
+        return result
+
+    # Round 1: B is judged against A; its rows are kept.
+    first = gate(EvalRequest(world.dir_b, world.dir_a, events, 30, 12, parent_last_seq=cut))
+    kept = first["scores"]
+    assert kept["reused"] == 0 and kept["version"] == 1 and len(kept["fingerprint"]) == 64
+    n_pairs = len(preference_pairs(events))
+    n_scored = sum(1 for e in events if example_of(e) is not None)
+    assert len(kept["base"]) == n_scored + 2 * n_pairs
+    assert len(kept["candidate"]) == n_scored + 2 * n_pairs + len(load_general()) + len(world.probes)
+
+    # Round 2: B serves, A is the candidate again. With B's rows known, the same result.
+    later = EvalRequest(world.dir_a, world.dir_b, events, 30, 12, parent_last_seq=cut)
+    plain = gate(later)
+    reusing = gate(dataclasses.replace(later, known=kept))
+    assert plain["scores"]["reused"] == 0
+    assert reusing["scores"]["reused"] == len(kept["candidate"]) + len(kept["base"])
+    for result in (plain, reusing):
+        result.pop("scores")
+    _assert_close_tree(reusing, plain)
+    assert reusing["current"]["general_nll"] == first["candidate"]["general_nll"]  # B's own, not recomputed
+
+    # Another fingerprint (another base, probe set or setting), or rows that do not read: computed again.
+    for known in ({**kept, "fingerprint": "0" * 64}, {**kept, "candidate": {"h:x": "not a row"}}, {"version": 9}):
+        assert gate(dataclasses.replace(later, known=known))["scores"]["reused"] == 0
