@@ -637,13 +637,15 @@ def scores_fingerprint(
     base: LoadedBase, probes: Sequence[str], general: Sequence[Example], max_length: int, native: bool
 ) -> str:
     """What a row's score depends on besides its adapter and its text: the base's weights, dtype and device type,
-    the probe prompts and general answers, the encoding's length limit, the LoRA branch's dtype path and the gate's
+    its tokenizer's vocabulary size and chat template, the probe prompts and general answers, the encoding's length limit, the LoRA branch's dtype path and the gate's
     kernels. Scores are reused only under an equal fingerprint."""
     param = next(base.model.parameters())
     blob = json.dumps(
         [
             SCORES_VERSION,
             base.ref.sha256,
+            len(base.tokenizer),
+            getattr(base.tokenizer, "chat_template", None),
             str(param.dtype),
             param.device.type,
             list(probes),
