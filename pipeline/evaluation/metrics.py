@@ -637,8 +637,8 @@ def scores_fingerprint(
     base: LoadedBase, probes: Sequence[str], general: Sequence[Example], max_length: int, native: bool
 ) -> str:
     """What a row's score depends on besides its adapter and its text: the base's weights, dtype and device type,
-    its tokenizer's vocabulary size and chat template, the probe prompts and general answers, the encoding's length limit, the LoRA branch's dtype path and the gate's
-    kernels. Scores are reused only under an equal fingerprint."""
+    its tokenizer's vocabulary size and chat template, the probe prompts and general answers, the encoding's length
+    limit, the LoRA branch's dtype path and the gate's kernels. Scores are reused only under an equal fingerprint."""
     param = next(base.model.parameters())
     blob = json.dumps(
         [
