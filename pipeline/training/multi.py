@@ -256,7 +256,8 @@ def _start_direct(base: LoadedBase, settings: TrainingSettings, parent_dir: Path
     if parent_dir is not None:
         try:
             config = LoraConfig.from_pretrained(str(parent_dir))
-            state, _ = multilora.read_adapter_dir(parent_dir, torch.float32)
+            # One vector of fp32 values, its layout parsed once per header (a batch's parents share one).
+            state = multilora.read_adapter_table(parent_dir, torch.float32).tensors()
         except (OSError, ValueError, TypeError, multilora.AdapterFormatError) as e:
             raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
         config.inference_mode = False
