@@ -319,7 +319,7 @@ def _start_direct(base: LoadedBase, settings: TrainingSettings, parent_dir: Path
                     f"the parent adapter in {parent_dir} does not fit the base at {path}: A {tuple(a.shape)}, "
                     f"B {tuple(b.shape)} for a Linear {lin.in_features} -> {lin.out_features} at rank {r}"
                 )
-            modules[path] = (a.to(torch.float32), b.to(torch.float32), scaling)
+            modules[path] = (a, b, scaling)  # fp32 already: read_adapter_table converted the whole vector
         extra = set(state) - {f"{p}.lora_{k}.weight" for p in paths for k in "AB"}
         if extra:
             raise TrainingError(
