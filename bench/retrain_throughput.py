@@ -768,6 +768,14 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def choices(option: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma list of ``allowed`` words (empty: the first), or SystemExit naming ``option``."""
+    got = [v for v in value.split(",") if v] or [allowed[0]]
+    if set(got) - set(allowed):
+        raise SystemExit(f"{option}: {' or '.join(allowed)}, got {value!r}")
+    return got
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(SHAPES))
@@ -828,18 +836,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
     micros = [int(m) for m in args.micro.split(",")]
     gate_rows = [g for g in args.gate_rows.split(",") if g] or [""]
-    rms = [r for r in args.rms_backward.split(",") if r] or ["row"]
-    if set(rms) - {"row", "liger"}:
-        raise SystemExit(f"--rms-backward: row or liger, got {args.rms_backward!r}")
-    gate_kernels = [g for g in args.gate_kernels.split(",") if g] or ["fused"]
-    if set(gate_kernels) - {"fused", "hf"}:
-        raise SystemExit(f"--gate-kernels: fused or hf, got {args.gate_kernels!r}")
-    branches = [b for b in args.train_branch.split(",") if b] or ["node"]
-    if set(branches) - {"node", "ops"}:
-        raise SystemExit(f"--train-branch: node or ops, got {args.train_branch!r}")
-    reuses = [r for r in args.gate_reuse.split(",") if r] or ["off"]
-    if set(reuses) - {"on", "off"}:
-        raise SystemExit(f"--gate-reuse: on or off, got {args.gate_reuse!r}")
+    rms = choices("--rms-backward", args.rms_backward, ("row", "liger"))
+    gate_kernels = choices("--gate-kernels", args.gate_kernels, ("fused", "hf"))
+    branches = choices("--train-branch", args.train_branch, ("node", "ops"))
+    reuses = choices("--gate-reuse", args.gate_reuse, ("off", "on"))
     lists = [micros, gate_rows, rms, gate_kernels, branches, reuses]
     n_waves = max(len(x) for x in lists)
     micros, gate_rows, rms, gate_kernels, branches, reuses = (x * n_waves if len(x) == 1 else x for x in lists)
