@@ -38,7 +38,8 @@ ROW_BACKWARD = True
 
 @functools.cache
 def liger() -> Any:
-    """liger-kernel's fused linear cross-entropy, RMSNorm and SiLU-mul functions, or None when not installed."""
+    """liger-kernel's fused linear cross-entropy, RMSNorm, SiLU-mul and rotary functions, or None when not
+    installed."""
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -98,8 +99,9 @@ def available(device: torch.device) -> bool:
 @contextlib.contextmanager
 def patched(model: nn.Module, on: bool = True) -> Iterator[int]:
     """With ``on``: liger's RMSNorm and SiLU-mul in place of the forward of every Llama-style RMSNorm and gated MLP of
-    ``model`` until the block ends (module docstring). Yields how many modules were patched. Raises RuntimeError
-    when liger-kernel is not available."""
+    ``model``, and liger's rotary kernel for this thread's Llama attention, until the block ends (module docstring).
+    Yields how many modules were patched (the rotary dispatch counts one). Raises RuntimeError when liger-kernel is
+    not available."""
     if not on:
         yield 0
         return
