@@ -170,6 +170,7 @@ def judge_many(
             m = measured[k]
             if isinstance(m, BaseException):
                 return m
+            prom.GATE_ROWS_REUSED.inc(int((m.get("scores") or {}).get("reused", 0)))
             decision = decide(rules, m, user_id=p.cand.user_id, app=p.record.app)
             for r in decision.results:
                 prom.GATE_RULE_OUTCOMES.labels(r.name, r.outcome).inc()

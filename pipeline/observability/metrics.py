@@ -115,6 +115,10 @@ GATE_RULE_OUTCOMES = Counter(
     "Outcomes of each gating rule (pass, fail, skip, missing_reject).",
     ["rule", "outcome"],
 )
+GATE_ROWS_REUSED = Counter(
+    "persona_gate_rows_reused_total",
+    "Rows of the batched gate taken from the serving revision's own gate (its and the base's) instead of run again.",
+)
 GATE_SECONDS = Histogram(
     "persona_gate_seconds",
     "Seconds to judge one candidate (metrics of candidate, current and base).",

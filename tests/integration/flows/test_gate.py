@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -352,11 +353,14 @@ def test_a_later_gate_reuses_the_rows_the_serving_revisions_own_gate_kept(
     later = candidate_from(settings, stores, user, own[:30], tmp_path, seed=31)
     other = f"reuse-{uuid.uuid4().hex[:6]}"  # a second candidate (a new user's first): the stacked path
     add_events(settings, other, style=0)
-    judged([later, retrain_one(other).revision_id])
+    second = retrain_one(other).revision_id
+    counted = REGISTRY.get_sample_value("persona_gate_rows_reused_total") or 0.0
+    judged([later, second])
     with psycopg.connect(settings.db.url) as conn:
         stored = decisions.get(conn, later)
     # All of the serving revision's holdout, pair, general and probe rows, and the base's on the same events.
     assert stored is not None and stored.metrics["scores"]["reused"] == len(kept["candidate"]) + len(kept["base"])
+    assert REGISTRY.get_sample_value("persona_gate_rows_reused_total") - counted == stored.metrics["scores"]["reused"]
     # Its general NLL is the one it got as a candidate, not measured again.
     with psycopg.connect(settings.db.url) as conn:
         was = decisions.get(conn, serving[0][1].revision_id)
