@@ -48,6 +48,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.domain.errors import AdapterNotServable, PersonaError
+from pipeline.models import lora_kernels
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,18 @@ class MultiLoraLinear(nn.Module):
                 x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, index
             )
             return out
+        if (
+            TRITON_BRANCH
+            and self._rows.native
+            and not torch.is_grad_enabled()
+            and lora_kernels.available(x, self.lora_A.shape[1])
+        ):
+            # No gradients (the stacked gate), on a GPU: the base, then each row's branch added in place by one
+            # Triton kernel (`pipeline.models.lora_kernels`).
+            flat = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
+            y = torch.nn.functional.linear(flat, self.base.weight, self.base.bias)
+            lora_kernels.forward(flat, y, self.lora_A, self.lora_B, self.scaling, index, keep_h=False)
+            return y.view(*x.shape[:-1], y.shape[-1])
         result = self.base(x)
         if self.lora_A.requires_grad:
             # Training (rows are never negative there): index_select, whose backward is one index_add into the
@@ -224,6 +237,15 @@ class _TrainBranch(torch.autograd.Function):
     ) -> torch.Tensor:
         dt = x.dtype
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, in]
+        ctx.x_shape = x.shape
+        ctx.stack_dtypes = (lora_a.shape, lora_a.dtype, lora_b.shape, lora_b.dtype)
+        ctx.triton = TRITON_BRANCH and lora_kernels.available(x, lora_a.shape[1])
+        if ctx.triton:  # the branch in Triton kernels: each row's tokens read once (`pipeline.models.lora_kernels`)
+            flat = flat.contiguous()
+            y = torch.nn.functional.linear(flat, weight, bias)
+            h = lora_kernels.forward(flat, y, lora_a, lora_b, scaling, index)
+            ctx.save_for_backward(flat, weight, lora_a, lora_b, scaling, h, index)
+            return y.view(*x.shape[:-1], y.shape[-1])
         a = lora_a.index_select(0, index).to(dt)  # [B, R, in]
         b = lora_b.index_select(0, index).to(dt)  # [B, out, R]
         s = scaling.index_select(0, index).to(dt)[:, None, None]  # [B, 1, 1]
@@ -231,14 +253,26 @@ class _TrainBranch(torch.autograd.Function):
         h = torch.bmm(flat, a.transpose(1, 2)) * s  # [B, N, R]
         y.baddbmm_(h, b.transpose(1, 2))
         ctx.save_for_backward(flat, weight, a, b, s, h, index)
-        ctx.x_shape = x.shape
-        ctx.stack_dtypes = (lora_a.shape, lora_a.dtype, lora_b.shape, lora_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        flat, weight, a, b, s, h, index = ctx.saved_tensors
         a_shape, a_dtype, b_shape, b_dtype = ctx.stack_dtypes
+        if ctx.triton:
+            flat, weight, lora_a, lora_b, scaling, h, index = ctx.saved_tensors
+            dy = dy.reshape(flat.shape[0], -1, dy.shape[-1]).contiguous()
+            dx = torch.matmul(dy, weight) if ctx.needs_input_grad[0] else None
+            grad_a, grad_b = lora_kernels.backward(dy, dx, flat, lora_a, lora_b, scaling, index, h)
+            return (
+                dx.view(ctx.x_shape) if dx is not None else None,
+                None,
+                None,
+                grad_a.to(a_dtype) if ctx.needs_input_grad[3] else None,
+                grad_b.to(b_dtype) if ctx.needs_input_grad[4] else None,
+                None,
+                None,
+            )
+        flat, weight, a, b, s, h, index = ctx.saved_tensors
         dy = dy.reshape(flat.shape[0], -1, dy.shape[-1])  # [B, N, out]
         dh = torch.bmm(dy, b) * s  # [B, N, R]: the gradient of x A^T
         dx = None
@@ -302,6 +336,9 @@ _HALF = (torch.bfloat16, torch.float16)
 #: Batched training's layers in the input's half dtype run as one autograd node (`_TrainBranch`); False: the plain
 #: autograd ops (the benchmark and the tests compare the two).
 TRAIN_BRANCH = True
+#: On CUDA, at rank <= `lora_kernels.MAX_RANK`, the half-dtype branch (training's one node, the gate's no-grad
+#: forward) runs in `pipeline.models.lora_kernels`' Triton kernels; False: torch's batched GEMMs.
+TRITON_BRANCH = True
 
 
 def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack], *, native: bool = False) -> LoraWrap:

@@ -1,0 +1,232 @@
+"""Triton kernels of the per-row LoRA branch at small rank, on CUDA: each row's tokens read once per pass.
+
+`pipeline.models.multilora.MultiLoraLinear` adds to a frozen projection ``y = x W^T`` each batch row's own adapter,
+``y += ((x A[s]^T) * scaling[s]) B[s]^T`` (row ``i`` uses stack row ``s = index[i]``). With torch ops that is a
+batched GEMM per row: at rank 1, cuBLAS pads each row's ``[tokens, in] x [in, 1]`` to 64-wide tiles or runs a
+GEMV per row, and a K=256 training step spent more time in the branch than in the frozen projections it rides on
+(bench/results/retrain_throughput.md). Here one program takes a block of one row's tokens:
+
+- `forward`: ``h = (x A[s]^T) * scaling[s]`` (the input read once), then ``y += h B[s]^T`` in place (the output read
+  and written once); returns ``h`` (fp32, ``[rows, tokens, r]``) for the backward.
+- `backward`: ``dh = (dy B[s]) * scaling[s]`` and ``dB[s] += dy^T h`` (``dy`` read once), then ``dx += dh A[s]``
+  in place and ``dA[s] += dh^T x`` (the input and ``dx`` read once); the stacks' gradients are summed over a
+  program's tokens first, then added to the user's row with fp32 atomics.
+
+The products run on tensor cores in the input's dtype (A and B cast to it, as the torch path does) with fp32
+accumulation; the rank is padded to 16 in registers only. `available` says whether they can run (Triton imports, a
+CUDA tensor of a half dtype, rank <= `MAX_RANK`); tests/unit/models/test_lora_kernels.py holds them equal to the
+torch path on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+#: The largest rank the kernels take (the padded rank lives in registers).
+MAX_RANK = 64
+
+
+@functools.cache
+def _triton() -> Any:
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # not installed (the CPU wheels), or no GPU backend
+        return None
+    return _build(triton, tl)
+
+
+def available(x: torch.Tensor, rank: int) -> bool:
+    """Whether the kernels run for input ``x`` and LoRA rank ``rank``."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rank <= MAX_RANK and _triton() is not None
+
+
+def _blocks(tokens: int, rank: int) -> tuple[int, int]:
+    """(tokens per program, padded rank)."""
+    bt = 16
+    while bt < min(tokens, 64):
+        bt *= 2
+    rp = 16
+    while rp < rank:
+        rp *= 2
+    return bt, rp
+
+
+def forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    index: torch.Tensor,
+    keep_h: bool = True,
+) -> torch.Tensor | None:
+    """``y += ((x A[index]^T) * scaling[index]) B[index]^T`` in place, per row; ``x`` ``[rows, tokens, in]`` and
+    ``y`` ``[rows, tokens, out]`` contiguous, ``lora_a`` ``[n, r, in]``, ``lora_b`` ``[n, out, r]``, ``scaling``
+    ``[n]``, ``index`` ``[rows]`` (long, on the device). Returns ``h`` (fp32 ``[rows, tokens, r]``) when
+    ``keep_h``."""
+    k = _triton()
+    rows, tokens, d_in = x.shape
+    d_out, rank = lora_b.shape[1], lora_b.shape[2]
+    bt, rp = _blocks(tokens, rank)
+    index, scaling = index.contiguous(), scaling.contiguous()  # read as flat arrays (a column of a batch is not)
+    h = torch.empty((rows, tokens, rank), dtype=torch.float32, device=x.device) if keep_h else x.new_empty(0)
+    grid = (rows, (tokens + bt - 1) // bt)
+    k.forward[grid](
+        x, y, lora_a, lora_b, scaling, index, h,
+        tokens, d_in, d_out, rank,
+        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        KEEP_H=keep_h, BT=bt, BI=64, BO=64, RP=rp,
+    )  # fmt: skip
+    return h if keep_h else None
+
+
+def backward(
+    dy: torch.Tensor,
+    dx: torch.Tensor | None,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    index: torch.Tensor,
+    h: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branch's backward for `forward`'s arguments and ``h``: adds ``dh A[index]`` into ``dx`` in place (when
+    given: ``dy W`` already there) and returns the stacks' gradients ``(dA, dB)`` (fp32, the stacks' shapes)."""
+    k = _triton()
+    rows, tokens, d_in = x.shape
+    d_out, rank = lora_b.shape[1], lora_b.shape[2]
+    bt, rp = _blocks(tokens, rank)
+    index, scaling = index.contiguous(), scaling.contiguous()
+    da = torch.zeros(lora_a.shape, dtype=torch.float32, device=x.device)
+    db = torch.zeros(lora_b.shape, dtype=torch.float32, device=x.device)
+    grid = (rows, (tokens + bt - 1) // bt)
+    k.backward[grid](
+        dy, dx if dx is not None else dy, x, lora_a, lora_b, scaling, index, h, da, db,
+        tokens, d_in, d_out, rank,
+        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        HAS_DX=dx is not None, BT=bt, BI=64, BO=64, RP=rp,
+    )  # fmt: skip
+    return da, db
+
+
+def _build(triton: Any, tl: Any) -> Any:
+    """The jitted kernels (built where Triton imports)."""
+
+    @triton.jit
+    def lora_forward(
+        X, Y, A, B, S, IDX, H,
+        tokens, d_in, d_out, rank,
+        sa_n, sa_r, sa_i, sb_n, sb_o, sb_r,
+        KEEP_H: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        toks = tl.program_id(1) * BT + tl.arange(0, BT)
+        tmask = toks < tokens
+        slot = tl.load(IDX + row)
+        scale = tl.load(S + slot).to(tl.float32)
+        rr = tl.arange(0, RP)
+        rmask = rr < rank
+        x_row = X + row * tokens * d_in
+        acc = tl.zeros((BT, RP), dtype=tl.float32)
+        for i0 in range(0, d_in, BI):
+            ii = i0 + tl.arange(0, BI)
+            imask = ii < d_in
+            x = tl.load(x_row + toks[:, None] * d_in + ii[None, :], mask=tmask[:, None] & imask[None, :], other=0.0)
+            a = tl.load(
+                A + slot * sa_n + ii[:, None] * sa_i + rr[None, :] * sa_r,
+                mask=imask[:, None] & rmask[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(x, a.to(x.dtype))
+        # h as the torch path has it: x A^T in the input's dtype, then scaled
+        h = acc.to(X.dtype.element_ty).to(tl.float32) * scale
+        if KEEP_H:
+            tl.store(
+                H + row * tokens * rank + toks[:, None] * rank + rr[None, :], h, mask=tmask[:, None] & rmask[None, :]
+            )
+        hb = h.to(X.dtype.element_ty)
+        y_row = Y + row * tokens * d_out
+        for o0 in range(0, d_out, BO):
+            oo = o0 + tl.arange(0, BO)
+            omask = oo < d_out
+            b = tl.load(
+                B + slot * sb_n + rr[:, None] * sb_r + oo[None, :] * sb_o,
+                mask=rmask[:, None] & omask[None, :],
+                other=0.0,
+            )
+            m = tmask[:, None] & omask[None, :]
+            ptr = y_row + toks[:, None] * d_out + oo[None, :]
+            y = tl.load(ptr, mask=m, other=0.0).to(tl.float32) + tl.dot(hb, b.to(hb.dtype))
+            tl.store(ptr, y.to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def lora_backward(
+        DY, DX, X, A, B, S, IDX, H, DA, DB,
+        tokens, d_in, d_out, rank,
+        sa_n, sa_r, sa_i, sb_n, sb_o, sb_r,
+        HAS_DX: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        toks = tl.program_id(1) * BT + tl.arange(0, BT)
+        tmask = toks < tokens
+        slot = tl.load(IDX + row)
+        scale = tl.load(S + slot).to(tl.float32)
+        rr = tl.arange(0, RP)
+        rmask = rr < rank
+        h = tl.load(
+            H + row * tokens * rank + toks[:, None] * rank + rr[None, :],
+            mask=tmask[:, None] & rmask[None, :],
+            other=0.0,
+        )
+        hb = h.to(DY.dtype.element_ty)
+        dy_row = DY + row * tokens * d_out
+        acc = tl.zeros((BT, RP), dtype=tl.float32)
+        for o0 in range(0, d_out, BO):
+            oo = o0 + tl.arange(0, BO)
+            omask = oo < d_out
+            dy = tl.load(dy_row + toks[:, None] * d_out + oo[None, :], mask=tmask[:, None] & omask[None, :], other=0.0)
+            b = tl.load(
+                B + slot * sb_n + oo[:, None] * sb_o + rr[None, :] * sb_r,
+                mask=omask[:, None] & rmask[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(dy, b.to(dy.dtype))
+            # dB[slot] += dy^T h over this program's tokens
+            db = tl.dot(tl.trans(dy), hb)
+            tl.atomic_add(
+                DB + slot * d_out * rank + oo[:, None] * rank + rr[None, :], db, mask=omask[:, None] & rmask[None, :]
+            )
+        dh = (acc.to(DY.dtype.element_ty).to(tl.float32) * scale).to(DY.dtype.element_ty)
+        x_row = X + row * tokens * d_in
+        dx_row = DX + row * tokens * d_in
+        for i0 in range(0, d_in, BI):
+            ii = i0 + tl.arange(0, BI)
+            imask = ii < d_in
+            m = tmask[:, None] & imask[None, :]
+            x = tl.load(x_row + toks[:, None] * d_in + ii[None, :], mask=m, other=0.0)
+            a = tl.load(
+                A + slot * sa_n + rr[:, None] * sa_r + ii[None, :] * sa_i,
+                mask=rmask[:, None] & imask[None, :],
+                other=0.0,
+            )
+            if HAS_DX:
+                ptr = dx_row + toks[:, None] * d_in + ii[None, :]
+                dx = tl.load(ptr, mask=m, other=0.0).to(tl.float32) + tl.dot(dh, a.to(dh.dtype))
+                tl.store(ptr, dx.to(DX.dtype.element_ty), mask=m)
+            # dA[slot] += dh^T x over this program's tokens
+            da = tl.dot(tl.trans(dh), x)
+            tl.atomic_add(
+                DA + slot * rank * d_in + rr[:, None] * d_in + ii[None, :], da, mask=rmask[:, None] & imask[None, :]
+            )
+
+    class Kernels:
+        forward = lora_forward
+        backward = lora_backward
+
+    return Kernels

@@ -1,0 +1,80 @@
+"""The Triton LoRA-branch kernels (pipeline/models/lora_kernels.py) against the torch path of MultiLoraLinear, on
+a GPU: training's forward and its gradients (input, A and B), and the gate's no-grad forward over stacks that are
+views of one table. On a machine without CUDA and Triton the kernels are not used (`available` is False)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.models import lora_kernels, multilora
+
+
+def test_not_available_without_cuda():
+    assert not lora_kernels.available(torch.zeros(2, 3, 4, dtype=torch.bfloat16), 1)
+
+
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and lora_kernels.available(torch.zeros(1, device="cuda", dtype=torch.bfloat16), 1)),
+    reason="needs CUDA and Triton",
+)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+@needs_gpu
+@pytest.mark.parametrize(("rank", "tokens", "d_in", "d_out"), [(1, 37, 96, 80), (3, 70, 64, 200), (20, 9, 130, 64)])
+def test_training_branch_equals_the_torch_path(monkeypatch, rank, tokens, d_in, d_out):
+    gen = torch.Generator(device="cuda").manual_seed(rank)
+    users, rows = 5, 11
+    base = nn.Linear(d_in, d_out, bias=True, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    a = nn.Parameter(torch.randn(users, rank, d_in, device="cuda", generator=gen) / d_in**0.5)
+    b = nn.Parameter(torch.randn(users, d_out, rank, device="cuda", generator=gen) * 0.1)
+    s = torch.rand(users, device="cuda", generator=gen) + 0.5
+    # the row index as training passes it: a column of the batch's packed rows (not contiguous)
+    packed = torch.tensor([[u, 7, 9] for u in [0, 3, 3, 1, 4, 0, 2, 2, 3, 1, 0]], device="cuda")
+    index = packed[:, 0]
+    assert not index.is_contiguous()
+    x = torch.randn(rows, tokens, d_in, device="cuda", dtype=torch.bfloat16, generator=gen)
+    dy = torch.randn(rows, tokens, d_out, device="cuda", dtype=torch.bfloat16, generator=gen)
+    rows_index = multilora._Rows(native=True)
+    rows_index.index = index
+    layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, s), rows_index)
+    got = {}
+    for triton in (False, True):
+        monkeypatch.setattr(multilora, "TRITON_BRANCH", triton)
+        xi = x.clone().requires_grad_(True)
+        a.grad = b.grad = None
+        y = layer(xi)
+        y.backward(dy)
+        got[triton] = (y.detach(), xi.grad, a.grad.clone(), b.grad.clone())
+    for name, g, r in zip(("y", "dx", "dA", "dB"), got[True], got[False], strict=True):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert _rel(g, r) < 2e-2, (name, _rel(g, r))
+    # users without rows get no gradient
+    assert float(got[True][2][[u for u in range(users) if u not in index.tolist()]].abs().sum()) == 0.0
+
+
+@needs_gpu
+def test_gate_forward_over_table_views_equals_the_torch_path(monkeypatch):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    n, rank, d_in, d_out = 6, 2, 72, 100
+    # the gate's stacks: bf16 views of one table's columns (row stride = the table's width)
+    table = torch.randn(n, rank * d_in + d_out * rank + 5, device="cuda", generator=gen).to(torch.bfloat16) * 0.2
+    a = table[:, : rank * d_in].view(n, rank, d_in)
+    b = table[:, rank * d_in : rank * d_in + d_out * rank].view(n, d_out, rank)
+    s = torch.full((n,), 2.0, device="cuda", dtype=torch.bfloat16)
+    base = nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    rows_index = multilora._Rows(native=True)
+    rows_index.index = torch.tensor([5, 0, 2, 2], device="cuda")
+    layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, s), rows_index)
+    x = torch.randn(4, 33, d_in, device="cuda", dtype=torch.bfloat16, generator=gen)
+    with torch.no_grad():
+        monkeypatch.setattr(multilora, "TRITON_BRANCH", False)
+        want = layer(x)
+        monkeypatch.setattr(multilora, "TRITON_BRANCH", True)
+        got = layer(x)
+    assert _rel(got, want) < 1e-2
