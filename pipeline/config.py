@@ -288,6 +288,13 @@ class TrainingSettings(BaseSettings):
         "GPU: the add to the base output fused into the second GEMM; fp32 weights and optimizer state); fp32 = "
         "peft's numerics (the input cast to fp32). The same on an fp32 base.",
     )
+    shared_prefix: bool = Field(
+        False,
+        description="Batched training runs the first tokens every row of a micro-batch has in common (the chat "
+        "template's head) once per user, not once per row (the same loss and gradients; Llama/Qwen2/Qwen3 on SDPA "
+        "attention). Off by default: on an H200 it ran ~35% fewer tokens but took longer (the step is bound by "
+        "kernel launches as much as by the GPU; bench/results/retrain_throughput.md).",
+    )
 
     @property
     def targets(self) -> list[str]:

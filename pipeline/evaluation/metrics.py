@@ -56,7 +56,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline import config
 from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import Example, TrainingEvent, example_of, preference_pairs
-from pipeline.models import encoding, fused_layers
+from pipeline.models import encoding, fused_layers, shared_prefix
 from pipeline.models.attach import attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase, varied_shape_attention
 from pipeline.models.encoding import IGNORE, EncodedExample, encode_examples
@@ -791,6 +791,10 @@ SPLIT_BATCH = {"cpu": 32, "cuda": 1024}
 #: (on an H200, a K=256 gate took 11.8-13.0 s instead of 16.5 s; bench/results/retrain_throughput.md). Candidate,
 #: current and base rows are all measured so (within bf16 rounding of HF's modules); False: HF's own modules.
 FUSED_LAYERS = True
+#: The stacked gate's labelled rows run the first tokens all rows of a forward have in common (the chat template's
+#: head) once per adapter, not once per row (`pipeline.models.shared_prefix`): the same scores within rounding. Off:
+#: on an H200 a K=256 gate took 10.1 s with it and 10.2 s without (bench/results/retrain_throughput.md).
+SHARED_PREFIX = False
 #: Target tokens per LM-head GEMM of the stacked gate's labelled rows (their fp32 logits exist one chunk at a time).
 HEAD_CHUNK = 8192
 #: Model types whose causal LM's logits are ``lm_head(decoder(...).last_hidden_state)`` and nothing more: the stacked
@@ -1067,9 +1071,19 @@ def _evaluate_stacked(
             else:
                 labelled_size = batch_size if explicit else SPLIT_BATCH.get(device.type, batch_size)
             batches = plan_batches(labelled_size)
+            share = SHARED_PREFIX and split is not None and shared_prefix.available(model)
+            prefixed = 0  # forwards run with a shared prefix
             for members, probe_j in batches:
                 chunk = [rows[r] for r in members]
                 keys = [r[3] for r in chunk]
+                prefix = None
+                if share and probe_j is None:
+                    # The rows' common first tokens, run once per adapter; the rows without them.
+                    common = shared_prefix.common_length([r[1] for r in chunk], [r[2] for r in chunk])
+                    if common:
+                        prefix = shared_prefix.prefix_of(chunk[0][1], common, [r[0] for r in chunk])
+                        chunk = [(r[0], r[1][common:], (r[2] or [])[common:], r[3]) for r in chunk]
+                        prefixed += 1
                 width = max(len(r[1]) for r in chunk)
                 if probe_j is None:
                     # Labelled rows: the sum of their target tokens' log-probs (as `_target_logprobs`).
@@ -1084,7 +1098,8 @@ def _evaluate_stacked(
                 # and only real positions are read. (A padding mask costs a device sync per forward: transformers
                 # asks `mask.all()` to choose its SDPA path, and the host could not queue the next batch meanwhile.)
                 mask = None
-                lora.set_rows(to_device(torch.tensor([r[0] for r in chunk], dtype=torch.long)))
+                row_slots = to_device(torch.tensor([r[0] for r in chunk], dtype=torch.long))
+                lora.set_rows(row_slots)
                 if probe_j is not None:
                     # One probe's rows (same ids, no padding): their KL from the base, summed over positions.
                     if probe_j not in references:
@@ -1103,7 +1118,12 @@ def _evaluate_stacked(
                     del logits
                 else:
                     body, head = split
-                    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    on_device = None
+                    if prefix is not None:
+                        on_device = shared_prefix.Prefix(
+                            to_device(prefix.ids), to_device(prefix.slots), to_device(prefix.owner)
+                        )
+                    hidden = shared_prefix.decoder_states(body, ids, on_device, lora.set_rows, row_slots)
                     lora.set_rows(None)
                     # The labelled positions, found on the host (no device sync): flat position t of row b in
                     # [B, T-1] predicts label t + 1, from hidden state b * T + t.
@@ -1124,11 +1144,12 @@ def _evaluate_stacked(
                 for key, value, n in zip(keys, values.cpu().tolist(), tokens_of, strict=True):
                     out[key] = (value, n)
     log.info(
-        "gate: %d candidates, %d rows in %d forwards (%d more reused from earlier gates): stacks and rows built in "
-        "%.2f s, forwards queued in %.2f s, then waited %.2f s for the device",
+        "gate: %d candidates, %d rows in %d forwards (%d with a shared prefix; %d more rows reused from earlier "
+        "gates): stacks and rows built in %.2f s, forwards queued in %.2f s, then waited %.2f s for the device",
         len(loaded),
         len(rows),
         len(batches),
+        prefixed,
         sum(reused.values()),
         prepared - started,
         queued - prepared,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import TrainingSettings
-from pipeline.models import encoding
+from pipeline.models import encoding, shared_prefix
 from pipeline.models.encoding import IGNORE, EncodedExample
 from pipeline.models.multilora import LoraWrap
 from pipeline.training.fused import Fused, linear_nll
@@ -78,13 +78,14 @@ class _Unit:
         return max(len(e.input_ids) for e in self.rows)
 
 
-def micro_batches(units: list[_Unit], budget: int) -> Iterable[list[_Unit]]:
+def micro_batches(units: list[_Unit], budget: int, shared: int = 0) -> Iterable[list[_Unit]]:
     """Units sorted by length (little padding), cut where the padded size would pass ``budget`` tokens (a unit
-    larger than the budget is a micro-batch of its own)."""
+    larger than the budget is a micro-batch of its own); ``shared``: the rows' common first tokens, run once per
+    user (`pipeline.models.shared_prefix`) and not counted."""
     chunk: list[_Unit] = []
     rows = 0
     for unit in sorted(units, key=lambda u: u.width):
-        if chunk and (rows + len(unit.rows)) * unit.width > budget:
+        if chunk and (rows + len(unit.rows)) * (unit.width - shared) > budget:
             yield chunk
             chunk, rows = [], 0
         chunk.append(unit)
@@ -125,8 +126,14 @@ def nll_sums(
     pair_sums = torch.zeros(n_users, dtype=torch.float64, device=device)
     cuda = device.type == "cuda"
     mode = (fused or Fused.resolve(settings.fused_kernels, device)).loss
-    chunks = micro_batches(units, settings.micro_batch_budget(device.type))
-    with contextlib.closing(built_ahead(functools.partial(_prepare, pad_id=pad_id, pin=cuda), chunks)) as ready:
+    # The rows' common first tokens (the chat template's head), run once per user per micro-batch.
+    shared = 0
+    if settings.shared_prefix and len(units) > 1 and shared_prefix.available(model):
+        every = [e for u in units for e in u.rows]
+        shared = shared_prefix.common_length([e.input_ids for e in every], [e.labels for e in every])
+    chunks = micro_batches(units, settings.micro_batch_budget(device.type), shared)
+    build = functools.partial(_prepare, pad_id=pad_id, pin=cuda, shared=shared)
+    with contextlib.closing(built_ahead(build, chunks)) as ready:
         for batch in ready:
             _forward_backward(
                 batch, lora, model, device, mode, settings, params, weights, pair_weights, sums, pair_sums
@@ -139,20 +146,28 @@ def nll_sums(
 class _Batch:
     """A micro-batch built on the host (`_prepare`): ``packed`` rows (slot, padding, ids), ``picked`` labelled
     positions (flat position, target, slot, row, is-example), ``paired`` pairs (slot, chosen row, rejected row,
-    their target counts); pinned when bound for a GPU."""
+    their target counts); pinned when bound for a GPU. With a ``prefix``, the rows' ids leave out its tokens
+    (positions count from the first token after it)."""
 
     rows: int
     width: int
     packed: torch.Tensor
     picked: torch.Tensor
     paired: torch.Tensor
+    prefix: shared_prefix.Prefix | None = None
 
 
-def _prepare(chunk: list[_Unit], *, pad_id: int, pin: bool) -> _Batch:
+def _prepare(chunk: list[_Unit], *, pad_id: int, pin: bool, shared: int = 0) -> _Batch:
     """A micro-batch's tensors, built on the host (by `built_ahead`'s thread, while the GPU runs the one before),
     with numpy over all of its values at once (a Python tuple per labelled token held the GIL that the thread
-    queueing the GPU work needs)."""
+    queueing the GPU work needs). ``shared``: how many first tokens every row has in common (`nll_sums`), left
+    out of the rows and run once per user."""
     rows = [(u.slot, e) for u in chunk for e in u.rows]
+    prefix = None
+    if shared:
+        first = rows[0][1].input_ids
+        prefix = shared_prefix.prefix_of(first, shared, [slot for slot, _ in rows])
+        rows = [(slot, encoding.EncodedExample(e.input_ids[shared:], e.labels[shared:])) for slot, e in rows]
     width = max(len(e.input_ids) for _, e in rows)
     slots = np.fromiter((slot for slot, _ in rows), dtype=np.int64, count=len(rows))
     ids = encoding.padded([e.input_ids for _, e in rows], width, pad_id).numpy()
@@ -177,7 +192,8 @@ def _prepare(chunk: list[_Unit], *, pad_id: int, pin: bool) -> _Batch:
     paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
     if pin:  # pinned: the copy does not wait for the GPU work queued before it
         host, picked, paired = host.pin_memory(), picked.pin_memory(), paired.pin_memory()
-    return _Batch(len(rows), width, host, picked, paired)
+        prefix = prefix.pin_memory() if prefix is not None else None
+    return _Batch(len(rows), width, host, picked, paired, prefix)
 
 
 _T = TypeVar("_T")
@@ -245,6 +261,7 @@ def _forward_backward(
     packed = batch.packed.to(device, non_blocking=cuda)
     picked = batch.picked.to(device, non_blocking=cuda)
     paired = batch.paired.to(device, non_blocking=cuda)
+    prefix = batch.prefix.to(device, non_blocking=cuda) if batch.prefix is not None else None
     slots, ids = packed[:, 0], packed[:, 2 : width + 2]
     # No attention mask: rows are right-padded and attention is causal, so a real token never attends to a pad, and
     # only labelled (real) positions carry a loss. A padding mask would cost a device sync per micro-batch
@@ -256,7 +273,8 @@ def _forward_backward(
     lora.set_rows(slots)
     try:
         with torch.enable_grad() if params is not None else contextlib.nullcontext():
-            nll = token_nll(model, ids, mask, positions, targets, mode)
+            shared = (prefix, lora.set_rows, slots) if prefix is not None else None
+            nll = token_nll(model, ids, mask, positions, targets, mode, shared)
             example_nll = torch.where(example, nll, torch.zeros_like(nll))
             pair_loss = None
             if has_pairs:
@@ -293,17 +311,25 @@ def token_nll(
     positions: torch.Tensor,
     targets: torch.Tensor,
     mode: str = "off",
+    shared: tuple[shared_prefix.Prefix, Callable[[torch.Tensor | None], None], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """NLL of each labelled next token (``positions`` flat in ``[rows, width - 1]``, ``targets`` their ids). The
     vocabulary projection runs only on those positions (the logits of every position of a large batch would not fit
     in memory); with ``mode`` ``liger`` or ``chunked`` and a bias-free Linear head, projection and loss are one
-    fused step that never holds those positions' fp32 logits at once (`pipeline.training.fused.linear_nll`)."""
+    fused step that never holds those positions' fp32 logits at once (`pipeline.training.fused.linear_nll`).
+    ``shared``: (the prefix the rows of ``ids`` begin with and leave out, the LoRA wrapper's ``set_rows``, the
+    rows' LoRA rows), run by `pipeline.models.shared_prefix.decoder_states`."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = model.config
     plain = getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+    if shared is not None and (decoder is None or head is None or not plain or mask is not None):
+        raise ValueError("a shared prefix needs a plain decoder and head, and rows without an attention mask")
     if decoder is not None and head is not None and plain:
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        if shared is not None:
+            hidden = shared_prefix.decoder_states(decoder, ids, *shared)
+        else:
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
         if type(head) is nn.Linear and head.bias is None:
             return linear_nll(picked, head.weight, targets, mode)

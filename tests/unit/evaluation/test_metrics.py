@@ -405,12 +405,27 @@ def test_probe_file_loads_and_bad_files_are_refused(tmp_path: Path) -> None:
 # ---- evaluate_many: the batched gate ---------------------------------------------------------------------------
 
 
-def test_evaluate_many_equals_evaluate_per_request(world: SimpleNamespace, tmp_path: Path) -> None:
+def test_evaluate_many_equals_evaluate_per_request(
+    world: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Several candidates (with and without a serving revision, with prior/new holdout splits and new events) in
     one stacked pass give each request the result `evaluate` gives it alone: every metric, paired interval and
     evidence count, within float rounding (rtol 1e-5: rows run in other batches and through the per-row LoRA
-    layer); a bad request fails alone, and one of another rank is evaluated on its own."""
+    layer); a bad request fails alone, and one of another rank is evaluated on its own. The stacked forwards run
+    the rows' common first tokens (the chat template's head) once per adapter (`shared_prefix`): counted."""
+    from pipeline.evaluation import metrics
     from pipeline.evaluation.metrics import EvalRequest, evaluate_many
+    from pipeline.models import shared_prefix
+
+    prefixes: list[int] = []
+    real = shared_prefix.decoder_states
+
+    def counted(decoder: Any, ids: Any, prefix: Any, set_rows: Any, row_slots: Any) -> Any:
+        prefixes.append(prefix.length if prefix is not None else 0)
+        return real(decoder, ids, prefix, set_rows, row_slots)
+
+    monkeypatch.setattr(shared_prefix, "decoder_states", counted)
+    monkeypatch.setattr(metrics, "SHARED_PREFIX", True)
 
     events = world.events_a
     cut = events[len(events) // 2].seq
@@ -448,6 +463,7 @@ def test_evaluate_many_equals_evaluate_per_request(world: SimpleNamespace, tmp_p
         assert scores is None or (scores["reused"] == 0 and scores["candidate"])
         _assert_close_tree(result, want)
     assert got[1]["candidate"]["new_shift"] is not None and got[1]["current"] is not None
+    assert any(n >= shared_prefix.MIN_PREFIX for n in prefixes), prefixes
 
 
 def _assert_close_tree(a: Any, b: Any, path: str = "") -> None:

@@ -91,22 +91,26 @@ def assert_same_adapter(a: Path, b: Path, lr: float = 1e-2) -> None:
 
 
 @pytest.mark.parametrize(
-    ("pair_counts", "anchor"),
+    ("pair_counts", "anchor", "shared"),
     [
-        pytest.param((0, 0, 0, 0), 0.0, id="no-pairs"),
-        pytest.param((5, 2, 9, 1), 0.0, id="all-pairs"),
-        pytest.param((0, 7, 4, 0), 0.0, id="mixed"),
-        pytest.param((0, 7, 4, 0), 20.0, id="mixed-anchored"),
+        pytest.param((0, 0, 0, 0), 0.0, False, id="no-pairs"),
+        pytest.param((5, 2, 9, 1), 0.0, False, id="all-pairs"),
+        pytest.param((0, 7, 4, 0), 0.0, False, id="mixed"),
+        pytest.param((0, 7, 4, 0), 20.0, False, id="mixed-anchored"),
+        pytest.param((5, 2, 9, 1), 0.0, True, id="all-pairs-shared-prefix"),
     ],
 )
-def test_four_users_batched_equal_four_peft_runs(tmp_path: Path, pair_counts: tuple[int, ...], anchor: float) -> None:
+def test_four_users_batched_equal_four_peft_runs(
+    tmp_path: Path, pair_counts: tuple[int, ...], anchor: float, shared: bool
+) -> None:
     """Different example counts (so batch sizes, validation slices and epochs differ), one with a parent, one that
     stops early; users with preference pairs (fewer or more than a step draws, some rows past max_length), users
-    without, and both in one batch; with and without the pull towards the starting weights: each adapter equals the
-    one its own peft run gives, step for step."""
+    without, and both in one batch; with and without the pull towards the starting weights; with the rows' common
+    first tokens run once per user (`shared_prefix`): each adapter equals the one its own peft run gives, step for
+    step."""
     base = load_base("tiny-random")
     sha = weights_sha256(base.model)
-    cfg = settings(**PAIRS, anchor=anchor)
+    cfg = settings(**PAIRS, anchor=anchor, shared_prefix=shared)
     train_adapter(base, user_examples(9, 20), tmp_path / "parent", cfg, parent_dir=None, seed=99)
     sizes = [24, 3, 40, 15]
     parents = [None, None, tmp_path / "parent", None]
