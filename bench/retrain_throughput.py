@@ -817,6 +817,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="a comma list paired with --micro: on (round 0 gated for every user, round 1's gate reusing those "
         "rows, as a worker's next gate does) or off (round 1's gate runs every row)",
     )
+    parser.add_argument(
+        "--shared-prefix",
+        default="off",
+        help="a comma list paired with --micro: on (training and the gate run the rows' common first tokens once "
+        "per adapter: TrainingSettings.shared_prefix, metrics.SHARED_PREFIX) or off (every row whole)",
+    )
+    parser.add_argument(
+        "--lora-kernels",
+        default="triton",
+        help="a comma list paired with --micro: triton (the LoRA branch in pipeline.models.lora_kernels where "
+        "available: multilora.TRITON_BRANCH) or torch (batched GEMMs)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="last, a profile of K users (fused)")
@@ -840,14 +852,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gate_kernels = choices("--gate-kernels", args.gate_kernels, ("fused", "hf"))
     branches = choices("--train-branch", args.train_branch, ("node", "ops"))
     reuses = choices("--gate-reuse", args.gate_reuse, ("off", "on"))
-    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses]
+    prefixes = choices("--shared-prefix", args.shared_prefix, ("off", "on"))
+    lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch"))
+    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways]
     n_waves = max(len(x) for x in lists)
-    micros, gate_rows, rms, gate_kernels, branches, reuses = (x * n_waves if len(x) == 1 else x for x in lists)
-    if len({len(x) for x in (micros, gate_rows, rms, gate_kernels, branches, reuses)}) != 1:
+    lists = [x * n_waves if len(x) == 1 else x for x in lists]
+    if len({len(x) for x in lists}) != 1:
         raise SystemExit(
-            "--micro, --gate-rows, --rms-backward, --gate-kernels, --train-branch and --gate-reuse: lists of one "
-            "length (or one value)"
+            "--micro, --gate-rows, --rms-backward, --gate-kernels, --train-branch, --gate-reuse, --shared-prefix and "
+            "--lora-kernels: lists of one length (or one value)"
         )
+    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways = lists
     if micros[0]:
         overrides["micro_batch_tokens"] = micros[0]
     base_settings = TrainingSettings(**overrides)
@@ -921,14 +936,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default_rows = (dict(metrics.SPLIT_BATCH), dict(metrics.STACKED_BATCH))
         for k in args.k:
             for mode in args.fused.split(","):
-                variants = zip(micros, gate_rows, rms, gate_kernels, branches, reuses, strict=True)
-                for v, (micro, rows, rms_backward, gate_k, branch_k, reuse) in enumerate(variants):
+                variants = zip(*lists, strict=True)
+                for v, (micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k) in enumerate(variants):
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
+                    multilora.TRITON_BRANCH = lora_k == "triton"
                     multilora.TRAIN_BRANCH = branch_k == "node"
                     metrics.FUSED_LAYERS = gate_k == "fused"
+                    metrics.SHARED_PREFIX = prefix == "on"
                     # on: this session's paths (fused kernels, the LoRA branch in the base's dtype); off: before.
                     kernels, branch = {"on": ("auto", "base"), "off": ("off", "fp32")}[mode]
-                    update: dict[str, Any] = {"fused_kernels": kernels, "lora_branch": branch}
+                    update: dict[str, Any] = {
+                        "fused_kernels": kernels,
+                        "lora_branch": branch,
+                        "shared_prefix": prefix == "on",
+                    }
                     if micro:
                         update["micro_batch_tokens"] = micro
                     settings = base_settings.model_copy(update=update)
@@ -943,7 +964,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"micro {settings.micro_batch_budget(args.device)}, gate rows "
                         f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}, "
                         f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}, "
-                        f"gate reuse {reuse}"
+                        f"gate reuse {reuse}, shared prefix {prefix}, LoRA kernels {lora_k}"
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(
