@@ -79,13 +79,20 @@ def encode_examples(
         p, t = render_chat(tokenizer, prompt, x.target, heads)
         prompt_texts.append(p)
         target_texts.append(t)
-    prompt_ids = _token_ids(tokenizer, prompt_texts, False)
+    # Most prompt texts are the same few user turns (every message without a prompt renders the same one): each
+    # distinct text is tokenized once.
+    distinct = list(dict.fromkeys(prompt_texts))
+    by_text = dict(zip(distinct, _token_ids(tokenizer, distinct, False), strict=True))
+    prompt_ids = [by_text[text] for text in prompt_texts]
     target_ids = _token_ids(tokenizer, target_texts, False)
     if plain:
         with_special = _token_ids(tokenizer, [target_texts[i] for i in plain], True)
         for i, ids in zip(plain, with_special, strict=True):
             prompt_ids[i], target_ids[i] = [], ids
-    return [_assemble(tokenizer, list(p), list(t), max_length) for p, t in zip(prompt_ids, target_ids, strict=True)]
+    eos = tokenizer.eos_token_id  # a property that looks the token up: once, not per example
+    return [
+        _assemble(tokenizer, list(p), list(t), max_length, eos) for p, t in zip(prompt_ids, target_ids, strict=True)
+    ]
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
@@ -100,10 +107,16 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bo
 
 
 def _assemble(
-    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], target_ids: list[int], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[int],
+    target_ids: list[int],
+    max_length: int,
+    eos: int | bool | None = False,
 ) -> EncodedExample:
-    """EOS appended unless the rendering ends the turn with it; the prompt's beginning cut first when too long."""
-    eos = tokenizer.eos_token_id
+    """EOS appended unless the rendering ends the turn with it; the prompt's beginning cut first when too long.
+    ``eos``: the tokenizer's EOS id when the caller has it (False: looked up here)."""
+    if eos is False:
+        eos = tokenizer.eos_token_id
     if eos is not None and eos not in target_ids[-2:]:
         target_ids.append(eos)
     if len(prompt_ids) + len(target_ids) > max_length:
