@@ -55,6 +55,17 @@ def _blocks(tokens: int, rank: int) -> tuple[int, int]:
     return bt, rp
 
 
+def _offsets(x: torch.Tensor, offsets: torch.Tensor | None, longest: int | None) -> tuple[torch.Tensor, int, int]:
+    """(row offsets into the flat tokens, rows, tokens of the longest row) of ``x``: ``[rows, tokens, in]`` rows of
+    equal length (offsets: ``x`` itself, unused: the kernels compute them), or ``[1, T, in]`` packed rows at
+    ``offsets`` (``[rows + 1]``; the longest read from them when not given)."""
+    if offsets is None:
+        return x, x.shape[0], x.shape[1]
+    if longest is None:
+        longest = int((offsets[1:] - offsets[:-1]).max()) if offsets.shape[0] > 1 else 0
+    return offsets.to(torch.int64).contiguous(), offsets.shape[0] - 1, longest
+
+
 def forward(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -63,24 +74,30 @@ def forward(
     scaling: torch.Tensor,
     index: torch.Tensor,
     keep_h: bool = True,
+    offsets: torch.Tensor | None = None,
+    longest: int | None = None,
 ) -> torch.Tensor | None:
     """``y += ((x A[index]^T) * scaling[index]) B[index]^T`` in place, per row; ``x`` ``[rows, tokens, in]`` and
-    ``y`` ``[rows, tokens, out]`` contiguous, ``lora_a`` ``[n, r, in]``, ``lora_b`` ``[n, out, r]``, ``scaling``
-    ``[n]``, ``index`` ``[rows]`` (long, on the device). Returns ``h`` (fp32 ``[rows, tokens, r]``) when
-    ``keep_h``."""
+    ``y`` ``[rows, tokens, out]`` contiguous, or with ``offsets`` (``[rows + 1]``, on the device) ``[1, T, in]``
+    and ``[1, T, out]``: packed rows, row ``i`` at tokens ``offsets[i] .. offsets[i + 1]`` (``longest``: the
+    longest row, else read from ``offsets``: a sync); ``lora_a`` ``[n, r, in]``, ``lora_b`` ``[n, out, r]``,
+    ``scaling`` ``[n]``, ``index`` ``[rows]`` (long, on the device). Returns ``h`` (fp32, ``[tokens, r]`` in the
+    rows' order) when ``keep_h``."""
     k = _triton()
-    rows, tokens, d_in = x.shape
+    d_in = x.shape[-1]
     d_out, rank = lora_b.shape[1], lora_b.shape[2]
+    starts, rows, tokens = _offsets(x, offsets, longest)
     bt, rp = _blocks(tokens, rank)
     index, scaling = index.contiguous(), scaling.contiguous()  # read as flat arrays (a column of a batch is not)
-    h = torch.empty((rows, tokens, rank), dtype=torch.float32, device=x.device) if keep_h else x.new_empty(0)
+    n_tokens = x.numel() // d_in
+    h = torch.empty((n_tokens, rank), dtype=torch.float32, device=x.device) if keep_h else x.new_empty(0)
     grid = (rows, (tokens + bt - 1) // bt)
     k.forward[grid](
-        x, y, lora_a, lora_b, scaling, index, h,
+        x, y, lora_a, lora_b, scaling, index, h, starts,
         tokens, d_in, d_out, rank,
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        KEEP_H=keep_h, BT=bt, BI=64, BO=64, RP=rp,
+        KEEP_H=keep_h, EVEN=offsets is None, BT=bt, BI=64, BO=64, RP=rp,
     )  # fmt: skip
     return h if keep_h else None
 
@@ -94,23 +111,26 @@ def backward(
     scaling: torch.Tensor,
     index: torch.Tensor,
     h: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    longest: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch's backward for `forward`'s arguments and ``h``: adds ``dh A[index]`` into ``dx`` in place (when
     given: ``dy W`` already there) and returns the stacks' gradients ``(dA, dB)`` (fp32, the stacks' shapes)."""
     k = _triton()
-    rows, tokens, d_in = x.shape
+    d_in = x.shape[-1]
     d_out, rank = lora_b.shape[1], lora_b.shape[2]
+    starts, rows, tokens = _offsets(x, offsets, longest)
     bt, rp = _blocks(tokens, rank)
     index, scaling = index.contiguous(), scaling.contiguous()
     da = torch.zeros(lora_a.shape, dtype=torch.float32, device=x.device)
     db = torch.zeros(lora_b.shape, dtype=torch.float32, device=x.device)
     grid = (rows, (tokens + bt - 1) // bt)
     k.backward[grid](
-        dy, dx if dx is not None else dy, x, lora_a, lora_b, scaling, index, h, da, db,
+        dy, dx if dx is not None else dy, x, lora_a, lora_b, scaling, index, h, da, db, starts,
         tokens, d_in, d_out, rank,
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        HAS_DX=dx is not None, BT=bt, BI=64, BO=64, RP=rp,
+        HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=64, BO=64, RP=rp,
     )  # fmt: skip
     return da, db
 
@@ -120,19 +140,26 @@ def _build(triton: Any, tl: Any) -> Any:
 
     @triton.jit
     def lora_forward(
-        X, Y, A, B, S, IDX, H,
+        X, Y, A, B, S, IDX, H, OFF,
         tokens, d_in, d_out, rank,
         sa_n, sa_r, sa_i, sb_n, sb_o, sb_r,
-        KEEP_H: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
+        KEEP_H: tl.constexpr, EVEN: tl.constexpr,
+        BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
+        if EVEN:  # rows of a batch, all ``tokens`` long
+            start = row * tokens
+            length = tokens
+        else:  # packed rows at their offsets
+            start = tl.load(OFF + row)
+            length = tl.load(OFF + row + 1) - start
         toks = tl.program_id(1) * BT + tl.arange(0, BT)
-        tmask = toks < tokens
+        tmask = toks < length
         slot = tl.load(IDX + row)
         scale = tl.load(S + slot).to(tl.float32)
         rr = tl.arange(0, RP)
         rmask = rr < rank
-        x_row = X + row * tokens * d_in
+        x_row = X + start * d_in
         acc = tl.zeros((BT, RP), dtype=tl.float32)
         for i0 in range(0, d_in, BI):
             ii = i0 + tl.arange(0, BI)
@@ -147,11 +174,9 @@ def _build(triton: Any, tl: Any) -> Any:
         # h as the torch path has it: x A^T in the input's dtype, then scaled
         h = acc.to(X.dtype.element_ty).to(tl.float32) * scale
         if KEEP_H:
-            tl.store(
-                H + row * tokens * rank + toks[:, None] * rank + rr[None, :], h, mask=tmask[:, None] & rmask[None, :]
-            )
+            tl.store(H + start * rank + toks[:, None] * rank + rr[None, :], h, mask=tmask[:, None] & rmask[None, :])
         hb = h.to(X.dtype.element_ty)
-        y_row = Y + row * tokens * d_out
+        y_row = Y + start * d_out
         for o0 in range(0, d_out, BO):
             oo = o0 + tl.arange(0, BO)
             omask = oo < d_out
@@ -167,25 +192,32 @@ def _build(triton: Any, tl: Any) -> Any:
 
     @triton.jit
     def lora_backward(
-        DY, DX, X, A, B, S, IDX, H, DA, DB,
+        DY, DX, X, A, B, S, IDX, H, DA, DB, OFF,
         tokens, d_in, d_out, rank,
         sa_n, sa_r, sa_i, sb_n, sb_o, sb_r,
-        HAS_DX: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
+        HAS_DX: tl.constexpr, EVEN: tl.constexpr,
+        BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
+        if EVEN:  # rows of a batch, all ``tokens`` long
+            start = row * tokens
+            length = tokens
+        else:  # packed rows at their offsets
+            start = tl.load(OFF + row)
+            length = tl.load(OFF + row + 1) - start
         toks = tl.program_id(1) * BT + tl.arange(0, BT)
-        tmask = toks < tokens
+        tmask = toks < length
         slot = tl.load(IDX + row)
         scale = tl.load(S + slot).to(tl.float32)
         rr = tl.arange(0, RP)
         rmask = rr < rank
         h = tl.load(
-            H + row * tokens * rank + toks[:, None] * rank + rr[None, :],
+            H + start * rank + toks[:, None] * rank + rr[None, :],
             mask=tmask[:, None] & rmask[None, :],
             other=0.0,
         )
         hb = h.to(DY.dtype.element_ty)
-        dy_row = DY + row * tokens * d_out
+        dy_row = DY + start * d_out
         acc = tl.zeros((BT, RP), dtype=tl.float32)
         for o0 in range(0, d_out, BO):
             oo = o0 + tl.arange(0, BO)
@@ -203,8 +235,8 @@ def _build(triton: Any, tl: Any) -> Any:
                 DB + slot * d_out * rank + oo[:, None] * rank + rr[None, :], db, mask=omask[:, None] & rmask[None, :]
             )
         dh = (acc.to(DY.dtype.element_ty).to(tl.float32) * scale).to(DY.dtype.element_ty)
-        x_row = X + row * tokens * d_in
-        dx_row = DX + row * tokens * d_in
+        x_row = X + start * d_in
+        dx_row = DX + start * d_in
         for i0 in range(0, d_in, BI):
             ii = i0 + tl.arange(0, BI)
             imask = ii < d_in

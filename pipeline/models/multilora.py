@@ -81,6 +81,11 @@ class _Rows:
     def __init__(self, native: bool = False) -> None:
         self.index: torch.Tensor | None = None
         self.native = native
+        # Packed rows (`LoraWrap.set_packed`): one sequence [1, T] whose row i is tokens offsets[i] .. offsets[i+1];
+        # token_index: each token's stack row (the torch path treats every token as a row of its own).
+        self.offsets: torch.Tensor | None = None
+        self.longest = 0
+        self.token_index: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -169,13 +174,27 @@ class MultiLoraLinear(nn.Module):
         index = self._rows.index
         if index is None:
             return self.base(x)
-        if index.shape[0] != x.shape[0]:
+        offsets = self._rows.offsets
+        if offsets is not None:  # packed rows
+            if x.shape[0] != 1:
+                raise AdapterLimitError(f"packed rows come as one sequence, got a batch of {x.shape[0]}")
+            if not (self._rows.native and TRITON_BRANCH and lora_kernels.available(x, self.lora_A.shape[1])):
+                # The torch path, every token a row of its own with its row's adapter.
+                flat = x.reshape(-1, 1, x.shape[-1])
+                out = self._rows_forward(flat, self._rows.token_index, None)
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+        elif index.shape[0] != x.shape[0]:
             raise AdapterLimitError(f"row index has {index.shape[0]} rows but the batch has {x.shape[0]}")
+        return self._rows_forward(x, index, offsets)
+
+    def _rows_forward(self, x: torch.Tensor, index: Any, offsets: torch.Tensor | None) -> torch.Tensor:
+        """`forward` of rows ``x`` with stack rows ``index`` (with ``offsets``: packed rows, on the Triton path)."""
+        longest = self._rows.longest
         frozen = not any(t is not None and t.requires_grad for t in (self.base.weight, self.base.bias, self.scaling))
         if TRAIN_BRANCH and self.lora_A.requires_grad and self._rows.native and x.dtype in _HALF and frozen:
             # Training on a GPU: the base and the branch in one autograd node (`_TrainBranch`).
             out: torch.Tensor = _TrainBranch.apply(
-                x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, index
+                x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, index, offsets, longest
             )
             return out
         if (
@@ -188,8 +207,12 @@ class MultiLoraLinear(nn.Module):
             # Triton kernel (`pipeline.models.lora_kernels`).
             flat = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
             y = torch.nn.functional.linear(flat, self.base.weight, self.base.bias)
-            lora_kernels.forward(flat, y, self.lora_A, self.lora_B, self.scaling, index, keep_h=False)
+            lora_kernels.forward(
+                flat, y, self.lora_A, self.lora_B, self.scaling, index, keep_h=False, offsets=offsets, longest=longest
+            )
             return y.view(*x.shape[:-1], y.shape[-1])
+        if offsets is not None:
+            raise AdapterLimitError("packed rows need the Triton branch here (native, half, CUDA)")
         result = self.base(x)
         if self.lora_A.requires_grad:
             # Training (rows are never negative there): index_select, whose backward is one index_add into the
@@ -234,17 +257,20 @@ class _TrainBranch(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: torch.Tensor,
         index: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        longest: int = 0,
     ) -> torch.Tensor:
         dt = x.dtype
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, in]
         ctx.x_shape = x.shape
         ctx.stack_dtypes = (lora_a.shape, lora_a.dtype, lora_b.shape, lora_b.dtype)
-        ctx.triton = TRITON_BRANCH and lora_kernels.available(x, lora_a.shape[1])
+        ctx.triton = offsets is not None or (TRITON_BRANCH and lora_kernels.available(x, lora_a.shape[1]))
+        ctx.longest = longest
         if ctx.triton:  # the branch in Triton kernels: each row's tokens read once (`pipeline.models.lora_kernels`)
             flat = flat.contiguous()
             y = torch.nn.functional.linear(flat, weight, bias)
-            h = lora_kernels.forward(flat, y, lora_a, lora_b, scaling, index)
-            ctx.save_for_backward(flat, weight, lora_a, lora_b, scaling, h, index)
+            h = lora_kernels.forward(flat, y, lora_a, lora_b, scaling, index, offsets=offsets, longest=longest)
+            ctx.save_for_backward(flat, weight, lora_a, lora_b, scaling, h, index, offsets)
             return y.view(*x.shape[:-1], y.shape[-1])
         a = lora_a.index_select(0, index).to(dt)  # [B, R, in]
         b = lora_b.index_select(0, index).to(dt)  # [B, out, R]
@@ -259,16 +285,20 @@ class _TrainBranch(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         a_shape, a_dtype, b_shape, b_dtype = ctx.stack_dtypes
         if ctx.triton:
-            flat, weight, lora_a, lora_b, scaling, h, index = ctx.saved_tensors
+            flat, weight, lora_a, lora_b, scaling, h, index, offsets = ctx.saved_tensors
             dy = dy.reshape(flat.shape[0], -1, dy.shape[-1]).contiguous()
             dx = torch.matmul(dy, weight) if ctx.needs_input_grad[0] else None
-            grad_a, grad_b = lora_kernels.backward(dy, dx, flat, lora_a, lora_b, scaling, index, h)
+            grad_a, grad_b = lora_kernels.backward(
+                dy, dx, flat, lora_a, lora_b, scaling, index, h, offsets=offsets, longest=ctx.longest
+            )
             return (
                 dx.view(ctx.x_shape) if dx is not None else None,
                 None,
                 None,
                 grad_a.to(a_dtype) if ctx.needs_input_grad[3] else None,
                 grad_b.to(b_dtype) if ctx.needs_input_grad[4] else None,
+                None,
+                None,
                 None,
                 None,
             )
@@ -287,7 +317,7 @@ class _TrainBranch(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             db = torch.zeros(b_shape, dtype=b_dtype, device=b.device)
             db.index_add_(0, index, torch.bmm(dy.transpose(1, 2), h).to(b_dtype))
-        return dx, None, None, da, db, None, None
+        return dx, None, None, da, db, None, None, None, None
 
 
 @dataclass(eq=False)
@@ -308,6 +338,14 @@ class LoraWrap:
         are rows of the stacks (serving checks slot numbers in `set_rows`).
         """
         self._rows.index = index
+        self._rows.offsets, self._rows.token_index = None, None
+
+    def set_packed(self, index: torch.Tensor, offsets: torch.Tensor, longest: int, token_index: torch.Tensor) -> None:
+        """The next forwards take packed rows: one sequence ``[1, T]`` whose row ``i`` (stack row ``index[i]``) is
+        tokens ``offsets[i] .. offsets[i + 1]`` (``longest``: the longest row; ``token_index``: each token's stack
+        row). All on the layers' device; `set_rows` goes back to rows of a batch."""
+        self._rows.index, self._rows.offsets, self._rows.longest = index, offsets, longest
+        self._rows.token_index = token_index
 
     def remove(self) -> None:
         """Put the original Linear modules back; the model is then exactly as before (its weights untouched)."""

@@ -78,3 +78,46 @@ def test_gate_forward_over_table_views_equals_the_torch_path(monkeypatch):
         monkeypatch.setattr(multilora, "TRITON_BRANCH", True)
         got = layer(x)
     assert _rel(got, want) < 1e-2
+
+
+@needs_gpu
+def test_packed_rows_equal_padded_rows(monkeypatch):
+    """Rows of different lengths packed into one sequence (`LoraWrap.set_packed`, the kernels over row offsets):
+    the output and the gradients of the padded rows through the torch path."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    users, d_in, d_out, rank = 4, 96, 80, 1
+    lengths = [37, 5, 70, 12, 64]
+    slots = torch.tensor([3, 0, 3, 1, 2], device="cuda")
+    base = nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    a = nn.Parameter(torch.randn(users, rank, d_in, device="cuda", generator=gen) / d_in**0.5)
+    b = nn.Parameter(torch.randn(users, d_out, rank, device="cuda", generator=gen) * 0.1)
+    s = torch.full((users,), 2.0, device="cuda")
+    rows = [torch.randn(n, d_in, device="cuda", dtype=torch.bfloat16, generator=gen) for n in lengths]
+    grads = [torch.randn(n, d_out, device="cuda", dtype=torch.bfloat16, generator=gen) for n in lengths]
+    wrap = multilora._Rows(native=True)
+    layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, s), wrap)
+    width = max(lengths)
+
+    def pad(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.cat([t, t.new_zeros(width - len(t), t.shape[1])]) for t in ts])
+
+    monkeypatch.setattr(multilora, "TRITON_BRANCH", False)
+    x = pad(rows).requires_grad_(True)
+    wrap.index, wrap.offsets, wrap.token_index = slots, None, None
+    y = layer(x)
+    y.backward(pad(grads))
+    want_y = torch.cat([y[i, :n] for i, n in enumerate(lengths)])
+    want_dx = torch.cat([x.grad[i, :n] for i, n in enumerate(lengths)])
+    want_ab = (a.grad.clone(), b.grad.clone())
+    a.grad = b.grad = None
+    monkeypatch.setattr(multilora, "TRITON_BRANCH", True)
+    flat = torch.cat(rows)[None].requires_grad_(True)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    token_rows = torch.repeat_interleave(
+        torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda")
+    )
+    wrap.index, wrap.offsets, wrap.longest, wrap.token_index = slots, offsets, width, slots[token_rows]
+    got_y = layer(flat)
+    got_y.backward(torch.cat(grads)[None])
+    assert _rel(got_y[0], want_y) < 1e-2 and _rel(flat.grad[0], want_dx) < 2e-2
+    assert _rel(a.grad, want_ab[0]) < 2e-2 and _rel(b.grad, want_ab[1]) < 2e-2
