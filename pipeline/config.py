@@ -288,6 +288,12 @@ class TrainingSettings(BaseSettings):
         "GPU: the add to the base output fused into the second GEMM; fp32 weights and optimizer state); fp32 = "
         "peft's numerics (the input cast to fp32). The same on an fp32 base.",
     )
+    packed_rows: bool = Field(
+        False,
+        description="Batched training runs a micro-batch's rows as one sequence without padding (variable-length "
+        "attention within each row; the same loss and gradients; Llama/Qwen2/Qwen3 on SDPA attention). Not yet "
+        "measured on a GPU: off by default.",
+    )
     shared_prefix: bool = Field(
         False,
         description="Batched training runs the first tokens every row of a micro-batch has in common (the chat "

@@ -157,8 +157,19 @@ def decoder_states(
     return out[n_prefix:, :width]
 
 
+class AttentionState:
+    """What a thread's attention calls do inside `attention_state` (`_install`'s dispatcher): ``attend(query, key,
+    value, scale)`` with HF's ``[batch, heads, tokens, dim]`` tensors (keys and values not repeated), returning the
+    output in that layout; ``layers`` counts the calls."""
+
+    layers: int = 0
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @dataclass
-class _Shared:
+class _Shared(AttentionState):
     """A forward whose first ``n_prefix`` rows are prefix rows (their first ``length`` keys shared); ``owner``: per
     later row, its prefix row; ``layers``: how many attention calls took this path."""
 
@@ -167,13 +178,33 @@ class _Shared:
     owner: torch.Tensor
     layers: int = 0
 
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+        n, p = self.n_prefix, self.length
+        gqa = query.shape[1] != key.shape[1]
+        head_k, head_v = key[:n], value[:n]
+        heads = F.scaled_dot_product_attention(query[:n], head_k, head_v, is_causal=True, scale=scale, enable_gqa=gqa)
+        own_k = torch.cat([head_k[:, :, :p].index_select(0, self.owner), key[n:]], dim=2)
+        own_v = torch.cat([head_v[:, :, :p].index_select(0, self.owner), value[n:]], dim=2)
+        rows = _lower_right_attention(query[n:], own_k, own_v, scale)
+        self.layers += 1
+        return torch.cat([heads, rows])
+
 
 _STATE = threading.local()
 _INSTALL = threading.Lock()
 
 
 @contextlib.contextmanager
-def _state(state: _Shared) -> Iterator[None]:
+def attention_state(state: AttentionState) -> Iterator[None]:
+    """Inside the block, this thread's SDPA attention calls go to ``state.attend`` (`AttentionState`)."""
+    if not _install():
+        raise RuntimeError("this transformers has no attention registry: attention cannot be dispatched")
+    with _state(state):
+        yield
+
+
+@contextlib.contextmanager
+def _state(state: AttentionState) -> Iterator[None]:
     before = getattr(_STATE, "value", None)
     _STATE.value = state
     try:
@@ -209,19 +240,9 @@ def _install() -> bool:
             if state is None:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
             if attention_mask is not None:
-                raise RuntimeError("a shared prefix needs rows without an attention mask (right-padded, causal)")
-            n, p = state.n_prefix, state.length
-            scale = kwargs.get("scaling")
-            gqa = query.shape[1] != key.shape[1]
-            head_k, head_v = key[:n], value[:n]
-            heads = F.scaled_dot_product_attention(
-                query[:n], head_k, head_v, is_causal=True, scale=scale, enable_gqa=gqa
-            )
-            own_k = torch.cat([head_k[:, :, :p].index_select(0, state.owner), key[n:]], dim=2)
-            own_v = torch.cat([head_v[:, :, :p].index_select(0, state.owner), value[n:]], dim=2)
-            rows = _lower_right_attention(query[n:], own_k, own_v, scale)
-            state.layers += 1
-            return torch.cat([heads, rows]).transpose(1, 2).contiguous(), None
+                raise RuntimeError("dispatched attention needs rows without an attention mask (right-padded, causal)")
+            out = state.attend(query, key, value, kwargs.get("scaling"))
+            return out.transpose(1, 2).contiguous(), None
 
         sdpa_with_prefix.persona_prefix = True  # type: ignore[attr-defined]
         sdpa_with_prefix.__wrapped__ = original  # type: ignore[attr-defined]

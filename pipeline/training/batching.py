@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -32,6 +33,7 @@ from torch import nn
 
 from pipeline.config import TrainingSettings
 from pipeline.models import encoding, shared_prefix
+from pipeline.models import packed as packed_rows
 from pipeline.models.encoding import IGNORE, EncodedExample
 from pipeline.models.multilora import LoraWrap
 from pipeline.training.fused import Fused, linear_nll
@@ -78,18 +80,22 @@ class _Unit:
         return max(len(e.input_ids) for e in self.rows)
 
 
-def micro_batches(units: list[_Unit], budget: int, shared: int = 0) -> Iterable[list[_Unit]]:
+def micro_batches(units: list[_Unit], budget: int, shared: int = 0, packed: bool = False) -> Iterable[list[_Unit]]:
     """Units sorted by length (little padding), cut where the padded size would pass ``budget`` tokens (a unit
     larger than the budget is a micro-batch of its own); ``shared``: the rows' common first tokens, run once per
-    user (`pipeline.models.shared_prefix`) and not counted."""
+    user (`pipeline.models.shared_prefix`) and not counted; ``packed``: the rows are packed (no padding), so their
+    own tokens are counted."""
     chunk: list[_Unit] = []
-    rows = 0
+    rows = tokens = 0
     for unit in sorted(units, key=lambda u: u.width):
-        if chunk and (rows + len(unit.rows)) * (unit.width - shared) > budget:
+        size = sum(len(e.input_ids) for e in unit.rows)
+        over = tokens + size > budget if packed else (rows + len(unit.rows)) * (unit.width - shared) > budget
+        if chunk and over:
             yield chunk
-            chunk, rows = [], 0
+            chunk, rows, tokens = [], 0, 0
         chunk.append(unit)
         rows += len(unit.rows)
+        tokens += size
     if chunk:
         yield chunk
 
@@ -126,13 +132,15 @@ def nll_sums(
     pair_sums = torch.zeros(n_users, dtype=torch.float64, device=device)
     cuda = device.type == "cuda"
     mode = (fused or Fused.resolve(settings.fused_kernels, device)).loss
-    # The rows' common first tokens (the chat template's head), run once per user per micro-batch.
+    # Packed rows (no padding), or the rows' common first tokens (the chat template's head) run once per user per
+    # micro-batch.
+    pack = settings.packed_rows and packed_rows.available(model)
     shared = 0
-    if settings.shared_prefix and len(units) > 1 and shared_prefix.available(model):
+    if settings.shared_prefix and not pack and len(units) > 1 and shared_prefix.available(model):
         every = [e for u in units for e in u.rows]
         shared = shared_prefix.common_length([e.input_ids for e in every], [e.labels for e in every])
-    chunks = micro_batches(units, settings.micro_batch_budget(device.type), shared)
-    build = functools.partial(_prepare, pad_id=pad_id, pin=cuda, shared=shared)
+    chunks = micro_batches(units, settings.micro_batch_budget(device.type), shared, pack)
+    build = functools.partial(_prepare_packed if pack else _prepare, pad_id=pad_id, pin=cuda, shared=shared)
     with contextlib.closing(built_ahead(build, chunks)) as ready:
         for batch in ready:
             _forward_backward(
@@ -155,6 +163,7 @@ class _Batch:
     picked: torch.Tensor
     paired: torch.Tensor
     prefix: shared_prefix.Prefix | None = None
+    packing: packed_rows.Packing | None = None
 
 
 def _prepare(chunk: list[_Unit], *, pad_id: int, pin: bool, shared: int = 0) -> _Batch:
@@ -262,7 +271,11 @@ def _forward_backward(
     picked = batch.picked.to(device, non_blocking=cuda)
     paired = batch.paired.to(device, non_blocking=cuda)
     prefix = batch.prefix.to(device, non_blocking=cuda) if batch.prefix is not None else None
-    slots, ids = packed[:, 0], packed[:, 2 : width + 2]
+    packing = batch.packing.to(device, non_blocking=cuda) if batch.packing is not None else None
+    if packing is not None:
+        slots, ids = packed[: batch.rows], packed[batch.rows :]
+    else:
+        slots, ids = packed[:, 0], packed[:, 2 : width + 2]
     # No attention mask: rows are right-padded and attention is causal, so a real token never attends to a pad, and
     # only labelled (real) positions carry a loss. A padding mask would cost a device sync per micro-batch
     # (transformers asks `mask.all()` to choose its SDPA path) and the flash kernel.
@@ -274,7 +287,8 @@ def _forward_backward(
     try:
         with torch.enable_grad() if params is not None else contextlib.nullcontext():
             shared = (prefix, lora.set_rows, slots) if prefix is not None else None
-            nll = token_nll(model, ids, mask, positions, targets, mode, shared)
+            rows = (packing, lora, slots) if packing is not None else None
+            nll = token_nll(model, ids, mask, positions, targets, mode, shared, rows)
             example_nll = torch.where(example, nll, torch.zeros_like(nll))
             pair_loss = None
             if has_pairs:
@@ -299,6 +313,45 @@ def _forward_backward(
         pair_sums.index_add_(0, paired[:, 0], pair_loss.detach().double())
 
 
+def _prepare_packed(chunk: list[_Unit], *, pad_id: int, pin: bool, shared: int = 0) -> _Batch:
+    """`_prepare` for packed rows (`pipeline.models.packed`): ``packed`` holds the rows' slots, then all their tokens
+    (one sequence, no padding); ``picked``'s positions are token indices of that sequence (the token that predicts
+    the label); ``width`` is the number of tokens."""
+    del pad_id, shared  # no padding, and no shared prefix with packed rows
+    rows = [(u.slot, e) for u in chunk for e in u.rows]
+    lengths = [len(e.input_ids) for _, e in rows]
+    packing = packed_rows.packing_of(lengths)
+    total = int(packing.offsets[-1])
+    slots = np.fromiter((slot for slot, _ in rows), dtype=np.int64, count=len(rows))
+    ids = np.fromiter(itertools.chain.from_iterable(e.input_ids for _, e in rows), dtype=np.int64, count=total)
+    labels = np.fromiter(itertools.chain.from_iterable(e.labels for _, e in rows), dtype=np.int64, count=total)
+    # The label each token predicts: the next token's, within its row.
+    following = np.full(total, IGNORE, dtype=np.int64)
+    following[:-1] = labels[1:]
+    following[packing.offsets[1:].numpy().astype(np.int64) - 1] = IGNORE
+    flat = np.flatnonzero(following != IGNORE)
+    row = packing.token_rows.numpy()[flat]
+    example = np.fromiter((0 if u.pair else 1 for u in chunk for _ in u.rows), dtype=np.int64, count=len(rows))
+    picked = torch.from_numpy(np.stack([flat, following[flat], slots[row], row, example[row]], axis=1))
+    counts = np.bincount(row, minlength=len(rows))
+    pair_rows: list[tuple[int, int, int, int, int]] = []
+    r = 0
+    for unit in chunk:
+        r += len(unit.rows)
+        if unit.pair:
+            pair_rows.append((unit.slot, r - 2, r - 1, int(counts[r - 2]), int(counts[r - 1])))
+    paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
+    host = torch.from_numpy(np.concatenate([slots, ids]))
+    if pin:
+        host, picked, paired, packing = (
+            host.pin_memory(),
+            picked.pin_memory(),
+            paired.pin_memory(),
+            packing.pin_memory(),
+        )
+    return _Batch(len(rows), total, host, picked, paired, None, packing)
+
+
 def _targets(e: EncodedExample) -> int:
     """Target tokens of an example (labels after the first position that carry a loss)."""
     return sum(1 for label in e.labels[1:] if label != IGNORE)
@@ -312,19 +365,29 @@ def token_nll(
     targets: torch.Tensor,
     mode: str = "off",
     shared: tuple[shared_prefix.Prefix, Callable[[torch.Tensor | None], None], torch.Tensor] | None = None,
+    rows: tuple[packed_rows.Packing, LoraWrap, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """NLL of each labelled next token (``positions`` flat in ``[rows, width - 1]``, ``targets`` their ids). The
     vocabulary projection runs only on those positions (the logits of every position of a large batch would not fit
     in memory); with ``mode`` ``liger`` or ``chunked`` and a bias-free Linear head, projection and loss are one
     fused step that never holds those positions' fp32 logits at once (`pipeline.training.fused.linear_nll`).
     ``shared``: (the prefix the rows of ``ids`` begin with and leave out, the LoRA wrapper's ``set_rows``, the
-    rows' LoRA rows), run by `pipeline.models.shared_prefix.decoder_states`."""
+    rows' LoRA rows), run by `pipeline.models.shared_prefix.decoder_states`. ``rows``: packed rows (the packing, the
+    LoRA wrapper, the rows' LoRA rows): ``ids`` is ``[T]`` and ``positions`` index its tokens
+    (`pipeline.models.packed.decoder_states`)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = model.config
     plain = getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
-    if shared is not None and (decoder is None or head is None or not plain or mask is not None):
-        raise ValueError("a shared prefix needs a plain decoder and head, and rows without an attention mask")
+    if (shared is not None or rows is not None) and (decoder is None or head is None or not plain or mask is not None):
+        raise ValueError("a shared prefix or packed rows need a plain decoder and head, and no attention mask")
+    if rows is not None:
+        assert decoder is not None and head is not None  # (checked above)
+        hidden = packed_rows.decoder_states(decoder, ids, *rows)
+        picked = hidden.index_select(0, positions)
+        if type(head) is nn.Linear and head.bias is None:
+            return linear_nll(picked, head.weight, targets, mode)
+        return F.cross_entropy(head(picked).float(), targets, reduction="none")
     if decoder is not None and head is not None and plain:
         if shared is not None:
             hidden = shared_prefix.decoder_states(decoder, ids, *shared)

@@ -91,26 +91,27 @@ def assert_same_adapter(a: Path, b: Path, lr: float = 1e-2) -> None:
 
 
 @pytest.mark.parametrize(
-    ("pair_counts", "anchor", "shared"),
+    ("pair_counts", "anchor", "rows"),
     [
-        pytest.param((0, 0, 0, 0), 0.0, False, id="no-pairs"),
-        pytest.param((5, 2, 9, 1), 0.0, False, id="all-pairs"),
-        pytest.param((0, 7, 4, 0), 0.0, False, id="mixed"),
-        pytest.param((0, 7, 4, 0), 20.0, False, id="mixed-anchored"),
-        pytest.param((5, 2, 9, 1), 0.0, True, id="all-pairs-shared-prefix"),
+        pytest.param((0, 0, 0, 0), 0.0, "padded", id="no-pairs"),
+        pytest.param((5, 2, 9, 1), 0.0, "padded", id="all-pairs"),
+        pytest.param((0, 7, 4, 0), 0.0, "padded", id="mixed"),
+        pytest.param((0, 7, 4, 0), 20.0, "padded", id="mixed-anchored"),
+        pytest.param((5, 2, 9, 1), 0.0, "shared_prefix", id="all-pairs-shared-prefix"),
+        pytest.param((5, 2, 9, 1), 0.0, "packed_rows", id="all-pairs-packed-rows"),
     ],
 )
 def test_four_users_batched_equal_four_peft_runs(
-    tmp_path: Path, pair_counts: tuple[int, ...], anchor: float, shared: bool
+    tmp_path: Path, pair_counts: tuple[int, ...], anchor: float, rows: str
 ) -> None:
     """Different example counts (so batch sizes, validation slices and epochs differ), one with a parent, one that
     stops early; users with preference pairs (fewer or more than a step draws, some rows past max_length), users
     without, and both in one batch; with and without the pull towards the starting weights; with the rows' common
-    first tokens run once per user (`shared_prefix`): each adapter equals the one its own peft run gives, step for
-    step."""
+    first tokens run once per user (`shared_prefix`), or the rows packed without padding (`packed_rows`): each
+    adapter equals the one its own peft run gives, step for step."""
     base = load_base("tiny-random")
     sha = weights_sha256(base.model)
-    cfg = settings(**PAIRS, anchor=anchor, shared_prefix=shared)
+    cfg = settings(**PAIRS, anchor=anchor, **({rows: True} if rows != "padded" else {}))
     train_adapter(base, user_examples(9, 20), tmp_path / "parent", cfg, parent_dir=None, seed=99)
     sizes = [24, 3, 40, 15]
     parents = [None, None, tmp_path / "parent", None]

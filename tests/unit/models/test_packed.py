@@ -1,0 +1,145 @@
+"""Packed rows (pipeline/models/packed.py): one sequence of all the rows' tokens gives each row's hidden states and
+gradients as the padded batch does, with a different LoRA per row (tiny base, CPU; a CUDA test within bf16)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.models import multilora, packed
+from pipeline.models.base import tiny_random
+from pipeline.models.packed import decoder_states, packing_of
+
+
+def test_packing_of_gives_offsets_positions_and_rows():
+    p = packing_of([3, 1, 2])
+    assert p.offsets.tolist() == [0, 3, 4, 6] and p.offsets.dtype == torch.int32
+    assert p.positions.tolist() == [0, 1, 2, 0, 0, 1]
+    assert p.token_rows.tolist() == [0, 0, 0, 1, 2, 2]
+    assert p.longest == 3
+
+
+def _stacks(model: nn.Module, users: int, seed: int, device: str = "cpu") -> dict[str, multilora.LoraStack]:
+    g = torch.Generator().manual_seed(seed)
+    stacks = {}
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "v_proj", "o_proj", "down_proj")) and isinstance(module, nn.Linear):
+            a = torch.randn(users, 2, module.in_features, generator=g) * 0.3
+            b = torch.randn(users, module.out_features, 2, generator=g) * 0.3
+            stacks[name] = multilora.LoraStack(
+                nn.Parameter(a.to(device)), nn.Parameter(b.to(device)), torch.full((users,), 2.0, device=device)
+            )
+    return stacks
+
+
+def test_packed_rows_give_the_padded_rows_states_and_gradients():
+    model = tiny_random()
+    assert packed.available(model)
+    stacks = _stacks(model, 3, 1)
+    params = [t for s in stacks.values() for t in (s.lora_A, s.lora_B)]
+    g = torch.Generator().manual_seed(2)
+    lengths = [7, 3, 9, 1, 5]
+    rows = [torch.randint(3, 200, (n,), generator=g) for n in lengths]
+    slots = torch.tensor([2, 0, 2, 1, 0])
+    width = max(lengths)
+    padded = torch.stack([torch.cat([r, r.new_zeros(width - len(r))]) for r in rows])
+    weight = torch.randn(sum(lengths), model.config.hidden_size, generator=g)
+    decoder = model.get_decoder()
+    with multilora.wrap_linears(model, stacks) as lora:
+        lora.set_rows(slots)
+        full = decoder(input_ids=padded, use_cache=False).last_hidden_state
+        want = torch.cat([full[i, :n] for i, n in enumerate(lengths)])
+        want_grads = torch.autograd.grad((want * weight).sum(), params)
+        got = decoder_states(decoder, torch.cat(rows), packing_of(lengths), lora, slots)
+        got_grads = torch.autograd.grad((got * weight).sum(), params)
+        lora.set_rows(None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert float((a - b).norm()) <= 1e-4 * float(b.norm()), float((a - b).norm() / b.norm())
+    # outside the block (and in other threads) the model builds its own masks again
+    with torch.no_grad():
+        plain = model(input_ids=padded[:1]).logits
+        seen: list[torch.Tensor] = []
+        thread = threading.Thread(target=lambda: seen.append(model(input_ids=padded[:1]).logits))
+        thread.start()
+        thread.join()
+    torch.testing.assert_close(seen[0], plain, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_packed_rows_equal_the_padded_rows():
+    model = tiny_random().to("cuda", torch.bfloat16)
+    stacks = _stacks(model, 2, 5, "cuda")
+    params = [t for s in stacks.values() for t in (s.lora_A, s.lora_B)]
+    g = torch.Generator().manual_seed(4)
+    lengths = [37, 5, 70, 12]
+    rows = [torch.randint(3, 200, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    padded = torch.stack([torch.cat([r, r.new_zeros(width - len(r))]) for r in rows]).cuda()
+    slots = torch.tensor([0, 1, 1, 0], device="cuda")
+    decoder = model.get_decoder()
+    results = []
+    with multilora.wrap_linears(model, stacks, native=True) as lora:
+        for packed_rows in (False, True):
+            if packed_rows:
+                out = decoder_states(
+                    decoder, torch.cat(rows).cuda(), packing_of(lengths).to(torch.device("cuda")), lora, slots
+                )
+            else:
+                lora.set_rows(slots)
+                full = decoder(input_ids=padded, use_cache=False).last_hidden_state
+                out = torch.cat([full[i, :n] for i, n in enumerate(lengths)])
+            grads = torch.autograd.grad(out.float().sum(), params)
+            results.append((out.detach().float(), grads))
+            lora.set_rows(None)
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert float((a - b).norm()) <= 3e-2 * float(b.norm())
+
+
+def test_training_sums_and_gradients_of_packed_rows_are_those_of_the_padded_rows(monkeypatch):
+    """`nll_sums` with examples and preference pairs of several users: packed (and used: counted) and padded, the
+    same per-user sums and gradients."""
+    from pipeline.config import TrainingSettings
+    from pipeline.domain.examples import Example
+    from pipeline.models.base import load_base
+    from pipeline.models.encoding import encode_examples
+    from pipeline.training.batching import nll_sums
+
+    base = load_base("tiny-random")
+    model = base.model
+    users = 3
+    texts = ["hello there", "a longer answer, for the padding", "ok", "the fourth one, longer still than these"]
+    examples = [Example(None if i % 2 else "q", t, f"e{i}") for i, t in enumerate(texts)]
+    encoded = encode_examples(base.tokenizer, examples, 64)
+    items = [(u, e) for u in range(users) for e in encoded[u:]]
+    pairs = [(u, encoded[0], encoded[3]) for u in range(users)]
+    calls: list[int] = []
+    real = packed.decoder_states
+
+    def counted(decoder, ids, packing, lora, row_slots):
+        calls.append(int(packing.offsets.shape[0]) - 1)
+        return real(decoder, ids, packing, lora, row_slots)
+
+    monkeypatch.setattr(packed, "decoder_states", counted)
+    results = {}
+    for pack in (False, True):
+        settings = TrainingSettings(threads=1, micro_batch_tokens=512, packed_rows=pack, fused_kernels="off")
+        stacks = _stacks(model, users, 3)
+        params = [t for s in stacks.values() for t in (s.lora_A, s.lora_B)]
+        model.train()
+        with torch.enable_grad(), multilora.wrap_linears(model, stacks) as lora:
+            sums = nll_sums(model, lora, items, users, 0, torch.device("cpu"), settings, params, lambda: None, pairs)
+        model.eval()
+        results[pack] = (sums, [p.grad.clone() for p in params])
+    assert sum(calls) == len(items) + 2 * len(pairs), calls  # every row went through a packed forward
+    (plain, plain_grads), (got, got_grads) = results[False], results[True]
+    assert got.tokens.tolist() == plain.tokens.tolist() and got.pairs.tolist() == plain.pairs.tolist()
+    torch.testing.assert_close(got.nll, plain.nll, atol=1e-9, rtol=1e-5)
+    torch.testing.assert_close(got.preference, plain.preference, atol=1e-9, rtol=1e-5)
+    for a, b in zip(got_grads, plain_grads, strict=True):
+        assert float((a - b).norm()) <= 1e-4 * float(b.norm()), float((a - b).norm() / b.norm())
