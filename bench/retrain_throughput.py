@@ -824,6 +824,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per adapter: TrainingSettings.shared_prefix, metrics.SHARED_PREFIX) or off (every row whole)",
     )
     parser.add_argument(
+        "--packed-rows",
+        default="off",
+        help="a comma list paired with --micro: on (training's micro-batches as one sequence without padding: "
+        "TrainingSettings.packed_rows) or off (right-padded rows)",
+    )
+    parser.add_argument(
         "--lora-kernels",
         default="triton",
         help="a comma list paired with --micro: triton (the LoRA branch in pipeline.models.lora_kernels where "
@@ -854,15 +860,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reuses = choices("--gate-reuse", args.gate_reuse, ("off", "on"))
     prefixes = choices("--shared-prefix", args.shared_prefix, ("off", "on"))
     lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch"))
-    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways]
+    packs = choices("--packed-rows", args.packed_rows, ("off", "on"))
+    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs]
     n_waves = max(len(x) for x in lists)
     lists = [x * n_waves if len(x) == 1 else x for x in lists]
     if len({len(x) for x in lists}) != 1:
         raise SystemExit(
-            "--micro, --gate-rows, --rms-backward, --gate-kernels, --train-branch, --gate-reuse, --shared-prefix and "
-            "--lora-kernels: lists of one length (or one value)"
+            "--micro, --gate-rows, --rms-backward, --gate-kernels, --train-branch, --gate-reuse, --shared-prefix, "
+            "--lora-kernels and --packed-rows: lists of one length (or one value)"
         )
-    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways = lists
+    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs = lists
     if micros[0]:
         overrides["micro_batch_tokens"] = micros[0]
     base_settings = TrainingSettings(**overrides)
@@ -937,7 +944,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k in args.k:
             for mode in args.fused.split(","):
                 variants = zip(*lists, strict=True)
-                for v, (micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k) in enumerate(variants):
+                for v, (micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k, pack) in enumerate(
+                    variants
+                ):
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
                     multilora.TRITON_BRANCH = lora_k == "triton"
                     multilora.TRAIN_BRANCH = branch_k == "node"
@@ -949,6 +958,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "fused_kernels": kernels,
                         "lora_branch": branch,
                         "shared_prefix": prefix == "on",
+                        "packed_rows": pack == "on",
                     }
                     if micro:
                         update["micro_batch_tokens"] = micro
@@ -964,7 +974,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"micro {settings.micro_batch_budget(args.device)}, gate rows "
                         f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}, "
                         f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}, "
-                        f"gate reuse {reuse}, shared prefix {prefix}, LoRA kernels {lora_k}"
+                        f"gate reuse {reuse}, shared prefix {prefix}, LoRA kernels {lora_k}, packed rows {pack}"
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(

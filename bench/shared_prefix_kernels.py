@@ -9,8 +9,9 @@
    ``prefix`` dummy rows in front (square causal, the dummies' outputs dropped), and the key/value gather alone
    (index_select + cat, forward and backward). The CUDA kernels each ran are listed (torch.profiler).
 2. One micro-batch of batched training (`pipeline.training.batching.nll_sums`, forward + backward) at the
-   SmolLM2-135M shape with random weights and K users' r=1 LoRA on the seven projections: the rows whole, and with
-   their common first tokens run once per user; the fused kernels as the trainer uses them.
+   SmolLM2-135M shape with random weights and K users' r=1 LoRA on the seven projections: the rows whole (padded),
+   with their common first tokens run once per user, and packed without padding (`pipeline.models.packed`); the
+   fused kernels as the trainer uses them.
 
 Prints a table and writes shared_prefix_kernels.json to --out. Times: CUDA events over 10 calls after 3 warm-ups.
 """
@@ -208,9 +209,10 @@ def training(users: int, rows_per_user: int, prefix: int, tail: int, budget: int
         stack.enter_context(fused_layers.patched(model, fused.layers))
         stack.enter_context(varied_shape_attention())
         model.train()
-        for way in ("off", "lower_right", "off", "lower_right"):
-            share = way != "off"
-            settings = TrainingSettings(micro_batch_tokens=budget, shared_prefix=share)
+        for way in ("off", "lower_right", "packed", "off", "lower_right", "packed"):
+            settings = TrainingSettings(
+                micro_batch_tokens=budget, shared_prefix=way == "lower_right", packed_rows=way == "packed"
+            )
 
             def step(settings: TrainingSettings = settings) -> None:
                 nll_sums(model, lora, items, users, 0, device, settings, params, lambda: None, (), fused)
@@ -219,7 +221,7 @@ def training(users: int, rows_per_user: int, prefix: int, tail: int, budget: int
 
             ms = timed(step, warm=2, n=5)
             out.append({"shared_prefix": way, "rows": len(items), "ms_per_step": ms})
-            if len(out) <= 2:
+            if len(out) <= 3:
                 out[-1].update(step_profile(step))
             print(json.dumps(out[-1]), flush=True)
     return out
