@@ -13,7 +13,8 @@
    with their common first tokens run once per user, and packed without padding (`pipeline.models.packed`); the
    fused kernels as the trainer uses them.
 
-Prints a table and writes shared_prefix_kernels.json to --out. Times: CUDA events over 10 calls after 3 warm-ups.
+Prints a table and writes shared_prefix_kernels.json to --out. Times: CUDA events over 20 calls after 3 warm-ups (a
+training step: 5 after 2).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from retrain_kernels import timed
+
 from pipeline.config import TrainingSettings
 from pipeline.models import fused_layers, multilora
 from pipeline.models.base import varied_shape_attention
@@ -41,20 +44,6 @@ from pipeline.training.batching import nll_sums
 from pipeline.training.fused import Fused
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def timed(fn: Any, warm: int = 3, n: int = 10) -> float:
-    """Mean milliseconds of ``fn()`` on the current stream."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def kernels(fn: Any, top: int = 6) -> list[str]:

@@ -189,16 +189,7 @@ def _prepare(chunk: list[_Unit], *, pad_id: int, pin: bool, shared: int = 0) -> 
     labels = encoding.padded([e.labels[1:] for _, e in rows], width - 1, IGNORE).numpy().reshape(-1)
     flat = np.flatnonzero(labels != IGNORE)
     row = flat // (width - 1)
-    example = np.fromiter((0 if u.pair else 1 for u in chunk for _ in u.rows), dtype=np.int64, count=len(rows))
-    picked = torch.from_numpy(np.stack([flat, labels[flat], slots[row], row, example[row]], axis=1))
-    counts = np.bincount(row, minlength=len(rows))
-    pair_rows: list[tuple[int, int, int, int, int]] = []
-    r = 0
-    for unit in chunk:
-        r += len(unit.rows)
-        if unit.pair:
-            pair_rows.append((unit.slot, r - 2, r - 1, int(counts[r - 2]), int(counts[r - 1])))
-    paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
+    picked, paired = _picked(chunk, flat, labels[flat], slots, row)
     if pin:  # pinned: the copy does not wait for the GPU work queued before it
         host, picked, paired = host.pin_memory(), picked.pin_memory(), paired.pin_memory()
         prefix = prefix.pin_memory() if prefix is not None else None
@@ -331,16 +322,7 @@ def _prepare_packed(chunk: list[_Unit], *, pad_id: int, pin: bool, shared: int =
     following[packing.offsets[1:].numpy().astype(np.int64) - 1] = IGNORE
     flat = np.flatnonzero(following != IGNORE)
     row = packing.token_rows.numpy()[flat]
-    example = np.fromiter((0 if u.pair else 1 for u in chunk for _ in u.rows), dtype=np.int64, count=len(rows))
-    picked = torch.from_numpy(np.stack([flat, following[flat], slots[row], row, example[row]], axis=1))
-    counts = np.bincount(row, minlength=len(rows))
-    pair_rows: list[tuple[int, int, int, int, int]] = []
-    r = 0
-    for unit in chunk:
-        r += len(unit.rows)
-        if unit.pair:
-            pair_rows.append((unit.slot, r - 2, r - 1, int(counts[r - 2]), int(counts[r - 1])))
-    paired = torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
+    picked, paired = _picked(chunk, flat, following[flat], slots, row)
     host = torch.from_numpy(np.concatenate([slots, ids]))
     if pin:
         host, picked, paired, packing = (
@@ -350,6 +332,24 @@ def _prepare_packed(chunk: list[_Unit], *, pad_id: int, pin: bool, shared: int =
             packing.pin_memory(),
         )
     return _Batch(len(rows), total, host, picked, paired, None, packing)
+
+
+def _picked(
+    chunk: list[_Unit], flat: np.ndarray, targets: np.ndarray, slots: np.ndarray, row: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's ``picked`` (per labelled position: its flat position, target, user, row and whether the row
+    is an example's) and ``paired`` (per pair: user, chosen row, rejected row, their target-token counts)."""
+    n_rows = len(slots)
+    example = np.fromiter((0 if u.pair else 1 for u in chunk for _ in u.rows), dtype=np.int64, count=n_rows)
+    picked = torch.from_numpy(np.stack([flat, targets, slots[row], row, example[row]], axis=1))
+    counts = np.bincount(row, minlength=n_rows)
+    pair_rows: list[tuple[int, int, int, int, int]] = []
+    r = 0
+    for unit in chunk:
+        r += len(unit.rows)
+        if unit.pair:
+            pair_rows.append((unit.slot, r - 2, r - 1, int(counts[r - 2]), int(counts[r - 1])))
+    return picked, torch.tensor(pair_rows, dtype=torch.long).reshape(-1, 5)
 
 
 def _targets(e: EncodedExample) -> int:
