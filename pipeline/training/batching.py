@@ -155,7 +155,8 @@ class _Batch:
     """A micro-batch built on the host (`_prepare`): ``packed`` rows (slot, padding, ids), ``picked`` labelled
     positions (flat position, target, slot, row, is-example), ``paired`` pairs (slot, chosen row, rejected row,
     their target counts); pinned when bound for a GPU. With a ``prefix``, the rows' ids leave out its tokens
-    (positions count from the first token after it)."""
+    (positions count from the first token after it); with a ``packing`` (`_prepare_packed`), ``packed`` is the rows'
+    slots and then all their tokens as one sequence, and ``width`` the number of those tokens."""
 
     rows: int
     width: int
