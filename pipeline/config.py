@@ -291,8 +291,9 @@ class TrainingSettings(BaseSettings):
     packed_rows: bool = Field(
         False,
         description="Batched training runs a micro-batch's rows as one sequence without padding (variable-length "
-        "attention within each row; the same loss and gradients; Llama/Qwen2/Qwen3 on SDPA attention). Not yet "
-        "measured on a GPU: off by default.",
+        "attention within each row; the same loss and gradients; Llama/Qwen2/Qwen3 on SDPA attention); with "
+        "shared_prefix too, one prefix row per user comes first and each row attends to it. Not yet measured on a "
+        "GPU: off by default.",
     )
     shared_prefix: bool = Field(
         False,

@@ -35,39 +35,90 @@ available = shared_prefix.available
 @dataclass(frozen=True)
 class Packing:
     """Where the rows of a packed sequence are: ``offsets`` (int32 ``[rows + 1]``), each token's position in its row
-    (``positions``, long ``[T]``) and row (``token_rows``, long ``[T]``), and the longest row."""
+    (``positions``, long ``[T]``) and row (``token_rows``, long ``[T]``), and the longest row.
+
+    With a shared prefix (`packing_of`'s ``prefix``), the first rows are prefix rows and each later row's attention
+    reads its prefix row's tokens before its own: ``keys`` (long ``[K]``) lists, sequence by sequence, the tokens
+    whose keys and values each row attends to, at ``key_offsets`` (int32 ``[rows + 1]``; ``longest_key``), and
+    ``sees`` (long ``[T]``) is for each token the prefix row it sees (-1: none)."""
 
     offsets: torch.Tensor
     positions: torch.Tensor
     token_rows: torch.Tensor
     longest: int
+    keys: torch.Tensor | None = None
+    key_offsets: torch.Tensor | None = None
+    longest_key: int = 0
+    sees: torch.Tensor | None = None
+
+    def _map(self, fn: Any) -> Packing:
+        def opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return fn(t) if t is not None else None
+
+        return Packing(
+            fn(self.offsets),
+            fn(self.positions),
+            fn(self.token_rows),
+            self.longest,
+            opt(self.keys),
+            opt(self.key_offsets),
+            self.longest_key,
+            opt(self.sees),
+        )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Packing:
-        return Packing(
-            self.offsets.to(device, non_blocking=non_blocking),
-            self.positions.to(device, non_blocking=non_blocking),
-            self.token_rows.to(device, non_blocking=non_blocking),
-            self.longest,
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Packing:
-        return Packing(
-            self.offsets.pin_memory(), self.positions.pin_memory(), self.token_rows.pin_memory(), self.longest
-        )
+        return self._map(lambda t: t.pin_memory())
 
 
-def packing_of(lengths: Sequence[int]) -> Packing:
-    """The `Packing` of rows of these lengths, in order (on the host)."""
+def packing_of(lengths: Sequence[int], prefix: tuple[int, Sequence[int]] | None = None) -> Packing:
+    """The `Packing` of rows of these lengths, in order (on the host). ``prefix``: (``P``, ``owner``): the first
+    ``len(lengths) - len(owner)`` rows are prefix rows of ``P`` tokens, and each later row ``i`` continues prefix
+    row ``owner[i]`` (its positions start at ``P``, and it attends to that row's tokens first)."""
     n = np.asarray(lengths, dtype=np.int64)
     offsets = np.zeros(len(n) + 1, dtype=np.int64)
     np.cumsum(n, out=offsets[1:])
     rows = np.repeat(np.arange(len(n)), n)
     positions = np.arange(int(offsets[-1])) - offsets[:-1][rows]
-    return Packing(
+    packing = Packing(
         torch.from_numpy(offsets.astype(np.int32)),
         torch.from_numpy(positions),
         torch.from_numpy(rows),
         int(n.max()) if len(n) else 0,
+    )
+    if prefix is None:
+        return packing
+    p, owner = prefix
+    own = np.asarray(owner, dtype=np.int64)
+    heads = len(n) - len(own)
+    if heads < 0 or (heads and (n[:heads] != p).any()) or (len(own) and (own.min() < 0 or own.max() >= heads)):
+        raise ValueError(f"{heads} prefix rows of {p} tokens do not fit the rows and owners given")
+    later = np.arange(heads, len(n))
+    positions[offsets[heads] :] += p
+    # per sequence, the tokens its keys come from: a prefix row's own; a later row's prefix row's, then its own
+    key_lengths = n.copy()
+    key_lengths[heads:] += p
+    key_offsets = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(key_lengths, out=key_offsets[1:])
+    starts = np.concatenate([offsets[:heads], offsets[own]])
+    parts = [np.arange(offsets[r], offsets[r + 1]) for r in range(heads)]
+    for i, r in enumerate(later):
+        parts.append(np.arange(starts[heads + i], starts[heads + i] + p))
+        parts.append(np.arange(offsets[r], offsets[r + 1]))
+    keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    sees = np.full(int(offsets[-1]), -1, dtype=np.int64)
+    sees[offsets[heads] :] = np.repeat(own, n[heads:])
+    return Packing(
+        packing.offsets,
+        torch.from_numpy(positions),
+        packing.token_rows,
+        packing.longest,
+        torch.from_numpy(keys),
+        torch.from_numpy(key_offsets.astype(np.int32)),
+        int(key_lengths.max()) if len(n) else 0,
+        torch.from_numpy(sees),
     )
 
 
@@ -82,15 +133,20 @@ class _Packed(shared_prefix.AttentionState):
         p = self.packing
         if query.is_cuda:
             # Variable-length flash attention ([T, heads, dim], rows at the offsets; grouped key/value heads as they
-            # are); its backward is torch's (FlashAttentionBackward).
+            # are; causal aligned to each sequence's last key); its backward is torch's (FlashAttentionBackward).
+            k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+            key_offsets, longest_key = p.offsets, p.longest
+            if p.keys is not None and p.key_offsets is not None:  # each row's prefix row's keys, then its own
+                k, v = k.index_select(0, p.keys), v.index_select(0, p.keys)
+                key_offsets, longest_key = p.key_offsets, p.longest_key
             out = torch.ops.aten._flash_attention_forward(
                 query[0].transpose(0, 1),
-                key[0].transpose(0, 1),
-                value[0].transpose(0, 1),
+                k,
+                v,
                 p.offsets,
-                p.offsets,
+                key_offsets,
                 p.longest,
-                p.longest,
+                longest_key,
                 0.0,
                 True,
                 False,
@@ -99,6 +155,8 @@ class _Packed(shared_prefix.AttentionState):
             return out.transpose(0, 1)[None]
         rows = p.token_rows
         mask = (rows[:, None] == rows[None, :]).tril()
+        if p.sees is not None:
+            mask |= p.sees[:, None] == rows[None, :]
         gqa = query.shape[1] != key.shape[1]
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
 

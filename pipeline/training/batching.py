@@ -136,7 +136,7 @@ def nll_sums(
     # micro-batch.
     pack = settings.packed_rows and packed_rows.available(model)
     shared = 0
-    if settings.shared_prefix and not pack and len(units) > 1 and shared_prefix.available(model):
+    if settings.shared_prefix and len(units) > 1 and shared_prefix.available(model):
         every = [e for u in units for e in u.rows]
         shared = shared_prefix.common_length([e.input_ids for e in every], [e.labels for e in every])
     chunks = micro_batches(units, settings.micro_batch_budget(device.type), shared, pack)
@@ -265,7 +265,8 @@ def _forward_backward(
     prefix = batch.prefix.to(device, non_blocking=cuda) if batch.prefix is not None else None
     packing = batch.packing.to(device, non_blocking=cuda) if batch.packing is not None else None
     if packing is not None:
-        slots, ids = packed[: batch.rows], packed[batch.rows :]
+        n_packed = packing.offsets.shape[0] - 1  # the rows, and the prefix rows before them when shared
+        slots, ids = packed[:n_packed], packed[n_packed:]
     else:
         slots, ids = packed[:, 0], packed[:, 2 : width + 2]
     # No attention mask: rows are right-padded and attention is causal, so a real token never attends to a pad, and
@@ -306,24 +307,34 @@ def _forward_backward(
 
 
 def _prepare_packed(chunk: list[_Unit], *, pad_id: int, pin: bool, shared: int = 0) -> _Batch:
-    """`_prepare` for packed rows (`pipeline.models.packed`): ``packed`` holds the rows' slots, then all their tokens
-    (one sequence, no padding); ``picked``'s positions are token indices of that sequence (the token that predicts
-    the label); ``width`` is the number of tokens."""
-    del pad_id, shared  # no padding, and no shared prefix with packed rows
+    """`_prepare` for packed rows (`pipeline.models.packed`): ``packed`` holds the packed rows' slots, then all their
+    tokens (one sequence, no padding); ``picked``'s positions are token indices of that sequence (the token that
+    predicts the label); ``width`` is the number of tokens. With ``shared`` common first tokens, one prefix row of
+    them per user comes first and the rows leave them out (each attends to its user's prefix row)."""
+    del pad_id  # no padding
     rows = [(u.slot, e) for u in chunk for e in u.rows]
-    lengths = [len(e.input_ids) for _, e in rows]
-    packing = packed_rows.packing_of(lengths)
+    heads: list[tuple[int, EncodedExample]] = []
+    prefix = None
+    if shared:
+        prefix = shared_prefix.prefix_of(rows[0][1].input_ids, shared, [slot for slot, _ in rows])
+        head = EncodedExample(list(rows[0][1].input_ids[:shared]), [IGNORE] * shared)
+        heads = [(int(slot), head) for slot in prefix.slots.tolist()]
+        rows = [(slot, EncodedExample(e.input_ids[shared:], e.labels[shared:])) for slot, e in rows]
+    lengths = [len(e.input_ids) for _, e in heads + rows]
+    owner = prefix.owner.tolist() if prefix is not None else None
+    packing = packed_rows.packing_of(lengths, (shared, owner) if owner is not None else None)
     total = int(packing.offsets[-1])
-    slots = np.fromiter((slot for slot, _ in rows), dtype=np.int64, count=len(rows))
-    ids = np.fromiter(itertools.chain.from_iterable(e.input_ids for _, e in rows), dtype=np.int64, count=total)
-    labels = np.fromiter(itertools.chain.from_iterable(e.labels for _, e in rows), dtype=np.int64, count=total)
+    every = heads + rows
+    slots = np.fromiter((slot for slot, _ in every), dtype=np.int64, count=len(every))
+    ids = np.fromiter(itertools.chain.from_iterable(e.input_ids for _, e in every), dtype=np.int64, count=total)
+    labels = np.fromiter(itertools.chain.from_iterable(e.labels for _, e in every), dtype=np.int64, count=total)
     # The label each token predicts: the next token's, within its row.
     following = np.full(total, IGNORE, dtype=np.int64)
     following[:-1] = labels[1:]
     following[packing.offsets[1:].numpy().astype(np.int64) - 1] = IGNORE
-    flat = np.flatnonzero(following != IGNORE)
-    row = packing.token_rows.numpy()[flat]
-    picked, paired = _picked(chunk, flat, following[flat], slots, row)
+    flat = np.flatnonzero(following != IGNORE)  # none in the prefix rows: their labels are IGNORE
+    row = packing.token_rows.numpy()[flat] - len(heads)
+    picked, paired = _picked(chunk, flat, following[flat], slots[len(heads) :], row)
     host = torch.from_numpy(np.concatenate([slots, ids]))
     if pin:
         host, picked, paired, packing = (

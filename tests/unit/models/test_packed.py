@@ -69,6 +69,51 @@ def test_packed_rows_give_the_padded_rows_states_and_gradients():
     torch.testing.assert_close(seen[0], plain, atol=0, rtol=0)
 
 
+def test_packed_rows_with_a_shared_prefix_give_the_full_rows_states_and_gradients():
+    """One prefix row per adapter first, then the rows without those tokens, each attending to its adapter's
+    prefix row: the rows' states and the gradients of the full, padded rows."""
+    model = tiny_random()
+    stacks = _stacks(model, 3, 6)
+    params = [t for s in stacks.values() for t in (s.lora_A, s.lora_B)]
+    g = torch.Generator().manual_seed(7)
+    p = 6
+    head = torch.randint(3, 200, (p,), generator=g)
+    lengths = [7, 3, 9, 1, 5]
+    tails = [torch.randint(3, 200, (n,), generator=g) for n in lengths]
+    slots = torch.tensor([2, 0, 2, 1, 0])
+    width = p + max(lengths)
+    full = torch.stack([torch.cat([head, t, t.new_zeros(width - p - len(t))]) for t in tails])
+    weight = torch.randn(sum(lengths), model.config.hidden_size, generator=g)
+    decoder = model.get_decoder()
+    prefix_slots = [0, 1, 2]
+    owner = [prefix_slots.index(s) for s in slots.tolist()]
+    packing = packing_of([p] * 3 + lengths, (p, owner))
+    ids = torch.cat([head, head, head, *tails])
+    every_slot = torch.cat([torch.tensor(prefix_slots), slots])
+    with multilora.wrap_linears(model, stacks) as lora:
+        lora.set_rows(slots)
+        states = decoder(input_ids=full, use_cache=False).last_hidden_state
+        want = torch.cat([states[i, p : p + n] for i, n in enumerate(lengths)])
+        want_grads = torch.autograd.grad((want * weight).sum(), params)
+        got = decoder_states(decoder, ids, packing, lora, every_slot)[3 * p :]
+        got_grads = torch.autograd.grad((got * weight).sum(), params)
+        lora.set_rows(None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert float((a - b).norm()) <= 1e-4 * float(b.norm()), float((a - b).norm() / b.norm())
+
+
+def test_packing_of_a_shared_prefix_lists_each_rows_keys():
+    p = packing_of([2, 2, 3, 1], (2, [1, 0]))  # two prefix rows of 2, then rows of 3 and 1
+    assert p.positions.tolist() == [0, 1, 0, 1, 2, 3, 4, 2]
+    assert p.keys is not None and p.key_offsets is not None and p.sees is not None
+    assert p.keys.tolist() == [0, 1, 2, 3, 2, 3, 4, 5, 6, 0, 1, 7]
+    assert p.key_offsets.tolist() == [0, 2, 4, 9, 12] and p.longest_key == 5
+    assert p.sees.tolist() == [-1, -1, -1, -1, 1, 1, 1, 0]
+    with pytest.raises(ValueError):
+        packing_of([2, 3], (2, [1]))  # owner 1 is no prefix row
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_packed_rows_equal_the_padded_rows():
     model = tiny_random().to("cuda", torch.bfloat16)
@@ -127,19 +172,26 @@ def test_training_sums_and_gradients_of_packed_rows_are_those_of_the_padded_rows
 
     monkeypatch.setattr(packed, "decoder_states", counted)
     results = {}
-    for pack in (False, True):
-        settings = TrainingSettings(threads=1, micro_batch_tokens=512, packed_rows=pack, fused_kernels="off")
+    for pack, share in ((False, False), (True, False), (True, True)):
+        settings = TrainingSettings(
+            threads=1, micro_batch_tokens=512, packed_rows=pack, shared_prefix=share, fused_kernels="off"
+        )
         stacks = _stacks(model, users, 3)
         params = [t for s in stacks.values() for t in (s.lora_A, s.lora_B)]
         model.train()
         with torch.enable_grad(), multilora.wrap_linears(model, stacks) as lora:
             sums = nll_sums(model, lora, items, users, 0, torch.device("cpu"), settings, params, lambda: None, pairs)
         model.eval()
-        results[pack] = (sums, [p.grad.clone() for p in params])
-    assert sum(calls) == len(items) + 2 * len(pairs), calls  # every row went through a packed forward
-    (plain, plain_grads), (got, got_grads) = results[False], results[True]
-    assert got.tokens.tolist() == plain.tokens.tolist() and got.pairs.tolist() == plain.pairs.tolist()
-    torch.testing.assert_close(got.nll, plain.nll, atol=1e-9, rtol=1e-5)
-    torch.testing.assert_close(got.preference, plain.preference, atol=1e-9, rtol=1e-5)
-    for a, b in zip(got_grads, plain_grads, strict=True):
-        assert float((a - b).norm()) <= 1e-4 * float(b.norm()), float((a - b).norm() / b.norm())
+        results[(pack, share)] = (sums, [p.grad.clone() for p in params])
+    # every row went through a packed forward, twice; the second time each micro-batch had one prefix row per user
+    rows = len(items) + 2 * len(pairs)
+    extra = sum(calls) - 2 * rows
+    assert extra > 0 and extra % users == 0, calls
+    plain, plain_grads = results[(False, False)]
+    for key in ((True, False), (True, True)):
+        got, got_grads = results[key]
+        assert got.tokens.tolist() == plain.tokens.tolist() and got.pairs.tolist() == plain.pairs.tolist()
+        torch.testing.assert_close(got.nll, plain.nll, atol=1e-9, rtol=1e-5)
+        torch.testing.assert_close(got.preference, plain.preference, atol=1e-9, rtol=1e-5)
+        for a, b in zip(got_grads, plain_grads, strict=True):
+            assert float((a - b).norm()) <= 1e-4 * float(b.norm()), (key, float((a - b).norm() / b.norm()))

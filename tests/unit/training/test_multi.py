@@ -99,6 +99,7 @@ def assert_same_adapter(a: Path, b: Path, lr: float = 1e-2) -> None:
         pytest.param((0, 7, 4, 0), 20.0, "padded", id="mixed-anchored"),
         pytest.param((5, 2, 9, 1), 0.0, "shared_prefix", id="all-pairs-shared-prefix"),
         pytest.param((5, 2, 9, 1), 0.0, "packed_rows", id="all-pairs-packed-rows"),
+        pytest.param((0, 7, 4, 0), 0.0, "packed_rows+shared_prefix", id="mixed-packed-shared-prefix"),
     ],
 )
 def test_four_users_batched_equal_four_peft_runs(
@@ -111,7 +112,7 @@ def test_four_users_batched_equal_four_peft_runs(
     adapter equals the one its own peft run gives, step for step."""
     base = load_base("tiny-random")
     sha = weights_sha256(base.model)
-    cfg = settings(**PAIRS, anchor=anchor, **({rows: True} if rows != "padded" else {}))
+    cfg = settings(**PAIRS, anchor=anchor, **({key: True for key in rows.split("+")} if rows != "padded" else {}))
     train_adapter(base, user_examples(9, 20), tmp_path / "parent", cfg, parent_dir=None, seed=99)
     sizes = [24, 3, 40, 15]
     parents = [None, None, tmp_path / "parent", None]
