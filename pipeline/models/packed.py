@@ -95,19 +95,19 @@ def packing_of(lengths: Sequence[int], prefix: tuple[int, Sequence[int]] | None 
     heads = len(n) - len(own)
     if heads < 0 or (heads and (n[:heads] != p).any()) or (len(own) and (own.min() < 0 or own.max() >= heads)):
         raise ValueError(f"{heads} prefix rows of {p} tokens do not fit the rows and owners given")
-    later = np.arange(heads, len(n))
     positions[offsets[heads] :] += p
     # per sequence, the tokens its keys come from: a prefix row's own; a later row's prefix row's, then its own
     key_lengths = n.copy()
     key_lengths[heads:] += p
     key_offsets = np.zeros(len(n) + 1, dtype=np.int64)
     np.cumsum(key_lengths, out=key_offsets[1:])
-    starts = np.concatenate([offsets[:heads], offsets[own]])
-    parts = [np.arange(offsets[r], offsets[r + 1]) for r in range(heads)]
-    for i, r in enumerate(later):
-        parts.append(np.arange(starts[heads + i], starts[heads + i] + p))
-        parts.append(np.arange(offsets[r], offsets[r + 1]))
-    keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    # key k of sequence s, at j = k - key_offsets[s]: a prefix row's token j; a later row's prefix row's token j
+    # (j < P), else its own token j - P
+    seq = np.repeat(np.arange(len(n)), key_lengths)
+    j = np.arange(int(key_offsets[-1])) - key_offsets[:-1][seq]
+    seen = np.concatenate([np.arange(heads), own])[seq]  # the prefix row each sequence reads first (itself: heads)
+    later_seq = seq >= heads
+    keys = np.where(later_seq & (j < p), offsets[:-1][seen] + j, offsets[:-1][seq] + j - np.where(later_seq, p, 0))
     sees = np.full(int(offsets[-1]), -1, dtype=np.int64)
     sees[offsets[heads] :] = np.repeat(own, n[heads:])
     return Packing(
