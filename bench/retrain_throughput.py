@@ -825,7 +825,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--packed-rows",
-        default="off",
+        default="on",
         help="a comma list paired with --micro: on (training's micro-batches as one sequence without padding: "
         "TrainingSettings.packed_rows) or off (right-padded rows)",
     )

@@ -227,7 +227,8 @@ class TrainingSettings(BaseSettings):
     micro_batch_tokens: int = Field(
         0,
         ge=0,
-        description="Padded tokens per forward/backward chunk of a batched step (bounds activation memory; "
+        description="Tokens per forward/backward chunk of a batched step (padded; real tokens with packed_rows; "
+        "bounds activation memory; "
         "the step's update does not depend on it). 0 = auto: 512 on the CPU (a 4-user SmolLM2 step took 11 s in "
         "chunks of 512, 72 s in one chunk), 32768 on a GPU.",
     )
@@ -288,13 +289,19 @@ class TrainingSettings(BaseSettings):
         "GPU: the add to the base output fused into the second GEMM; fp32 weights and optimizer state); fp32 = "
         "peft's numerics (the input cast to fp32). The same on an fp32 base.",
     )
-    packed_rows: bool = Field(
-        False,
+    packed_rows: bool | None = Field(
+        None,
         description="Batched training runs a micro-batch's rows as one sequence without padding (variable-length "
         "attention within each row; the same loss and gradients; Llama/Qwen2/Qwen3 on SDPA attention); with "
-        "shared_prefix too, one prefix row per user comes first and each row attends to it. Not yet measured on a "
-        "GPU: off by default.",
+        "shared_prefix too, one prefix row per user comes first and each row attends to it. Unset = on a GPU, off "
+        "on the CPU (on an H200, K=256: a wave 10% faster, 74 instead of 116 GiB; bench/results/"
+        "retrain_throughput.md).",
     )
+
+    def packs_rows(self, device_type: str) -> bool:
+        """``packed_rows``, or its automatic value for a device of that type (on for ``cuda``)."""
+        return self.packed_rows if self.packed_rows is not None else device_type == "cuda"
+
     shared_prefix: bool = Field(
         False,
         description="Batched training runs the first tokens every row of a micro-batch has in common (the chat "

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -377,18 +378,38 @@ def paired_gain(
         raise MetricsError(f"paired scores of different lengths: {len(candidate)} and {len(reference)}")
     if not candidate:
         return None
-    cand = torch.tensor([-s for s, _ in candidate], dtype=torch.float64)
-    ref = torch.tensor([-s for s, _ in reference], dtype=torch.float64)
-    if float(ref.sum()) <= 0:
+    both = np.array([[-c for c, _ in candidate], [-r for r, _ in reference]], dtype=np.float64)  # [2, n]
+    cand_total, ref_total = float(both[0].sum()), float(both[1].sum())
+    if ref_total <= 0:
         return None
-    gain = float((ref.sum() - cand.sum()) / ref.sum())
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(candidate), (samples, len(candidate)), generator=gen)
-    ref_s, cand_s = ref[idx].sum(1), cand[idx].sum(1)
-    gains = ((ref_s - cand_s) / ref_s.clamp(min=1e-12)).sort().values
+    gain = (ref_total - cand_total) / ref_total
+    # Each resample's sums: how often it drew each example, times the values (the counts are kept per size and
+    # seed; the gate asks this ~6 times per candidate, mostly of a few sizes).
+    n = len(candidate)
+    counts = _resample_counts(n, samples, seed) if n * samples <= 2**20 else _draw_counts(n, samples, seed)
+    sums = counts @ both.T  # [samples, 2]: candidate, reference
+    ref_s = sums[:, 1]
+    gains = np.sort((ref_s - sums[:, 0]) / np.maximum(ref_s, 1e-12))
     lo = float(gains[math.floor((1 - confidence) * (samples - 1))])
     hi = float(gains[math.ceil(confidence * (samples - 1))])
     return {"gain": gain, "low": lo, "high": hi, "events": len(candidate)}
+
+
+@functools.lru_cache(maxsize=64)
+def _resample_counts(n: int, samples: int, seed: int) -> np.ndarray:
+    """`_draw_counts`, kept (up to 8 MiB each). Read only."""
+    counts = _draw_counts(n, samples, seed)
+    counts.setflags(write=False)
+    return counts
+
+
+def _draw_counts(n: int, samples: int, seed: int) -> np.ndarray:
+    """``[samples, n]`` float64: how many times each of ``n`` examples is drawn in each bootstrap resample (with
+    replacement, seeded: the draws are torch's ``randint`` from ``seed``, the same everywhere)."""
+    idx = torch.randint(n, (samples, n), generator=torch.Generator().manual_seed(seed)).numpy()
+    counts = np.zeros((samples, n), dtype=np.float64)
+    np.add.at(counts, (np.arange(samples)[:, None], idx), 1.0)
+    return counts
 
 
 def _paired(cand: ModelScores, ref: ModelScores) -> dict[str, dict[str, float | int] | None]:

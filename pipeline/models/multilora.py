@@ -178,7 +178,7 @@ class MultiLoraLinear(nn.Module):
         if offsets is not None:  # packed rows
             if x.shape[0] != 1:
                 raise AdapterLimitError(f"packed rows come as one sequence, got a batch of {x.shape[0]}")
-            if not (self._rows.native and TRITON_BRANCH and lora_kernels.available(x, self.lora_A.shape[1])):
+            if not self._packed_kernels(x):
                 # The torch path, every token a row of its own with its row's adapter.
                 flat = x.reshape(-1, 1, x.shape[-1])
                 out = self._rows_forward(flat, self._rows.token_index, None)
@@ -186,6 +186,16 @@ class MultiLoraLinear(nn.Module):
         elif index.shape[0] != x.shape[0]:
             raise AdapterLimitError(f"row index has {index.shape[0]} rows but the batch has {x.shape[0]}")
         return self._rows_forward(x, index, offsets)
+
+    def _packed_kernels(self, x: torch.Tensor) -> bool:
+        """Whether `_rows_forward` takes a Triton path for ``x`` (the only ones that read packed rows' offsets): the
+        training node over a frozen base, or the no-grad forward; native, half, CUDA, rank <= 64 either way."""
+        if not (TRITON_BRANCH and self._rows.native and lora_kernels.available(x, self.lora_A.shape[1])):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        frozen = not any(t is not None and t.requires_grad for t in (self.base.weight, self.base.bias, self.scaling))
+        return TRAIN_BRANCH and self.lora_A.requires_grad and x.dtype in _HALF and frozen
 
     def _rows_forward(self, x: torch.Tensor, index: Any, offsets: torch.Tensor | None) -> torch.Tensor:
         """`forward` of rows ``x`` with stack rows ``index`` (with ``offsets``: packed rows, on the Triton path)."""

@@ -134,7 +134,7 @@ def nll_sums(
     mode = (fused or Fused.resolve(settings.fused_kernels, device)).loss
     # Packed rows (no padding), or the rows' common first tokens (the chat template's head) run once per user per
     # micro-batch.
-    pack = settings.packed_rows and packed_rows.available(model)
+    pack = settings.packs_rows(device.type) and packed_rows.available(model)
     shared = 0
     if settings.shared_prefix and len(units) > 1 and shared_prefix.available(model):
         every = [e for u in units for e in u.rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import random
 from pathlib import Path
@@ -133,11 +134,39 @@ def test_encoding_many_equals_encoding_one_by_one() -> None:
         prompt = None if i % 3 == 0 else rng.choice(["ask", "what now?", "", "p" * rng.randrange(1, 300)])
         target = " ".join(rng.choice(words) for _ in range(rng.randrange(0, 40)))
         examples.append(Example(prompt, target, f"e{i}"))
-    for tok in (tiny, no_template, smol):
+    examples += [Example(p, t, f"m{i}") for i, (p, t) in enumerate(itertools.product(["ask", None], MARKUP))]
+    templates = []
+    for template in TEMPLATES:  # templates that trim, escape, look into the answer or render it apart
+        other = copy.deepcopy(tiny)
+        other.chat_template = template
+        templates.append(other)
+    for tok in (tiny, no_template, smol, *templates):
         for max_length in (16, 64, 512):
             one = [encode_example(tok, x, max_length) for x in examples]
             assert encode_examples(tok, examples, max_length) == one
     assert encode_examples(smol, [], 64) == []
+
+
+#: Answers a template might treat apart (`encoding._splice` must not put them in verbatim where it would not).
+MARKUP = ["<think>a</think>b", "a</think> b", " padded ", "{{ x }}", "", "   ", "tab\tand & 'quote' \"q\" \\"]
+TEMPLATES = [
+    # Llama-3-like: the content trimmed
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    # Qwen3-like: the reasoning split off the answer
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if '</think>' in m['content'] %}"
+    "{{ m['content'].split('</think>')[-1].lstrip() }}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    # HTML-escaped content
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | e }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    # an empty answer rendered as nothing at all
+    "{% for m in messages %}{% if m['content'] %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    # the last assistant turn rendered differently from a generation prompt
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|bot|>{% else %}<|{{ m['role'] }}|>{% endif %}"
+    "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+]
 
 
 # ---- LoRA training ----------------------------------------------------------------------------------------------
