@@ -29,6 +29,7 @@ validation and early stopping) except ``micro_batch_tokens``; the general-answer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -619,15 +620,22 @@ def step_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path
 
 
 def host_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
-    """cProfile (the host's Python) over a K-user batched training from fresh LoRAs, 3 steps with a validation,
-    and the batched gate of those K candidates: where the host's time goes while the device waits. Writes the top
+    """cProfile (the host's Python) over a K-user batched training from their parents (trained first, not profiled),
+    3 steps with a validation, and the batched gate of those K candidates against their parents: where the host's time goes while the device waits. Writes the top
     functions by own and by cumulative time to ``out/host-profile-MODEL.txt``."""
     import cProfile
     import io
     import pstats
 
     three = settings.model_copy(update={"max_steps": 3, "eval_every": 3})
+    parents, _ = fresh_users(k, 90_000, tmp / "hprof-parents")
+    train_adapters(base, parents, settings.model_copy(update={"max_steps": 2}))  # not profiled: each user's parent
     jobs, requests = fresh_users(k, 90_000, tmp / "hprof")
+    # as a worker's retrain: from the serving revision (read from its files), gated against it
+    jobs = [dataclasses.replace(job, parent_dir=parent.out_dir) for job, parent in zip(jobs, parents, strict=True)]
+    requests = [
+        dataclasses.replace(req, current_dir=parent.out_dir) for req, parent in zip(requests, parents, strict=True)
+    ]
     probes, general, length = load_probes(), load_general(), settings.max_length
     device = next(base.model.parameters()).device.type
     report: dict[str, Any] = {"users": k}

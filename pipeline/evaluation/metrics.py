@@ -57,7 +57,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline import config
 from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import Example, TrainingEvent, example_of, preference_pairs
-from pipeline.models import encoding, fused_layers, shared_prefix
+from pipeline.models import encoding, fused_layers, packed, shared_prefix
 from pipeline.models.attach import attached, base_lock, borrowed
 from pipeline.models.base import LoadedBase, varied_shape_attention
 from pipeline.models.encoding import IGNORE, EncodedExample, encode_examples
@@ -1082,6 +1082,7 @@ def _evaluate_stacked(
             multilora.wrap_linears(model, stacks, native=native) as lora,
             _eval_mode(model),
             fused_layers.patched(model, fused),
+            packed.causal_only(model),  # no padding mask is built (above): nor asked for, with a sync per forward
         ):
             split = _split_head(model)  # after the wrap: a head with LoRA on it is no plain Linear any more
             # Labelled rows through the split head hold no full logits: more of them per forward (fewer launches).

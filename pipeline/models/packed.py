@@ -16,9 +16,10 @@ The hidden states equal those of the padded rows (tests/unit/models/test_packed.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +190,21 @@ class _no_mask:
 
     def __exit__(self, *exc: object) -> None:
         _NO_MASK.depth -= 1
+
+
+@contextlib.contextmanager
+def causal_only(model: nn.Module) -> Iterator[bool]:
+    """In this thread, forwards of right-padded (or unpadded) rows without an attention mask skip transformers'
+    ``create_causal_mask``: SDPA attention is causal by itself (``is_causal``), and a real token never sees a pad.
+    ``create_causal_mask`` asks the device whether the position ids are packed sequences (``.all()``): a device
+    sync per forward, so the host could not queue the gate's next forward while the device ran this one. Yields
+    whether it applies (`available`: SDPA attention of a supported model; otherwise the model builds its masks)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if not (available(model) and _mask_dispatch(sys.modules[type(decoder).__module__])):
+        yield False
+        return
+    with _no_mask():
+        yield True
 
 
 def _mask_dispatch(modeling: Any) -> bool:

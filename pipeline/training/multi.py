@@ -162,6 +162,7 @@ def train_adapters(
     results: list[TrainResult | BaseException | None] = [None] * len(jobs)
     users: list[_User] = []
     alone: list[int] = []
+    began = time.perf_counter()
     for i, job in enumerate(jobs):
         try:
             rng = random.Random(job.seed)
@@ -179,6 +180,9 @@ def train_adapters(
         user = _User(i, job, train, val, rng, start, pairs, pairs_rng(job.seed), batch_size, pair_batch_size)
         users.append(user)
 
+    log.info(
+        "%d users prepared in %.2f s (examples encoded, starting LoRAs read)", len(users), time.perf_counter() - began
+    )
     groups: dict[tuple, list[_User]] = {}
     for user in users:
         groups.setdefault(user.start.signature, []).append(user)
@@ -478,6 +482,7 @@ def _train_group(
             return {slot: sums.loss(slot, settings) for slot, u in enumerate(users) if u in group}
 
         with_val = [u for u in users if u.val]
+        first_check = time.perf_counter()
         if with_val:
             for slot, value in validate(with_val).items():
                 users[slot].best_val = value
@@ -541,6 +546,7 @@ def _train_group(
                 if improved:
                     snapshot(improved)
         seconds = time.perf_counter() - started
+        writing = time.perf_counter()
         # Each user keeps its best state (step 0 included) when it validated, else its last. Every stacked parameter
         # comes to the host once, in the saved dtype (not one small copy per user and tensor, each a wait).
         dtype = SAVE_DTYPES[settings.save_dtype]
@@ -614,11 +620,14 @@ def _train_group(
             except Exception as e:
                 out.append(e)
     log.info(
-        "batched training of %d users (%s): %d trained, %.1f s, %.0f tokens/s",
+        "batched training of %d users (%s): %d trained, %.1f s, %.0f tokens/s (the first validation %.2f s before; "
+        "written in %.2f s)",
         len(users),
         fused.describe(),
         sum(isinstance(r, TrainResult) for r in out),
         seconds,
         total_tokens / seconds if seconds > 0 else 0.0,
+        started - first_check,
+        time.perf_counter() - writing,
     )
     return out

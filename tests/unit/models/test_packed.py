@@ -207,3 +207,32 @@ def test_training_sums_and_gradients_of_packed_rows_are_those_of_the_padded_rows
         torch.testing.assert_close(got.preference, plain.preference, atol=1e-9, rtol=1e-5)
         for a, b in zip(got_grads, plain_grads, strict=True):
             assert float((a - b).norm()) <= 1e-4 * float(b.norm()), (key, float((a - b).norm() / b.norm()))
+
+
+def test_causal_only_builds_no_mask_and_changes_no_output(monkeypatch):
+    """`causal_only`: right-padded rows without a mask give the same logits, and transformers' mask builder (which
+    asks the device whether positions are packed: a sync per forward) is not called; in other threads it is."""
+    from transformers import masking_utils
+
+    model = tiny_random()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 200, (3, 11), generator=g)
+    asked: list[int] = []
+    real = masking_utils.find_packed_sequence_indices
+
+    def counted(*args, **kwargs):
+        asked.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", counted)
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        assert asked, "transformers no longer asks: this test checks nothing"
+        asked.clear()
+        with packed.causal_only(model) as applies:
+            got = model(input_ids=ids, use_cache=False).logits
+            elsewhere = threading.Thread(target=lambda: model(input_ids=ids, use_cache=False))
+            elsewhere.start()
+            elsewhere.join()
+    assert applies and len(asked) == 1  # the other thread's forward only
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
