@@ -620,9 +620,10 @@ def step_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path
 
 
 def host_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
-    """cProfile (the host's Python) over a K-user batched training from their parents (trained first, not profiled),
-    3 steps with a validation, and the batched gate of those K candidates against their parents: where the host's time goes while the device waits. Writes the top
-    functions by own and by cumulative time to ``out/host-profile-MODEL.txt``."""
+    """cProfile (the host's Python) over a K-user batched training from their parents (trained first, not
+    profiled), 3 steps with a validation, and the batched gate of those K candidates against their parents: where
+    the host's time goes while the device waits. Writes the top functions by own and by cumulative time to
+    ``out/host-profile-MODEL.txt``."""
     import cProfile
     import io
     import pstats
