@@ -199,7 +199,8 @@ def causal_only(model: nn.Module) -> Iterator[bool]:
     ``create_causal_mask`` asks the device whether the position ids are packed sequences (``.all()``): a device
     sync per forward, so the host could not queue the gate's next forward while the device ran this one. Yields
     whether it applies (`available`: SDPA attention of a supported model; otherwise the model builds its masks)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder: nn.Module = get_decoder() if callable(get_decoder) else model
     if not (available(model) and _mask_dispatch(sys.modules[type(decoder).__module__])):
         yield False
         return
