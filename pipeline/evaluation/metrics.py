@@ -1125,7 +1125,9 @@ def _evaluate_stacked(
                 if probe_j is not None:
                     # One probe's rows (same ids, no padding): their KL from the base, summed over positions.
                     if probe_j not in references:
-                        ref_lp = F.log_softmax(base_logits[probe_j].float(), dim=-1).to(device)
+                        # From pinned memory: a copy from pageable memory made the host wait until the device had
+                        # run every forward queued so far, once per probe.
+                        ref_lp = to_device(F.log_softmax(base_logits[probe_j].float(), dim=-1))
                         references[probe_j] = (ref_lp, ref_lp.exp())
                     ref_lp, ref_p = references[probe_j]
                     logits = _forward(model, ids, mask)

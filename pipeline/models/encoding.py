@@ -7,8 +7,10 @@ prompt is masked in exactly the same way when a model is trained and when it is 
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,8 +67,7 @@ def encode_examples(
     if not examples:
         return []
     chat = bool(getattr(tokenizer, "chat_template", None))
-    heads: dict[str, str] = {}
-    splices: dict[str, tuple[str, str] | None] = {}
+    heads, splices = _renderings(tokenizer)
     prompt_texts: list[str] = []
     target_texts: list[str] = []
     plain: list[int] = []  # examples without a prompt on a base without a chat template: special tokens added
@@ -94,6 +95,29 @@ def encode_examples(
     return [
         _assemble(tokenizer, list(p), list(t), max_length, eos) for p, t in zip(prompt_ids, target_ids, strict=True)
     ]
+
+
+#: Per tokenizer, by its chat template and special tokens: the user turns rendered and the answers' splices, by
+#: prompt (`render_chat`'s caches), kept across calls: a batch of 256 users encodes 512 times, and the same few
+#: prompts (mostly the empty one) were rendered again each time.
+_RENDERINGS: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, str], dict[str, tuple[str, str] | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+_RENDERINGS_MAX = 4096
+
+
+def _renderings(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, str], dict[str, tuple[str, str] | None]]:
+    """``tokenizer``'s (heads, splices) caches for `render_chat` (new ones when its template or special tokens
+    changed, or when they hold `_RENDERINGS_MAX` prompts)."""
+    key = (getattr(tokenizer, "chat_template", None), str(getattr(tokenizer, "special_tokens_map", None)))
+    try:
+        known = _RENDERINGS.get(tokenizer)
+    except TypeError:  # not weakly referable: caches for this call only
+        return {}, {}
+    if known is None or known[0] != key or len(known[1]) + len(known[2]) > _RENDERINGS_MAX:
+        known = (key, {}, {})
+        _RENDERINGS[tokenizer] = known
+    return known[1], known[2]
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:

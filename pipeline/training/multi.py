@@ -47,6 +47,7 @@ import math
 import random
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,18 +105,42 @@ Progress = Callable[[int, int, float], None]
 Heartbeat = Callable[[], dict[int, BaseException]]
 
 
-@dataclass
+#: Per module path: where its A and B lie in a parent's table (first element, shape), for `_Start.where`.
+Where = dict[str, tuple[int, tuple[int, ...], int, tuple[int, ...]]]
+
+
+@dataclass(eq=False)
 class _Start:
-    """A user's LoRA as peft created it: config, per-module weights and scaling, and the saved key names."""
+    """A user's LoRA as peft created it: config, per-module weights and scaling, and the saved key names.
+
+    A parent read from its files is kept as its table (``table``: every value in fp32, ``where`` each module's A and
+    B in it, ``scaling`` for all); ``modules`` then gives views of it. `_train_group` stacks the tables of a group
+    whole (one copy) when they share one layout, instead of 420 tensors a user."""
 
     config: LoraConfig
-    # path -> (A [r, in], B [out, r], scaling), on the host: a batch is stacked there and copied to the device once
-    # per stacked parameter (not once per user and tensor: 420 small copies a user at r=1 on seven targets).
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     keys: dict[str, tuple[str, str]]  # state-dict key -> (path, "A" | "B")
+    given: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+    table: torch.Tensor | None = None
+    where: Where | None = None
+    scaling: float = 0.0
+    known_signature: tuple | None = None
+
+    @functools.cached_property
+    def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """path -> (A [r, in], B [out, r], scaling), on the host."""
+        if self.given is not None:
+            return self.given
+        assert self.table is not None and self.where is not None
+        t = self.table
+        return {
+            path: (t[a : a + math.prod(sa)].view(sa), t[b : b + math.prod(sb)].view(sb), self.scaling)
+            for path, (a, sa, b, sb) in self.where.items()
+        }
 
     @property
     def signature(self) -> tuple:
+        if self.known_signature is not None:
+            return self.known_signature
         return tuple((p, tuple(a.shape), tuple(b.shape), a.dtype) for p, (a, b, _) in sorted(self.modules.items()))
 
 
@@ -255,14 +280,30 @@ def _default_lora() -> dict[str, Any]:
     return LoraConfig().to_dict()
 
 
+#: Per base model, its module names in order and its nn.Linear modules by name (`_modules_of`).
+_MODULES: weakref.WeakKeyDictionary[nn.Module, tuple[list[str], dict[str, nn.Linear]]] = weakref.WeakKeyDictionary()
+
+
+def _modules_of(model: nn.Module) -> tuple[list[str], dict[str, nn.Linear]]:
+    """The model's module names in order and its nn.Linear modules by name, listed once per model (a base is never
+    modified: two walks over its ~800 modules per user were a quarter of a 256-user batch's preparation)."""
+    known = _MODULES.get(model)
+    if known is None:
+        with base_lock(model):  # not while another thread has wrapped its layers (they do so under this lock)
+            named = list(model.named_modules())
+        known = [name for name, _ in named], {name: m for name, m in named if isinstance(m, nn.Linear)}
+        _MODULES[model] = known
+    return known
+
+
 def _start_direct(base: LoadedBase, settings: TrainingSettings, parent_dir: Path | None, seed: int) -> _Start:
     model = base.model
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names, linears = _modules_of(model)
     if parent_dir is not None:
         try:
             config = LoraConfig.from_pretrained(str(parent_dir))
             # One vector of fp32 values, its layout parsed once per header (a batch's parents share one).
-            state = multilora.read_adapter_table(parent_dir, torch.float32).tensors()
+            table = multilora.read_adapter_table(parent_dir, torch.float32)
         except (OSError, ValueError, TypeError, multilora.AdapterFormatError) as e:
             raise TrainingError(f"cannot load the parent adapter from {parent_dir}: {e}") from e
         config.inference_mode = False
@@ -272,7 +313,7 @@ def _start_direct(base: LoadedBase, settings: TrainingSettings, parent_dir: Path
             **options, target_modules=settings.targets, lora_dropout=settings.dropout, task_type="CAUSAL_LM"
         )
         config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None  # as get_peft_model sets it
-        state = None
+        table = None
     if config.lora_dropout or config.use_dora or getattr(config, "lora_bias", False) or config.modules_to_save:
         raise _Unsupported("LoRA with dropout, DoRA, bias or modules_to_save")
     default = _default_lora()
@@ -288,7 +329,7 @@ def _start_direct(base: LoadedBase, settings: TrainingSettings, parent_dir: Path
     ):
         raise _NotDirect(f"LoRA options beyond r, alpha, rsLoRA and a list of targets ({odd})")
     targets = set(config.target_modules)
-    matched = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    matched = [name for name in names if name.rsplit(".", 1)[-1] in targets]
     paths = [name for name in matched if name in linears]
     if len(paths) != len(matched):
         raise _NotDirect("a target module is not an nn.Linear")
@@ -297,43 +338,74 @@ def _start_direct(base: LoadedBase, settings: TrainingSettings, parent_dir: Path
     r = int(config.r)
     scaling = float(config.lora_alpha / math.sqrt(r) if config.use_rslora else config.lora_alpha / r)
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    keys: dict[str, tuple[str, str]] = {}
     device = next(model.parameters()).device
-    if state is None:
-        # peft's order and draws (LoraLayer.update_layer): per target in module order, nn.Linear(in, r) and
-        # nn.Linear(r, out) are built (each draws its default kaiming init), then A is drawn again and B zeroed.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for path in paths:
-                lin = linears[path]
-                a = torch.empty(r, lin.in_features)
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(torch.empty(lin.out_features, r), a=math.sqrt(5))
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                b = torch.zeros(lin.out_features, r)
-                modules[path] = (a, b, scaling)
-    else:
+    if table is not None:
+        try:
+            where, keys, signature = _parent_plan(model, linears, tuple(paths), table.layout, r)
+        except TrainingError as e:
+            raise TrainingError(f"the parent adapter in {parent_dir} {e}") from e
+        return _Start(config, keys, table=table.values, where=where, scaling=scaling, known_signature=signature)
+    # peft's order and draws (LoraLayer.update_layer): per target in module order, nn.Linear(in, r) and
+    # nn.Linear(r, out) are built (each draws its default kaiming init), then A is drawn again and B zeroed.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         for path in paths:
             lin = linears[path]
-            try:
-                a, b = state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"]
-            except KeyError as e:
-                raise TrainingError(f"the parent adapter in {parent_dir} has no LoRA for {path}") from e
-            if tuple(a.shape) != (r, lin.in_features) or tuple(b.shape) != (lin.out_features, r):
-                raise TrainingError(
-                    f"the parent adapter in {parent_dir} does not fit the base at {path}: A {tuple(a.shape)}, "
-                    f"B {tuple(b.shape)} for a Linear {lin.in_features} -> {lin.out_features} at rank {r}"
-                )
-            modules[path] = (a, b, scaling)  # fp32 already: read_adapter_table converted the whole vector
-        extra = set(state) - {f"{p}.lora_{k}.weight" for p in paths for k in "AB"}
-        if extra:
-            raise TrainingError(
-                f"the parent adapter in {parent_dir} has tensors the base has no place for: {sorted(extra)[:3]}"
-            )
+            a = torch.empty(r, lin.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(torch.empty(lin.out_features, r), a=math.sqrt(5))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            b = torch.zeros(lin.out_features, r)
+            modules[path] = (a, b, scaling)
+    return _Start(config, _keys_of(tuple(paths)), given=modules)
+
+
+@functools.lru_cache(maxsize=64)
+def _keys_of(paths: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """The saved state-dict keys of LoRA on ``paths``: key -> (path, "A" | "B"). Shared: read only."""
+    keys: dict[str, tuple[str, str]] = {}
     for path in paths:
         keys[f"{_PREFIX}{path}.lora_A.weight"] = (path, "A")
         keys[f"{_PREFIX}{path}.lora_B.weight"] = (path, "B")
-    return _Start(config, modules, keys)
+    return keys
+
+
+#: `_parent_plan`'s results by (model, paths, layout, rank): a batch's parents share one layout.
+_PLANS: dict[tuple[int, tuple[str, ...], tuple, int], tuple[Where, dict[str, tuple[str, str]], tuple]] = {}
+
+
+def _parent_plan(
+    model: nn.Module, linears: dict[str, nn.Linear], paths: tuple[str, ...], layout: tuple, r: int
+) -> tuple[Where, dict[str, tuple[str, str]], tuple]:
+    """(where each path's A and B lie in a parent's table of ``layout``, the saved keys, the group signature),
+    checked once per layout: every path has its A [r, in] and B [out, r], and no other tensor is there. Raises
+    TrainingError (the message continues "the parent adapter in DIR ...")."""
+    key = (id(model), paths, layout, r)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        return hit
+    at = {name: (first, tuple(shape)) for name, first, shape in layout}
+    where: Where = {}
+    for path in paths:
+        lin = linears[path]
+        try:
+            (a, sa), (b, sb) = at[f"{path}.lora_A.weight"], at[f"{path}.lora_B.weight"]
+        except KeyError:
+            raise TrainingError(f"has no LoRA for {path}") from None
+        if sa != (r, lin.in_features) or sb != (lin.out_features, r):
+            raise TrainingError(
+                f"does not fit the base at {path}: A {sa}, B {sb} for a Linear {lin.in_features} -> "
+                f"{lin.out_features} at rank {r}"
+            )
+        where[path] = (a, sa, b, sb)
+    extra = set(at) - {f"{p}.lora_{k}.weight" for p in paths for k in "AB"}
+    if extra:
+        raise TrainingError(f"has tensors the base has no place for: {sorted(extra)[:3]}")
+    signature = tuple((p, where[p][1], where[p][3], torch.float32) for p in sorted(where))
+    if len(_PLANS) >= 64:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = (where, _keys_of(paths), signature)
+    return _PLANS[key]
 
 
 def _start_peft(base: LoadedBase, settings: TrainingSettings, parent_dir: Path | None, seed: int) -> _Start:
@@ -368,7 +440,7 @@ def _start_peft(base: LoadedBase, settings: TrainingSettings, parent_dir: Path |
                         break
                 else:
                     raise _Unsupported(f"adapter tensor {key} is not a LoRA A/B weight")
-    return _Start(config, modules, keys)
+    return _Start(config, keys, given=modules)
 
 
 class _Files:
@@ -424,15 +496,30 @@ def _train_group(
     model = base.model
     device = next(model.parameters()).device
     pad_id = encoding.pad_id(base.tokenizer)
-    paths = sorted(users[0].start.modules)
     stacks: dict[str, LoraStack] = {}
     params: list[nn.Parameter] = []
-    for path in paths:
-        a = nn.Parameter(torch.stack([u.start.modules[path][0] for u in users]).to(device))
-        b = nn.Parameter(torch.stack([u.start.modules[path][1] for u in users]).to(device))
-        scaling = torch.tensor([u.start.modules[path][2] for u in users], dtype=a.dtype).to(device)
-        stacks[path] = LoraStack(a, b, scaling)
-        params += [a, b]
+    where = users[0].start.where
+    if where is not None and all(u.start.where is where and u.start.table is not None for u in users):
+        # Parents of one layout (a batch's usual case): their tables stacked and copied to the device whole, each
+        # module's A and B taken from its columns (not 420 tensors a user stacked one module at a time).
+        paths = sorted(where)
+        table = torch.stack([u.start.table for u in users if u.start.table is not None]).to(device)
+        scaling_of = torch.tensor([u.start.scaling for u in users], dtype=table.dtype).to(device)
+        for path in paths:
+            at_a, shape_a, at_b, shape_b = where[path]
+            a = nn.Parameter(table[:, at_a : at_a + math.prod(shape_a)].reshape(len(users), *shape_a).contiguous())
+            b = nn.Parameter(table[:, at_b : at_b + math.prod(shape_b)].reshape(len(users), *shape_b).contiguous())
+            stacks[path] = LoraStack(a, b, scaling_of)
+            params += [a, b]
+        del table
+    else:
+        paths = sorted(users[0].start.modules)
+        for path in paths:
+            a = nn.Parameter(torch.stack([u.start.modules[path][0] for u in users]).to(device))
+            b = nn.Parameter(torch.stack([u.start.modules[path][1] for u in users]).to(device))
+            scaling = torch.tensor([u.start.modules[path][2] for u in users], dtype=a.dtype).to(device)
+            stacks[path] = LoraStack(a, b, scaling)
+            params += [a, b]
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     steps = torch.zeros(len(users), dtype=torch.float64)
 

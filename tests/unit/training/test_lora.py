@@ -145,6 +145,11 @@ def test_encoding_many_equals_encoding_one_by_one() -> None:
             one = [encode_example(tok, x, max_length) for x in examples]
             assert encode_examples(tok, examples, max_length) == one
     assert encode_examples(smol, [], 64) == []
+    # the renderings kept across calls follow a template changed on the same tokenizer
+    changing = copy.deepcopy(tiny)
+    for template in (tiny.chat_template, *TEMPLATES):
+        changing.chat_template = template
+        assert encode_examples(changing, examples, 64) == [encode_example(changing, x, 64) for x in examples]
 
 
 #: Answers a template might treat apart (`encoding._splice` must not put them in verbatim where it would not).

@@ -258,6 +258,22 @@ def test_a_users_start_without_peft_equals_peft_fresh_and_from_a_parent(tmp_path
         _start(base, settings(**overrides, dropout=0.1), None, 0)
     with pytest.raises(TrainingError, match="parent"):
         _start(base, cfg, tmp_path / "missing", 0)
+    # a parent whose tensors do not fit the base: refused by name, whichever user of a batch it is
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(parent / "adapter_model.safetensors")
+    first = sorted(tensors)[0]
+    for name, broken in (
+        ("missing", {k: v for k, v in tensors.items() if k != first}),
+        ("shape", {**tensors, first: torch.cat([tensors[first], tensors[first]], dim=1)}),
+        ("extra", {**tensors, "base_model.model.lm_head.lora_A.weight": tensors[first].clone()}),
+    ):
+        bad = tmp_path / f"bad-{name}"
+        bad.mkdir()
+        (bad / "adapter_config.json").write_bytes((parent / "adapter_config.json").read_bytes())
+        save_file(broken, bad / "adapter_model.safetensors")
+        with pytest.raises(TrainingError, match=r"the parent adapter in .*(has no LoRA|does not fit|no place for)"):
+            _start_direct(base, cfg, bad, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
