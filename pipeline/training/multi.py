@@ -44,11 +44,14 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,19 +191,34 @@ def train_adapters(
     users: list[_User] = []
     alone: list[int] = []
     began = time.perf_counter()
-    for i, job in enumerate(jobs):
+
+    def prepare(job: UserJob) -> tuple[Any, ...] | BaseException:
         try:
             rng = random.Random(job.seed)
             train, val = split_examples(base.tokenizer, job.examples, settings, rng)
             pairs = encode_pairs(base.tokenizer, job.pairs, settings)
-            start = _start(base, settings, job.parent_dir, job.seed)
-        except _Unsupported as e:
-            log.info("user %d: %s; trained on its own", i, e)
+            return rng, train, val, pairs, _start(base, settings, job.parent_dir, job.seed)
+        except Exception as e:
+            return e
+
+    # Users are prepared by a few threads: most of it is the tokenizer's batch encoding and reading the parents'
+    # files, which release the GIL (each user's result depends on its job only).
+    threads = _prepare_threads(len(jobs))
+    lock: Any = base_lock(base.model)
+    if threads == 1 or lock._is_owned():  # a caller holding the base's lock: threads would wait for it forever
+        prepared = [prepare(job) for job in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="train-prepare") as pool:
+            prepared = list(pool.map(prepare, jobs))
+    for i, (job, ready) in enumerate(zip(jobs, prepared, strict=True)):
+        if isinstance(ready, _Unsupported):
+            log.info("user %d: %s; trained on its own", i, ready)
             alone.append(i)
             continue
-        except Exception as e:  # one user's failure is that user's result
-            results[i] = e
+        if isinstance(ready, BaseException):  # one user's failure is that user's result
+            results[i] = ready
             continue
+        rng, train, val, pairs, start = ready
         batch_size, pair_batch_size = min(settings.batch_size, len(train)), min(settings.pair_batch_size, len(pairs))
         user = _User(i, job, train, val, rng, start, pairs, pairs_rng(job.seed), batch_size, pair_batch_size)
         users.append(user)
@@ -241,6 +259,12 @@ def train_adapters(
         except Exception as e:
             results[i] = e
     return [r if r is not None else TrainingError("not trained") for r in results]
+
+
+def _prepare_threads(users: int) -> int:
+    """Threads preparing a batch's users: up to 8, one per CPU core of this process, at most one per user."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores, users))
 
 
 class _Unsupported(Exception):
@@ -346,8 +370,10 @@ def _start_direct(base: LoadedBase, settings: TrainingSettings, parent_dir: Path
             raise TrainingError(f"the parent adapter in {parent_dir} {e}") from e
         return _Start(config, keys, table=table.values, where=where, scaling=scaling, known_signature=signature)
     # peft's order and draws (LoraLayer.update_layer): per target in module order, nn.Linear(in, r) and
-    # nn.Linear(r, out) are built (each draws its default kaiming init), then A is drawn again and B zeroed.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # nn.Linear(r, out) are built (each draws its default kaiming init), then A is drawn again and B zeroed. From
+    # torch's global generator, seeded and restored: one user at a time under the base's lock, as `_start_peft`
+    # (users are prepared by several threads).
+    with base_lock(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for path in paths:
             lin = linears[path]
@@ -372,6 +398,7 @@ def _keys_of(paths: tuple[str, ...]) -> dict[str, tuple[str, str]]:
 
 #: `_parent_plan`'s results by (model, paths, layout, rank): a batch's parents share one layout.
 _PLANS: dict[tuple[int, tuple[str, ...], tuple, int], tuple[Where, dict[str, tuple[str, str]], tuple]] = {}
+_PLANS_LOCK = threading.Lock()
 
 
 def _parent_plan(
@@ -402,10 +429,12 @@ def _parent_plan(
     if extra:
         raise TrainingError(f"has tensors the base has no place for: {sorted(extra)[:3]}")
     signature = tuple((p, where[p][1], where[p][3], torch.float32) for p in sorted(where))
-    if len(_PLANS) >= 64:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[key] = (where, _keys_of(paths), signature)
-    return _PLANS[key]
+    plan = (where, _keys_of(paths), signature)
+    with _PLANS_LOCK:  # users are prepared by several threads
+        if len(_PLANS) >= 64:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
 
 
 def _start_peft(base: LoadedBase, settings: TrainingSettings, parent_dir: Path | None, seed: int) -> _Start:

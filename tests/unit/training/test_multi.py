@@ -303,3 +303,32 @@ def test_a_users_file_is_what_safetensors_writes(tmp_path, dtype):
         assert ours == (tmp_path / f"theirs-{slot}.safetensors").read_bytes()
         loaded = load_file(tmp_path / f"ours-{slot}.safetensors")
         assert all(torch.equal(loaded[k], v) for k, v in theirs.items())
+
+
+def test_users_are_prepared_by_threads_with_the_same_result_and_under_a_held_base_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's users are prepared by several threads (encoding, parents, fresh draws from the global generator
+    under the base's lock): the adapters equal those of a batch prepared one user at a time, and a caller that holds
+    the base's lock still gets its batch (prepared in its own thread)."""
+    from pipeline.models.attach import base_lock
+    from pipeline.training import multi
+
+    base = load_base("tiny-random")
+    cfg = settings(max_steps=2)
+
+    def run(folder: str, *, threads: int, locked: bool) -> list[dict[str, torch.Tensor]]:
+        jobs = [UserJob(user_examples(u, 10), tmp_path / folder / str(u), None, 40 + u) for u in range(5)]
+        monkeypatch.setattr(multi, "_prepare_threads", lambda users: threads)
+        if locked:
+            with base_lock(base.model):
+                results = train_adapters(base, jobs, cfg)
+        else:
+            results = train_adapters(base, jobs, cfg)
+        assert all(isinstance(r, TrainResult) for r in results), results
+        return [load_file(job.out_dir / "adapter_model.safetensors") for job in jobs]
+
+    one = run("one", threads=1, locked=False)
+    for got in (run("four", threads=4, locked=False), run("locked", threads=4, locked=True)):
+        for a, b in zip(got, one, strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
