@@ -286,7 +286,8 @@ def plain_peft(
 ) -> dict[str, Any]:
     """A warm plain-peft loop, one user after another: a fresh LoRA (the same r, alpha, targets) added to one peft
     model, AdamW on it, ``max_steps`` steps of ``batch_size`` examples (HF's own loss), clipping, the adapter saved,
-    then deleted. A first user (not timed) warms every shape; training only, no validation and no gate."""
+    then deleted. Warm: a first user (not timed), then one forward and backward at every batch shape the timed users
+    will run (their batches are drawn first); training only, no validation and no gate."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -296,13 +297,25 @@ def plain_peft(
     pad = encoding.pad_id(base.tokenizer)
     dev = torch.device(device)
     times, tokens = [], 0
+    # Each user's batches, drawn before anything is timed: the warm-up runs every shape among them.
+    drawn = []
+    for u in range(users + 1):
+        evs = user_events(50_000 + u, 1)
+        encoded = [encode_example(base.tokenizer, e, settings.max_length) for e in examples_from_events(evs)]
+        rng = random.Random(u)
+        drawn.append([rng.sample(encoded, settings.batch_size) for _ in range(settings.max_steps)])
     with borrowed(base.model) as model:
         peft_model = get_peft_model(model, config, adapter_name="warm")
+        peft_model.train()
+        widths: dict[int, list[Any]] = {}
+        for batches in drawn[1:]:
+            for b in batches:
+                widths.setdefault(max(len(e.input_ids) for e in b), b)
+        for b in widths.values():  # every shape of the timed users' steps, once (the "warm" adapter's gradients)
+            peft_model(**encoding.collate(b, pad, dev), use_cache=False).loss.backward()
+        peft_model.zero_grad(set_to_none=True)
         for u in range(users + 1):
             name = f"u{u}"
-            evs = user_events(50_000 + u, 1)
-            encoded = [encode_example(base.tokenizer, e, settings.max_length) for e in examples_from_events(evs)]
-            rng = random.Random(u)
             sync(device)
             started = time.perf_counter()
             peft_model.add_adapter(name, config)
@@ -313,8 +326,8 @@ def plain_peft(
             opt = torch.optim.AdamW(params, lr=settings.learning_rate)
             peft_model.train()
             seen = 0
-            for _ in range(settings.max_steps):
-                batch = encoding.collate(rng.sample(encoded, settings.batch_size), pad, dev)
+            for rows in drawn[u]:
+                batch = encoding.collate(rows, pad, dev)
                 loss = peft_model(**batch, use_cache=False).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
