@@ -7,7 +7,8 @@ is parsed, checked against the limits (rank and target modules, here, before any
 packed once into the engine's slot layout (``SlotLoader.pack``, which checks what only the engine knows: shapes,
 one rank); the host tier keeps that packed form, and its byte budget counts the packed bytes. A slot load is then one
 copy of the packed form (``SlotLoader.load``), which replaces whatever the slot held; a miss that finds the adapter
-in host memory parses and packs nothing. Every tier is a bounded LRU: disk and host by bytes, slots by count. An
+in host memory parses and packs nothing. Every tier is bounded: disk and host by bytes (LRU), slots by count
+(segmented LRU: adapters used again while in a slot are kept over one-off ones). An
 acquired adapter (a request in flight) is pinned until released: it is never evicted from any tier meanwhile.
 
 Thread-safety: one lock guards the bookkeeping; fetching, reading, parsing, packing and loading happen outside it (a
@@ -62,6 +63,8 @@ from pipeline.storage.objects import CorruptObject, sha256_hex
 log = logging.getLogger(__name__)
 
 SLOT, HOST, DISK, STORE = "slot", "host", "disk", "store"
+#: Share of the device slots kept for adapters used again while in a slot (segmented LRU, `AdapterCache`).
+PROTECTED_SHARE = 0.8
 TIERS = (SLOT, HOST, DISK, STORE)
 _CONFIG, _WEIGHTS = ADAPTER_FILES
 _DIGESTS = "sha256.json"  # written last in a disk entry: its presence marks a complete copy
@@ -177,9 +180,12 @@ class AdapterCache:
         prefetch_workers: int = 2,
         registered: Callable[[AdapterKey], bool] | None = None,
         write_behind: bool = False,
+        protected_share: float = PROTECTED_SHARE,
     ) -> None:
         if slots < 1 or disk_bytes < 0 or host_bytes < 0:
             raise ValueError(f"slots must be >= 1 and capacities >= 0 (got {slots}, {disk_bytes}, {host_bytes})")
+        if not 0.0 <= protected_share < 1.0:
+            raise ValueError(f"protected_share must be in [0, 1) (got {protected_share}); 0 is one LRU")
         self.fetch = fetch
         self.disk_dir = Path(disk_dir)
         self.disk_bytes = disk_bytes
@@ -194,7 +200,14 @@ class AdapterCache:
         self._slots: list[AdapterKey | None] = [None] * slots
         # Empty slots, lowest first (a heap): found in O(log n), not by a scan of every slot on each miss.
         self._empty: list[int] = list(range(slots))
-        self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
+        self._slot_of: dict[AdapterKey, int] = {}
+        # The slots' eviction order, segmented LRU: an adapter loaded into a slot starts on probation; a second use
+        # while it is there makes it protected (at most ``protected_share`` of the slots; the oldest protected goes
+        # back to probation). Victims come from probation first, oldest first: under skewed traffic the head stays
+        # while one-off adapters of the tail pass through probation (`bench/slot_policy.py`).
+        self._probation: OrderedDict[AdapterKey, None] = OrderedDict()
+        self._protected: OrderedDict[AdapterKey, None] = OrderedDict()
+        self._protected_cap = int(protected_share * slots)
         self._slot_bytes: _Tally = _Tally()  # key -> packed bytes in its slot (and their total)
         self._host: _SizedLRU = _SizedLRU(lambda h: h.nbytes)  # AdapterKey -> _Host
         self._disk: _SizedLRU = _SizedLRU(int)  # sha256 -> bytes on disk
@@ -223,7 +236,7 @@ class AdapterCache:
                 slot = self._slot_of.get(key)
                 if slot is not None:
                     self._count(SLOT, hit=True)
-                    self._slot_of.move_to_end(key)
+                    self._touch(key)
                     self._refs[key] = self._refs.get(key, 0) + 1
                     return slot
                 self._count(SLOT, hit=False)
@@ -535,20 +548,39 @@ class AdapterCache:
         if self._empty:
             slot = heapq.heappop(self._empty)
         else:
-            victim = next((k for k in self._slot_of if not self._held(k)), None)
+            victim = next((k for k in self._probation if not self._held(k)), None)
+            if victim is None:
+                victim = next((k for k in self._protected if not self._held(k)), None)
             if victim is None:
                 raise SlotsExhausted(
                     f"all {len(self._slots)} device slots hold adapters in use; {key.user_id}@"
                     f"{key.revision_id} cannot be loaded until one is released (or add slots)"
                 )
             slot = self._slot_of.pop(victim)
+            self._unrank(victim)
             self._slot_bytes.pop(victim, None)
             # No clear: the load that follows replaces what the slot held (a clear would be one more device write).
             self._evicted(SLOT)
         self._slots[slot] = key
         self._slot_of[key] = slot
+        self._probation[key] = None
         self._refs[key] = self._refs.get(key, 0) + 1
         return slot
+
+    def _touch(self, key: AdapterKey) -> None:
+        """A use of ``key``, in a slot: protected (most recent), the oldest protected back to probation when over."""
+        if key in self._protected:
+            self._protected.move_to_end(key)
+            return
+        self._probation.pop(key, None)
+        self._protected[key] = None
+        while len(self._protected) > self._protected_cap:
+            oldest, _ = self._protected.popitem(last=False)
+            self._probation[oldest] = None  # the most recent of probation: it goes after the one-off adapters
+
+    def _unrank(self, key: AdapterKey) -> None:
+        self._probation.pop(key, None)
+        self._protected.pop(key, None)
 
     def _free_slot(self, slot: int) -> None:
         key = self._slots[slot]
@@ -556,6 +588,7 @@ class AdapterCache:
         if key is not None:
             heapq.heappush(self._empty, slot)
             self._slot_of.pop(key, None)
+            self._unrank(key)
             self._slot_bytes.pop(key, None)
             n = self._refs.get(key, 0) - 1
             if n > 0:
@@ -613,6 +646,7 @@ class AdapterCache:
     def _drop(self, key: AdapterKey) -> None:
         self._host.pop(key, None)
         slot = self._slot_of.pop(key, None)
+        self._unrank(key)
         if slot is not None:
             self._slots[slot] = None
             heapq.heappush(self._empty, slot)

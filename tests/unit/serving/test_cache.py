@@ -179,7 +179,7 @@ def test_disk_and_host_are_bounded_by_bytes_in_lru_order(make, store):
     assert (cache.disk_dir / keys[2].sha256).exists()
 
 
-def test_slots_evict_the_least_recently_used(make, store, slots):
+def test_slots_evict_the_least_recently_used_of_probation(make, store, slots):
     cache = make(slots=2)
     a, b, c = (store.add(f"u{i}", i) for i in range(3))
     sa, sb = cache.acquire(a), cache.acquire(b)
@@ -193,6 +193,20 @@ def test_slots_evict_the_least_recently_used(make, store, slots):
     cache.invalidate("u0")
     assert cache.stats().resident_bytes["slot"] == TENSOR_BYTES
     assert REGISTRY.get_sample_value("persona_adapter_cache_resident_bytes", {"tier": "slot"}) == TENSOR_BYTES
+
+
+def test_an_adapter_used_again_outlives_one_off_adapters(make, store, slots):
+    """Segmented LRU: an adapter used twice while in a slot is protected and stays while adapters used once pass
+    through (one LRU evicted it: the oldest); with protected_share=0 the cache is one LRU again."""
+    for share, kept in ((0.8, True), (0.0, False)):
+        cache = make(slots=3, protected_share=share)
+        hot, *once = (store.add(f"{share}-u{i}", i) for i in range(5))
+        for key in (hot, hot, once[0], once[1], once[2], once[3]):
+            with cache.use(key):
+                pass
+        assert (hot in cache.stats().slots) is kept, share
+    with pytest.raises(ValueError, match="protected_share"):
+        make(slots=2, protected_share=1.0)
 
 
 def test_acquired_adapters_are_never_evicted(make, store):
