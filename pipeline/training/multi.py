@@ -396,19 +396,24 @@ def _keys_of(paths: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     return keys
 
 
-#: `_parent_plan`'s results by (model, paths, layout, rank): a batch's parents share one layout.
-_PLANS: dict[tuple[int, tuple[str, ...], tuple, int], tuple[Where, dict[str, tuple[str, str]], tuple]] = {}
+_Plan = tuple[Where, dict[str, tuple[str, str]], tuple]
+#: `_parent_plan`'s results per base model, by (paths, layout, rank): a batch's parents share one layout.
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[tuple[str, ...], tuple, int], _Plan]] = (
+    weakref.WeakKeyDictionary()
+)
 _PLANS_LOCK = threading.Lock()
 
 
 def _parent_plan(
     model: nn.Module, linears: dict[str, nn.Linear], paths: tuple[str, ...], layout: tuple, r: int
-) -> tuple[Where, dict[str, tuple[str, str]], tuple]:
+) -> _Plan:
     """(where each path's A and B lie in a parent's table of ``layout``, the saved keys, the group signature),
     checked once per layout: every path has its A [r, in] and B [out, r], and no other tensor is there. Raises
     TrainingError (the message continues "the parent adapter in DIR ...")."""
-    key = (id(model), paths, layout, r)
-    hit = _PLANS.get(key)
+    key = (paths, layout, r)
+    with _PLANS_LOCK:  # users are prepared by several threads
+        known = _PLANS.setdefault(model, {})
+        hit = known.get(key)
     if hit is not None:
         return hit
     at = {name: (first, tuple(shape)) for name, first, shape in layout}
@@ -430,10 +435,10 @@ def _parent_plan(
         raise TrainingError(f"has tensors the base has no place for: {sorted(extra)[:3]}")
     signature = tuple((p, where[p][1], where[p][3], torch.float32) for p in sorted(where))
     plan = (where, _keys_of(paths), signature)
-    with _PLANS_LOCK:  # users are prepared by several threads
-        if len(_PLANS) >= 64:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan
+    with _PLANS_LOCK:
+        if len(known) >= 64:
+            known.pop(next(iter(known)))
+        known[key] = plan
     return plan
 
 
