@@ -7,6 +7,7 @@ prompt is masked in exactly the same way when a model is trained and when it is 
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,61 +64,115 @@ def encode_examples(
     the time: the chat template renders each distinct prompt's user turn once (most examples share the empty one),
     and the tokenizer is called once for all prompt texts and once for all target texts (its batch path, in Rust).
     A retrain encodes a few hundred examples per user for training and the gate; one by one that was most of a
-    batched retrain's per-user host time."""
+    batched retrain's per-user host time. Examples encoded before (by this tokenizer, at this ``max_length``: the
+    last `_ENCODED_MAX`) are not encoded again: the gate scores the new events training has just encoded, and
+    the next retrain replays older ones."""
     if not examples:
         return []
     chat = bool(getattr(tokenizer, "chat_template", None))
-    heads, splices = _renderings(tokenizer)
+    cache = _renderings(tokenizer)
+    out: list[EncodedExample | None] = [None] * len(examples)
+    todo: list[int] = []
+    for i, x in enumerate(examples):
+        hit = cache.encoded.get((max_length, x.prompt, x.target))
+        if hit is None:
+            todo.append(i)
+        else:
+            kept, n_kept = hit
+            values = kept.tolist()
+            out[i] = EncodedExample(values, [IGNORE] * n_kept + values[n_kept:])
     prompt_texts: list[str] = []
     target_texts: list[str] = []
     plain: list[int] = []  # examples without a prompt on a base without a chat template: special tokens added
-    for i, x in enumerate(examples):
+    for n, i in enumerate(todo):
+        x = examples[i]
         if x.prompt is None and not chat:
-            plain.append(i)
+            plain.append(n)
             prompt_texts.append("")
             target_texts.append(x.target)
             continue
         prompt = x.prompt if x.prompt is not None else NEUTRAL_PROMPT
-        p, t = render_chat(tokenizer, prompt, x.target, heads, splices)
+        p, t = render_chat(tokenizer, prompt, x.target, cache.heads, cache.splices)
         prompt_texts.append(p)
         target_texts.append(t)
-    # Most prompt texts are the same few user turns (every message without a prompt renders the same one): each
-    # distinct text is tokenized once.
-    distinct = list(dict.fromkeys(prompt_texts))
-    by_text = dict(zip(distinct, _token_ids(tokenizer, distinct, False), strict=True))
-    prompt_ids = [by_text[text] for text in prompt_texts]
-    target_ids = _token_ids(tokenizer, target_texts, False)
-    if plain:
-        with_special = _token_ids(tokenizer, [target_texts[i] for i in plain], True)
-        for i, ids in zip(plain, with_special, strict=True):
-            prompt_ids[i], target_ids[i] = [], ids
-    eos = tokenizer.eos_token_id  # a property that looks the token up: once, not per example
-    return [
-        _assemble(tokenizer, list(p), list(t), max_length, eos) for p, t in zip(prompt_ids, target_ids, strict=True)
-    ]
+    if todo:
+        # Most prompt texts are the same few user turns (every message without a prompt renders the same one):
+        # each distinct text is tokenized once.
+        distinct = list(dict.fromkeys(prompt_texts))
+        by_text = dict(zip(distinct, _token_ids(tokenizer, distinct, False), strict=True))
+        prompt_ids = [by_text[text] for text in prompt_texts]
+        target_ids = _token_ids(tokenizer, target_texts, False)
+        if plain:
+            with_special = _token_ids(tokenizer, [target_texts[n] for n in plain], True)
+            for n, ids in zip(plain, with_special, strict=True):
+                prompt_ids[n], target_ids[n] = [], ids
+        eos = tokenizer.eos_token_id  # a property that looks the token up: once, not per example
+        made: list[tuple[tuple[int, str | None, str], int, list[int]]] = []
+        for i, p_ids, t_ids in zip(todo, prompt_ids, target_ids, strict=True):
+            encoded = _assemble(tokenizer, list(p_ids), list(t_ids), max_length, eos)
+            out[i] = encoded
+            made.append(
+                ((max_length, examples[i].prompt, examples[i].target), _prompt_length(encoded), encoded.input_ids)
+            )
+        cache.keep(made)
+    return [e for e in out if e is not None]
 
 
-#: Per tokenizer, by its chat template and special tokens: the user turns rendered and the answers' splices, by
-#: prompt (`render_chat`'s caches), kept across calls: a batch of 256 users encodes 512 times, and the same few
-#: prompts (mostly the empty one) were rendered again each time.
-_RENDERINGS: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, str], dict[str, tuple[str, str] | None]]] = (
-    weakref.WeakKeyDictionary()
-)
+def _prompt_length(encoded: EncodedExample) -> int:
+    """How many first positions carry no label (the prompt's, as `_assemble` masks them)."""
+    n = 0
+    for label in encoded.labels:
+        if label != IGNORE:
+            break
+        n += 1
+    return n
+
+
+#: Examples a tokenizer's cache keeps encoded (`encode_examples`; ~0.5 KB each).
+_ENCODED_MAX = 65_536
+
+
+class _Renderings:
+    """One tokenizer's caches, for one chat template and set of special tokens: the user turns rendered and the
+    answers' splices by prompt (`render_chat`'s), and examples encoded by (max_length, prompt, target), their ids
+    as int32 and how many first ones are the prompt's (oldest dropped first)."""
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.heads: dict[str, str] = {}
+        self.splices: dict[str, tuple[str, str] | None] = {}
+        self.encoded: dict[tuple[int, str | None, str], tuple[np.ndarray, int]] = {}
+        self.lock = threading.Lock()  # writes only: batches are prepared by several threads
+
+    def keep(self, made: list[tuple[tuple[int, str | None, str], int, list[int]]]) -> None:
+        entries = [(key, (np.asarray(ids, dtype=np.int32), n)) for key, n, ids in made]
+        with self.lock:
+            self.encoded.update(entries)
+            over = len(self.encoded) - _ENCODED_MAX
+            if over > 0:
+                for key in list(itertools.islice(self.encoded, over)):
+                    del self.encoded[key]
+
+
+#: Per tokenizer (weakly), its `_Renderings` for its current chat template and special tokens, kept across calls:
+#: a batch of 256 users encodes 512 times, and the same few prompts (mostly the empty one) were rendered again
+#: each time.
+_RENDERINGS: weakref.WeakKeyDictionary[Any, _Renderings] = weakref.WeakKeyDictionary()
 _RENDERINGS_MAX = 4096
 
 
-def _renderings(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, str], dict[str, tuple[str, str] | None]]:
-    """``tokenizer``'s (heads, splices) caches for `render_chat` (new ones when its template or special tokens
-    changed, or when they hold `_RENDERINGS_MAX` prompts)."""
+def _renderings(tokenizer: PreTrainedTokenizerBase) -> _Renderings:
+    """``tokenizer``'s caches (new ones when its template or special tokens changed, or when `_RENDERINGS_MAX`
+    prompts were rendered)."""
     key = (getattr(tokenizer, "chat_template", None), str(getattr(tokenizer, "special_tokens_map", None)))
     try:
         known = _RENDERINGS.get(tokenizer)
     except TypeError:  # not weakly referable: caches for this call only
-        return {}, {}
-    if known is None or known[0] != key or len(known[1]) + len(known[2]) > _RENDERINGS_MAX:
-        known = (key, {}, {})
+        return _Renderings(key)
+    if known is None or known.key != key or len(known.heads) + len(known.splices) > _RENDERINGS_MAX:
+        known = _Renderings(key)
         _RENDERINGS[tokenizer] = known
-    return known[1], known[2]
+    return known
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:

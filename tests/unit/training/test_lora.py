@@ -144,6 +144,9 @@ def test_encoding_many_equals_encoding_one_by_one() -> None:
         for max_length in (16, 64, 512):
             one = [encode_example(tok, x, max_length) for x in examples]
             assert encode_examples(tok, examples, max_length) == one
+            # again, in another order and with examples not seen yet: the kept encodings and new ones mixed
+            mixed = [*examples[::-1][:60], Example("new", f"not seen {max_length}", "n"), *examples[:7]]
+            assert encode_examples(tok, mixed, max_length) == [encode_example(tok, x, max_length) for x in mixed]
     assert encode_examples(smol, [], 64) == []
     # the renderings kept across calls follow a template changed on the same tokenizer
     changing = copy.deepcopy(tiny)
