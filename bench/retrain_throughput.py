@@ -847,9 +847,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--packed-rows",
-        default="on",
+        default="auto",
         help="a comma list paired with --micro: on (training's micro-batches as one sequence without padding: "
-        "TrainingSettings.packed_rows) or off (right-padded rows)",
+        "TrainingSettings.packed_rows), off (right-padded rows) or auto (the setting's default: on a GPU only)",
     )
     parser.add_argument(
         "--lora-kernels",
@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reuses = choices("--gate-reuse", args.gate_reuse, ("off", "on"))
     prefixes = choices("--shared-prefix", args.shared_prefix, ("off", "on"))
     lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch"))
-    packs = choices("--packed-rows", args.packed_rows, ("off", "on"))
+    packs = choices("--packed-rows", args.packed_rows, ("off", "on", "auto"))
     lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs]
     n_waves = max(len(x) for x in lists)
     lists = [x * n_waves if len(x) == 1 else x for x in lists]
@@ -980,7 +980,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "fused_kernels": kernels,
                         "lora_branch": branch,
                         "shared_prefix": prefix == "on",
-                        "packed_rows": pack == "on",
+                        "packed_rows": None if pack == "auto" else pack == "on",
                     }
                     if micro:
                         update["micro_batch_tokens"] = micro
@@ -996,7 +996,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"micro {settings.micro_batch_budget(args.device)}, gate rows "
                         f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}, "
                         f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}, "
-                        f"gate reuse {reuse}, shared prefix {prefix}, LoRA kernels {lora_k}, packed rows {pack}"
+                        f"gate reuse {reuse}, shared prefix {prefix}, LoRA kernels {lora_k}, packed rows "
+                        f"{'on' if settings.packs_rows(torch.device(args.device).type) else 'off'}"
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(
