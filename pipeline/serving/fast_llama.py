@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,25 +55,14 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("down", ("down_proj",)),
 )
 _MODULE_GROUP = {m: (g, j) for g, ms in GROUPS for j, m in enumerate(ms)}
-# safetensors dtypes `FastLlama.pack_adapter_bytes` reads with numpy (bfloat16 as its raw 16 bits), and the engine
-# dtypes it writes
-_NP_SOURCE: dict[str, Any] = {"BF16": np.dtype(np.uint16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
-_NP_TARGET = (torch.bfloat16, torch.float16, torch.float32)
-_BytePlan = tuple[int, int, np.ndarray, np.ndarray, np.ndarray]  # FastLlama._byte_plan
-
-
-def _np_to_torch(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """float32 values -> a ``dtype`` tensor, rounded as ``Tensor.to(dtype)`` rounds (to nearest, ties to even)."""
-    if dtype == torch.float32:
-        return torch.from_numpy(values)
-    if dtype == torch.float16:
-        return torch.from_numpy(values.astype(np.float16))
-    bits = values.view(np.uint32)
-    out = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return torch.from_numpy(out).view(torch.bfloat16)
+# safetensors dtypes `FastLlama.pack_adapter_bytes` reads straight from the file's bytes, and the engine dtypes it
+# writes
+_FILE_DTYPES: dict[str, torch.dtype] = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_PACK_TARGETS = (torch.bfloat16, torch.float16, torch.float32)
+_BytePlan = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # FastLlama._byte_plan
+# `pack_adapter_bytes` reads an adapter file's bytes (immutable) through a tensor and never writes them; torch warns
+# about such a buffer once per process.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 #: Tokens per KV cache block.
@@ -327,10 +317,12 @@ class FastLlama:
 
         No tensor per module is built: the file's header gives each tensor's place, a gather map from the file's data
         to the compact layout is built once per header layout (adapters written by one trainer share it) and kept,
-        and packing is a few whole-array numpy operations. A serving worker packs every adapter that enters its
-        host tier, while its engine thread and HTTP loop run: `pack_adapter`'s ~8 torch calls per module (~1,700 for
-        SmolLM2) each gave the GIL away and waited to get it back, tens of milliseconds to seconds per adapter
-        under load. Files mixing dtypes, or of dtypes other than BF16/F16/F32, take the `pack_adapter` path.
+        and packing is five whole-array torch operations over the file's bytes. A serving worker packs every adapter
+        that enters its host tier, while its engine thread and HTTP loop run: `pack_adapter`'s ~8 torch calls per
+        module (~1,700 for SmolLM2) each gave the GIL away and waited to get it back, tens of milliseconds to
+        seconds per adapter under load; the same gather in numpy held the GIL throughout (3.7 ms an r=1 SmolLM2
+        adapter on a 2-core CPU, the largest part of a miss), where torch's operations release it. Files mixing
+        dtypes, or of dtypes other than BF16/F16/F32, take the `pack_adapter` path.
         """
         from pipeline.serving.adapters import header_key, safetensors_header
 
@@ -344,8 +336,8 @@ class FastLlama:
             known = self._byte_plans.get(head)
             if known is None:
                 dtypes = {e.dtype for e in entries.values()}
-                src = _NP_SOURCE.get(next(iter(dtypes))) if len(dtypes) == 1 else None
-                usable = src is not None and self.dtype in _NP_TARGET
+                src = _FILE_DTYPES.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+                usable = src is not None and self.dtype in _PACK_TARGETS
                 known = (src, self._byte_plan(entries, src.itemsize) if usable and src is not None else None)
                 if len(self._byte_plans) >= 64:  # layouts seen: one per trainer configuration, in practice
                     self._byte_plans.pop(next(iter(self._byte_plans)))
@@ -356,21 +348,20 @@ class FastLlama:
 
             return self.pack_adapter(load_safetensors(weights), config)
         rank, count, gather, absent, b_index = plan
-        raw = np.frombuffer(weights, dtype=src, count=count, offset=data)
-        scale = np.float32(multilora.lora_scaling(config, rank))
-        if src == np.uint16 and self.dtype == torch.bfloat16:  # bf16 -> bf16: A values move as they are
-            bits = raw[gather]
-            bits[absent] = 0
-            b = (bits[b_index].astype(np.uint32) << 16).view(np.float32)
-            bits[b_index] = _np_to_torch(b * scale, torch.bfloat16).view(torch.uint16).numpy()
-            return PackedAdapter(torch.from_numpy(bits).view(torch.bfloat16), rank)
-        if src == np.uint16:
-            packed = (raw[gather].astype(np.uint32) << 16).view(np.float32)
-        else:
-            packed = raw[gather].astype(np.float32)
-        packed[absent] = 0.0
-        packed[b_index] *= scale
-        return PackedAdapter(_np_to_torch(packed, self.dtype), rank)
+        if len(weights) < data + count * src.itemsize:
+            raise AdapterLimitError("adapter_model.safetensors holds fewer bytes than its header places")
+        raw = torch.frombuffer(weights, dtype=src, count=count, offset=data)  # the file's values, not copied
+        scale = multilora.lora_scaling(config, rank)
+        # Torch operations (each releases the GIL while it runs); the same values as `pack_adapter`, bit for bit.
+        values = raw.index_select(0, gather)
+        if src == torch.bfloat16 and self.dtype == torch.bfloat16:  # bf16 -> bf16: A values move as they are
+            values.index_fill_(0, absent, 0)
+            values.index_copy_(0, b_index, values.index_select(0, b_index).float().mul_(scale).to(torch.bfloat16))
+            return PackedAdapter(values, rank)
+        packed = values.float()
+        packed.index_fill_(0, absent, 0.0)
+        packed.index_copy_(0, b_index, packed.index_select(0, b_index).mul_(scale))
+        return PackedAdapter(packed.to(self.dtype), rank)
 
     def _byte_plan(self, entries: Mapping[str, Any], itemsize: int) -> _BytePlan:
         """(rank, values in the file, gather, absent, b_index) for one header layout: packed[i] = data[gather[i]],
@@ -399,7 +390,13 @@ class FastLlama:
             b_parts.append(dst)
         absent = np.flatnonzero(gather < 0)
         gather[absent] = 0
-        return rank, count, gather, absent, np.concatenate(b_parts)
+        return (
+            rank,
+            count,
+            torch.from_numpy(gather),
+            torch.from_numpy(absent),
+            torch.from_numpy(np.concatenate(b_parts)),
+        )
 
     def _placement(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[tuple[int, str, str, str]]]:
         """Check an adapter's tensor names and shapes against the slots: (its rank, per module (layer, projection

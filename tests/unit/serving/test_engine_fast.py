@@ -351,9 +351,10 @@ def test_slot_maps_are_built_once_per_rank_and_place_every_value(adapter_dirs):
 
 @pytest.mark.parametrize("engine_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_packing_from_the_file_bytes_equals_packing_the_parsed_tensors(adapter_dirs, engine_dtype):
-    """`pack_adapter_bytes` (header + one gather map per layout, numpy) gives the very bits `pack_adapter` gives, for
-    float32 and bfloat16 files, any rank and subset of modules; a second adapter of the same layout reuses the
-    gather map and still packs its own values; float16 files take it too, and the refusals are the same."""
+    """`pack_adapter_bytes` (header + one gather map per layout, torch operations over the file's bytes) gives the
+    very bits `pack_adapter` gives, for float32, float16 and bfloat16 files, any rank and subset of modules, into
+    every engine dtype; a second adapter of the same layout reuses the gather map and still packs its own values; the
+    refusals are the same."""
     from safetensors.torch import save
 
     eng = FastEngine(
@@ -362,7 +363,7 @@ def test_packing_from_the_file_bytes_equals_packing_the_parsed_tensors(adapter_d
     for path in adapter_dirs:
         weights = (path / "adapter_model.safetensors").read_bytes()
         state, config = read_adapter_dir(path)
-        for file_dtype in (None, torch.float16):
+        for file_dtype in (None, torch.float16, torch.bfloat16):  # bfloat16: what training saves
             if file_dtype is not None:
                 state = {k: v.to(file_dtype) for k, v in state.items()}
                 weights = save(state)
