@@ -317,12 +317,13 @@ class FastLlama:
 
         No tensor per module is built: the file's header gives each tensor's place, a gather map from the file's data
         to the compact layout is built once per header layout (adapters written by one trainer share it) and kept,
-        and packing is five whole-array torch operations over the file's bytes. A serving worker packs every adapter
-        that enters its host tier, while its engine thread and HTTP loop run: `pack_adapter`'s ~8 torch calls per
-        module (~1,700 for SmolLM2) each gave the GIL away and waited to get it back, tens of milliseconds to
-        seconds per adapter under load; the same gather in numpy held the GIL throughout (3.7 ms an r=1 SmolLM2
-        adapter on a 2-core CPU, the largest part of a miss), where torch's operations release it. Files mixing
-        dtypes, or of dtypes other than BF16/F16/F32, take the `pack_adapter` path.
+        and packing is a few whole-array torch operations over the file's bytes. A serving worker packs every
+        adapter that enters its host tier, while its engine thread and HTTP loop run: `pack_adapter`'s ~8 torch calls
+        per module (~1,700 for SmolLM2) each gave the GIL away and waited to get it back, tens of milliseconds to
+        seconds per adapter under load; the same gather in numpy held the GIL throughout (0.66 ms for an r=1
+        SmolLM2-shaped adapter into a bf16 engine on a 2-core CPU, 0.02-0.03 ms now: bench/results/miss_gil.md),
+        where torch's operations release it. Files mixing dtypes, or of dtypes other than BF16/F16/F32, take the
+        `pack_adapter` path.
         """
         from pipeline.serving.adapters import header_key, safetensors_header
 
