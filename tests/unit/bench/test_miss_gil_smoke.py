@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ROOT
+from tests.unit.bench import load_bench
 
 
 def test_a_few_misses_of_each_kind(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_miss_gil", ROOT / "bench" / "miss_gil.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("miss_gil")
     switch = sys.getswitchinterval()
     try:
         report = bench.main(["--shape", "tiny", "--adapters", "12", "--out", str(tmp_path)])

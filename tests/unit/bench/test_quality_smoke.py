@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,17 +11,11 @@ from types import ModuleType
 import pytest
 import torch
 
-from pipeline.config import ROOT
+from tests.unit.bench import load_bench as load_shared
 
 
 def load_bench() -> ModuleType:
-    """bench/quality.py as a module (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_shared("quality")
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@ loss paths, both baselines, the table and the JSON, in seconds."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -13,16 +11,11 @@ from types import ModuleType
 import pytest
 import torch
 
-from pipeline.config import ROOT
+from tests.unit.bench import load_bench as load_shared
 
 
 def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_retrain_throughput", ROOT / "bench" / "retrain_throughput.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_shared("retrain_throughput")
 
 
 @pytest.fixture

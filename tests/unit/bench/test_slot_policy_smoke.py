@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-from pipeline.config import ROOT
+from tests.unit.bench import load_bench
 
 
 def test_a_small_trace_runs_both_policies(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_slot_policy", ROOT / "bench" / "slot_policy.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("slot_policy")
     out = tmp_path / "slot_policy.json"
     argv = ["--adapters", "300", "--slots", "32,400", "--requests", "3000", "--in-flight", "8", "--out", str(out)]
     report = bench.main(argv)
