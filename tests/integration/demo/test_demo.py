@@ -4,6 +4,7 @@ gate) -> promotion on Kafka -> serving worker, each a real `persona` process on 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -25,6 +26,19 @@ TINY_TRAINING = {
     "PERSONA_WORKER_METRICS_PORT": "0",
     "PERSONA_CONSUMER_METRICS_PORT": "0",
 }
+
+
+def _evidence(conn: psycopg.Connection, logs_dir: Path, user_id: str) -> str:
+    """What a rejected demo user's candidates trained on and how (their manifests' training and metrics fields),
+    and the worker's log lines of that user: a failure names its cause without a rerun."""
+    lines = []
+    for rev in registry.list_revisions(conn, user_id):
+        lines.append(f"{rev.revision_id} {rev.status}: training {rev.manifest.get('training')}")
+        lines.append(f"  metrics {rev.manifest.get('metrics')}")
+    worker = logs_dir / "demo-worker.log"
+    if worker.exists():
+        lines += [line for line in worker.read_text(errors="replace").splitlines() if user_id in line][-40:]
+    return "\n".join(lines)
 
 
 def test_reduced_demo_promotes_and_serves_every_user(own_services, test_stack):
@@ -50,6 +64,8 @@ def test_reduced_demo_promotes_and_serves_every_user(own_services, test_stack):
     with psycopg.connect(own_services.db.url) as conn:
         for p in result.users:
             assert p.sent == 40
+            if p.outcome != "promoted":
+                print(_evidence(conn, result.logs_dir, p.user_id))  # shown by pytest with the failure
             assert p.outcome == "promoted", (p.user_id, p.reason)
             # The user's promoted adapter makes their own held-out text likelier than the base does.
             assert p.nll_candidate < p.nll_base, (p.user_id, p.nll_base, p.nll_candidate)
