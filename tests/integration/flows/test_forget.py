@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import GateSettings, ModelSettings, PolicySettings, Settings, TrainingSettings
+from pipeline.config import TrainingSettings
 from pipeline.demo import sim
 from pipeline.domain.errors import Forgotten, NotFound
 from pipeline.domain.events import split_of, validate
@@ -31,28 +31,20 @@ from pipeline.models.base import TINY_RANDOM_ID, ref, tiny_random
 from pipeline.serving.promotions import Announcer
 from pipeline.storage import registry, tenancy, training
 from pipeline.storage.buffers import BufferedEvent, write_events
-from tests.integration.helpers import fresh_topics, read_topic
+from tests.integration.flows import TRAIN, flow_settings
+from tests.integration.helpers import read_topic
 
 pytestmark = pytest.mark.integration
 
 APP = "test"  # registered in every test database (tests/integration/conftest.py)
 # As in test_gate: a first candidate trained on the user's own events passes the default rules.
-TRAIN = TrainingSettings(learning_rate=0.05, max_steps=30, val_fraction=0, rank=4, batch_size=8, threads=1)
 FAST = TrainingSettings(max_steps=2, val_fraction=0, rank=4, batch_size=4, threads=1)
 TABLES = ("users", "user_state", "events", "revisions", "aliases", "alias_history", "decisions")
 
 
 @pytest.fixture(scope="module")
 def settings(services):
-    return Settings(
-        services.db,
-        services.s3,
-        fresh_topics(services.kafka),
-        ModelSettings(base="tiny-random"),
-        TRAIN,
-        PolicySettings(lease_s=60),
-        GateSettings(),
-    )
+    return flow_settings(services)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import GateSettings, ModelSettings, PolicySettings, Settings, TrainingSettings
 from pipeline.demo import sim
 from pipeline.domain.errors import NotFound
 from pipeline.domain.events import split_of, validate
@@ -29,24 +28,15 @@ from pipeline.serving.promotions import Announcer
 from pipeline.storage import decisions, registry, training
 from pipeline.storage.buffers import BufferedEvent, write_events
 from pipeline.training.lora import train_adapter
-from tests.integration.helpers import fresh_topics, read_topic
+from tests.integration.flows import TRAIN, flow_settings
+from tests.integration.helpers import read_topic
 
 pytestmark = pytest.mark.integration
-
-TRAIN = TrainingSettings(learning_rate=0.05, max_steps=30, val_fraction=0, rank=4, batch_size=8, threads=1)
 
 
 @pytest.fixture(scope="module")
 def settings(services):
-    return Settings(
-        services.db,
-        services.s3,
-        fresh_topics(services.kafka),
-        ModelSettings(base="tiny-random"),
-        TRAIN,
-        PolicySettings(lease_s=60),
-        GateSettings(),
-    )
+    return flow_settings(services)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import uuid
 import psycopg
 import pytest
 
-from pipeline.config import GateSettings, ModelSettings, PolicySettings, Settings, TrainingSettings
 from pipeline.demo import sim
 from pipeline.domain.events import split_of, validate
 from pipeline.evaluation.rules import load_rules
@@ -21,25 +20,16 @@ from pipeline.storage import decisions, registry
 from pipeline.storage.buffers import BufferedEvent, write_events
 from pipeline.storage.objects import ObjectStore, ObjectStoreError
 from pipeline.storage.stores import Stores
-from tests.integration.helpers import free_port, fresh_topics, read_topic
+from tests.integration.flows import flow_settings
+from tests.integration.helpers import free_port, read_topic
 from workers.tasks.evaluate import gate as gate_task
 
 pytestmark = pytest.mark.integration
 
-TRAIN = TrainingSettings(learning_rate=0.05, max_steps=30, val_fraction=0, rank=4, batch_size=8, threads=1)
-
 
 @pytest.fixture(scope="module")
 def settings(services):
-    return Settings(
-        services.db,
-        services.s3,
-        fresh_topics(services.kafka),
-        ModelSettings(base="tiny-random"),
-        TRAIN,
-        PolicySettings(lease_s=60),
-        GateSettings(),
-    )
+    return flow_settings(services)
 
 
 @pytest.fixture(scope="module")

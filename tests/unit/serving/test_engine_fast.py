@@ -9,8 +9,7 @@ from __future__ import annotations
 import orjson
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from peft import PeftModel
 
 from pipeline.models import lora_ops, multilora
 from pipeline.models.base import LoadedBase, tiny_random, tiny_tokenizer, weights_sha256
@@ -18,32 +17,7 @@ from pipeline.models.multilora import ALL_TARGETS, AdapterLimitError, read_adapt
 from pipeline.serving.engine import Engine, EngineError, Request
 from pipeline.serving.fast_engine import FastEngine
 from pipeline.serving.fast_llama import GROUPS
-
-USERS = [
-    (1, 2, ["q_proj", "v_proj"], torch.float32),
-    (4, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], torch.float32),
-    (8, 4, ["k_proj", "o_proj", "down_proj"], torch.bfloat16),
-    (2, 16, ["gate_proj", "up_proj"], torch.float32),
-]
-PROMPTS = [[10, 20, 30, 40, 50], [7, 8, 9], [100, 101, 102, 103, 104, 105, 106, 107], [200, 3]]
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    dirs = []
-    for i, (r, alpha, targets, dtype) in enumerate(USERS):
-        torch.manual_seed(100 + i)
-        model = get_peft_model(
-            tiny_random(), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-        )
-        path = root / f"user{i}"
-        model.save_pretrained(path)
-        if dtype != torch.float32:
-            f = path / "adapter_model.safetensors"
-            save_file({k: v.to(dtype) for k, v in load_file(f).items()}, f)
-        dirs.append(path)
-    return dirs
+from tests.unit.serving import PROMPTS
 
 
 def _fast(adapter_dirs, **kw) -> FastEngine:

@@ -28,6 +28,7 @@ from pipeline.domain.examples import (
 from pipeline.models.base import LoadedBase, load_base, tiny_random, weights_sha256
 from pipeline.models.encoding import IGNORE, encode_example
 from pipeline.training.lora import TrainingError, mean_nll, train_adapter
+from tests.unit.training import tiny_settings
 
 
 def ev(seq: int, kind: str, split: str = "train", **payload: object) -> TrainingEvent:
@@ -182,31 +183,8 @@ TEMPLATES = [
 STYLE = [f"yo dude, totally rad wave number {i % 5}!!" for i in range(30)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save, and a busy CI machine makes them much worse.
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def settings(**overrides: object) -> TrainingSettings:
-    values: dict[str, object] = {
-        "rank": 4,
-        "alpha": 8.0,
-        "target_modules": "q_proj,v_proj",
-        "learning_rate": 1e-2,
-        "batch_size": 8,
-        "max_length": 64,
-        "max_steps": 10,
-        "eval_every": 5,
-        "patience": 2,
-        "val_fraction": 0.1,
-        "save_dtype": "bfloat16",
-        "threads": 1,
-    }
-    values.update(overrides)
-    return TrainingSettings(**values)
+    return tiny_settings(**overrides)
 
 
 def style_examples(n: int = 30) -> list[Example]:

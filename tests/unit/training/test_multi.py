@@ -14,6 +14,7 @@ from pipeline.domain.examples import Example, PreferencePair
 from pipeline.models.base import load_base, weights_sha256
 from pipeline.training.lora import TrainingError, TrainResult, train_adapter
 from pipeline.training.multi import UserJob, train_adapters
+from tests.unit.training import tiny_settings
 
 STYLES = [
     "yo dude, totally rad wave number {i}!!",
@@ -23,31 +24,15 @@ STYLES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def settings(**overrides: object) -> TrainingSettings:
     values: dict[str, object] = {
-        "rank": 4,
-        "alpha": 8.0,
-        "target_modules": "q_proj,v_proj",
-        "learning_rate": 1e-2,
         "batch_size": 4,
-        "max_length": 64,
         "max_steps": 8,
         "eval_every": 2,
-        "patience": 2,
-        "val_fraction": 0.1,
         "save_dtype": "float32",
-        "threads": 1,
         "micro_batch_tokens": 256,  # several micro-batches per step: a user's rows are split across them
     }
-    values.update(overrides)
-    return TrainingSettings(**values)
+    return tiny_settings(**{**values, **overrides})
 
 
 def user_examples(u: int, n: int) -> list[Example]:

@@ -18,6 +18,7 @@ from pipeline.models.base import load_base, tiny_random
 from pipeline.models.encoding import encode_example
 from pipeline.training import lora
 from pipeline.training.lora import TrainingError, encode_pairs, preference_loss, train_adapter
+from tests.unit.training import tiny_settings
 
 TOPICS = [
     "the beach", "my cat", "pizza", "the weather", "football", "a concert", "the train", "coffee", "my boss",
@@ -35,34 +36,16 @@ REJECTED = [
 NOTES = ["the {t} note, number {i}.", "thinking about {t} today ({i})."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def settings(**overrides: object) -> TrainingSettings:
     values: dict[str, object] = {
-        "rank": 4,
-        "alpha": 8.0,
-        "target_modules": "q_proj,v_proj",
-        "learning_rate": 1e-2,
-        "batch_size": 8,
-        "max_length": 64,
         "max_steps": 20,
-        "eval_every": 5,
-        "patience": 2,
-        "val_fraction": 0.1,
         "save_dtype": "float32",
-        "threads": 1,
         "preference_weight": 0.5,
         "preference_beta": 2.0,
         "preference_margin": 0.5,
         "pair_batch_size": 4,
     }
-    values.update(overrides)
-    return TrainingSettings(**values)
+    return tiny_settings(**{**values, **overrides})
 
 
 def pairs(topics: list[str], shift: int = 0) -> list[PreferencePair]:
