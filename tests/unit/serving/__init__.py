@@ -14,3 +14,15 @@ USERS = [
 ]
 #: Token prompts of unequal lengths.
 PROMPTS = [[10, 20, 30, 40, 50], [7, 8, 9], [100, 101, 102, 103, 104, 105, 106, 107], [200, 3]]
+
+
+def padded(prompts: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``prompts`` as one batch padded with 0 on the ``side`` ("left" or "right"): ids, attention mask, width."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        sl = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, sl] = torch.tensor(p)
+        mask[i, sl] = 1
+    return ids, mask, width

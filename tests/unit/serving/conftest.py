@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from pipeline.models.base import tiny_random
@@ -28,3 +28,9 @@ def adapter_dirs(tmp_path_factory) -> list[Path]:
             save_file({k: v.to(dtype) for k, v in load_file(f).items()}, f)
         dirs.append(path)
     return dirs
+
+
+@pytest.fixture(scope="module")
+def stock(adapter_dirs: list[Path]) -> list[PeftModel]:
+    """Stock peft over the tiny random model, one per directory of ``adapter_dirs``: what the engines must equal."""
+    return [PeftModel.from_pretrained(tiny_random(), path).eval() for path in adapter_dirs]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel
 
 from pipeline.models.base import LoadedBase, tiny_random, tiny_tokenizer, weights_sha256
 from pipeline.serving.engine import Engine, EngineError, Request
-from tests.unit.serving import PROMPTS
+from tests.unit.serving import PROMPTS, padded
 
 
 @pytest.fixture(scope="module")
@@ -20,27 +19,11 @@ def engine(adapter_dirs):
     eng.close()
 
 
-@pytest.fixture(scope="module")
-def stock(adapter_dirs):
-    return [PeftModel.from_pretrained(tiny_random(), path).eval() for path in adapter_dirs]
-
-
-def _padded(prompts, side):
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        sl = slice(width - len(p), width) if side == "left" else slice(0, len(p))
-        ids[i, sl] = torch.tensor(p)
-        mask[i, sl] = 1
-    return ids, mask, width
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_batch_logits_equal_stock_peft_per_user(engine, stock, side):
     prompts = [*PROMPTS, PROMPTS[0]]
     slots = [0, 1, 2, 3, -1]  # the last row is the base alone
-    ids, mask, width = _padded(prompts, side)
+    ids, mask, width = padded(prompts, side)
     got = engine.logits(ids, mask, slots)
     base = tiny_random()
     for i, p in enumerate(prompts):
@@ -151,7 +134,7 @@ def test_cuda_engine_matches_stock_peft_and_cpu(engine, stock, adapter_dirs):
     eng = Engine(LoadedBase(tiny_random(), tiny_tokenizer(), None), slots=4, max_rank=8, device="cuda")
     for slot, path in enumerate(adapter_dirs):
         eng.load_adapter(slot, path)
-    ids, mask, width = _padded(PROMPTS, "left")
+    ids, mask, width = padded(PROMPTS, "left")
     got = eng.logits(ids, mask, [0, 1, 2, 3]).cpu()
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():

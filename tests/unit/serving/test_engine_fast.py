@@ -9,7 +9,6 @@ from __future__ import annotations
 import orjson
 import pytest
 import torch
-from peft import PeftModel
 
 from pipeline.models import lora_ops, multilora
 from pipeline.models.base import LoadedBase, tiny_random, tiny_tokenizer, weights_sha256
@@ -17,7 +16,7 @@ from pipeline.models.multilora import ALL_TARGETS, AdapterLimitError, read_adapt
 from pipeline.serving.engine import Engine, EngineError, Request
 from pipeline.serving.fast_engine import FastEngine
 from pipeline.serving.fast_llama import GROUPS
-from tests.unit.serving import PROMPTS
+from tests.unit.serving import PROMPTS, padded
 
 
 def _fast(adapter_dirs, **kw) -> FastEngine:
@@ -33,22 +32,6 @@ def fast(adapter_dirs):
     return _fast(adapter_dirs)
 
 
-@pytest.fixture(scope="module")
-def stock(adapter_dirs):
-    return [PeftModel.from_pretrained(tiny_random(), path).eval() for path in adapter_dirs]
-
-
-def _padded(prompts, side):
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        sl = slice(width - len(p), width) if side == "left" else slice(0, len(p))
-        ids[i, sl] = torch.tensor(p)
-        mask[i, sl] = 1
-    return ids, mask, width
-
-
 def _greedy_peft(model, prompt, n):
     out = model.generate(
         input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
@@ -60,7 +43,7 @@ def _greedy_peft(model, prompt, n):
 def test_logits_equal_stock_peft_per_user(fast, stock, side):
     prompts = [*PROMPTS, PROMPTS[0]]
     slots = [0, 1, 2, 3, -1]
-    ids, mask, width = _padded(prompts, side)
+    ids, mask, width = padded(prompts, side)
     got = fast.logits(ids, mask, slots)
     base = tiny_random()
     for i, p in enumerate(prompts):
