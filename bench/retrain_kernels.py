@@ -196,17 +196,93 @@ def lora_shape(tokens: int, users: int, rows: int, d_in: int, d_out: int, gen: t
     return row
 
 
+def packed_shape(
+    tokens: int, users: int, d_in: int, d_out: int, lo: int, hi: int, gen: torch.Generator
+) -> dict[str, Any]:
+    """The trainer's LoRA node over packed rows (lengths uniform in lo..hi, sorted as `micro_batches` sorts them,
+    each row a random user's), r=1: forward + backward with one kernel per pass (`lora_kernels.SPLIT` False) and
+    with the split kernels (True), against the torch path over the same rows padded (relative error of y, dx, dA,
+    dB)."""
+    from pipeline.models import lora_kernels
+
+    g = torch.Generator().manual_seed(d_in * 7 + d_out)
+    lengths: list[int] = []
+    while sum(lengths) < tokens:
+        lengths.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
+    lengths.sort()
+    total, rows = sum(lengths), len(lengths)
+    base = nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    a = nn.Parameter(torch.randn(users, 1, d_in, device="cuda", generator=gen) / d_in**0.5)
+    b = nn.Parameter(torch.randn(users, d_out, 1, device="cuda", generator=gen) * 0.02)
+    s = torch.full((users,), 2.0, device="cuda")
+    slots = torch.randint(0, users, (rows,), device="cuda", generator=gen)
+    wrap = multilora._Rows(native=True)
+    layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, s), wrap)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    token_rows = torch.repeat_interleave(torch.arange(rows, device="cuda"), torch.tensor(lengths, device="cuda"))
+    wrap.index, wrap.offsets, wrap.longest, wrap.token_index = slots, offsets, max(lengths), slots[token_rows]
+    x = torch.randn(1, total, d_in, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    dy = torch.randn(1, total, d_out, device="cuda", dtype=torch.bfloat16, generator=gen)
+    row: dict[str, Any] = {"in": d_in, "out": d_out, "tokens": total, "rows": rows, "users": users}
+    row["base_linear_fwd_bwd_ms"] = timed(lambda: base(x).backward(dy))
+    got = {}
+    for split in (False, True):
+        lora_kernels.SPLIT = split
+
+        def step() -> None:
+            a.grad = b.grad = x.grad = None
+            layer(x).backward(dy)
+
+        y = layer(x).detach()
+        a.grad = b.grad = x.grad = None
+        layer(x).backward(dy)
+        got[split] = (y, x.grad.clone(), a.grad.clone(), b.grad.clone())
+        row[f"{'split' if split else 'one'}_fwd_bwd_ms"] = timed(step)
+        with torch.no_grad():
+            row[f"{'split' if split else 'one'}_fwd_nograd_ms"] = timed(lambda: layer(x))
+    lora_kernels.SPLIT = True
+    # the torch reference: each token a row of its own (the packed path's torch form), fp32 reference values
+    ref_layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, s), multilora._Rows(native=True))
+    ref_layer._rows.index = wrap.token_index
+    multilora.TRITON_BRANCH = False
+    try:
+        xr = x.detach()[0, :, None, :].clone().requires_grad_(True)
+        a.grad = b.grad = None
+        yr = ref_layer(xr)
+        yr.backward(dy[0, :, None, :])
+        ref = (yr.detach()[:, 0][None], xr.grad[:, 0][None], a.grad.clone(), b.grad.clone())
+    finally:
+        multilora.TRITON_BRANCH = True
+    for split, vals in got.items():
+        row[f"{'split' if split else 'one'}_rel_err"] = {
+            n: float((g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30))
+            for n, g, r in zip(("y", "dx", "dA", "dB"), vals, ref, strict=True)
+        }
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--users", type=int, default=256)
     ap.add_argument("--rows", type=int, default=1024, help="sequences of the micro-batch (tokens / rows each)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--packed-only",
+        action="store_true",
+        help="only the packed-rows comparison of one kernel per pass against the split kernels (135M and 1B shapes)",
+    )
+    ap.add_argument("--sweep", action="store_true", help="with --packed-only: tokens per program x warps x split")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("retrain_kernels.py needs a CUDA device")
     started = time.perf_counter()
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.packed_only:
+        packed(report, args.out)
+        if args.sweep:
+            sweep(report, args.out)
+        return
     report["rms_norm"] = rms_norm(args.tokens, 576)
     print(json.dumps(report["rms_norm"]), flush=True)
     shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
@@ -236,6 +312,58 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['dense_fwd_bwd_ms']:.3f} ({row['dense_rel_err']:.1e}) | "
             f"{row['gather_fwd_bwd_ms']:.3f} ({row['gather_rel_err']:.1e}) |"
         )
+
+
+def packed(report: dict[str, Any], out: Path) -> None:
+    """The `--packed-only` run: SmolLM2-135M's projections at 131,072 tokens (256 users) and Llama-1B's at 21,504
+    (64 users), rows of 20..128 tokens."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    cases = [(131072, 256, d_in, d_out) for d_in, d_out in ((576, 576), (576, 192), (576, 1536), (1536, 576))]
+    cases += [(21504, 64, d_in, d_out) for d_in, d_out in ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048))]
+    report["packed"] = []
+    print("| in -> out | tokens (rows) | base Linear ms | one kernel a pass ms | split ms | no-grad one / split ms | "
+          "rel err one (y, dx, dA, dB) | rel err split |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for tokens, users, d_in, d_out in cases:
+        r = packed_shape(tokens, users, d_in, d_out, 20, 128, gen)
+        report["packed"].append(r)
+
+        def errs(e: dict[str, float]) -> str:
+            return ", ".join(f"{v:.1e}" for v in e.values())
+
+        print(
+            f"| {d_in} -> {d_out} | {r['tokens']} ({r['rows']}) | {r['base_linear_fwd_bwd_ms']:.3f} | "
+            f"{r['one_fwd_bwd_ms']:.3f} | {r['split_fwd_bwd_ms']:.3f} | {r['one_fwd_nograd_ms']:.3f} / "
+            f"{r['split_fwd_nograd_ms']:.3f} | {errs(r['one_rel_err'])} | {errs(r['split_rel_err'])} |",
+            flush=True,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "retrain_kernels_packed.json").write_text(json.dumps(report, indent=1))
+
+
+def sweep(report: dict[str, Any], out: Path) -> None:
+    """Forward + backward ms of the LoRA node over packed rows per (tokens per program, warps, split) on three
+    shapes: which launch configuration the kernels should take."""
+    from pipeline.models import lora_kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    default = lora_kernels.TOKEN_BLOCK, lora_kernels.WARPS
+    report["sweep"] = []
+    for tokens, users, d_in, d_out in ((131072, 256, 576, 576), (131072, 256, 576, 1536), (21504, 64, 2048, 8192)):
+        for bt in (32, 64, 128):
+            for warps in (2, 4, 8):
+                lora_kernels.TOKEN_BLOCK, lora_kernels.WARPS = bt, warps
+                try:
+                    r = packed_shape(tokens, users, d_in, d_out, 20, 128, gen)
+                except Exception as e:  # a configuration Triton cannot build
+                    print(f"sweep {d_in}->{d_out} bt {bt} warps {warps}: {e!r}"[:300], flush=True)
+                    continue
+                entry = {"in": d_in, "out": d_out, "bt": bt, "warps": warps, "base": r["base_linear_fwd_bwd_ms"],
+                         "one": r["one_fwd_bwd_ms"], "split": r["split_fwd_bwd_ms"]}  # fmt: skip
+                report["sweep"].append(entry)
+                print(json.dumps(entry), flush=True)
+    lora_kernels.TOKEN_BLOCK, lora_kernels.WARPS = default
+    (out / "retrain_kernels_packed.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

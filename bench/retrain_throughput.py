@@ -867,10 +867,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--step-profile", type=int, default=0, metavar="K", help="host + device profile of training and gate, K users"
     )
+    parser.add_argument(
+        "--lora-one-pass",
+        action="store_true",
+        help="the Triton LoRA kernels as before 2026-11-30 (evening): one kernel a pass, 64 tokens a program "
+        "(lora_kernels.SPLIT False, TOKEN_BLOCK 64), to compare with the split kernels in the same session",
+    )
+    parser.add_argument(
+        "--gil-switch-ms",
+        type=float,
+        default=0.0,
+        help="Python's thread switch interval for the run (sys.setswitchinterval; 0: Python's own, 5 ms)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the byte-level tiny one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.gil_switch_ms > 0:
+        sys.setswitchinterval(args.gil_switch_ms / 1000)
+    if args.lora_one_pass:
+        from pipeline.models import lora_kernels
+
+        lora_kernels.SPLIT, lora_kernels.TOKEN_BLOCK = False, 64
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     logging.getLogger("pipeline.training.multi").setLevel(logging.INFO)

@@ -12,6 +12,12 @@ GEMV per row, and a K=256 training step spent more time in the branch than in th
   in place and ``dA[s] += dh^T x`` (the input and ``dx`` read once); the stacks' gradients are summed over a
   program's tokens first, then added to the user's row with fp32 atomics.
 
+Each pass is two kernels (`SPLIT`, the default): the forward's expand, and both halves of the backward, also run
+one program per `SPAN` columns of the width they walk (``dh``'s sum over the output width's blocks then goes
+through fp32 atomics, its rounding and scale applied once it is whole), so a step of a few hundred rows (Llama-1B's
+micro-batches) still fills the GPU. ``SPLIT = False`` keeps the older form, one kernel per pass, each program
+walking the whole width; both are tested equal to the torch path.
+
 The products run on tensor cores in the input's dtype (A and B cast to it, as the torch path does) with fp32
 accumulation; the rank is padded to 16 in registers only. `available` says whether they can run (Triton imports, a
 CUDA tensor of a half dtype, rank <= `MAX_RANK`); tests/unit/models/test_lora_kernels.py holds them equal to the
@@ -27,6 +33,17 @@ import torch
 
 #: The largest rank the kernels take (the padded rank lives in registers).
 MAX_RANK = 64
+
+#: Split kernels (True): the forward's expand and both halves of the backward spread over blocks of the output
+#: (input) width as well as over blocks of a row's tokens, so a step of few long rows still fills the GPU; one
+#: kernel per pass (False) walks the whole width in one program per token block. `SPAN` columns per program.
+SPLIT = True
+SPAN = 256
+#: Tokens of a row per program (at most), and warps per program. On an H200 (`bench/retrain_kernels.py
+#: --packed-only --sweep`), 32 tokens took the node's forward + backward from 2.1 to 1.5 ms at 576 -> 1536 and
+#: from 3.6 to 2.6 ms at 2048 -> 8192 against 64 (rows of 20..128 tokens).
+TOKEN_BLOCK = 32
+WARPS = 4
 
 
 @functools.cache
@@ -47,7 +64,7 @@ def available(x: torch.Tensor, rank: int) -> bool:
 def _blocks(tokens: int, rank: int) -> tuple[int, int]:
     """(tokens per program, padded rank)."""
     bt = 16
-    while bt < min(tokens, 64):
+    while bt < min(tokens, TOKEN_BLOCK):
         bt *= 2
     rp = 16
     while rp < rank:
@@ -92,12 +109,26 @@ def forward(
     n_tokens = x.numel() // d_in
     h = torch.empty((n_tokens, rank), dtype=torch.float32, device=x.device) if keep_h else x.new_empty(0)
     grid = (rows, (tokens + bt - 1) // bt)
+    if SPLIT:  # h first (each token block's input read once), then the expand over blocks of the output width
+        if not keep_h:
+            h = torch.empty((n_tokens, rank), dtype=torch.float32, device=x.device)
+        k.shrink[grid](
+            x, lora_a, scaling, index, h, starts,
+            tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+            EVEN=offsets is None, BT=bt, BI=64, RP=rp, num_warps=WARPS,
+        )  # fmt: skip
+        k.expand[(*grid, (d_out + SPAN - 1) // SPAN)](
+            y, lora_b, index, h, starts,
+            tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+            EVEN=offsets is None, BT=bt, BO=64, RP=rp, SPAN=SPAN, num_warps=WARPS,
+        )  # fmt: skip
+        return h if keep_h else None
     k.forward[grid](
         x, y, lora_a, lora_b, scaling, index, h, starts,
         tokens, d_in, d_out, rank,
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        KEEP_H=keep_h, EVEN=offsets is None, BT=bt, BI=64, BO=64, RP=rp,
+        KEEP_H=keep_h, EVEN=offsets is None, BT=bt, BI=64, BO=64, RP=rp, num_warps=WARPS,
     )  # fmt: skip
     return h if keep_h else None
 
@@ -125,12 +156,25 @@ def backward(
     da = torch.zeros(lora_a.shape, dtype=torch.float32, device=x.device)
     db = torch.zeros(lora_b.shape, dtype=torch.float32, device=x.device)
     grid = (rows, (tokens + bt - 1) // bt)
+    if SPLIT:  # dh summed over blocks of the output width (with dB), then dx and dA over blocks of the input width
+        dh = torch.zeros((h.shape[0], rank), dtype=torch.float32, device=x.device)
+        k.dshrink[(*grid, (d_out + SPAN - 1) // SPAN)](
+            dy, lora_b, index, h, dh, db, starts,
+            tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+            EVEN=offsets is None, BT=bt, BO=64, RP=rp, SPAN=SPAN, num_warps=WARPS,
+        )  # fmt: skip
+        k.dexpand[(*grid, (d_in + SPAN - 1) // SPAN)](
+            dx if dx is not None else dy, x, lora_a, scaling, index, dh, da, starts,
+            tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+            HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=64, RP=rp, SPAN=SPAN, num_warps=WARPS,
+        )  # fmt: skip
+        return da, db
     k.backward[grid](
         dy, dx if dx is not None else dy, x, lora_a, lora_b, scaling, index, h, da, db, starts,
         tokens, d_in, d_out, rank,
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=64, BO=64, RP=rp,
+        HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=64, BO=64, RP=rp, num_warps=WARPS,
     )  # fmt: skip
     return da, db
 
@@ -257,8 +301,182 @@ def _build(triton: Any, tl: Any) -> Any:
                 DA + slot * rank * d_in + rr[:, None] * d_in + ii[None, :], da, mask=rmask[:, None] & imask[None, :]
             )
 
+    @triton.jit
+    def lora_shrink(
+        X, A, S, IDX, H, OFF,
+        tokens, d_in, rank, sa_n, sa_r, sa_i,
+        EVEN: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        if EVEN:
+            start = row * tokens
+            length = tokens
+        else:
+            start = tl.load(OFF + row)
+            length = tl.load(OFF + row + 1) - start
+        t0 = tl.program_id(1) * BT
+        if t0 >= length:  # a block past this row's end (rows shorter than the longest)
+            return
+        toks = t0 + tl.arange(0, BT)
+        tmask = toks < length
+        slot = tl.load(IDX + row)
+        scale = tl.load(S + slot).to(tl.float32)
+        rr = tl.arange(0, RP)
+        rmask = rr < rank
+        x_row = X + start * d_in
+        acc = tl.zeros((BT, RP), dtype=tl.float32)
+        for i0 in range(0, d_in, BI):
+            ii = i0 + tl.arange(0, BI)
+            imask = ii < d_in
+            x = tl.load(x_row + toks[:, None] * d_in + ii[None, :], mask=tmask[:, None] & imask[None, :], other=0.0)
+            a = tl.load(
+                A + slot * sa_n + ii[:, None] * sa_i + rr[None, :] * sa_r,
+                mask=imask[:, None] & rmask[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(x, a.to(x.dtype))
+        h = acc.to(X.dtype.element_ty).to(tl.float32) * scale
+        tl.store(H + start * rank + toks[:, None] * rank + rr[None, :], h, mask=tmask[:, None] & rmask[None, :])
+
+    @triton.jit
+    def lora_expand(
+        Y, B, IDX, H, OFF,
+        tokens, d_out, rank, sb_n, sb_o, sb_r,
+        EVEN: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr, SPAN: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        if EVEN:
+            start = row * tokens
+            length = tokens
+        else:
+            start = tl.load(OFF + row)
+            length = tl.load(OFF + row + 1) - start
+        t0 = tl.program_id(1) * BT
+        if t0 >= length:
+            return
+        toks = t0 + tl.arange(0, BT)
+        tmask = toks < length
+        slot = tl.load(IDX + row)
+        rr = tl.arange(0, RP)
+        rmask = rr < rank
+        h = tl.load(
+            H + start * rank + toks[:, None] * rank + rr[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0
+        )
+        hb = h.to(Y.dtype.element_ty)
+        y_row = Y + start * d_out
+        first = tl.program_id(2) * SPAN
+        for o0 in range(first, first + SPAN, BO):
+            oo = o0 + tl.arange(0, BO)
+            omask = oo < d_out
+            b = tl.load(
+                B + slot * sb_n + rr[:, None] * sb_r + oo[None, :] * sb_o,
+                mask=rmask[:, None] & omask[None, :],
+                other=0.0,
+            )
+            m = tmask[:, None] & omask[None, :]
+            ptr = y_row + toks[:, None] * d_out + oo[None, :]
+            y = tl.load(ptr, mask=m, other=0.0).to(tl.float32) + tl.dot(hb, b.to(hb.dtype))
+            tl.store(ptr, y.to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def lora_dshrink(
+        DY, B, IDX, H, DH, DB, OFF,
+        tokens, d_out, rank, sb_n, sb_o, sb_r,
+        EVEN: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr, SPAN: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        if EVEN:
+            start = row * tokens
+            length = tokens
+        else:
+            start = tl.load(OFF + row)
+            length = tl.load(OFF + row + 1) - start
+        t0 = tl.program_id(1) * BT
+        if t0 >= length:
+            return
+        toks = t0 + tl.arange(0, BT)
+        tmask = toks < length
+        slot = tl.load(IDX + row)
+        rr = tl.arange(0, RP)
+        rmask = rr < rank
+        hmask = tmask[:, None] & rmask[None, :]
+        h = tl.load(H + start * rank + toks[:, None] * rank + rr[None, :], mask=hmask, other=0.0)
+        hb = h.to(DY.dtype.element_ty)
+        dy_row = DY + start * d_out
+        acc = tl.zeros((BT, RP), dtype=tl.float32)
+        first = tl.program_id(2) * SPAN
+        for o0 in range(first, first + SPAN, BO):
+            oo = o0 + tl.arange(0, BO)
+            omask = oo < d_out
+            dy = tl.load(dy_row + toks[:, None] * d_out + oo[None, :], mask=tmask[:, None] & omask[None, :], other=0.0)
+            b = tl.load(
+                B + slot * sb_n + oo[:, None] * sb_o + rr[None, :] * sb_r,
+                mask=omask[:, None] & rmask[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(dy, b.to(dy.dtype))
+            db = tl.dot(tl.trans(dy), hb)
+            tl.atomic_add(
+                DB + slot * d_out * rank + oo[:, None] * rank + rr[None, :], db, mask=omask[:, None] & rmask[None, :]
+            )
+        # this block of the output width's share of dh (before the scale): summed over the blocks in fp32
+        tl.atomic_add(DH + start * rank + toks[:, None] * rank + rr[None, :], acc, mask=hmask)
+
+    @triton.jit
+    def lora_dexpand(
+        DX, X, A, S, IDX, DH, DA, OFF,
+        tokens, d_in, rank, sa_n, sa_r, sa_i,
+        HAS_DX: tl.constexpr, EVEN: tl.constexpr,
+        BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, SPAN: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        if EVEN:
+            start = row * tokens
+            length = tokens
+        else:
+            start = tl.load(OFF + row)
+            length = tl.load(OFF + row + 1) - start
+        t0 = tl.program_id(1) * BT
+        if t0 >= length:
+            return
+        toks = t0 + tl.arange(0, BT)
+        tmask = toks < length
+        slot = tl.load(IDX + row)
+        scale = tl.load(S + slot).to(tl.float32)
+        rr = tl.arange(0, RP)
+        rmask = rr < rank
+        acc = tl.load(
+            DH + start * rank + toks[:, None] * rank + rr[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0
+        )
+        dh = (acc.to(X.dtype.element_ty).to(tl.float32) * scale).to(X.dtype.element_ty)
+        x_row = X + start * d_in
+        dx_row = DX + start * d_in
+        first = tl.program_id(2) * SPAN
+        for i0 in range(first, first + SPAN, BI):
+            ii = i0 + tl.arange(0, BI)
+            imask = ii < d_in
+            m = tmask[:, None] & imask[None, :]
+            x = tl.load(x_row + toks[:, None] * d_in + ii[None, :], mask=m, other=0.0)
+            a = tl.load(
+                A + slot * sa_n + rr[:, None] * sa_r + ii[None, :] * sa_i,
+                mask=rmask[:, None] & imask[None, :],
+                other=0.0,
+            )
+            if HAS_DX:
+                ptr = dx_row + toks[:, None] * d_in + ii[None, :]
+                dx = tl.load(ptr, mask=m, other=0.0).to(tl.float32) + tl.dot(dh, a.to(dh.dtype))
+                tl.store(ptr, dx.to(DX.dtype.element_ty), mask=m)
+            da = tl.dot(tl.trans(dh), x)
+            tl.atomic_add(
+                DA + slot * rank * d_in + rr[:, None] * d_in + ii[None, :], da, mask=rmask[:, None] & imask[None, :]
+            )
+
     class Kernels:
         forward = lora_forward
         backward = lora_backward
+        shrink = lora_shrink
+        expand = lora_expand
+        dshrink = lora_dshrink
+        dexpand = lora_dexpand
 
     return Kernels
