@@ -200,9 +200,9 @@ def packed_shape(
     tokens: int, users: int, d_in: int, d_out: int, lo: int, hi: int, gen: torch.Generator
 ) -> dict[str, Any]:
     """The trainer's LoRA node over packed rows (lengths uniform in lo..hi, sorted as `micro_batches` sorts them,
-    each row a random user's), r=1: forward + backward with one kernel per pass (`lora_kernels.SPLIT` False) and
-    with the split kernels (True), against the torch path over the same rows padded (relative error of y, dx, dA,
-    dB)."""
+    each row a random user's), r=1: forward + backward with each program walking the whole width
+    (`lora_kernels.SPLIT` False, keys ``one_*``) and with the split kernels (True, ``split_*``), against the torch
+    path with every token a row of its own (relative error of y, dx, dA, dB)."""
     from pipeline.models import lora_kernels
 
     g = torch.Generator().manual_seed(d_in * 7 + d_out)
@@ -321,8 +321,10 @@ def packed(report: dict[str, Any], out: Path) -> None:
     cases = [(131072, 256, d_in, d_out) for d_in, d_out in ((576, 576), (576, 192), (576, 1536), (1536, 576))]
     cases += [(21504, 64, d_in, d_out) for d_in, d_out in ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048))]
     report["packed"] = []
-    print("| in -> out | tokens (rows) | base Linear ms | one kernel a pass ms | split ms | no-grad one / split ms | "
-          "rel err one (y, dx, dA, dB) | rel err split |")  # fmt: skip
+    print(
+        "| in -> out | tokens (rows) | base Linear ms | whole width a program ms | split ms | "
+        "no-grad whole / split ms | rel err whole (y, dx, dA, dB) | rel err split |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for tokens, users, d_in, d_out in cases:
         r = packed_shape(tokens, users, d_in, d_out, 20, 128, gen)

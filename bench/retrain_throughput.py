@@ -868,10 +868,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--step-profile", type=int, default=0, metavar="K", help="host + device profile of training and gate, K users"
     )
     parser.add_argument(
-        "--lora-one-pass",
+        "--lora-whole-width",
         action="store_true",
-        help="the Triton LoRA kernels as before 2026-11-30 (evening): one kernel a pass, 64 tokens a program "
-        "(lora_kernels.SPLIT False, TOKEN_BLOCK 64), to compare with the split kernels in the same session",
+        help="the Triton LoRA kernels with each program walking the whole width, 64 tokens a program "
+        "(lora_kernels.SPLIT False, TOKEN_BLOCK 64): close to the kernels before 2026-11-30's evening (one fused "
+        "kernel a pass; the A/B in bench/results/retrain_throughput.md ran those, at f548dae)",
     )
     parser.add_argument(
         "--gil-switch-ms",
@@ -885,7 +886,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.gil_switch_ms > 0:
         sys.setswitchinterval(args.gil_switch_ms / 1000)
-    if args.lora_one_pass:
+    if args.lora_whole_width:
         from pipeline.models import lora_kernels
 
         lora_kernels.SPLIT, lora_kernels.TOKEN_BLOCK = False, 64

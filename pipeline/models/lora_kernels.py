@@ -12,11 +12,12 @@ GEMV per row, and a K=256 training step spent more time in the branch than in th
   in place and ``dA[s] += dh^T x`` (the input and ``dx`` read once); the stacks' gradients are summed over a
   program's tokens first, then added to the user's row with fp32 atomics.
 
-Each pass is two kernels (`SPLIT`, the default): the forward's expand, and both halves of the backward, also run
-one program per `SPAN` columns of the width they walk (``dh``'s sum over the output width's blocks then goes
-through fp32 atomics, its rounding and scale applied once it is whole), so a step of a few hundred rows (Llama-1B's
-micro-batches) still fills the GPU. ``SPLIT = False`` keeps the older form, one kernel per pass, each program
-walking the whole width; both are tested equal to the torch path.
+Each pass is two kernels: ``h`` (``dh``) first, then the work over the other width. With `SPLIT` (the default) the
+expand and both halves of the backward run one program per `SPAN` columns of the width they walk (``dh``'s sum
+over the output width's blocks goes through fp32 atomics, its rounding and scale applied once it is whole), so a
+step of a few hundred rows (Llama-1B's micro-batches) still fills the GPU; with ``SPLIT = False`` a program walks
+the whole width (as the single kernel a pass before 2026-11-30's evening did). Both are tested equal to the torch
+path.
 
 The products run on tensor cores in the input's dtype (A and B cast to it, as the torch path does) with fp32
 accumulation; the rank is padded to 16 in registers only. `available` says whether they can run (Triton imports, a
@@ -34,9 +35,9 @@ import torch
 #: The largest rank the kernels take (the padded rank lives in registers).
 MAX_RANK = 64
 
-#: Split kernels (True): the forward's expand and both halves of the backward spread over blocks of the output
-#: (input) width as well as over blocks of a row's tokens, so a step of few long rows still fills the GPU; one
-#: kernel per pass (False) walks the whole width in one program per token block. `SPAN` columns per program.
+#: Split (True): the forward's expand and both halves of the backward spread over blocks of `SPAN` columns of the
+#: output (input) width as well as over blocks of a row's tokens, so a step of few long rows still fills the GPU;
+#: False: one program per token block walks the whole width.
 SPLIT = True
 SPAN = 256
 #: Tokens of a row per program (at most), and warps per program. On an H200 (`bench/retrain_kernels.py
@@ -70,6 +71,11 @@ def _blocks(tokens: int, rank: int) -> tuple[int, int]:
     while rp < rank:
         rp *= 2
     return bt, rp
+
+
+def _span(width: int) -> int:
+    """Columns of the width one program walks: `SPAN` (split), or all of them rounded up to a 64-wide tile."""
+    return SPAN if SPLIT else (width + 63) // 64 * 64
 
 
 def _offsets(x: torch.Tensor, offsets: torch.Tensor | None, longest: int | None) -> tuple[torch.Tensor, int, int]:
@@ -107,28 +113,19 @@ def forward(
     bt, rp = _blocks(tokens, rank)
     index, scaling = index.contiguous(), scaling.contiguous()  # read as flat arrays (a column of a batch is not)
     n_tokens = x.numel() // d_in
-    h = torch.empty((n_tokens, rank), dtype=torch.float32, device=x.device) if keep_h else x.new_empty(0)
+    h = torch.empty((n_tokens, rank), dtype=torch.float32, device=x.device)
     grid = (rows, (tokens + bt - 1) // bt)
-    if SPLIT:  # h first (each token block's input read once), then the expand over blocks of the output width
-        if not keep_h:
-            h = torch.empty((n_tokens, rank), dtype=torch.float32, device=x.device)
-        k.shrink[grid](
-            x, lora_a, scaling, index, h, starts,
-            tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-            EVEN=offsets is None, BT=bt, BI=64, RP=rp, num_warps=WARPS,
-        )  # fmt: skip
-        k.expand[(*grid, (d_out + SPAN - 1) // SPAN)](
-            y, lora_b, index, h, starts,
-            tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-            EVEN=offsets is None, BT=bt, BO=64, RP=rp, SPAN=SPAN, num_warps=WARPS,
-        )  # fmt: skip
-        return h if keep_h else None
-    k.forward[grid](
-        x, y, lora_a, lora_b, scaling, index, h, starts,
-        tokens, d_in, d_out, rank,
-        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        KEEP_H=keep_h, EVEN=offsets is None, BT=bt, BI=64, BO=64, RP=rp, num_warps=WARPS,
+    # h first (each token block's input read once), then the expand over blocks of the output width
+    k.shrink[grid](
+        x, lora_a, scaling, index, h, starts,
+        tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        EVEN=offsets is None, BT=bt, BI=64, RP=rp, num_warps=WARPS,
+    )  # fmt: skip
+    span = _span(d_out)
+    k.expand[(*grid, (d_out + span - 1) // span)](
+        y, lora_b, index, h, starts,
+        tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        EVEN=offsets is None, BT=bt, BO=64, RP=rp, SPAN=span, num_warps=WARPS,
     )  # fmt: skip
     return h if keep_h else None
 
@@ -156,150 +153,25 @@ def backward(
     da = torch.zeros(lora_a.shape, dtype=torch.float32, device=x.device)
     db = torch.zeros(lora_b.shape, dtype=torch.float32, device=x.device)
     grid = (rows, (tokens + bt - 1) // bt)
-    if SPLIT:  # dh summed over blocks of the output width (with dB), then dx and dA over blocks of the input width
-        dh = torch.zeros((h.shape[0], rank), dtype=torch.float32, device=x.device)
-        k.dshrink[(*grid, (d_out + SPAN - 1) // SPAN)](
-            dy, lora_b, index, h, dh, db, starts,
-            tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-            EVEN=offsets is None, BT=bt, BO=64, RP=rp, SPAN=SPAN, num_warps=WARPS,
-        )  # fmt: skip
-        k.dexpand[(*grid, (d_in + SPAN - 1) // SPAN)](
-            dx if dx is not None else dy, x, lora_a, scaling, index, dh, da, starts,
-            tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-            HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=64, RP=rp, SPAN=SPAN, num_warps=WARPS,
-        )  # fmt: skip
-        return da, db
-    k.backward[grid](
-        dy, dx if dx is not None else dy, x, lora_a, lora_b, scaling, index, h, da, db, starts,
-        tokens, d_in, d_out, rank,
-        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=64, BO=64, RP=rp, num_warps=WARPS,
+    # dh summed over blocks of the output width (with dB), then dx and dA over blocks of the input width
+    dh = torch.zeros((h.shape[0], rank), dtype=torch.float32, device=x.device)
+    span = _span(d_out)
+    k.dshrink[(*grid, (d_out + span - 1) // span)](
+        dy, lora_b, index, h, dh, db, starts,
+        tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        EVEN=offsets is None, BT=bt, BO=64, RP=rp, SPAN=span, num_warps=WARPS,
+    )  # fmt: skip
+    span = _span(d_in)
+    k.dexpand[(*grid, (d_in + span - 1) // span)](
+        dx if dx is not None else dy, x, lora_a, scaling, index, dh, da, starts,
+        tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=64, RP=rp, SPAN=span, num_warps=WARPS,
     )  # fmt: skip
     return da, db
 
 
 def _build(triton: Any, tl: Any) -> Any:
     """The jitted kernels (built where Triton imports)."""
-
-    @triton.jit
-    def lora_forward(
-        X, Y, A, B, S, IDX, H, OFF,
-        tokens, d_in, d_out, rank,
-        sa_n, sa_r, sa_i, sb_n, sb_o, sb_r,
-        KEEP_H: tl.constexpr, EVEN: tl.constexpr,
-        BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        if EVEN:  # rows of a batch, all ``tokens`` long
-            start = row * tokens
-            length = tokens
-        else:  # packed rows at their offsets
-            start = tl.load(OFF + row)
-            length = tl.load(OFF + row + 1) - start
-        toks = tl.program_id(1) * BT + tl.arange(0, BT)
-        tmask = toks < length
-        slot = tl.load(IDX + row)
-        scale = tl.load(S + slot).to(tl.float32)
-        rr = tl.arange(0, RP)
-        rmask = rr < rank
-        x_row = X + start * d_in
-        acc = tl.zeros((BT, RP), dtype=tl.float32)
-        for i0 in range(0, d_in, BI):
-            ii = i0 + tl.arange(0, BI)
-            imask = ii < d_in
-            x = tl.load(x_row + toks[:, None] * d_in + ii[None, :], mask=tmask[:, None] & imask[None, :], other=0.0)
-            a = tl.load(
-                A + slot * sa_n + ii[:, None] * sa_i + rr[None, :] * sa_r,
-                mask=imask[:, None] & rmask[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(x, a.to(x.dtype))
-        # h as the torch path has it: x A^T in the input's dtype, then scaled
-        h = acc.to(X.dtype.element_ty).to(tl.float32) * scale
-        if KEEP_H:
-            tl.store(H + start * rank + toks[:, None] * rank + rr[None, :], h, mask=tmask[:, None] & rmask[None, :])
-        hb = h.to(X.dtype.element_ty)
-        y_row = Y + start * d_out
-        for o0 in range(0, d_out, BO):
-            oo = o0 + tl.arange(0, BO)
-            omask = oo < d_out
-            b = tl.load(
-                B + slot * sb_n + rr[:, None] * sb_r + oo[None, :] * sb_o,
-                mask=rmask[:, None] & omask[None, :],
-                other=0.0,
-            )
-            m = tmask[:, None] & omask[None, :]
-            ptr = y_row + toks[:, None] * d_out + oo[None, :]
-            y = tl.load(ptr, mask=m, other=0.0).to(tl.float32) + tl.dot(hb, b.to(hb.dtype))
-            tl.store(ptr, y.to(Y.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def lora_backward(
-        DY, DX, X, A, B, S, IDX, H, DA, DB, OFF,
-        tokens, d_in, d_out, rank,
-        sa_n, sa_r, sa_i, sb_n, sb_o, sb_r,
-        HAS_DX: tl.constexpr, EVEN: tl.constexpr,
-        BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        if EVEN:  # rows of a batch, all ``tokens`` long
-            start = row * tokens
-            length = tokens
-        else:  # packed rows at their offsets
-            start = tl.load(OFF + row)
-            length = tl.load(OFF + row + 1) - start
-        toks = tl.program_id(1) * BT + tl.arange(0, BT)
-        tmask = toks < length
-        slot = tl.load(IDX + row)
-        scale = tl.load(S + slot).to(tl.float32)
-        rr = tl.arange(0, RP)
-        rmask = rr < rank
-        h = tl.load(
-            H + start * rank + toks[:, None] * rank + rr[None, :],
-            mask=tmask[:, None] & rmask[None, :],
-            other=0.0,
-        )
-        hb = h.to(DY.dtype.element_ty)
-        dy_row = DY + start * d_out
-        acc = tl.zeros((BT, RP), dtype=tl.float32)
-        for o0 in range(0, d_out, BO):
-            oo = o0 + tl.arange(0, BO)
-            omask = oo < d_out
-            dy = tl.load(dy_row + toks[:, None] * d_out + oo[None, :], mask=tmask[:, None] & omask[None, :], other=0.0)
-            b = tl.load(
-                B + slot * sb_n + oo[:, None] * sb_o + rr[None, :] * sb_r,
-                mask=omask[:, None] & rmask[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(dy, b.to(dy.dtype))
-            # dB[slot] += dy^T h over this program's tokens
-            db = tl.dot(tl.trans(dy), hb)
-            tl.atomic_add(
-                DB + slot * d_out * rank + oo[:, None] * rank + rr[None, :], db, mask=omask[:, None] & rmask[None, :]
-            )
-        dh = (acc.to(DY.dtype.element_ty).to(tl.float32) * scale).to(DY.dtype.element_ty)
-        x_row = X + start * d_in
-        dx_row = DX + start * d_in
-        for i0 in range(0, d_in, BI):
-            ii = i0 + tl.arange(0, BI)
-            imask = ii < d_in
-            m = tmask[:, None] & imask[None, :]
-            x = tl.load(x_row + toks[:, None] * d_in + ii[None, :], mask=m, other=0.0)
-            a = tl.load(
-                A + slot * sa_n + rr[:, None] * sa_r + ii[None, :] * sa_i,
-                mask=rmask[:, None] & imask[None, :],
-                other=0.0,
-            )
-            if HAS_DX:
-                ptr = dx_row + toks[:, None] * d_in + ii[None, :]
-                dx = tl.load(ptr, mask=m, other=0.0).to(tl.float32) + tl.dot(dh, a.to(dh.dtype))
-                tl.store(ptr, dx.to(DX.dtype.element_ty), mask=m)
-            # dA[slot] += dh^T x over this program's tokens
-            da = tl.dot(tl.trans(dh), x)
-            tl.atomic_add(
-                DA + slot * rank * d_in + rr[:, None] * d_in + ii[None, :], da, mask=rmask[:, None] & imask[None, :]
-            )
 
     @triton.jit
     def lora_shrink(
@@ -472,8 +344,6 @@ def _build(triton: Any, tl: Any) -> Any:
             )
 
     class Kernels:
-        forward = lora_forward
-        backward = lora_backward
         shrink = lora_shrink
         expand = lora_expand
         dshrink = lora_dshrink

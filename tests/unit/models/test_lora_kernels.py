@@ -1,6 +1,6 @@
 """The Triton LoRA-branch kernels (pipeline/models/lora_kernels.py) against the torch path of MultiLoraLinear, on
 a GPU: training's forward and its gradients (input, A and B), and the gate's no-grad forward over stacks that are
-views of one table; both forms of the kernels (one per pass, and split over blocks of the width: `SPLIT`). On a
+views of one table; both forms of the kernels (a program walks the whole width, or blocks of it: `SPLIT`). On a
 machine without CUDA and Triton the kernels are not used (`available` is False)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.models import lora_kernels, multilora
 
 
-@pytest.fixture(params=[False, True], ids=["one-kernel-a-pass", "split"], autouse=True)
+@pytest.fixture(params=[False, True], ids=["whole-width", "split"], autouse=True)
 def split(request, monkeypatch):
     """Every test with both forms of the kernels (`lora_kernels.SPLIT`)."""
     monkeypatch.setattr(lora_kernels, "SPLIT", request.param)
