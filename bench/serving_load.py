@@ -72,7 +72,6 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing
 import os
 import platform
 import random
@@ -90,7 +89,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -304,20 +303,6 @@ def user_id(i: int) -> str:
     return f"load-{i:06d}"
 
 
-def _write_adapters(job: tuple[str, list, int, list[str], int, list[tuple[int, str]]]) -> list[tuple[int, str]]:
-    """`make_store`'s worker process: write the adapters of (user number, revision) pairs; their weights' sha256."""
-    root, shapes, rank, targets, seed, items = job
-    out = []
-    for i, rev in items:
-        files = adapter_files(shapes, rank, targets, seed * 1_000_003 + i)
-        folder = Path(root) / "users" / user_id(i) / "revisions" / rev
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-        out.append((i, hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()))
-    return out
-
-
 def make_store(
     work: Path, base: BaseSpec, n: int, rank: int, targets: list[str], seed: int, threads: int
 ) -> tuple[Path, dict[str, tuple[str, str]]]:
@@ -336,16 +321,18 @@ def make_store(
         shapes = lora_shapes(model_config(base), targets)
         started = time.perf_counter()
 
-        # Processes, not threads: a thread pool of 14 took 62 s for 10,000 adapters on the device machine (numpy's
-        # small steps and the writes hold the GIL); each process writes a contiguous range of users.
-        revs = {i: new_revision_id() for i in missing}
-        chunks = [missing[j :: max(1, threads)] for j in range(max(1, threads))]
-        jobs = [(str(store), shapes, rank, targets, seed, [(i, revs[i]) for i in c]) for c in chunks if c]
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ProcessPoolExecutor(len(jobs), mp_context=ctx) as pool:
-            for done in pool.map(_write_adapters, jobs):
-                for i, sha in done:
-                    index[user_id(i)] = (revs[i], sha)
+        def one(i: int) -> tuple[str, str, str]:
+            files = adapter_files(shapes, rank, targets, seed * 1_000_003 + i)
+            rev = new_revision_id()
+            folder = store / "users" / user_id(i) / "revisions" / rev
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            return user_id(i), rev, hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for u, rev, sha in pool.map(one, missing):
+                index[u] = (rev, sha)
         index_file.write_text(json.dumps(index))
         note(f"store: {len(missing)} adapters written to {store} in {time.perf_counter() - started:.1f}s")
         # Otherwise the kernel writes these GBs back to disk during the first measured points, beside the worker's

@@ -1,6 +1,6 @@
-"""bench/serving_load.py's store of adapters, written by worker processes: every user's files in the bucket layout,
-the index's sha256 of each weights file, PEFT files that stock safetensors reads with the model's LoRA shapes, and
-each user's adapter different; a second call reuses the store."""
+"""bench/serving_load.py's store of adapters: every user's files in the bucket layout, the index's sha256 of each
+weights file, PEFT files that stock safetensors reads with the model's LoRA shapes, each user's adapter different;
+a second call reuses the store."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.unit.bench import load_bench
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def test_the_store_is_written_by_processes_and_reused(tmp_path: Path) -> None:
+def test_the_store_holds_every_users_adapter_and_is_reused(tmp_path: Path) -> None:
     bench = load_bench("serving_load")
     base = bench.resolve_base("tiny-random", None)
     store, index = bench.make_store(tmp_path, base, 12, 2, TARGETS, 3, 3)
