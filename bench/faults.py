@@ -212,6 +212,13 @@ class Procs:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
 
+    def send_signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to a running process (nothing if it is not running)."""
+        p = self.procs.get(name)
+        if p is not None and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+
     def dead(self) -> dict[str, int]:
         """Processes that exited without being killed here: name -> exit code."""
         return {n: p.returncode for n, p in self.procs.items() if p.poll() is not None and n not in self.expected_down}
@@ -529,7 +536,9 @@ class Bench:
                 return
         if wait_until(lambda: self.buffered(ev["event_id"]), 20) is None:
             p.notes.append(f"consumer alive but not buffering: {self.procs.why('consumer')}; restarted by the harness")
-            self.say("   ! consumer stuck; restarting it")
+            self.say("   ! consumer stuck; its threads' stacks go to its log (SIGUSR1), then it is restarted")
+            self.procs.send_signal("consumer", signal.SIGUSR1)
+            time.sleep(1.0)
             self.procs.kill("consumer")
             self.procs.start("consumer")
             if wait_until(lambda: self.buffered(ev["event_id"]), 60) is None:

@@ -27,6 +27,7 @@ are in the database and its rejects in the dead-letter topic.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import os
@@ -628,6 +629,8 @@ def main(
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    # SIGUSR1: every thread's Python stack to stderr (the log), for a member that is alive but makes no progress.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("consuming %s as group %s into %s", bc.kafka.topic_events, cfg.group_id, db.redact(bc.database.url))
     bc.run()
     t = bc.totals
