@@ -137,6 +137,13 @@ class ConsumerSettings(BaseSettings):
         "outage of tansu's S3 storage, is never redone otherwise); the wait doubles while it stays without, up to "
         "5 minutes (a spare member of a group larger than the partition count). 0 = never.",
     )
+    stall_report_s: float = Field(
+        120.0,
+        ge=0,
+        description="A consumer whose loop has not come back from one broker or database call this long (no poll "
+        "returned, no retry made) logs an error naming the call, with every thread's stack, once per stall (SIGUSR1 "
+        "dumps the stacks on demand). 0 = never.",
+    )
     dlq_max_record_bytes: int = Field(
         1_000_000,
         ge=4096,

@@ -150,6 +150,55 @@ def _internal_error(e: BaseException, doing: str) -> Reason:
     return Reason("", "internal_error", f"{type(e).__name__} while {doing}: {str(e)[:300]}")
 
 
+class Stall:
+    """A watchdog over a loop that must come back from its calls: ``touch(what)`` when it starts one (or makes
+    progress in it); a thread calls ``report(what, seconds)`` once when no touch came for ``limit_s`` seconds, and
+    again only after a later touch and another ``limit_s`` without one. ``limit_s`` <= 0: no thread."""
+
+    def __init__(self, limit_s: float, report: Callable[[str, float], None], check_s: float | None = None) -> None:
+        self.limit_s = limit_s
+        self.report = report
+        self.check_s = check_s if check_s is not None else max(0.05, min(5.0, limit_s / 4))
+        self._at = time.monotonic()
+        self._what = "start"
+        self._reported = False
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def touch(self, what: str) -> None:
+        self._at, self._what, self._reported = time.monotonic(), what, False
+
+    def __enter__(self) -> Stall:
+        self.touch("start")
+        if self.limit_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="consumer-stall-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.check_s):
+            at, what = self._at, self._what
+            waited = time.monotonic() - at
+            if waited >= self.limit_s and not self._reported:
+                self._reported = True
+                self.report(what, waited)
+
+
+def _report_stall(what: str, seconds: float) -> None:
+    metrics.BUFFER_RETRIES.labels("kafka" if what.startswith("kafka") else "database", "stall").inc()
+    log.error(
+        "no progress for %.0f s: still in %s (not returned, no retry made); every thread's stack follows on stderr",
+        seconds,
+        what,
+    )
+    faulthandler.dump_traceback(all_threads=True)
+
+
 class BufferConsumer:
     """One member of the buffer consumer group. ``run`` loops until ``stop()`` (or SIGTERM via ``main``).
 
@@ -178,6 +227,7 @@ class BufferConsumer:
         self._idle_rejoins = 0  # rejoins asked for since this member last held a partition
         self._apps: frozenset[str] = frozenset()  # registered applications, re-read every apps_refresh_s
         self._apps_read_at = -math.inf  # monotonic time of the last read
+        self._stall = Stall(self.cfg.stall_report_s, _report_stall)  # watching while `run` runs
         self._consumer: KafkaConsumer = self._retry("kafka", "connect", self._new_consumer)
 
     def _new_consumer(self) -> KafkaConsumer:
@@ -228,6 +278,7 @@ class BufferConsumer:
         succeeds or ``stop()`` is called (then _Stopping)."""
         backoff = Backoff(self.cfg.retry_initial_s, max(self.cfg.retry_initial_s, self.cfg.retry_max_s))
         while True:
+            self._stall.touch(f"{dependency} {operation}")
             try:
                 return fn()
             except transient as e:
@@ -266,25 +317,28 @@ class BufferConsumer:
         self.first_record_at = None
         in_flight: _Batch | None = None
         try:
-            while not self._stop.is_set():
-                records = self._poll()
-                batch = self._prepare(records) if records else None
-                if in_flight is not None:
-                    stats = self._finish(in_flight, self._end_write(in_flight))
-                    in_flight = None
-                    if on_batch is not None:
-                        on_batch(stats)
-                if batch is None:
-                    if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
-                        break
-                    continue
-                last_record = time.monotonic()
-                if self.first_record_at is None:
-                    self.first_record_at = last_record
-                self._begin_write(batch)
-                in_flight = batch
-            if in_flight is not None:  # stopping: finish the batch in hand (its records were read)
-                self._finish(in_flight, self._end_write(in_flight))
+            with self._stall:  # an error in the log, with the stacks, when one call does not come back (`Stall`)
+                while not self._stop.is_set():
+                    records = self._poll()
+                    batch = self._prepare(records) if records else None
+                    if in_flight is not None:
+                        self._stall.touch("database write")
+                        stats = self._finish(in_flight, self._end_write(in_flight))
+                        in_flight = None
+                        if on_batch is not None:
+                            on_batch(stats)
+                    if batch is None:
+                        if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
+                            break
+                        continue
+                    last_record = time.monotonic()
+                    if self.first_record_at is None:
+                        self.first_record_at = last_record
+                    self._stall.touch("database write")
+                    self._begin_write(batch)
+                    in_flight = batch
+                if in_flight is not None:  # stopping: finish the batch in hand (its records were read)
+                    self._finish(in_flight, self._end_write(in_flight))
         except _Stopping:
             log.info("stopped while retrying; the uncommitted records will be redelivered")
         finally:

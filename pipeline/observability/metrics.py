@@ -57,7 +57,8 @@ BUFFER_BATCH_RECORDS = Histogram(
 BUFFER_RETRIES = Counter(
     "persona_buffer_retries_total",
     "Operations of the buffer consumer retried after a transient error, by dependency (kafka/database) and "
-    "operation (connect, poll, write, dead_letter, commit).",
+    "operation (connect, poll, write, dead_letter, commit; `stall`: a call that had not come back after "
+    "PERSONA_CONSUMER_STALL_REPORT_S, counted once a stall).",
     ["dependency", "operation"],
 )
 FORGOTTEN_EVENTS_DROPPED = Counter(
