@@ -378,7 +378,7 @@ class BufferConsumer:
         if self._consumer.assignment():
             self._unassigned_since = None
             return
-        partitions = self._consumer.partitions_for_topic(self.kafka.topic_events)
+        partitions = known_partitions(self._consumer, self.kafka.topic_events)
         if not partitions:  # the broker still cannot say them: a rejoin now would be just as blind
             self._unassigned_since = time.monotonic() - wait / 2
             return
@@ -631,6 +631,24 @@ class BufferConsumer:
                 conn.close()
             except Exception as e:
                 log.debug("closing a broken database connection: %s", e)
+
+
+def known_partitions(consumer: Any, topic: str) -> set[int]:
+    """``topic``'s partitions as ``consumer``'s metadata knows them now, without waiting for the broker.
+
+    `KafkaConsumer.partitions_for_topic` fetches the metadata of every topic when the cached one lacks ``topic`` and
+    waits for it with no timeout (kafka-python 3.0): a member that asked while the broker's metadata was broken (an
+    outage of tansu's S3 storage answers topic metadata with UnknownError) could wait forever, silently. Here an
+    unknown topic asks for a metadata update, which the next polls carry, and answers an empty set (ask again later).
+    """
+    cluster = getattr(consumer, "_cluster", None)
+    if cluster is None or not hasattr(cluster, "request_update"):  # another client layout: the public call
+        return set(consumer.partitions_for_topic(topic) or ())
+    partitions = cluster.partitions_for_topic(topic)
+    if partitions is None:
+        cluster.request_update()
+        return set()
+    return set(partitions)
 
 
 class _AssignmentWatch(ConsumerRebalanceListener):
