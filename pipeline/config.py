@@ -137,6 +137,14 @@ class ConsumerSettings(BaseSettings):
         "outage of tansu's S3 storage, is never redone otherwise); the wait doubles while it stays without, up to "
         "5 minutes (a spare member of a group larger than the partition count). 0 = never.",
     )
+    coordinator_lost_s: float = Field(
+        20.0,
+        ge=0,
+        description="A member whose group coordinator has stayed unknown this long closes its Kafka client and "
+        "builds a new one (kafka-python can stop finding the coordinator after the broker reset its connections "
+        "mid-request, e.g. during an outage of tansu's S3 storage; no record is fetched meanwhile). Uncommitted "
+        "records are redelivered and skipped by event_id. 0 = never.",
+    )
     stall_report_s: float = Field(
         120.0,
         ge=0,

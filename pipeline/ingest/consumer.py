@@ -144,6 +144,8 @@ class _Batch:
     pending: PendingWrite | None = None
     #: The original record of each valid event, by (partition, offset): dead-lettered as is on a conflict.
     sources: dict[tuple[int, int], Any] = field(default_factory=dict)
+    #: Which Kafka client polled it (`BufferConsumer._clients`): a newer client does not commit its offsets.
+    client: int = 0
 
 
 def _internal_error(e: BaseException, doing: str) -> Reason:
@@ -189,6 +191,27 @@ class Stall:
                 self.report(what, waited)
 
 
+class Lost:
+    """How long a condition has held, from the observations given to `lost`: True once it has held ``limit_s``
+    without a break (then the clock starts again). ``limit_s`` <= 0: never."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.since: float | None = None
+
+    def lost(self, holds: bool, now: float) -> bool:
+        if not holds or self.limit_s <= 0:
+            self.since = None
+            return False
+        if self.since is None:
+            self.since = now
+            return False
+        if now - self.since < self.limit_s:
+            return False
+        self.since = None
+        return True
+
+
 def _report_stall(what: str, seconds: float) -> None:
     metrics.BUFFER_RETRIES.labels("kafka" if what.startswith("kafka") else "database", "stall").inc()
     log.error(
@@ -228,6 +251,8 @@ class BufferConsumer:
         self._apps: frozenset[str] = frozenset()  # registered applications, re-read every apps_refresh_s
         self._apps_read_at = -math.inf  # monotonic time of the last read
         self._stall = Stall(self.cfg.stall_report_s, _report_stall)  # watching while `run` runs
+        self._coordinator_watch = Lost(self.cfg.coordinator_lost_s)
+        self._clients = 0  # Kafka clients built since the first (`_check_coordinator`)
         self._consumer: KafkaConsumer = self._retry("kafka", "connect", self._new_consumer)
 
     def _new_consumer(self) -> KafkaConsumer:
@@ -363,9 +388,35 @@ class BufferConsumer:
         def poll() -> dict[TopicPartition, list]:
             records = self._consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
             self._check_assignment()
+            if self._check_coordinator():  # a new client: what the old one polled is redelivered to the group
+                return {}
             return records
 
         return self._retry("kafka", "poll", poll)
+
+    def _check_coordinator(self) -> bool:
+        """A new Kafka client when the group's coordinator has stayed unknown for ``coordinator_lost_s``: kafka-python
+        3.0 can stop finding it after the broker reset its connections mid-request (the fault bench, after an outage
+        of tansu's S3 storage: every poll returned nothing, without an error, for minutes, while the broker was
+        back), and a poll fetches nothing while it is unknown. True when it built a new client."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        unknown = coordinator is not None and coordinator.coordinator_unknown()
+        if not self._coordinator_watch.lost(unknown, time.monotonic()):
+            return False
+        log.warning(
+            "the group coordinator of %s has been unknown for %.0f s; closing the Kafka client and building a new "
+            "one (uncommitted records will be redelivered)",
+            self.cfg.group_id,
+            self.cfg.coordinator_lost_s,
+        )
+        metrics.BUFFER_RETRIES.labels("kafka", "reconnect").inc()
+        try:
+            self._consumer.close(autocommit=False)
+        except Exception as e:
+            log.warning("closing the Kafka client: %s", e)
+        self._clients += 1
+        self._consumer = self._retry("kafka", "connect", self._new_consumer)
+        return True
 
     def _check_assignment(self) -> None:
         """Rejoin the group when this member has held no partition for ``idle_rejoin_s`` although the topic has
@@ -396,7 +447,7 @@ class BufferConsumer:
 
     def _prepare(self, records: dict[TopicPartition, list]) -> _Batch:
         """Step 1: decode and validate; note the offsets to commit. Never raises for a record's sake."""
-        batch = _Batch(started=time.perf_counter())
+        batch = _Batch(started=time.perf_counter(), client=self._clients)
         for tp, recs in records.items():
             for rec in recs:
                 try:
@@ -452,7 +503,10 @@ class BufferConsumer:
         if self.cfg.failpoint == "after_db_commit":
             log.warning("failpoint after_db_commit: killing this process before the offset commit")
             os.kill(os.getpid(), signal.SIGKILL)
-        self._commit(batch.offsets)
+        if batch.client == self._clients:
+            self._commit(batch.offsets)
+        else:  # polled by a client closed since (`_check_coordinator`): the new one's group re-reads these records
+            log.info("offsets of a batch polled by the previous Kafka client not committed; it will be redelivered")
 
         stats = BatchStats(
             batch.records, result.inserted, result.duplicates, len(invalid), len(conflicts), result.forgotten

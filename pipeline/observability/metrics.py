@@ -58,7 +58,8 @@ BUFFER_RETRIES = Counter(
     "persona_buffer_retries_total",
     "Operations of the buffer consumer retried after a transient error, by dependency (kafka/database) and "
     "operation (connect, poll, write, dead_letter, commit; `stall`: a call that had not come back after "
-    "PERSONA_CONSUMER_STALL_REPORT_S, counted once a stall).",
+    "PERSONA_CONSUMER_STALL_REPORT_S, counted once a stall; `reconnect`: a new Kafka client after the group "
+    "coordinator stayed unknown for PERSONA_CONSUMER_COORDINATOR_LOST_S).",
     ["dependency", "operation"],
 )
 FORGOTTEN_EVENTS_DROPPED = Counter(

@@ -1,5 +1,6 @@
-"""The buffer consumer's guards against a call that never comes back: `Stall` (one report per stall, none while the
-loop moves, none when disabled) and `known_partitions` (the topic's partitions without waiting for the broker)."""
+"""The buffer consumer's guards against a Kafka client that stops making progress: `Stall` (one report per stall,
+none while the loop moves, none when disabled), `known_partitions` (the topic's partitions without waiting for the
+broker) and `Lost` (when a coordinator unknown for long enough calls for a new client)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,18 @@ def test_known_partitions_never_waits_for_the_broker() -> None:
     assert known_partitions(_Consumer(unknown), "t") == set() and unknown.updates == 1
     known = _Cluster({0, 1, 2})
     assert known_partitions(_Consumer(known), "t") == {0, 1, 2} and known.updates == 0
+
+
+def test_lost_after_the_limit_without_a_break_then_the_clock_starts_again() -> None:
+    from pipeline.ingest.consumer import Lost
+
+    watch = Lost(20.0)
+    assert not watch.lost(True, 100.0)  # first seen unknown
+    assert not watch.lost(True, 119.0)
+    assert not watch.lost(False, 119.5)  # found again: the clock stops
+    assert not watch.lost(True, 120.0)
+    assert not watch.lost(True, 139.9)
+    assert watch.lost(True, 140.0)  # 20 s without a break
+    assert not watch.lost(True, 141.0)  # a new client: counted from here
+    assert watch.lost(True, 161.0)
+    assert not Lost(0).lost(True, 0.0) and not Lost(0).lost(True, 1e9)
