@@ -97,6 +97,8 @@ _REBALANCED: tuple[type[Exception], ...] = (
 )
 
 
+#: Longest wait of one offset-commit attempt (then it is retried, with backoff, and logged).
+COMMIT_ATTEMPT_MS = 10_000
 #: Longest wait of a member without partitions before it asks for a new assignment (see ``_check_assignment``).
 IDLE_REJOIN_MAX_S = 300.0
 
@@ -503,10 +505,7 @@ class BufferConsumer:
         if self.cfg.failpoint == "after_db_commit":
             log.warning("failpoint after_db_commit: killing this process before the offset commit")
             os.kill(os.getpid(), signal.SIGKILL)
-        if batch.client == self._clients:
-            self._commit(batch.offsets)
-        else:  # polled by a client closed since (`_check_coordinator`): the new one's group re-reads these records
-            log.info("offsets of a batch polled by the previous Kafka client not committed; it will be redelivered")
+        self._commit(batch.offsets, batch.client)
 
         stats = BatchStats(
             batch.records, result.inserted, result.duplicates, len(invalid), len(conflicts), result.forgotten
@@ -558,10 +557,18 @@ class BufferConsumer:
                 return _event_dead_letter(b, self.kafka.topic_events, reason, headers)
         return DeadLetter(self.kafka.topic_events, -1, -1, s.user_id.encode(), None, (reason,), headers)
 
-    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], client: int) -> None:
+        """Commit ``offsets`` of a batch polled by Kafka client number ``client``; not when that client has been
+        replaced (`_check_coordinator`, also checked between attempts: a commit retried without a coordinator would
+        never reach the poll that checks it): the new client's group re-reads those records."""
+
         def commit() -> None:
+            if self._check_coordinator() or client != self._clients:
+                log.info("offsets of a batch polled by a previous Kafka client not committed; it will be redelivered")
+                return
             try:
-                self._consumer.commit(offsets)
+                # Each attempt bounded (a commit takes milliseconds) so that the checks above come round.
+                self._consumer.commit(offsets, timeout_ms=min(self.kafka.request_timeout_ms, COMMIT_ATTEMPT_MS))
                 metrics.BUFFER_LAST_COMMIT.set_to_current_time()
             except _REBALANCED as e:
                 # The new owner re-reads these records and the DB skips them as duplicates.

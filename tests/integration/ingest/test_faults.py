@@ -365,3 +365,36 @@ def test_a_member_without_partitions_asks_for_a_new_assignment_and_nothing_is_lo
             m.stop()
         for t in threads:
             t.join(timeout=30)
+
+
+def test_a_member_whose_coordinator_stays_unknown_builds_a_new_client_and_nothing_is_lost(services):
+    """The client is made to report its group coordinator unknown (as kafka-python 3.0 did for minutes after an outage
+    of tansu's S3 storage): after ``coordinator_lost_s`` the member closes it and builds a new one, which joins the
+    group and consumes on; every event is buffered exactly once, before and after."""
+    kafka = fresh_topics(services.kafka, partitions=2)
+    prefix = f"lost-{uuid.uuid4().hex[:6]}"
+    events = _events(prefix, users=4, per_user=40, seed=11)
+    half = len(events) // 2
+    group = f"lost-{uuid.uuid4().hex[:6]}"
+    reconnects_before = _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect")
+    member = BufferConsumer(
+        kafka, consumer_settings(group, coordinator_lost_s=2, max_poll_records=20), services.db, services.events
+    )
+    thread = threading.Thread(target=member.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: bool(member._consumer.assignment()), 60, "the member gets its partitions")
+        _send(kafka, _records(events[:half]))
+        wait_for(lambda: sum(rows_and_pending(services.db, prefix)[0].values()) == half, 60, "the first half")
+        stuck = member._consumer
+        stuck._coordinator.coordinator_unknown = lambda: True  # the old client never finds its coordinator again
+        wait_for(lambda: member._consumer is not stuck, 30, "a new client")
+        assert _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect") > reconnects_before
+        _send(kafka, _records(events[half:]))
+        wait_for(lambda: sum(rows_and_pending(services.db, prefix)[0].values()) == len(events), 90, "all buffered")
+        assert thread.is_alive()
+        rows, pending = rows_and_pending(services.db, prefix)
+        assert sum(rows.values()) == len(events) and pending == rows
+    finally:
+        member.stop()
+        thread.join(timeout=30)
