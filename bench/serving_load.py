@@ -808,6 +808,12 @@ class Worker:
                 self.proc.wait(10)
 
 
+def _interval_text(c: dict) -> str:
+    """The worker's stream interval as the results state it (runs before the flag existed had none: 0)."""
+    ms = c.get("stream_interval_ms") or 0
+    return f"{ms:g} ms (one event a token)" if not ms else f"{ms:g} ms (a stream's tokens go at most this often)"
+
+
 def worker_env(args: argparse.Namespace, port: int, cache_dir: Path) -> dict[str, str]:
     env = {
         "PERSONA_SERVE_HOST": "127.0.0.1",
@@ -827,6 +833,8 @@ def worker_env(args: argparse.Namespace, port: int, cache_dir: Path) -> dict[str
     }
     if args.engine:
         env["PERSONA_SERVE_ENGINE"] = args.engine
+    if args.stream_interval_ms is not None:
+        env["PERSONA_SERVE_STREAM_INTERVAL_MS"] = str(args.stream_interval_ms)
     return env
 
 
@@ -1711,7 +1719,8 @@ def method_text(res: dict) -> str:
             f"{', '.join(sorted({s['engine'] for s in res['series']}))} "
             f"(PERSONA_SERVE_ENGINE={c['engine'] or 'from the environment'}), "
             f"slots {c['slots']}, max batch {c['max_batch']}, max_seq {c['max_seq']}, host cache "
-            f"{c['host_cache_bytes'] / 2**30:.1f} GiB, disk cache {c['disk_cache_bytes'] / 2**30:.1f} GiB. A fresh "
+            f"{c['host_cache_bytes'] / 2**30:.1f} GiB, disk cache {c['disk_cache_bytes'] / 2**30:.1f} GiB, stream "
+            f"interval {_interval_text(c)}. A fresh "
             "worker process with an empty disk cache directory per series: store -> disk -> host -> slot tiers all "
             "cold at its start (the resident series then loads its adapters before measuring); rates of one series "
             "run in increasing order on that worker, so later rates find the tiers as the earlier ones left them.",
@@ -1730,7 +1739,14 @@ def method_text(res: dict) -> str:
             f"(endpoint `{c['endpoint']}`, temperature {c['temperature']}). The API has no `ignore_eos`: a generation "
             "may stop early at EOS (mean output vs mean max_tokens in the JSON).",
             "- Tokens: the stream sends one SSE chunk per token that adds text (a token without text of its own is "
-            "sent with the next one), so TTFT is the first chunk and inter-token latency is measured per chunk; "
+            "sent with the next one"
+            + (
+                "; with a stream interval, the tokens of the steps within an interval go as one chunk, the first "
+                "token at once"
+                if c.get("stream_interval_ms")
+                else ""
+            )
+            + "), so TTFT is the first chunk and inter-token latency is measured per chunk; "
             "output tokens/s = chunks received in the window x (completion tokens counted by the worker's "
             "`persona_serving_tokens_total` / chunks received, over the point).",
             f"- Client: one asyncio process ({', '.join(sorted({s.get('client', '?') for s in res['series']}))}), at "
@@ -1872,6 +1888,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-seq", type=int, default=2048)
     ap.add_argument("--host-cache-bytes", type=int, default=2 << 30)
+    ap.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=None,
+        help="the worker's PERSONA_SERVE_STREAM_INTERVAL_MS (default: from the environment, else 0: every token)",
+    )
     ap.add_argument("--disk-cache-bytes", type=int, default=10 << 30)
     ap.add_argument("--store-latency-ms", type=float, default=0.0, help="inmemory: sleep per object-store fetch")
     ap.add_argument("--cap", type=int, default=1024, help="client: requests in flight at most")
@@ -1895,6 +1917,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="write serving_load.json (and .md) here")
     args = ap.parse_args(argv)
     args.probe_duration = args.probe_duration or args.duration / 2
+    if args.stream_interval_ms is None:  # what the worker will read (recorded with the results)
+        args.stream_interval_ms = float(os.environ.get("PERSONA_SERVE_STREAM_INTERVAL_MS") or 0)
     if args.base_only:
         args.kinds = "base"
     return args

@@ -108,6 +108,8 @@ class Server:
         self.wake = threading.Event()
         #: Where each running request's tokens go: the queue of its consumer's event loop (`generate_async`).
         self.streams: dict[int, _LoopSink] = {}
+        #: What the engine thread holds back between a stream's deliveries (`ServingSettings.stream_interval_ms`).
+        self._holding = _Holding(cfg.stream_interval_ms / 1e3)
         # Submitting does not take the engine lock (a step holds it for milliseconds and a waiting thread may lose
         # the race for it many steps in a row): the engine's queue takes appends from any thread, and this short
         # lock only makes "submit + register the stream" atomic against the engine thread's token delivery.
@@ -161,18 +163,22 @@ class Server:
 
     def _deliver(self, items: list[tuple[int, int | None, bool]]) -> None:
         """Hand a step's tokens to their requests: one call per event loop (one wake-up of the loop per step,
-        whatever the number of its streams)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Tokens, int | None, bool]]] = {}
+        whatever the number of its streams). With a stream interval, a stream's tokens are held until its interval
+        has passed since its last delivery (its first token and its end go at once), and then go together: one
+        event for several tokens instead of one each."""
         with self._streams_lock:
             sinks = [self.streams.get(gen_id) for gen_id, _, _ in items]
-        for (_, token, finished), sink in zip(items, sinks, strict=True):
-            if sink is not None:
-                by_loop.setdefault(sink.loop, []).append((sink.tokens, token, finished))
+        by_loop = self._holding.route(items, sinks, self._alive)
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # that loop is closed: its streams are gone
                 log.debug("an event loop closed with streams open; %d tokens dropped", len(batch))
+
+    def _alive(self, held: dict[int, _LoopSink]) -> dict[int, bool]:
+        """Which of ``held``'s streams still have their request (the others ended: their tokens have no reader)."""
+        with self._streams_lock:
+            return {gen_id: self.streams.get(gen_id) is sink for gen_id, sink in held.items()}
 
     def _prune_disk(self) -> None:
         """Delete the disk copies whose sha256 no revision has any more (forgotten while this worker was down)."""
@@ -373,6 +379,17 @@ class _Tokens:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def put_run(self, run: list[int], finished: bool) -> None:
+        """Tokens that arrive together (and the end, when ``finished``): one wake-up of the consumer."""
+        items = self.items
+        items.extend(run)
+        if finished:
+            items.append(None)
+        self.received += len(run) + finished
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def take(self) -> list[int | BaseException | None]:
         """What arrived (waiting for at least one item)."""
         while not self.items:
@@ -386,18 +403,80 @@ class _Tokens:
         return taken
 
 
-@dataclass(frozen=True)
 class _LoopSink:
-    loop: asyncio.AbstractEventLoop
-    tokens: _Tokens
+    """Where one generation's tokens go (its consumer's loop and `_Tokens`), and what the engine thread holds back
+    for it (`Server._deliver`): tokens not delivered yet, and when the next delivery may go."""
+
+    __slots__ = ("due", "loop", "pending", "tokens")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokens: _Tokens) -> None:
+        self.loop = loop
+        self.tokens = tokens
+        self.pending: list[int] = []
+        self.due = 0.0  # the first token goes at once
 
 
-def _put_all(batch: list[tuple[_Tokens, int | None, bool]]) -> None:
-    for tokens, token, finished in batch:
-        if token is not None:
-            tokens.put(token)
-        if finished:
-            tokens.put(None)
+Batches = dict[asyncio.AbstractEventLoop, list[tuple[_Tokens, list[int], bool]]]
+
+
+class _Holding:
+    """The stream interval (`ServingSettings.stream_interval_ms`), kept by the engine thread alone: which streams
+    hold tokens back, and when to look at those that got none this step."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval = interval_s
+        self.held: dict[int, _LoopSink] = {}
+        self.next_check = 0.0
+
+    def route(
+        self,
+        items: list[tuple[int, int | None, bool]],
+        sinks: list[_LoopSink | None],
+        alive: Callable[[dict[int, _LoopSink]], dict[int, bool]],
+        now: float | None = None,
+    ) -> Batches:
+        """A step's (generation id, token or None, finished) items, with each one's sink (None: gone), to what goes
+        to each event loop now: (tokens, run, finished) per stream. A stream's tokens wait until ``interval`` has
+        passed since its last delivery; its first token and its end go at once. A held stream that gets no token
+        (preempted, say) goes once its time is up, checked at most once an interval (``alive`` says which held
+        streams still have a reader)."""
+        by_loop: Batches = {}
+        interval = self.interval
+        if interval and now is None:
+            now = time.monotonic()
+        held = self.held
+        for (gen_id, token, finished), sink in zip(items, sinks, strict=True):
+            if sink is None:
+                continue
+            if token is not None:
+                sink.pending.append(token)
+            if interval:
+                assert now is not None
+                if not finished and now < sink.due:
+                    held[gen_id] = sink
+                    continue
+                sink.due = now + interval
+                if held:
+                    held.pop(gen_id, None)
+            by_loop.setdefault(sink.loop, []).append((sink.tokens, sink.pending, finished))
+            sink.pending = []
+        if held and now is not None and now >= self.next_check:
+            self.next_check = now + interval
+            for gen_id, live in alive(held).items():
+                sink = held[gen_id]
+                if not live:
+                    del held[gen_id]
+                elif now >= sink.due and sink.pending:
+                    del held[gen_id]
+                    sink.due = now + interval
+                    by_loop.setdefault(sink.loop, []).append((sink.tokens, sink.pending, False))
+                    sink.pending = []
+        return by_loop
+
+
+def _put_all(batch: list[tuple[_Tokens, list[int], bool]]) -> None:
+    for tokens, run, finished in batch:
+        tokens.put_run(run, finished)
 
 
 class AsyncTokenStream:

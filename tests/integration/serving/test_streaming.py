@@ -4,6 +4,7 @@ client goes away stops generating (real socket, registry, broker; the tiny model
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import httpx
@@ -93,3 +94,33 @@ def test_a_stream_can_end_with_its_token_counts(busy):
         full["usage"] == last["usage"]
         and "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
     )
+
+
+def test_a_stream_interval_sends_the_tokens_between_in_one_event_and_the_text_is_the_same(busy):
+    """PERSONA_SERVE_STREAM_INTERVAL_MS: the tokens of the steps within one interval travel as one server-sent event;
+    the first comes at once, nothing is lost or reordered (the text equals the answer without streaming)."""
+    import orjson
+
+    holding = busy.server._holding
+    assert holding.interval == busy.settings.serving.stream_interval_ms / 1e3 == 0.0
+    body = {"model": TINY_RANDOM_ID, "prompt": "Hello there", "max_tokens": 120, "temperature": 0}
+    started = time.monotonic()
+    full = busy.post("/v1/completions", json=body).json()
+    interval = max(0.005, (time.monotonic() - started) / 8)  # about eight intervals in an answer, however fast here
+    holding.interval = interval
+    try:
+        seen: list[float] = []
+        events = []
+        with busy.client().stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    seen.append(time.monotonic())
+                    events.append(orjson.loads(line[6:]))
+    finally:
+        holding.interval = 0.0
+    assert "".join(e["choices"][0]["text"] for e in events) == full["choices"][0]["text"]
+    assert full["usage"]["completion_tokens"] == 120
+    assert 3 <= len(events) <= 60, (len(events), interval)  # not one a token
+    gaps = sorted(b - a for a, b in itertools.pairwise(seen))
+    assert gaps[len(gaps) // 2] >= 0.7 * interval, (gaps, interval)  # events an interval apart
