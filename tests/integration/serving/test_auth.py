@@ -203,6 +203,7 @@ def test_a_separate_admin_listener_serves_health_and_metrics(services, stores, t
     server = Server(settings, tiny_base())
     api, admin = uvicorn_servers(server)
     assert admin is not None
+    assert api.config.access_log is False  # PERSONA_SERVE_ACCESS_LOG: off unless asked for
     threads = [threading.Thread(target=s.run, daemon=True) for s in (api, admin)]
     for t in threads:
         t.start()
