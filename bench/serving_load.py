@@ -1529,6 +1529,8 @@ def run_series(ctx: Context, traffic: Traffic, name: str, start: Callable[[Path]
             if last["out_tokens_per_s"] < 1.03 * prev["out_tokens_per_s"]:
                 series["climb_stopped_because"] = f"output tokens/s grew < 3% on {args.climb_step}x the rate"
                 break
+        if not args.rates:
+            refine(ctx, series, run)
     finally:
         worker.stop()
     pts = series["points"]
@@ -1539,7 +1541,58 @@ def run_series(ctx: Context, traffic: Traffic, name: str, start: Callable[[Path]
             "achieved_rps": best["achieved_rps"],
             "offered_rps": best["offered_rps"],
         }
+    if series.get("saturation"):
+        series["sustained"] = sustained(series)
     return series
+
+
+def _bracket(series: dict) -> tuple[dict | None, dict | None]:
+    """(the kept-up point of highest offered rate below the lowest rate that did not keep up, that lowest point),
+    over the measured points (the probes ran shorter, on colder tiers). Either may be None."""
+    first = series["saturation"]["first_ttft_p99_ms"]
+    pts = [p for p in series["points"] if p["role"] != "probe"]
+    tipped = [p for p in pts if saturated(p, first)]
+    low = min(tipped, key=lambda p: p["offered_rps"], default=None)
+    kept = [p for p in pts if not saturated(p, first) and (low is None or p["offered_rps"] < low["offered_rps"])]
+    return max(kept, key=lambda p: p["offered_rps"], default=None), low
+
+
+def refine(ctx: Context, series: dict, run: Callable[[float, float, str], dict]) -> None:
+    """Bisect (geometrically) between the highest rate that kept up and the lowest that did not, ``--refine``
+    points at most, until they are within ``--refine-within``: the measured rates are ~25% apart, so without this
+    the capacity a series shows depends on where its grid happened to fall (the same worker's Zipf / all-resident
+    ratio read 73-113% that way)."""
+    args = ctx.args
+    for _ in range(args.refine):
+        high, low = _bracket(series)
+        if high is None or low is None or low["offered_rps"] <= high["offered_rps"] * (1 + args.refine_within):
+            return
+        if time_left(ctx) < point_cost(ctx, args.duration):
+            series["refine_skipped"] = "time budget"
+            return
+        run(math.sqrt(high["offered_rps"] * low["offered_rps"]), args.duration, "refine")
+
+
+def sustained(series: dict) -> dict | None:
+    """The best measured point that kept up (completions >= 85% of arrivals, TTFT p99 within bounds, <= 5% errors)
+    at a rate below the lowest that did not: what the worker sustains, where the peak may be a point already falling
+    behind (its backlog keeps the batch full for the length of the window)."""
+    first = series["saturation"]["first_ttft_p99_ms"]
+    high, low = _bracket(series)
+    limit = low["offered_rps"] if low is not None else math.inf
+    kept = [
+        p for p in series["points"] if p["role"] != "probe" and not saturated(p, first) and p["offered_rps"] < limit
+    ]
+    if not kept:
+        return None
+    best = max(kept, key=lambda p: p["out_tokens_per_s"])
+    return {
+        "out_tokens_per_s": best["out_tokens_per_s"],
+        "achieved_rps": best["achieved_rps"],
+        "offered_rps": best["offered_rps"],
+        "ttft_p99_ms": best["ttft_p99_ms"],
+        "bracket_rps": [high["offered_rps"] if high else None, low["offered_rps"] if low else None],
+    }
 
 
 def warm_server(ctx: Context, client: Client) -> float:
@@ -1628,6 +1681,7 @@ def table(res: dict) -> str:
 def summary_lines(res: dict) -> list[str]:
     out = []
     by_kind: dict[str, dict] = {}
+    sustained_of: dict[str, dict] = {}
     for s in res["series"]:
         sat = s.get("saturation")
         peak = s.get("peak")
@@ -1650,6 +1704,16 @@ def summary_lines(res: dict) -> list[str]:
             )
         if peak:
             by_kind.setdefault(s["kind"], {})[s["adapters"]] = peak["out_tokens_per_s"]
+        held = s.get("sustained")
+        if held:
+            lo, hi = held["bracket_rps"]
+            out.append(
+                f"- {s['name']}: sustained {held['out_tokens_per_s']:,.0f} out tok/s at {held['achieved_rps']:.2f} "
+                f"req/s (the best measured point that kept up, TTFT p99 {held['ttft_p99_ms']:,.0f} ms"
+                + (f"; the capacity lies between {lo:.1f} and {hi:.1f} req/s offered" if lo and hi else "")
+                + ")"
+            )
+            sustained_of.setdefault(s["kind"], {})[s["adapters"]] = held["out_tokens_per_s"]
     slots = res["config"]["slots"]
     residents = by_kind.get("resident", {})
     base = max(by_kind.get("base", {}).values(), default=None)
@@ -1664,6 +1728,12 @@ def summary_lines(res: dict) -> list[str]:
             parts.append(f"{tok / base:.0%} of base-only")
         if parts:
             out.append(f"- Zipf over {n:,} adapters: peak output tokens/s = {', '.join(parts)}{caveat}")
+        held, held_resident = sustained_of.get("zipf", {}).get(n), sustained_of.get("resident", {}).get(min(n, slots))
+        if held and held_resident:
+            out.append(
+                f"- Zipf over {n:,} adapters: sustained output tokens/s = {held / held_resident:.0%} of all-resident "
+                f"(k={min(n, slots)})"
+            )
     for k, tok in sorted(residents.items()):
         if base:
             out.append(f"- all-resident k={k}: peak output tokens/s = {tok / base:.0%} of base-only{caveat}")
@@ -1710,6 +1780,14 @@ def method_text(res: dict) -> str:
             "stopping also when output tokens/s grew < 3%: the probes run on the coldest tiers, so the capacity they "
             "find can lie under what the warm worker sustains"
             if c.get("climb")
+            else ""
+        )
+        + (
+            f", then (`refine`) at most {c['refine']} points bisecting (geometric mean) between the highest measured "
+            "rate that kept up and the lowest that did not, until they are within "
+            f"{c.get('refine_within', 0.06):.0%}; sustained = the best measured point that kept up below the lowest "
+            "that did not"
+            if c.get("refine")
             else ""
         )
     )
@@ -1864,6 +1942,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the last one kept up; 0: none",
     )  # fmt: skip
     ap.add_argument("--climb-step", type=float, default=1.25)
+    ap.add_argument(
+        "--refine",
+        type=int,
+        default=3,
+        help="measured points at most bisecting between the highest rate that kept up and the lowest that did not",
+    )
+    ap.add_argument("--refine-within", type=float, default=0.06, help="stop refining when they are this close")
     ap.add_argument("--start-rate", type=float, default=1.0, help="first rate of the saturation search")
     ap.add_argument("--max-rate", type=float, default=4096.0)
     ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per rate")
