@@ -145,6 +145,14 @@ class ConsumerSettings(BaseSettings):
         "mid-request, e.g. during an outage of tansu's S3 storage; no record is fetched meanwhile). Uncommitted "
         "records are redelivered and skipped by event_id. 0 = never.",
     )
+    fetch_stuck_s: float = Field(
+        60.0,
+        ge=0,
+        description="A member holding partitions that has received no record for this long asks a fresh Kafka client "
+        "for their end offsets; when records wait past its positions, it closes its client and builds a new one "
+        "(kafka-python could keep a fetch in flight that never completed after an outage of tansu's S3 storage). "
+        "Uncommitted records are redelivered and skipped by event_id. 0 = never.",
+    )
     stall_report_s: float = Field(
         120.0,
         ge=0,

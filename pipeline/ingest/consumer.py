@@ -44,6 +44,7 @@ from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
     KafkaError,
+    KafkaTimeoutError,
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
@@ -101,6 +102,11 @@ _REBALANCED: tuple[type[Exception], ...] = (
 COMMIT_ATTEMPT_MS = 10_000
 #: Longest wait of a member without partitions before it asks for a new assignment (see ``_check_assignment``).
 IDLE_REJOIN_MAX_S = 300.0
+#: Bounds of the stuck-fetch check's two questions (`BufferConsumer._check_fetching`, `records_waiting`).
+POSITION_TIMEOUT_MS = 5_000
+PROBE_TIMEOUT_MS = 10_000
+#: More than this (plus the poll timeout) between two polls: the member was busy elsewhere, not silent.
+QUIET_GAP_S = 5.0
 
 
 class _Stopping(Exception):
@@ -254,6 +260,8 @@ class BufferConsumer:
         self._apps_read_at = -math.inf  # monotonic time of the last read
         self._stall = Stall(self.cfg.stall_report_s, _report_stall)  # watching while `run` runs
         self._coordinator_watch = Lost(self.cfg.coordinator_lost_s)
+        self._quiet_since = time.monotonic()  # since this client last received records (or was built, or assigned)
+        self._polled_at = time.monotonic()  # the end of the last poll (`_check_fetching`)
         self._clients = 0  # Kafka clients built since the first (`_check_coordinator`)
         self._consumer: KafkaConsumer = self._retry("kafka", "connect", self._new_consumer)
 
@@ -390,7 +398,8 @@ class BufferConsumer:
         def poll() -> dict[TopicPartition, list]:
             records = self._consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
             self._check_assignment()
-            if self._check_coordinator():  # a new client: what the old one polled is redelivered to the group
+            # A new client (either check): what the old one polled is redelivered to the group.
+            if self._check_coordinator() or self._check_fetching(bool(records)):
                 return {}
             return records
 
@@ -411,6 +420,12 @@ class BufferConsumer:
             self.cfg.group_id,
             self.cfg.coordinator_lost_s,
         )
+        self._rebuild()
+        return True
+
+    def _rebuild(self) -> None:
+        """Close the Kafka client and build a new one (counted as ``operation="reconnect"``); the records the old one
+        polled and this member did not commit are redelivered to the group (`_commit` skips the old client's)."""
         metrics.BUFFER_RETRIES.labels("kafka", "reconnect").inc()
         try:
             self._consumer.close(autocommit=False)
@@ -418,6 +433,44 @@ class BufferConsumer:
             log.warning("closing the Kafka client: %s", e)
         self._clients += 1
         self._consumer = self._retry("kafka", "connect", self._new_consumer)
+        self._quiet_since = time.monotonic()
+
+    def _check_fetching(self, received: bool) -> bool:
+        """A new Kafka client when this member holds partitions, has received no record for ``fetch_stuck_s``, and a
+        fresh client sees records past this one's positions: in the fault bench, after an outage of tansu's S3
+        storage, kafka-python kept a fetch in flight that never completed (the coordinator known, nothing received,
+        nothing logged, for minutes). Only positive evidence rebuilds: positions or end offsets that cannot be read
+        now leave the client as it is until the next period. True when it built a new client."""
+        now = time.monotonic()
+        gap, self._polled_at = now - self._polled_at, now
+        # Quiet means polls that returned nothing: time spent elsewhere (a database write retried through an outage)
+        # is not the client's silence.
+        if received or self.cfg.fetch_stuck_s <= 0 or gap > QUIET_GAP_S + self.cfg.poll_timeout_ms / 1000:
+            self._quiet_since = now
+            return False
+        if now - self._quiet_since < self.cfg.fetch_stuck_s:
+            return False
+        self._quiet_since = now  # looked at once a period
+        assigned = list(self._consumer.assignment())
+        if not assigned:
+            return False
+        try:
+            positions = {tp: self._consumer.position(tp, timeout_ms=POSITION_TIMEOUT_MS) for tp in assigned}
+            waiting = records_waiting(self.kafka, {tp: p for tp, p in positions.items() if p is not None})
+        except Exception as e:  # the broker or the client cannot say now: no evidence either way
+            log.info("could not look for records past this member's positions (%s); next look in %.0f s",
+                     e, self.cfg.fetch_stuck_s)  # fmt: skip
+            return False
+        if not waiting:
+            log.debug("no record received for %.0f s and none waiting past %s", self.cfg.fetch_stuck_s, positions)
+            return False
+        log.warning(
+            "no record received for %.0f s although a fresh client fetches records past this member's positions in "
+            "%s; closing the Kafka client and building a new one (uncommitted records will be redelivered)",
+            self.cfg.fetch_stuck_s,
+            ", ".join(f"{tp.topic}[{tp.partition}] at {positions[tp]}" for tp in sorted(waiting)),
+        )
+        self._rebuild()
         return True
 
     def _check_assignment(self) -> None:
@@ -694,6 +747,42 @@ class BufferConsumer:
                 log.debug("closing a broken database connection: %s", e)
 
 
+def records_waiting(kafka: KafkaSettings, positions: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+    """Which of ``positions``' partitions have a record at or past their position, as a fresh, group-less client
+    fetching from there sees it (closed after), with the offset of the first such record: what a client that may
+    itself be stuck cannot be asked. (tansu's ListOffsets answered end offsets below what had been consumed, so the
+    records are fetched, not the end offsets asked for.) Raises on a broker that does not answer."""
+    probe = KafkaConsumer(
+        bootstrap_servers=kafka.servers,
+        client_id=f"persona-buffer-probe-{os.getpid()}",
+        enable_auto_commit=False,
+        request_timeout_ms=min(kafka.request_timeout_ms, PROBE_TIMEOUT_MS),
+    )
+    try:
+        probe.assign(list(positions))
+        for tp, offset in positions.items():
+            probe.seek(tp, offset)
+        found: dict[TopicPartition, int] = {}
+
+        def take(timeout_ms: int) -> None:
+            for tp, recs in probe.poll(timeout_ms=timeout_ms).items():
+                if recs:
+                    found.setdefault(tp, recs[0].offset)
+                    probe.pause(tp)
+
+        deadline = time.monotonic() + PROBE_TIMEOUT_MS / 1000
+        while time.monotonic() < deadline:
+            take(200)
+            # A partition is answered once it gave a record or a fetch response came back for it (its high watermark
+            # is known): an idle member's look takes one fetch round, not the whole timeout.
+            if all(tp in found or probe.highwater(tp) is not None for tp in positions):
+                take(0)  # what that last response carried
+                return found
+        raise KafkaTimeoutError(f"no fetch response for {sorted(set(positions) - set(found))} within the probe's time")
+    finally:
+        probe.close()
+
+
 def known_partitions(consumer: Any, topic: str) -> set[int]:
     """``topic``'s partitions as ``consumer``'s metadata knows them now, without waiting for the broker.
 
@@ -723,6 +812,7 @@ class _AssignmentWatch(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         self.owner._unassigned_since = None if assigned else time.monotonic()
+        self.owner._quiet_since = time.monotonic()  # a new assignment starts fetching afresh
         if assigned:
             self.owner._idle_rejoins = 0
 
