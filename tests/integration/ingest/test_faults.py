@@ -7,6 +7,7 @@ and every event is buffered exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -367,30 +368,28 @@ def test_a_member_without_partitions_asks_for_a_new_assignment_and_nothing_is_lo
             t.join(timeout=30)
 
 
-def test_a_member_whose_coordinator_stays_unknown_builds_a_new_client_and_nothing_is_lost(services):
-    """The client is made to report its group coordinator unknown (as kafka-python 3.0 did for minutes after an outage
-    of tansu's S3 storage): after ``coordinator_lost_s`` the member closes it and builds a new one, which joins the
-    group and consumes on; every event is buffered exactly once, before and after."""
+@contextlib.contextmanager
+def _member_with_half_buffered(services, name: str, seed: int, **settings):
+    """One member (its real loop, in a thread) of a fresh group on a fresh 2-partition topic that has buffered the
+    first half of 160 events; yields (member, send the rest). On leaving: every event buffered exactly once, the
+    loop alive, a new Kafka client counted (``operation="reconnect"``)."""
     kafka = fresh_topics(services.kafka, partitions=2)
-    prefix = f"lost-{uuid.uuid4().hex[:6]}"
-    events = _events(prefix, users=4, per_user=40, seed=11)
+    prefix = f"{name}-{uuid.uuid4().hex[:6]}"
+    events = _events(prefix, users=4, per_user=40, seed=seed)
     half = len(events) // 2
-    group = f"lost-{uuid.uuid4().hex[:6]}"
     reconnects_before = _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect")
     member = BufferConsumer(
-        kafka, consumer_settings(group, coordinator_lost_s=2, max_poll_records=20), services.db, services.events
-    )
+        kafka, consumer_settings(f"{name}-{uuid.uuid4().hex[:6]}", max_poll_records=20, **settings), services.db,
+        services.events,
+    )  # fmt: skip
     thread = threading.Thread(target=member.run, daemon=True)
     thread.start()
     try:
         wait_for(lambda: bool(member._consumer.assignment()), 60, "the member gets its partitions")
         _send(kafka, _records(events[:half]))
         wait_for(lambda: sum(rows_and_pending(services.db, prefix)[0].values()) == half, 60, "the first half")
-        stuck = member._consumer
-        stuck._coordinator.coordinator_unknown = lambda: True  # the old client never finds its coordinator again
-        wait_for(lambda: member._consumer is not stuck, 30, "a new client")
+        yield member, lambda: _send(kafka, _records(events[half:]))
         assert _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect") > reconnects_before
-        _send(kafka, _records(events[half:]))
         wait_for(lambda: sum(rows_and_pending(services.db, prefix)[0].values()) == len(events), 90, "all buffered")
         assert thread.is_alive()
         rows, pending = rows_and_pending(services.db, prefix)
@@ -398,43 +397,33 @@ def test_a_member_whose_coordinator_stays_unknown_builds_a_new_client_and_nothin
     finally:
         member.stop()
         thread.join(timeout=30)
+
+
+def test_a_member_whose_coordinator_stays_unknown_builds_a_new_client_and_nothing_is_lost(services):
+    """The client is made to report its group coordinator unknown (as kafka-python 3.0 did for minutes after an outage
+    of tansu's S3 storage): after ``coordinator_lost_s`` the member closes it and builds a new one, which joins the
+    group and consumes on; every event is buffered exactly once, before and after."""
+    with _member_with_half_buffered(services, "lost", 11, coordinator_lost_s=2) as (member, send_rest):
+        stuck = member._consumer
+        stuck._coordinator.coordinator_unknown = lambda: True  # the old client never finds its coordinator again
+        wait_for(lambda: member._consumer is not stuck, 30, "a new client")
+        send_rest()
 
 
 def test_a_member_whose_fetches_never_come_back_builds_a_new_client_and_nothing_is_lost(services):
     """The client is made to send no fetch any more (as kafka-python 3.0 kept one in flight that never completed,
     after an outage of tansu's S3 storage: coordinator known, nothing received, nothing logged): after
-    ``fetch_stuck_s`` without a record, a fresh client sees records waiting past the member's positions, and the
-    member builds a new client that consumes on; every event is buffered exactly once. An idle member (nothing
-    waiting) keeps its client."""
-    kafka = fresh_topics(services.kafka, partitions=2)
-    prefix = f"fetch-{uuid.uuid4().hex[:6]}"
-    events = _events(prefix, users=4, per_user=40, seed=13)
-    half = len(events) // 2
-    group = f"fetch-{uuid.uuid4().hex[:6]}"
-    reconnects_before = _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect")
-    member = BufferConsumer(
-        kafka, consumer_settings(group, fetch_stuck_s=2, max_poll_records=20), services.db, services.events
-    )
-    thread = threading.Thread(target=member.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: bool(member._consumer.assignment()), 60, "the member gets its partitions")
-        _send(kafka, _records(events[:half]))
-        wait_for(lambda: sum(rows_and_pending(services.db, prefix)[0].values()) == half, 60, "the first half")
+    ``fetch_stuck_s`` without a record, a fresh client fetches records past the member's positions, and the member
+    builds a new client that consumes on; every event is buffered exactly once. An idle member (nothing waiting)
+    keeps its client."""
+    with _member_with_half_buffered(services, "fetch", 13, fetch_stuck_s=2) as (member, send_rest):
         idle = member._consumer
+        reconnects = _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect")
         time.sleep(5)  # more than fetch_stuck_s with nothing waiting: looked at, not rebuilt
         assert member._consumer is idle
-        assert _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect") == reconnects_before
+        assert _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect") == reconnects
         # The old client never fetches again, nor hands out what a fetch in flight may still bring.
         idle._fetcher.send_fetches = lambda: []
         idle._fetcher.fetched_records = lambda *args, **kwargs: ({}, False)
-        _send(kafka, _records(events[half:]))
+        send_rest()
         wait_for(lambda: member._consumer is not idle, 30, "a new client")
-        assert _sample("persona_buffer_retries_total", dependency="kafka", operation="reconnect") > reconnects_before
-        wait_for(lambda: sum(rows_and_pending(services.db, prefix)[0].values()) == len(events), 90, "all buffered")
-        assert thread.is_alive()
-        rows, pending = rows_and_pending(services.db, prefix)
-        assert sum(rows.values()) == len(events) and pending == rows
-    finally:
-        member.stop()
-        thread.join(timeout=30)
