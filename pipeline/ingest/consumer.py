@@ -439,8 +439,8 @@ class BufferConsumer:
         """A new Kafka client when this member holds partitions, has received no record for ``fetch_stuck_s``, and a
         fresh client sees records past this one's positions: in the fault bench, after an outage of tansu's S3
         storage, kafka-python kept a fetch in flight that never completed (the coordinator known, nothing received,
-        nothing logged, for minutes). Only positive evidence rebuilds: positions or end offsets that cannot be read
-        now leave the client as it is until the next period. True when it built a new client."""
+        nothing logged, for minutes). Only positive evidence rebuilds: a position or a probe fetch that cannot be had
+        now leaves the client as it is until the next period. True when it built a new client."""
         now = time.monotonic()
         gap, self._polled_at = now - self._polled_at, now
         # Quiet means polls that returned nothing: time spent elsewhere (a database write retried through an outage)
