@@ -146,7 +146,7 @@ class ConsumerSettings(BaseSettings):
         "records are redelivered and skipped by event_id. 0 = never.",
     )
     fetch_stuck_s: float = Field(
-        30.0,
+        15.0,
         ge=0,
         description="A member holding partitions that has received no record for this long asks a fresh Kafka client "
         "for their end offsets; when records wait past its positions, it closes its client and builds a new one "
