@@ -109,8 +109,9 @@ REPLACED_INMEMORY = [
     "model resolution (Server.resolve): user:ID -> (revision, sha256) from an in-memory dict, instead of the tenancy "
     "owner check and the production alias lookup in PostgreSQL",
     "GET /v1/models (Server.models): the first users of that dict",
-    "object store fetch (AdapterCache.fetch): the PEFT files read from a local directory in the bucket layout "
-    "(users/ID/revisions/REV/), sha256-checked by the cache as usual; no network time (see --store-latency-ms)",
+    "object store fetch (AdapterCache.fetch, and the fill processes' `Server.fetch_spec`): the PEFT files read from "
+    "a local directory in the bucket layout (users/ID/revisions/REV/), sha256-checked as usual; no network time "
+    "(see --store-latency-ms)",
     "registry check before adopting a disk copy (AdapterCache.registered): membership in that dict",
     "not started: the promotions listener (Kafka) and the PostgreSQL pool (opened by Server.__init__, closed at once)",
 ]
@@ -354,6 +355,7 @@ def inmemory_server(settings: Any, base: Any, spec: dict) -> Any:
     from pipeline.domain.errors import NotFound
     from pipeline.domain.revisions import parse_model_name
     from pipeline.serving.adapters import AdapterKey
+    from pipeline.serving.fill import DirectoryFetchSpec
     from pipeline.serving.server import Server, Target, not_found
 
     index: dict[str, tuple[str, str]] = {u: (r, s) for u, (r, s) in spec["index"].items()}
@@ -379,6 +381,10 @@ def inmemory_server(settings: Any, base: Any, spec: dict) -> Any:
             if principal.app_id != APP:
                 return []
             return [(f"user:{u}", 0) for u in sorted(index)[: self.settings.serving.models_list_limit]]
+
+        def fetch_spec(self) -> DirectoryFetchSpec:
+            # The fill processes read the store's directory (the registry check below stays in this process).
+            return DirectoryFetchSpec(str(store), latency_s)
 
     def fetch(key: AdapterKey) -> dict[str, bytes]:
         if index.get(key.user_id) != (key.revision_id, key.sha256):
@@ -814,6 +820,13 @@ def _interval_text(c: dict) -> str:
     return f"{ms:g} ms (one event a token)" if not ms else f"{ms:g} ms (a stream's tokens go at most this often)"
 
 
+def _fill_text(c: dict) -> str:
+    n = c.get("fill_processes")
+    if n is None:
+        return "adapter file work on the request threads (before fill processes existed)"
+    return f"{n} fill processes (the adapter cache's file work)" if n else "adapter file work on the request threads"
+
+
 def worker_env(args: argparse.Namespace, port: int, cache_dir: Path) -> dict[str, str]:
     env = {
         "PERSONA_SERVE_HOST": "127.0.0.1",
@@ -835,6 +848,7 @@ def worker_env(args: argparse.Namespace, port: int, cache_dir: Path) -> dict[str
         env["PERSONA_SERVE_ENGINE"] = args.engine
     if args.stream_interval_ms is not None:
         env["PERSONA_SERVE_STREAM_INTERVAL_MS"] = str(args.stream_interval_ms)
+    env["PERSONA_SERVE_FILL_PROCESSES"] = str(args.fill_processes)
     return env
 
 
@@ -1798,7 +1812,7 @@ def method_text(res: dict) -> str:
             f"(PERSONA_SERVE_ENGINE={c['engine'] or 'from the environment'}), "
             f"slots {c['slots']}, max batch {c['max_batch']}, max_seq {c['max_seq']}, host cache "
             f"{c['host_cache_bytes'] / 2**30:.1f} GiB, disk cache {c['disk_cache_bytes'] / 2**30:.1f} GiB, stream "
-            f"interval {_interval_text(c)}. A fresh "
+            f"interval {_interval_text(c)}, {_fill_text(c)}. A fresh "
             "worker process with an empty disk cache directory per series: store -> disk -> host -> slot tiers all "
             "cold at its start (the resident series then loads its adapters before measuring); rates of one series "
             "run in increasing order on that worker, so later rates find the tiers as the earlier ones left them.",
@@ -1979,6 +1993,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="the worker's PERSONA_SERVE_STREAM_INTERVAL_MS (default: from the environment, else 0: every token)",
     )
+    ap.add_argument(
+        "--fill-processes",
+        type=int,
+        default=None,
+        help="the worker's PERSONA_SERVE_FILL_PROCESSES (default: from the environment, else 2; 0: the cache's file "
+        "work on the request threads)",
+    )
     ap.add_argument("--disk-cache-bytes", type=int, default=10 << 30)
     ap.add_argument("--store-latency-ms", type=float, default=0.0, help="inmemory: sleep per object-store fetch")
     ap.add_argument("--cap", type=int, default=1024, help="client: requests in flight at most")
@@ -2004,6 +2025,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.probe_duration = args.probe_duration or args.duration / 2
     if args.stream_interval_ms is None:  # what the worker will read (recorded with the results)
         args.stream_interval_ms = float(os.environ.get("PERSONA_SERVE_STREAM_INTERVAL_MS") or 0)
+    if args.fill_processes is None:
+        args.fill_processes = int(os.environ.get("PERSONA_SERVE_FILL_PROCESSES") or 2)
     if args.base_only:
         args.kinds = "base"
     return args

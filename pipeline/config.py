@@ -477,6 +477,14 @@ class ServingSettings(BaseSettings):
     cache_dir: Path = Field(Path("~/.cache/persona/adapters"), description="Local disk tier of the adapter cache.")
     disk_cache_bytes: int = Field(10 << 30, ge=0, description="Bytes of the disk tier.")
     host_cache_bytes: int = Field(2 << 30, ge=0, description="Bytes of the host-memory tier.")
+    fill_processes: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Processes that do the adapter cache's file work (registry lookup, object store fetch, sha256 "
+        "checks, disk copies) beside a serving worker, so that first touches of adapters do not hold its GIL; "
+        "0: on the worker's request threads.",
+    )
     worker_id: str | None = Field(
         None,
         min_length=1,

@@ -17,7 +17,10 @@ adapter load it once. A slot load needs no engine lock: a slot being loaded is r
 one being cleared is held by none, so no queued or running request uses it (the `SlotLoader` contract). With
 ``write_behind`` (a serving worker), the disk copy of a fetched adapter is written by a thread of its own while the
 request goes on; a copy appears only while its reservation in the disk tier stands, so a forget or an eviction that
-comes while it is being written leaves nothing behind.
+comes while it is being written leaves nothing behind. With a ``fill`` pool (`pipeline.serving.fill`; a serving
+worker has one), the file work of the disk and store tiers (fetching, checking sha256s, writing and reading the disk
+copies) runs in other processes: the cache keeps the bookkeeping, a fill process writes a fetched adapter's copy into
+a temporary directory and the cache moves it into place while its reservation stands.
 
 Metrics (``persona_adapter_load_seconds`` by tier): store = fetch + verify, disk = read + verify, host = parse +
 limit checks + pack, slot = the copy of the packed adapter into its slot.
@@ -58,7 +61,9 @@ from pipeline.serving.adapters import (
     header_key,
     safetensors_header,
 )
-from pipeline.storage.objects import CorruptObject, sha256_hex
+from pipeline.serving.fill import DIGESTS as _DIGESTS
+from pipeline.serving.fill import CorruptCopy as _CorruptCopy
+from pipeline.serving.fill import FillPool, fetch_verified, read_copy, write_copy
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,6 @@ SLOT, HOST, DISK, STORE = "slot", "host", "disk", "store"
 PROTECTED_SHARE = 0.8
 TIERS = (SLOT, HOST, DISK, STORE)
 _CONFIG, _WEIGHTS = ADAPTER_FILES
-_DIGESTS = "sha256.json"  # written last in a disk entry: its presence marks a complete copy
 
 
 @dataclass(frozen=True)
@@ -131,10 +135,6 @@ class _SizedLRU(OrderedDict):
         return key, value
 
 
-class _CorruptCopy(Exception):
-    """A disk copy is incomplete or does not match its digests."""
-
-
 _TMP_IDS = itertools.count()
 
 
@@ -181,6 +181,7 @@ class AdapterCache:
         registered: Callable[[AdapterKey], bool] | None = None,
         write_behind: bool = False,
         protected_share: float = PROTECTED_SHARE,
+        fill: FillPool | None = None,
     ) -> None:
         if slots < 1 or disk_bytes < 0 or host_bytes < 0:
             raise ValueError(f"slots must be >= 1 and capacities >= 0 (got {slots}, {disk_bytes}, {host_bytes})")
@@ -195,6 +196,8 @@ class AdapterCache:
         # Asked before a disk copy is adopted: False (the registry no longer has that revision of that user, e.g. it
         # was forgotten while this worker was down) deletes the copy and answers NotFound.
         self.registered = registered
+        #: Fill processes for the disk and store tiers' file work (None: on the calling thread, as ``fetch``).
+        self.fill = fill
         self._lock = threading.Lock()
         self._key_locks: dict[AdapterKey, list[Any]] = {}  # key -> [lock, users]
         self._slots: list[AdapterKey | None] = [None] * slots
@@ -363,6 +366,8 @@ class AdapterCache:
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._writer is not None:
             self._writer.shutdown(wait=True)
+        if self.fill is not None:
+            self.fill.close()
 
     # --- tiers ---
     def _prefetch(self, key: AdapterKey) -> bool:
@@ -436,7 +441,7 @@ class AdapterCache:
         if present:
             start = time.perf_counter()
             try:
-                files = self._read_disk(entry, key.sha256)
+                files = read_copy(entry, key.sha256) if self.fill is None else self.fill.read(entry, key.sha256)
             except _CorruptCopy as e:
                 log.warning("disk copy of %s is corrupt (%s); deleting it and fetching again", key, e)
                 with self._lock:
@@ -451,15 +456,15 @@ class AdapterCache:
                 return files
         with self._lock:
             self._count(DISK, hit=False)
+        if self.fill is not None:
+            return self._fill_get(key)
         start = time.perf_counter()
         try:
-            files = self.fetch(key)
+            files = fetch_verified(self.fetch, key)
         except NotFound:
             with self._lock:
                 self._count(STORE, hit=False)
             raise
-        if sha256_hex(files.get(_WEIGHTS, b"")) != key.sha256:  # the fetch verifies; this guards a fetch that does not
-            raise CorruptObject(f"{key}: the fetched adapter_model.safetensors does not have sha256 {key.sha256}")
         _series(m.ADAPTER_LOAD_SECONDS, STORE).observe(time.perf_counter() - start)
         with self._lock:
             self._count(STORE, hit=True)
@@ -470,18 +475,54 @@ class AdapterCache:
                 self._write_disk(key.sha256, files)
         return files
 
-    def _read_disk(self, entry: Path, sha256: str) -> dict[str, bytes]:
+    def _fill_get(self, key: AdapterKey) -> dict[str, bytes]:
+        """The object store tier through a fill process, which also writes the disk copy into a temporary directory;
+        moved into place here if room for it is reserved (else deleted)."""
+        tmp = self._tmp_dir() if self.disk_bytes > 0 else None
+        start = time.perf_counter()
         try:
-            digests = orjson.loads((entry / _DIGESTS).read_bytes())
-            files = {name: (entry / name).read_bytes() for name in ADAPTER_FILES}
-        except (OSError, orjson.JSONDecodeError) as e:
-            raise _CorruptCopy(str(e)) from e
-        for name, data in files.items():
-            if sha256_hex(data) != digests.get(name):
-                raise _CorruptCopy(f"{name} does not match its recorded sha256")
-        if digests.get(_WEIGHTS) != sha256:
-            raise _CorruptCopy(f"{_WEIGHTS} is not the one of sha256 {sha256}")
+            assert self.fill is not None
+            files, written = self.fill.fetch(key, tmp)
+        except BaseException as e:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # a fill process that died while writing leaves a part
+            if isinstance(e, NotFound):
+                with self._lock:
+                    self._count(STORE, hit=False)
+            raise
+        _series(m.ADAPTER_LOAD_SECONDS, STORE).observe(time.perf_counter() - start)
+        with self._lock:
+            self._count(STORE, hit=True)
+        if written is not None:
+            if self._reserve_disk(key.sha256, files):
+                self._place(written, key.sha256)
+            else:
+                shutil.rmtree(written, ignore_errors=True)
         return files
+
+    def _tmp_dir(self) -> Path:
+        """A new temporary directory name in the disk tier (unique on this host; uuid4 cost ~0.1 ms here)."""
+        return self.disk_dir / f".tmp-{os.getpid()}-{next(_TMP_IDS)}"
+
+    def _place(self, tmp: Path, sha256: str) -> None:
+        """Move the complete copy ``tmp`` into place as ``sha256``'s, if its reservation still stands (a forget, or an
+        eviction, that came meanwhile removed it, and the copy must not outlive it: the check and the rename are one
+        step); else delete it."""
+        try:
+            with self._lock:
+                entry = self.disk_dir / sha256
+                placed = sha256 in self._disk and not entry.exists()
+                if placed:
+                    tmp.rename(entry)
+            if not placed:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            log.warning("could not place the disk copy of %s", sha256[:12], exc_info=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                self._disk.pop(sha256, None)
+        with self._lock:
+            self._gauges()
 
     def _reserve_disk(self, sha256: str, files: dict[str, bytes]) -> bool:
         """Room for a copy of ``files`` on the disk tier, reserved now (True) for `_write_disk`; False when a copy is
@@ -499,30 +540,17 @@ class AdapterCache:
 
     def _write_disk(self, sha256: str, files: dict[str, bytes]) -> None:
         """Write the copy `_reserve_disk` reserved room for."""
-        tmp = self.disk_dir / f".tmp-{os.getpid()}-{next(_TMP_IDS)}"  # unique on this host (uuid4 cost ~0.1 ms here)
+        tmp = self._tmp_dir()
         try:
-            tmp.mkdir(parents=True)
-            for name in ADAPTER_FILES:
-                (tmp / name).write_bytes(files[name])
-            # The weights were checked against ``sha256`` when fetched: only the other files are hashed here.
-            digests = {n: sha256 if n == _WEIGHTS else sha256_hex(files[n]) for n in ADAPTER_FILES}
-            (tmp / _DIGESTS).write_bytes(orjson.dumps(digests))
-            # The copy appears only while its reservation stands: a forget (or an eviction) that came meanwhile
-            # removed the reservation, and the copy must not outlive it. The check and the rename are one step.
-            with self._lock:
-                entry = self.disk_dir / sha256
-                placed = sha256 in self._disk and not entry.exists()
-                if placed:
-                    tmp.rename(entry)
-            if not placed:
-                shutil.rmtree(tmp, ignore_errors=True)
+            write_copy(tmp, sha256, files)
         except OSError:
             log.warning("could not write the disk copy of %s", sha256[:12], exc_info=True)
             shutil.rmtree(tmp, ignore_errors=True)
             with self._lock:
                 self._disk.pop(sha256, None)
-        with self._lock:
-            self._gauges()
+                self._gauges()
+            return
+        self._place(tmp, sha256)
 
     def _scan_disk(self) -> None:
         """Adopt complete copies left by an earlier process (oldest first); remove partial ones."""

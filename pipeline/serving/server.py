@@ -54,6 +54,7 @@ from pipeline.serving.cache import AdapterCache
 from pipeline.serving.engine import Engine, Generation
 from pipeline.serving.engine import Request as EngineRequest
 from pipeline.serving.fast_engine import make_engine
+from pipeline.serving.fill import FetchSpec, FillPool, RegistryFetchSpec
 from pipeline.storage import apps, registry, tenancy
 from pipeline.storage.stores import Stores
 
@@ -128,6 +129,7 @@ class Server:
             loader=engine_slots(self.engine, self.lock),
             registered=registry_check(self.stores),
             write_behind=True,
+            fill=FillPool(self.fetch_spec(), cfg.fill_processes) if cfg.fill_processes else None,
         )
         self.keys = KeyCache(self._authenticate, ttl_s=cfg.key_cache_ttl_s, max_entries=cfg.key_cache_size)
         self._models: dict[str, tuple[float, list[tuple[str, int]]]] = {}  # app -> (when, its listed models)
@@ -200,6 +202,10 @@ class Server:
                      len(among) - len(gone), "y" if len(among) - len(gone) == 1 else "ies", len(gone))  # fmt: skip
             break
         self.pruned.set()
+
+    def fetch_spec(self) -> FetchSpec:
+        """What the adapter cache's fill processes fetch adapters with: the registry and the object store."""
+        return RegistryFetchSpec(self.settings.db, self.settings.s3)
 
     def offload(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """``fn(*args)`` in the request handlers' thread pool, awaited on the running event loop (one hand-over each

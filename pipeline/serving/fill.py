@@ -1,0 +1,305 @@
+"""The adapter cache's file work in other processes: fetching from the object store, checking sha256s, writing and
+reading the disk copies (`FillPool`).
+
+Why: a serving worker is one Python process whose event loop (HTTP, streaming) and engine thread share one GIL. A
+miss that reaches the object store or the disk tier runs dozens of calls that give the GIL away and take it back (the
+registry query, the object store's HTTP reads, hashing, each file read and write), and every take-back interrupts
+whichever thread holds the GIL then. Under skewed traffic those first touches come tens of times a second and cost
+the worker capacity that resident adapters do not (bench/results/serving_load.md). In a fill process that work
+costs the serving process one request sent and one reply received; what stays in the serving process is the pack
+(a few whole-array operations) and the slot load.
+
+The pool: ``processes`` child processes (``spawn``), each with its own request and reply pipes, used by one thread at
+a time (a caller takes an idle child, sends, waits for the reply, puts it back). A child opens its own fetch from a
+picklable `FetchSpec` (the registry and object store for a worker: `RegistryFetchSpec`), so nothing of the serving
+process's clients crosses. Replies carry the files' bytes (a pipe of 1 MiB where the system allows: an adapter of a
+few hundred kilobytes crosses in one read) or the exception raised, which the caller raises again. A child that
+dies (killed, out of memory) is replaced and the request tried once more on the new one; a second death raises
+`FillProcessError` (an `Unavailable`: the request fails with 503, the worker goes on).
+
+The disk tier's bookkeeping stays in the cache (`AdapterCache`): a child writes a fetched adapter's copy into the
+temporary directory it is given, complete with its digests, and the cache moves it into place only if its reservation
+still stands (a forget in between leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from pipeline.domain.errors import NotFound, Unavailable
+from pipeline.domain.revisions import ADAPTER_FILES
+from pipeline.storage.objects import CorruptObject, sha256_hex
+
+if TYPE_CHECKING:
+    from pipeline.config import DatabaseSettings, S3Settings
+    from pipeline.serving.adapters import AdapterKey
+
+log = logging.getLogger(__name__)
+
+_CONFIG, _WEIGHTS = ADAPTER_FILES
+DIGESTS = "sha256.json"  # written last in a disk copy: its presence marks a complete copy
+_PIPE_BYTES = 1 << 20  # F_SETPIPE_SZ: the reply pipe's buffer (Linux allows up to fs.pipe-max-size, 1 MiB by default)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class FillProcessError(Unavailable):
+    """A fill process died twice on one request (or the pool is closed): the adapter was not loaded."""
+
+    code = "adapter_fill_failed"
+    retry_after_s = 1.0
+
+
+class CorruptCopy(Exception):
+    """A disk copy is incomplete or does not match its digests."""
+
+
+class FetchSpec(Protocol):
+    """What a fill process opens to fetch adapters (picklable: it crosses to the child once, at its start)."""
+
+    def open(self) -> Callable[[AdapterKey], dict[str, bytes]]:
+        """The fetch: the adapter's PEFT files by name, from wherever the spec says."""
+        ...
+
+
+@dataclass(frozen=True)
+class RegistryFetchSpec:
+    """A serving worker's fetch: the revision looked up in the registry, its files read from the object store and
+    checked against the sha256s the registry recorded (`registry_fetch`)."""
+
+    db: DatabaseSettings
+    s3: S3Settings
+
+    def open(self) -> Callable[[AdapterKey], dict[str, bytes]]:
+        from pipeline.serving.adapters import registry_fetch
+        from pipeline.storage.stores import Stores
+
+        return registry_fetch(Stores.open(self.db, self.s3, name="persona-serve-fill", wait=False))
+
+
+@dataclass(frozen=True)
+class DirectoryFetchSpec:
+    """Adapters from a local directory in the object store's layout (``users/ID/revisions/REV/FILE``): benches and
+    tests. ``latency_s`` is slept before each read (a stand-in for the network)."""
+
+    root: str
+    latency_s: float = 0.0
+
+    def open(self) -> Callable[[AdapterKey], dict[str, bytes]]:
+        root, latency_s = Path(self.root), self.latency_s
+
+        def fetch(key: AdapterKey) -> dict[str, bytes]:
+            folder = root / "users" / key.user_id / "revisions" / key.revision_id
+            if latency_s:
+                time.sleep(latency_s)
+            try:
+                return {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
+            except FileNotFoundError as e:
+                raise NotFound(f"revision {key.revision_id} of {key.user_id!r} is not in {root}") from e
+
+        return fetch
+
+
+# --- the file work itself (in a fill process, or in the serving process when there is no pool) ---
+
+
+def write_copy(tmp: Path, sha256: str, files: dict[str, bytes]) -> None:
+    """A complete disk copy of ``files`` in the new directory ``tmp`` (the digests file last). The weights were
+    checked against ``sha256`` when fetched: only the other files are hashed here."""
+    tmp.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        (tmp / name).write_bytes(files[name])
+    digests = {n: sha256 if n == _WEIGHTS else sha256_hex(files[n]) for n in ADAPTER_FILES}
+    (tmp / DIGESTS).write_bytes(orjson.dumps(digests))
+
+
+def read_copy(entry: Path, sha256: str) -> dict[str, bytes]:
+    """The files of the disk copy ``entry``, each checked against its recorded digest; CorruptCopy otherwise."""
+    try:
+        digests = orjson.loads((entry / DIGESTS).read_bytes())
+        files = {name: (entry / name).read_bytes() for name in ADAPTER_FILES}
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise CorruptCopy(str(e)) from e
+    for name, data in files.items():
+        if sha256_hex(data) != digests.get(name):
+            raise CorruptCopy(f"{name} does not match its recorded sha256")
+    if digests.get(_WEIGHTS) != sha256:
+        raise CorruptCopy(f"{_WEIGHTS} is not the one of sha256 {sha256}")
+    return files
+
+
+def fetch_verified(fetch: Callable[[AdapterKey], dict[str, bytes]], key: AdapterKey) -> dict[str, bytes]:
+    """``fetch(key)``, its weights checked against ``key.sha256`` (the registry's fetch checks too; this guards a fetch
+    that does not)."""
+    files = fetch(key)
+    if sha256_hex(files.get(_WEIGHTS, b"")) != key.sha256:
+        raise CorruptObject(f"{key}: the fetched adapter_model.safetensors does not have sha256 {key.sha256}")
+    return files
+
+
+# --- the child ---
+
+
+def _child(requests: Connection, replies: Connection, spec: FetchSpec) -> None:
+    from pipeline.observability import logs
+
+    logs.setup(os.environ.get("PERSONA_LOG_LEVEL", "INFO"))
+    fetch = spec.open()
+    while True:
+        try:
+            op, args = requests.recv()
+        except (EOFError, OSError):  # the serving process closed its end (or died): nothing more to do
+            return
+        reply: tuple[str, Any]
+        try:
+            if op == "fetch":
+                key, tmp = args
+                files = fetch_verified(fetch, key)
+                if tmp is not None:
+                    try:
+                        write_copy(Path(tmp), key.sha256, files)
+                    except OSError:
+                        log.warning("could not write the disk copy of %s", key.sha256[:12], exc_info=True)
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        tmp = None
+                reply = ("ok", (files, tmp))
+            elif op == "read":
+                reply = ("ok", read_copy(*args))
+            elif op == "ping":
+                reply = ("ok", os.getpid())
+            else:
+                reply = ("error", ValueError(f"unknown fill operation {op!r}"))
+        except Exception as e:
+            reply = ("error", e)
+        try:
+            replies.send(reply)
+        except Exception as e:
+            replies.send(("error", FillProcessError(f"{type(e).__name__} in a fill process: {reply[1]!r}")))
+
+
+@dataclass
+class _Proc:
+    process: Any
+    requests: Connection
+    replies: Connection
+
+
+class FillPool:
+    """``processes`` fill processes (see the module doc); thread-safe."""
+
+    def __init__(self, spec: FetchSpec, processes: int = 2) -> None:
+        if processes < 1:
+            raise ValueError(f"a fill pool needs at least one process (got {processes})")
+        self.spec = spec
+        self.processes = processes
+        self._ctx = multiprocessing.get_context("spawn")
+        self._idle: queue.SimpleQueue[_Proc] = queue.SimpleQueue()
+        self._all: list[_Proc] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        for _ in range(processes):
+            self._idle.put(self._start())
+
+    def fetch(self, key: AdapterKey, tmp: Path | None) -> tuple[dict[str, bytes], Path | None]:
+        """The adapter's files from the spec's fetch, sha256-checked; with ``tmp``, a complete disk copy written
+        there too (the second value: ``tmp``, or None when it could not be written)."""
+        files, written = self._call("fetch", (key, None if tmp is None else str(tmp)))
+        return files, None if written is None else Path(written)
+
+    def read(self, entry: Path, sha256: str) -> dict[str, bytes]:
+        """The files of a disk copy, checked against its digests (CorruptCopy otherwise)."""
+        files: dict[str, bytes] = self._call("read", (entry, sha256))
+        return files
+
+    def pids(self) -> list[int]:
+        """The fill processes' pids, as their children answer (each one asked once)."""
+        return [self._call("ping", ()) for _ in range(self.processes)]
+
+    def close(self) -> None:
+        """Stop the fill processes (a call in flight fails with FillProcessError)."""
+        with self._lock:
+            self._closed = True
+            procs, self._all = self._all, []
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.requests.close()
+        for p in procs:
+            p.process.join(timeout=5)
+            if p.process.is_alive():
+                p.process.kill()
+                p.process.join(timeout=5)
+            with contextlib.suppress(OSError):
+                p.replies.close()
+
+    def __enter__(self) -> FillPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ---
+    def _start(self) -> _Proc:
+        req_r, req_w = self._ctx.Pipe(duplex=False)
+        rep_r, rep_w = self._ctx.Pipe(duplex=False)
+        with contextlib.suppress(OSError):  # a bigger reply pipe: an adapter's bytes in one read
+            fcntl.fcntl(rep_w.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+        process = self._ctx.Process(
+            target=_child, args=(req_r, rep_w, self.spec), name="persona-adapter-fill", daemon=True
+        )
+        process.start()
+        req_r.close()  # the child's ends: held by the child only, so its death shows as EOF here
+        rep_w.close()
+        proc = _Proc(process, req_w, rep_r)
+        with self._lock:
+            self._all.append(proc)
+        return proc
+
+    def _replace(self, dead: _Proc) -> _Proc:
+        with self._lock:
+            if dead in self._all:
+                self._all.remove(dead)
+            closed = self._closed
+        for conn in (dead.requests, dead.replies):
+            with contextlib.suppress(OSError):
+                conn.close()
+        dead.process.join(timeout=1)
+        if closed:
+            raise FillProcessError("the adapter fill pool is closed")
+        log.warning("adapter fill process %s ended (exit code %s); starting another", dead.process.pid,
+                    dead.process.exitcode)  # fmt: skip
+        return self._start()
+
+    def _call(self, op: str, args: tuple[Any, ...]) -> Any:
+        if self._closed:
+            raise FillProcessError("the adapter fill pool is closed")
+        proc = self._idle.get()
+        try:
+            for attempt in (1, 2):
+                try:
+                    proc.requests.send((op, args))
+                    status, value = proc.replies.recv()
+                    break
+                except (EOFError, OSError, BrokenPipeError) as e:
+                    proc = self._replace(proc)
+                    if attempt == 2:
+                        raise FillProcessError(f"adapter fill processes died twice on one {op}: {e!r}") from e
+            if status == "error":
+                raise value
+            return value
+        finally:
+            if not self._closed:
+                self._idle.put(proc)
