@@ -121,7 +121,7 @@ def test_a_copy_whose_reservation_went_meanwhile_is_not_placed(root, tmp_path):
     with FillPool(DirectoryFetchSpec(str(root)), processes=1) as pool:
         cache = make_cache(tmp_path, pool)
         tmp = tmp_path / "disk" / ".tmp-x"
-        files, written = pool.fetch(key, tmp)
+        _, written = pool.fetch(key, tmp)
         assert written == tmp and tmp.exists()
         cache._place(tmp, key.sha256)  # no reservation (a forget came while the fill process wrote it)
         assert not tmp.exists() and not (tmp_path / "disk" / key.sha256).exists()
