@@ -83,7 +83,8 @@ def header_key(raw: bytes) -> bytes:
     n = int.from_bytes(raw[:8], "little")
     if n > len(raw) - 8:
         raise AdapterLimitError(f"adapter_model.safetensors: header length {n} exceeds the file ({len(raw)} bytes)")
-    return raw[8 : 8 + n]
+    head = raw[8 : 8 + n]
+    return head if isinstance(head, bytes) else bytes(head)  # a view (a fill process's buffer): bytes, a dict key
 
 
 def safetensors_header(raw: bytes) -> tuple[Mapping[str, TensorEntry], int]:
@@ -135,7 +136,8 @@ class SlotLoader(Protocol):
     - ``pack(weights, config)``: check a PEFT adapter (its adapter_model.safetensors bytes and config) against the
       slots' limits and lay it out in the slot layout, in host memory, once per host-tier entry. Raises
       AdapterLimitError when it does not fit. Pure and thread-safe; touches no slot and never takes the engine's
-      lock.
+      lock. ``weights`` may be a view of a fill process's buffer (`pipeline.serving.fill`), valid only during the
+      call: the packed form must not refer to it.
     - ``load(slot, packed)``: copy a packed adapter into ``slot``, replacing whatever it held (no ``clear`` needed
       first). May run while the engine steps, in another thread: no queued or running request uses a slot being
       loaded (the cache reserved it for the loading adapter).
@@ -170,7 +172,7 @@ class EngineSlots:
         if from_bytes is not None:
             packed = from_bytes(weights, config)
         else:
-            packed = self.engine.pack_adapter(load_safetensors(weights), config)
+            packed = self.engine.pack_adapter(load_safetensors(bytes(weights)), config)
         return packed
 
     def load(self, slot: int, packed: Any) -> None:

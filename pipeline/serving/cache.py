@@ -38,7 +38,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +63,7 @@ from pipeline.serving.adapters import (
 )
 from pipeline.serving.fill import DIGESTS as _DIGESTS
 from pipeline.serving.fill import CorruptCopy as _CorruptCopy
-from pipeline.serving.fill import FillPool, fetch_verified, read_copy, write_copy
+from pipeline.serving.fill import FillLease, FillPool, fetch_verified, read_copy, write_copy
 
 log = logging.getLogger(__name__)
 
@@ -391,16 +391,19 @@ class AdapterCache:
                 self._host.move_to_end(key)
                 return host
             self._count(HOST, hit=False)
-        files = self._disk_get(key)
-        start = time.perf_counter()
-        try:
-            config = orjson.loads(files[_CONFIG])
-        except (orjson.JSONDecodeError, KeyError) as e:
-            raise AdapterLimitError(f"{key}: adapter_config.json is missing or not JSON: {e}") from e
-        check_limits(config, None, self.limits)  # before parsing the weights: cheap refusals first
-        weights = files[_WEIGHTS]
-        self._check_tensors(weights)
-        packed = self.loader.pack(weights, config)  # AdapterLimitError for the engine's own checks; no slot touched
+        # With fill processes, one is held until the adapter is packed: the files are views of its shared buffer.
+        with self.fill.lease() if self.fill is not None else contextlib.nullcontext() as lease:
+            files = self._disk_get(key, lease)
+            start = time.perf_counter()
+            try:
+                config = orjson.loads(files[_CONFIG])
+            except (orjson.JSONDecodeError, KeyError) as e:
+                raise AdapterLimitError(f"{key}: adapter_config.json is missing or not JSON: {e}") from e
+            check_limits(config, None, self.limits)  # before parsing the weights: cheap refusals first
+            weights = files[_WEIGHTS]
+            self._check_tensors(weights)
+            packed = self.loader.pack(weights, config)  # AdapterLimitError for the engine's checks; no slot touched
+            del files, weights
         host = _Host(packed, int(packed.nbytes))
         _series(m.ADAPTER_LOAD_SECONDS, HOST).observe(time.perf_counter() - start)
         with self._lock:
@@ -426,8 +429,9 @@ class AdapterCache:
             while len(self._checked) > 64:
                 self._checked.popitem(last=False)
 
-    def _disk_get(self, key: AdapterKey) -> dict[str, bytes]:
-        """Disk tier, else the object store (copied to disk when it fits)."""
+    def _disk_get(self, key: AdapterKey, lease: FillLease | None = None) -> Mapping[str, Any]:
+        """Disk tier, else the object store (copied to disk when it fits); through ``lease``'s fill process when
+        given (the files are then views of its buffer, valid while the lease is held)."""
         entry = self.disk_dir / key.sha256
         with self._lock:
             present = key.sha256 in self._disk
@@ -441,7 +445,7 @@ class AdapterCache:
         if present:
             start = time.perf_counter()
             try:
-                files = read_copy(entry, key.sha256) if self.fill is None else self.fill.read(entry, key.sha256)
+                files = read_copy(entry, key.sha256) if lease is None else lease.read(entry, key.sha256)
             except _CorruptCopy as e:
                 log.warning("disk copy of %s is corrupt (%s); deleting it and fetching again", key, e)
                 with self._lock:
@@ -456,8 +460,8 @@ class AdapterCache:
                 return files
         with self._lock:
             self._count(DISK, hit=False)
-        if self.fill is not None:
-            return self._fill_get(key)
+        if lease is not None:
+            return self._fill_get(key, lease)
         start = time.perf_counter()
         try:
             files = fetch_verified(self.fetch, key)
@@ -475,14 +479,13 @@ class AdapterCache:
                 self._write_disk(key.sha256, files)
         return files
 
-    def _fill_get(self, key: AdapterKey) -> dict[str, bytes]:
+    def _fill_get(self, key: AdapterKey, lease: FillLease) -> Mapping[str, Any]:
         """The object store tier through a fill process, which also writes the disk copy into a temporary directory;
         moved into place here if room for it is reserved (else deleted)."""
         tmp = self._tmp_dir() if self.disk_bytes > 0 else None
         start = time.perf_counter()
         try:
-            assert self.fill is not None
-            files, written = self.fill.fetch(key, tmp)
+            files, written = lease.fetch(key, tmp)
         except BaseException as e:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)  # a fill process that died while writing leaves a part

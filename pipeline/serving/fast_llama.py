@@ -347,7 +347,7 @@ class FastLlama:
         if src is None or plan is None:
             from safetensors.torch import load as load_safetensors
 
-            return self.pack_adapter(load_safetensors(weights), config)
+            return self.pack_adapter(load_safetensors(bytes(weights)), config)
         rank, count, gather, absent, b_index = plan
         if len(weights) < data + count * src.itemsize:
             raise AdapterLimitError("adapter_model.safetensors holds fewer bytes than its header places")

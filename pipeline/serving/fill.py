@@ -12,8 +12,10 @@ costs the serving process one request sent and one reply received; what stays in
 The pool: ``processes`` child processes (``spawn``), each with its own request and reply pipes, used by one thread at
 a time (a caller takes an idle child, sends, waits for the reply, puts it back). A child opens its own fetch from a
 picklable `FetchSpec` (the registry and object store for a worker: `RegistryFetchSpec`), so nothing of the serving
-process's clients crosses. Replies carry the files' bytes (a pipe of 1 MiB where the system allows: an adapter of a
-few hundred kilobytes crosses in one read) or the exception raised, which the caller raises again. A child that
+process's clients crosses. Each process has a shared buffer (a file in /dev/shm, 16 MiB by default): a reply names
+where in it the files are, and the caller reads them there, with no copy through the pipe (`FillPool.lease`: the
+views are valid while the caller holds that process); files too big for it come through the pipe. An exception
+raised in a fill process is raised again in the caller. A child that
 dies (killed, out of memory) is replaced and the request tried once more on the new one; a second death raises
 `FillProcessError` (an `Unavailable`: the request fails with 503, the worker goes on).
 
@@ -27,13 +29,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import mmap
 import multiprocessing
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -154,11 +158,15 @@ def fetch_verified(fetch: Callable[[AdapterKey], dict[str, bytes]], key: Adapter
 # --- the child ---
 
 
-def _child(requests: Connection, replies: Connection, spec: FetchSpec) -> None:
+def _child(requests: Connection, replies: Connection, spec: FetchSpec, buffer: str | None, size: int) -> None:
     from pipeline.observability import logs
 
     logs.setup(os.environ.get("PERSONA_LOG_LEVEL", "INFO"))
     fetch = spec.open()
+    view = None
+    if buffer is not None:
+        with open(buffer, "r+b") as f:
+            view = memoryview(mmap.mmap(f.fileno(), size))
     while True:
         try:
             op, args = requests.recv()
@@ -176,9 +184,9 @@ def _child(requests: Connection, replies: Connection, spec: FetchSpec) -> None:
                         log.warning("could not write the disk copy of %s", key.sha256[:12], exc_info=True)
                         shutil.rmtree(tmp, ignore_errors=True)
                         tmp = None
-                reply = ("ok", (files, tmp))
+                reply = ("ok", (_place_files(view, files), tmp))
             elif op == "read":
-                reply = ("ok", read_copy(*args))
+                reply = ("ok", _place_files(view, read_copy(*args)))
             elif op == "ping":
                 reply = ("ok", os.getpid())
             else:
@@ -191,6 +199,18 @@ def _child(requests: Connection, replies: Connection, spec: FetchSpec) -> None:
             replies.send(("error", FillProcessError(f"{type(e).__name__} in a fill process: {reply[1]!r}")))
 
 
+def _place_files(view: memoryview | None, files: dict[str, bytes]) -> dict[str, Any]:
+    """The files in the shared buffer (their (offset, length) by name) when they fit, else the files themselves."""
+    if view is None or sum(len(d) for d in files.values()) > len(view):
+        return files
+    placed, off = {}, 0
+    for name, data in files.items():
+        view[off : off + len(data)] = data
+        placed[name] = (off, len(data))
+        off += len(data)
+    return placed
+
+
 @dataclass
 class _Proc:
     process: Any
@@ -198,42 +218,118 @@ class _Proc:
     replies: Connection
 
 
-class FillPool:
-    """``processes`` fill processes (see the module doc); thread-safe."""
+class _Buffer:
+    """One fill process's shared buffer: a file in shared memory (``/dev/shm`` where there is one), its room
+    allocated up front (a full /dev/shm is an error here, at the start, and not a SIGBUS in the child later)."""
 
-    def __init__(self, spec: FetchSpec, processes: int = 2) -> None:
+    def __init__(self, size: int) -> None:
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # noqa: S108 - POSIX shm
+        fd, self.path = tempfile.mkstemp(prefix="persona-fill-", dir=folder)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            self.map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        os.close(fd)
+        self.view = memoryview(self.map)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self.view.release()
+        with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes with it
+            self.map.close()
+
+
+class FillLease:
+    """One fill process, held by one caller (`FillPool.lease`): the files it returns are views of its shared buffer,
+    valid until the lease ends (copy what must outlive it)."""
+
+    def __init__(self, pool: FillPool, index: int) -> None:
+        self._pool = pool
+        self.index = index
+
+    def fetch(self, key: AdapterKey, tmp: Path | None) -> tuple[dict[str, Any], Path | None]:
+        """The adapter's files from the spec's fetch, sha256-checked; with ``tmp``, a complete disk copy written
+        there too (the second value: ``tmp``, or None when it could not be written)."""
+        placed, written = self._pool._call(self.index, "fetch", (key, None if tmp is None else str(tmp)))
+        return self._files(placed), None if written is None else Path(written)
+
+    def read(self, entry: Path, sha256: str) -> dict[str, Any]:
+        """The files of a disk copy, checked against its digests (CorruptCopy otherwise)."""
+        return self._files(self._pool._call(self.index, "read", (entry, sha256)))
+
+    def _files(self, placed: dict[str, Any]) -> dict[str, Any]:
+        buffer = self._pool._buffers[self.index]
+        if buffer is None or not all(isinstance(v, tuple) for v in placed.values()):
+            return placed
+        return {name: buffer.view[off : off + n] for name, (off, n) in placed.items()}
+
+
+class FillPool:
+    """``processes`` fill processes (see the module doc); thread-safe. ``buffer_bytes``: each process's shared
+    buffer, through which files up to that size come back (larger ones, or all when there is no room for the
+    buffers, through the reply pipe)."""
+
+    def __init__(self, spec: FetchSpec, processes: int = 2, *, buffer_bytes: int = 16 << 20) -> None:
         if processes < 1:
             raise ValueError(f"a fill pool needs at least one process (got {processes})")
         self.spec = spec
         self.processes = processes
         self._ctx = multiprocessing.get_context("spawn")
-        self._idle: queue.SimpleQueue[_Proc] = queue.SimpleQueue()
-        self._all: list[_Proc] = []
+        self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._procs: list[_Proc | None] = [None] * processes
+        self._buffers: list[_Buffer | None] = []
         self._lock = threading.Lock()
         self._closed = False
-        for _ in range(processes):
-            self._idle.put(self._start())
+        for i in range(processes):
+            try:
+                self._buffers.append(_Buffer(buffer_bytes) if buffer_bytes > 0 else None)
+            except OSError as e:
+                log.warning("no shared buffer of %d bytes for adapter fill process %d (%s): its files come back "
+                            "through its pipe", buffer_bytes, i, e)  # fmt: skip
+                self._buffers.append(None)
+            self._procs[i] = self._start(i)
+            self._idle.put(i)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[FillLease]:
+        """One fill process for the caller until the block ends (the files it returns are valid until then)."""
+        if self._closed:
+            raise FillProcessError("the adapter fill pool is closed")
+        index = self._idle.get()
+        try:
+            yield FillLease(self, index)
+        finally:
+            self._idle.put(index)
 
     def fetch(self, key: AdapterKey, tmp: Path | None) -> tuple[dict[str, bytes], Path | None]:
-        """The adapter's files from the spec's fetch, sha256-checked; with ``tmp``, a complete disk copy written
-        there too (the second value: ``tmp``, or None when it could not be written)."""
-        files, written = self._call("fetch", (key, None if tmp is None else str(tmp)))
-        return files, None if written is None else Path(written)
+        """`FillLease.fetch` with the files copied out (for callers that keep them)."""
+        with self.lease() as lease:
+            files, written = lease.fetch(key, tmp)
+            return {name: bytes(data) for name, data in files.items()}, written
 
     def read(self, entry: Path, sha256: str) -> dict[str, bytes]:
-        """The files of a disk copy, checked against its digests (CorruptCopy otherwise)."""
-        files: dict[str, bytes] = self._call("read", (entry, sha256))
-        return files
+        """`FillLease.read` with the files copied out."""
+        with self.lease() as lease:
+            return {name: bytes(data) for name, data in lease.read(entry, sha256).items()}
 
     def pids(self) -> list[int]:
-        """The fill processes' pids, as their children answer (each one asked once)."""
-        return [self._call("ping", ()) for _ in range(self.processes)]
+        """The fill processes' pids, as they answer (each one asked once)."""
+        out = []
+        for _ in range(self.processes):
+            with self.lease() as lease:
+                out.append(self._call(lease.index, "ping", ()))
+        return out
 
     def close(self) -> None:
         """Stop the fill processes (a call in flight fails with FillProcessError)."""
         with self._lock:
             self._closed = True
-            procs, self._all = self._all, []
+            procs = [p for p in self._procs if p is not None]
+            self._procs = [None] * self.processes
         for p in procs:
             with contextlib.suppress(OSError):
                 p.requests.close()
@@ -244,6 +340,9 @@ class FillPool:
                 p.process.join(timeout=5)
             with contextlib.suppress(OSError):
                 p.replies.close()
+        for b in self._buffers:
+            if b is not None:
+                b.close()
 
     def __enter__(self) -> FillPool:
         return self
@@ -252,54 +351,45 @@ class FillPool:
         self.close()
 
     # --- internals ---
-    def _start(self) -> _Proc:
+    def _start(self, index: int) -> _Proc:
         req_r, req_w = self._ctx.Pipe(duplex=False)
         rep_r, rep_w = self._ctx.Pipe(duplex=False)
-        with contextlib.suppress(OSError):  # a bigger reply pipe: an adapter's bytes in one read
+        with contextlib.suppress(OSError):  # a bigger reply pipe: files that do not fit the buffer in fewer reads
             fcntl.fcntl(rep_w.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
-        process = self._ctx.Process(
-            target=_child, args=(req_r, rep_w, self.spec), name="persona-adapter-fill", daemon=True
-        )
+        buffer = self._buffers[index]
+        args = (req_r, rep_w, self.spec, None if buffer is None else buffer.path, len(buffer.map) if buffer else 0)
+        process = self._ctx.Process(target=_child, args=args, name="persona-adapter-fill", daemon=True)
         process.start()
         req_r.close()  # the child's ends: held by the child only, so its death shows as EOF here
         rep_w.close()
-        proc = _Proc(process, req_w, rep_r)
-        with self._lock:
-            self._all.append(proc)
-        return proc
+        return _Proc(process, req_w, rep_r)
 
-    def _replace(self, dead: _Proc) -> _Proc:
-        with self._lock:
-            if dead in self._all:
-                self._all.remove(dead)
-            closed = self._closed
+    def _replace(self, index: int, dead: _Proc) -> _Proc:
         for conn in (dead.requests, dead.replies):
             with contextlib.suppress(OSError):
                 conn.close()
         dead.process.join(timeout=1)
-        if closed:
-            raise FillProcessError("the adapter fill pool is closed")
-        log.warning("adapter fill process %s ended (exit code %s); starting another", dead.process.pid,
-                    dead.process.exitcode)  # fmt: skip
-        return self._start()
+        with self._lock:
+            if self._closed:
+                raise FillProcessError("the adapter fill pool is closed")
+            log.warning("adapter fill process %s ended (exit code %s); starting another", dead.process.pid,
+                        dead.process.exitcode)  # fmt: skip
+            proc = self._procs[index] = self._start(index)
+        return proc
 
-    def _call(self, op: str, args: tuple[Any, ...]) -> Any:
-        if self._closed:
+    def _call(self, index: int, op: str, args: tuple[Any, ...]) -> Any:
+        proc = self._procs[index]
+        if proc is None or self._closed:
             raise FillProcessError("the adapter fill pool is closed")
-        proc = self._idle.get()
-        try:
-            for attempt in (1, 2):
-                try:
-                    proc.requests.send((op, args))
-                    status, value = proc.replies.recv()
-                    break
-                except (EOFError, OSError, BrokenPipeError) as e:
-                    proc = self._replace(proc)
-                    if attempt == 2:
-                        raise FillProcessError(f"adapter fill processes died twice on one {op}: {e!r}") from e
-            if status == "error":
-                raise value
-            return value
-        finally:
-            if not self._closed:
-                self._idle.put(proc)
+        for attempt in (1, 2):
+            try:
+                proc.requests.send((op, args))
+                status, value = proc.replies.recv()
+                break
+            except (EOFError, OSError) as e:
+                proc = self._replace(index, proc)
+                if attempt == 2:
+                    raise FillProcessError(f"adapter fill processes died twice on one {op}: {e!r}") from e
+        if status == "error":
+            raise value
+        return value

@@ -83,7 +83,7 @@ class FakeSlots:
 
     def pack(self, weights: bytes, config: dict) -> FakePacked:
         self.packs.append(config["r"])
-        return FakePacked(load(weights), config)
+        return FakePacked(load(bytes(weights)), config)  # bytes, or a view of a fill process's buffer
 
     def load(self, slot: int, packed: FakePacked) -> None:
         self.calls.append(("load", slot, packed.config["r"]))

@@ -137,3 +137,51 @@ def test_no_disk_tier_means_no_copy_written(root, tmp_path):
             pass
         assert cache.disk_entries() == [] and list((tmp_path / "disk").iterdir()) == []
         cache.fill = None
+
+
+def test_files_come_back_as_views_of_the_buffer_or_through_the_pipe_when_it_is_too_small(root):
+    key = put(root, "b1", 40)
+    with FillPool(DirectoryFetchSpec(str(root)), processes=1, buffer_bytes=1 << 20) as pool:
+        with pool.lease() as lease:
+            files, _ = lease.fetch(key, None)
+            assert all(isinstance(v, memoryview) for v in files.values())  # no copy through the pipe
+            assert {n: bytes(v) for n, v in files.items()} == lora_files(40)
+    for size in (0, 64):  # no buffer; a buffer smaller than the files
+        with FillPool(DirectoryFetchSpec(str(root)), processes=1, buffer_bytes=size) as pool:
+            with pool.lease() as lease:
+                files, _ = lease.fetch(key, None)
+                assert files == lora_files(40) and all(isinstance(v, bytes) for v in files.values())
+
+
+@pytest.mark.parametrize("kind", ["reference", "fast"])
+def test_engines_pack_from_the_fill_buffer_and_serve_what_peft_serves(kind, tmp_path):
+    """The real engines' packing reads the adapter straight from a fill process's buffer (a view, valid only while
+    the process is held): the slot then serves what stock peft computes, after the buffer was reused."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models.base import tiny_random
+    from pipeline.serving.adapters import AdapterLimits, EngineSlots
+    from tests.unit.serving.test_cache_engine import TARGETS, assert_serves, make_engine
+
+    root = tmp_path / "store"
+    keys, dirs = [], []
+    for i in range(2):
+        torch.manual_seed(20 + i)
+        model = get_peft_model(tiny_random(), LoraConfig(r=4, target_modules=list(TARGETS), init_lora_weights=False))
+        folder = root / "users" / f"p{i}" / "revisions" / f"r{i}"
+        model.save_pretrained(folder)
+        weights = (folder / "adapter_model.safetensors").read_bytes()
+        keys.append(AdapterKey(f"p{i}", f"r{i}", hashlib.sha256(weights).hexdigest()))
+        dirs.append(folder)
+    engine = make_engine(kind, slots=2)
+    limits = AdapterLimits(max_rank=8, targets=frozenset(TARGETS))
+    with FillPool(DirectoryFetchSpec(str(root)), processes=1) as pool:
+        cache = AdapterCache(
+            lambda key: {}, disk_dir=tmp_path / "disk", disk_bytes=1 << 24, host_bytes=1 << 24, slots=2,
+            limits=limits, loader=EngineSlots(engine), fill=pool,
+        )  # fmt: skip
+        slots = [cache.acquire(k) for k in keys]  # one fill process: the second adapter reused the first's buffer
+        for slot, folder in zip(slots, dirs, strict=True):
+            assert_serves(engine, slot, folder)
+        cache.fill = None
