@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import queue
 import time
 from collections import deque
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
 __all__ = ["FastEngine", "PackedAdapter", "make_engine"]
 
 log = logging.getLogger(__name__)
+
+_SEQ_SLOT = operator.attrgetter("gen.request.slot")  # the slot a running request reads
+_GEN_SLOT = operator.attrgetter("request.slot")  # the slot a queued request will read
 
 
 @dataclass
@@ -174,9 +178,10 @@ class FastEngine(FastLlama, GenerationLoop):
     # -- adapters ---------------------------------------------------------------------------------------------
 
     def _slot_in_use(self, slot: int) -> bool:
-        # Snapshots (list() of a list or deque is atomic under the GIL): loads may come from another thread.
-        gens = [s.gen for s in list(self._seqs.values())] + list(self._waiting)
-        return any(g.request.slot == slot for g in gens)
+        # Snapshots (list() of a dict's values or a deque is atomic under the GIL): loads come from other threads.
+        # The scan runs in C (attrgetter over map, `in`): as a Python generator over the ~300 requests queued or
+        # running at load, it was ~2% of a skewed-traffic worker's GIL time, once per slot load.
+        return slot in itertools.chain(map(_SEQ_SLOT, list(self._seqs.values())), map(_GEN_SLOT, list(self._waiting)))
 
     def load_packed(self, slot: int, packed: PackedAdapter) -> None:
         """Put a packed adapter into ``slot``: one host-to-device copy and one scatter into the slot row, on a side
@@ -194,9 +199,10 @@ class FastEngine(FastLlama, GenerationLoop):
                 "engine's slots"
             )
         index = self._slot_index(packed.rank)
+        row = self.lora[slot]
         if self._load_stream is None:
-            self.lora[slot].zero_()
-            self.lora[slot].index_copy_(0, index, packed.data)
+            row.zero_()
+            row.index_copy_(0, index, packed.data)
             self.ranks[slot] = packed.rank
             return
         staging = self._staging.get()
@@ -205,8 +211,8 @@ class FastEngine(FastLlama, GenerationLoop):
             staging[:n].copy_(packed.data)  # host memcpy into pinned memory: the copy below is then asynchronous
             with torch.cuda.stream(self._load_stream):
                 data = staging[:n].to(self.device, non_blocking=True)
-                self.lora[slot].zero_()
-                self.lora[slot].index_copy_(0, index, data)
+                row.zero_()
+                row.index_copy_(0, index, data)
                 self.ranks[slot : slot + 1].fill_(packed.rank)
                 done = torch.cuda.Event()
                 done.record()

@@ -249,9 +249,14 @@ def test_packing_refuses_what_does_not_fit_and_loads_into_free_slots(adapter_dir
     packed = eng.pack_adapter(q_only, config)
     assert packed.rank == 1 and packed.nbytes * 2 == eng.slot_bytes  # what rank 1 needs, not a rank-2 slot
     eng.load_packed(0, packed)
-    gen = eng.submit(Request(PROMPTS[0], slot=0, max_tokens=2))
-    with pytest.raises(EngineError):
+    gen = eng.submit(Request(PROMPTS[0], slot=0, max_tokens=4))
+    with pytest.raises(EngineError, match="slot 0 is used"):  # queued
         eng.load_packed(0, packed)
+    eng.step()
+    assert not gen.done and not eng._waiting  # running now
+    with pytest.raises(EngineError, match="slot 0 is used"):
+        eng.load_packed(0, packed)
+    eng.load_packed(1, packed)  # a slot no request uses
     eng.run_until_done()
     assert gen.done
     eng.clear_adapter(0)
