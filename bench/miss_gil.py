@@ -4,16 +4,17 @@ the CPU, or the GPU where there is one), misses run by one thread while the main
     python bench/miss_gil.py                       # SmolLM2-135M shape, r=1 on all seven projections, 300 misses
     python bench/miss_gil.py --shape tiny --adapters 40 --out DIR      # a quick check
 
-Two kinds of miss, each over ``--adapters`` distinct adapters: ``store`` (not in any tier: fetched from memory, its
-sha256 checked, its disk copy written on the request's thread, parsed, checked, packed for the slots and loaded into
-a slot) and ``host`` (packed in host memory already: only the slot load; the cache has fewer slots than adapters,
-so every one is a slot miss). The counter's rate alone is measured a second before and after; while the misses
-run, the counter gets the GIL only when the miss thread does not hold it, so the share of its rate lost x the wall
-time / misses estimates the GIL a miss holds, with its hand-overs (the worker's switch interval: ``--switch-ms``,
-the serving default 0.1 ms). On a machine with few cores, work that releases the GIL but competes for a core counts
-too: read the column as an upper bound. ``pack ms`` is the cProfile total of `pack_adapter_bytes` over a further
-pass (store misses only) and ``pack own ms`` its own time, the part outside torch's operations (which release the
-GIL).
+Two kinds of miss, each over ``--adapters`` distinct adapters: ``store`` (not in any tier: read from a store
+directory, its sha256 checked, its disk copy written, parsed, checked, packed for the slots and loaded into a slot;
+with ``--fill N`` the reading, checking and writing run in N fill processes, `pipeline.serving.fill`, as in a serving
+worker, and ``store (fill 0)`` on the request's thread) and ``host`` (packed in host memory already: only the slot
+load; the cache has fewer slots than adapters, so every one is a slot miss). The counter's rate alone is measured a
+second before and after; while the misses run, the counter gets the GIL only when the miss thread does not hold it,
+so the share of its rate lost x the wall time / misses estimates the GIL a miss holds, with its hand-overs (the
+worker's switch interval: ``--switch-ms``, the serving default 0.1 ms). On a machine with few cores, work that
+releases the GIL but competes for a core counts too (the fill processes' work as well): read the column as an upper
+bound. ``pack ms`` is the cProfile total of `pack_adapter_bytes` over a further pass (store misses only) and ``pack
+own ms`` its own time, the part outside torch's operations (which release the GIL).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--adapters", type=int, default=300)
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--switch-ms", type=float, default=0.1, help="sys.setswitchinterval, as the serving worker sets")
+    ap.add_argument("--fill", default="0,2", help="fill processes for the store misses, one run each (0: none)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipeline.serving.adapters import AdapterKey, AdapterLimits, EngineSlots
     from pipeline.serving.cache import AdapterCache
     from pipeline.serving.fast_engine import FastEngine
+    from pipeline.serving.fill import DirectoryFetchSpec, FillPool
 
     torch.set_num_threads(1)
     sys.setswitchinterval(args.switch_ms / 1000)
@@ -117,32 +120,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device=device,
     )
     shapes = sl.lora_shapes(sl.model_config(spec), targets)
-    files: dict[Any, dict[str, bytes]] = {}
-    for i in range(2 * args.adapters):  # two sets: the timed store misses, then the profiled ones
-        f = sl.adapter_files(shapes, args.rank, targets, 1000 + i)
-        files[AdapterKey(f"u{i}", "r1", hashlib.sha256(f["adapter_model.safetensors"]).hexdigest())] = f
-    keys = list(files)
-    timed, profiled = keys[: args.adapters], keys[args.adapters :]
+    fills = [int(n) for n in args.fill.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="miss-gil-") as tmp:
-        cache = AdapterCache(
-            lambda key: dict(files[key]), disk_dir=Path(tmp) / "disk", disk_bytes=1 << 36, host_bytes=1 << 36,
-            slots=32, limits=AdapterLimits(max_rank=8, targets=frozenset(targets)), loader=EngineSlots(engine),
-        )  # fmt: skip
-        cache.acquire(profiled[-1])  # the header layout's plan, made once per process: not in the timed misses
-        cache.release(profiled[-1])
-        rows.append({"kind": "store", **measure(cache, timed)})
-        rows.append({"kind": "host", **measure(cache, timed)})  # all in host memory now, 32 slots
+        store = Path(tmp) / "store"
+        keys = []
+        # A set of timed store misses per --fill value, then the profiled ones (a new user each: a cold adapter).
+        for i in range((len(fills) + 1) * args.adapters):
+            f = sl.adapter_files(shapes, args.rank, targets, 1000 + i)
+            key = AdapterKey(f"u{i}", "r1", hashlib.sha256(f["adapter_model.safetensors"]).hexdigest())
+            folder = store / "users" / key.user_id / "revisions" / key.revision_id
+            folder.mkdir(parents=True)
+            for name, data in f.items():
+                (folder / name).write_bytes(data)
+            keys.append(key)
+        spec = DirectoryFetchSpec(str(store))
+        profiled = keys[len(fills) * args.adapters :]
+        for j, n_fill in enumerate(fills):
+            timed = keys[j * args.adapters : (j + 1) * args.adapters]
+            cache = AdapterCache(
+                spec.open(), disk_dir=Path(tmp) / f"disk-{j}", disk_bytes=1 << 36, host_bytes=1 << 36, slots=32,
+                limits=AdapterLimits(max_rank=8, targets=frozenset(targets)), loader=EngineSlots(engine),
+                fill=FillPool(spec, n_fill) if n_fill else None,
+            )  # fmt: skip
+            if cache.fill is not None:
+                cache.fill.pids()  # the processes up (a serving worker waits for them before it serves)
+            cache.acquire(profiled[-1 - j])  # the header layout's plan, made once per process: not timed
+            cache.release(profiled[-1 - j])
+            rows.append({"kind": f"store (fill {n_fill})", **measure(cache, timed)})
+            if j == 0:
+                rows.append({"kind": "host", **measure(cache, timed)})  # all in host memory now, 32 slots
+                first = cache
+            else:
+                cache.close()
+        cache = first
         prof = cProfile.Profile()
         prof.enable()
-        for k in profiled[:-1]:
+        for k in profiled[: -len(fills)]:
             cache.acquire(k)
             cache.release(k)
         prof.disable()
         cache.close()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     pack = [v for (file, _, name), v in stats.items() if name == "pack_adapter_bytes" and "fast_llama" in file]
-    n = max(1, len(profiled) - 1)
+    n = max(1, len(profiled) - len(fills))
     rows[0]["pack_ms"] = 1000 * pack[0][3] / n if pack else None
     rows[0]["pack_own_ms"] = 1000 * pack[0][2] / n if pack else None
     report = {

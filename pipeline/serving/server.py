@@ -101,10 +101,20 @@ class Server:
         self.name = name or f"{socket.gethostname()}:{cfg.port}:{os.getpid()}"  # header x-persona-worker
         self.base_id = base.ref.model_id
         self.tokenizer = base.tokenizer
-        self.engine = make_engine(base, cfg)
-        warmup = getattr(self.engine, "warmup", None)
-        if warmup is not None:
-            warmup()  # every CUDA graph captured before the first request
+        # The fill processes start first: each boots a Python with the project imported (seconds) while the engine
+        # is built and warmed up, and all answer before the cache exists, so no first request waits for one.
+        fill = FillPool(self.fetch_spec(), cfg.fill_processes) if cfg.fill_processes else None
+        try:
+            self.engine = make_engine(base, cfg)
+            warmup = getattr(self.engine, "warmup", None)
+            if warmup is not None:
+                warmup()  # every CUDA graph captured before the first request
+            if fill is not None:
+                fill.pids()
+        except BaseException:
+            if fill is not None:
+                fill.close()
+            raise
         self.lock = threading.Lock()  # the engine: steps, submits, scoring (not slot loads: `engine_slots`)
         self.wake = threading.Event()
         #: Where each running request's tokens go: the queue of its consumer's event loop (`generate_async`).
@@ -129,7 +139,7 @@ class Server:
             loader=engine_slots(self.engine, self.lock),
             registered=registry_check(self.stores),
             write_behind=True,
-            fill=FillPool(self.fetch_spec(), cfg.fill_processes) if cfg.fill_processes else None,
+            fill=fill,
         )
         self.keys = KeyCache(self._authenticate, ttl_s=cfg.key_cache_ttl_s, max_entries=cfg.key_cache_size)
         self._models: dict[str, tuple[float, list[tuple[str, int]]]] = {}  # app -> (when, its listed models)

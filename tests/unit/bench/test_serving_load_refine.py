@@ -68,3 +68,24 @@ def test_refine_does_nothing_without_a_bracket_or_without_time() -> None:
     ctx.deadline = time.monotonic()  # no time left for a point
     bench.refine(ctx, series, run)
     assert series["refine_skipped"] == "time budget" and len(series["points"]) == 2
+
+
+def test_the_latency_bar_comes_from_the_quietest_probe_not_a_first_one_that_hiccuped() -> None:
+    """A cold worker's first probe can show a TTFT p99 of ~1 s at a low rate (2026-11-30h call 5: 956 ms at 64 req/s):
+    10x that let a later point at 3.5 s count as keeping up. The bar is 10x the lowest p99 of the probes so far."""
+    bench = load_bench("serving_load")
+    p99s = {64.0: 956.0, 128.0: 25.0, 256.0: 119.0, 512.0: 3531.0}
+    args = argparse.Namespace(start_rate=64.0, probe_duration=1.0, warmup=0.0, max_rate=1e9)
+    ctx = SimpleNamespace(args=args, deadline=time.monotonic() + 3600)
+
+    def run(rate: float, duration: float, role: str) -> dict:
+        return {
+            "role": role, "offered_rps": rate, "offered_rps_actual": rate, "achieved_rps": rate,
+            "ttft_p99_ms": p99s[rate], "error_fraction": 0.0, "out_tokens_per_s": 80.0 * rate,
+        }  # fmt: skip
+
+    sat, probes = bench.saturation(ctx, run)
+    assert [p["offered_rps"] for p in probes] == [64.0, 128.0, 256.0, 512.0]
+    assert sat["first_ttft_p99_ms"] == 25.0
+    assert "TTFT p99 3531 ms > max(1 s, 10x the quietest probe's)" in sat["stopped_because"]
+    assert bench.saturated(probes[-1], sat["first_ttft_p99_ms"])
