@@ -824,7 +824,11 @@ def _fill_text(c: dict) -> str:
     n = c.get("fill_processes")
     if n is None:
         return "adapter file work on the request threads (before fill processes existed)"
-    return f"{n} fill processes (the adapter cache's file work)" if n else "adapter file work on the request threads"
+    return (
+        f"at most {n} fill processes (the adapter cache's file work)"
+        if n
+        else "adapter file work on the request threads"
+    )
 
 
 def worker_env(args: argparse.Namespace, port: int, cache_dir: Path) -> dict[str, str]:
@@ -1999,8 +2003,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fill-processes",
         type=int,
         default=None,
-        help="the worker's PERSONA_SERVE_FILL_PROCESSES (default: from the environment, else 2; 0: the cache's file "
-        "work on the request threads)",
+        help="the worker's PERSONA_SERVE_FILL_PROCESSES (default: from the environment, else 8, the worker's default; "
+        "0: the cache's file work on the request threads)",
     )
     ap.add_argument("--disk-cache-bytes", type=int, default=10 << 30)
     ap.add_argument("--store-latency-ms", type=float, default=0.0, help="inmemory: sleep per object-store fetch")
@@ -2028,7 +2032,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.stream_interval_ms is None:  # what the worker will read (recorded with the results)
         args.stream_interval_ms = float(os.environ.get("PERSONA_SERVE_STREAM_INTERVAL_MS") or 0)
     if args.fill_processes is None:
-        args.fill_processes = int(os.environ.get("PERSONA_SERVE_FILL_PROCESSES") or 2)
+        args.fill_processes = int(os.environ.get("PERSONA_SERVE_FILL_PROCESSES") or 8)
     if args.base_only:
         args.kinds = "base"
     return args

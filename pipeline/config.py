@@ -478,12 +478,13 @@ class ServingSettings(BaseSettings):
     disk_cache_bytes: int = Field(10 << 30, ge=0, description="Bytes of the disk tier.")
     host_cache_bytes: int = Field(2 << 30, ge=0, description="Bytes of the host-memory tier.")
     fill_processes: int = Field(
-        2,
+        8,
         ge=0,
         le=64,
-        description="Processes that do the adapter cache's file work (registry lookup, object store fetch, sha256 "
-        "checks, disk copies) beside a serving worker, so that first touches of adapters do not hold its GIL; "
-        "0: on the worker's request threads.",
+        description="Processes, at most, that do the adapter cache's file work (registry lookup, object store fetch, "
+        "sha256 checks, disk copies) beside a serving worker, so that first touches of adapters do not hold its GIL: "
+        "2 start with the worker, more while misses overlap (each with an 8 MiB buffer in /dev/shm); 0: on the "
+        "worker's request threads.",
     )
     worker_id: str | None = Field(
         None,

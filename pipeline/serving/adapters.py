@@ -16,6 +16,7 @@ from safetensors.torch import load as load_safetensors
 
 from pipeline.domain.errors import CapacityExhausted, NotFound, PersonaError
 from pipeline.models.multilora import AdapterLimitError
+from pipeline.serving.fill import registry_fetch  # noqa: F401 (re-exported: the cache's fetch, in a worker's process)
 
 if TYPE_CHECKING:
     from pipeline.storage.stores import Stores
@@ -217,23 +218,6 @@ def check_limits(config: dict[str, Any], tensors: Mapping[str, Any] | None, limi
         rank = tensor.shape[0] if rest == "A.weight" else tensor.shape[-1]
         if rank > limits.max_rank:
             raise AdapterLimitError(f"tensor {name!r} has rank {rank}; the maximum rank is {limits.max_rank}")
-
-
-def registry_fetch(stores: Stores) -> Callable[[AdapterKey], dict[str, bytes]]:
-    """A ``fetch`` for AdapterCache: the revision's PEFT files from the object store, verified by the registry."""
-    from pipeline.storage.registry import get_revision
-
-    def fetch(key: AdapterKey) -> dict[str, bytes]:
-        with stores.db.connection() as conn:
-            rev = get_revision(conn, key.revision_id)
-        if rev.user_id != key.user_id or rev.sha256 != key.sha256:
-            raise NotFound(
-                f"revision {key.revision_id} is ({rev.user_id!r}, {rev.sha256[:12]}), "
-                f"not ({key.user_id!r}, {key.sha256[:12]}) as requested"
-            )
-        return stores.registry.adapter_files(rev)
-
-    return fetch
 
 
 def registry_check(stores: Stores) -> Callable[[AdapterKey], bool]:

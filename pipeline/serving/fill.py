@@ -9,15 +9,18 @@ the worker capacity that resident adapters do not (bench/results/serving_load.md
 costs the serving process one request sent and one reply received; what stays in the serving process is the pack
 (a few whole-array operations) and the slot load.
 
-The pool: ``processes`` child processes (``spawn``), each with its own request and reply pipes, used by one thread at
-a time (a caller takes an idle child, sends, waits for the reply, puts it back). A child opens its own fetch from a
-picklable `FetchSpec` (the registry and object store for a worker: `RegistryFetchSpec`), so nothing of the serving
-process's clients crosses. Each process has a shared buffer (a file in /dev/shm, 16 MiB by default): a reply names
-where in it the files are, and the caller reads them there, with no copy through the pipe (`FillPool.lease`: the
-views are valid while the caller holds that process); files too big for it come through the pipe. An exception
-raised in a fill process is raised again in the caller. A child that
-dies (killed, out of memory) is replaced and the request tried once more on the new one; a second death raises
-`FillProcessError` (an `Unavailable`: the request fails with 503, the worker goes on).
+The pool: at most ``processes`` child processes (``spawn``; 2 at start, another whenever a caller finds every one
+busy, so that misses waiting on a slow object store still wait in parallel), each with its own request and reply
+pipes and used by one thread at a time (a caller takes an idle child, sends, waits for the reply, puts it back). A
+child imports no torch (it starts in well under a second) and opens its own fetch from a picklable `FetchSpec` (the
+registry and object store for a worker: `RegistryFetchSpec`), so nothing of the serving process's clients crosses.
+Each process has a shared buffer (a file in /dev/shm, 8 MiB by default, its room allocated when the process starts):
+a reply names where in it the files are, and the caller reads them there, with no copy through the pipe
+(`FillPool.lease`: the views are valid while the caller holds that process); files too big for it, or all of a
+process's when /dev/shm has no room for its buffer, come through the pipe. An exception raised in a fill process is
+raised again in the caller. A child that dies (killed, out of memory) is replaced and the request tried once more on
+the new one; a second death raises `FillProcessError` (an `Unavailable`: the request fails with 503, the worker goes
+on).
 
 The disk tier's bookkeeping stays in the cache (`AdapterCache`): a child writes a fetched adapter's copy into the
 temporary directory it is given, complete with its digests, and the cache moves it into place only if its reservation
@@ -34,6 +37,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -41,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 
@@ -51,7 +55,7 @@ from pipeline.storage.objects import CorruptObject, sha256_hex
 
 if TYPE_CHECKING:
     from pipeline.config import DatabaseSettings, S3Settings
-    from pipeline.serving.adapters import AdapterKey
+    from pipeline.storage.stores import Stores
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class CorruptCopy(Exception):
 class FetchSpec(Protocol):
     """What a fill process opens to fetch adapters (picklable: it crosses to the child once, at its start)."""
 
-    def open(self) -> Callable[[AdapterKey], dict[str, bytes]]:
+    def open(self) -> Callable[[KeyFields], dict[str, bytes]]:
         """The fetch: the adapter's PEFT files by name, from wherever the spec says."""
         ...
 
@@ -88,11 +92,51 @@ class RegistryFetchSpec:
     db: DatabaseSettings
     s3: S3Settings
 
-    def open(self) -> Callable[[AdapterKey], dict[str, bytes]]:
-        from pipeline.serving.adapters import registry_fetch
+    def open(self) -> Callable[[KeyFields], dict[str, bytes]]:
         from pipeline.storage.stores import Stores
 
         return registry_fetch(Stores.open(self.db, self.s3, name="persona-serve-fill", wait=False))
+
+
+def registry_fetch(stores: Stores) -> Callable[[KeyFields], dict[str, bytes]]:
+    """A ``fetch`` for AdapterCache: the revision's PEFT files from the object store, verified by the registry."""
+    from pipeline.storage.registry import get_revision
+
+    def fetch(key: KeyFields) -> dict[str, bytes]:
+        with stores.db.connection() as conn:
+            rev = get_revision(conn, key.revision_id)
+        if rev.user_id != key.user_id or rev.sha256 != key.sha256:
+            raise NotFound(
+                f"revision {key.revision_id} is ({rev.user_id!r}, {rev.sha256[:12]}), "
+                f"not ({key.user_id!r}, {key.sha256[:12]}) as requested"
+            )
+        return stores.registry.adapter_files(rev)
+
+    return fetch
+
+
+class KeyFields(Protocol):
+    """What the fill side reads of an adapter's key (`pipeline.serving.adapters.AdapterKey` has these fields)."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def revision_id(self) -> str: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
+K = TypeVar("K", bound=KeyFields)
+
+
+class FillKey(NamedTuple):
+    """An adapter's key as a fill process sees it (`AdapterKey`'s fields: its module, and torch, stay out of it)."""
+
+    user_id: str
+    revision_id: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -103,10 +147,10 @@ class DirectoryFetchSpec:
     root: str
     latency_s: float = 0.0
 
-    def open(self) -> Callable[[AdapterKey], dict[str, bytes]]:
+    def open(self) -> Callable[[KeyFields], dict[str, bytes]]:
         root, latency_s = Path(self.root), self.latency_s
 
-        def fetch(key: AdapterKey) -> dict[str, bytes]:
+        def fetch(key: KeyFields) -> dict[str, bytes]:
             folder = root / "users" / key.user_id / "revisions" / key.revision_id
             if latency_s:
                 time.sleep(latency_s)
@@ -146,7 +190,7 @@ def read_copy(entry: Path, sha256: str) -> dict[str, bytes]:
     return files
 
 
-def fetch_verified(fetch: Callable[[AdapterKey], dict[str, bytes]], key: AdapterKey) -> dict[str, bytes]:
+def fetch_verified(fetch: Callable[[K], dict[str, bytes]], key: K) -> dict[str, bytes]:
     """``fetch(key)``, its weights checked against ``key.sha256`` (the registry's fetch checks too; this guards a fetch
     that does not)."""
     files = fetch(key)
@@ -175,7 +219,8 @@ def _child(requests: Connection, replies: Connection, spec: FetchSpec, buffer: s
         reply: tuple[str, Any]
         try:
             if op == "fetch":
-                key, tmp = args
+                fields, tmp = args
+                key: Any = FillKey(*fields)
                 files = fetch_verified(fetch, key)
                 if tmp is not None:
                     try:
@@ -188,7 +233,7 @@ def _child(requests: Connection, replies: Connection, spec: FetchSpec, buffer: s
             elif op == "read":
                 reply = ("ok", _place_files(view, read_copy(*args)))
             elif op == "ping":
-                reply = ("ok", os.getpid())
+                reply = ("ok", (os.getpid(), "torch" in sys.modules))
             else:
                 reply = ("error", ValueError(f"unknown fill operation {op!r}"))
         except Exception as e:
@@ -251,10 +296,11 @@ class FillLease:
         self._pool = pool
         self.index = index
 
-    def fetch(self, key: AdapterKey, tmp: Path | None) -> tuple[dict[str, Any], Path | None]:
+    def fetch(self, key: KeyFields, tmp: Path | None) -> tuple[dict[str, Any], Path | None]:
         """The adapter's files from the spec's fetch, sha256-checked; with ``tmp``, a complete disk copy written
         there too (the second value: ``tmp``, or None when it could not be written)."""
-        placed, written = self._pool._call(self.index, "fetch", (key, None if tmp is None else str(tmp)))
+        fields = (key.user_id, key.revision_id, key.sha256)
+        placed, written = self._pool._call(self.index, "fetch", (fields, None if tmp is None else str(tmp)))
         return self._files(placed), None if written is None else Path(written)
 
     def read(self, entry: Path, sha256: str) -> dict[str, Any]:
@@ -269,43 +315,48 @@ class FillLease:
 
 
 class FillPool:
-    """``processes`` fill processes (see the module doc); thread-safe. ``buffer_bytes``: each process's shared
+    """At most ``processes`` fill processes (see the module doc), ``start`` of them at once and more while misses
+    overlap (a request that finds every one busy starts another: under a slow object store, misses wait on the
+    network in parallel, as they did on the request threads); thread-safe. ``buffer_bytes``: each process's shared
     buffer, through which files up to that size come back (larger ones, or all when there is no room for the
     buffers, through the reply pipe)."""
 
-    def __init__(self, spec: FetchSpec, processes: int = 2, *, buffer_bytes: int = 16 << 20) -> None:
+    def __init__(self, spec: FetchSpec, processes: int = 8, *, start: int = 2, buffer_bytes: int = 8 << 20) -> None:
         if processes < 1:
             raise ValueError(f"a fill pool needs at least one process (got {processes})")
         self.spec = spec
         self.processes = processes
+        self.buffer_bytes = buffer_bytes
         self._ctx = multiprocessing.get_context("spawn")
         self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._procs: list[_Proc | None] = [None] * processes
+        self._procs: list[_Proc | None] = []
         self._buffers: list[_Buffer | None] = []
         self._lock = threading.Lock()
         self._closed = False
-        for i in range(processes):
-            try:
-                self._buffers.append(_Buffer(buffer_bytes) if buffer_bytes > 0 else None)
-            except OSError as e:
-                log.warning("no shared buffer of %d bytes for adapter fill process %d (%s): its files come back "
-                            "through its pipe", buffer_bytes, i, e)  # fmt: skip
-                self._buffers.append(None)
-            self._procs[i] = self._start(i)
-            self._idle.put(i)
+        for _ in range(max(1, min(start, processes))):
+            self._idle.put(self._add())
+
+    @property
+    def started(self) -> int:
+        """Fill processes started so far."""
+        return len(self._procs)
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[FillLease]:
         """One fill process for the caller until the block ends (the files it returns are valid until then)."""
         if self._closed:
             raise FillProcessError("the adapter fill pool is closed")
-        index = self._idle.get()
+        try:
+            index = self._idle.get_nowait()
+        except queue.Empty:
+            grown = self._grow()
+            index = self._idle.get() if grown is None else grown
         try:
             yield FillLease(self, index)
         finally:
             self._idle.put(index)
 
-    def fetch(self, key: AdapterKey, tmp: Path | None) -> tuple[dict[str, bytes], Path | None]:
+    def fetch(self, key: KeyFields, tmp: Path | None) -> tuple[dict[str, bytes], Path | None]:
         """`FillLease.fetch` with the files copied out (for callers that keep them)."""
         with self.lease() as lease:
             files, written = lease.fetch(key, tmp)
@@ -317,19 +368,21 @@ class FillPool:
             return {name: bytes(data) for name, data in lease.read(entry, sha256).items()}
 
     def pids(self) -> list[int]:
-        """The fill processes' pids, as they answer (each one asked once)."""
-        out = []
-        for _ in range(self.processes):
-            with self.lease() as lease:
-                out.append(self._call(lease.index, "ping", ()))
-        return out
+        """The started fill processes' pids, as they answer (each one asked once, all held meanwhile): a caller that
+        gets them knows every started process is up."""
+        held = [self._idle.get() for _ in range(self.started)]
+        try:
+            return [self._call(i, "ping", ())[0] for i in held]
+        finally:
+            for i in held:
+                self._idle.put(i)
 
     def close(self) -> None:
         """Stop the fill processes (a call in flight fails with FillProcessError)."""
         with self._lock:
             self._closed = True
             procs = [p for p in self._procs if p is not None]
-            self._procs = [None] * self.processes
+            self._procs = [None] * len(self._procs)
         for p in procs:
             with contextlib.suppress(OSError):
                 p.requests.close()
@@ -351,6 +404,30 @@ class FillPool:
         self.close()
 
     # --- internals ---
+    def _add(self) -> int:
+        """Start one more fill process, with its buffer (caller: the constructor, or `_grow` under the lock)."""
+        index = len(self._procs)
+        buffer = None
+        if self.buffer_bytes > 0:
+            try:
+                buffer = _Buffer(self.buffer_bytes)
+            except OSError as e:
+                log.warning("no shared buffer of %d bytes for adapter fill process %d (%s): its files come back "
+                            "through its pipe", self.buffer_bytes, index, e)  # fmt: skip
+        self._buffers.append(buffer)
+        self._procs.append(None)
+        self._procs[index] = self._start(index)
+        return index
+
+    def _grow(self) -> int | None:
+        """Another fill process for a caller that found every one busy; None at the most (it waits then)."""
+        with self._lock:
+            if self._closed or len(self._procs) >= self.processes:
+                return None
+            index = self._add()
+        log.info("adapter fill processes: %d of at most %d (every one was busy)", index + 1, self.processes)
+        return index
+
     def _start(self, index: int) -> _Proc:
         req_r, req_w = self._ctx.Pipe(duplex=False)
         rep_r, rep_w = self._ctx.Pipe(duplex=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool(root):
-    with FillPool(DirectoryFetchSpec(str(root)), processes=2) as p:
+    with FillPool(DirectoryFetchSpec(str(root)), processes=2, start=2) as p:
         yield p
 
 
@@ -185,3 +186,28 @@ def test_engines_pack_from_the_fill_buffer_and_serve_what_peft_serves(kind, tmp_
         for slot, folder in zip(slots, dirs, strict=True):
             assert_serves(engine, slot, folder)
         cache.fill = None
+
+
+def test_the_pool_grows_while_misses_overlap_up_to_its_most_and_its_processes_do_not_load_torch(root):
+    key = put(root, "g1", 50)
+    with FillPool(DirectoryFetchSpec(str(root)), processes=2, start=1) as pool:
+        assert pool.started == 1
+        with pool.lease() as first:
+            with pool.lease() as second:  # the first is busy: a second process starts
+                assert pool.started == 2 and {first.index, second.index} == {0, 1}
+                assert {bytes(v) for v in second.fetch(key, None)[0].values()} == set(lora_files(50).values())
+                got: list[int] = []
+                waiter = threading.Thread(target=lambda: got.append(_lease_index(pool)))
+                waiter.start()  # both busy, at the most: it waits for one
+                time.sleep(0.3)
+                assert not got and pool.started == 2
+            waiter.join(timeout=10)
+            assert got == [second.index]
+            for i in range(pool.started):  # the test holds or owns both now
+                pid, torch_loaded = pool._call(i, "ping", ())
+                assert pid > 0 and not torch_loaded  # a fill process boots without torch (fast, small)
+
+
+def _lease_index(pool: FillPool) -> int:
+    with pool.lease() as lease:
+        return lease.index
