@@ -264,28 +264,39 @@ class _Proc:
 
 
 class _Buffer:
-    """One fill process's shared buffer: a file in shared memory (``/dev/shm`` where there is one), its room
-    allocated up front (a full /dev/shm is an error here, at the start, and not a SIGBUS in the child later)."""
+    """One fill process's shared buffer: a file in shared memory (``/dev/shm`` where there is one, mode 0600), its
+    room allocated up front (a full /dev/shm is an error here, at the start, and not a SIGBUS in the child later).
+    Where /proc is, the file is unlinked at once and the child opens it through this process's descriptor
+    (``/proc/PID/fd/N``): a worker killed with SIGKILL leaves nothing in /dev/shm."""
 
     def __init__(self, size: int) -> None:
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # noqa: S108 - POSIX shm
-        fd, self.path = tempfile.mkstemp(prefix="persona-fill-", dir=folder)
+        self.fd, name = tempfile.mkstemp(prefix="persona-fill-", dir=folder)
         try:
-            os.posix_fallocate(fd, 0, size)
-            self.map = mmap.mmap(fd, size)
+            os.posix_fallocate(self.fd, 0, size)
+            self.map = mmap.mmap(self.fd, size)
         except BaseException:
-            os.close(fd)
-            os.unlink(self.path)
+            os.close(self.fd)
+            os.unlink(name)
             raise
-        os.close(fd)
+        proc = f"/proc/{os.getpid()}/fd/{self.fd}"
+        if os.path.exists(proc):
+            os.unlink(name)
+            self.path, self._name = proc, None
+        else:
+            self.path, self._name = name, name
         self.view = memoryview(self.map)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        self.view.release()
+        if self._name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._name)
+        with contextlib.suppress(BufferError, ValueError):
+            self.view.release()
         with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes with it
             self.map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 class FillLease:
