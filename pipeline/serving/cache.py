@@ -462,16 +462,8 @@ class AdapterCache:
             self._count(DISK, hit=False)
         if lease is not None:
             return self._fill_get(key, lease)
-        start = time.perf_counter()
-        try:
+        with self._store_tier():
             files = fetch_verified(self.fetch, key)
-        except NotFound:
-            with self._lock:
-                self._count(STORE, hit=False)
-            raise
-        _series(m.ADAPTER_LOAD_SECONDS, STORE).observe(time.perf_counter() - start)
-        with self._lock:
-            self._count(STORE, hit=True)
         if self._reserve_disk(key.sha256, files):
             if self._writer is not None:  # write behind: the request goes on with the bytes it has
                 self._writer.submit(self._write_disk, key.sha256, files)
@@ -483,25 +475,33 @@ class AdapterCache:
         """The object store tier through a fill process, which also writes the disk copy into a temporary directory;
         moved into place here if room for it is reserved (else deleted)."""
         tmp = self._tmp_dir() if self.disk_bytes > 0 else None
-        start = time.perf_counter()
         try:
-            files, written = lease.fetch(key, tmp)
-        except BaseException as e:
+            with self._store_tier():
+                files, written = lease.fetch(key, tmp)
+        except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)  # a fill process that died while writing leaves a part
-            if isinstance(e, NotFound):
-                with self._lock:
-                    self._count(STORE, hit=False)
             raise
-        _series(m.ADAPTER_LOAD_SECONDS, STORE).observe(time.perf_counter() - start)
-        with self._lock:
-            self._count(STORE, hit=True)
         if written is not None:
             if self._reserve_disk(key.sha256, files):
                 self._place(written, key.sha256)
             else:
                 shutil.rmtree(written, ignore_errors=True)
         return files
+
+    @contextlib.contextmanager
+    def _store_tier(self) -> Iterator[None]:
+        """Around a fetch from the object store: its time and a hit counted, or a miss when it is not there."""
+        start = time.perf_counter()
+        try:
+            yield
+        except NotFound:
+            with self._lock:
+                self._count(STORE, hit=False)
+            raise
+        _series(m.ADAPTER_LOAD_SECONDS, STORE).observe(time.perf_counter() - start)
+        with self._lock:
+            self._count(STORE, hit=True)
 
     def _tmp_dir(self) -> Path:
         """A new temporary directory name in the disk tier (unique on this host; uuid4 cost ~0.1 ms here)."""
