@@ -350,59 +350,14 @@ def make_store(
 
 
 def inmemory_server(settings: Any, base: Any, spec: dict) -> Any:
-    """`Server` with the registry and object store replaced (REPLACED_INMEMORY); engine, cache and API are real."""
-    from pipeline.domain.apikeys import Principal
-    from pipeline.domain.errors import NotFound
-    from pipeline.domain.revisions import parse_model_name
-    from pipeline.serving.adapters import AdapterKey
-    from pipeline.serving.fill import DirectoryFetchSpec
-    from pipeline.serving.server import Server, Target, not_found
+    """`Server` with the registry and object store replaced (REPLACED_INMEMORY, bench/serving_inmemory.py); engine,
+    cache and API are real."""
+    from serving_inmemory import InMemoryServer
 
-    index: dict[str, tuple[str, str]] = {u: (r, s) for u, (r, s) in spec["index"].items()}
-    store = Path(spec["store"])
-    latency_s = spec.get("store_latency_ms", 0) / 1e3
-
-    class InMemoryServer(Server):
-        def _authenticate(self, key: str) -> Principal | None:
-            if key != spec["key"]:
-                return None
-            return Principal(spec["key_id"], APP, frozenset({"serve"}))
-
-        def resolve(self, model: str, principal: Principal) -> Target:
-            name = parse_model_name(model, self.base_id)
-            if name.user_id is None:
-                return Target(None, "base", model)
-            hit = index.get(name.user_id)
-            if hit is None or not principal.may_act_for(APP) or name.revision_id not in (None, hit[0]):
-                raise not_found(model)
-            return Target(AdapterKey(name.user_id, hit[0], hit[1]), hit[0], model)
-
-        def models(self, principal: Principal) -> list[tuple[str, int]]:
-            if principal.app_id != APP:
-                return []
-            return [(f"user:{u}", 0) for u in sorted(index)[: self.settings.serving.models_list_limit]]
-
-        def fetch_spec(self) -> DirectoryFetchSpec:
-            # The fill processes read the store's directory (the registry check below stays in this process).
-            return DirectoryFetchSpec(str(store), latency_s)
-
-    def fetch(key: AdapterKey) -> dict[str, bytes]:
-        if index.get(key.user_id) != (key.revision_id, key.sha256):
-            raise NotFound(f"revision {key.revision_id} of {key.user_id!r} is not in the bench's store")
-        if latency_s:
-            time.sleep(latency_s)
-        folder = store / "users" / key.user_id / "revisions" / key.revision_id
-        return {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
-
-    def registered(key: AdapterKey) -> bool:
-        return index.get(key.user_id) == (key.revision_id, key.sha256)
-
+    cls: Any = InMemoryServer
     if os.environ.get("LOAD_PHASES"):
-        InMemoryServer = _phased(InMemoryServer)
-    server = InMemoryServer(settings, base)
-    server.stores.close()  # opened by Server.__init__ (without waiting); nothing here reads PostgreSQL or S3
-    server.cache.fetch = fetch
-    server.cache.registered = registered
+        cls = _phased(cls)
+    server = cls(settings, base, spec)
     if os.environ.get("LOAD_PHASES"):
         server.cache._host_get = _timed(server.cache._host_get, "acquire miss: host tier (disk/store, pack)")
         server.cache.loader.load = _timed(server.cache.loader.load, "acquire miss: slot load")
@@ -565,9 +520,10 @@ def worker_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
+    from serving_inmemory import InMemoryFrontend
 
     from pipeline.config import DatabaseSettings, S3Settings, ServingSettings, Settings
-    from pipeline.serving.api import uvicorn_servers
+    from pipeline.serving.api import run_http
 
     torch.set_grad_enabled(False)
     serving = ServingSettings()  # PERSONA_SERVE_* as the bench set them
@@ -585,7 +541,6 @@ def worker_main(spec_path: str) -> None:
 
         server_module.make_engine = stub  # type: ignore[assignment]
     server = inmemory_server(settings, base, spec)
-    api, _ = uvicorn_servers(server)  # admin_port 0: /metrics on the API port
     Path(spec["status_file"]).write_text(
         json.dumps({"engine": type(server.engine).__name__, "base": server.base_id, "pid": os.getpid()})
     )
@@ -594,7 +549,8 @@ def worker_main(spec_path: str) -> None:
         sampler = StackSampler(Path(spec["status_file"]).with_name("stacks.txt"))
     try:
         with contextlib.suppress(KeyboardInterrupt):  # the bench stops it with SIGINT, as one stops `persona serve`
-            api.run()
+            # admin_port 0: /metrics on the API port; with --http-processes, the API in processes of its own
+            run_http(server, frontend=InMemoryFrontend, extra=spec)
     finally:
         if sampler is not None:
             sampler.stop(server)
@@ -808,9 +764,9 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(30)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: its HTTP and fill processes too
                 self.proc.wait(10)
 
 
@@ -829,6 +785,11 @@ def _fill_text(c: dict) -> str:
         if n
         else "adapter file work on the request threads"
     )
+
+
+def _http_text(c: dict) -> str:
+    n = c.get("http_processes") or 0
+    return f"the HTTP API in {n} processes of its own" if n else "the HTTP API in the worker's process"
 
 
 def worker_env(args: argparse.Namespace, port: int, cache_dir: Path) -> dict[str, str]:
@@ -853,6 +814,7 @@ def worker_env(args: argparse.Namespace, port: int, cache_dir: Path) -> dict[str
     if args.stream_interval_ms is not None:
         env["PERSONA_SERVE_STREAM_INTERVAL_MS"] = str(args.stream_interval_ms)
     env["PERSONA_SERVE_FILL_PROCESSES"] = str(args.fill_processes)
+    env["PERSONA_SERVE_HTTP_PROCESSES"] = str(args.http_processes)
     return env
 
 
@@ -1356,14 +1318,16 @@ def run_point(
         gc.freeze()
         gc.disable()
         before = parse_metrics((await client.get("/metrics"))[1].decode())
-        cpu0 = server_proc.cpu_times()
+        cpu0 = _tree_cpu(server_proc)
         c0, w0 = time.process_time(), time.perf_counter()
         timing = await drive(client, path, reqs, max(args.drain_s, 2 * duration))
         wall = time.perf_counter() - w0
-        cpu1 = server_proc.cpu_times()
+        cpu1 = _tree_cpu(server_proc)
         cpu = {
             "client_cpu_cores": (time.process_time() - c0) / wall,
-            "server_cpu_cores": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall,
+            # the worker's process, and its HTTP and fill processes (by pid: one restarted meanwhile is not counted)
+            "server_cpu_cores": sum(cpu1[pid] - cpu0[pid] for pid in cpu1 if pid in cpu0) / wall,
+            "server_main_cpu_cores": (cpu1[server_proc.pid] - cpu0[server_proc.pid]) / wall,
         }
         after = parse_metrics((await client.get("/metrics"))[1].decode())
         return timing, before, after, cpu
@@ -1391,6 +1355,18 @@ def run_point(
         point["settle_s"] = settle(ctx, client)
     note(f"    {role} {rate:8.2f} req/s: " + short(point))
     return point
+
+
+def _tree_cpu(proc: Any) -> dict[int, float]:
+    """CPU seconds (user + system) of ``proc`` and each of its descendants, by pid."""
+    import psutil
+
+    out = {}
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+    return out
 
 
 async def _with_client(client: Client, fn: Callable[[], Any]) -> Any:
@@ -1818,7 +1794,7 @@ def method_text(res: dict) -> str:
             f"(PERSONA_SERVE_ENGINE={c['engine'] or 'from the environment'}), "
             f"slots {c['slots']}, max batch {c['max_batch']}, max_seq {c['max_seq']}, host cache "
             f"{c['host_cache_bytes'] / 2**30:.1f} GiB, disk cache {c['disk_cache_bytes'] / 2**30:.1f} GiB, stream "
-            f"interval {_interval_text(c)}, {_fill_text(c)}. A fresh "
+            f"interval {_interval_text(c)}, {_fill_text(c)}, {_http_text(c)}. A fresh "
             "worker process with an empty disk cache directory per series: store -> disk -> host -> slot tiers all "
             "cold at its start (the resident series then loads its adapters before measuring); rates of one series "
             "run in increasing order on that worker, so later rates find the tiers as the earlier ones left them.",
@@ -2006,6 +1982,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the worker's PERSONA_SERVE_FILL_PROCESSES (default: from the environment, else 8, the worker's default; "
         "0: the cache's file work on the request threads)",
     )
+    ap.add_argument(
+        "--http-processes",
+        type=int,
+        default=None,
+        help="the worker's PERSONA_SERVE_HTTP_PROCESSES (default: from the environment, else 0: the API in the "
+        "worker's process)",
+    )
     ap.add_argument("--disk-cache-bytes", type=int, default=10 << 30)
     ap.add_argument("--store-latency-ms", type=float, default=0.0, help="inmemory: sleep per object-store fetch")
     ap.add_argument("--cap", type=int, default=1024, help="client: requests in flight at most")
@@ -2033,6 +2016,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.stream_interval_ms = float(os.environ.get("PERSONA_SERVE_STREAM_INTERVAL_MS") or 0)
     if args.fill_processes is None:
         args.fill_processes = int(os.environ.get("PERSONA_SERVE_FILL_PROCESSES") or 8)
+    if args.http_processes is None:
+        args.http_processes = int(os.environ.get("PERSONA_SERVE_HTTP_PROCESSES") or 0)
     if args.base_only:
         args.kinds = "base"
     return args

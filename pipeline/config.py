@@ -486,6 +486,15 @@ class ServingSettings(BaseSettings):
         "2 start with the worker, more while misses overlap (each with an 8 MiB buffer in /dev/shm); 0: on the "
         "worker's request threads.",
     )
+    http_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Processes that serve the worker's HTTP API (keys, model resolution, tokenizing, streaming), each "
+        "listening on `port` (SO_REUSEPORT) and handing generations to this process's engine over a pipe, so that the "
+        "HTTP side does not share one GIL with the engine and the adapter cache; a process that dies is restarted. "
+        "0: the API runs in the worker's own process.",
+    )
     worker_id: str | None = Field(
         None,
         min_length=1,

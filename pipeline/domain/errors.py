@@ -38,6 +38,20 @@ class PersonaError(Exception):
         if retry_after_s is not None:
             self.retry_after_s = retry_after_s
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses process boundaries (a serving worker's fill and HTTP processes) with its param and retry hint; the
+        # default (the class called with ``args``) would drop both.
+        return _rebuild, (type(self), str(self), self.param, self.__dict__.get("retry_after_s"))
+
+
+def _rebuild(cls: type[PersonaError], message: str, param: str | None, retry_after_s: float | None) -> PersonaError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.param = param
+    if retry_after_s is not None:
+        error.retry_after_s = retry_after_s
+    return error
+
 
 class InvalidInput(PersonaError):
     """Operator or client input is not acceptable; the message says what is allowed."""

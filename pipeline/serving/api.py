@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -44,7 +45,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers.decoders import DecodeStream
@@ -53,7 +54,6 @@ from pipeline.config import ServingSettings, Settings
 from pipeline.domain.apikeys import Principal
 from pipeline.domain.errors import InvalidInput, PersonaError, Unauthorized, body_of, error_body
 from pipeline.models.base import LoadedBase
-from pipeline.observability import metrics as obs
 from pipeline.serving.adapters import AdapterKey
 from pipeline.serving.auth import INVALID_KEY, bearer_key
 from pipeline.serving.bodies import (
@@ -65,7 +65,8 @@ from pipeline.serving.bodies import (
     completion_budget,
 )
 from pipeline.serving.engine import Generation
-from pipeline.serving.server import AsyncTokenStream, Server, Target
+from pipeline.serving.frontends import Frontend, FrontendHub
+from pipeline.serving.server import AsyncTokenStream, HttpSide, Server, Target
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class _Edge:
         self,
         app: Any,
         *,
-        server: Server,
+        server: HttpSide,
         open_paths: frozenset[str],
         principal_of: Callable[[Request], Awaitable[Principal]],
     ) -> None:
@@ -208,6 +209,7 @@ class _Edge:
         self.open_paths = open_paths
         self.principal_of = principal_of
         self.worker = (b"x-persona-worker", server.name.encode("latin-1", "replace"))
+        self.record = server.record_request
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -241,8 +243,7 @@ class _Edge:
                 failed = _error(500, "internal error; see the serving worker's log", code="internal_error")
                 await failed(scope, receive, send_named)
         finally:
-            obs.SERVING_REQUESTS.labels(endpoint, str(status)).inc()
-            obs.SERVING_REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+            self.record(endpoint, status, time.perf_counter() - started)
 
 
 class EventStream(StreamingResponse):
@@ -273,16 +274,16 @@ class EventStream(StreamingResponse):
         self._on_disconnect()
 
 
-def _add_open_routes(app: FastAPI, server: Server, *, metrics: bool) -> None:
+def _add_open_routes(app: FastAPI, server: HttpSide, *, metrics: bool) -> None:
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok", "base": server.base_id, "cache": server.cache.stats().resident})
+        return JSONResponse({"status": "ok", "base": server.base_id, "cache": server.resident()})
 
     if metrics:
 
         @app.get("/metrics")
         def prom() -> Response:
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            return Response(server.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_admin_app(server: Server) -> FastAPI:
@@ -292,7 +293,7 @@ def create_admin_app(server: Server) -> FastAPI:
     return app
 
 
-def create_app(server: Server, *, admin: bool = True) -> FastAPI:
+def create_app(server: HttpSide, *, admin: bool = True) -> FastAPI:
     """The OpenAI-compatible app of one serving worker. ``admin``: also serve ``/metrics`` here (``/healthz`` is
     always served: the router's and the orchestrator's health checks use it)."""
     app = FastAPI(title="persona serving", version="1", docs_url=None, redoc_url=None, openapi_url=None)
@@ -311,18 +312,18 @@ def create_app(server: Server, *, admin: bool = True) -> FastAPI:
         try:
             key = bearer_key(request.headers.get("authorization"))
         except Unauthorized:
-            obs.SERVING_AUTH_REFUSALS.labels("missing_key").inc()
+            server.record_refusal("missing_key")
             raise
         known, principal = server.keys.cached(key)
         if not known:
             principal = await server.offload(server.keys.principal, key)  # the database, once per TTL
         if principal is None:
-            obs.SERVING_AUTH_REFUSALS.labels("invalid_key").inc()
+            server.record_refusal("invalid_key")
             raise Unauthorized(INVALID_KEY)
         try:
             principal.require("serve")
         except PersonaError:
-            obs.SERVING_AUTH_REFUSALS.labels("insufficient_scope").inc()
+            server.record_refusal("insufficient_scope")
             raise
         return principal
 
@@ -579,27 +580,62 @@ def uvicorn_servers(server: Server) -> tuple[Any, Any | None]:
     )
     if not separate:
         return api, None
-    admin = uvicorn.Server(
+    return api, _admin_server(server)
+
+
+def _admin_server(server: Server) -> Any:
+    import uvicorn
+
+    cfg = server.settings.serving
+    return uvicorn.Server(
         uvicorn.Config(create_admin_app(server), host=cfg.admin_host, port=cfg.admin_port, log_level="warning")
     )
-    return api, admin
 
 
 def serve(settings: Settings, base: LoadedBase) -> None:
-    """Run one serving worker until interrupted: engine, cache, promotions listener, the HTTP API and (when
-    configured) the admin listener, in a thread of its own (the API's server keeps the signal handling)."""
+    """Run one serving worker until interrupted: engine, cache, promotions listener, the HTTP API (`run_http`)."""
     server = Server(settings, base)
     listener = listen_for_promotions(server, settings.kafka)
-    api, admin = uvicorn_servers(server)
+    try:
+        run_http(server)
+    finally:
+        listener.stop()
+        server.close()
+
+
+def run_http(server: Server, *, frontend: type[Frontend] | None = None, extra: Any = None) -> None:
+    """Serve ``server``'s HTTP API until SIGINT or SIGTERM: in this process, or in ``http_processes`` processes of
+    its own (`pipeline.serving.frontends`; ``frontend`` and ``extra``: what each builds), and (when configured) the
+    admin listener in a thread of this process."""
+    cfg = server.settings.serving
+    hub = None
+    if cfg.http_processes:
+        api, admin = None, _admin_server(server) if cfg.admin_port != 0 else None
+    else:
+        api, admin = uvicorn_servers(server)
     admin_thread = None
     if admin is not None:
         admin_thread = threading.Thread(target=admin.run, name="persona-admin-http", daemon=True)
         admin_thread.start()
     try:
-        api.run()
+        if api is not None:
+            api.run()  # uvicorn keeps the signal handling
+            return
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            gc.freeze()
+            sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
+            hub = FrontendHub(server, cfg.http_processes, create_app, frontend=frontend, extra=extra)
+            while not stop.wait(0.5) and not hub.stopped.is_set():
+                pass
+            log.info("stopping the HTTP processes")
+        finally:
+            if hub is not None:
+                hub.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         if admin is not None and admin_thread is not None:
             admin.should_exit = True
             admin_thread.join(timeout=10)
-        listener.stop()
-        server.close()

@@ -30,9 +30,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
+from prometheus_client import generate_latest
 
 from pipeline.config import Settings
 from pipeline.domain.apikeys import Principal
@@ -92,7 +93,117 @@ class Target:
     model: str = ""
 
 
-class Server:
+class Resolution:
+    """Keys to principals, ``model`` strings to targets and the models list, from the registry: what the worker's
+    HTTP side does for every request, in the serving process itself or in each of its HTTP processes
+    (`pipeline.serving.frontends`). Needs ``stores``, ``base_id``, ``settings``, ``_models`` and ``_models_lock``."""
+
+    stores: Stores
+    base_id: str
+    settings: Settings
+    _models: dict[str, tuple[float, list[tuple[str, int]]]]
+    _models_lock: threading.Lock
+
+    def _authenticate(self, key: str) -> Principal | None:
+        with self.stores.db.connection() as conn:
+            return apps.authenticate(conn, key)
+
+    def resolve(self, model: str, principal: Principal) -> Target:
+        """``model`` to an adapter key, for ``principal``: InvalidModel for bad syntax; `not_found` for anything the
+        key may not use or that does not exist (StorageError when PostgreSQL fails). The owner check and the alias
+        lookup share one pooled connection."""
+        name = parse_model_name(model, self.base_id)
+        if name.user_id is None:
+            return Target(None, "base", model)
+        user = name.user_id
+        with self.stores.db.connection() as conn:
+            # Ownership first, for every form: a user of another application answers exactly like an unknown one.
+            if not principal.may_act_for(tenancy.owner_of(conn, user)):
+                raise not_found(model)
+            if name.revision_id is not None:
+                try:
+                    rev = registry.get_revision(conn, name.revision_id)
+                except NotFound as e:
+                    raise not_found(model) from e
+                if rev.user_id != user:
+                    raise not_found(model)
+                if rev.status == "rejected":  # the key's own user: saying why is no leak
+                    raise ModelNotFound(
+                        f"revision {rev.revision_id} of {user!r} was rejected by the gate and is not served",
+                        param="model",
+                    )
+            else:
+                serving = registry.production(conn, user)
+                if serving is None:
+                    raise not_found(model)
+                rev = serving
+        return Target(AdapterKey(user, rev.revision_id, rev.sha256), rev.revision_id, model)
+
+    def models(self, principal: Principal) -> list[tuple[str, int]]:
+        """(``user:{id}``, created) of the first `models_list_limit` users by id of the key's application with a
+        production revision; remembered per application for `key_cache_ttl_s`."""
+        cfg = self.settings.serving
+        if principal.app_id is None or cfg.models_list_limit == 0:
+            return []
+        now = time.monotonic()
+        with self._models_lock:
+            hit = self._models.get(principal.app_id)
+            if hit is not None and now - hit[0] < cfg.key_cache_ttl_s:
+                return hit[1]
+        with self.stores.db.connection() as conn:
+            rows = tenancy.app_models(conn, principal.app_id, cfg.models_list_limit)
+        listed = [(f"user:{u}", int(at.timestamp())) for u, at in rows]
+        with self._models_lock:
+            self._models[principal.app_id] = (now, listed)
+            while len(self._models) > 1024:  # bounded: one entry per application seen recently
+                self._models.pop(next(iter(self._models)))
+        return listed
+
+
+class HttpSide(Protocol):
+    """What the HTTP API (`pipeline.serving.api.create_app`) uses: a `Server` in the serving process, a
+    `pipeline.serving.frontends.Frontend` in each HTTP process."""
+
+    name: str
+    base_id: str
+    tokenizer: Any
+    settings: Settings
+    keys: KeyCache
+    context: int
+    engine: Any  # decode_text(ids) -> str
+
+    def offload(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]: ...
+    def resolve(self, model: str, principal: Principal) -> Target: ...
+    def models(self, principal: Principal) -> list[tuple[str, int]]: ...
+    def generate_async(
+        self,
+        target: Target,
+        prompt_ids: list[int],
+        body: CompletionBody | ChatBody,
+        max_tokens: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> AsyncTokenStream: ...
+    def score(self, target: Target, prompt: str | None, text: str) -> dict[str, Any]: ...
+    def resident(self) -> dict[str, int]: ...
+    def metrics_text(self) -> bytes: ...
+    def record_request(self, endpoint: str, status: int, seconds: float) -> None: ...
+    def record_refusal(self, reason: str) -> None: ...
+
+
+class Sampling(NamedTuple):
+    """A generation's sampling parameters, as the engine takes them."""
+
+    temperature: float
+    top_p: float
+    stops: tuple[str, ...]
+    seed: int | None
+
+    @classmethod
+    def of(cls, body: CompletionBody | ChatBody) -> Sampling:
+        return cls(body.temperature, body.top_p, tuple(body.stops()), body.seed)
+
+
+class Server(Resolution):
     """The engine, its driving thread, the adapter cache and the model resolution of one serving worker."""
 
     def __init__(self, settings: Settings, base: LoadedBase, name: str | None = None) -> None:
@@ -231,62 +342,6 @@ class Server:
         self.engine.close()
         self.stores.close()
 
-    # --- keys and resolution ---
-    def _authenticate(self, key: str) -> Principal | None:
-        with self.stores.db.connection() as conn:
-            return apps.authenticate(conn, key)
-
-    def resolve(self, model: str, principal: Principal) -> Target:
-        """``model`` to an adapter key, for ``principal``: InvalidModel for bad syntax; `not_found` for anything the
-        key may not use or that does not exist (StorageError when PostgreSQL fails). The owner check and the alias
-        lookup share one pooled connection."""
-        name = parse_model_name(model, self.base_id)
-        if name.user_id is None:
-            return Target(None, "base", model)
-        user = name.user_id
-        with self.stores.db.connection() as conn:
-            # Ownership first, for every form: a user of another application answers exactly like an unknown one.
-            if not principal.may_act_for(tenancy.owner_of(conn, user)):
-                raise not_found(model)
-            if name.revision_id is not None:
-                try:
-                    rev = registry.get_revision(conn, name.revision_id)
-                except NotFound as e:
-                    raise not_found(model) from e
-                if rev.user_id != user:
-                    raise not_found(model)
-                if rev.status == "rejected":  # the key's own user: saying why is no leak
-                    raise ModelNotFound(
-                        f"revision {rev.revision_id} of {user!r} was rejected by the gate and is not served",
-                        param="model",
-                    )
-            else:
-                serving = registry.production(conn, user)
-                if serving is None:
-                    raise not_found(model)
-                rev = serving
-        return Target(AdapterKey(user, rev.revision_id, rev.sha256), rev.revision_id, model)
-
-    def models(self, principal: Principal) -> list[tuple[str, int]]:
-        """(``user:{id}``, created) of the first `models_list_limit` users by id of the key's application with a
-        production revision; remembered per application for `key_cache_ttl_s`."""
-        cfg = self.settings.serving
-        if principal.app_id is None or cfg.models_list_limit == 0:
-            return []
-        now = time.monotonic()
-        with self._models_lock:
-            hit = self._models.get(principal.app_id)
-            if hit is not None and now - hit[0] < cfg.key_cache_ttl_s:
-                return hit[1]
-        with self.stores.db.connection() as conn:
-            rows = tenancy.app_models(conn, principal.app_id, cfg.models_list_limit)
-        listed = [(f"user:{u}", int(at.timestamp())) for u, at in rows]
-        with self._models_lock:
-            self._models[principal.app_id] = (now, listed)
-            while len(self._models) > 1024:  # bounded: one entry per application seen recently
-                self._models.pop(next(iter(self._models)))
-        return listed
-
     def _acquire(self, target: Target) -> int:
         """The device slot of the target's adapter (-1: the base); a revision forgotten since `resolve` is a 404."""
         if target.key is None:
@@ -301,7 +356,7 @@ class Server:
         self,
         target: Target,
         prompt_ids: list[int],
-        body: CompletionBody | ChatBody,
+        sampling: Sampling,
         max_tokens: int,
         sink: _LoopSink,
     ) -> Generation:
@@ -309,10 +364,11 @@ class Server:
         slot = self._acquire(target)
         try:
             req = EngineRequest(
-                prompt_ids, slot, max_tokens, body.temperature, body.top_p, (), body.stops(), body.seed
+                prompt_ids, slot, max_tokens, sampling.temperature, sampling.top_p, (), sampling.stops, sampling.seed
             )
             with self._streams_lock:
                 gen = self.engine.submit(req)
+                sink.generation = gen
                 self.streams[gen.id] = sink
         except BaseException:
             if target.key is not None:
@@ -344,17 +400,17 @@ class Server:
         before a response starts) and stays pinned in its slot until the stream ends or is closed. Call from any
         thread (acquiring may read disk)."""
         sink = _LoopSink(loop, _Tokens(loop))
-        gen = self._start(target, prompt_ids, body, max_tokens, sink)
+        gen = self._start(target, prompt_ids, Sampling.of(body), max_tokens, sink)
         return AsyncTokenStream(lambda: self._end(target, gen), sink.tokens, gen)
 
     def score(self, target: Target, prompt: str | None, text: str) -> dict[str, Any]:
         """Per-token log-likelihood of ``text`` (after ``prompt``, if given) under the target."""
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids, text_ids = score_ids(self.tokenizer, prompt, text, self.context)
+        return self.score_ids(target, prompt_ids, text_ids)
+
+    def score_ids(self, target: Target, prompt_ids: list[int], text_ids: list[int]) -> dict[str, Any]:
+        """`score` of token ids checked by `score_ids` (the module function)."""
         ids = prompt_ids + text_ids
-        if len(ids) < 2 or not text_ids:
-            raise InvalidInput("text must have at least one token after the first token of the input", param="text")
-        check_score_length(len(prompt_ids), len(text_ids), self.context)
         slot = self._acquire(target)
         try:
             with self.lock:
@@ -372,6 +428,35 @@ class Server:
             "sum_logprob": sum(picked),
             "mean_logprob": sum(picked) / len(picked),
         }
+
+    # --- what the HTTP side reports (an HTTP process asks the serving process: `pipeline.serving.frontends`) ---
+    def resident(self) -> dict[str, int]:
+        """Adapters resident per cache tier (``/healthz``)."""
+        return self.cache.stats().resident
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of this process (``/metrics``)."""
+        return bytes(generate_latest())
+
+    def record_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """One answered HTTP request, in the request metrics."""
+        obs.SERVING_REQUESTS.labels(endpoint, str(status)).inc()
+        obs.SERVING_REQUEST_SECONDS.labels(endpoint).observe(seconds)
+
+    def record_refusal(self, reason: str) -> None:
+        """One refused key, in the refusal metrics."""
+        obs.SERVING_AUTH_REFUSALS.labels(reason).inc()
+
+
+def score_ids(tokenizer: Any, prompt: str | None, text: str, context: int) -> tuple[list[int], list[int]]:
+    """The token ids of a score request's ``prompt`` and ``text``, checked: at least one token to score, and within
+    the context (InvalidInput)."""
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+    text_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(prompt_ids) + len(text_ids) < 2 or not text_ids:
+        raise InvalidInput("text must have at least one token after the first token of the input", param="text")
+    check_score_length(len(prompt_ids), len(text_ids), context)
+    return prompt_ids, text_ids
 
 
 class _Tokens:
@@ -423,16 +508,17 @@ class _LoopSink:
     """Where one generation's tokens go (its consumer's loop and `_Tokens`), and what the engine thread holds back
     for it (`Server._deliver`): tokens not delivered yet, and when the next delivery may go."""
 
-    __slots__ = ("due", "loop", "pending", "tokens")
+    __slots__ = ("due", "generation", "loop", "pending", "tokens")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tokens: _Tokens) -> None:
-        self.loop = loop
+    def __init__(self, loop: Any, tokens: Any) -> None:
+        self.loop = loop  # an event loop, or anything with its call_soon_threadsafe (an HTTP process's link)
         self.tokens = tokens
+        self.generation: Generation | None = None  # set when submitted, before its first token
         self.pending: list[int] = []
         self.due = 0.0  # the first token goes at once
 
 
-Batches = dict[asyncio.AbstractEventLoop, list[tuple[_Tokens, list[int], bool]]]
+Batches = dict[Any, list[tuple[Any, list[int], bool]]]
 
 
 class _Holding:

@@ -24,6 +24,7 @@ from pipeline.domain.revisions import EventsUsed, Revision
 from pipeline.flows import promotion
 from pipeline.models.base import TINY_RANDOM_ID, LoadedBase, ref, tiny_random, tiny_tokenizer
 from pipeline.serving.api import create_app, listen_for_promotions
+from pipeline.serving.frontends import FrontendHub
 from pipeline.serving.promotions import Announcer
 from pipeline.serving.server import Server
 from pipeline.storage import apps
@@ -78,6 +79,22 @@ def on_socket(app: Any) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextlib.contextmanager
+def served(server: Server) -> Iterator[tuple[str, FrontendHub | None]]:
+    """``server``'s API on a real socket: in this process, or in its HTTP processes (``http_processes``, on the port
+    of its settings, as `persona serve` runs them); yields its URL and the processes' hub (None: in process)."""
+    cfg = server.settings.serving
+    if not cfg.http_processes:
+        with on_socket(create_app(server)) as url:
+            yield url, None
+        return
+    hub = FrontendHub(server, cfg.http_processes, create_app)
+    try:
+        yield f"http://127.0.0.1:{cfg.port}", hub
+    finally:
+        hub.close()
+
+
 @dataclass
 class World:
     """A running serving worker and what the tests need around it."""
@@ -91,6 +108,7 @@ class World:
     key: str  # APP's key with the serve scope
     kafka: KafkaSettings
     listener: Any = None
+    hub: FrontendHub | None = None  # the HTTP processes, when the API runs in them
     clients: list[httpx.Client] = field(default_factory=list)
 
     @property
@@ -153,8 +171,8 @@ def running_world(services, stores, tmp: Path, **serving: Any) -> Iterator[World
     announcer = Announcer(kafka)  # promotions go to this world's topic, which the worker listens to
     _, key = issue_key(stores)
     try:
-        with on_socket(create_app(server)) as url:
-            world = World(url, stores, announcer, settings, tmp, server, key, kafka, listener)
+        with served(server) as (url, hub):
+            world = World(url, stores, announcer, settings, tmp, server, key, kafka, listener, hub)
             try:
                 yield world
             finally:
@@ -166,11 +184,14 @@ def running_world(services, stores, tmp: Path, **serving: Any) -> Iterator[World
         announcer.close()
 
 
-@pytest.fixture(scope="module", params=["reference", "fast"])
+@pytest.fixture(scope="module", params=["reference", "fast", "fast+http-processes"])
 def world(services, stores, tmp_path_factory, request):
-    """A serving worker on a real socket; every test runs against both engines (the fast one on the CPU here)."""
-    with running_world(services, stores, tmp_path_factory.mktemp("serving"), engine=request.param) as w:
-        assert type(w.server.engine).__name__ == {"reference": "Engine", "fast": "FastEngine"}[request.param]
+    """A serving worker on a real socket; every test runs against both engines (the fast one on the CPU here), and
+    with the fast one behind two HTTP processes (`pipeline.serving.frontends`)."""
+    engine, _, http = request.param.partition("+")
+    extra: dict[str, Any] = {"http_processes": 2, "port": free_port(), "host": "127.0.0.1"} if http else {}
+    with running_world(services, stores, tmp_path_factory.mktemp("serving"), engine=engine, **extra) as w:
+        assert type(w.server.engine).__name__ == {"reference": "Engine", "fast": "FastEngine"}[engine]
         yield w
 
 
