@@ -27,7 +27,7 @@ import inspect
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -79,14 +79,31 @@ class Generation:
     request: Request
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    text: str | None = None  # decoded output, cut before a matched stop string; set when finished
+    #: The output cut before a matched stop string (set when finished); else None and `text` decodes on demand.
+    cut_text: str | None = None
     _generator: torch.Generator | None = None
     cancelled: bool = False  # asked to stop (its client went away): it finishes at its next token
+    _decode: Callable[[list[int]], str] | None = None  # the engine's decode_text, set when finished
 
     @property
     def done(self) -> bool:
         """Whether the request has finished."""
         return self.finish_reason is not None
+
+    @property
+    def text(self) -> str | None:
+        """The decoded output, cut before a matched stop string; None until finished (or where no decoder is known:
+        an HTTP process's copy of a generation). Decoded when first asked for, not by the engine thread."""
+        if self.cut_text is None and self._decode is not None:
+            self.cut_text = self._decode(self.output_ids)
+        return self.cut_text
+
+    @text.setter
+    def text(self, value: str | None) -> None:
+        self.cut_text = value
+
+
+_new_output = tuple.__new__
 
 
 class StepOutput(NamedTuple):
@@ -252,11 +269,14 @@ class GenerationLoop:
                 reason, stop_at = "stop", min(hits)
         if reason is None and (len(gen.output_ids) >= req.max_tokens or length + 1 >= self.max_positions):
             reason = "length"
-        if reason is not None:
-            gen.finish_reason = reason
-            text = self.decode_text(gen.output_ids)
-            gen.text = text[:stop_at] if stop_at is not None else text
-        return StepOutput(gen, token, reason is not None)
+        if reason is None:
+            return _new_output(StepOutput, (gen, token, False))  # (no NamedTuple __new__ frame: once a token)
+        gen.finish_reason = reason
+        if stop_at is not None:
+            gen.cut_text = self.decode_text(gen.output_ids)[:stop_at]
+        else:
+            gen._decode = self.decode_text  # decoded by whoever asks for gen.text, off the engine thread
+        return _new_output(StepOutput, (gen, token, True))
 
 
 class Engine(GenerationLoop):

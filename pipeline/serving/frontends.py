@@ -175,7 +175,9 @@ class Link:
         for tokens, run, finished in batch:
             if finished:
                 gen = tokens.sink.generation
-                items.append((tokens.rid, run, True, gen.finish_reason if gen else "error", gen.text if gen else None))
+                items.append(
+                    (tokens.rid, run, True, gen.finish_reason if gen else "error", gen.cut_text if gen else None)
+                )
             else:
                 items.append((tokens.rid, run, False, None, None))
         self.sender.put(("tok", items))

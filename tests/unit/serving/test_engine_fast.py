@@ -259,8 +259,24 @@ def test_packing_refuses_what_does_not_fit_and_loads_into_free_slots(adapter_dir
     eng.load_packed(1, packed)  # a slot no request uses
     eng.run_until_done()
     assert gen.done
-    eng.clear_adapter(0)
+    eng.clear_adapter(0)  # free again once its request finished
     assert int(eng.ranks[0]) == 0 and not eng.lora[0].any()
+    # A request cancelled before it started, and requests dropped by abort_all, free their slots too.
+    cancelled = eng.submit(Request(PROMPTS[0], slot=0, max_tokens=4))
+    eng.cancel(cancelled)
+    eng.run_until_done()
+    assert cancelled.finish_reason == "cancelled"
+    eng.load_packed(0, packed)
+    eng.submit(Request(PROMPTS[0], slot=0, max_tokens=4))
+    eng.submit(Request(PROMPTS[1], slot=1, max_tokens=4))
+    eng.step()
+    eng.abort_all()
+    eng.load_packed(0, packed)
+    eng.load_packed(1, packed)
+    assert eng._slot_users == [0, 0]
+    with pytest.raises(EngineError):  # a refused submit counts nothing
+        eng.submit(Request([], slot=0))
+    assert eng._slot_users == [0, 0]
 
 
 def test_a_packed_adapter_takes_what_its_rank_needs_and_loads_like_the_unpacked_one(adapter_dirs):
