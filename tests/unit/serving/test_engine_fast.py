@@ -497,3 +497,47 @@ def test_triton_lora_kernels_equal_the_torch_path(nseg, k, n):
     for kernel in (lora_ops.lora_triton, lora_ops.lora_triton_one):
         got = kernel(*cuda, seg, r).cpu()
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))]
+)
+def test_slot_loads_from_many_threads_land_in_batches_equal_to_loads_one_at_a_time(adapter_dirs, device):
+    """Concurrent `load_packed` calls land together (`_SlotLoads`: one copy and one scatter per rank for a batch);
+    each slot ends up exactly as a lone load leaves it, a lower rank over a higher one included (the rest of the row
+    zeroed)."""
+    import threading
+
+    def engine() -> FastEngine:
+        base = LoadedBase(tiny_random(), tiny_tokenizer(), None)
+        return FastEngine(base, slots=12, max_rank=8, max_seq=64, device=device)
+
+    lone, batched = engine(), engine()
+    packs = [lone.pack_adapter(*read_adapter_dir(adapter_dirs[i % len(adapter_dirs)])) for i in range(12)]
+    assert len({p.rank for p in packs}) > 1
+    for slot, packed in enumerate(reversed(packs)):  # every slot first holds another adapter (other ranks)
+        lone.load_packed(slot, packed)
+        batched.load_packed(slot, packed)
+    for slot, packed in enumerate(packs):
+        lone.load_packed(slot, packed)
+    gate = threading.Barrier(len(packs))
+    before = batched._loads.batches
+
+    def load(slot: int) -> None:
+        gate.wait()
+        batched.load_packed(slot, packs[slot])
+
+    threads = [threading.Thread(target=load, args=(slot,)) for slot in range(len(packs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert batched._loads.batches - before < len(packs)  # some landed together
+    assert torch.equal(batched.lora, lone.lora) and torch.equal(batched.ranks, lone.ranks)
+    ids = PROMPTS[0]
+    out = lone.logits(torch.tensor([ids] * 3, device=device), None, [0, 5, 11])
+    assert torch.equal(batched.logits(torch.tensor([ids] * 3, device=device), None, [0, 5, 11]), out)
+    with pytest.raises(AdapterLimitError):  # a caller's error comes back to it
+        batched.load_packed(99, packs[0])
+    lone.close()
+    batched.close()
