@@ -119,6 +119,23 @@ class _Sender:
             return True
         except (OSError, EOFError, ValueError):  # the peer is gone: its reader notices too
             return False
+        except Exception:  # a message that does not pickle: send the others, and an error for that one
+            log.exception("a message to the other side of a serving pipe could not be sent")
+            for message in batch:
+                try:
+                    self._conn.send([message])
+                except (OSError, EOFError, ValueError):
+                    return False
+                except Exception:
+                    if message[0] in ("ok", "err", "reply"):  # its waiter gets an error instead of nothing
+                        error = RuntimeError(f"the serving process's answer could not be sent: {message!r:.200}")
+                        reply = (
+                            ("reply", message[1], False, error)
+                            if message[0] == "reply"
+                            else ("err", message[1], error)
+                        )
+                        self._conn.send([reply])
+            return True
 
 
 # --- the serving process's side ---------------------------------------------------------------------------------
@@ -195,23 +212,33 @@ class Link:
                 break
             try:
                 for message in batch:
-                    kind = message[0]
-                    if kind == "gen":
-                        server.pool.submit(self._gen, *message[1:])
-                    elif kind == "end":
-                        self._end(message[1])
-                    elif kind == "call":
-                        server.pool.submit(self._call, *message[1:])
-                    elif kind == "obs":
-                        self._observe(message[1])
-                    elif kind == "ready":
-                        self.ready.set()
-                    elif kind == "failed":
-                        self.failed = message[1]
-                        self.ready.set()
+                    self._dispatch(server, message)
             except RuntimeError:  # the request pool is shut down: the worker is stopping
                 break
         self._lost()
+
+    def _dispatch(self, server: Server, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        try:
+            if kind == "gen":
+                server.pool.submit(self._gen, *message[1:])
+            elif kind == "end":
+                self._end(message[1])
+            elif kind == "call":
+                server.pool.submit(self._call, *message[1:])
+            elif kind == "obs":
+                self._observe(message[1])
+            elif kind == "ready":
+                self.ready.set()
+            elif kind == "failed":
+                self.failed = message[1]
+                self.ready.set()
+            else:
+                log.error("HTTP process %d sent an unknown message %r", self.index, kind)
+        except RuntimeError:
+            raise
+        except Exception:  # one message's failure must not end the link (its process would wait forever)
+            log.exception("HTTP process %d: handling %r failed", self.index, kind)
 
     def _gen(self, rid: int, target: Target, prompt_ids: list[int], sampling: Sampling, max_tokens: int) -> None:
         server = self.hub.server
@@ -338,6 +365,9 @@ class FrontendHub:
 
     def _lost(self, link: Link) -> None:
         link.process.join(timeout=10)
+        if link.process.is_alive():  # its pipe closed but it runs on: it cannot serve, and holds the port
+            link.process.kill()
+            link.process.join(timeout=5)
         code = link.process.exitcode
         with self._lock:
             if self._closing or self.links[link.index] is not link:
@@ -362,7 +392,13 @@ class FrontendHub:
         with self._lock:
             if self._closing:
                 return
-            link = self.links[index] = Link(self, index)
+            try:
+                link = self.links[index] = Link(self, index)
+            except Exception:
+                wait = self._backoff[index].next()
+                log.exception("HTTP process %d could not be started again; retrying in %.1f s", index, wait)
+                threading.Thread(target=self._restart, args=(index, wait), daemon=True).start()
+                return
             self.restarts += 1
         if link.ready.wait(180) and not link.failed and not link.gone:
             log.info("HTTP process %d restarted (pid %s)", index, link.process.pid)
@@ -510,37 +546,43 @@ class Frontend(Resolution):
                 batch = conn.recv()
             except (EOFError, OSError):
                 break
+            except Exception:  # a message that does not unpickle here: the next ones still do
+                log.exception("HTTP process %d: a message from the serving process could not be read", self.index)
+                continue
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Tokens, list[int], bool]]] = {}
             for message in batch:
                 kind = message[0]
-                if kind == "tok":
-                    for rid, run, finished, reason, text in message[1]:
-                        s = started.get(rid)
-                        if s is None:
-                            continue
-                        gen = s.generation
-                        gen.output_ids.extend(run)
-                        if finished:
-                            gen.finish_reason, gen.text = reason, text
-                        by_loop.setdefault(s.tokens.loop, []).append((s.tokens, run, finished))
-                elif kind == "ok":
-                    s = started.get(message[1])
-                    if s is None:  # its request gave up waiting: end it there too
-                        self.sender.put(("end", message[1]))
-                    else:
-                        s.future.set_result(None)
-                elif kind == "err":
-                    s = started.pop(message[1], None)
-                    if s is not None:
-                        s.future.set_exception(message[2])
-                elif kind == "reply":
-                    _, rid, ok, value = message
-                    future = self._calls.get(rid)
-                    if future is not None:
-                        if ok:
-                            future.set_result(value)
-                        else:
-                            future.set_exception(value)
+                try:
+                    if kind == "tok":
+                        for rid, run, finished, reason, text in message[1]:
+                            s = started.get(rid)
+                            if s is None:
+                                continue
+                            gen = s.generation
+                            gen.output_ids.extend(run)
+                            if finished:
+                                gen.finish_reason, gen.text = reason, text
+                            by_loop.setdefault(s.tokens.loop, []).append((s.tokens, run, finished))
+                    elif kind == "ok":
+                        s = started.get(message[1])
+                        if s is None:  # its request gave up waiting: end it there too
+                            self.sender.put(("end", message[1]))
+                        elif not s.future.done():
+                            s.future.set_result(None)
+                    elif kind == "err":
+                        s = started.pop(message[1], None)
+                        if s is not None and not s.future.done():
+                            s.future.set_exception(message[2])
+                    elif kind == "reply":
+                        _, rid, ok, value = message
+                        future = self._calls.get(rid)
+                        if future is not None and not future.done():
+                            if ok:
+                                future.set_result(value)
+                            else:
+                                future.set_exception(value)
+                except Exception:
+                    log.exception("HTTP process %d: handling %r from the serving process failed", self.index, kind)
             for loop, items in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # that loop is closed: its streams are gone
                     loop.call_soon_threadsafe(_put_all, items)
