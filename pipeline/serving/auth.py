@@ -37,10 +37,14 @@ class KeyCache:
         max_entries: int,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        counted: Callable[[str], None] | None = None,
     ) -> None:
+        """``counted(source)`` counts each `principal` call by source ("cache" or "database"); default: the
+        ``persona_serving_key_lookups_total`` counter of this process."""
         if ttl_s < 0 or max_entries < 1:
             raise ValueError(f"need ttl_s >= 0 and max_entries >= 1, got {ttl_s} and {max_entries}")
         self.lookup = lookup
+        self.counted = counted or (lambda source: obs.SERVING_KEY_LOOKUPS.labels(source).inc())
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.clock = clock
@@ -74,7 +78,7 @@ class KeyCache:
         """The principal of ``key`` (None: it authenticates nothing); asks ``lookup`` at most once per TTL.
         ``lookup``'s errors (the database is down) propagate: they are not a refusal."""
         known, found = self.cached(key)
-        obs.SERVING_KEY_LOOKUPS.labels("cache" if known else "database").inc()
+        self.counted("cache" if known else "database")
         if known:
             return found
         found = self.lookup(key)

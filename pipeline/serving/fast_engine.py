@@ -604,10 +604,13 @@ class _SlotLoads:
         self.loads = 0
         self._queue: queue.SimpleQueue[_Load | None] = queue.SimpleQueue()
         self._carry: _Load | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="persona-slot-loads", daemon=True)
         self._thread.start()
 
     def load(self, slot: int, packed: PackedAdapter) -> None:
+        if self._closed:
+            raise EngineError("the engine is closed")
         if packed.data.numel() > self.capacity:
             raise AdapterLimitError(f"packed adapter of {packed.data.numel()} values is larger than a slot")
         item = _Load(slot, packed)
@@ -617,8 +620,17 @@ class _SlotLoads:
             raise item.error
 
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
+        while True:  # loads queued behind the end: their callers get an error, not a wait forever
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item.error = EngineError("the engine is closed")
+                item.done.set()
 
     def _run(self) -> None:
         while True:

@@ -13,7 +13,7 @@ pipe per process (`Link`), in batches (one send per engine step and HTTP process
   in-process request gets: 404, 422, 429, 503), then the tokens as the engine thread delivers them (the stream
   interval applies, as in process); ``end`` releases it (a consumer gone before the end cancels it).
 - ``call``: scoring, the cache's residency (``/healthz``) and the serving process's metrics (``/metrics`` on the API
-  port; the HTTP processes' request metrics travel as ``obs`` batches and are counted there).
+  port; the HTTP processes' request, refusal and key-lookup counts travel as ``obs`` messages and are counted there).
 
 An HTTP process that dies is restarted (its generations are cancelled and their adapters released); one that stops
 cleanly (a signal to it alone) is not, and the worker stops when none is left. The serving process that dies takes
@@ -291,6 +291,8 @@ class Link:
                 server.record_request(*fields)
             elif kind == "refusal":
                 server.record_refusal(*fields)
+            elif kind == "lookup":
+                server.record_lookup(*fields)
 
     def _lost(self) -> None:
         """The process's pipe closed: its generations end (cancelled, adapters released)."""
@@ -457,7 +459,12 @@ class Frontend(Resolution):
         self.index: int = info["index"]
         self.engine = _Text(tokenizer)
         self.stores = self.open_stores()
-        self.keys = KeyCache(self._authenticate, ttl_s=cfg.key_cache_ttl_s, max_entries=cfg.key_cache_size)
+        self.keys = KeyCache(
+            self._authenticate,
+            ttl_s=cfg.key_cache_ttl_s,
+            max_entries=cfg.key_cache_size,
+            counted=lambda source: self.sender.put(("obs", [("lookup", source)])),
+        )
         self._models: dict[str, tuple[float, list[tuple[str, int]]]] = {}
         self._models_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=cfg.api_threads, thread_name_prefix="persona-api")

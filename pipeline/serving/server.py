@@ -447,6 +447,10 @@ class Server(Resolution):
         """One refused key, in the refusal metrics."""
         obs.SERVING_AUTH_REFUSALS.labels(reason).inc()
 
+    def record_lookup(self, source: str) -> None:
+        """One key lookup of an HTTP process's key cache ("cache" or "database"), in the lookup metrics."""
+        obs.SERVING_KEY_LOOKUPS.labels(source).inc()
+
 
 def score_ids(tokenizer: Any, prompt: str | None, text: str, context: int) -> tuple[list[int], list[int]]:
     """The token ids of a score request's ``prompt`` and ``text``, checked: at least one token to score, and within

@@ -16,7 +16,7 @@ import pytest
 from pipeline.serving.api import create_app
 from pipeline.serving.frontends import FrontendHub
 from tests.integration.helpers import free_port
-from tests.integration.serving.conftest import running_world
+from tests.integration.serving.conftest import OTHER_APP, issue_key, running_world
 
 pytestmark = pytest.mark.integration
 
@@ -98,6 +98,37 @@ def test_a_killed_http_process_releases_its_adapters_and_is_restarted(http_world
     for _ in range(8):
         r = world.post("/v1/completions", json={"model": f"user:{u}", "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 200 and r.headers["x-persona-revision"] == rev.revision_id
+
+
+def test_another_applications_user_is_a_404_and_key_lookups_reach_the_workers_metrics(http_world, stores):
+    """Keys and resolution run in the HTTP processes: a key of APP reaches neither OTHER_APP's users (the same 404 as
+    a model that does not exist) nor anything with a key of no application's; their key lookups (each process's key
+    cache) are counted in the worker's metrics, which ``/metrics`` on the API port shows."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    world = http_world
+    other, _ = world.served_user("other", 51, app=OTHER_APP)
+    _, fresh = issue_key(stores)  # never seen by any HTTP process
+
+    def lookups() -> float:
+        text = httpx.get(f"{world.url}/metrics", timeout=30).text
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "persona_serving_key_lookups_total" and s.labels.get("source") == "database"
+        )
+
+    before = lookups()
+    body = {"model": f"user:{other}", "prompt": "Hi", "max_tokens": 2}
+    r = httpx.post(f"{world.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {fresh}"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    missing = world.post("/v1/completions", json={**body, "model": "user:nobody-at-all"})
+    assert (
+        missing.status_code == 404
+        and missing.json()["error"]["message"].replace("nobody-at-all", other) == (r.json()["error"]["message"])
+    )
+    _wait(lambda: lookups() >= before + 1, what="the key lookup in the worker's metrics")
 
 
 def test_a_process_stopped_on_purpose_is_not_restarted_and_the_last_stops_the_hub(services, stores, tmp_path):

@@ -541,3 +541,5 @@ def test_slot_loads_from_many_threads_land_in_batches_equal_to_loads_one_at_a_ti
         batched.load_packed(99, packs[0])
     lone.close()
     batched.close()
+    with pytest.raises(EngineError, match="closed"):
+        batched.load_packed(0, packs[0])
