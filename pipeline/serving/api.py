@@ -65,7 +65,8 @@ from pipeline.serving.bodies import (
     completion_budget,
 )
 from pipeline.serving.engine import Generation
-from pipeline.serving.frontends import Frontend, FrontendHub
+from pipeline.serving.frontends import Frontend
+from pipeline.serving.hub import FrontendHub
 from pipeline.serving.server import AsyncTokenStream, HttpSide, Server, Target
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from pipeline.domain.revisions import EventsUsed, Revision
 from pipeline.flows import promotion
 from pipeline.models.base import TINY_RANDOM_ID, LoadedBase, ref, tiny_random, tiny_tokenizer
 from pipeline.serving.api import create_app, listen_for_promotions
-from pipeline.serving.frontends import FrontendHub
+from pipeline.serving.hub import FrontendHub
 from pipeline.serving.promotions import Announcer
 from pipeline.serving.server import Server
 from pipeline.storage import apps

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from pipeline.serving.api import create_app
-from pipeline.serving.frontends import FrontendHub
+from pipeline.serving.hub import FrontendHub
 from tests.integration.helpers import free_port
 from tests.integration.serving.conftest import OTHER_APP, issue_key, running_world
 

@@ -503,7 +503,7 @@ def test_triton_lora_kernels_equal_the_torch_path(nseg, k, n):
     "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))]
 )
 def test_slot_loads_from_many_threads_land_in_batches_equal_to_loads_one_at_a_time(adapter_dirs, device):
-    """Concurrent `load_packed` calls land together (`_SlotLoads`: one copy and one scatter per rank for a batch);
+    """Concurrent `load_packed` calls land together (`SlotLoads`: one copy and one scatter per rank for a batch);
     each slot ends up exactly as a lone load leaves it, a lower rank over a higher one included (the rest of the row
     zeroed)."""
     import threading

@@ -7,7 +7,7 @@ import multiprocessing as mp
 import pickle
 
 from pipeline.domain.errors import CapacityExhausted, NotFound
-from pipeline.serving.frontends import _portable, _Sender
+from pipeline.serving.frontends import Sender, portable
 from pipeline.serving.server import ModelNotFound
 
 
@@ -19,7 +19,7 @@ class _Unpicklable(Exception):
 
 def test_a_batch_crosses_as_one_message_and_what_does_not_pickle_comes_back_as_an_error():
     here, there = mp.Pipe(duplex=True)
-    sender = _Sender(here, "test-send")
+    sender = Sender(here, "test-send")
     try:
         sender.put(("ok", 1))
         sender.put(("tok", [(1, [5, 6], False, None, None)]))
@@ -38,9 +38,9 @@ def test_a_batch_crosses_as_one_message_and_what_does_not_pickle_comes_back_as_a
 
 def test_errors_cross_with_their_param_and_retry_hint_and_bugs_become_runtime_errors():
     for error in (ModelNotFound("no such model", param="model"), CapacityExhausted("full", retry_after_s=3.0)):
-        back = pickle.loads(pickle.dumps(_portable(error)))
+        back = pickle.loads(pickle.dumps(portable(error)))
         assert type(back) is type(error) and str(back) == str(error)
         assert back.param == error.param and back.retry_after_s == error.retry_after_s
     assert pickle.loads(pickle.dumps(NotFound("x"))).retry_after_s is None
-    bug = _portable(KeyError("slot"))
+    bug = portable(KeyError("slot"))
     assert isinstance(bug, RuntimeError) and "KeyError" in str(bug)
