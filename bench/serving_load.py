@@ -1182,6 +1182,8 @@ def parse_metrics(text: str) -> dict[str, float]:
         "persona_adapter_cache_resident": "tier",
         "persona_adapter_load_seconds_sum": "tier",
         "persona_adapter_load_seconds_count": "tier",
+        "persona_serving_engine_seconds_total": "phase",
+        "persona_serving_engine_steps_total": "",
     }
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -1330,6 +1332,13 @@ def run_point(
             "server_main_cpu_cores": (cpu1[server_proc.pid] - cpu0[server_proc.pid]) / wall,
         }
         after = parse_metrics((await client.get("/metrics"))[1].decode())
+        # The engine thread's time by phase, as a share of the point's wall time (the worker adds to these counters
+        # at most twice a second: the edges of a point blur by up to 0.5 s).
+        cpu["engine_share"] = {
+            phase: metric_delta(after, before, f"persona_serving_engine_seconds_total:{phase}") / wall
+            for phase in ("step", "plan", "wait", "finish", "deliver", "idle")
+        }
+        cpu["engine_steps_per_s"] = metric_delta(after, before, "persona_serving_engine_steps_total:") / wall
         return timing, before, after, cpu
 
     try:
@@ -1407,6 +1416,18 @@ def short(p: dict) -> str:
         "ms, "
         f"ok {p['ok']}/{p['requests_measured']}, errors {p['errors'] or '-'}, client CPU {p['client_cpu_cores']:.2f}"
         f", server CPU {p['server_cpu_cores']:.2f}, client stall max {p.get('client_stall_max_ms', 0):.0f} ms"
+        + _engine_text(p)
+    )
+
+
+def _engine_text(p: dict) -> str:
+    """The engine thread's time split, as shares of the point's wall time (fast engine: plan / wait / finish)."""
+    e = p.get("engine_share")
+    if not e or not e.get("step"):
+        return ""
+    return (
+        f", engine thread: step {e['step']:.0%} (plan {e['plan']:.0%}, GPU wait {e['wait']:.0%}, finish "
+        f"{e['finish']:.0%}), deliver {e['deliver']:.0%}, idle {e['idle']:.0%}, {p['engine_steps_per_s']:.0f} steps/s"
     )
 
 

@@ -142,6 +142,17 @@ SERVING_TOKENS = Counter(
     "persona_serving_tokens_total", "Tokens of finished generations, by kind (prompt | completion).", ["kind"]
 )
 
+SERVING_ENGINE_SECONDS = Counter(
+    "persona_serving_engine_seconds_total",
+    "Wall seconds of a serving worker's engine thread, by phase: step (one whole step), deliver (handing its "
+    "tokens to their streams), idle (no work): together the thread's time. The fast engine splits step further: "
+    "plan (planning a step, its inputs to the device), wait (for the GPU to finish a step), finish (reading it "
+    "back, per-token bookkeeping); the rest of step is launching. A wait for the GIL counts in the phase it "
+    "interrupts.",
+    ["phase"],
+)
+SERVING_ENGINE_STEPS = Counter("persona_serving_engine_steps_total", "Engine steps a serving worker ran.")
+
 # --- serving: adapter cache ---------------------------------------------------------------------------------------
 # tier: slot (device slots), host (CPU tensors), disk (local copies), store (object store fetches).
 ADAPTER_CACHE_HITS = Counter(

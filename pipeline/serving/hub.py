@@ -234,6 +234,7 @@ class FrontendHub:
         self.stopped = threading.Event()  # no HTTP process is left (each stopped on its own): the worker stops
         self.restarts = 0
         self._backoff = [Backoff(initial_s=1.0, cap_s=30.0) for _ in range(processes)]
+        self._starting = True  # a process lost now fails the start: no restart
         self.links: list[Link] = [Link(self, i) for i in range(processes)]
         deadline = time.monotonic() + start_timeout_s
         for link in self.links:
@@ -241,6 +242,7 @@ class FrontendHub:
                 why = link.failed or ("it exited" if link.gone else f"no answer in {start_timeout_s:.0f} s")
                 self.close()
                 raise RuntimeError(f"HTTP process {link.index} of the serving worker did not start: {why}")
+        self._starting = False
         log.info("serving HTTP API in %d processes (pids %s) on port %d", processes,
                  ", ".join(str(link.process.pid) for link in self.links), server.settings.serving.port)  # fmt: skip
 
@@ -254,7 +256,7 @@ class FrontendHub:
             link.process.join(timeout=5)
         code = link.process.exitcode
         with self._lock:
-            if self._closing or self.links[link.index] is not link:
+            if self._closing or self._starting or self.links[link.index] is not link:
                 return
             if code in _STOPPED:
                 log.warning("HTTP process %d (pid %s) stopped (exit code %s); not restarted", link.index,

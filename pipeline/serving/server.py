@@ -267,10 +267,14 @@ class Server(Resolution):
 
     # --- the engine thread ---
     def _loop(self) -> None:
+        clock = time.perf_counter
+        times = _EngineTimes(getattr(self.engine, "counters", None))
         while not self._stop.is_set():
+            t0 = clock()
             if not self.engine.has_work():
                 self.wake.wait(0.05)
                 self.wake.clear()
+                times.add(idle=clock() - t0)
                 continue
             try:
                 with self.lock:
@@ -282,7 +286,9 @@ class Server(Resolution):
                     aborted = self.engine.abort_all()
                 self._deliver([(gen.id, None, True) for gen in aborted])
                 continue
+            t1 = clock()
             self._deliver([(out.generation.id, out.token_id, out.finished) for out in outputs])
+            times.add(step=t1 - t0, deliver=clock() - t1, steps=1)
 
     def _deliver(self, items: list[tuple[int, int | None, bool]]) -> None:
         """Hand a step's tokens to their requests: one call per event loop (one wake-up of the loop per step,
@@ -461,6 +467,44 @@ def score_ids(tokenizer: Any, prompt: str | None, text: str, context: int) -> tu
         raise InvalidInput("text must have at least one token after the first token of the input", param="text")
     check_score_length(len(prompt_ids), len(text_ids), context)
     return prompt_ids, text_ids
+
+
+class _EngineTimes:
+    """The engine thread's time by phase (`obs.SERVING_ENGINE_SECONDS`), summed in plain floats and added to the
+    counters at most twice a second (a labelled counter's increment takes a lock: not once per step). The fast
+    engine's own ``counters`` (plan_s, wait_s, finish_s, kept by its step) give the step's split."""
+
+    _ENGINE_PHASES = (("plan_s", "plan"), ("wait_s", "wait"), ("finish_s", "finish"))
+
+    def __init__(self, engine_counters: dict[str, float] | None) -> None:
+        self.engine = engine_counters
+        self.sums = {"step": 0.0, "deliver": 0.0, "idle": 0.0, "steps": 0.0}
+        self.seen = {key: (engine_counters or {}).get(key, 0.0) for key, _ in self._ENGINE_PHASES}
+        self.due = time.monotonic() + 0.5
+
+    def add(self, **seconds: float) -> None:
+        sums = self.sums
+        for phase, dt in seconds.items():
+            sums[phase] += dt
+        now = time.monotonic()
+        if now >= self.due:
+            self.due = now + 0.5
+            self.flush()
+
+    def flush(self) -> None:
+        for phase, total in self.sums.items():
+            if total:
+                if phase == "steps":
+                    obs.SERVING_ENGINE_STEPS.inc(total)
+                else:
+                    obs.SERVING_ENGINE_SECONDS.labels(phase).inc(total)
+                self.sums[phase] = 0.0
+        if self.engine is not None:
+            for key, phase in self._ENGINE_PHASES:
+                now = self.engine.get(key, 0.0)
+                if now > self.seen[key]:
+                    obs.SERVING_ENGINE_SECONDS.labels(phase).inc(now - self.seen[key])
+                self.seen[key] = now
 
 
 class _Tokens:

@@ -275,3 +275,27 @@ def test_unknown_paths_and_methods_answer_in_the_openai_error_shape(world):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and r.headers["x-persona-worker"]
     r = world.get("/v1/completions")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_the_engine_threads_time_by_phase_is_in_the_metrics(world):
+    """The engine thread's wall time by phase and its steps (added at most twice a second) move with the work."""
+    phases = ("step", "deliver", "idle") + (
+        ("plan", "wait", "finish") if world.settings.serving.engine == "fast" else ()
+    )
+
+    def sample() -> dict[str, float]:
+        text = httpx.get(f"{world.url}/metrics").text
+        got = {p: _sample(text, "persona_serving_engine_seconds_total", phase=p) for p in phases}
+        return got | {"steps": _sample(text, "persona_serving_engine_steps_total")}
+
+    before = sample()
+    r = world.post("/v1/completions", json={"model": TINY_RANDOM_ID, "prompt": "Hello there", "max_tokens": 4})
+    assert r.status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        after = sample()
+        if all(after[k] > before[k] for k in after) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {k for k in after if after[k] <= before[k]} == set()
+    assert after["steps"] - before["steps"] >= 4  # a step per token at least
