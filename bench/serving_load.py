@@ -1038,7 +1038,7 @@ class Client:
     """One HTTP client for all requests of a run: aiohttp when installed, else httpx (both asyncio)."""
 
     def __init__(self, kind: str, url: str, key: str, cap: int, timeout: float) -> None:
-        self.url, self.cap, self.timeout = url, cap, timeout
+        self.url, self.cap, self.timeout, self.key = url, cap, timeout, key
         self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         if kind == "auto":
             try:
@@ -1102,11 +1102,11 @@ class Client:
         return r.status_code, r.content
 
 
-async def drive(client: Client, path: str, reqs: list[Req], drain_s: float) -> dict[str, Any]:
+async def drive(client: Client, path: str, reqs: list[Req], drain_s: float, t0: float | None = None) -> dict[str, Any]:
     """Send every request at its time (open loop); at most ``client.cap`` in flight (later ones wait, and their
     latencies still count from their scheduled time). Returns the run's timing facts."""
     sem = asyncio.Semaphore(client.cap)
-    t0 = time.perf_counter() + 0.1
+    t0 = time.perf_counter() + 0.1 if t0 is None else t0  # (given: client processes share one start)
     lags: list[float] = []
     stalls: list[float] = []
     running = True
@@ -1288,6 +1288,7 @@ class Context:
     chat_overhead: int
     deadline: float  # time.monotonic()
     idle_latency_s: float | None = None  # a 1-token request on the idle worker (set per series)
+    clients: Any = None  # the client processes (`--client-processes` > 1), started at the first point
 
 
 def run_point(
@@ -1322,11 +1323,18 @@ def run_point(
         before = parse_metrics((await client.get("/metrics"))[1].decode())
         cpu0 = _tree_cpu(server_proc)
         c0, w0 = time.process_time(), time.perf_counter()
-        timing = await drive(client, path, reqs, max(args.drain_s, 2 * duration))
+        drain_s = max(args.drain_s, 2 * duration)
+        children_cpu = 0.0
+        if args.client_processes > 1:
+            timing, children_cpu = await asyncio.get_running_loop().run_in_executor(
+                None, drive_in_processes, ctx, client, path, reqs, drain_s
+            )
+        else:
+            timing = await drive(client, path, reqs, drain_s)
         wall = time.perf_counter() - w0
         cpu1 = _tree_cpu(server_proc)
         cpu = {
-            "client_cpu_cores": (time.process_time() - c0) / wall,
+            "client_cpu_cores": (time.process_time() - c0 + children_cpu) / wall,
             # the worker's process, and its HTTP and fill processes (by pid: one restarted meanwhile is not counted)
             "server_cpu_cores": sum(cpu1[pid] - cpu0[pid] for pid in cpu1 if pid in cpu0) / wall,
             "server_main_cpu_cores": (cpu1[server_proc.pid] - cpu0[server_proc.pid]) / wall,
@@ -1376,6 +1384,63 @@ def _tree_cpu(proc: Any) -> dict[int, float]:
             t = p.cpu_times()
             out[p.pid] = t.user + t.system
     return out
+
+
+def drive_in_processes(
+    ctx: Context, client: Client, path: str, reqs: list[Req], drain_s: float
+) -> tuple[dict[str, Any], float]:
+    """`drive` split over ``--client-processes`` processes (request i to process i mod n), all from one start time
+    (perf_counter is the system's monotonic clock: the same in every process); returns the merged timing facts and
+    the CPU seconds the client processes used. The requests come back filled in."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    n = ctx.args.client_processes
+    if ctx.clients is None:
+        ctx.clients = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"))
+        list(ctx.clients.map(time.sleep, [0.0] * n))  # started (and their imports done) before the first point
+    t0 = time.perf_counter() + 0.3
+    parts = [reqs[i::n] for i in range(n)]
+    cap = max(1, client.cap // n)
+    futures = [
+        ctx.clients.submit(
+            _drive_part, client.kind, client.url, client.key, cap, client.timeout, path, part, t0, drain_s
+        )
+        for part in parts
+    ]
+    timings, cpu = [], 0.0
+    for part, future in zip(parts, futures, strict=True):
+        done, timing, used = future.result()
+        for mine, theirs in zip(part, done, strict=True):
+            mine.__dict__.update(theirs.__dict__)
+        timings.append(timing)
+        cpu += used
+    merged = {
+        "t0": t0,
+        "arrivals_end": max(t["arrivals_end"] for t in timings),
+        "drained_s": max(t["drained_s"] for t in timings),
+        "unfinished": sum(t["unfinished"] for t in timings),
+        "client_processes": n,
+    }
+    for key in ("dispatch_lag_p99_ms", "client_stall_p99_ms", "client_stall_max_ms"):
+        merged[key] = max(t[key] for t in timings)  # the worst process's
+    return merged, cpu
+
+
+def _drive_part(
+    kind: str, url: str, key: str, cap: int, timeout: float, path: str, reqs: list[Req], t0: float, drain_s: float
+) -> tuple[list[Req], dict[str, Any], float]:
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    c0 = time.process_time()
+    client = Client(kind, url, key, cap, timeout)
+    try:
+        timing = asyncio.run(_with_client(client, lambda: drive(client, path, reqs, drain_s, t0=t0)))
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    return reqs, timing, time.process_time() - c0
 
 
 async def _with_client(client: Client, fn: Callable[[], Any]) -> Any:
@@ -1844,11 +1909,18 @@ def method_text(res: dict) -> str:
             + "), so TTFT is the first chunk and inter-token latency is measured per chunk; "
             "output tokens/s = chunks received in the window x (completion tokens counted by the worker's "
             "`persona_serving_tokens_total` / chunks received, over the point).",
-            f"- Client: one asyncio process ({', '.join(sorted({s.get('client', '?') for s in res['series']}))}), at "
+            f"- Client: {_clients_text(c)} ({', '.join(sorted({s.get('client', '?') for s in res['series']}))}), at "
             f"most {c['cap']} requests in flight (a request over the cap waits; counted as cap waits); client and "
             f"server CPU per point in the JSON. Pinning: {res['pinning']}.",
         ]
     )
+
+
+def _clients_text(c: dict) -> str:
+    n = c.get("client_processes") or 1
+    if n == 1:
+        return "one asyncio process"
+    return f"{n} asyncio processes (request i of a point sent by process i mod {n}, all from one start time)"
 
 
 def header(res: dict) -> str:
@@ -2014,6 +2086,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--store-latency-ms", type=float, default=0.0, help="inmemory: sleep per object-store fetch")
     ap.add_argument("--cap", type=int, default=1024, help="client: requests in flight at most")
     ap.add_argument("--client", choices=["auto", "aiohttp", "httpx"], default="auto")
+    ap.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="client processes that share each point's requests (one asyncio client each; near 1,000 req/s one "
+        "process uses most of a core)",
+    )
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--no-server-warmup", dest="server_warmup", action="store_false")
     ap.add_argument(
@@ -2074,11 +2153,13 @@ def main(argv: list[str] | None = None) -> None:
         args.cap = max(16, limits["nofile_soft"] - 64)
         note(f"client cap lowered to {args.cap} (open-file limit {limits['nofile_soft']})")
     cores = sorted(os.sched_getaffinity(0))
-    pin = args.pin == "on" or (args.pin == "auto" and len(cores) >= 4)
-    worker_cores = set(cores[:-1]) if pin else None
+    nc = args.client_processes
+    pin = args.pin == "on" or (args.pin == "auto" and len(cores) >= 3 + nc)
+    worker_cores = set(cores[:-nc]) if pin else None
     if pin:
-        os.sched_setaffinity(0, {cores[-1]})
-    pinning = f"client on core {cores[-1]}, worker on cores {cores[0]}-{cores[-2]}" if pin else "none"
+        os.sched_setaffinity(0, set(cores[-nc:]))  # the client processes inherit it
+    where = f"core {cores[-1]}" if nc == 1 else f"cores {cores[-nc]}-{cores[-1]}"
+    pinning = f"client on {where}, worker on cores {cores[0]}-{cores[-nc - 1]}" if pin else "none"
 
     tok = load_tokenizer(base)
     prompts = PromptMaker(tok)
@@ -2164,6 +2245,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             res["series"].append(run_series(ctx, traffic, name, starter, key[1]))
     finally:
+        if ctx.clients is not None:
+            ctx.clients.shutdown(wait=False, cancel_futures=True)
         if real and not args.keep:
             clean_real(real, args.threads)
     res["wall_s"] = time.monotonic() - t_start
