@@ -1825,14 +1825,16 @@ def summary_lines(res: dict) -> list[str]:
             f"- the client cap of {res['config']['cap']} requests in flight was reached (later ones waited; their "
             f"latencies count the wait): {', '.join(capped)}"
         )
+    procs = res["config"].get("client_processes") or 1  # the cores of all client processes: 80% of a core each
     client_bound = [
         f"{s['name']} @ {p['offered_rps']:.2f}"
         for s in res["series"]
         for p in s["points"]
-        if p["client_cpu_cores"] > 0.8
+        if p["client_cpu_cores"] > 0.8 * procs
     ]
     if client_bound:
-        out.append(f"- the client process used > 80% of a core (it may bound these points): {', '.join(client_bound)}")
+        who = "the client process" if procs == 1 else f"the {procs} client processes"
+        out.append(f"- {who} used > 80% of a core each (it may bound these points): {', '.join(client_bound)}")
     stalled = [
         f"{s['name']} @ {p['offered_rps']:.2f} ({p['client_stall_max_ms']:.0f} ms)"
         for s in res["series"]

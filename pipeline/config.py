@@ -446,6 +446,22 @@ class ServingSettings(BaseSettings):
         description="Fast engine: tokens of one step (a decode token per running request plus chunks of prompts "
         "being admitted); 0 = max_batch + 2048. Smaller keeps inter-token latency low under long prompts.",
     )
+    max_queued: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="Generation requests that may wait in the engine's queue beyond its batch, each holding its "
+        "adapter's device slot; 0 = max_batch. Past max_batch + this many started, requests wait their turn in "
+        "arrival order holding nothing (with skewed traffic a long engine queue pinned every slot and new adapters "
+        "were refused as slots_exhausted).",
+    )
+    queue_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Seconds a generation request waits for its turn (see max_queued) before it is refused with "
+        "429 overloaded.",
+    )
     gil_switch_interval_ms: float = Field(
         0.1,
         ge=0.01,

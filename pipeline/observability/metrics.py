@@ -152,6 +152,20 @@ SERVING_ENGINE_SECONDS = Counter(
     ["phase"],
 )
 SERVING_ENGINE_STEPS = Counter("persona_serving_engine_steps_total", "Engine steps a serving worker ran.")
+SERVING_ADMISSION_WAITING = Gauge(
+    "persona_serving_admission_waiting",
+    "Generation requests waiting for a turn before the engine's queue (a worker keeps at most "
+    "PERSONA_SERVE_MAX_BATCH + PERSONA_SERVE_MAX_QUEUED started; the rest wait holding no adapter slot).",
+)
+SERVING_ADMISSION_WAIT_SECONDS = Histogram(
+    "persona_serving_admission_wait_seconds",
+    "Seconds a generation request waited for its turn before the engine's queue (only those that waited).",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SERVING_OVERLOADED = Counter(
+    "persona_serving_overloaded_total",
+    "Generation requests refused (429 overloaded) after waiting PERSONA_SERVE_QUEUE_TIMEOUT_S for their turn.",
+)
 
 # --- serving: adapter cache ---------------------------------------------------------------------------------------
 # tier: slot (device slots), host (CPU tensors), disk (local copies), store (object store fetches).

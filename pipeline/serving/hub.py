@@ -107,7 +107,7 @@ class Link:
             elif kind == "end":
                 self._end(message[1])
             elif kind == "call":
-                server.pool.submit(self._call, *message[1:])
+                server.calls.submit(self._call, *message[1:])
             elif kind == "obs":
                 self._observe(message[1])
             elif kind == "ready":

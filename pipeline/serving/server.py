@@ -43,6 +43,7 @@ from pipeline.domain.revisions import InvalidModelName, parse_model_name
 from pipeline.models.base import LoadedBase
 from pipeline.observability import metrics as obs
 from pipeline.serving.adapters import AdapterKey, AdapterLimits, EngineSlots, registry_check, registry_fetch
+from pipeline.serving.admission import Admission
 from pipeline.serving.auth import KeyCache
 from pipeline.serving.bodies import (  # noqa: F401 (ChatMessage and ScoreBody: re-exported, the API's bodies)
     ChatBody,
@@ -257,6 +258,11 @@ class Server(Resolution):
         self._models_lock = threading.Lock()
         #: The request handlers' blocking work (resolution, tokenizing, acquisition, scoring): `offload`.
         self.pool = ThreadPoolExecutor(max_workers=cfg.api_threads, thread_name_prefix="persona-api")
+        #: The HTTP processes' other calls (scoring, /metrics, /healthz): not queued behind generations that wait
+        #: their turn in ``pool`` (`admission`).
+        self.calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="persona-api-calls")
+        #: At most max_batch + max_queued generations started (each pins its adapter's slot); the rest wait their turn.
+        self.admission = Admission(cfg.max_batch + (cfg.max_queued or cfg.max_batch), cfg.queue_timeout_s)
         self._stop = threading.Event()
         #: Set once the disk copies of revisions the registry no longer has were deleted (at start).
         self.pruned = threading.Event()
@@ -342,6 +348,7 @@ class Server(Resolution):
     def close(self) -> None:
         self._stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.calls.shutdown(wait=False, cancel_futures=True)
         self._thread.join(timeout=10)
         self._pruner.join(timeout=10)
         self.cache.close()
@@ -366,8 +373,14 @@ class Server(Resolution):
         max_tokens: int,
         sink: _LoopSink,
     ) -> Generation:
-        """Pin the adapter in a slot and queue the request for the engine thread (its tokens go to ``sink``)."""
-        slot = self._acquire(target)
+        """Wait for a turn (`Admission`), pin the adapter in a slot and queue the request for the engine thread (its
+        tokens go to ``sink``)."""
+        self.admission.enter()
+        try:
+            slot = self._acquire(target)
+        except BaseException:
+            self.admission.leave()
+            raise
         try:
             req = EngineRequest(
                 prompt_ids, slot, max_tokens, sampling.temperature, sampling.top_p, (), sampling.stops, sampling.seed
@@ -379,6 +392,7 @@ class Server(Resolution):
         except BaseException:
             if target.key is not None:
                 self.cache.release(target.key)
+            self.admission.leave()
             raise
         self.wake.set()
         return gen
@@ -390,8 +404,11 @@ class Server(Resolution):
         obs.SERVING_TOKENS.labels("completion").inc(len(gen.output_ids))
         with self._streams_lock:
             self.streams.pop(gen.id, None)
-        if target.key is not None:
-            self.cache.release(target.key)
+        try:
+            if target.key is not None:
+                self.cache.release(target.key)
+        finally:
+            self.admission.leave()
 
     def generate_async(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import orjson
@@ -17,6 +18,7 @@ from pipeline.config import ServingSettings, Settings
 from pipeline.flows import promotion
 from pipeline.flows.export import export
 from pipeline.models.base import TINY_RANDOM_ID, tiny_random, tiny_tokenizer
+from pipeline.serving.admission import Admission
 from pipeline.serving.api import create_app
 from pipeline.serving.server import Server
 from pipeline.storage.objects import revision_prefix
@@ -235,6 +237,35 @@ def test_full_slots_and_a_corrupt_object_get_429_and_503_with_an_openai_body(wor
     world.promote(u, rev.revision_id)
     r = world.post("/v1/completions", json={**body, "model": f"user:{u}"})
     assert_openai_error(r, 503, "adapter_corrupt", retry_after=False)
+
+
+def test_past_its_queue_a_request_waits_its_turn_holding_no_slot_then_runs_or_gets_429_overloaded(world):
+    """With max_batch + max_queued generations started, the next request waits (its adapter not acquired: no slot
+    pinned) and runs once one ends; one that waits past the queue timeout gets 429 overloaded with Retry-After."""
+    server = world.server
+    u, rev = world.served_user("turn", 50)
+    key = server.resolve(f"user:{u}", server.keys.principal(world.key)).key
+    body = {"model": f"user:{u}", "prompt": "Hello", "max_tokens": 2}
+    saved = server.admission
+    server.admission = Admission(1, 0.5)
+    server.admission.enter()  # the one turn, held as by a generation in flight
+    try:
+        assert_openai_error(world.post("/v1/completions", json=body), 429, "overloaded", retry_after=True)
+        server.admission.timeout_s = 60.0
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(world.post, "/v1/completions", json=body)
+            deadline = time.monotonic() + 30
+            while server.admission.waiting == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.admission.waiting == 1 and not waiting.done()
+            assert server.cache._refs.get(key, 0) == 0  # waiting, it pins nothing
+            server.admission.leave()  # the generation in flight ends: the waiting request takes the turn
+            r = waiting.result(timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-persona-revision"] == rev.revision_id
+        assert server.admission.held == 0 and server.admission.waiting == 0  # it gave the turn back when done
+    finally:
+        server.admission = saved
 
 
 def test_an_unreachable_object_store_or_database_gets_503_with_an_openai_body(world, services, tmp_path):
