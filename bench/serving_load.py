@@ -800,6 +800,7 @@ def worker_env(args: argparse.Namespace, port: int, cache_dir: Path) -> dict[str
         "PERSONA_SERVE_DEVICE": args.device,
         "PERSONA_SERVE_SLOTS": str(args.slots),
         "PERSONA_SERVE_MAX_BATCH": str(args.max_batch),
+        "PERSONA_SERVE_MAX_QUEUED": str(args.max_queued),
         "PERSONA_SERVE_MAX_SEQ": str(args.max_seq),
         "PERSONA_SERVE_MAX_RANK": str(max(args.rank, 1)),
         "PERSONA_SERVE_MAX_TOKENS": str(args.output_tokens[1]),
@@ -1880,7 +1881,9 @@ def method_text(res: dict) -> str:
             f"- Worker: {res['stack_text']}; base `{c['base']}` on `{c['device']}`, engine "
             f"{', '.join(sorted({s['engine'] for s in res['series']}))} "
             f"(PERSONA_SERVE_ENGINE={c['engine'] or 'from the environment'}), "
-            f"slots {c['slots']}, max batch {c['max_batch']}, max_seq {c['max_seq']}, host cache "
+            f"slots {c['slots']}, max batch {c['max_batch']}, at most "
+            f"{c['max_batch'] + (c.get('max_queued') or c['max_batch'])} requests started (the rest wait their turn "
+            "holding no slot), max_seq {c['max_seq']}, host cache "
             f"{c['host_cache_bytes'] / 2**30:.1f} GiB, disk cache {c['disk_cache_bytes'] / 2**30:.1f} GiB, stream "
             f"interval {_interval_text(c)}, {_fill_text(c)}, {_http_text(c)}. A fresh "
             "worker process with an empty disk cache directory per series: store -> disk -> host -> slot tiers all "
@@ -2062,6 +2065,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument(
+        "--max-queued",
+        type=int,
+        default=0,
+        help="PERSONA_SERVE_MAX_QUEUED: started requests beyond the batch (0: max batch)",
+    )
     ap.add_argument("--max-seq", type=int, default=2048)
     ap.add_argument("--host-cache-bytes", type=int, default=2 << 30)
     ap.add_argument(
