@@ -197,12 +197,13 @@ def lora_shape(tokens: int, users: int, rows: int, d_in: int, d_out: int, gen: t
 
 
 def packed_shape(
-    tokens: int, users: int, d_in: int, d_out: int, lo: int, hi: int, gen: torch.Generator
+    tokens: int, users: int, d_in: int, d_out: int, lo: int, hi: int, gen: torch.Generator, quick: bool = False
 ) -> dict[str, Any]:
     """The trainer's LoRA node over packed rows (lengths uniform in lo..hi, sorted as `micro_batches` sorts them,
     each row a random user's), r=1: forward + backward with each program walking the whole width
     (`lora_kernels.SPLIT` False, keys ``one_*``) and with the split kernels (True, ``split_*``), against the torch
-    path with every token a row of its own (relative error of y, dx, dA, dB)."""
+    path with every token a row of its own (relative error of y, dx, dA, dB). ``quick``: the split kernels' forward
+    + backward time alone (no whole-width run, no errors), for sweeps."""
     from pipeline.models import lora_kernels
 
     g = torch.Generator().manual_seed(d_in * 7 + d_out)
@@ -225,8 +226,11 @@ def packed_shape(
     dy = torch.randn(1, total, d_out, device="cuda", dtype=torch.bfloat16, generator=gen)
     row: dict[str, Any] = {"in": d_in, "out": d_out, "tokens": total, "rows": rows, "users": users}
     row["base_linear_fwd_bwd_ms"] = timed(lambda: base(x).backward(dy))
-    got = {}
-    for split in (False, True):
+    # what the node must move at least (bf16): forward x read, y read and written; backward dy read, x read, dx read
+    # and written
+    row["floor_bytes"] = total * 2 * (4 * d_in + 3 * d_out)
+    got: dict[Any, tuple[torch.Tensor, ...]] = {}
+    for split in (True,) if quick else (False, True):
         lora_kernels.SPLIT = split
 
         def step() -> None:
@@ -238,9 +242,26 @@ def packed_shape(
         layer(x).backward(dy)
         got[split] = (y, x.grad.clone(), a.grad.clone(), b.grad.clone())
         row[f"{'split' if split else 'one'}_fwd_bwd_ms"] = timed(step)
+        if quick:
+            return row
         with torch.no_grad():
             row[f"{'split' if split else 'one'}_fwd_nograd_ms"] = timed(lambda: layer(x))
     lora_kernels.SPLIT = True
+    # the dense form (`multilora._DenseBranch`), whatever its share rule says for this shape
+    share, multilora.DENSE_MAX_SHARE, multilora.DENSE_BRANCH = multilora.DENSE_MAX_SHARE, float("inf"), True
+    try:
+
+        def dense_step() -> None:
+            a.grad = b.grad = x.grad = None
+            layer(x).backward(dy)
+
+        y = layer(x).detach()
+        a.grad = b.grad = x.grad = None
+        layer(x).backward(dy)
+        got["dense"] = (y, x.grad.clone(), a.grad.clone(), b.grad.clone())
+        row["dense_fwd_bwd_ms"] = timed(dense_step)
+    finally:
+        multilora.DENSE_MAX_SHARE, multilora.DENSE_BRANCH = share, False
     # the torch reference: each token a row of its own (the packed path's torch form), fp32 reference values
     ref_layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, s), multilora._Rows(native=True))
     ref_layer._rows.index = wrap.token_index
@@ -254,7 +275,7 @@ def packed_shape(
     finally:
         multilora.TRITON_BRANCH = True
     for split, vals in got.items():
-        row[f"{'split' if split else 'one'}_rel_err"] = {
+        row[f"{'dense' if split == 'dense' else 'split' if split else 'one'}_rel_err"] = {
             n: float((g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30))
             for n, g, r in zip(("y", "dx", "dA", "dB"), vals, ref, strict=True)
         }
@@ -272,14 +293,19 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only the packed-rows comparison of one kernel per pass against the split kernels (135M and 1B shapes)",
     )
-    ap.add_argument("--sweep", action="store_true", help="with --packed-only: tokens per program x warps x split")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="with --packed-only: the split kernels per launch configuration (SWEEP), against the memory floor",
+    )
+    ap.add_argument("--only", choices=("smollm2-135m", "llama-1b"), help="with --packed-only: one model's shapes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("retrain_kernels.py needs a CUDA device")
     started = time.perf_counter()
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.packed_only:
-        packed(report, args.out)
+        packed(report, args.out, args.only)
         if args.sweep:
             sweep(report, args.out)
         return
@@ -314,18 +340,21 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
-def packed(report: dict[str, Any], out: Path) -> None:
+def packed(report: dict[str, Any], out: Path, only: str | None = None) -> None:
     """The `--packed-only` run: SmolLM2-135M's projections at 131,072 tokens (256 users) and Llama-1B's at 21,504
-    (64 users), rows of 20..128 tokens."""
+    (64 users), rows of 20..128 tokens (``only``: one of the two)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
-    cases = [(131072, 256, d_in, d_out) for d_in, d_out in ((576, 576), (576, 192), (576, 1536), (1536, 576))]
-    cases += [(21504, 64, d_in, d_out) for d_in, d_out in ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048))]
+    cases = []
+    if only in (None, "smollm2-135m"):
+        cases += [(131072, 256, d_in, d_out) for d_in, d_out in ((576, 576), (576, 192), (576, 1536), (1536, 576))]
+    if only in (None, "llama-1b"):
+        cases += [(21504, 64, d_in, d_out) for d_in, d_out in ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048))]
     report["packed"] = []
     print(
-        "| in -> out | tokens (rows) | base Linear ms | whole width a program ms | split ms | "
-        "no-grad whole / split ms | rel err whole (y, dx, dA, dB) | rel err split |"
+        "| in -> out | tokens (rows) | base Linear ms | whole width a program ms | split ms | dense ms | "
+        "no-grad whole / split ms | rel err whole (y, dx, dA, dB) | rel err split | rel err dense |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
     for tokens, users, d_in, d_out in cases:
         r = packed_shape(tokens, users, d_in, d_out, 20, 128, gen)
         report["packed"].append(r)
@@ -335,36 +364,62 @@ def packed(report: dict[str, Any], out: Path) -> None:
 
         print(
             f"| {d_in} -> {d_out} | {r['tokens']} ({r['rows']}) | {r['base_linear_fwd_bwd_ms']:.3f} | "
-            f"{r['one_fwd_bwd_ms']:.3f} | {r['split_fwd_bwd_ms']:.3f} | {r['one_fwd_nograd_ms']:.3f} / "
-            f"{r['split_fwd_nograd_ms']:.3f} | {errs(r['one_rel_err'])} | {errs(r['split_rel_err'])} |",
+            f"{r['one_fwd_bwd_ms']:.3f} | {r['split_fwd_bwd_ms']:.3f} | {r['dense_fwd_bwd_ms']:.3f} | "
+            f"{r['one_fwd_nograd_ms']:.3f} / {r['split_fwd_nograd_ms']:.3f} | {errs(r['one_rel_err'])} | "
+            f"{errs(r['split_rel_err'])} | {errs(r['dense_rel_err'])} |",
             flush=True,
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "retrain_kernels_packed.json").write_text(json.dumps(report, indent=1))
 
 
+#: `sweep`'s launch configurations: (tokens per program, columns per loop iteration, columns per program, warps).
+SWEEP = [
+    (bt, wb, span, warps) for bt in (16, 32, 64) for wb in (64, 128) for span in (256, 512, 1024) for warps in (4, 8)
+]
+#: Bytes a second `sweep` takes as reachable (an H200's HBM3e moves ~4.8 TB/s at its peak).
+FLOOR_BANDWIDTH = 4.0e12
+
+
 def sweep(report: dict[str, Any], out: Path) -> None:
-    """Forward + backward ms of the LoRA node over packed rows per (tokens per program, warps, split) on three
-    shapes: which launch configuration the kernels should take."""
+    """Forward + backward ms of the split LoRA kernels over packed rows per `SWEEP` configuration on four shapes,
+    next to the memory floor of what the node moves (`FLOOR_BANDWIDTH`): which launch configuration the kernels
+    should take, and how far the best is from the bytes it must move."""
     from pipeline.models import lora_kernels
 
     gen = torch.Generator(device="cuda").manual_seed(5)
-    default = lora_kernels.TOKEN_BLOCK, lora_kernels.WARPS
+    default = lora_kernels.TOKEN_BLOCK, lora_kernels.WIDTH_BLOCK, lora_kernels.SPAN, lora_kernels.WARPS
     report["sweep"] = []
-    for tokens, users, d_in, d_out in ((131072, 256, 576, 576), (131072, 256, 576, 1536), (21504, 64, 2048, 8192)):
-        for bt in (32, 64, 128):
-            for warps in (2, 4, 8):
-                lora_kernels.TOKEN_BLOCK, lora_kernels.WARPS = bt, warps
-                try:
-                    r = packed_shape(tokens, users, d_in, d_out, 20, 128, gen)
-                except Exception as e:  # a configuration Triton cannot build
-                    print(f"sweep {d_in}->{d_out} bt {bt} warps {warps}: {e!r}"[:300], flush=True)
-                    continue
-                entry = {"in": d_in, "out": d_out, "bt": bt, "warps": warps, "base": r["base_linear_fwd_bwd_ms"],
-                         "one": r["one_fwd_bwd_ms"], "split": r["split_fwd_bwd_ms"]}  # fmt: skip
-                report["sweep"].append(entry)
-                print(json.dumps(entry), flush=True)
-    lora_kernels.TOKEN_BLOCK, lora_kernels.WARPS = default
+    shapes = ((131072, 256, 576, 576), (131072, 256, 576, 1536), (21504, 64, 2048, 8192), (21504, 64, 8192, 2048))
+    best: dict[tuple[int, int], dict[str, Any]] = {}
+    for tokens, users, d_in, d_out in shapes:
+        for bt, wb, span, warps in SWEEP:
+            lora_kernels.TOKEN_BLOCK, lora_kernels.WIDTH_BLOCK, lora_kernels.SPAN, lora_kernels.WARPS = (
+                bt, wb, span, warps
+            )  # fmt: skip
+            try:
+                r = packed_shape(tokens, users, d_in, d_out, 20, 128, gen, quick=True)
+            except Exception as e:  # a configuration Triton cannot build
+                print(f"sweep {d_in}->{d_out} {bt}/{wb}/{span}/{warps}: {e!r}"[:300], flush=True)
+                continue
+            entry = {"in": d_in, "out": d_out, "bt": bt, "width_block": wb, "span": span, "warps": warps,
+                     "base": r["base_linear_fwd_bwd_ms"], "split": r["split_fwd_bwd_ms"],
+                     "floor_ms": r["floor_bytes"] / FLOOR_BANDWIDTH * 1e3}  # fmt: skip
+            report["sweep"].append(entry)
+            print(json.dumps(entry), flush=True)
+            if (d_in, d_out) not in best or entry["split"] < best[(d_in, d_out)]["split"]:
+                best[(d_in, d_out)] = entry
+    lora_kernels.TOKEN_BLOCK, lora_kernels.WIDTH_BLOCK, lora_kernels.SPAN, lora_kernels.WARPS = default
+    print("\n| in -> out | base Linear ms | default ms | best ms (tokens / width block / span / warps) | floor ms |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for (d_in, d_out), e in best.items():
+        dflt = next(
+            (x["split"] for x in report["sweep"] if (x["in"], x["out"]) == (d_in, d_out)
+             and (x["bt"], x["width_block"], x["span"], x["warps"]) == default),
+            float("nan"),
+        )  # fmt: skip
+        print(f"| {d_in} -> {d_out} | {e['base']:.3f} | {dflt:.3f} | {e['split']:.3f} ({e['bt']} / "
+              f"{e['width_block']} / {e['span']} / {e['warps']}) | {e['floor_ms']:.3f} |")  # fmt: skip
     (out / "retrain_kernels_packed.json").write_text(json.dumps(report, indent=1))
 
 

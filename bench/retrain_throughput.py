@@ -857,7 +857,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--lora-kernels",
         default="triton",
         help="a comma list paired with --micro: triton (the LoRA branch in pipeline.models.lora_kernels where "
-        "available: multilora.TRITON_BRANCH) or torch (batched GEMMs)",
+        "available: multilora.TRITON_BRANCH), torch (batched GEMMs) or dense (training's packed rows through "
+        "multilora._DenseBranch where its share rule allows, multilora.DENSE_BRANCH; the gate's Triton kernels)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainingSettings field")
     parser.add_argument("--check", action="store_true", help="first the GPU check of the fused kernels")
@@ -902,7 +903,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     branches = choices("--train-branch", args.train_branch, ("node", "ops"))
     reuses = choices("--gate-reuse", args.gate_reuse, ("off", "on"))
     prefixes = choices("--shared-prefix", args.shared_prefix, ("off", "on"))
-    lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch"))
+    lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch", "dense"))
     packs = choices("--packed-rows", args.packed_rows, ("off", "on", "auto"))
     lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs]
     n_waves = max(len(x) for x in lists)
@@ -991,7 +992,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     variants
                 ):
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
-                    multilora.TRITON_BRANCH = lora_k == "triton"
+                    multilora.TRITON_BRANCH = lora_k in ("triton", "dense")
+                    multilora.DENSE_BRANCH = lora_k == "dense"
                     multilora.TRAIN_BRANCH = branch_k == "node"
                     metrics.FUSED_LAYERS = gate_k == "fused"
                     metrics.SHARED_PREFIX = prefix == "on"

@@ -45,6 +45,9 @@ SPAN = 256
 #: from 3.6 to 2.6 ms at 2048 -> 8192 against 64 (rows of 20..128 tokens).
 TOKEN_BLOCK = 32
 WARPS = 4
+#: Columns of the width one loop iteration of a program loads (a ``[tokens, WIDTH_BLOCK]`` tile); `SPAN` is a
+#: multiple of it. 64 since the kernels were written; `bench/retrain_kernels.py --packed-only --sweep` tries 128.
+WIDTH_BLOCK = 64
 
 
 @functools.cache
@@ -74,8 +77,10 @@ def _blocks(tokens: int, rank: int) -> tuple[int, int]:
 
 
 def _span(width: int) -> int:
-    """Columns of the width one program walks: `SPAN` (split), or all of them rounded up to a 64-wide tile."""
-    return SPAN if SPLIT else (width + 63) // 64 * 64
+    """Columns of the width one program walks: `SPAN` (split), or all of them, in whole `WIDTH_BLOCK` tiles."""
+    if SPLIT:
+        return max(SPAN // WIDTH_BLOCK, 1) * WIDTH_BLOCK
+    return (width + WIDTH_BLOCK - 1) // WIDTH_BLOCK * WIDTH_BLOCK
 
 
 def _offsets(x: torch.Tensor, offsets: torch.Tensor | None, longest: int | None) -> tuple[torch.Tensor, int, int]:
@@ -119,13 +124,13 @@ def forward(
     k.shrink[grid](
         x, lora_a, scaling, index, h, starts,
         tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        EVEN=offsets is None, BT=bt, BI=64, RP=rp, num_warps=WARPS,
+        EVEN=offsets is None, BT=bt, BI=WIDTH_BLOCK, RP=rp, num_warps=WARPS,
     )  # fmt: skip
     span = _span(d_out)
     k.expand[(*grid, (d_out + span - 1) // span)](
         y, lora_b, index, h, starts,
         tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        EVEN=offsets is None, BT=bt, BO=64, RP=rp, SPAN=span, num_warps=WARPS,
+        EVEN=offsets is None, BT=bt, BO=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
     )  # fmt: skip
     return h if keep_h else None
 
@@ -159,13 +164,13 @@ def backward(
     k.dshrink[(*grid, (d_out + span - 1) // span)](
         dy, lora_b, index, h, dh, db, starts,
         tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        EVEN=offsets is None, BT=bt, BO=64, RP=rp, SPAN=span, num_warps=WARPS,
+        EVEN=offsets is None, BT=bt, BO=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
     )  # fmt: skip
     span = _span(d_in)
     k.dexpand[(*grid, (d_in + span - 1) // span)](
         dx if dx is not None else dy, x, lora_a, scaling, index, dh, da, starts,
         tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=64, RP=rp, SPAN=span, num_warps=WARPS,
+        HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
     )  # fmt: skip
     return da, db
 

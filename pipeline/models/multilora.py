@@ -178,6 +178,12 @@ class MultiLoraLinear(nn.Module):
         if offsets is not None:  # packed rows
             if x.shape[0] != 1:
                 raise AdapterLimitError(f"packed rows come as one sequence, got a batch of {x.shape[0]}")
+            if self._dense(x):
+                out: torch.Tensor = _DenseBranch.apply(
+                    x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                    self._rows.token_index,
+                )  # fmt: skip
+                return out
             if not self._packed_kernels(x):
                 # The torch path, every token a row of its own with its row's adapter.
                 flat = x.reshape(-1, 1, x.shape[-1])
@@ -186,6 +192,17 @@ class MultiLoraLinear(nn.Module):
         elif index.shape[0] != x.shape[0]:
             raise AdapterLimitError(f"row index has {index.shape[0]} rows but the batch has {x.shape[0]}")
         return self._rows_forward(x, index, offsets)
+
+    def _dense(self, x: torch.Tensor) -> bool:
+        """Whether packed rows train through `_DenseBranch`: `DENSE_BRANCH` on, a half-dtype input over a frozen
+        base with trainable stacks, and the stacks' columns (rows x rank) at most `DENSE_MAX_SHARE` of the narrower
+        width of the projection (their extra GEMM work is that share of the base's, at most)."""
+        if not (DENSE_BRANCH and self._rows.native and torch.is_grad_enabled() and x.dtype in _HALF):
+            return False
+        frozen = not any(t is not None and t.requires_grad for t in (self.base.weight, self.base.bias, self.scaling))
+        columns = self.lora_A.shape[0] * self.lora_A.shape[1]
+        narrow = min(self.base.in_features, self.base.out_features)
+        return frozen and self.lora_A.requires_grad and columns <= DENSE_MAX_SHARE * narrow
 
     def _packed_kernels(self, x: torch.Tensor) -> bool:
         """Whether `_rows_forward` takes a Triton path for ``x`` (the only ones that read packed rows' offsets): the
@@ -330,6 +347,86 @@ class _TrainBranch(torch.autograd.Function):
         return dx, None, None, da, db, None, None, None, None
 
 
+_MM32: list[bool] = []  # whether torch.mm takes out_dtype on this build's CUDA (found at the first call)
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of half tensors with an fp32 result (fp32 accumulation either way): on CUDA straight into fp32
+    where torch has it (``out_dtype``), else through fp32 copies."""
+    if a.is_cuda and _MM32 != [False]:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM32[:] = [False]
+        else:
+            _MM32[:] = [True]
+            return out
+    return torch.mm(a.float(), b.float())
+
+
+class _DenseBranch(torch.autograd.Function):
+    """Packed training rows' layer over a frozen base with the branch as dense GEMMs over every stack row's columns.
+
+    With ``n`` stack rows of rank ``r``, each token's ``x A[s]^T`` is one column block of ``x A_all^T`` (``A_all``:
+    the stacks' ``[n r, in]``): one GEMM gives every block, the token's own is kept (scaled) and the others are zeros
+    (``hs``, ``[tokens, n r]``), and ``y = x W^T + b`` then takes ``hs B_all^T`` in one ``addmm_`` (``B_all``: the
+    stacks' ``[out, n r]``). The backward is the same shape: ``dy B_all`` gives every block of ``dh``, ``dx = dy W``
+    takes ``dhs A_all``, and the stacks' gradients are ``dhs^T x`` and ``dy^T hs`` summed over all tokens in fp32.
+    Everything is cuBLAS GEMMs, ``n r / min(in, out)`` more work than the base's (`MultiLoraLinear._dense`), where
+    the Triton kernels (`pipeline.models.lora_kernels`) move the activations at a fraction of the bandwidth. Each
+    token's values are the `_TrainBranch` torch path's (``bf16(bf16(x A^T) * s)``, ``bf16(bf16(dy B) * s)``) up to
+    the GEMMs' order of summation (tests/unit/models/test_multilora.py, on the CPU in bf16)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: torch.Tensor,
+        token_index: torch.Tensor,
+    ) -> torch.Tensor:
+        dt = x.dtype
+        n, r, d_in = lora_a.shape
+        d_out = lora_b.shape[1]
+        flat = x.reshape(-1, d_in)  # [T, in]
+        a_all = lora_a.reshape(n * r, d_in).to(dt)  # [n r, in]: row u r + j is A[u][j]
+        b_all = lora_b.permute(1, 0, 2).reshape(d_out, n * r).to(dt)  # [out, n r]: column u r + j is B[u][:, j]
+        cols = token_index[:, None] * r + torch.arange(r, device=x.device)  # [T, r]: each token's own block
+        s = scaling.to(dt).index_select(0, token_index)[:, None]  # [T, 1]
+        h = torch.mm(flat, a_all.t()).gather(1, cols) * s  # [T, r]
+        hs = torch.zeros(flat.shape[0], n * r, dtype=dt, device=x.device).scatter_(1, cols, h)
+        y = torch.nn.functional.linear(flat, weight, bias)
+        y.addmm_(hs, b_all.t())
+        ctx.save_for_backward(flat, weight, a_all, b_all, s, h, cols)
+        ctx.shapes = (x.shape, lora_a.shape, lora_a.dtype, lora_b.shape, lora_b.dtype)
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, weight, a_all, b_all, s, h, cols = ctx.saved_tensors
+        x_shape, a_shape, a_dtype, b_shape, b_dtype = ctx.shapes
+        n, r = a_shape[0], a_shape[1]
+        d_out = b_shape[1]
+        dy = dy.reshape(-1, d_out)
+        dh = torch.mm(dy, b_all).gather(1, cols) * s  # [T, r]: the gradient of each token's x A^T
+        dhs = torch.zeros(h.shape[0], n * r, dtype=h.dtype, device=h.device).scatter_(1, cols, dh)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(dy, weight)  # [T, in]
+            dx.addmm_(dhs, a_all)
+            dx = dx.view(x_shape)
+        da = db = None
+        if ctx.needs_input_grad[3]:
+            da = _mm32(dhs.t(), flat).view(a_shape).to(a_dtype)
+        if ctx.needs_input_grad[4]:
+            hs = torch.zeros_like(dhs).scatter_(1, cols, h)
+            db = _mm32(dy.t(), hs).view(d_out, n, r).permute(1, 0, 2).contiguous().to(b_dtype)
+        return dx, None, None, da, db, None, None
+
+
 @dataclass(eq=False)
 class LoraWrap:
     """The per-row layers `wrap_linears` put into a model: by module path, their shared row index, and the Linear
@@ -387,6 +484,12 @@ TRAIN_BRANCH = True
 #: On CUDA, at rank <= `lora_kernels.MAX_RANK`, the half-dtype branch (training's one node, the gate's no-grad
 #: forward) runs in `pipeline.models.lora_kernels`' Triton kernels; False: torch's batched GEMMs.
 TRITON_BRANCH = True
+#: Packed training rows through `_DenseBranch` (the branch as dense GEMMs over every stack row's columns) where the
+#: stacks' columns are at most `DENSE_MAX_SHARE` of the projection's narrower width: Llama-1B's 2,048-wide layers at
+#: K=64, r=1 (3%), not SmolLM2's 576 at K=256 (44%). Off until measured on a GPU against the Triton kernels
+#: (`bench/retrain_kernels.py --packed-only`, `bench/retrain_throughput.py --lora-kernels dense`).
+DENSE_BRANCH = False
+DENSE_MAX_SHARE = 0.125
 
 
 def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack], *, native: bool = False) -> LoraWrap:

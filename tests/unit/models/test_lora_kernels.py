@@ -1,6 +1,7 @@
 """The Triton LoRA-branch kernels (pipeline/models/lora_kernels.py) against the torch path of MultiLoraLinear, on
 a GPU: training's forward and its gradients (input, A and B), and the gate's no-grad forward over stacks that are
-views of one table; both forms of the kernels (a program walks the whole width, or blocks of it: `SPLIT`). On a
+views of one table; both forms of the kernels (a program walks the whole width, or blocks of it: `SPLIT`), and
+training's dense form of the branch (`multilora._DenseBranch`) on packed rows. On a
 machine without CUDA and Triton the kernels are not used (`available` is False)."""
 
 from __future__ import annotations
@@ -125,6 +126,15 @@ def test_packed_rows_equal_padded_rows(monkeypatch):
         torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda")
     )
     wrap.index, wrap.offsets, wrap.longest, wrap.token_index = slots, offsets, width, slots[token_rows]
+    got_y = layer(flat)
+    got_y.backward(torch.cat(grads)[None])
+    assert _rel(got_y[0], want_y) < 1e-2 and _rel(flat.grad[0], want_dx) < 2e-2
+    assert _rel(a.grad, want_ab[0]) < 2e-2 and _rel(b.grad, want_ab[1]) < 2e-2
+    # the dense form of the branch (`multilora._DenseBranch`, cuBLAS GEMMs with fp32 stack gradients) on the GPU
+    monkeypatch.setattr(multilora, "DENSE_BRANCH", True)
+    monkeypatch.setattr(multilora, "DENSE_MAX_SHARE", 1.0)
+    assert layer._dense(flat)
+    a.grad = b.grad = flat.grad = None
     got_y = layer(flat)
     got_y.backward(torch.cat(grads)[None])
     assert _rel(got_y[0], want_y) < 1e-2 and _rel(flat.grad[0], want_dx) < 2e-2

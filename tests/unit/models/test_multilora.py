@@ -232,3 +232,49 @@ def test_training_node_equals_the_autograd_ops_in_bf16(rank: int, monkeypatch: p
     seen = set(index.tolist())
     for user in range(users):
         assert bool(got[True][2][user].abs().sum() > 0) == (user in seen)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_dense_branch_equals_the_per_token_path_on_packed_rows(rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed training rows through `_DenseBranch` (the branch as dense GEMMs over every stack row's columns, the
+    other users' blocks zero) give the output and gradients of the per-token torch path in bf16; a user without
+    tokens gets no gradient; the share rule picks the dense form for narrow stacks only."""
+    torch.manual_seed(1)
+    users, d_in, d_out = 5, 24, 40
+    lengths = [3, 7, 1, 5, 6, 2]
+    base = nn.Linear(d_in, d_out, bias=True).to(torch.bfloat16).requires_grad_(False)
+    a = nn.Parameter(torch.randn(users, rank, d_in) / d_in**0.5)
+    b = nn.Parameter(torch.randn(users, d_out, rank) * 0.1)
+    scaling = torch.rand(users) + 0.5
+    index = torch.tensor([0, 2, 3, 2, 0, 1])  # user 4 has no tokens
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    x = torch.randn(1, sum(lengths), d_in).to(torch.bfloat16)
+    upstream = torch.randn(1, sum(lengths), d_out).to(torch.bfloat16)
+    wrap = multilora._Rows(native=True)
+    wrap.index, wrap.offsets, wrap.longest = index, offsets, max(lengths)
+    wrap.token_index = torch.repeat_interleave(index, torch.tensor(lengths))
+    layer = MultiLoraLinear.over(base, multilora.LoraStack(a, b, scaling), wrap)
+    monkeypatch.setattr(multilora, "DENSE_MAX_SHARE", 1.0)
+    got = {}
+    for dense in (True, False):
+        monkeypatch.setattr(multilora, "DENSE_BRANCH", dense)
+        assert layer._dense(x) is dense
+        a.grad = b.grad = None
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        (out.float() * upstream.float()).sum().backward()
+        assert out.dtype == torch.bfloat16 and out.shape == (1, sum(lengths), d_out)
+        got[dense] = (out.detach().float(), xi.grad.float(), a.grad.clone(), b.grad.clone())
+    for mine, ref in zip(got[True], got[False], strict=True):
+        assert (mine - ref).norm() / ref.norm() < 1e-2
+    assert got[True][2].dtype == a.dtype and got[True][3].shape == b.shape
+    assert torch.equal(got[True][2][4], torch.zeros_like(got[True][2][4]))
+    assert torch.equal(got[True][3][4], torch.zeros_like(got[True][3][4]))
+    assert all(bool(got[True][2][u].abs().sum() > 0) for u in range(4))
+    monkeypatch.setattr(multilora, "DENSE_BRANCH", True)
+    monkeypatch.setattr(multilora, "DENSE_MAX_SHARE", users * rank / min(d_in, d_out))  # the columns: exactly it
+    assert layer._dense(x)
+    monkeypatch.setattr(multilora, "DENSE_MAX_SHARE", (users * rank - 0.5) / min(d_in, d_out))
+    assert not layer._dense(x)
+    with torch.no_grad():
+        assert not layer._dense(x)  # no gradients: the gate's path, not this one
