@@ -260,6 +260,8 @@ def packed_shape(
         layer(x).backward(dy)
         got["dense"] = (y, x.grad.clone(), a.grad.clone(), b.grad.clone())
         row["dense_fwd_bwd_ms"] = timed(dense_step)
+        with torch.no_grad():
+            row["dense_fwd_nograd_ms"] = timed(lambda: layer(x))
     finally:
         multilora.DENSE_MAX_SHARE, multilora.DENSE_BRANCH = share, False
     # the torch reference: each token a row of its own (the packed path's torch form), fp32 reference values
@@ -352,7 +354,7 @@ def packed(report: dict[str, Any], out: Path, only: str | None = None) -> None:
     report["packed"] = []
     print(
         "| in -> out | tokens (rows) | base Linear ms | whole width a program ms | split ms | dense ms | "
-        "no-grad whole / split ms | rel err whole (y, dx, dA, dB) | rel err split | rel err dense |"
+        "no-grad whole / split / dense ms | rel err whole (y, dx, dA, dB) | rel err split | rel err dense |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
     for tokens, users, d_in, d_out in cases:
@@ -365,7 +367,8 @@ def packed(report: dict[str, Any], out: Path, only: str | None = None) -> None:
         print(
             f"| {d_in} -> {d_out} | {r['tokens']} ({r['rows']}) | {r['base_linear_fwd_bwd_ms']:.3f} | "
             f"{r['one_fwd_bwd_ms']:.3f} | {r['split_fwd_bwd_ms']:.3f} | {r['dense_fwd_bwd_ms']:.3f} | "
-            f"{r['one_fwd_nograd_ms']:.3f} / {r['split_fwd_nograd_ms']:.3f} | {errs(r['one_rel_err'])} | "
+            f"{r['one_fwd_nograd_ms']:.3f} / {r['split_fwd_nograd_ms']:.3f} / {r['dense_fwd_nograd_ms']:.3f} | "
+            f"{errs(r['one_rel_err'])} | "
             f"{errs(r['split_rel_err'])} | {errs(r['dense_rel_err'])} |",
             flush=True,
         )

@@ -193,16 +193,22 @@ class MultiLoraLinear(nn.Module):
             raise AdapterLimitError(f"row index has {index.shape[0]} rows but the batch has {x.shape[0]}")
         return self._rows_forward(x, index, offsets)
 
+    def _dense_fits(self, x: torch.Tensor) -> bool:
+        """`DENSE_BRANCH` on, a half-dtype input (native), and the stacks' columns (rows x rank) at most
+        `DENSE_MAX_SHARE` of the projection's narrower width (the dense form's extra GEMM work is that share of the
+        base's, at most)."""
+        if not (DENSE_BRANCH and self._rows.native and x.dtype in _HALF):
+            return False
+        columns = self.lora_A.shape[0] * self.lora_A.shape[1]
+        return columns <= DENSE_MAX_SHARE * min(self.base.in_features, self.base.out_features)
+
     def _dense(self, x: torch.Tensor) -> bool:
-        """Whether packed rows train through `_DenseBranch`: `DENSE_BRANCH` on, a half-dtype input over a frozen
-        base with trainable stacks, and the stacks' columns (rows x rank) at most `DENSE_MAX_SHARE` of the narrower
-        width of the projection (their extra GEMM work is that share of the base's, at most)."""
-        if not (DENSE_BRANCH and self._rows.native and torch.is_grad_enabled() and x.dtype in _HALF):
+        """Whether packed rows train through `_DenseBranch` (`_dense_fits`, over a frozen base, the stacks
+        trainable, gradients on)."""
+        if not (torch.is_grad_enabled() and self._dense_fits(x)):
             return False
         frozen = not any(t is not None and t.requires_grad for t in (self.base.weight, self.base.bias, self.scaling))
-        columns = self.lora_A.shape[0] * self.lora_A.shape[1]
-        narrow = min(self.base.in_features, self.base.out_features)
-        return frozen and self.lora_A.requires_grad and columns <= DENSE_MAX_SHARE * narrow
+        return frozen and bool(self.lora_A.requires_grad)
 
     def _packed_kernels(self, x: torch.Tensor) -> bool:
         """Whether `_rows_forward` takes a Triton path for ``x`` (the only ones that read packed rows' offsets): the
@@ -224,6 +230,16 @@ class MultiLoraLinear(nn.Module):
                 x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, index, offsets, longest
             )
             return out
+        tokens = self._rows.token_index if offsets is not None else None
+        if not torch.is_grad_enabled() and self._dense_fits(x) and (offsets is None or tokens is not None):
+            # No gradients (the stacked gate) with narrow stacks: the branch as dense GEMMs (`_dense_forward`).
+            flat = x.reshape(-1, x.shape[-1])
+            if tokens is None:  # rows of equal length: each row's index for each of its tokens
+                tokens = index.repeat_interleave(x[0].numel() // x.shape[-1])
+            y, *_ = _dense_forward(
+                flat, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, tokens
+            )
+            return y.view(*x.shape[:-1], y.shape[-1])
         if (
             TRITON_BRANCH
             and self._rows.native
@@ -347,6 +363,33 @@ class _TrainBranch(torch.autograd.Function):
         return dx, None, None, da, db, None, None, None, None
 
 
+def _dense_forward(
+    flat: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    token_index: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """``y = x W^T + b + ((x A[s]^T) * scaling[s]) B[s]^T`` for tokens ``flat`` (``[T, in]``, half) of stack rows
+    ``token_index`` (``[T]``) through dense GEMMs over every stack row's columns (`_DenseBranch`). Returns ``(y, h,
+    cols, a_all, b_all, s)``: each token's ``h`` (``[T, r]``), its columns among the stacks' ``n r``, the stacks
+    as ``[n r, in]`` and ``[out, n r]`` in the input's dtype, each token's scaling ``[T, 1]``."""
+    dt = flat.dtype
+    n, r, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
+    a_all = lora_a.reshape(n * r, d_in).to(dt)  # row u r + j is A[u][j]
+    b_all = lora_b.permute(1, 0, 2).reshape(d_out, n * r).to(dt)  # column u r + j is B[u][:, j]
+    cols = token_index[:, None] * r + torch.arange(r, device=flat.device)  # [T, r]: each token's own block
+    s = scaling.to(dt).index_select(0, token_index)[:, None]  # [T, 1]
+    h = torch.mm(flat, a_all.t()).gather(1, cols) * s  # [T, r]
+    hs = torch.zeros(flat.shape[0], n * r, dtype=dt, device=flat.device).scatter_(1, cols, h)
+    y = torch.nn.functional.linear(flat, weight, bias)
+    y.addmm_(hs, b_all.t())
+    return y, h, cols, a_all, b_all, s
+
+
 _MM32: list[bool] = []  # whether torch.mm takes out_dtype on this build's CUDA (found at the first call)
 
 
@@ -388,21 +431,11 @@ class _DenseBranch(torch.autograd.Function):
         scaling: torch.Tensor,
         token_index: torch.Tensor,
     ) -> torch.Tensor:
-        dt = x.dtype
-        n, r, d_in = lora_a.shape
-        d_out = lora_b.shape[1]
-        flat = x.reshape(-1, d_in)  # [T, in]
-        a_all = lora_a.reshape(n * r, d_in).to(dt)  # [n r, in]: row u r + j is A[u][j]
-        b_all = lora_b.permute(1, 0, 2).reshape(d_out, n * r).to(dt)  # [out, n r]: column u r + j is B[u][:, j]
-        cols = token_index[:, None] * r + torch.arange(r, device=x.device)  # [T, r]: each token's own block
-        s = scaling.to(dt).index_select(0, token_index)[:, None]  # [T, 1]
-        h = torch.mm(flat, a_all.t()).gather(1, cols) * s  # [T, r]
-        hs = torch.zeros(flat.shape[0], n * r, dtype=dt, device=x.device).scatter_(1, cols, h)
-        y = torch.nn.functional.linear(flat, weight, bias)
-        y.addmm_(hs, b_all.t())
+        flat = x.reshape(-1, x.shape[-1])  # [T, in]
+        y, h, cols, a_all, b_all, s = _dense_forward(flat, weight, bias, lora_a, lora_b, scaling, token_index)
         ctx.save_for_backward(flat, weight, a_all, b_all, s, h, cols)
         ctx.shapes = (x.shape, lora_a.shape, lora_a.dtype, lora_b.shape, lora_b.dtype)
-        return y.view(*x.shape[:-1], d_out)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -484,10 +517,11 @@ TRAIN_BRANCH = True
 #: On CUDA, at rank <= `lora_kernels.MAX_RANK`, the half-dtype branch (training's one node, the gate's no-grad
 #: forward) runs in `pipeline.models.lora_kernels`' Triton kernels; False: torch's batched GEMMs.
 TRITON_BRANCH = True
-#: Packed training rows through `_DenseBranch` (the branch as dense GEMMs over every stack row's columns) where the
-#: stacks' columns are at most `DENSE_MAX_SHARE` of the projection's narrower width: Llama-1B's 2,048-wide layers at
-#: K=64, r=1 (3%), not SmolLM2's 576 at K=256 (44%). Off until measured on a GPU against the Triton kernels
-#: (`bench/retrain_kernels.py --packed-only`, `bench/retrain_throughput.py --lora-kernels dense`).
+#: Packed training rows through `_DenseBranch`, and the no-grad forward (the stacked gate) through `_dense_forward`:
+#: the branch as dense GEMMs over every stack row's columns, where the stacks' columns are at most `DENSE_MAX_SHARE`
+#: of the projection's narrower width: Llama-1B's 2,048-wide layers at K=64, r=1 (3%), not SmolLM2's 576 at K=256
+#: (44%). Off until measured on a GPU against the Triton kernels (`bench/retrain_kernels.py --packed-only`,
+#: `bench/retrain_throughput.py --lora-kernels dense`).
 DENSE_BRANCH = False
 DENSE_MAX_SHARE = 0.125
 

@@ -278,3 +278,34 @@ def test_dense_branch_equals_the_per_token_path_on_packed_rows(rank: int, monkey
     assert not layer._dense(x)
     with torch.no_grad():
         assert not layer._dense(x)  # no gradients: the gate's path, not this one
+
+
+def test_dense_no_grad_forward_equals_the_torch_path_on_padded_and_packed_rows(monkeypatch: pytest.MonkeyPatch):
+    """The gate's no-grad forward through `_dense_forward` (rows of equal length, and packed rows) gives the torch
+    path's output in bf16."""
+    torch.manual_seed(2)
+    users, rank, d_in, d_out = 4, 2, 32, 48
+    base = nn.Linear(d_in, d_out, bias=False).to(torch.bfloat16).requires_grad_(False)
+    stack = multilora.LoraStack(torch.randn(users, rank, d_in) / d_in**0.5, torch.randn(users, d_out, rank) * 0.1,
+                                torch.rand(users) + 0.5)  # fmt: skip
+    wrap = multilora._Rows(native=True)
+    layer = MultiLoraLinear.over(base, stack, wrap)
+    monkeypatch.setattr(multilora, "DENSE_MAX_SHARE", 1.0)
+    x = torch.randn(3, 5, d_in).to(torch.bfloat16)
+    wrap.index = torch.tensor([2, 0, 2])
+    lengths = [4, 1, 6]
+    packed = torch.randn(1, sum(lengths), d_in).to(torch.bfloat16)
+    got = {}
+    with torch.no_grad():
+        for dense in (True, False):
+            monkeypatch.setattr(multilora, "DENSE_BRANCH", dense)
+            assert layer._dense_fits(x) is dense
+            wrap.offsets = wrap.token_index = None
+            padded = layer(x).float()
+            wrap.offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+            wrap.token_index = torch.repeat_interleave(torch.tensor([1, 3, 0]), torch.tensor(lengths))
+            wrap.index, wrap.longest = torch.tensor([1, 3, 0]), max(lengths)
+            got[dense] = (padded, layer(packed).float())
+            wrap.index = torch.tensor([2, 0, 2])
+    for mine, ref in zip(got[True], got[False], strict=True):
+        assert mine.shape == ref.shape and (mine - ref).norm() / ref.norm() < 1e-2
