@@ -259,6 +259,10 @@ def test_past_its_queue_a_request_waits_its_turn_holding_no_slot_then_runs_or_ge
                 time.sleep(0.01)
             assert server.admission.waiting == 1 and not waiting.done()
             assert server.cache._refs.get(key, 0) == 0  # waiting, it pins nothing
+            started = time.monotonic()
+            metrics = world.get("/metrics")  # not queued behind the waiting generation (HTTP processes: own threads)
+            assert metrics.status_code == 200 and time.monotonic() - started < 10
+            assert "persona_serving_admission_waiting 1.0" in metrics.text
             server.admission.leave()  # the generation in flight ends: the waiting request takes the turn
             r = waiting.result(timeout=60)
         assert r.status_code == 200, r.text
