@@ -229,39 +229,31 @@ def packed_shape(
     # what the node must move at least (bf16): forward x read, y read and written; backward dy read, x read, dx read
     # and written
     row["floor_bytes"] = total * 2 * (4 * d_in + 3 * d_out)
-    got: dict[Any, tuple[torch.Tensor, ...]] = {}
-    for split in (True,) if quick else (False, True):
-        lora_kernels.SPLIT = split
+    got: dict[str, tuple[torch.Tensor, ...]] = {}
 
-        def step() -> None:
-            a.grad = b.grad = x.grad = None
-            layer(x).backward(dy)
-
-        y = layer(x).detach()
+    def step() -> None:
         a.grad = b.grad = x.grad = None
         layer(x).backward(dy)
-        got[split] = (y, x.grad.clone(), a.grad.clone(), b.grad.clone())
-        row[f"{'split' if split else 'one'}_fwd_bwd_ms"] = timed(step)
-        if quick:
-            return row
-        with torch.no_grad():
-            row[f"{'split' if split else 'one'}_fwd_nograd_ms"] = timed(lambda: layer(x))
+
+    def measure(name: str) -> None:
+        y = layer(x).detach()
+        step()
+        got[name] = (y, x.grad.clone(), a.grad.clone(), b.grad.clone())
+        row[f"{name}_fwd_bwd_ms"] = timed(step)
+        if not quick:
+            with torch.no_grad():
+                row[f"{name}_fwd_nograd_ms"] = timed(lambda: layer(x))
+
+    for split in (True,) if quick else (False, True):
+        lora_kernels.SPLIT = split
+        measure("split" if split else "one")
     lora_kernels.SPLIT = True
+    if quick:
+        return row
     # the dense form (`multilora._DenseBranch`), whatever its share rule says for this shape
     share, multilora.DENSE_MAX_SHARE, multilora.DENSE_BRANCH = multilora.DENSE_MAX_SHARE, float("inf"), True
     try:
-
-        def dense_step() -> None:
-            a.grad = b.grad = x.grad = None
-            layer(x).backward(dy)
-
-        y = layer(x).detach()
-        a.grad = b.grad = x.grad = None
-        layer(x).backward(dy)
-        got["dense"] = (y, x.grad.clone(), a.grad.clone(), b.grad.clone())
-        row["dense_fwd_bwd_ms"] = timed(dense_step)
-        with torch.no_grad():
-            row["dense_fwd_nograd_ms"] = timed(lambda: layer(x))
+        measure("dense")
     finally:
         multilora.DENSE_MAX_SHARE, multilora.DENSE_BRANCH = share, False
     # the torch reference: each token a row of its own (the packed path's torch form), fp32 reference values
@@ -276,8 +268,8 @@ def packed_shape(
         ref = (yr.detach()[:, 0][None], xr.grad[:, 0][None], a.grad.clone(), b.grad.clone())
     finally:
         multilora.TRITON_BRANCH = True
-    for split, vals in got.items():
-        row[f"{'dense' if split == 'dense' else 'split' if split else 'one'}_rel_err"] = {
+    for name, vals in got.items():
+        row[f"{name}_rel_err"] = {
             n: float((g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30))
             for n, g, r in zip(("y", "dx", "dA", "dB"), vals, ref, strict=True)
         }
