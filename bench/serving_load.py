@@ -1883,7 +1883,7 @@ def method_text(res: dict) -> str:
             f"(PERSONA_SERVE_ENGINE={c['engine'] or 'from the environment'}), "
             f"slots {c['slots']}, max batch {c['max_batch']}, at most "
             f"{c['max_batch'] + (c.get('max_queued') or c['max_batch'])} requests started (the rest wait their turn "
-            "holding no slot), max_seq {c['max_seq']}, host cache "
+            f"holding no slot), max_seq {c['max_seq']}, host cache "
             f"{c['host_cache_bytes'] / 2**30:.1f} GiB, disk cache {c['disk_cache_bytes'] / 2**30:.1f} GiB, stream "
             f"interval {_interval_text(c)}, {_fill_text(c)}, {_http_text(c)}. A fresh "
             "worker process with an empty disk cache directory per series: store -> disk -> host -> slot tiers all "
