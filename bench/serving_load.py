@@ -32,10 +32,13 @@ the prepared SmolLM2 directory, `persona model prepare`).
     # CPU smoke (tiny model, in-memory registry)
     .venv/bin/python bench/serving_load.py --stack inmemory --base tiny-random --adapters 50 --rates 1,2 \\
         --duration 10 --prompt-tokens 16:200 --output-tokens 8:64 --out /tmp/load
-    # GPU (device machine): find each series' saturation, then measure at 0.3..1.0 of it
-    python3 bench/serving_load.py --stack inmemory --base random:smollm2-135m --tokenizer .bench-tokenizer \\
-        --device cuda --slots 256 --max-batch 256 --adapters 1000,10000 --out $OUT
-    # plots and the Markdown write-up (needs matplotlib)
+    # GPU (device machine, through bench/serving_device.sh): each series' saturation, then points around it
+    # (the measured runs of bench/results/serving_load.md, 2026-12-01)
+    bash bench/serving_device.sh $OUT load --slots 4096 --max-batch 256 --adapters 10000 --kinds zipf,resident \\
+        --start-rate 128 --duration 8 --probe-duration 4 --warmup 3 --fractions 0.8,1.0 --climb 2 --refine 3 \\
+        --host-cache-bytes 17179869184 --budget-s 545 --threads 14 --stream-interval-ms 10 --http-processes 4 \\
+        --cap 4096 --client-processes 2
+    # the plot and the table (needs matplotlib); in serving_load.md only between its load-table marks
     .venv/bin/python bench/serving_load.py --plot /tmp/load/serving_load.json bench/results
 
 Worker settings travel as PERSONA_SERVE_* variables (the engine: PERSONA_SERVE_ENGINE or ``--engine``).
@@ -1936,7 +1939,14 @@ def header(res: dict) -> str:
     )
 
 
+#: Where `write_md` puts a run's table in a Markdown file that holds more than it (bench/results/serving_load.md: the
+#: sessions' write-ups around the latest table): between these lines, the rest of the file kept.
+MD_START, MD_END = "<!-- load-table:start -->", "<!-- load-table:end -->"
+
+
 def write_md(res: dict, path: Path, png: str | None) -> None:
+    """The run's header, table, summary, method and plot link into ``path``: the whole file, or only what lies
+    between `MD_START` and `MD_END` where the file already has both."""
     text = [
         header(res),
         "",
@@ -1950,8 +1960,14 @@ def write_md(res: dict, path: Path, png: str | None) -> None:
     ]
     if png:
         text += ["", f"![throughput and latency vs offered rate]({png})"]
+    body = "\n".join(text) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text) + "\n")
+    old = path.read_text() if path.exists() else ""
+    head, start, rest = old.partition(MD_START + "\n")
+    _, end, tail = rest.partition(MD_END)
+    if start and end:
+        body = head + start + "\n" + body + "\n" + end + tail
+    path.write_text(body)
 
 
 def plot(json_paths: str, out_dir: Path, md: Path) -> None:
