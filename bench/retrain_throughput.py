@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -171,10 +172,14 @@ def wave(
     gate_profile: int = 0,
     first_user: int = 0,
     gate_reuse: bool = False,
+    around: Callable[[str, Callable[[], Any]], tuple[Any, float]] | None = None,
 ) -> dict[str, Any]:
     """Round 0 (the users' serving revisions, not timed), then the timed round 1 (module docstring). The users are
     numbers ``first_user`` .. ``first_user + k - 1`` (each one's events seeded by its number); the result's
-    ``timed_window`` is round 1's start and end in wall-clock seconds (`time.time`), for runs of several workers."""
+    ``timed_window`` is round 1's start and end in wall-clock seconds (`time.time`), for runs of several workers.
+    ``around(part, fn)``: runs round 1's training (``"train"``) and gate (``"gate"``) instead of `timed`, e.g.
+    under a profiler (`wave_profiler`); it returns (fn's result, seconds)."""
+    run = around or (lambda _name, fn: timed(device, fn))
     probes, general = load_probes(), load_general()
     numbers = range(first_user, first_user + k)
     users = [f"user-{u:05d}" for u in numbers]
@@ -231,16 +236,15 @@ def wave(
     (jobs, requests), data_s = timed(device, data)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    results, train_s = timed(device, lambda: train_adapters(base, jobs, settings))
+    results, train_s = run("train", lambda: train_adapters(base, jobs, settings))
     failed = [r for r in results if not isinstance(r, TrainResult)]
     if failed:
         raise RuntimeError(f"round 1: {len(failed)} users failed: {failed[0]!r}")
     trained = [r for r in results if isinstance(r, TrainResult)]
     loop_s = trained[0].seconds
     train_mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    measured, gate_s = timed(
-        device,
-        lambda: evaluate_many(base, requests, probes=probes, general=general, max_length=settings.max_length),
+    measured, gate_s = run(
+        "gate", lambda: evaluate_many(base, requests, probes=probes, general=general, max_length=settings.max_length)
     )
     broken = [m for m in measured if isinstance(m, BaseException)]
     if broken:
@@ -634,6 +638,89 @@ def step_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path
     return report
 
 
+def wave_profiler(
+    out: Path, model_id: str, device: str = "cuda"
+) -> tuple[Callable[[str, Callable[[], Any]], tuple[Any, float]], dict]:
+    """An ``around`` for `wave`: each part under torch.profiler (host and device), its wall time, GPU kernel time
+    (busy share), launches, and kernel time by category (`kernel_category`); the tables by own device time are
+    appended to ``out/wave-profile-MODEL.txt``. Returns (around, report): the report fills as the parts run."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    report: dict[str, Any] = {}
+    path = out / f"wave-profile-{model_id}.txt"
+    path.write_text("")
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+
+    def around(name: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+        sync(device)
+        with torch_profile(activities=activities) as prof:
+            started = time.perf_counter()
+            res = fn()
+            sync(device)
+            wall = time.perf_counter() - started
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
+        by: dict[str, float] = {}
+        for e in kernels:
+            cat = kernel_category(e.key)
+            by[cat] = by.get(cat, 0.0) + e.self_device_time_total / 1e6
+        part = {
+            "wall_seconds": wall,
+            "gpu_kernel_seconds": kernel_s,
+            "gpu_busy": kernel_s / wall if wall else None,
+            "kernel_launches": sum(e.count for e in kernels),
+            "kernel_seconds_by_category": dict(sorted(by.items(), key=lambda kv: -kv[1])),
+        }
+        if name == "train":
+            part["loop_seconds"] = next((r.seconds for r in res if isinstance(r, TrainResult)), None)
+        report[name] = part
+        with path.open("a") as f:
+            f.write(f"==== {name}: {json.dumps(part)}\n---- by self_device_time_total\n")
+            f.write(events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90) + "\n")
+        return res, wall
+
+    return around, report
+
+
+#: Kernel-name fragments -> category, first match wins (`kernel_category`).
+KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("lora_", "lora branch (Triton)"),
+    ("flash", "attention"),
+    ("fmha", "attention"),
+    ("nvjet", "GEMM (cuBLAS)"),
+    ("gemm", "GEMM (cuBLAS)"),
+    ("cutlass", "GEMM (cuBLAS)"),
+    ("cross_entropy", "loss (liger)"),
+    ("swiglu", "SwiGLU (liger)"),
+    ("rms_norm", "RMSNorm (liger)"),
+    ("rope", "rotary (liger)"),
+    ("Memcpy", "copies host/device"),
+    ("Memset", "memset"),
+    ("reduce_kernel", "reductions (torch)"),
+    ("elementwise", "element-wise (torch)"),
+    ("index", "gather/scatter (torch)"),
+    ("scatter", "gather/scatter (torch)"),
+    ("gather", "gather/scatter (torch)"),
+    ("cat", "cat/copy (torch)"),
+    ("copy", "cat/copy (torch)"),
+    ("multi_tensor", "optimizer (torch)"),
+)
+
+
+def kernel_category(name: str) -> str:
+    """A profiled kernel's category by its name (`KERNEL_CATEGORIES`); ``other`` when nothing matches. torch's
+    operators (``aten::``) and autograd nodes are not kernels and are never passed here."""
+    low = name.lower()
+    for fragment, category in KERNEL_CATEGORIES:
+        if fragment.lower() in low:
+            return category
+    return "other"
+
+
 def host_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path, out: Path) -> dict[str, Any]:
     """cProfile (the host's Python) over a K-user batched training from their parents (trained first, not
     profiled), 3 steps with a validation, and the batched gate of those K candidates against their parents: where
@@ -774,6 +861,28 @@ def table(report: dict[str, Any]) -> str:
                 f"| {name} | {p['wall_seconds']:.2f} | {p['gpu_kernel_seconds']:.2f} | "
                 f"{100 * (p['gpu_busy'] or 0):.0f}% | {p['kernel_launches']:,} | {p['host_ops']:,} |"
             )
+    wp = report.get("wave_profile")
+    if wp and "train" in wp and "gate" in wp:
+        cats = sorted(
+            {c for name in ("train", "gate") for c in wp[name]["kernel_seconds_by_category"]},
+            key=lambda c: -(wp["train"]["kernel_seconds_by_category"].get(c, 0.0)),
+        )
+        lines += [
+            "",
+            f"A second wave ({wp['variant']}) with round 1's training and gate under torch.profiler (its wall "
+            "times include the profiler's host overhead; the kernel times do not):",
+            "",
+            "| part | wall s | GPU kernel s | GPU busy | kernel launches |" + "".join(f" {c} s |" for c in cats),
+            "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(cats),
+        ]
+        for name in ("train", "gate"):
+            p = wp[name]
+            by = p["kernel_seconds_by_category"]
+            lines.append(
+                f"| {name} | {p['wall_seconds']:.2f} | {p['gpu_kernel_seconds']:.2f} | "
+                f"{100 * (p['gpu_busy'] or 0):.0f}% | {p['kernel_launches']:,} |"
+                + "".join(f" {by.get(c, 0.0):.2f} |" for c in cats)
+            )
     prof = report.get("profile")
     if prof:
         busy = prof["gpu_busy"]
@@ -808,6 +917,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parent-steps", type=int, default=2, help="steps of round 0 (the serving revisions)")
     parser.add_argument("--baseline-users", type=int, default=3, help="users of each baseline (0 = none)")
     parser.add_argument("--baselines", default="plain_peft,sequential", help="which baselines run")
+    parser.add_argument(
+        "--baselines-first", action="store_true", help="the baselines before the waves (default: after them)"
+    )
     parser.add_argument(
         "--micro", default="0", help="micro_batch_tokens, a comma list: one wave each (0: the setting's auto value)"
     )
@@ -867,6 +979,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--host-profile", type=int, default=0, metavar="K", help="cProfile training + gate of K users")
     parser.add_argument(
         "--step-profile", type=int, default=0, metavar="K", help="host + device profile of training and gate, K users"
+    )
+    parser.add_argument(
+        "--wave-profile",
+        action="store_true",
+        help="after the first variant's timed wave, the same wave again (fresh users) with round 1's training and "
+        "gate under torch.profiler: kernel time by category against wall time (wave-profile-MODEL.txt)",
     )
     parser.add_argument(
         "--lora-whole-width",
@@ -985,6 +1103,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from pipeline.models import multilora
 
         default_rows = (dict(metrics.SPLIT_BATCH), dict(metrics.STACKED_BATCH))
+
+        def baselines() -> None:
+            for key, fn in (("plain_peft", plain_peft), ("sequential", sequential)):
+                if key not in args.baselines.split(","):
+                    continue
+                value = part(key, lambda fn=fn: fn(base, args.baseline_users, base_settings, args.device, tmp, rules))
+                if "error" in value:
+                    report.setdefault("failed", []).append({key: value})
+                else:
+                    report[key] = value
+                save()
+
+        if args.baseline_users and args.baselines_first:
+            baselines()
         for k in args.k:
             for mode in args.fused.split(","):
                 variants = zip(*lists, strict=True)
@@ -1043,19 +1175,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     w["fused"], w["variant"] = f"{mode} ({path})", label
                     report["waves"].append(w)
                     save()
+                    if args.wave_profile and "wave_profile" not in report:
+                        around, profiled = wave_profiler(args.out, base.ref.model_id, args.device)
+                        pw = part(
+                            f"wave profile K={k}",
+                            functools.partial(
+                                wave,
+                                base,
+                                k,
+                                settings,
+                                args.parent_steps,
+                                args.device,
+                                tmp / f"k{k}-{mode}-{v}-profiled",
+                                rules,
+                                first_user=k,
+                                gate_reuse=reuse == "on",
+                                around=around,
+                            ),
+                        )
+                        report["wave_profile"] = {"variant": label, **profiled, "wave": pw}
+                        save()
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
-        if args.baseline_users:
-            settings = base_settings
-            for key, fn in (("plain_peft", plain_peft), ("sequential", sequential)):
-                if key not in args.baselines.split(","):
-                    continue
-                value = part(key, lambda fn=fn: fn(base, args.baseline_users, settings, args.device, tmp, rules))
-                if "error" in value:
-                    report.setdefault("failed", []).append({key: value})
-                else:
-                    report[key] = value
-                save()
+        if args.baseline_users and not args.baselines_first:
+            baselines()
         if args.host_profile and args.device == "cuda":
             value = part("host profile", lambda: host_profile(base, args.host_profile, base_settings, tmp, args.out))
             report["host_profile"] = value

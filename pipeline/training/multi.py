@@ -18,7 +18,8 @@ peft). What makes that hold, per user:
   tokens, to bound memory; a pair's two rows stay together) whose gradients add up, so a user's gradient is the
   one of its own loss (`pipeline.training.batching.nll_sums`);
 - the same update: per-user gradient-norm clipping, and AdamW with per-user moments and step count (the
-  arithmetic of ``torch.optim.AdamW``), applied only to the users still training (`batching.adamw_step`);
+  arithmetic of ``torch.optim.AdamW``), applied only to the users still training (`batching.StackedWeights`: every
+  user's LoRA tensors in one table, updated by a dozen kernels a step);
 - the same stopping: validation (the NLL of the user's own validation examples; pairs are not held out) every
   ``eval_every`` steps; a user that stops early (or fails) drops out of the batch, the others go on, and the loop
   ends when none is left.
@@ -68,7 +69,7 @@ from pipeline.models.attach import base_lock, borrowed
 from pipeline.models.base import LoadedBase, gc_paused, varied_shape_attention
 from pipeline.models.encoding import EncodedExample
 from pipeline.models.multilora import LoraStack
-from pipeline.training.batching import ADAMW_WEIGHT_DECAY, PairRows, Row, adamw_step, nll_sums
+from pipeline.training.batching import ADAMW_WEIGHT_DECAY, PairRows, Row, StackedWeights, nll_sums, to_device
 from pipeline.training.fused import Fused, fused_layers
 from pipeline.training.lora import (
     ADAPTER_NAME,
@@ -531,8 +532,8 @@ def _train_group(
     model = base.model
     device = next(model.parameters()).device
     pad_id = encoding.pad_id(base.tokenizer)
-    stacks: dict[str, LoraStack] = {}
-    params: list[nn.Parameter] = []
+    tensors: list[torch.Tensor] = []  # per module (sorted paths): A, then B, each [users, ...] on the device
+    scalings: list[torch.Tensor] = []
     where = users[0].start.where
     if where is not None and all(u.start.where is where and u.start.table is not None for u in users):
         # Parents of one layout (a batch's usual case): their tables stacked and copied to the device whole, each
@@ -542,21 +543,21 @@ def _train_group(
         scaling_of = torch.tensor([u.start.scaling for u in users], dtype=table.dtype).to(device)
         for path in paths:
             at_a, shape_a, at_b, shape_b = where[path]
-            a = nn.Parameter(table[:, at_a : at_a + math.prod(shape_a)].reshape(len(users), *shape_a).contiguous())
-            b = nn.Parameter(table[:, at_b : at_b + math.prod(shape_b)].reshape(len(users), *shape_b).contiguous())
-            stacks[path] = LoraStack(a, b, scaling_of)
-            params += [a, b]
-        del table
+            tensors.append(table[:, at_a : at_a + math.prod(shape_a)].reshape(len(users), *shape_a))
+            tensors.append(table[:, at_b : at_b + math.prod(shape_b)].reshape(len(users), *shape_b))
+            scalings.append(scaling_of)
     else:
         paths = sorted(users[0].start.modules)
         for path in paths:
-            a = nn.Parameter(torch.stack([u.start.modules[path][0] for u in users]).to(device))
-            b = nn.Parameter(torch.stack([u.start.modules[path][1] for u in users]).to(device))
-            scaling = torch.tensor([u.start.modules[path][2] for u in users], dtype=a.dtype).to(device)
-            stacks[path] = LoraStack(a, b, scaling)
-            params += [a, b]
-    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-    steps = torch.zeros(len(users), dtype=torch.float64)
+            tensors.append(torch.stack([u.start.modules[path][0] for u in users]).to(device))
+            tensors.append(torch.stack([u.start.modules[path][1] for u in users]).to(device))
+            scaling = torch.tensor([u.start.modules[path][2] for u in users], dtype=tensors[-1].dtype)
+            scalings.append(scaling.to(device))
+    # One table of every user's LoRA values; the stacks the layers train are views of its columns.
+    weights = StackedWeights(tensors)
+    del tensors
+    params = weights.params
+    stacks = {path: LoraStack(params[2 * i], params[2 * i + 1], scalings[i]) for i, path in enumerate(paths)}
 
     def fail(user: _User, error: BaseException) -> None:
         if user.error is None and not user.done:
@@ -587,13 +588,12 @@ def _train_group(
             patched,
             settings.lora_branch,
         )
-        best = [p.detach().clone() for p in params]
-        start = [p.detach().clone() for p in params] if settings.anchor > 0 else None
+        best = weights.table.clone()
+        start = weights.table.clone() if settings.anchor > 0 else None
 
         def snapshot(slots: list[int]) -> None:
-            index = torch.tensor(slots, device=device)
-            for p, kept in zip(params, best, strict=True):
-                kept.index_copy_(0, index, p.detach().index_select(0, index))
+            index = to_device(torch.tensor(slots), device)
+            best.index_copy_(0, index, weights.table.index_select(0, index))
 
         def validate(group: list[_User]) -> dict[int, float]:
             items = [(slot, e) for slot, u in enumerate(users) if u in group for e in u.val]
@@ -639,9 +639,8 @@ def _train_group(
                     u.pair_losses.append(float(sums.preference[slot]) / int(sums.pairs[slot]))
                 u.tokens += int(sums.tokens[slot])
                 ok.append(slot)
-            adamw_step(params, moments, steps, ok, settings, start)
-            for p in params:
-                p.grad = None
+            weights.step(ok, settings, start)
+            weights.zero_grad()
             for slot in ok:
                 u = users[slot]
                 if progress is not None:
@@ -675,7 +674,7 @@ def _train_group(
         position = {path: i for i, path in enumerate(paths)}
         keys = users[0].start.keys  # one LoRA shape in a group: the same keys for every user
         stacked = {
-            "best": _Files(best, keys, position, dtype) if any(u.val for u in users) else None,
+            "best": _Files(weights.views(best), keys, position, dtype) if any(u.val for u in users) else None,
             "last": _Files(params, keys, position, dtype) if any(not u.val for u in users) else None,
         }
         out: list[TrainResult | BaseException] = []

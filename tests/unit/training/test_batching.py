@@ -62,3 +62,48 @@ def test_padded_fills_each_row_to_the_width():
     assert padded([[1, 2, 3], [4], []], 4, 0).tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0, 0, 0, 0]]
     assert padded([[5, 6]], 2, IGNORE).tolist() == [[5, 6]]
     assert padded([], 3, 0).shape == (0, 3)
+
+
+def test_stacked_weights_step_is_per_user_adamw_with_clipping_and_leaves_the_others_alone():
+    """`StackedWeights.step` for some users equals, per user, clip_grad_norm_ then torch.optim.AdamW over that
+    user's own tensors; the users not stepped keep their weights, moments and step counts; the stacks stay views
+    of the table."""
+    from pipeline.config import TrainingSettings
+    from pipeline.training.batching import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY, StackedWeights
+
+    torch.manual_seed(0)
+    users, shapes = 4, [(2, 5), (7, 2), (3,)]
+    stacks = [torch.randn(users, *s) for s in shapes]
+    weights = StackedWeights(stacks)
+    settings = TrainingSettings(learning_rate=0.05, max_grad_norm=0.5)
+    # per user, the same tensors trained alone by torch's optimizer and clipping
+    alone = [[torch.nn.Parameter(t[u].clone()) for t in stacks] for u in range(users)]
+    optims = [
+        torch.optim.AdamW(ps, lr=0.05, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY)
+        for ps in alone
+    ]
+    stepped = {0: 0, 1: 0, 2: 0, 3: 0}
+    for slots in ([0, 1, 2, 3], [1, 3], [0, 1, 2, 3], [2]):
+        grads = [torch.randn(users, *s) * 3 for s in shapes]
+        for p, g in zip(weights.params, grads, strict=True):
+            p.grad = g.clone()
+        before = weights.table.clone(), weights.moments[0].clone(), weights.steps.clone()
+        weights.step(slots, settings)
+        weights.zero_grad()
+        for u in slots:
+            for p, g in zip(alone[u], grads, strict=True):
+                p.grad = g[u].clone()
+            torch.nn.utils.clip_grad_norm_(alone[u], 0.5)
+            optims[u].step()
+            stepped[u] += 1
+        others = [u for u in range(users) if u not in slots]
+        for u in others:
+            assert torch.equal(weights.table[u], before[0][u])
+            assert torch.equal(weights.moments[0][u], before[1][u])
+            assert weights.steps[u] == before[2][u]
+        for u in range(users):
+            for p, mine in zip(alone[u], weights.params, strict=True):
+                torch.testing.assert_close(mine[u].detach(), p.detach(), rtol=1e-5, atol=1e-6)
+    assert [int(s) for s in weights.steps] == [stepped[u] for u in range(users)]
+    for p, view in zip(weights.params, weights.views(weights.table), strict=True):
+        assert p.data_ptr() == view.data_ptr() and torch.equal(p.detach(), view)
