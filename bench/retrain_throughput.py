@@ -53,7 +53,14 @@ from pipeline.config import TrainingSettings
 from pipeline.domain.examples import TrainingEvent, examples_from_events, select_training_events, training_pairs
 from pipeline.domain.gating import decide
 from pipeline.domain.revisions import BaseModelRef
-from pipeline.evaluation.metrics import EvalRequest, evaluate, evaluate_many, load_general, load_probes
+from pipeline.evaluation.metrics import (
+    SHIFT_EVENTS,
+    EvalRequest,
+    evaluate,
+    evaluate_many,
+    load_general,
+    load_probes,
+)
 from pipeline.evaluation.rules import load_rules
 from pipeline.models import encoding
 from pipeline.models.attach import borrowed
@@ -173,12 +180,14 @@ def wave(
     first_user: int = 0,
     gate_reuse: bool = False,
     around: Callable[[str, Callable[[], Any]], tuple[Any, float]] | None = None,
+    shift_events: int = SHIFT_EVENTS,
 ) -> dict[str, Any]:
     """Round 0 (the users' serving revisions, not timed), then the timed round 1 (module docstring). The users are
     numbers ``first_user`` .. ``first_user + k - 1`` (each one's events seeded by its number); the result's
     ``timed_window`` is round 1's start and end in wall-clock seconds (`time.time`), for runs of several workers.
     ``around(part, fn)``: runs round 1's training (``"train"``) and gate (``"gate"``) instead of `timed`, e.g.
-    under a profiler (`wave_profiler`); it returns (fn's result, seconds)."""
+    under a profiler (`wave_profiler`); it returns (fn's result, seconds). ``shift_events``: the gate's
+    (`metrics.shift_examples`)."""
     run = around or (lambda _name, fn: timed(device, fn))
     probes, general = load_probes(), load_general()
     numbers = range(first_user, first_user + k)
@@ -198,7 +207,9 @@ def wave(
     # else of 4 users (a warm-up).
     judged0 = users if gate_reuse else users[:4]
     warm = [EvalRequest(tmp / "r0" / u, None, [e for e in first[u] if e.split == "holdout"], 80, 80) for u in judged0]
-    gated0 = evaluate_many(base, warm, probes=probes, general=general, max_length=settings.max_length)
+    gated0 = evaluate_many(
+        base, warm, probes=probes, general=general, max_length=settings.max_length, shift_events=shift_events
+    )
     known = {u: m.get("scores") for u, m in zip(judged0, gated0, strict=True) if gate_reuse and isinstance(m, dict)}
     log.info("round 0: %d users, %d steps, %.1f s", k, parent_steps, r0_s)
 
@@ -244,7 +255,10 @@ def wave(
     loop_s = trained[0].seconds
     train_mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     measured, gate_s = run(
-        "gate", lambda: evaluate_many(base, requests, probes=probes, general=general, max_length=settings.max_length)
+        "gate",
+        lambda: evaluate_many(
+            base, requests, probes=probes, general=general, max_length=settings.max_length, shift_events=shift_events
+        ),
     )
     broken = [m for m in measured if isinstance(m, BaseException)]
     if broken:
@@ -948,6 +962,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "multilora.TRAIN_BRANCH) or ops (plain autograd ops)",
     )
     parser.add_argument(
+        "--shift-events",
+        default=str(SHIFT_EVENTS),
+        help="new events the gate scores for new_shift, a comma list paired with --micro (0: all; default: the "
+        "gate's, metrics.SHIFT_EVENTS)",
+    )
+    parser.add_argument(
         "--gate-reuse",
         default="off",
         help="a comma list paired with --micro: on (round 0 gated for every user, round 1's gate reusing those "
@@ -1023,7 +1043,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prefixes = choices("--shared-prefix", args.shared_prefix, ("off", "on"))
     lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch", "dense"))
     packs = choices("--packed-rows", args.packed_rows, ("off", "on", "auto"))
-    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs]
+    shifts = [int(x) for x in args.shift_events.split(",")]
+    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts]
     n_waves = max(len(x) for x in lists)
     lists = [x * n_waves if len(x) == 1 else x for x in lists]
     if len({len(x) for x in lists}) != 1:
@@ -1031,7 +1052,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--micro, --gate-rows, --rms-backward, --gate-kernels, --train-branch, --gate-reuse, --shared-prefix, "
             "--lora-kernels and --packed-rows: lists of one length (or one value)"
         )
-    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs = lists
+    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts = lists
     if micros[0]:
         overrides["micro_batch_tokens"] = micros[0]
     base_settings = TrainingSettings(**overrides)
@@ -1120,7 +1141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k in args.k:
             for mode in args.fused.split(","):
                 variants = zip(*lists, strict=True)
-                for v, (micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k, pack) in enumerate(
+                for v, (micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k, pack, shift) in enumerate(
                     variants
                 ):
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
@@ -1152,12 +1173,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}, "
                         f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}, "
                         f"gate reuse {reuse}, shared prefix {prefix}, LoRA kernels {lora_k}, packed rows "
-                        f"{'on' if settings.packs_rows(torch.device(args.device).type) else 'off'}"
+                        f"{'on' if settings.packs_rows(torch.device(args.device).type) else 'off'}, shift events "
+                        f"{shift or 'all'}"
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(
                         f"wave K={k} fused {mode} {label}",
-                        lambda k=k, settings=settings, mode=mode, v=v, reuse=reuse: wave(
+                        lambda k=k, settings=settings, mode=mode, v=v, reuse=reuse, shift=shift: wave(
                             base,
                             k,
                             settings,
@@ -1167,6 +1189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             rules,
                             args.gate_profile,
                             gate_reuse=reuse == "on",
+                            shift_events=shift,
                         ),
                     )
                     if "error" in w:
@@ -1191,6 +1214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 first_user=k,
                                 gate_reuse=reuse == "on",
                                 around=around,
+                                shift_events=shift,
                             ),
                         )
                         report["wave_profile"] = {"variant": label, **profiled, "wave": pw}

@@ -409,6 +409,13 @@ class GateSettings(BaseSettings):
         description="Probe rows per forward of the batched gate (each holds its full-vocabulary logits in fp32); "
         "0 = auto: 32 on the CPU, 256 on a GPU (512 in the measurement above).",
     )
+    shift_events: int = Field(
+        32,
+        ge=0,
+        description="New train events of a round scored under the serving revision for new_shift; a larger round is "
+        "sampled (the same events every time: lowest hashes of their ids). 0 = all (the gate's cost then grows with "
+        "the round).",
+    )
 
 
 class ServingSettings(BaseSettings):

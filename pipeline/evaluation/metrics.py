@@ -20,6 +20,8 @@ And, for the candidate only, two properties of the round's new training events:
 
 - ``new_shift``: how much less likely the new train events' targets are than the prior holdout's under the revision
   serving now (ratio of mean NLLs, minus 1): ~0 for more of the same user, large for a sudden change of writer;
+  over at most `SHIFT_EVENTS` of the new events (`shift_examples`: a sample of a larger round, so that a round's
+  size does not set the gate's cost; the default rule's bound, 1.0, lies far from both sides' measured values);
 - ``new_repeat_share``: the share of the new train events' targets taken by the most repeated text (case and spacing
   ignored): one message sent again and again gives 1.0, a user who writes from a few templates well under half.
 
@@ -77,6 +79,9 @@ METRIC_KEYS: tuple[str, ...] = (
 PAIRED: dict[str, str] = {"holdout_nll": "all", "holdout_nll_prior": "prior", "holdout_nll_new": "new"}
 #: Bootstrap resamples and one-sided confidence of the paired intervals.
 BOOTSTRAP_SAMPLES, CONFIDENCE = 2000, 0.95
+#: At most this many of a round's new train events are scored under the serving revision for ``new_shift``
+#: (`shift_examples`): a larger round is sampled, the same events on every path and every retry. 0: all of them.
+SHIFT_EVENTS = 32
 
 
 class MetricsError(PersonaError):
@@ -448,6 +453,7 @@ def evaluate(
     parent_last_seq: int | None = None,
     new_events: Sequence[TrainingEvent] = (),
     general: Sequence[Example] | None = None,
+    shift_events: int = SHIFT_EVENTS,
 ) -> dict[str, Any]:
     """Metrics of the candidate adapter, the current production adapter (if any) and the base: the gate's input.
 
@@ -458,9 +464,9 @@ def evaluate(
     (the base comes back unchanged). ``holdout_events`` must all be of the user's ``holdout`` split: the gate never
     judges on training data. ``parent_last_seq`` (the candidate's parent's last event position; None for a first
     revision) splits them into prior and new; ``new_events`` are the round's new train-split events (for
-    ``new_shift`` and ``new_repeat_share``); ``general`` the general examples (None: `load_general`'s default
-    file). Raises MetricsError on other events or on a metric that is not finite. Returns plain JSON-serialisable
-    values::
+    ``new_shift``, over at most ``shift_events`` of them: `shift_examples`, and ``new_repeat_share``); ``general``
+    the general examples (None: `load_general`'s default file). Raises MetricsError on other events or on a metric
+    that is not finite. Returns plain JSON-serialisable values::
 
         {"candidate": {METRIC_KEYS..., "new_shift", "new_repeat_share"},
          "current":   {METRIC_KEYS...}, or None without current_dir,
@@ -505,7 +511,9 @@ def evaluate(
 
     candidate = adapter_scores(Path(candidate_dir))
     current = adapter_scores(Path(current_dir)) if current_dir is not None else None
-    shift = _new_shift(base, current_dir, new_events, current, max_length) if current is not None else None
+    shift = (
+        _new_shift(base, current_dir, new_events, current, max_length, shift_events) if current is not None else None
+    )
     log.info(
         "holdout NLL: candidate %s, current %s, base %s (%d tokens); general NLL: candidate %s, base %s",
         _fmt(candidate.holdout_nll),
@@ -599,20 +607,33 @@ def _base_reference(
         return hit
 
 
+def shift_examples(new_events: Sequence[TrainingEvent], limit: int = SHIFT_EVENTS) -> list[Example]:
+    """The examples of the new events that ``new_shift`` scores: all that give a target, or, past ``limit`` (> 0),
+    the ``limit`` of them whose event ids hash lowest (sha256), in event order: a sample that does not depend on the
+    path (`evaluate`, `evaluate_many`), the batch or a retry."""
+    scored = [(e.event_id, x) for e, x in ((e, example_of(e)) for e in new_events) if x is not None]
+    if 0 < limit < len(scored):
+        rank = sorted(range(len(scored)), key=lambda i: hashlib.sha256(scored[i][0].encode()).digest())
+        scored = [scored[i] for i in sorted(rank[:limit])]
+    return [x for _, x in scored]
+
+
 def _new_shift(
     base: LoadedBase,
     current_dir: Path | None,
     new_events: Sequence[TrainingEvent],
     current: ModelScores,
     max_length: int,
+    limit: int = SHIFT_EVENTS,
 ) -> float | None:
     """NLL of the new train events' targets over the prior holdout's, both under the revision serving now, minus 1.
 
     The prior holdout was never trained on, so both are text the serving revision has not seen: more of the same
     user gives about 0, another writer or random text gives much more. None without new events or prior holdout.
+    Over `shift_examples` (at most ``limit`` of the new events; 0: all).
     """
     prior = current.holdout_nll_prior
-    examples = [x for x in (example_of(e) for e in new_events) if x is not None]
+    examples = shift_examples(new_events, limit)
     if prior is None or prior <= 0 or not examples or current_dir is None:
         return None
     with attached(base, Path(current_dir)) as model, _eval_mode(model):
@@ -709,6 +730,7 @@ def evaluate_many(
     batch_size: int | None = None,
     native: bool = True,
     labelled_batch: int | None = None,
+    shift_events: int = SHIFT_EVENTS,
 ) -> list[dict[str, Any] | BaseException]:
     """`evaluate` for many candidates at once: per request its result (equal to `evaluate`'s within float rounding,
     see tests/unit/evaluation) or the exception that failed it alone.
@@ -725,7 +747,8 @@ def evaluate_many(
     `evaluate`. ``batch_size``: rows per forward (None: `STACKED_BATCH` of the base's device type); a batch's numbers
     reach the host in one copy. ``labelled_batch``: labelled rows per forward when the head is applied to their
     target positions only (None: ``batch_size`` when given, else `SPLIT_BATCH` of the device type).
-    ``native``: on a bf16 base, the LoRA branch in bf16 (`multilora.wrap_linears`; candidate, current and base
+    ``shift_events``: new events scored for ``new_shift`` (`shift_examples`). ``native``: on a bf16 base, the LoRA
+    branch in bf16 (`multilora.wrap_linears`; candidate, current and base
     rows all measured so, within bf16 rounding of peft's fp32 branch); on an fp32 base it changes nothing.
     """
     results: list[dict[str, Any] | BaseException | None] = [None] * len(requests)
@@ -774,6 +797,7 @@ def evaluate_many(
                 batch_size,
                 native,
                 labelled_batch,
+                shift_events,
             )
         except Exception as e:  # e.g. out of memory: those requests fail, the others still get their results
             log.exception("batched evaluation of %d candidates failed", len(loaded))
@@ -795,6 +819,7 @@ def evaluate_many(
                 parent_last_seq=req.parent_last_seq,
                 new_events=req.new_events,
                 general=general_examples,
+                shift_events=shift_events,
             )
         except Exception as e:
             results[i] = e
@@ -950,6 +975,7 @@ def _evaluate_stacked(
     batch_size: int | None,
     native: bool = True,
     labelled_batch: int | None = None,
+    shift_events: int = SHIFT_EVENTS,
 ) -> None:
     from pipeline.models import multilora
 
@@ -1013,9 +1039,7 @@ def _evaluate_stacked(
         known = _known_rows(req.known, fingerprint) if cur_slot is not None else {}
         scored = [(e, x) for e, x in ((e, example_of(e)) for e in req.holdout_events) if x is not None]
         pairs = preference_pairs(req.holdout_events)
-        new_examples = (
-            [x for x in (example_of(e) for e in req.new_events) if x is not None] if cur_slot is not None else []
-        )
+        new_examples = shift_examples(req.new_events, shift_events) if cur_slot is not None else []
         # One encoding call for the request's three parts (shared user turns, batched tokenizer calls).
         parts = [x for _, x in scored]
         parts += [Example(p.prompt, answer, p.event_id) for p in pairs for answer in (p.chosen, p.rejected)]

@@ -34,7 +34,14 @@ from pipeline.domain.errors import Conflict, Forgotten, NotFound, PersonaError
 from pipeline.domain.examples import TrainingEvent
 from pipeline.domain.gating import Decision, RuleSet, decide, ruleset_digest
 from pipeline.domain.revisions import Revision
-from pipeline.evaluation.metrics import SPLIT_BATCH, EvalRequest, evaluate_many, load_general, load_probes
+from pipeline.evaluation.metrics import (
+    SHIFT_EVENTS,
+    SPLIT_BATCH,
+    EvalRequest,
+    evaluate_many,
+    load_general,
+    load_probes,
+)
 from pipeline.flows import failpoints
 from pipeline.flows.concurrency import each
 from pipeline.flows.promotion import announce_serving
@@ -58,6 +65,7 @@ class GateConfig:
     io_threads: int = 1  # candidates whose database and object-store work runs at once (`judge_many`)
     rows_per_forward: int = 0  # labelled rows per forward of the batched gate (0: its device's default)
     probe_rows_per_forward: int = 0  # probe rows per forward (0: its device's default)
+    shift_events: int = SHIFT_EVENTS  # new events scored for new_shift (0: all; `metrics.shift_examples`)
 
 
 def _split_batch(base: LoadedBase) -> int | None:
@@ -163,6 +171,7 @@ def judge_many(
                 general=load_general(config.probes),
                 batch_size=config.probe_rows_per_forward or None,
                 labelled_batch=config.rows_per_forward or _split_batch(base),
+                shift_events=config.shift_events,
             )
 
         def record(k: int) -> GateResult | BaseException:

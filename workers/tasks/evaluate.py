@@ -119,4 +119,5 @@ def _config() -> GateConfig:
         io_threads=min(s.worker.io_threads, s.db.pool_max),  # one pooled connection each
         rows_per_forward=s.gate.rows_per_forward,
         probe_rows_per_forward=s.gate.probe_rows_per_forward,
+        shift_events=s.gate.shift_events,
     )

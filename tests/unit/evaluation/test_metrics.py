@@ -30,6 +30,7 @@ from pipeline.evaluation.metrics import (
     paired_gain,
     probe_logits,
     score_model,
+    shift_examples,
 )
 from pipeline.models.attach import AttachError, attached, borrowed
 from pipeline.models.base import LoadedBase, load_base, weights_sha256
@@ -464,6 +465,44 @@ def test_evaluate_many_equals_evaluate_per_request(
         _assert_close_tree(result, want)
     assert got[1]["candidate"]["new_shift"] is not None and got[1]["current"] is not None
     assert any(n >= shared_prefix.MIN_PREFIX for n in prefixes), prefixes
+
+
+def test_new_shift_scores_a_fixed_sample_of_a_large_round(world: SimpleNamespace) -> None:
+    """Past ``shift_events`` new events, new_shift is taken over a sample: the same events whatever their order or
+    path (`evaluate`, `evaluate_many`), in event order; 0 takes all. new_repeat_share still sees every event."""
+    from pipeline.evaluation.metrics import EvalRequest, evaluate_many
+
+    events = world.events_a
+    cut = events[len(events) // 2].seq
+    rng = random.Random(1)
+    again = [
+        TrainingEvent(f"x{e.event_id}", e.seq, e.kind, "train", e.payload) for e in holdout(events) if e.seq <= cut
+    ]
+    noise = [
+        TrainingEvent(
+            f"n{i}", 1000 + i, "message", "train", {"text": "".join(chr(rng.randrange(33, 127)) for _ in range(60))}
+        )
+        for i in range(len(again))
+    ]
+    mixed = sorted(again + noise, key=lambda e: e.seq)
+    assert len(mixed) > 4
+    picked = shift_examples(mixed, 4)
+    shuffled = list(mixed)
+    rng.shuffle(shuffled)
+    assert len(picked) == 4 and {x.target for x in shift_examples(shuffled, 4)} == {x.target for x in picked}
+    targets = [example_of(e).target for e in mixed]  # type: ignore[union-attr]
+    assert [targets.index(x.target) for x in picked] == sorted(targets.index(x.target) for x in picked)
+    assert len(shift_examples(mixed, 0)) == len(mixed) == len(shift_examples(mixed, len(mixed)))
+
+    every = run_evaluate(world, world.dir_a, world.dir_b, parent_last_seq=cut, new_events=mixed, shift_events=0)
+    some = run_evaluate(world, world.dir_a, world.dir_b, parent_last_seq=cut, new_events=mixed, shift_events=4)
+    assert some["candidate"]["new_shift"] != every["candidate"]["new_shift"]
+    assert some["candidate"]["new_repeat_share"] == every["candidate"]["new_repeat_share"]
+    request = EvalRequest(world.dir_a, world.dir_b, holdout(events), 32, 32, parent_last_seq=cut, new_events=mixed)
+    other = EvalRequest(world.dir_b, world.dir_a, holdout(events), 32, 32, parent_last_seq=cut)
+    stacked = evaluate_many(world.base, [request, other], probes=world.probes, shift_events=4)[0]
+    assert isinstance(stacked, dict), stacked
+    assert math.isclose(stacked["candidate"]["new_shift"], some["candidate"]["new_shift"], rel_tol=1e-3, abs_tol=1e-4)
 
 
 def _assert_close_tree(a: Any, b: Any, path: str = "") -> None:
