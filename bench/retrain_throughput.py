@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import random
 import statistics
@@ -141,6 +142,19 @@ def user_events(u: int, rounds: int) -> list[TrainingEvent]:
             text += rng.choice(vocab) + " "
         out.append(TrainingEvent(f"u{u}e{seq}", seq, "message", split, {"text": text[:target].strip()}))
     return out
+
+
+def host_cpu() -> str:
+    """The host's CPU model and logical cores (a host-bound baseline's speed depends on it)."""
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or 'unknown'}, {os.cpu_count()} logical cores"
 
 
 def sync(device: str) -> None:
@@ -779,7 +793,9 @@ def host_profile(base: LoadedBase, k: int, settings: TrainingSettings, tmp: Path
 def table(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
-        f"Retrain throughput ({report['model']}, {env['device']}, torch {env['torch']}): a wave of K users, 100 "
+        f"Retrain throughput ({report['model']}, {env['device']}"
+        + (f", host CPU {env['host_cpu']}" if env.get("host_cpu") else "")
+        + f", torch {env['torch']}): a wave of K users, 100 "
         "events each a round, the default training settings, gate metrics for candidate / current / base, the "
         "default rules",
         "",
@@ -801,7 +817,9 @@ def table(report: dict[str, Any]) -> str:
             f"{pct(w['gain_vs_current'])} | {pct(w['gain_vs_base'])} | {w['promoted']}/{w['users']} | "
             f"{w['train_gpu_mem_gib']:.1f} |"
         )
-    for key, label in (("plain_peft", "warm plain-peft loop (train + save)"), ("sequential", "project sequential")):
+    kinds = (("plain_peft", "warm plain-peft loop (train + save)"), ("sequential", "project sequential"))
+    kinds += tuple((k + "_after", label + ", after the waves") for k, label in kinds)
+    for key, label in kinds:
         b = report.get(key)
         if b:
             lines.append(
@@ -814,13 +832,14 @@ def table(report: dict[str, Any]) -> str:
             )
             lines[-1] += f"{b['tokens_per_s']:,.0f} | - | {pct(b.get('gain_vs_current'))} | - | - | - |"
     for w in report["waves"]:
-        for key in ("plain_peft", "sequential"):
+        for key, _ in kinds:
             b = report.get(key)
             if b:
                 ratio = w["retrains_per_gpu_hour"] / b["retrains_per_gpu_hour"]
+                name = key.removesuffix("_after").replace("_", "-") + (" (after)" if key.endswith("_after") else "")
                 lines.append(
                     f"\nK={w['users']} fused {w['fused']}: {ratio:.1f}x "
-                    f"the {key.replace('_', '-')} path's retrains per GPU-hour (end to end for the wave; "
+                    f"the {name} path's retrains per GPU-hour (end to end for the wave; "
                     f"{w['loop_tokens_per_s'] / b['tokens_per_s']:.1f}x its training tokens/s)."
                 )
     check = report.get("gpu_check")
@@ -932,7 +951,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--baseline-users", type=int, default=3, help="users of each baseline (0 = none)")
     parser.add_argument("--baselines", default="plain_peft,sequential", help="which baselines run")
     parser.add_argument(
-        "--baselines-first", action="store_true", help="the baselines before the waves (default: after them)"
+        "--baselines-at",
+        default="after",
+        choices=("after", "first", "both"),
+        help="the baselines after the waves, before them, or both (the second run reported as KEY_after: a "
+        "host-bound baseline drifts with the host's state)",
     )
     parser.add_argument(
         "--micro", default="0", help="micro_batch_tokens, a comma list: one wave each (0: the setting's auto value)"
@@ -1069,6 +1092,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in base.model.parameters()),
         "environment": {
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.machine() + " CPU",
+            "host_cpu": host_cpu(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
@@ -1125,18 +1149,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         default_rows = (dict(metrics.SPLIT_BATCH), dict(metrics.STACKED_BATCH))
 
-        def baselines() -> None:
+        def baselines(suffix: str = "") -> None:
             for key, fn in (("plain_peft", plain_peft), ("sequential", sequential)):
                 if key not in args.baselines.split(","):
                     continue
-                value = part(key, lambda fn=fn: fn(base, args.baseline_users, base_settings, args.device, tmp, rules))
+                value = part(
+                    key + suffix, lambda fn=fn: fn(base, args.baseline_users, base_settings, args.device, tmp, rules)
+                )
                 if "error" in value:
-                    report.setdefault("failed", []).append({key: value})
+                    report.setdefault("failed", []).append({key + suffix: value})
                 else:
-                    report[key] = value
+                    report[key + suffix] = value
                 save()
 
-        if args.baseline_users and args.baselines_first:
+        if args.baseline_users and args.baselines_at in ("first", "both"):
             baselines()
         for k in args.k:
             for mode in args.fused.split(","):
@@ -1221,8 +1247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         save()
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
-        if args.baseline_users and not args.baselines_first:
-            baselines()
+        if args.baseline_users and args.baselines_at in ("after", "both"):
+            baselines("_after" if args.baselines_at == "both" else "")
         if args.host_profile and args.device == "cuda":
             value = part("host profile", lambda: host_profile(base, args.host_profile, base_settings, tmp, args.out))
             report["host_profile"] = value
