@@ -546,6 +546,7 @@ def _train_group(
             tensors.append(table[:, at_a : at_a + math.prod(shape_a)].reshape(len(users), *shape_a))
             tensors.append(table[:, at_b : at_b + math.prod(shape_b)].reshape(len(users), *shape_b))
             scalings.append(scaling_of)
+        del table  # (its views in ``tensors`` go once the one table below is built)
     else:
         paths = sorted(users[0].start.modules)
         for path in paths:
