@@ -34,10 +34,11 @@ def test_turns_up_to_the_limit_then_waiters_in_arrival_order():
     adm.leave()
     threads[0].join(5)
     assert log == [1] and adm.held == 2  # the turn passed on
+    adm.leave()  # one turn at a time: two turns passed together wake two threads in either order
+    threads[1].join(5)
+    assert log == [1, 2] and adm.waiting == 1 and threads[2].is_alive()  # the longest waiter took it
     adm.leave()
-    adm.leave()
-    for t in threads:
-        t.join(5)
+    threads[2].join(5)
     assert log == [1, 2, 3] and adm.waiting == 0 and adm.held == 2
     for _ in range(2):
         adm.leave()
