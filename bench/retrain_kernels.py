@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.models import fused_layers, multilora
+from pipeline.models import fp8, fused_layers, multilora
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -233,6 +233,7 @@ def packed_shape(
 
     def step() -> None:
         a.grad = b.grad = x.grad = None
+        fp8.forget_input()  # each forward quantizes its input (in training a new one each time)
         layer(x).backward(dy)
 
     def measure(name: str) -> None:
@@ -242,7 +243,7 @@ def packed_shape(
         row[f"{name}_fwd_bwd_ms"] = timed(step)
         if not quick:
             with torch.no_grad():
-                row[f"{name}_fwd_nograd_ms"] = timed(lambda: layer(x))
+                row[f"{name}_fwd_nograd_ms"] = timed(lambda: (fp8.forget_input(), layer(x)))
 
     for split in (True,) if quick else (False, True):
         lora_kernels.SPLIT = split
@@ -250,6 +251,14 @@ def packed_shape(
     lora_kernels.SPLIT = True
     if quick:
         return row
+    # the frozen projection's GEMMs in FP8 (`pipeline.models.fp8`, TrainingSettings.base_fp8), split kernels
+    if fp8.supported(x, base.weight):
+        wrap.fp8 = True
+        try:
+            measure("fp8")
+        finally:
+            wrap.fp8 = False
+            fp8.forget_input()
     # the dense form (`multilora._DenseBranch`), whatever its share rule says for this shape
     share, multilora.DENSE_MAX_SHARE, multilora.DENSE_BRANCH = multilora.DENSE_MAX_SHARE, float("inf"), True
     try:
@@ -364,6 +373,21 @@ def packed(report: dict[str, Any], out: Path, only: str | None = None) -> None:
             f"{errs(r['split_rel_err'])} | {errs(r['dense_rel_err'])} |",
             flush=True,
         )
+    fp8_rows = [r for r in report["packed"] if "fp8_fwd_bwd_ms" in r]
+    if fp8_rows:
+        print("\nThe frozen projection's GEMMs in FP8 (base_fp8), split kernels, against bf16:")
+        print(
+            "| in -> out | tokens | bf16 node fwd+bwd ms | fp8 node fwd+bwd ms | bf16 / fp8 no-grad ms | "
+            "rel err fp8 (y, dx, dA, dB) |"
+        )
+        print("| --- | ---: | ---: | ---: | --- | --- |")
+        for r in fp8_rows:
+            print(
+                f"| {r['in']} -> {r['out']} | {r['tokens']} | {r['split_fwd_bwd_ms']:.3f} | "
+                f"{r['fp8_fwd_bwd_ms']:.3f} | "
+                f"{r['split_fwd_nograd_ms']:.3f} / {r['fp8_fwd_nograd_ms']:.3f} | {errs(r['fp8_rel_err'])} |",
+                flush=True,
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / "retrain_kernels_packed.json").write_text(json.dumps(report, indent=1))
 

@@ -991,6 +991,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gate's, metrics.SHIFT_EVENTS)",
     )
     parser.add_argument(
+        "--base-fp8",
+        default="off",
+        help="batched training's frozen projections in FP8 (TrainingSettings.base_fp8), a comma list of off/on paired "
+        "with --micro (same users in every wave: compare the gains)",
+    )
+    parser.add_argument(
         "--gate-reuse",
         default="off",
         help="a comma list paired with --micro: on (round 0 gated for every user, round 1's gate reusing those "
@@ -1067,15 +1073,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch", "dense"))
     packs = choices("--packed-rows", args.packed_rows, ("off", "on", "auto"))
     shifts = [int(x) for x in args.shift_events.split(",")]
-    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts]
+    fp8s = choices("--base-fp8", args.base_fp8, ("off", "on"))
+    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts, fp8s]
     n_waves = max(len(x) for x in lists)
     lists = [x * n_waves if len(x) == 1 else x for x in lists]
     if len({len(x) for x in lists}) != 1:
         raise SystemExit(
             "--micro, --gate-rows, --rms-backward, --gate-kernels, --train-branch, --gate-reuse, --shared-prefix, "
-            "--lora-kernels and --packed-rows: lists of one length (or one value)"
+            "--lora-kernels, --packed-rows, --shift-events and --base-fp8: lists of one length (or one value)"
         )
-    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts = lists
+    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts, fp8s = lists
     if micros[0]:
         overrides["micro_batch_tokens"] = micros[0]
     base_settings = TrainingSettings(**overrides)
@@ -1167,9 +1174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k in args.k:
             for mode in args.fused.split(","):
                 variants = zip(*lists, strict=True)
-                for v, (micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k, pack, shift) in enumerate(
-                    variants
-                ):
+                for v, (
+                    micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k, pack, shift, in_fp8
+                ) in enumerate(variants):  # fmt: skip
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
                     multilora.TRITON_BRANCH = lora_k in ("triton", "dense")
                     multilora.DENSE_BRANCH = lora_k == "dense"
@@ -1183,6 +1190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "lora_branch": branch,
                         "shared_prefix": prefix == "on",
                         "packed_rows": None if pack == "auto" else pack == "on",
+                        "base_fp8": in_fp8 == "on",
                     }
                     if micro:
                         update["micro_batch_tokens"] = micro
@@ -1200,7 +1208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}, "
                         f"gate reuse {reuse}, shared prefix {prefix}, LoRA kernels {lora_k}, packed rows "
                         f"{'on' if settings.packs_rows(torch.device(args.device).type) else 'off'}, shift events "
-                        f"{shift or 'all'}"
+                        f"{shift or 'all'}, base GEMMs {'fp8' if in_fp8 == 'on' else 'bf16'}"
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(

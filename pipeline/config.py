@@ -312,6 +312,14 @@ class TrainingSettings(BaseSettings):
         "GPU: the add to the base output fused into the second GEMM; fp32 weights and optimizer state); fp32 = "
         "peft's numerics (the input cast to fp32). The same on an fp32 base.",
     )
+    base_fp8: bool = Field(
+        False,
+        description="Batched training runs the frozen base's projection GEMMs (forward and input gradient) in FP8 "
+        "e4m3 with a scale per row, on GPUs with FP8 tensor cores (compute capability 8.9+; elsewhere the base's "
+        "dtype): adapters train against the base rounded to FP8 and are gated and served on the base itself "
+        "(pipeline/models/fp8.py; speed and holdout gain in bench/results/retrain_throughput.md). The manifest's "
+        "training.base_fp8 says whether it ran.",
+    )
     packed_rows: bool | None = Field(
         None,
         description="Batched training runs a micro-batch's rows as one sequence without padding (variable-length "

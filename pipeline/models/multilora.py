@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.domain.errors import AdapterNotServable, PersonaError
-from pipeline.models import lora_kernels
+from pipeline.models import fp8, lora_kernels
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,10 @@ class _Rows:
     """The stack row of every batch row, shared by every layer of one wrap (set once per forward), and whether the
     layers compute the LoRA branch in the input's dtype (`wrap_linears`' ``native``)."""
 
-    def __init__(self, native: bool = False) -> None:
+    def __init__(self, native: bool = False, fp8: bool = False) -> None:
         self.index: torch.Tensor | None = None
         self.native = native
+        self.fp8 = fp8  # the frozen projections' GEMMs in FP8 where they can be (`pipeline.models.fp8`)
         # Packed rows (`LoraWrap.set_packed`): one sequence [1, T] whose row i is tokens offsets[i] .. offsets[i+1];
         # token_index: each token's stack row (the torch path treats every token as a row of its own).
         self.offsets: torch.Tensor | None = None
@@ -220,6 +221,10 @@ class MultiLoraLinear(nn.Module):
         frozen = not any(t is not None and t.requires_grad for t in (self.base.weight, self.base.bias, self.scaling))
         return TRAIN_BRANCH and self.lora_A.requires_grad and x.dtype in _HALF and frozen
 
+    def _fp8(self, x: torch.Tensor) -> bool:
+        """Whether the frozen projection's GEMMs run in FP8 for ``x`` (the wrap asked for it, `fp8.supported`)."""
+        return self._rows.fp8 and fp8.supported(x, self.base.weight)
+
     def _rows_forward(self, x: torch.Tensor, index: Any, offsets: torch.Tensor | None) -> torch.Tensor:
         """`forward` of rows ``x`` with stack rows ``index`` (with ``offsets``: packed rows, on the Triton path)."""
         longest = self._rows.longest
@@ -227,8 +232,9 @@ class MultiLoraLinear(nn.Module):
         if TRAIN_BRANCH and self.lora_A.requires_grad and self._rows.native and x.dtype in _HALF and frozen:
             # Training on a GPU: the base and the branch in one autograd node (`_TrainBranch`).
             out: torch.Tensor = _TrainBranch.apply(
-                x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, index, offsets, longest
-            )
+                x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, index, offsets, longest,
+                self._fp8(x),
+            )  # fmt: skip
             return out
         tokens = self._rows.token_index if offsets is not None else None
         if not torch.is_grad_enabled() and self._dense_fits(x) and (offsets is None or tokens is not None):
@@ -249,7 +255,7 @@ class MultiLoraLinear(nn.Module):
             # No gradients (the stacked gate), on a GPU: the base, then each row's branch added in place by one
             # Triton kernel (`pipeline.models.lora_kernels`).
             flat = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
-            y = torch.nn.functional.linear(flat, self.base.weight, self.base.bias)
+            y = _base_linear(flat, self.base.weight, self.base.bias, x if self._fp8(x) else None)
             lora_kernels.forward(
                 flat, y, self.lora_A, self.lora_B, self.scaling, index, keep_h=False, offsets=offsets, longest=longest
             )
@@ -302,6 +308,7 @@ class _TrainBranch(torch.autograd.Function):
         index: torch.Tensor,
         offsets: torch.Tensor | None = None,
         longest: int = 0,
+        in_fp8: bool = False,
     ) -> torch.Tensor:
         dt = x.dtype
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, in]
@@ -309,9 +316,10 @@ class _TrainBranch(torch.autograd.Function):
         ctx.stack_dtypes = (lora_a.shape, lora_a.dtype, lora_b.shape, lora_b.dtype)
         ctx.triton = offsets is not None or (TRITON_BRANCH and lora_kernels.available(x, lora_a.shape[1]))
         ctx.longest = longest
+        ctx.fp8 = in_fp8 and ctx.triton
         if ctx.triton:  # the branch in Triton kernels: each row's tokens read once (`pipeline.models.lora_kernels`)
             flat = flat.contiguous()
-            y = torch.nn.functional.linear(flat, weight, bias)
+            y = _base_linear(flat, weight, bias, x if ctx.fp8 else None)
             h = lora_kernels.forward(flat, y, lora_a, lora_b, scaling, index, offsets=offsets, longest=longest)
             ctx.save_for_backward(flat, weight, lora_a, lora_b, scaling, h, index, offsets)
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -330,7 +338,12 @@ class _TrainBranch(torch.autograd.Function):
         if ctx.triton:
             flat, weight, lora_a, lora_b, scaling, h, index, offsets = ctx.saved_tensors
             dy = dy.reshape(flat.shape[0], -1, dy.shape[-1]).contiguous()
-            dx = torch.matmul(dy, weight) if ctx.needs_input_grad[0] else None
+            dx = None
+            if ctx.needs_input_grad[0]:
+                if ctx.fp8:
+                    dx = fp8.input_grad(dy.view(-1, dy.shape[-1]), weight).view(*dy.shape[:-1], weight.shape[1])
+                else:
+                    dx = torch.matmul(dy, weight)
             grad_a, grad_b = lora_kernels.backward(
                 dy, dx, flat, lora_a, lora_b, scaling, index, h, offsets=offsets, longest=ctx.longest
             )
@@ -340,6 +353,7 @@ class _TrainBranch(torch.autograd.Function):
                 None,
                 grad_a.to(a_dtype) if ctx.needs_input_grad[3] else None,
                 grad_b.to(b_dtype) if ctx.needs_input_grad[4] else None,
+                None,
                 None,
                 None,
                 None,
@@ -360,7 +374,18 @@ class _TrainBranch(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             db = torch.zeros(b_shape, dtype=b_dtype, device=b.device)
             db.index_add_(0, index, torch.bmm(dy.transpose(1, 2), h).to(b_dtype))
-        return dx, None, None, da, db, None, None, None, None
+        return dx, None, None, da, db, None, None, None, None, None
+
+
+def _base_linear(
+    flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8_source: torch.Tensor | None
+) -> torch.Tensor:
+    """The frozen projection of ``flat`` ``[B, N, in]`` (contiguous): in FP8 when ``fp8_source`` (the module input
+    ``flat`` is a view of: q/k/v and gate/up share its quantized values) is given, else in ``flat``'s dtype."""
+    if fp8_source is None:
+        return torch.nn.functional.linear(flat, weight, bias)
+    y = fp8.linear(flat.view(-1, flat.shape[-1]), weight, bias, source=fp8_source)
+    return y.view(*flat.shape[:-1], weight.shape[0])
 
 
 def _dense_forward(
@@ -526,7 +551,9 @@ DENSE_BRANCH = False
 DENSE_MAX_SHARE = 0.125
 
 
-def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack], *, native: bool = False) -> LoraWrap:
+def wrap_linears(
+    model: nn.Module, stacks: Mapping[str, LoraStack], *, native: bool = False, fp8: bool = False
+) -> LoraWrap:
     """Replace the ``nn.Linear`` at each module path of ``stacks`` by a `MultiLoraLinear` over its stack, in place.
 
     All layers share one row index (`LoraWrap.set_rows`). ``native``: when the input's dtype is not the stacks'
@@ -536,9 +563,11 @@ def wrap_linears(model: nn.Module, stacks: Mapping[str, LoraStack], *, native: b
     half dtype (the gate's, which need no fp32 masters) take that path with no cast per forward. Without it, or when
     input and stacks are both fp32, the layer computes exactly as peft does. Raises MultiLoraError, changing
     nothing, when a path is not an ``nn.Linear`` of ``model`` or a stack does not fit its Linear. ``remove()`` (or
-    leaving the ``with`` block) puts the Linear modules back.
+    leaving the ``with`` block) puts the Linear modules back. ``fp8``: the frozen projections' GEMMs of the Triton
+    paths (training's node and the no-grad forward) in FP8 where `pipeline.models.fp8.supported` (batched
+    training's ``base_fp8``; never the gate's).
     """
-    rows = _Rows(native)
+    rows = _Rows(native, fp8)
     layers: dict[str, MultiLoraLinear] = {}
     originals: dict[str, nn.Linear] = {}
     for path, stack in stacks.items():

@@ -428,9 +428,11 @@ def training_config(
     continued: bool,
     pairs: int,
     pair_batch_size: int,
+    base_fp8: bool = False,
 ) -> dict[str, Any]:
     """The manifest's ``training`` field of one adapter (both trainers report the same keys). ``pairs``: the pairs
-    trained on (0 without any, or with ``preference_weight`` 0); ``pair_batch_size``: pairs per step."""
+    trained on (0 without any, or with ``preference_weight`` 0); ``pair_batch_size``: pairs per step; ``base_fp8``:
+    whether the base's projections ran in FP8 (`pipeline.models.fp8`)."""
     targets = lora_config.target_modules
     return {
         "seed": seed,
@@ -457,6 +459,7 @@ def training_config(
         "preference_beta": settings.preference_beta,
         "preference_margin": settings.preference_margin,
         "pair_batch_size": pair_batch_size,
+        "base_fp8": base_fp8,
         "pairs": pairs,
         "save_dtype": settings.save_dtype,
         "dtype": settings.save_dtype,

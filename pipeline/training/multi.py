@@ -64,7 +64,7 @@ from torch import nn
 
 from pipeline.config import TrainingSettings
 from pipeline.domain.examples import Example, PreferencePair
-from pipeline.models import encoding, multilora
+from pipeline.models import encoding, fp8, multilora
 from pipeline.models.attach import base_lock, borrowed
 from pipeline.models.base import LoadedBase, gc_paused, varied_shape_attention
 from pipeline.models.encoding import EncodedExample
@@ -574,20 +574,24 @@ def _train_group(
                     fail(user, error)
 
     fused = Fused.resolve(settings.fused_kernels, device)
+    in_fp8 = settings.base_fp8 and settings.lora_branch == "base" and fp8.device_supported(device)
+    if settings.base_fp8 and not in_fp8:
+        log.warning("base_fp8 is set but %s has no FP8 GEMMs (or lora_branch is fp32): the base's dtype", device)
     # borrowed is the safety net: whatever happens, the base comes back exactly as it was.
     with (
         base_lock(model),
         borrowed(model),
-        multilora.wrap_linears(model, stacks, native=settings.lora_branch == "base") as lora,
+        multilora.wrap_linears(model, stacks, native=settings.lora_branch == "base", fp8=in_fp8) as lora,
         fused_layers(model, fused) as patched,
         varied_shape_attention(),
     ):
         log.info(
-            "batched training of %d users: %s (%d modules patched), LoRA branch in %s",
+            "batched training of %d users: %s (%d modules patched), LoRA branch in %s, base GEMMs in %s",
             len(users),
             fused.describe(),
             patched,
             settings.lora_branch,
+            "fp8" if in_fp8 else "the base's dtype",
         )
         best = weights.table.clone()
         start = weights.table.clone() if settings.anchor > 0 else None
@@ -668,6 +672,7 @@ def _train_group(
                 if improved:
                     snapshot(improved)
         seconds = time.perf_counter() - started
+        fp8.forget_input()
         writing = time.perf_counter()
         # Each user keeps its best state (step 0 included) when it validated, else its last. Every stacked parameter
         # comes to the host once, in the saved dtype (not one small copy per user and tensor, each a wait).
@@ -721,6 +726,7 @@ def _train_group(
                     continued=u.job.parent_dir is not None,
                     pairs=len(u.pairs),
                     pair_batch_size=u.pair_batch_size,
+                    base_fp8=in_fp8,
                 )
                 config["batched_users"] = len(users)
                 out.append(
