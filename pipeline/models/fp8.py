@@ -196,20 +196,44 @@ def forget_input() -> None:
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """What `linear` computes, from the same quantized values, in fp32 on any device: for tests."""
+    """What `linear` computes, from the same quantized values, in fp32 on any device: for tests and `EMULATE`."""
     xq, xs = quantize_rows(x)
-    wq, ws = quantize_rows(weight)
-    y = (xq.float() * xs) @ (wq.float() * ws).t()
+    w = quantized(weight)
+    y = (xq.float() * xs) @ (w.forward.float() * w.forward_scale.t()).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
 def reference_input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """What `input_grad` computes, in fp32 on any device: for tests."""
+    """What `input_grad` computes, in fp32 on any device: for tests and `EMULATE`."""
     dq, ds = quantize_rows(dy)
-    wq, ws = quantize_rows(weight.t().contiguous())
-    return ((dq.float() * ds) @ (wq.float() * ws).t()).to(dy.dtype)
+    w = quantized(weight)
+    return ((dq.float() * ds) @ (w.backward.float() * w.backward_scale.t()).t()).to(dy.dtype)
+
+
+#: Run `base_fp8` where FP8 GEMMs cannot (the CPU): the frozen projections through `Emulated`, the same rounding in
+#: fp32 arithmetic, slowly. For measuring what the rounding does to training on a real base without a GPU
+#: (bench/fp8_error.py ``--train``); never set by the pipeline.
+EMULATE = False
+
+
+class Emulated(torch.autograd.Function):
+    """A frozen projection ``x W^T + b`` as `linear` and `input_grad` round it, in fp32 (`reference_linear`,
+    `reference_input_grad`): forward and input gradient; no gradient for the weight or bias."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.x_shape = x.shape
+        y = reference_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        dx = reference_input_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), weight)
+        return dx.view(ctx.x_shape), None, None
 
 
 @functools.cache

@@ -262,7 +262,10 @@ class MultiLoraLinear(nn.Module):
             return y.view(*x.shape[:-1], y.shape[-1])
         if offsets is not None:
             raise AdapterLimitError("packed rows need the Triton branch here (native, half, CUDA)")
-        result = self.base(x)
+        if self._rows.fp8 and fp8.EMULATE and not self.base.weight.requires_grad:  # the GPU's rounding, emulated
+            result = fp8.Emulated.apply(x, self.base.weight, self.base.bias)
+        else:
+            result = self.base(x)
         if self.lora_A.requires_grad:
             # Training (rows are never negative there): index_select, whose backward is one index_add into the
             # stack, where advanced indexing's is a sorted index_put (several kernels a stack, every layer).

@@ -574,7 +574,7 @@ def _train_group(
                     fail(user, error)
 
     fused = Fused.resolve(settings.fused_kernels, device)
-    in_fp8 = settings.base_fp8 and settings.lora_branch == "base" and fp8.device_supported(device)
+    in_fp8 = settings.base_fp8 and settings.lora_branch == "base" and (fp8.device_supported(device) or fp8.EMULATE)
     if settings.base_fp8 and not in_fp8:
         log.warning("base_fp8 is set but %s has no FP8 GEMMs (or lora_branch is fp32): the base's dtype", device)
     # borrowed is the safety net: whatever happens, the base comes back exactly as it was.
