@@ -172,10 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             )
         lines.append("")
     if args.skip_predictions:
-        print("\n".join(lines))
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text("\n".join(lines) + "\n")
+        emit(lines, args.out)
         return []
     rows = [measure(f"{args.base} (pretrained)", base.model, base.tokenizer)]
     from transformers import AutoModelForCausalLM
@@ -194,11 +191,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"{m[0]:.4f} -> {m[1]:.4f} ({(m[1] / m[0] - 1) * 100:+.2f}%) | {r['probe_kl']:.4f} | "
             f"{r['probe_top1'] * 100:.1f}% |"
         )
-    print("\n".join(lines))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    emit(lines, args.out)
     return rows
+
+
+def emit(lines: list[str], out: Path | None) -> None:
+    """Print the table, and write it to ``out`` when given."""
+    print("\n".join(lines))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from pipeline.models import lora_kernels
+
 E4M3 = torch.float8_e4m3fn
 #: The largest finite e4m3 value: a row's largest magnitude maps to it.
 E4M3_MAX = 448.0
@@ -238,12 +240,8 @@ class Emulated(torch.autograd.Function):
 
 @functools.cache
 def _triton() -> Any:
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # not installed (the CPU wheels), or no GPU backend
-        return None
-    return _build(triton, tl)
+    modules = lora_kernels.triton_modules()
+    return _build(*modules) if modules is not None else None
 
 
 def _build(triton: Any, tl: Any) -> Any:

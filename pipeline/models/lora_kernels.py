@@ -51,13 +51,20 @@ WIDTH_BLOCK = 64
 
 
 @functools.cache
-def _triton() -> Any:
+def triton_modules() -> tuple[Any, Any] | None:
+    """``(triton, triton.language)``, or None where Triton does not import (the CPU wheels, no GPU backend)."""
     try:
         import triton
         import triton.language as tl
-    except Exception:  # not installed (the CPU wheels), or no GPU backend
+    except Exception:
         return None
-    return _build(triton, tl)
+    return triton, tl
+
+
+@functools.cache
+def _triton() -> Any:
+    modules = triton_modules()
+    return _build(*modules) if modules is not None else None
 
 
 def available(x: torch.Tensor, rank: int) -> bool:
