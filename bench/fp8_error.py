@@ -107,8 +107,9 @@ def measure(label: str, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
 
 def train(base: Any, k: int, steps: int, tmp: Path) -> list[dict[str, Any]]:
     """A wave of ``k`` users (bench/retrain_throughput.py's `wave`: round 0 of 2 steps, round 1 of ``steps``, both
-    gated on the base itself) trained with the base's own GEMMs and with FP8's rounding emulated (`fp8.EMULATE`):
-    the same users and data; the gate never rounds."""
+    gated on the base itself) trained with the base's own GEMMs and with FP8's rounding emulated (`fp8.EMULATE`) on
+    every projection (`fp8.MIN_WEIGHTS` 0: the size rule would leave SmolLM2-135M's all in bf16): the same users and
+    data; the gate never rounds."""
     from bench.retrain_throughput import wave
     from pipeline.config import TrainingSettings
     from pipeline.evaluation.rules import load_rules
@@ -116,12 +117,13 @@ def train(base: Any, k: int, steps: int, tmp: Path) -> list[dict[str, Any]]:
     rules = load_rules(Path(__file__).parents[1] / "infra" / "gating" / "default_rules.yaml")
     rows = []
     for on in (False, True):
-        fp8.EMULATE = on
+        fp8.EMULATE, min_weights = on, fp8.MIN_WEIGHTS
+        fp8.MIN_WEIGHTS = 0
         try:
             settings = TrainingSettings(base_fp8=on, max_steps=steps)
             w = wave(base, k, settings, 2, "cpu", tmp / ("fp8" if on else "base"), rules)
         finally:
-            fp8.EMULATE = False
+            fp8.EMULATE, fp8.MIN_WEIGHTS = False, min_weights
         rows.append({"fp8": on, **w})
         print(
             f"trained with {'fp8 (emulated)' if on else 'the base'}: gain vs current {w['gain_vs_current']:.4f}, "

@@ -44,6 +44,20 @@ MIN_SCALE = 1e-12
 FAST_ACCUM_FORWARD = True
 
 
+#: Projections with fewer weights than this keep the base's dtype under ``base_fp8`` (`pays`). On an H200 at ~21k
+#: tokens, a training node's forward and backward in FP8 took 2.60 -> 1.83 ms (2048 -> 8192, 16.8M weights) and
+#: 2.72 -> 1.98 ms (8192 -> 2048), but 0.93 -> 1.19 ms (2048 -> 2048, 4.2M) and 1.06 -> 1.63 ms (2048 -> 512): below
+#: ~8M weights quantizing the input and the gradient costs more than the smaller GEMM saves
+#: (bench/results/retrain_throughput.md). 0: every projection FP8 can run.
+MIN_WEIGHTS = 8 * 2**20
+
+
+def pays(weight: torch.Tensor) -> bool:
+    """Whether a projection of this weight runs in FP8 under ``base_fp8`` (at least `MIN_WEIGHTS` values), where it
+    can (`supported`); the others keep the base's dtype."""
+    return weight.numel() >= MIN_WEIGHTS
+
+
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` / `input_grad` run in FP8 for input ``x`` over ``weight`` ``[out, in]``: CUDA with FP8 tensor
     cores, a half dtype, both widths multiples of 16, a frozen weight."""

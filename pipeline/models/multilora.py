@@ -222,8 +222,9 @@ class MultiLoraLinear(nn.Module):
         return TRAIN_BRANCH and self.lora_A.requires_grad and x.dtype in _HALF and frozen
 
     def _fp8(self, x: torch.Tensor) -> bool:
-        """Whether the frozen projection's GEMMs run in FP8 for ``x`` (the wrap asked for it, `fp8.supported`)."""
-        return self._rows.fp8 and fp8.supported(x, self.base.weight)
+        """Whether the frozen projection's GEMMs run in FP8 for ``x`` (the wrap asked for it, `fp8.pays` for its
+        weight, `fp8.supported`)."""
+        return self._rows.fp8 and fp8.pays(self.base.weight) and fp8.supported(x, self.base.weight)
 
     def _rows_forward(self, x: torch.Tensor, index: Any, offsets: torch.Tensor | None) -> torch.Tensor:
         """`forward` of rows ``x`` with stack rows ``index`` (with ``offsets``: packed rows, on the Triton path)."""
@@ -262,7 +263,8 @@ class MultiLoraLinear(nn.Module):
             return y.view(*x.shape[:-1], y.shape[-1])
         if offsets is not None:
             raise AdapterLimitError("packed rows need the Triton branch here (native, half, CUDA)")
-        if self._rows.fp8 and fp8.EMULATE and not self.base.weight.requires_grad:  # the GPU's rounding, emulated
+        emulated = self._rows.fp8 and fp8.EMULATE and fp8.pays(self.base.weight)
+        if emulated and not self.base.weight.requires_grad:  # the GPU's rounding, emulated
             result = fp8.Emulated.apply(x, self.base.weight, self.base.bias)
         else:
             result = self.base(x)

@@ -124,10 +124,11 @@ def test_cuda_quantization_and_gemms_equal_the_reference(tokens, d_in, d_out):
 
 
 @needs_fp8
-def test_cuda_training_node_in_fp8_stays_within_its_rounding_of_bf16():
+def test_cuda_training_node_in_fp8_stays_within_its_rounding_of_bf16(monkeypatch):
     """The training node over packed rows (the Triton branch) with the base's GEMMs in FP8 against the same node
     in bf16: output and input gradient (and the no-grad forward) within FP8's rounding and not equal (FP8 ran); the
     stacks' gradients do not go through the base's GEMMs (``dA = dh^T x``, ``dB = dy^T h``): equal."""
+    monkeypatch.setattr(fp8, "MIN_WEIGHTS", 0)  # FP8 for a projection this small too
     g = torch.Generator(device="cuda").manual_seed(3)
     users, d_in, d_out = 4, 256, 512
     base = nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
@@ -163,6 +164,7 @@ def test_emulated_fp8_rounds_the_base_as_the_gpu_path_and_leaves_the_branch(monk
     """`fp8.EMULATE` (bench/fp8_error.py ``--train`` on the CPU): the layer's base output and input gradient are the
     reference FP8 functions', the branch and its gradients are unchanged."""
     monkeypatch.setattr(fp8, "EMULATE", True)
+    monkeypatch.setattr(fp8, "MIN_WEIGHTS", 0)
     g = torch.Generator().manual_seed(5)
     base = nn.Linear(64, 32).requires_grad_(False)
     a = nn.Parameter(torch.randn(3, 2, 64, generator=g) / 8)
@@ -191,3 +193,28 @@ def test_emulated_fp8_rounds_the_base_as_the_gpu_path_and_leaves_the_branch(monk
     assert _rel(y1, y0) > 1e-3 and _rel(dx1, dx0) > 1e-3  # the rounding happened
     torch.testing.assert_close(da1, da0)
     torch.testing.assert_close(db1, db0)
+
+
+def test_projections_below_the_size_rule_keep_the_bases_dtype(monkeypatch):
+    """`fp8.pays`: under `fp8.MIN_WEIGHTS` values a projection is not rounded (emulated here, as on the GPU), at or
+    above it it is."""
+    monkeypatch.setattr(fp8, "EMULATE", True)
+    g = torch.Generator().manual_seed(6)
+    base = nn.Linear(64, 32, bias=False).requires_grad_(False)
+    a = nn.Parameter(torch.randn(2, 1, 64, generator=g) / 8)
+    b = nn.Parameter(torch.randn(2, 32, 1, generator=g) / 8)
+    x = torch.randn(1, 5, 64, generator=g)
+
+    def output(fp8_on: bool) -> torch.Tensor:
+        rows = multilora._Rows(native=True, fp8=fp8_on)
+        rows.index = torch.tensor([1])
+        layer = multilora.MultiLoraLinear.over(base, multilora.LoraStack(a, b, torch.ones(2)), rows)
+        return layer(x).detach()
+
+    plain = output(False)
+    monkeypatch.setattr(fp8, "MIN_WEIGHTS", 64 * 32 + 1)
+    assert not fp8.pays(base.weight)
+    assert torch.equal(output(True), plain)
+    monkeypatch.setattr(fp8, "MIN_WEIGHTS", 64 * 32)
+    assert fp8.pays(base.weight)
+    assert _rel(output(True), plain) > 1e-3
