@@ -2,9 +2,10 @@
 
 Rows of many users share one forward; each row carries its user's stack row (`pipeline.models.multilora`).
 
-- `nll_sums`: per user, over a step's rows, what its loss is made of: the sum of its examples' target-token NLL and
-  their target-token count, and the sum of its pairs' SimPO losses and their number (`pipeline.training.lora`'s
-  loss: NLL / tokens + preference_weight * SimPO sum / pairs). A pair is two rows (chosen, rejected) tagged as
+- `nll_sums` (and `queue_sums`, which does not wait for the device): per user, over a step's rows, what its loss
+  is made of: the sum of its examples' target-token NLL and their target-token count, and the sum of its pairs'
+  SimPO losses and their number (`pipeline.training.lora`'s loss: NLL / tokens + preference_weight * SimPO sum /
+  pairs). A pair is two rows (chosen, rejected) tagged as
   such; their token NLLs are reduced per row to the mean log-probability per target token that SimPO compares.
   The rows are cut into micro-batches by padded tokens (`micro_batches`, to bound memory), a pair's two rows always
   in the same one, so each micro-batch's loss is a sum of whole terms of the users' losses: its example tokens
@@ -85,11 +86,11 @@ def micro_batches(units: list[_Unit], budget: int, shared: int = 0, packed: bool
     """Units sorted by length (little padding), cut where the padded size would pass ``budget`` tokens (a unit
     larger than the budget is a micro-batch of its own); ``shared``: the rows' common first tokens, run once per
     user (`pipeline.models.shared_prefix`) and not counted; ``packed``: the rows are packed (no padding), so their
-    own tokens are counted."""
+    own tokens are counted (without the shared ones: a micro-batch of packed rows runs each user's prefix once)."""
     chunk: list[_Unit] = []
     rows = tokens = 0
     for unit in sorted(units, key=lambda u: u.width):
-        size = sum(len(e.input_ids) for e in unit.rows)
+        size = sum(len(e.input_ids) - shared for e in unit.rows)
         over = tokens + size > budget if packed else (rows + len(unit.rows)) * (unit.width - shared) > budget
         if chunk and over:
             yield chunk
@@ -99,6 +100,20 @@ def micro_batches(units: list[_Unit], budget: int, shared: int = 0, packed: bool
         tokens += size
     if chunk:
         yield chunk
+
+
+@dataclass(frozen=True)
+class PendingSums:
+    """A step's `StepSums` on their way to the host (`queue_sums`): on a GPU the copy is queued right behind the
+    step's work, so `wait` blocks until that work is done, not until whatever was queued after it."""
+
+    sums: StepSums
+    arrived: torch.cuda.Event | None = None
+
+    def wait(self) -> StepSums:
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        return self.sums
 
 
 def nll_sums(
@@ -114,7 +129,25 @@ def nll_sums(
     pairs: Sequence[PairRows] = (),
     fused: Fused | None = None,
 ) -> StepSums:
-    """Per user: the parts of its loss over its example rows in ``items`` and its ``pairs`` (`StepSums`). With
+    """`queue_sums`, waited for."""
+    return queue_sums(model, lora, items, n_users, pad_id, device, settings, params, beat, pairs, fused).wait()
+
+
+def queue_sums(
+    model: nn.Module,
+    lora: LoraWrap,
+    items: list[Row],
+    n_users: int,
+    pad_id: int,
+    device: torch.device,
+    settings: TrainingSettings,
+    params: list[nn.Parameter] | None,
+    beat: Callable[[], None],
+    pairs: Sequence[PairRows] = (),
+    fused: Fused | None = None,
+) -> PendingSums:
+    """Per user: the parts of its loss over its example rows in ``items`` and its ``pairs`` (`StepSums`, once
+    `PendingSums.wait` has them: the work is queued, not waited for). With
     ``params``, also accumulates into them the gradient of the sum over users of their losses (`StepSums.loss`).
     ``beat`` is called after each micro-batch. ``fused``: the loss's kernels (default: as ``settings`` resolve on
     ``device``, `pipeline.training.fused.Fused`). The micro-batches are built on the host by a background thread
@@ -137,7 +170,7 @@ def nll_sums(
     # micro-batch.
     pack = settings.packs_rows(device.type) and packed_rows.available(model)
     shared = 0
-    if settings.shared_prefix and len(units) > 1 and shared_prefix.available(model):
+    if settings.shares_prefix(device.type) and len(units) > 1 and shared_prefix.available(model):
         every = [e for u in units for e in u.rows]
         shared = shared_prefix.common_length([e.input_ids for e in every], [e.labels for e in every])
     chunks = micro_batches(units, settings.micro_batch_budget(device.type), shared, pack)
@@ -148,7 +181,13 @@ def nll_sums(
                 batch, lora, model, device, mode, settings, params, weights, pair_weights, sums, pair_sums
             )
             beat()
-    return StepSums(sums.cpu(), counts, pair_sums.cpu(), n_pairs)
+    if not cuda:
+        return PendingSums(StepSums(sums.cpu(), counts, pair_sums.cpu(), n_pairs))
+    host = torch.empty((2, n_users), dtype=torch.float64, pin_memory=True)
+    host.copy_(torch.stack([sums, pair_sums]), non_blocking=True)
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return PendingSums(StepSums(host[0], counts, host[1], n_pairs), arrived)
 
 
 @dataclass(frozen=True)

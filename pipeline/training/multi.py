@@ -69,7 +69,16 @@ from pipeline.models.attach import base_lock, borrowed
 from pipeline.models.base import LoadedBase, gc_paused, varied_shape_attention
 from pipeline.models.encoding import EncodedExample
 from pipeline.models.multilora import LoraStack
-from pipeline.training.batching import ADAMW_WEIGHT_DECAY, PairRows, Row, StackedWeights, nll_sums, to_device
+from pipeline.training.batching import (
+    ADAMW_WEIGHT_DECAY,
+    PairRows,
+    PendingSums,
+    Row,
+    StackedWeights,
+    nll_sums,
+    queue_sums,
+    to_device,
+)
 from pipeline.training.fused import Fused, fused_layers
 from pipeline.training.lora import (
     ADAPTER_NAME,
@@ -615,6 +624,46 @@ def _train_group(
                 users[slot].best_val = value
         started = time.perf_counter()
         model.train()
+        # A step's sums reach the host while the next step runs: its update is queued for every active user at
+        # once, and its losses are read (`settle`) after the next step's work is queued, so the device does not idle
+        # while the host reads them and builds the next micro-batches. A user whose loss proves not finite fails
+        # then (its own rows took that update, and one more step: every operation is per user, so no other user
+        # sees them; a failed user writes nothing). Steps with a validation wait for their sums first.
+        pending: tuple[int, list[int], PendingSums] | None = None
+
+        def settle() -> list[int]:
+            """The pending step's losses, per user (waiting for them): a failure when not finite, progress; the
+            users that stepped and did not fail."""
+            nonlocal pending
+            if pending is None:
+                return []
+            step, active, handle = pending
+            pending = None
+            sums = handle.wait()
+            ok = []
+            for slot in active:
+                u = users[slot]
+                value = sums.loss(slot, settings)
+                if u.done:  # stopped by the heartbeat, or failed, since
+                    continue
+                if not math.isfinite(value):
+                    lr = settings.learning_rate
+                    fail(u, TrainingError(f"training loss is {value} at step {step} (learning rate {lr}): not finite"))
+                    continue
+                u.losses.append(value)
+                if int(sums.pairs[slot]):
+                    u.pair_losses.append(float(sums.preference[slot]) / int(sums.pairs[slot]))
+                u.tokens += int(sums.tokens[slot])
+                ok.append(slot)
+            for slot in ok:
+                u = users[slot]
+                if progress is not None:
+                    try:
+                        progress(u.index, step, u.losses[-1])
+                    except Exception as e:  # stops this user only
+                        fail(u, e)
+            return [slot for slot in ok if not users[slot].done]
+
         for step in range(1, settings.max_steps + 1):
             active = [slot for slot, u in enumerate(users) if not u.done]
             if not active:
@@ -628,33 +677,15 @@ def _train_group(
                 if u.pairs:
                     drawn = next_batch(u.pair_queue, len(u.pairs), u.pair_batch_size, u.pair_rng)
                     pairs.extend((slot, *u.pairs[i]) for i in drawn)
-            sums = nll_sums(model, lora, items, len(users), pad_id, device, settings, params, beat, pairs, fused)
-            ok = []
-            for slot in active:
-                u = users[slot]
-                value = sums.loss(slot, settings)
-                if u.done:  # stopped by the heartbeat during the step
-                    continue
-                if not math.isfinite(value):
-                    lr = settings.learning_rate
-                    fail(u, TrainingError(f"training loss is {value} at step {step} (learning rate {lr}): not finite"))
-                    continue
-                u.losses.append(value)
-                if int(sums.pairs[slot]):
-                    u.pair_losses.append(float(sums.preference[slot]) / int(sums.pairs[slot]))
-                u.tokens += int(sums.tokens[slot])
-                ok.append(slot)
-            weights.step(ok, settings, start)
+            handle = queue_sums(model, lora, items, len(users), pad_id, device, settings, params, beat, pairs, fused)
+            weights.step(active, settings, start)
             weights.zero_grad()
-            for slot in ok:
-                u = users[slot]
-                if progress is not None:
-                    try:
-                        progress(u.index, step, u.losses[-1])
-                    except Exception as e:  # stops this user only
-                        fail(u, e)
+            settle()  # the step before this one
+            pending = (step, active, handle)
             due = step % settings.eval_every == 0 or step == settings.max_steps
-            checking = [users[s] for s in ok if due and users[s].val and not users[s].done]
+            if not due:
+                continue
+            checking = [users[s] for s in settle() if users[s].val]
             if checking:
                 improved = []
                 for slot, value in validate(checking).items():
@@ -671,6 +702,7 @@ def _train_group(
                         u.stopped_early, u.done = True, True
                 if improved:
                     snapshot(improved)
+        settle()
         seconds = time.perf_counter() - started
         fp8.forget_input()
         writing = time.perf_counter()

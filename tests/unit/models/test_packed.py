@@ -175,11 +175,12 @@ def test_training_sums_and_gradients_of_packed_rows_are_those_of_the_padded_rows
     encoded = encode_examples(base.tokenizer, examples, 64)
     items = [(u, e) for u in range(users) for e in encoded[u:]]
     pairs = [(u, encoded[0], encoded[3]) for u in range(users)]
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []  # per packed forward: (sequences, prefix rows)
     real = packed.decoder_states
 
     def counted(decoder, ids, packing, lora, row_slots):
-        calls.append(int(packing.offsets.shape[0]) - 1)
+        heads = len(set(row_slots.tolist())) if packing.keys is not None else 0
+        calls.append((int(packing.offsets.shape[0]) - 1, heads))
         return real(decoder, ids, packing, lora, row_slots)
 
     monkeypatch.setattr(packed, "decoder_states", counted)
@@ -195,10 +196,12 @@ def test_training_sums_and_gradients_of_packed_rows_are_those_of_the_padded_rows
             sums = nll_sums(model, lora, items, users, 0, torch.device("cpu"), settings, params, lambda: None, pairs)
         model.eval()
         results[(pack, share)] = (sums, [p.grad.clone() for p in params])
-    # every row went through a packed forward, twice; the second time each micro-batch had one prefix row per user
+    # every row went through a packed forward, twice: the second time after one prefix row per user of its
+    # micro-batch (one sequence per distinct slot)
     rows = len(items) + 2 * len(pairs)
-    extra = sum(calls) - 2 * rows
-    assert extra > 0 and extra % users == 0, calls
+    assert sum(n for n, heads in calls if not heads) == rows, calls
+    assert sum(n - heads for n, heads in calls if heads) == rows, calls
+    assert any(heads for _, heads in calls), calls
     plain, plain_grads = results[(False, False)]
     for key in ((True, False), (True, True)):
         got, got_grads = results[key]
@@ -236,3 +239,21 @@ def test_causal_only_builds_no_mask_and_changes_no_output(monkeypatch):
             elsewhere.join()
     assert applies and len(asked) == 1  # the other thread's forward only
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_rows_of_packs_rows_after_one_prefix_row_per_slot():
+    """`packed.rows_of`: without a prefix the rows' ids in order; with one, a prefix row per distinct slot first
+    (sorted), then each row's ids after the prefix, its tokens owned by it; bad input refused."""
+    ids = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 6, 7, 8]]
+    plain = packed.rows_of(ids, [3, 1, 3])
+    assert plain.ids.tolist() == [1, 2, 3, 4, 1, 2, 5, 1, 2, 6, 7, 8] and plain.slots.tolist() == [3, 1, 3]
+    assert plain.head_tokens == 0 and plain.own.tolist() == [0] * 4 + [1] * 3 + [2] * 5
+    shared = packed.rows_of(ids, [3, 1, 3], shared=2)
+    assert shared.ids.tolist() == [1, 2, 1, 2, 3, 4, 5, 6, 7, 8] and shared.slots.tolist() == [1, 3, 3, 1, 3]
+    assert shared.head_tokens == 4 and shared.own.tolist() == [0, 0, 1, 2, 2, 2]
+    assert shared.packing.offsets.tolist() == [0, 2, 4, 6, 7, 10]
+    assert shared.packing.positions.tolist() == [0, 1, 0, 1, 2, 3, 2, 2, 3, 4]  # rows continue their prefix
+    with pytest.raises(ValueError, match="slot"):
+        packed.rows_of(ids, [1, 2])
+    with pytest.raises(ValueError, match="own"):
+        packed.rows_of(ids, [1, 1, 1], shared=3)

@@ -7,7 +7,7 @@ import random
 import torch
 
 from pipeline.models.encoding import IGNORE, EncodedExample, padded
-from pipeline.training.batching import _prepare, _Unit
+from pipeline.training.batching import _prepare, _Unit, micro_batches
 
 
 def _example(rng: random.Random) -> EncodedExample:
@@ -107,3 +107,20 @@ def test_stacked_weights_step_is_per_user_adamw_with_clipping_and_leaves_the_oth
     assert [int(s) for s in weights.steps] == [stepped[u] for u in range(users)]
     for p, view in zip(weights.params, weights.views(weights.table), strict=True):
         assert p.data_ptr() == view.data_ptr() and torch.equal(p.detach(), view)
+
+
+def test_packed_micro_batches_count_the_tokens_they_run():
+    """Packed rows: a micro-batch's budget counts each row's own tokens, without the shared prefix (run once per
+    user, not per row); padded rows count the padded rectangle. Every unit comes out once, shortest first."""
+    rows = [EncodedExample(list(range(n)), [IGNORE] * n) for n in (30, 40, 50, 60)]
+    units = [_Unit(0, (e,), False) for e in rows]
+
+    def cut(budget: int, shared: int, packed: bool) -> list[list[int]]:
+        return [[len(u.rows[0].input_ids) for u in c] for c in micro_batches(units, budget, shared, packed)]
+
+    assert cut(100, 0, True) == [[30, 40], [50], [60]]
+    assert cut(100, 20, True) == [[30, 40, 50, 60]]  # 10 + 20 + 30 + 40 = 100
+    assert cut(90, 20, True) == [[30, 40, 50], [60]]
+    assert cut(100, 0, False) == [[30, 40], [50], [60]]  # 2 x 40 = 80, 3 x 50 > 100
+    assert cut(100, 20, False) == [[30, 40, 50], [60]]  # 3 x (50 - 20) = 90; 4 x 40 > 100
+    assert sorted(x for c in cut(1, 20, True) for x in c) == [30, 40, 50, 60]
