@@ -38,10 +38,13 @@ ROW_BACKWARD = True
 
 @functools.cache
 def liger() -> Any:
-    """liger-kernel's fused linear cross-entropy, RMSNorm, SiLU-mul and rotary functions, or None when not
-    installed."""
+    """liger-kernel's fused linear cross-entropy (its autograd function and its chunked forward), RMSNorm, SiLU-mul
+    and rotary functions, or None when not installed."""
     try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.ops.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyFunction,
+            fused_linear_cross_entropy_forward,
+        )
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.rope import LigerRopeFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
@@ -50,6 +53,7 @@ def liger() -> Any:
         return None
     return types.SimpleNamespace(
         flce=LigerFusedLinearCrossEntropyFunction,
+        flce_forward=fused_linear_cross_entropy_forward,
         rms_norm=_row_backward_rms_norm(LigerRMSNormFunction),
         silu_mul=LigerSiLUMulFunction,
         rope=LigerRopeFunction,

@@ -89,6 +89,41 @@ def test_linear_nll_modes_and_bad_input(monkeypatch: pytest.MonkeyPatch) -> None
         linear_nll(hidden, weight, targets, "liger")
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or fused._liger() is None, reason="needs a CUDA GPU and liger-kernel"
+)
+def test_cuda_liger_loss_over_a_frozen_head_equals_liger_and_the_unfused_loss() -> None:
+    """The one-pass liger path over a frozen head (`LigerTokenNLL`: each token's gradient from the forward, scaled
+    by its upstream gradient) against liger's own function (which recomputes the logits in the backward) and the
+    unfused fp32 loss: bf16, several chunks, ignored targets, upstream gradients of both signs; the hidden states'
+    gradient only (the head is frozen)."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    n, h, v = 3000, 256, 32_000
+    hidden = (torch.randn(n, h, device="cuda", generator=g) / 4).bfloat16()
+    weight = (torch.randn(v, h, device="cuda", generator=g) / 8).bfloat16()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    targets[::17] = IGNORE
+    upstream = torch.randn(n, device="cuda", generator=g)
+    got = []
+    for fn in (
+        lambda x, w, t: fused.LigerTokenNLL.apply(x, w, t),
+        lambda x, w, t: fused._liger().flce.apply(x, w, t, None, None, IGNORE, 0.0, 0.0, "none")[0],
+        lambda x, w, t: reference(x.float(), w.float(), t),
+    ):
+        x = hidden.clone().requires_grad_(True)
+        out = fn(x, weight, targets)
+        (out * upstream).sum().backward()
+        got.append((out.float(), x.grad.float()))
+    (loss, grad), (liger_loss, liger_grad), (ref_loss, ref_grad) = got
+    assert torch.equal(loss, liger_loss)  # the same forward kernel
+    assert float(grad[::17].abs().max()) == 0.0  # ignored targets: no gradient
+    torch.testing.assert_close(grad, liger_grad, rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    assert float((grad - ref_grad).norm() / ref_grad.norm()) < 1e-2
+    with torch.no_grad():  # validations: the loss alone
+        torch.testing.assert_close(fused.LigerTokenNLL.apply(hidden, weight, targets), loss)
+
+
 def test_the_path_a_run_takes() -> None:
     cpu = torch.device("cpu")
     assert Fused.resolve("auto", cpu) == Fused("chunked", False)  # liger is CUDA-only
