@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -838,10 +839,18 @@ SPLIT_BATCH = {"cpu": 32, "cuda": 1024}
 #: (on an H200, a K=256 gate took 11.8-13.0 s instead of 16.5 s; bench/results/retrain_throughput.md). Candidate,
 #: current and base rows are all measured so (within bf16 rounding of HF's modules); False: HF's own modules.
 FUSED_LAYERS = True
-#: The stacked gate's labelled rows run the first tokens all rows of a forward have in common (the chat template's
-#: head) once per adapter, not once per row (`pipeline.models.shared_prefix`): the same scores within rounding. Off:
-#: on an H200 a K=256 gate took 10.1 s with it and 10.2 s without (bench/results/retrain_throughput.md).
-SHARED_PREFIX = False
+#: By device type: the stacked gate's labelled rows run the first tokens all rows of a forward have in common (the
+#: chat template's head) once per adapter, not once per row (`pipeline.models.shared_prefix`): the same scores within
+#: rounding. On with packed rows (`PACKED_ROWS`, below): on an H200 a Llama-1B K=64 gate took 3.2-3.4 s against
+#: 4.0-4.5 s (padded rows, no prefix); over padded rows the prefix saved nothing (a K=256 SmolLM2-135M gate: 10.1 s
+#: against 10.2 s; bench/results/retrain_throughput.md).
+SHARED_PREFIX = {"cuda": True}
+#: By device type: the stacked gate's labelled rows as one packed sequence per forward, without padding
+#: (`pipeline.models.packed`: variable-length flash attention on CUDA); with `SHARED_PREFIX` too, the rows' common
+#: first tokens run once per adapter as a prefix row the adapter's rows attend to (as batched training's packed
+#: rows). The same scores within rounding (tests/unit/evaluation). Where the model cannot (`packed.available`),
+#: padded rows. Off on the CPU (per-token LoRA there: slower than padded rows).
+PACKED_ROWS = {"cuda": True}
 #: Target tokens per LM-head GEMM of the stacked gate's labelled rows (their fp32 logits exist one chunk at a time).
 HEAD_CHUNK = 8192
 #: Model types whose causal LM's logits are ``lm_head(decoder(...).last_hidden_state)`` and nothing more: the stacked
@@ -869,6 +878,49 @@ def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
     if body is inner or not isinstance(body, torch.nn.Module) or type(head) is not torch.nn.Linear:
         return None
     return body, head
+
+
+def _packed_label_sums(
+    chunk: Sequence[tuple[int, list[int], list[int] | None, Any]],
+    split: tuple[torch.nn.Module, torch.nn.Linear],
+    lora: Any,
+    share: bool,
+    to_device: Any,
+) -> tuple[torch.Tensor, list[int], int]:
+    """One forward of the stacked gate over labelled rows ``chunk`` (slot, ids, labels, key) packed as one sequence
+    (`packed.rows_of`; with ``share``, their common first tokens once per slot): per row the sum of its target
+    tokens' log-probs (on the device, as `_label_sums_split` gives it), its target-token count, and the prefix's
+    length (0: none)."""
+    ids = [r[1] for r in chunk]
+    labels = [r[2] or [] for r in chunk]
+    common = shared_prefix.common_length(ids, labels) if share else 0
+    # Each row's own tokens (after the prefix) in order; own token k predicts label common + k + 1 of its row
+    # (common_length leaves every label up to the prefix's end IGNORE, so none is lost).
+    following = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain(lab[common + 1 :], (IGNORE,)) for lab in labels),
+        dtype=np.int64,
+        count=sum(len(r) - common for r in ids),
+    )
+    rows = packed.rows_of(ids, [r[0] for r in chunk], common)
+    keep = np.flatnonzero(following != IGNORE)
+    owner = rows.own[keep]
+    row_tokens = np.bincount(owner, minlength=len(chunk)).tolist()
+    device = split[1].weight.device
+    if not len(keep):  # nothing to score: no forward
+        return torch.zeros(len(chunk), dtype=torch.float64, device=device), row_tokens, common
+    cuda = device.type == "cuda"
+    packing = rows.packing.pin_memory().to(device, non_blocking=True) if cuda else rows.packing.to(device)
+    body, head = split
+    hidden = packed.decoder_states(body, to_device(rows.ids), packing, lora, to_device(rows.slots))
+    lora.set_rows(None)
+    sums = _label_sums_split(
+        head,
+        hidden.index_select(0, to_device(torch.from_numpy(keep + rows.head_tokens))),
+        to_device(torch.from_numpy(following[keep])),
+        to_device(torch.from_numpy(owner)),
+        len(chunk),
+    )
+    return sums, row_tokens, common
 
 
 def _label_sums_full(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1118,11 +1170,18 @@ def _evaluate_stacked(
             else:
                 labelled_size = batch_size if explicit else SPLIT_BATCH.get(device.type, batch_size)
             batches = plan_batches(labelled_size)
-            share = SHARED_PREFIX and split is not None and shared_prefix.available(model)
+            share = SHARED_PREFIX.get(device.type, False) and split is not None and shared_prefix.available(model)
+            pack = PACKED_ROWS.get(device.type, False) and split is not None and packed.available(model)
             prefixed = 0  # forwards run with a shared prefix
             for members, probe_j in batches:
                 chunk = [rows[r] for r in members]
                 keys = [r[3] for r in chunk]
+                if pack and probe_j is None:
+                    assert split is not None  # (pack needs it)
+                    sums, row_tokens, common = _packed_label_sums(chunk, split, lora, share, to_device)
+                    prefixed += bool(common)
+                    pending.append((keys, sums, row_tokens))
+                    continue
                 prefix = None
                 if share and probe_j is None:
                     # The rows' common first tokens, run once per adapter; the rows without them.

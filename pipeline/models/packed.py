@@ -17,6 +17,7 @@ The hidden states equal those of the padded rows (tests/unit/models/test_packed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -120,6 +121,53 @@ def packing_of(lengths: Sequence[int], prefix: tuple[int, Sequence[int]] | None 
         torch.from_numpy(key_offsets.astype(np.int32)),
         int(key_lengths.max()) if len(n) else 0,
         torch.from_numpy(sees),
+    )
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows of token ids packed as one sequence for a forward (`rows_of`): ``ids`` (long ``[T]``), ``slots`` (long,
+    each packed sequence's LoRA stack row: with a shared prefix, one prefix row per distinct slot first, then the
+    rows), their `Packing`, and ``own`` (long ``[T - H]``): for each token after the ``H`` prefix-row tokens, the
+    row it belongs to. Those tokens are the rows' own (their ids after the prefix), row after row."""
+
+    ids: torch.Tensor
+    slots: torch.Tensor
+    packing: Packing
+    own: np.ndarray
+
+    @property
+    def head_tokens(self) -> int:
+        """Tokens of the prefix rows, which come first (0 without a prefix)."""
+        return int(self.ids.shape[0]) - len(self.own)
+
+
+def rows_of(ids: Sequence[Sequence[int]], slots: Sequence[int], shared: int = 0) -> Rows:
+    """Rows ``ids`` (each row's stack row in ``slots``) as one packed sequence, on the host. With ``shared`` > 0,
+    the rows' first ``shared`` tokens (equal in every row: `shared_prefix.common_length`) run once per distinct
+    slot, as a prefix row that the slot's rows attend to (`packing_of`)."""
+    if len(ids) != len(slots) or not ids:
+        raise ValueError(
+            f"rows_of takes one slot per row and at least one row, got {len(ids)} rows, {len(slots)} slots"
+        )
+    heads = sorted(set(slots)) if shared else []
+    where = {s: i for i, s in enumerate(heads)}
+    own_lengths = np.fromiter((len(r) - shared for r in ids), dtype=np.int64, count=len(ids))
+    if shared and (own_lengths < 1).any():
+        raise ValueError(f"a shared prefix of {shared} tokens leaves a row without tokens of its own")
+    lengths = [shared] * len(heads) + own_lengths.tolist()
+    packing = packing_of(lengths, (shared, [where[s] for s in slots]) if shared else None)
+    head_ids = list(ids[0][:shared]) * len(heads)
+    flat = np.fromiter(
+        itertools.chain(head_ids, itertools.chain.from_iterable(r[shared:] for r in ids)),
+        dtype=np.int64,
+        count=len(head_ids) + int(own_lengths.sum()),
+    )
+    return Rows(
+        torch.from_numpy(flat),
+        torch.tensor(heads + list(slots), dtype=torch.long),
+        packing,
+        np.repeat(np.arange(len(ids)), own_lengths),
     )
 
 

@@ -406,27 +406,36 @@ def test_probe_file_loads_and_bad_files_are_refused(tmp_path: Path) -> None:
 # ---- evaluate_many: the batched gate ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("packed_rows", [False, True], ids=["padded", "packed"])
 def test_evaluate_many_equals_evaluate_per_request(
-    world: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, packed_rows: bool
 ) -> None:
     """Several candidates (with and without a serving revision, with prior/new holdout splits and new events) in
     one stacked pass give each request the result `evaluate` gives it alone: every metric, paired interval and
     evidence count, within float rounding (rtol 1e-5: rows run in other batches and through the per-row LoRA
     layer); a bad request fails alone, and one of another rank is evaluated on its own. The stacked forwards run
-    the rows' common first tokens (the chat template's head) once per adapter (`shared_prefix`): counted."""
+    the rows' common first tokens (the chat template's head) once per adapter (`shared_prefix`): counted. Labelled
+    rows padded, or packed as one sequence per forward (`metrics.PACKED_ROWS`, `pipeline.models.packed`)."""
     from pipeline.evaluation import metrics
     from pipeline.evaluation.metrics import EvalRequest, evaluate_many
-    from pipeline.models import shared_prefix
+    from pipeline.models import packed, shared_prefix
 
     prefixes: list[int] = []
     real = shared_prefix.decoder_states
+    real_rows = packed.rows_of
 
     def counted(decoder: Any, ids: Any, prefix: Any, set_rows: Any, row_slots: Any) -> Any:
         prefixes.append(prefix.length if prefix is not None else 0)
         return real(decoder, ids, prefix, set_rows, row_slots)
 
+    def counted_rows(ids: Any, slots: Any, shared: int = 0) -> Any:
+        prefixes.append(shared)
+        return real_rows(ids, slots, shared)
+
     monkeypatch.setattr(shared_prefix, "decoder_states", counted)
-    monkeypatch.setattr(metrics, "SHARED_PREFIX", True)
+    monkeypatch.setattr(packed, "rows_of", counted_rows)
+    monkeypatch.setattr(metrics, "SHARED_PREFIX", {"cpu": True})
+    monkeypatch.setattr(metrics, "PACKED_ROWS", {"cpu": packed_rows})
 
     events = world.events_a
     cut = events[len(events) // 2].seq
