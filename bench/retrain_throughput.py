@@ -63,7 +63,7 @@ from pipeline.evaluation.metrics import (
     load_probes,
 )
 from pipeline.evaluation.rules import load_rules
-from pipeline.models import encoding
+from pipeline.models import encoding, fp8
 from pipeline.models.attach import borrowed
 from pipeline.models.base import LoadedBase, tiny_tokenizer
 from pipeline.models.encoding import IGNORE, encode_example
@@ -717,6 +717,8 @@ def wave_profiler(
 #: Kernel-name fragments -> category, first match wins (`kernel_category`).
 KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("lora_", "lora branch (Triton)"),
+    ("quantize_rows", "fp8 quantization (Triton)"),
+    ("e4m3", "GEMM (cuBLAS)"),
     ("flash", "attention"),
     ("fmha", "attention"),
     ("nvjet", "GEMM (cuBLAS)"),
@@ -993,8 +995,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--base-fp8",
         default="off",
-        help="batched training's frozen projections in FP8 (TrainingSettings.base_fp8), a comma list of off/on paired "
-        "with --micro (same users in every wave: compare the gains)",
+        help="batched training's frozen projections in FP8 (TrainingSettings.base_fp8), a comma list paired with "
+        "--micro of off, on (the projections fp8.MIN_WEIGHTS lets through) or all (every projection: MIN_WEIGHTS 0); "
+        "same users in every wave: compare the gains",
     )
     parser.add_argument(
         "--gate-reuse",
@@ -1004,9 +1007,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--shared-prefix",
-        default="off",
+        default="auto",
         help="a comma list paired with --micro: on (training and the gate run the rows' common first tokens once "
-        "per adapter: TrainingSettings.shared_prefix, metrics.SHARED_PREFIX) or off (every row whole)",
+        "per adapter: TrainingSettings.shared_prefix, metrics.SHARED_PREFIX), train (training only), off (every "
+        "row whole) or auto (the defaults: on a GPU)",
+    )
+    parser.add_argument(
+        "--gate-packed",
+        default="auto",
+        help="a comma list paired with --micro: on (the gate's labelled rows packed as one sequence a forward: "
+        "metrics.PACKED_ROWS), off (padded rows) or auto (metrics.PACKED_ROWS as it is: on a GPU)",
     )
     parser.add_argument(
         "--packed-rows",
@@ -1069,20 +1079,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gate_kernels = choices("--gate-kernels", args.gate_kernels, ("fused", "hf"))
     branches = choices("--train-branch", args.train_branch, ("node", "ops"))
     reuses = choices("--gate-reuse", args.gate_reuse, ("off", "on"))
-    prefixes = choices("--shared-prefix", args.shared_prefix, ("off", "on"))
+    prefixes = choices("--shared-prefix", args.shared_prefix, ("off", "on", "train", "auto"))
     lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch", "dense"))
     packs = choices("--packed-rows", args.packed_rows, ("off", "on", "auto"))
+    gate_packs = choices("--gate-packed", args.gate_packed, ("off", "on", "auto"))
     shifts = [int(x) for x in args.shift_events.split(",")]
-    fp8s = choices("--base-fp8", args.base_fp8, ("off", "on"))
-    lists = [micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts, fp8s]
+    fp8s = choices("--base-fp8", args.base_fp8, ("off", "on", "all"))
+    min_weights = fp8.MIN_WEIGHTS
+    lists = [
+        micros,
+        gate_rows,
+        rms,
+        gate_kernels,
+        branches,
+        reuses,
+        prefixes,
+        lora_ways,
+        packs,
+        shifts,
+        fp8s,
+        gate_packs,
+    ]
     n_waves = max(len(x) for x in lists)
     lists = [x * n_waves if len(x) == 1 else x for x in lists]
     if len({len(x) for x in lists}) != 1:
         raise SystemExit(
             "--micro, --gate-rows, --rms-backward, --gate-kernels, --train-branch, --gate-reuse, --shared-prefix, "
-            "--lora-kernels, --packed-rows, --shift-events and --base-fp8: lists of one length (or one value)"
+            "--lora-kernels, --packed-rows, --shift-events, --base-fp8 and --gate-packed: lists of one length (or one "
+            "value)"
         )
-    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts, fp8s = lists
+    micros, gate_rows, rms, gate_kernels, branches, reuses, prefixes, lora_ways, packs, shifts, fp8s, gate_packs = (
+        lists
+    )
     if micros[0]:
         overrides["micro_batch_tokens"] = micros[0]
     base_settings = TrainingSettings(**overrides)
@@ -1155,6 +1183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from pipeline.models import multilora
 
         default_rows = (dict(metrics.SPLIT_BATCH), dict(metrics.STACKED_BATCH))
+        default_gate_packed, default_gate_prefix = dict(metrics.PACKED_ROWS), dict(metrics.SHARED_PREFIX)
 
         def baselines(suffix: str = "") -> None:
             for key, fn in (("plain_peft", plain_peft), ("sequential", sequential)):
@@ -1175,22 +1204,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for mode in args.fused.split(","):
                 variants = zip(*lists, strict=True)
                 for v, (
-                    micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k, pack, shift, in_fp8
+                    micro, rows, rms_backward, gate_k, branch_k, reuse, prefix, lora_k, pack, shift, in_fp8, gate_pack
                 ) in enumerate(variants):  # fmt: skip
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
                     multilora.TRITON_BRANCH = lora_k in ("triton", "dense")
                     multilora.DENSE_BRANCH = lora_k == "dense"
                     multilora.TRAIN_BRANCH = branch_k == "node"
                     metrics.FUSED_LAYERS = gate_k == "fused"
-                    metrics.SHARED_PREFIX = prefix == "on"
+                    metrics.SHARED_PREFIX.clear(), metrics.SHARED_PREFIX.update(default_gate_prefix)
+                    if prefix != "auto":
+                        metrics.SHARED_PREFIX[args.device] = prefix == "on"
+                    metrics.PACKED_ROWS.clear(), metrics.PACKED_ROWS.update(default_gate_packed)
+                    if gate_pack != "auto":
+                        metrics.PACKED_ROWS[args.device] = gate_pack == "on"
+                    fp8.MIN_WEIGHTS = 0 if in_fp8 == "all" else min_weights
                     # on: this session's paths (fused kernels, the LoRA branch in the base's dtype); off: before.
                     kernels, branch = {"on": ("auto", "base"), "off": ("off", "fp32")}[mode]
                     update: dict[str, Any] = {
                         "fused_kernels": kernels,
                         "lora_branch": branch,
-                        "shared_prefix": prefix == "on",
+                        "shared_prefix": None if prefix == "auto" else prefix in ("on", "train"),
                         "packed_rows": None if pack == "auto" else pack == "on",
-                        "base_fp8": in_fp8 == "on",
+                        "base_fp8": in_fp8 != "off",
                     }
                     if micro:
                         update["micro_batch_tokens"] = micro
@@ -1206,9 +1241,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"micro {settings.micro_batch_budget(args.device)}, gate rows "
                         f"{metrics.SPLIT_BATCH.get(args.device)}:{metrics.STACKED_BATCH.get(args.device)}, "
                         f"RMSNorm backward {rms_backward}, gate kernels {gate_k}, training layers {branch_k}, "
-                        f"gate reuse {reuse}, shared prefix {prefix}, LoRA kernels {lora_k}, packed rows "
-                        f"{'on' if settings.packs_rows(torch.device(args.device).type) else 'off'}, shift events "
-                        f"{shift or 'all'}, base GEMMs {'fp8' if in_fp8 == 'on' else 'bf16'}"
+                        f"gate reuse {reuse}, shared prefix "
+                        f"{'on' if settings.shares_prefix(torch.device(args.device).type) else 'off'} (training) "
+                        f"{'on' if metrics.SHARED_PREFIX.get(args.device) else 'off'} (gate), LoRA kernels {lora_k}, "
+                        "packed rows "
+                        f"{'on' if settings.packs_rows(torch.device(args.device).type) else 'off'}, gate rows packed "
+                        f"{'on' if metrics.PACKED_ROWS.get(args.device) else 'off'}, shift events "
+                        f"{shift or 'all'}, base GEMMs "
+                        + {"off": "bf16", "on": f"fp8 (>= {min_weights} weights)", "all": "fp8 (all)"}[in_fp8]
                     )
                     path = Fused.resolve(kernels, torch.device(args.device)).describe() + f", LoRA branch {branch}"
                     w = part(
