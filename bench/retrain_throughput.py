@@ -982,9 +982,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--train-branch",
-        default="node",
-        help="batched training's LoRA layers, a comma list paired with --micro: node (one autograd node, "
-        "multilora.TRAIN_BRANCH) or ops (plain autograd ops)",
+        default="group",
+        help="batched training's LoRA layers, a comma list paired with --micro: group (one autograd node a "
+        "projection, q|k|v and gate|up one node each: multilora.GROUP_BRANCH), node (one autograd node a "
+        "projection, multilora.TRAIN_BRANCH) or ops (plain autograd ops)",
     )
     parser.add_argument(
         "--shift-events",
@@ -1077,7 +1078,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gate_rows = [g for g in args.gate_rows.split(",") if g] or [""]
     rms = choices("--rms-backward", args.rms_backward, ("row", "liger"))
     gate_kernels = choices("--gate-kernels", args.gate_kernels, ("fused", "hf"))
-    branches = choices("--train-branch", args.train_branch, ("node", "ops"))
+    branches = choices("--train-branch", args.train_branch, ("group", "node", "ops"))
     reuses = choices("--gate-reuse", args.gate_reuse, ("off", "on"))
     prefixes = choices("--shared-prefix", args.shared_prefix, ("off", "on", "train", "auto"))
     lora_ways = choices("--lora-kernels", args.lora_kernels, ("triton", "torch", "dense"))
@@ -1209,7 +1210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     fused_ops.ROW_BACKWARD = rms_backward == "row"
                     multilora.TRITON_BRANCH = lora_k in ("triton", "dense")
                     multilora.DENSE_BRANCH = lora_k == "dense"
-                    multilora.TRAIN_BRANCH = branch_k == "node"
+                    multilora.TRAIN_BRANCH = branch_k in ("group", "node")
+                    multilora.GROUP_BRANCH = branch_k == "group"
                     metrics.FUSED_LAYERS = gate_k == "fused"
                     metrics.SHARED_PREFIX.clear(), metrics.SHARED_PREFIX.update(default_gate_prefix)
                     if prefix != "auto":

@@ -101,6 +101,130 @@ def _offsets(x: torch.Tensor, offsets: torch.Tensor | None, longest: int | None)
     return offsets.to(torch.int64).contiguous(), offsets.shape[0] - 1, longest
 
 
+def _scales(scaling: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(the scales as the kernels read them, their row stride, per column): ``scaling`` ``[n]`` (one per stack row)
+    or ``[n, r]`` (one per column of ``h``: a group's stacks side by side, `shrink`)."""
+    scaling = scaling.contiguous()
+    if scaling.dim() == 2:
+        return scaling, scaling.stride(0), True
+    return scaling, 1, False
+
+
+def prepared(
+    x: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor | None, longest: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """``(index, offsets, longest)`` as the kernels read them (contiguous, int64 offsets, the longest packed row:
+    read from ``offsets`` when not given, a sync), once for the several kernels of a pass."""
+    if offsets is None:
+        return index.contiguous(), None, longest
+    offsets, _, longest = _offsets(x, offsets, longest)
+    return index.contiguous(), offsets, longest
+
+
+def shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    scaling: torch.Tensor,
+    index: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    longest: int | None = None,
+) -> torch.Tensor:
+    """``h = (x A[index]^T) * scaling[index]`` per row (fp32 ``[tokens, r]``, the product rounded to ``x``'s dtype
+    first): ``x`` ``[rows, tokens, in]`` contiguous or packed ``[1, T, in]`` at ``offsets`` (as `forward`),
+    ``lora_a`` ``[n, r, in]``, ``scaling`` ``[n]`` or ``[n, r]`` (a scale per column: the A stacks of projections
+    that read the same input side by side, one pass over the input for all of them)."""
+    k = _triton()
+    d_in = x.shape[-1]
+    rank = lora_a.shape[1]
+    starts, rows, tokens = _offsets(x, offsets, longest)
+    bt, rp = _blocks(tokens, rank)
+    scales, ss, cols = _scales(scaling)
+    h = torch.empty((x.numel() // d_in, rank), dtype=torch.float32, device=x.device)
+    k.shrink[(rows, (tokens + bt - 1) // bt)](
+        x, lora_a, scales, index.contiguous(), h, starts,
+        tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), ss, h.stride(0),
+        EVEN=offsets is None, SCALE_COLS=cols, BT=bt, BI=WIDTH_BLOCK, RP=rp, num_warps=WARPS,
+    )  # fmt: skip
+    return h
+
+
+def expand(
+    y: torch.Tensor,
+    lora_b: torch.Tensor,
+    index: torch.Tensor,
+    h: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    longest: int | None = None,
+) -> None:
+    """``y += h B[index]^T`` in place per row (``h`` ``[tokens, r]`` fp32, its columns contiguous: it may be a block
+    of a group's ``h``); ``y`` as `forward`'s."""
+    k = _triton()
+    d_out, rank = lora_b.shape[1], lora_b.shape[2]
+    starts, rows, tokens = _offsets(y, offsets, longest)
+    bt, rp = _blocks(tokens, rank)
+    span = _span(d_out)
+    k.expand[(rows, (tokens + bt - 1) // bt, (d_out + span - 1) // span)](
+        y, lora_b, index.contiguous(), h, starts,
+        tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), h.stride(0),
+        EVEN=offsets is None, BT=bt, BO=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
+    )  # fmt: skip
+
+
+def dshrink(
+    dy: torch.Tensor,
+    lora_b: torch.Tensor,
+    index: torch.Tensor,
+    h: torch.Tensor,
+    dh: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    longest: int | None = None,
+) -> torch.Tensor:
+    """The expand's backward: ``dh += dy B[index]`` (fp32 ``[tokens, r]``, zeroed by the caller, before the
+    scale: `dexpand` applies it) and returns ``dB`` (fp32, ``lora_b``'s shape), ``dB[s] += dy^T h``."""
+    k = _triton()
+    d_out, rank = lora_b.shape[1], lora_b.shape[2]
+    starts, rows, tokens = _offsets(dy, offsets, longest)
+    bt, rp = _blocks(tokens, rank)
+    db = torch.zeros(lora_b.shape, dtype=torch.float32, device=dy.device)
+    span = _span(d_out)
+    k.dshrink[(rows, (tokens + bt - 1) // bt, (d_out + span - 1) // span)](
+        dy, lora_b, index.contiguous(), h, dh, db, starts,
+        tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), h.stride(0), dh.stride(0),
+        EVEN=offsets is None, BT=bt, BO=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
+    )  # fmt: skip
+    return db
+
+
+def dexpand(
+    dx: torch.Tensor | None,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    scaling: torch.Tensor,
+    index: torch.Tensor,
+    dh: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    longest: int | None = None,
+) -> torch.Tensor:
+    """The shrink's backward for `dshrink`'s ``dh``: the scale applied (``bf16(bf16(dh) * s)``), ``dx += dh
+    A[index]`` in place when ``dx`` is given, and returns ``dA`` (fp32, ``lora_a``'s shape), ``dA[s] += dh^T x``;
+    ``scaling`` as `shrink`'s."""
+    k = _triton()
+    d_in = x.shape[-1]
+    rank = lora_a.shape[1]
+    starts, rows, tokens = _offsets(x, offsets, longest)
+    bt, rp = _blocks(tokens, rank)
+    scales, ss, cols = _scales(scaling)
+    da = torch.zeros(lora_a.shape, dtype=torch.float32, device=x.device)
+    span = _span(d_in)
+    k.dexpand[(rows, (tokens + bt - 1) // bt, (d_in + span - 1) // span)](
+        dx if dx is not None else x, x, lora_a, scales, index.contiguous(), dh, da, starts,
+        tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), ss, dh.stride(0),
+        HAS_DX=dx is not None, EVEN=offsets is None, SCALE_COLS=cols,
+        BT=bt, BI=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
+    )  # fmt: skip
+    return da
+
+
 def forward(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -118,27 +242,10 @@ def forward(
     longest row, else read from ``offsets``: a sync); ``lora_a`` ``[n, r, in]``, ``lora_b`` ``[n, out, r]``,
     ``scaling`` ``[n]``, ``index`` ``[rows]`` (long, on the device). Returns ``h`` (fp32, ``[tokens, r]`` in the
     rows' order) when ``keep_h``."""
-    k = _triton()
-    d_in = x.shape[-1]
-    d_out, rank = lora_b.shape[1], lora_b.shape[2]
-    starts, rows, tokens = _offsets(x, offsets, longest)
-    bt, rp = _blocks(tokens, rank)
-    index, scaling = index.contiguous(), scaling.contiguous()  # read as flat arrays (a column of a batch is not)
-    n_tokens = x.numel() // d_in
-    h = torch.empty((n_tokens, rank), dtype=torch.float32, device=x.device)
-    grid = (rows, (tokens + bt - 1) // bt)
+    index, offsets, longest = prepared(x, index, offsets, longest)
     # h first (each token block's input read once), then the expand over blocks of the output width
-    k.shrink[grid](
-        x, lora_a, scaling, index, h, starts,
-        tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        EVEN=offsets is None, BT=bt, BI=WIDTH_BLOCK, RP=rp, num_warps=WARPS,
-    )  # fmt: skip
-    span = _span(d_out)
-    k.expand[(*grid, (d_out + span - 1) // span)](
-        y, lora_b, index, h, starts,
-        tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        EVEN=offsets is None, BT=bt, BO=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
-    )  # fmt: skip
+    h = shrink(x, lora_a, scaling, index, offsets, longest)
+    expand(y, lora_b, index, h, offsets, longest)
     return h if keep_h else None
 
 
@@ -156,29 +263,11 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch's backward for `forward`'s arguments and ``h``: adds ``dh A[index]`` into ``dx`` in place (when
     given: ``dy W`` already there) and returns the stacks' gradients ``(dA, dB)`` (fp32, the stacks' shapes)."""
-    k = _triton()
-    d_in = x.shape[-1]
-    d_out, rank = lora_b.shape[1], lora_b.shape[2]
-    starts, rows, tokens = _offsets(x, offsets, longest)
-    bt, rp = _blocks(tokens, rank)
-    index, scaling = index.contiguous(), scaling.contiguous()
-    da = torch.zeros(lora_a.shape, dtype=torch.float32, device=x.device)
-    db = torch.zeros(lora_b.shape, dtype=torch.float32, device=x.device)
-    grid = (rows, (tokens + bt - 1) // bt)
+    index, offsets, longest = prepared(x, index, offsets, longest)
     # dh summed over blocks of the output width (with dB), then dx and dA over blocks of the input width
-    dh = torch.zeros((h.shape[0], rank), dtype=torch.float32, device=x.device)
-    span = _span(d_out)
-    k.dshrink[(*grid, (d_out + span - 1) // span)](
-        dy, lora_b, index, h, dh, db, starts,
-        tokens, d_out, rank, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        EVEN=offsets is None, BT=bt, BO=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
-    )  # fmt: skip
-    span = _span(d_in)
-    k.dexpand[(*grid, (d_in + span - 1) // span)](
-        dx if dx is not None else dy, x, lora_a, scaling, index, dh, da, starts,
-        tokens, d_in, rank, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        HAS_DX=dx is not None, EVEN=offsets is None, BT=bt, BI=WIDTH_BLOCK, RP=rp, SPAN=span, num_warps=WARPS,
-    )  # fmt: skip
+    dh = torch.zeros((h.shape[0], lora_b.shape[2]), dtype=torch.float32, device=x.device)
+    db = dshrink(dy, lora_b, index, h, dh, offsets, longest)
+    da = dexpand(dx, x, lora_a, scaling, index, dh, offsets, longest)
     return da, db
 
 
@@ -188,8 +277,8 @@ def _build(triton: Any, tl: Any) -> Any:
     @triton.jit
     def lora_shrink(
         X, A, S, IDX, H, OFF,
-        tokens, d_in, rank, sa_n, sa_r, sa_i,
-        EVEN: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr,
+        tokens, d_in, rank, sa_n, sa_r, sa_i, ss, sh,
+        EVEN: tl.constexpr, SCALE_COLS: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         if EVEN:
@@ -204,9 +293,12 @@ def _build(triton: Any, tl: Any) -> Any:
         toks = t0 + tl.arange(0, BT)
         tmask = toks < length
         slot = tl.load(IDX + row)
-        scale = tl.load(S + slot).to(tl.float32)
         rr = tl.arange(0, RP)
         rmask = rr < rank
+        if SCALE_COLS:  # a scale per column (a group's stacks side by side)
+            scale = tl.load(S + slot * ss + rr, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        else:
+            scale = tl.load(S + slot).to(tl.float32)
         x_row = X + start * d_in
         acc = tl.zeros((BT, RP), dtype=tl.float32)
         for i0 in range(0, d_in, BI):
@@ -220,12 +312,12 @@ def _build(triton: Any, tl: Any) -> Any:
             )
             acc += tl.dot(x, a.to(x.dtype))
         h = acc.to(X.dtype.element_ty).to(tl.float32) * scale
-        tl.store(H + start * rank + toks[:, None] * rank + rr[None, :], h, mask=tmask[:, None] & rmask[None, :])
+        tl.store(H + (start + toks)[:, None] * sh + rr[None, :], h, mask=tmask[:, None] & rmask[None, :])
 
     @triton.jit
     def lora_expand(
         Y, B, IDX, H, OFF,
-        tokens, d_out, rank, sb_n, sb_o, sb_r,
+        tokens, d_out, rank, sb_n, sb_o, sb_r, sh,
         EVEN: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr, SPAN: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
@@ -243,9 +335,7 @@ def _build(triton: Any, tl: Any) -> Any:
         slot = tl.load(IDX + row)
         rr = tl.arange(0, RP)
         rmask = rr < rank
-        h = tl.load(
-            H + start * rank + toks[:, None] * rank + rr[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0
-        )
+        h = tl.load(H + (start + toks)[:, None] * sh + rr[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0)
         hb = h.to(Y.dtype.element_ty)
         y_row = Y + start * d_out
         first = tl.program_id(2) * SPAN
@@ -265,7 +355,7 @@ def _build(triton: Any, tl: Any) -> Any:
     @triton.jit
     def lora_dshrink(
         DY, B, IDX, H, DH, DB, OFF,
-        tokens, d_out, rank, sb_n, sb_o, sb_r,
+        tokens, d_out, rank, sb_n, sb_o, sb_r, sh, sdh,
         EVEN: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, RP: tl.constexpr, SPAN: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
@@ -284,7 +374,7 @@ def _build(triton: Any, tl: Any) -> Any:
         rr = tl.arange(0, RP)
         rmask = rr < rank
         hmask = tmask[:, None] & rmask[None, :]
-        h = tl.load(H + start * rank + toks[:, None] * rank + rr[None, :], mask=hmask, other=0.0)
+        h = tl.load(H + (start + toks)[:, None] * sh + rr[None, :], mask=hmask, other=0.0)
         hb = h.to(DY.dtype.element_ty)
         dy_row = DY + start * d_out
         acc = tl.zeros((BT, RP), dtype=tl.float32)
@@ -304,13 +394,13 @@ def _build(triton: Any, tl: Any) -> Any:
                 DB + slot * d_out * rank + oo[:, None] * rank + rr[None, :], db, mask=omask[:, None] & rmask[None, :]
             )
         # this block of the output width's share of dh (before the scale): summed over the blocks in fp32
-        tl.atomic_add(DH + start * rank + toks[:, None] * rank + rr[None, :], acc, mask=hmask)
+        tl.atomic_add(DH + (start + toks)[:, None] * sdh + rr[None, :], acc, mask=hmask)
 
     @triton.jit
     def lora_dexpand(
         DX, X, A, S, IDX, DH, DA, OFF,
-        tokens, d_in, rank, sa_n, sa_r, sa_i,
-        HAS_DX: tl.constexpr, EVEN: tl.constexpr,
+        tokens, d_in, rank, sa_n, sa_r, sa_i, ss, sdh,
+        HAS_DX: tl.constexpr, EVEN: tl.constexpr, SCALE_COLS: tl.constexpr,
         BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, SPAN: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
@@ -326,12 +416,14 @@ def _build(triton: Any, tl: Any) -> Any:
         toks = t0 + tl.arange(0, BT)
         tmask = toks < length
         slot = tl.load(IDX + row)
-        scale = tl.load(S + slot).to(tl.float32)
         rr = tl.arange(0, RP)
         rmask = rr < rank
-        acc = tl.load(
-            DH + start * rank + toks[:, None] * rank + rr[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0
-        )
+        if SCALE_COLS:
+            scale = tl.load(S + slot * ss + rr, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        else:
+            scale = tl.load(S + slot).to(tl.float32)
+        dhmask = tmask[:, None] & rmask[None, :]
+        acc = tl.load(DH + (start + toks)[:, None] * sdh + rr[None, :], mask=dhmask, other=0.0)
         dh = (acc.to(X.dtype.element_ty).to(tl.float32) * scale).to(X.dtype.element_ty)
         x_row = X + start * d_in
         dx_row = DX + start * d_in

@@ -148,6 +148,7 @@ class MultiLoraLinear(nn.Module):
             )
         self.base = base
         self._rows = rows
+        self._group: _Group | None = None  # siblings that read the same input (`wrap_linears`, `SHARED_INPUT`)
         for name, tensor in (("lora_A", a), ("lora_B", b), ("scaling", s)):
             if isinstance(tensor, nn.Parameter):
                 self.register_parameter(name, tensor)
@@ -226,11 +227,21 @@ class MultiLoraLinear(nn.Module):
         weight, `fp8.supported`)."""
         return self._rows.fp8 and fp8.pays(self.base.weight) and fp8.supported(x, self.base.weight)
 
+    def _trains_natively(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` takes training's one-node path (`_TrainBranch`): `TRAIN_BRANCH`, trainable stacks over a
+        frozen base, ``native``, a half-dtype input."""
+        frozen = not any(t is not None and t.requires_grad for t in (self.base.weight, self.base.bias, self.scaling))
+        return TRAIN_BRANCH and bool(self.lora_A.requires_grad) and self._rows.native and x.dtype in _HALF and frozen
+
     def _rows_forward(self, x: torch.Tensor, index: Any, offsets: torch.Tensor | None) -> torch.Tensor:
         """`forward` of rows ``x`` with stack rows ``index`` (with ``offsets``: packed rows, on the Triton path)."""
         longest = self._rows.longest
-        frozen = not any(t is not None and t.requires_grad for t in (self.base.weight, self.base.bias, self.scaling))
-        if TRAIN_BRANCH and self.lora_A.requires_grad and self._rows.native and x.dtype in _HALF and frozen:
+        if self._trains_natively(x):
+            if self._group is not None and GROUP_BRANCH:
+                # q|k|v, gate|up: one node for the projections that read this input (`_TrainGroup`)
+                grouped = self._group.output(self, x, index, offsets, longest)
+                if grouped is not None:
+                    return grouped
             # Training on a GPU: the base and the branch in one autograd node (`_TrainBranch`).
             out: torch.Tensor = _TrainBranch.apply(
                 x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, index, offsets, longest,
@@ -393,6 +404,168 @@ def _base_linear(
     return y.view(*flat.shape[:-1], weight.shape[0])
 
 
+class _Group:
+    """Sibling layers of one module that read the same input (`SHARED_INPUT`: q|k|v, gate|up), trained as one
+    autograd node (`_TrainGroup`).
+
+    The model calls them one after the other on the same tensor (``q_proj(x)``, ``k_proj(x)``, ...). The first
+    call runs the node for all of them and keeps the others' outputs; a sibling called next on that same tensor
+    (same object, unchanged, same rows) takes its output from there. Any other call (another input, rows set anew,
+    an output already taken) runs the group again for its input, so a model that calls the siblings differently
+    still gets each layer's own function, only without the saving. `LoraWrap.set_rows` / `set_packed` / `remove`
+    drop what is kept."""
+
+    def __init__(self, layers: list[MultiLoraLinear]) -> None:
+        self.layers = layers
+        self._key: tuple[Any, ...] | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        """Forget the outputs kept for siblings."""
+        self._key, self._pending = None, {}
+
+    def output(
+        self, layer: MultiLoraLinear, x: torch.Tensor, index: Any, offsets: torch.Tensor | None, longest: int
+    ) -> torch.Tensor | None:
+        """``layer``'s output for ``x``: kept from the group's node for this input, or the node run now. None when
+        a sibling does not train natively on ``x`` (the caller then runs its own node)."""
+        key = (x, x._version, index, offsets, longest, torch.is_grad_enabled())
+        if self._key is not None and all(a is b for a, b in zip(key, self._key, strict=True)):
+            kept = self._pending.pop(id(layer), None)
+            if kept is not None:
+                if not self._pending:  # every sibling served: hold nothing past this forward
+                    self.clear()
+                return kept
+        if not all(m._trains_natively(x) for m in self.layers):
+            return None
+        tensors: list[torch.Tensor | None] = []
+        for m in self.layers:
+            tensors += [m.base.weight, m.base.bias, m.lora_A, m.lora_B, m.scaling]
+        fp8s = tuple(m._fp8(x) for m in self.layers)
+        outs = _TrainGroup.apply(x, index, offsets, longest, fp8s, *tensors)
+        self._key = key
+        self._pending = {id(m): o for m, o in zip(self.layers, outs, strict=True) if m is not layer}
+        return outs[self.layers.index(layer)]
+
+
+class _TrainGroup(torch.autograd.Function):
+    """`_TrainBranch` for projections that read the same input (`_Group`): their A stacks side by side, so the
+    shrink reads the input once for all of them (``h`` ``[tokens, r_1 + r_2 + ...]``, a scale per column) and the
+    shrink's backward reads the input and the input gradient once (``dx = sum_j dy_j W_j + dh [A_1; A_2; ...]``):
+    q|k|v and gate|up make one pass over their input where they made three and two, and the siblings' input
+    gradients are summed in their GEMMs (``addmm``) instead of by autograd afterwards. Each projection keeps its own
+    base GEMM, expand and B gradient. The same per-element arithmetic as `_TrainBranch` (``bf16(x A^T) * s`` per
+    column); ``dx`` is rounded once instead of once per sibling and their sum (tests/unit/models/test_multilora.py
+    on the CPU, test_lora_kernels.py on a GPU).
+
+    Arguments: ``x``, ``index``, ``offsets``, ``longest``, each sibling's FP8 flag, then ``(weight, bias, lora_A,
+    lora_B, scaling)`` for each sibling; returns each sibling's output."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        offsets: torch.Tensor | None,
+        longest: int,
+        fp8s: tuple[bool, ...],
+        *tensors: Any,  # (weight, bias or None, lora_A, lora_B, scaling) a sibling
+    ) -> tuple[torch.Tensor, ...]:
+        parts = [tensors[i : i + 5] for i in range(0, len(tensors), 5)]
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        ctx.x_shape = x.shape
+        ctx.triton = offsets is not None or (TRITON_BRANCH and lora_kernels.available(x, parts[0][2].shape[1]))
+        ctx.fp8s = tuple(f and ctx.triton for f in fp8s)
+        ctx.stacks = [(p[2].shape, p[2].dtype, p[3].shape, p[3].dtype) for p in parts]
+        ctx.set_materialize_grads(True)
+        ys: list[torch.Tensor] = []
+        if ctx.triton:
+            flat = flat.contiguous()
+            index, offsets, longest_ = lora_kernels.prepared(flat, index, offsets, longest or None)
+            ctx.longest = longest_
+            a_all = torch.cat([p[2] for p in parts], dim=1)  # [n, r_1 + r_2 + ..., in]
+            s_cols = torch.cat([p[4][:, None].expand(-1, p[2].shape[1]) for p in parts], dim=1)
+            h = lora_kernels.shrink(flat, a_all, s_cols, index, offsets, longest_)
+            col = 0
+            for (weight, bias, _, lora_b, _), f8 in zip(parts, ctx.fp8s, strict=True):
+                y = _base_linear(flat, weight, bias, x if f8 else None)
+                lora_kernels.expand(y, lora_b, index, h[:, col : col + lora_b.shape[2]], offsets, longest_)
+                col += lora_b.shape[2]
+                ys.append(y)
+            ctx.save_for_backward(flat, a_all, s_cols, h, index, offsets, *[t for p in parts for t in (p[0], p[3])])
+        else:  # the torch path (`_TrainBranch`'s), sibling by sibling
+            dt = x.dtype
+            saved = []
+            for weight, bias, lora_a, lora_b, scaling in parts:
+                a = lora_a.index_select(0, index).to(dt)
+                b = lora_b.index_select(0, index).to(dt)
+                sc = scaling.index_select(0, index).to(dt)[:, None, None]
+                y = torch.nn.functional.linear(flat, weight, bias)
+                hj = torch.bmm(flat, a.transpose(1, 2)) * sc
+                y.baddbmm_(hj, b.transpose(1, 2))
+                ys.append(y)
+                saved += [weight, a, b, sc, hj]
+            ctx.save_for_backward(flat, index, *saved)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        n = len(grads)
+        stack_grads: list[torch.Tensor | None] = []
+        if ctx.triton:
+            flat, a_all, s_cols, h, index, offsets, *rest = ctx.saved_tensors
+            dys = [g.reshape(flat.shape[0], -1, g.shape[-1]).contiguous() for g in grads]
+            dx: torch.Tensor | None = None
+            if ctx.needs_input_grad[0]:
+                for j, dy in enumerate(dys):
+                    weight = rest[2 * j]
+                    if ctx.fp8s[j]:
+                        part = fp8.input_grad(dy.view(-1, dy.shape[-1]), weight).view(*dy.shape[:-1], weight.shape[1])
+                        dx = part if dx is None else dx.add_(part)
+                    elif dx is None:
+                        dx = torch.matmul(dy, weight)
+                    else:
+                        dx.view(-1, dx.shape[-1]).addmm_(dy.view(-1, dy.shape[-1]), weight)
+            dh = torch.zeros_like(h)
+            col = 0
+            dbs = []
+            for j, dy in enumerate(dys):
+                lora_b = rest[2 * j + 1]
+                r = lora_b.shape[2]
+                cols = slice(col, col + r)
+                dbs.append(lora_kernels.dshrink(dy, lora_b, index, h[:, cols], dh[:, cols], offsets, ctx.longest))
+                col += r
+            da_all = lora_kernels.dexpand(dx, flat, a_all, s_cols, index, dh, offsets, ctx.longest)
+            col = 0
+            for j, (a_shape, a_dtype, _, b_dtype) in enumerate(ctx.stacks):
+                r = a_shape[1]
+                grad_a = da_all[:, col : col + r].to(a_dtype) if ctx.needs_input_grad[5 + 5 * j + 2] else None
+                grad_b = dbs[j].to(b_dtype) if ctx.needs_input_grad[5 + 5 * j + 3] else None
+                stack_grads += [None, None, grad_a, grad_b, None]
+                col += r
+            return (dx.view(ctx.x_shape) if dx is not None else None, None, None, None, None, *stack_grads)
+        flat, index, *saved = ctx.saved_tensors
+        dx = None
+        for j in range(n):
+            weight, a, b, sc, hj = saved[5 * j : 5 * j + 5]
+            a_shape, a_dtype, b_shape, b_dtype = ctx.stacks[j]
+            dy = grads[j].reshape(flat.shape[0], -1, grads[j].shape[-1])
+            dh = torch.bmm(dy, b) * sc
+            if ctx.needs_input_grad[0]:
+                part = torch.matmul(dy, weight)
+                part.baddbmm_(dh, a)
+                dx = part if dx is None else dx.add_(part)
+            grad_a = grad_b = None
+            if ctx.needs_input_grad[5 + 5 * j + 2]:
+                grad_a = torch.zeros(a_shape, dtype=a_dtype, device=flat.device)
+                grad_a.index_add_(0, index, torch.bmm(dh.transpose(1, 2), flat).to(a_dtype))
+            if ctx.needs_input_grad[5 + 5 * j + 3]:
+                grad_b = torch.zeros(b_shape, dtype=b_dtype, device=flat.device)
+                grad_b.index_add_(0, index, torch.bmm(dy.transpose(1, 2), hj).to(b_dtype))
+            stack_grads += [None, None, grad_a, grad_b, None]
+        return (dx.view(ctx.x_shape) if dx is not None else None, None, None, None, None, *stack_grads)
+
+
 def _dense_forward(
     flat: torch.Tensor,
     weight: torch.Tensor,
@@ -500,6 +673,7 @@ class LoraWrap:
     _rows: _Rows
     _originals: dict[str, nn.Linear]
     removed: bool = False
+    groups: tuple[_Group, ...] = ()  # layers that read the same input (`SHARED_INPUT`)
 
     def set_rows(self, index: torch.Tensor | None) -> None:
         """Use stack row ``index[i]`` for batch row i in the next forwards (None: the base alone for every row).
@@ -509,6 +683,8 @@ class LoraWrap:
         """
         self._rows.index = index
         self._rows.offsets, self._rows.token_index = None, None
+        for group in self.groups:
+            group.clear()
 
     def set_packed(self, index: torch.Tensor, offsets: torch.Tensor, longest: int, token_index: torch.Tensor) -> None:
         """The next forwards take packed rows: one sequence ``[1, T]`` whose row ``i`` (stack row ``index[i]``) is
@@ -516,6 +692,8 @@ class LoraWrap:
         row). All on the layers' device; `set_rows` goes back to rows of a batch."""
         self._rows.index, self._rows.offsets, self._rows.longest = index, offsets, longest
         self._rows.token_index = token_index
+        for group in self.groups:
+            group.clear()
 
     def remove(self) -> None:
         """Put the original Linear modules back; the model is then exactly as before (its weights untouched)."""
@@ -525,6 +703,8 @@ class LoraWrap:
             parent, name = _parent(self.model, path)
             setattr(parent, name, original)
         self._rows.index = None
+        for group in self.groups:
+            group.clear()
         self.removed = True
 
     def __enter__(self) -> LoraWrap:
@@ -554,6 +734,11 @@ TRITON_BRANCH = True
 #: `bench/retrain_throughput.py --lora-kernels dense`).
 DENSE_BRANCH = False
 DENSE_MAX_SHARE = 0.125
+#: Projections of one module that read the same input (Llama-style attention and gated MLP): `wrap_linears` groups
+#: the ones it wraps, and with `GROUP_BRANCH` training runs each group as one autograd node (`_TrainGroup`: one pass
+#: over the input for all of their shrinks and shrink backwards). False: a node a projection.
+SHARED_INPUT: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+GROUP_BRANCH = True
 
 
 def wrap_linears(
@@ -588,7 +773,33 @@ def wrap_linears(
     for path, layer in layers.items():
         parent, name = _parent(model, path)
         setattr(parent, name, layer)
-    return LoraWrap(model, layers, rows, originals)
+    return LoraWrap(model, layers, rows, originals, groups=_groups(layers))
+
+
+def _groups(layers: Mapping[str, MultiLoraLinear]) -> tuple[_Group, ...]:
+    """The `SHARED_INPUT` groups among ``layers`` (by module path): at least two siblings of one parent with the same
+    input width and stacks of the same rows and dtypes. Each layer learns its group."""
+    groups = []
+    for path, layer in layers.items():
+        parent, _, name = path.rpartition(".")
+        for names in SHARED_INPUT:
+            if name != names[0]:
+                continue
+            members = [layers[p] for p in (f"{parent}.{n}" if parent else n for n in names) if p in layers]
+            fits = all(
+                m.in_features == layer.in_features
+                and m.lora_A.shape[0] == layer.lora_A.shape[0]
+                and m.lora_A.dtype == layer.lora_A.dtype
+                and m.lora_B.dtype == layer.lora_B.dtype
+                and m.scaling.dtype == layer.scaling.dtype
+                for m in members
+            )
+            if len(members) > 1 and fits:
+                group = _Group(members)
+                for m in members:
+                    m._group = group
+                groups.append(group)
+    return tuple(groups)
 
 
 @dataclass(eq=False)

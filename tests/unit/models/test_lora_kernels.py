@@ -139,3 +139,24 @@ def test_packed_rows_equal_padded_rows(monkeypatch):
     got_y.backward(torch.cat(grads)[None])
     assert _rel(got_y[0], want_y) < 1e-2 and _rel(flat.grad[0], want_dx) < 2e-2
     assert _rel(a.grad, want_ab[0]) < 2e-2 and _rel(b.grad, want_ab[1]) < 2e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_grouped_kernels_equal_a_node_a_projection(monkeypatch, packed):
+    """q|k|v through `multilora._TrainGroup` on the kernels (one shrink over the siblings' A stacks side by side,
+    a scale per column; each sibling's expand and dshrink on its block of ``h`` / ``dh``; one dexpand) give the
+    outputs and the input and stack gradients of one `_TrainBranch` a projection, rows padded or packed; and a tiny
+    Llama's logits and stack gradients with q|k|v and gate|up grouped."""
+    from tests.unit.models.test_multilora import _grouped_model_grads, grouped_siblings_compared
+
+    diffs = grouped_siblings_compared("cuda", monkeypatch, packed=packed)
+    assert all(d < 1e-2 for d in diffs.values()), diffs
+    want, want_grads, names = _grouped_model_grads("cuda", False, monkeypatch, packed=packed)
+    assert "_TrainGroupBackward" not in names
+    got, got_grads, names = _grouped_model_grads("cuda", True, monkeypatch, packed=packed)
+    assert names.count("_TrainGroupBackward") == 4
+    assert _rel(got, want) < 1e-2
+    for path, (da, db) in want_grads.items():  # bf16 sums in another order, carried down (test_multilora)
+        ga, gb = got_grads[path]
+        assert _rel(ga, da) < 5e-2 and _rel(gb, db) < 5e-2, (path, _rel(ga, da), _rel(gb, db))
