@@ -12,6 +12,12 @@ GEMV per row, and a K=256 training step spent more time in the branch than in th
   in place and ``dA[s] += dh^T x`` (the input and ``dx`` read once); the stacks' gradients are summed over a
   program's tokens first, then added to the user's row with fp32 atomics.
 
+The four kernels are callable apart (`shrink`, `expand`, `dshrink`, `dexpand`; `forward` and `backward` are a
+projection's pass): a group of projections that read the same input (`pipeline.models.multilora._TrainGroup`, q|k|v
+and gate|up) runs one `shrink` over their A stacks side by side (``h`` ``[tokens, r_1 + r_2 + ...]``, a scale per
+column), each projection's `expand` / `dshrink` on its block of columns of ``h`` / ``dh`` (a row stride apart from
+the rank), and one `dexpand`.
+
 Each pass is two kernels: ``h`` (``dh``) first, then the work over the other width. With `SPLIT` (the default) the
 expand and both halves of the backward run one program per `SPAN` columns of the width they walk (``dh``'s sum
 over the output width's blocks goes through fp32 atomics, its rounding and scale applied once it is whole), so a

@@ -454,9 +454,10 @@ class _TrainGroup(torch.autograd.Function):
     shrink's backward reads the input and the input gradient once (``dx = sum_j dy_j W_j + dh [A_1; A_2; ...]``):
     q|k|v and gate|up make one pass over their input where they made three and two, and the siblings' input
     gradients are summed in their GEMMs (``addmm``) instead of by autograd afterwards. Each projection keeps its own
-    base GEMM, expand and B gradient. The same per-element arithmetic as `_TrainBranch` (``bf16(x A^T) * s`` per
-    column); ``dx`` is rounded once instead of once per sibling and their sum (tests/unit/models/test_multilora.py
-    on the CPU, test_lora_kernels.py on a GPU).
+    base GEMM, expand and B gradient. The outputs and the stacks' gradients are `_TrainBranch`'s arithmetic
+    (``bf16(x A^T) * s`` per column); ``dx`` is summed in another order (into one bf16 tensor, sibling after sibling,
+    the branches' share in one pass), so it differs by bf16 rounding (tests/unit/models/test_multilora.py on the
+    CPU, test_lora_kernels.py on a GPU).
 
     Arguments: ``x``, ``index``, ``offsets``, ``longest``, each sibling's FP8 flag, then ``(weight, bias, lora_A,
     lora_B, scaling)`` for each sibling; returns each sibling's output."""

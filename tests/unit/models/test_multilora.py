@@ -330,9 +330,9 @@ def _node_names(out: torch.Tensor) -> list[str]:
 def _grouped_model_grads(
     device: str, group: bool, monkeypatch: pytest.MonkeyPatch, packed: bool = False, dtype=torch.bfloat16
 ):
-    """A tiny Llama in ``dtype`` (bf16: the native training layers) with a trainable rank-2 stack (fp32) on each of its seven projections (a different
-    scaling on each, every row its own), trained one backward through `wrap_linears`' native layers: the logits,
-    every stack gradient, and the autograd nodes' names."""
+    """A tiny Llama in ``dtype`` (bf16: the native training layers) with a trainable rank-2 stack (fp32) on each
+    of its seven projections (a different scaling on each, every row its own), trained one backward through
+    `wrap_linears`' layers: the logits, every stack gradient, and the autograd nodes' names."""
     monkeypatch.setattr(multilora, "GROUP_BRANCH", group)
     torch.manual_seed(3)
     model = tiny_random(seed=5).to(device=device, dtype=dtype).requires_grad_(False)
