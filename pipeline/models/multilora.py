@@ -417,6 +417,7 @@ class _Group:
 
     def __init__(self, layers: list[MultiLoraLinear]) -> None:
         self.layers = layers
+        self.rank = sum(m.lora_A.shape[1] for m in layers)  # the columns of the group's h
         self._key: tuple[Any, ...] | None = None
         self._pending: dict[int, torch.Tensor] = {}
 
@@ -436,8 +437,8 @@ class _Group:
                 if not self._pending:  # every sibling served: hold nothing past this forward
                     self.clear()
                 return kept
-        if not all(m._trains_natively(x) for m in self.layers):
-            return None
+        if not all(m._trains_natively(x) for m in self.layers) or self.rank > lora_kernels.MAX_RANK:
+            return None  # (the kernels take the group's ranks together: past their limit, a node a projection)
         tensors: list[torch.Tensor | None] = []
         for m in self.layers:
             tensors += [m.base.weight, m.base.bias, m.lora_A, m.lora_B, m.scaling]
@@ -475,7 +476,8 @@ class _TrainGroup(torch.autograd.Function):
         parts = [tensors[i : i + 5] for i in range(0, len(tensors), 5)]
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
         ctx.x_shape = x.shape
-        ctx.triton = offsets is not None or (TRITON_BRANCH and lora_kernels.available(x, parts[0][2].shape[1]))
+        rank = sum(p[2].shape[1] for p in parts)
+        ctx.triton = offsets is not None or (TRITON_BRANCH and lora_kernels.available(x, rank))
         ctx.fp8s = tuple(f and ctx.triton for f in fp8s)
         ctx.stacks = [(p[2].shape, p[2].dtype, p[3].shape, p[3].dtype) for p in parts]
         ctx.set_materialize_grads(True)
@@ -778,24 +780,25 @@ def wrap_linears(
 
 
 def _groups(layers: Mapping[str, MultiLoraLinear]) -> tuple[_Group, ...]:
-    """The `SHARED_INPUT` groups among ``layers`` (by module path): at least two siblings of one parent with the same
+    """The `SHARED_INPUT` groups among ``layers`` (by module path): two or more siblings of one parent with the same
     input width and stacks of the same rows and dtypes. Each layer learns its group."""
     groups = []
-    for path, layer in layers.items():
-        parent, _, name = path.rpartition(".")
+    parents = dict.fromkeys(path.rpartition(".")[0] for path in layers)
+    for parent in parents:
         for names in SHARED_INPUT:
-            if name != names[0]:
-                continue
             members = [layers[p] for p in (f"{parent}.{n}" if parent else n for n in names) if p in layers]
+            if len(members) < 2:
+                continue
+            first = members[0]
             fits = all(
-                m.in_features == layer.in_features
-                and m.lora_A.shape[0] == layer.lora_A.shape[0]
-                and m.lora_A.dtype == layer.lora_A.dtype
-                and m.lora_B.dtype == layer.lora_B.dtype
-                and m.scaling.dtype == layer.scaling.dtype
+                m.in_features == first.in_features
+                and m.lora_A.shape[0] == first.lora_A.shape[0]
+                and m.lora_A.dtype == first.lora_A.dtype
+                and m.lora_B.dtype == first.lora_B.dtype
+                and m.scaling.dtype == first.scaling.dtype
                 for m in members
             )
-            if len(members) > 1 and fits:
+            if fits:
                 group = _Group(members)
                 for m in members:
                     m._group = group

@@ -496,3 +496,29 @@ def test_grouped_siblings_equal_a_node_a_projection(monkeypatch: pytest.MonkeyPa
     diffs = grouped_siblings_compared("cpu", monkeypatch)
     assert diffs["q"] == diffs["k"] == diffs["v"] == 0.0, diffs
     assert all(d < 1e-2 for d in diffs.values()), diffs
+
+
+def test_groups_form_from_the_wrapped_siblings_within_the_kernels_rank_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k|v without q still make a group; a group whose ranks together pass the kernels' limit trains a node a
+    projection (and still trains)."""
+    parent, stacks = _siblings()
+    with multilora.wrap_linears(parent, {n: stacks[n] for n in ("k_proj", "v_proj")}, native=True) as wrap:
+        assert [len(g.layers) for g in wrap.groups] == [2]
+        wrap.set_rows(torch.tensor([1]))
+        x = torch.randn(1, 3, 40).to(torch.bfloat16)
+        assert type(parent.k_proj(x).grad_fn).__name__ == "_TrainGroupBackward"
+    big = {
+        n: multilora.LoraStack(
+            nn.Parameter(torch.randn(2, 40, 40) * 0.1),
+            nn.Parameter(torch.randn(2, getattr(parent, n).out_features, 40)),
+            torch.ones(2),
+        )
+        for n in ("q_proj", "k_proj")
+    }
+    with multilora.wrap_linears(parent, big, native=True) as wrap:
+        assert wrap.groups[0].rank == 80 > multilora.lora_kernels.MAX_RANK
+        wrap.set_rows(torch.tensor([1]))
+        out = parent.q_proj(torch.randn(1, 3, 40).to(torch.bfloat16))
+        assert type(out.grad_fn).__name__ == "_TrainBranchBackward"
+        out.float().sum().backward()
+        assert big["q_proj"].lora_B.grad is not None
